@@ -1,0 +1,82 @@
+//! What the rest of the platform may do to a running broker: change who is trusted, end live
+//! sessions, read counters. Cheap to clone; every method is synchronous and lock-free.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use fleet_wire::payload::DisconnectReason;
+use fleet_wire::DeviceId;
+use tokio::sync::mpsc;
+
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::registry::Registry;
+
+/// The broker's handle on one live device session.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionHandle {
+    pub(crate) epoch: u64,
+    pub(crate) ca_id: String,
+    pub(crate) kick: mpsc::UnboundedSender<DisconnectReason>,
+}
+
+pub(crate) type Sessions = DashMap<DeviceId, SessionHandle>;
+
+#[derive(Clone)]
+pub struct BrokerControl {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) sessions: Arc<Sessions>,
+}
+
+impl BrokerControl {
+    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            registry,
+            metrics,
+            sessions: Arc::new(DashMap::new()),
+        }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    /// Enables or disables a CA. Disabling also ends the live sessions of its devices: a
+    /// disabled CA admits no one. Returns false when the CA is unknown.
+    pub fn set_ca_enabled(&self, ca_id: &str, enabled: bool) -> bool {
+        let found = self.registry.set_ca_enabled(ca_id, enabled);
+        if found && !enabled {
+            self.disconnect_where(|s| s.ca_id == ca_id, DisconnectReason::Revoked);
+        }
+        found
+    }
+
+    /// Ends a device's live session, if it has one.
+    pub fn disconnect_device(&self, id: &DeviceId, reason: DisconnectReason) -> bool {
+        self.sessions
+            .get(id)
+            .map(|s| s.kick.send(reason).is_ok())
+            .unwrap_or(false)
+    }
+
+    /// Whether a device has a live session here, and its epoch.
+    pub fn session_epoch(&self, id: &DeviceId) -> Option<u64> {
+        self.sessions.get(id).map(|s| s.epoch)
+    }
+
+    pub fn live_sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    fn disconnect_where(&self, pred: impl Fn(&SessionHandle) -> bool, reason: DisconnectReason) {
+        for s in self.sessions.iter() {
+            if pred(s.value()) {
+                let _ = s.kick.send(reason);
+            }
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! The broker: the platform's MQTT edge.
+//!
+//! # Layout
+//! - [`server`]: binds nothing itself; takes listeners, accepts, runs the TLS handshake of each
+//!   connection on its own task with a timeout, and hands the stream to a session.
+//! - `tls`: the rustls server config and the client-certificate verifier over a CA set that
+//!   changes at run time.
+//! - `session`: one MQTT 3.1.1/5 session per connection, driving a rumqttd local link, enforcing
+//!   topic rights, holding PUBACKs until the event bus has the event, publishing presence.
+//! - `router`: the only module that names rumqttd.
+//! - [`acl`]: topic rights for devices and backend services.
+//! - [`registry`]: the in-memory CA and device cache the connect path reads, and JITP.
+//! - [`bus`]: the seam to the fleet service (durable event intake).
+//! - [`auth`]: API keys on the service listener.
+//! - [`metrics`]: counters, rejections by reason.
+
+pub mod acl;
+pub mod auth;
+pub mod bus;
+pub mod control;
+pub mod metrics;
+pub mod registry;
+
+pub use control::BrokerControl;

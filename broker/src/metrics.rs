@@ -1,0 +1,157 @@
+//! Counters the broker keeps about itself: rejections by reason, sessions, provisioning, and
+//! what the router may have lost. Plain atomics: cheap enough for every connect and publish.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// Why a connection, subscription or publish was refused. Each is counted and logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum Rejection {
+    #[error("TLS handshake failed or timed out")]
+    TlsHandshake,
+    #[error("certificate could not be parsed")]
+    BadCertificate,
+    #[error("certificate is not signed by a registered CA")]
+    UnknownCa,
+    #[error("certificate's CA is disabled")]
+    DisabledCa,
+    #[error("certificate has expired")]
+    CertificateExpired,
+    #[error("certificate is not valid yet")]
+    CertificateNotYetValid,
+    #[error("certificate CN is not a valid device id")]
+    BadCommonName,
+    #[error("MQTT client id does not match the certificate's device id")]
+    ClientIdMismatch,
+    #[error("device id is owned by a device of another CA")]
+    IdentityCollision,
+    #[error("device is not registered and its CA does not provision devices")]
+    NotProvisioned,
+    #[error("just-in-time provisioning failed")]
+    ProvisioningFailed,
+    #[error("bad username or password")]
+    BadCredentials,
+    #[error("no CONNECT packet in time, or a malformed one")]
+    BadConnect,
+    #[error("topic is forbidden for this client")]
+    ForbiddenTopic,
+    #[error("payload does not match the topic's schema")]
+    BadPayload,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 15] = [
+        Rejection::TlsHandshake,
+        Rejection::BadCertificate,
+        Rejection::UnknownCa,
+        Rejection::DisabledCa,
+        Rejection::CertificateExpired,
+        Rejection::CertificateNotYetValid,
+        Rejection::BadCommonName,
+        Rejection::ClientIdMismatch,
+        Rejection::IdentityCollision,
+        Rejection::NotProvisioned,
+        Rejection::ProvisioningFailed,
+        Rejection::BadCredentials,
+        Rejection::BadConnect,
+        Rejection::ForbiddenTopic,
+        Rejection::BadPayload,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::TlsHandshake => "tls_handshake",
+            Rejection::BadCertificate => "bad_certificate",
+            Rejection::UnknownCa => "unknown_ca",
+            Rejection::DisabledCa => "disabled_ca",
+            Rejection::CertificateExpired => "certificate_expired",
+            Rejection::CertificateNotYetValid => "certificate_not_yet_valid",
+            Rejection::BadCommonName => "bad_common_name",
+            Rejection::ClientIdMismatch => "client_id_mismatch",
+            Rejection::IdentityCollision => "identity_collision",
+            Rejection::NotProvisioned => "not_provisioned",
+            Rejection::ProvisioningFailed => "provisioning_failed",
+            Rejection::BadCredentials => "bad_credentials",
+            Rejection::BadConnect => "bad_connect",
+            Rejection::ForbiddenTopic => "forbidden_topic",
+            Rejection::BadPayload => "bad_payload",
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    rejections: [AtomicU64; Rejection::ALL.len()],
+    sessions_open: AtomicI64,
+    connects: AtomicU64,
+    jitp_provisioned: AtomicU64,
+    publishes_in: AtomicU64,
+    bus_events: AtomicU64,
+    bus_failures: AtomicU64,
+    takeovers: AtomicU64,
+}
+
+/// A point-in-time copy of [`Metrics`], serialisable for the REST bridge.
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricsSnapshot {
+    pub sessions_open: i64,
+    pub connects: u64,
+    pub jitp_provisioned: u64,
+    pub publishes_in: u64,
+    pub bus_events: u64,
+    pub bus_failures: u64,
+    pub takeovers: u64,
+    pub rejections: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl Metrics {
+    pub fn reject(&self, r: Rejection) {
+        let i = Rejection::ALL.iter().position(|x| *x == r).unwrap_or(0);
+        self.rejections[i].fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn rejections(&self, r: Rejection) -> u64 {
+        let i = Rejection::ALL.iter().position(|x| *x == r).unwrap_or(0);
+        self.rejections[i].load(Ordering::Relaxed)
+    }
+    pub fn session_opened(&self) {
+        self.connects.fetch_add(1, Ordering::Relaxed);
+        self.sessions_open.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn session_closed(&self) {
+        self.sessions_open.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn jitp_provisioned(&self) {
+        self.jitp_provisioned.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn publish_in(&self) {
+        self.publishes_in.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn bus_event(&self, ok: bool) {
+        if ok {
+            self.bus_events.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.bus_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    pub fn takeover(&self) {
+        self.takeovers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        MetricsSnapshot {
+            sessions_open: self.sessions_open.load(Ordering::Relaxed),
+            connects: self.connects.load(Ordering::Relaxed),
+            jitp_provisioned: self.jitp_provisioned.load(Ordering::Relaxed),
+            publishes_in: self.publishes_in.load(Ordering::Relaxed),
+            bus_events: self.bus_events.load(Ordering::Relaxed),
+            bus_failures: self.bus_failures.load(Ordering::Relaxed),
+            takeovers: self.takeovers.load(Ordering::Relaxed),
+            rejections: Rejection::ALL
+                .iter()
+                .map(|r| (r.as_str(), self.rejections(*r)))
+                .collect(),
+        }
+    }
+}

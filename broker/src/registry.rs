@@ -1,0 +1,328 @@
+//! The broker's in-memory view of who may connect: manufacturing CAs and devices.
+//!
+//! The connect path reads only from here (DashMap), never from the database. The fleet service
+//! loads it on start and keeps it current as operators change things over REST. The one write on
+//! the connect path is just-in-time provisioning, which goes through [`RegistryStore`] to the
+//! database before the CONNACK, single-flighted per device id so concurrent first connects of one
+//! device create one row.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use fleet_wire::{CohortId, DeviceId};
+
+use crate::metrics::{Metrics, Rejection};
+
+/// A manufacturing CA an operator registered.
+#[derive(Debug, Clone)]
+pub struct CaRecord {
+    pub id: String,
+    /// DER of the CA certificate; it becomes a TLS trust anchor while `enabled`.
+    pub cert_der: Vec<u8>,
+    /// DER of the CA's subject name, matched against a device certificate's issuer.
+    pub subject_der: Vec<u8>,
+    /// Subject key identifier, matched against a device certificate's authority key identifier.
+    pub key_id: Option<Vec<u8>>,
+    pub enabled: bool,
+    pub jitp: Option<JitpSettings>,
+}
+
+/// Where a device provisioned by a CA lands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JitpSettings {
+    pub product_id: String,
+    pub cohort_id: CohortId,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// What the broker needs to know about a device on every connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub id: DeviceId,
+    /// The CA that issued its certificate; a certificate from any other CA is refused.
+    pub ca_id: String,
+    pub product_id: String,
+    pub cohort_id: Option<CohortId>,
+    /// The highest session epoch ever handed out; the next session gets a larger one.
+    pub session_epoch: u64,
+}
+
+/// A device created by just-in-time provisioning, with the certificate facts it came with.
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    pub id: DeviceId,
+    pub ca_id: String,
+    pub product_id: String,
+    pub cohort_id: CohortId,
+    pub tags: BTreeMap<String, String>,
+    pub cert: CertFacts,
+}
+
+/// Facts read from a verified device certificate.
+#[derive(Debug, Clone, Default)]
+pub struct CertFacts {
+    pub fingerprint_sha256: String,
+    pub subject: String,
+    pub issuer: String,
+    pub serial: String,
+    pub not_before_ms: i64,
+    pub not_after_ms: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("device id {0} is owned by another CA")]
+    Collision(DeviceId),
+    #[error("registry store failed: {0}")]
+    Backend(String),
+}
+
+/// The registry's durable side, implemented by the fleet service over its database.
+#[async_trait::async_trait]
+pub trait RegistryStore: Send + Sync + 'static {
+    /// Inserts the device unless a row with its id exists, and returns the row as stored.
+    /// Concurrent calls for one id must leave exactly one row.
+    async fn provision_device(&self, new: &NewDevice) -> Result<Provisioned, StoreError>;
+}
+
+/// The outcome of [`RegistryStore::provision_device`].
+#[derive(Debug, Clone)]
+pub struct Provisioned {
+    pub device: DeviceRecord,
+    /// False when the row already existed (another node or an earlier attempt created it).
+    pub created: bool,
+}
+
+/// Who a connection turned out to be after its certificate was verified.
+#[derive(Debug, Clone)]
+pub struct DeviceIdentity {
+    pub device: DeviceRecord,
+    pub provisioned_now: bool,
+    pub cert: CertFacts,
+}
+
+pub struct Registry {
+    cas: DashMap<String, CaRecord>,
+    ca_version: AtomicU64,
+    devices: DashMap<DeviceId, DeviceRecord>,
+    provisioning: DashMap<DeviceId, Arc<tokio::sync::Mutex<()>>>,
+    store: Arc<dyn RegistryStore>,
+    metrics: Arc<Metrics>,
+}
+
+impl Registry {
+    pub fn new(store: Arc<dyn RegistryStore>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            cas: DashMap::new(),
+            ca_version: AtomicU64::new(0),
+            devices: DashMap::new(),
+            provisioning: DashMap::new(),
+            store,
+            metrics,
+        }
+    }
+
+    /// Adds or replaces a CA; the TLS edge trusts it from the next handshake on.
+    pub fn upsert_ca(&self, ca: CaRecord) {
+        self.cas.insert(ca.id.clone(), ca);
+        self.ca_version.fetch_add(1, Ordering::Release);
+    }
+
+    /// Returns false when no such CA is known.
+    pub fn set_ca_enabled(&self, id: &str, enabled: bool) -> bool {
+        let found = match self.cas.get_mut(id) {
+            Some(mut ca) => {
+                ca.enabled = enabled;
+                true
+            }
+            None => false,
+        };
+        self.ca_version.fetch_add(1, Ordering::Release);
+        found
+    }
+
+    /// Bumped on every CA change, so the TLS verifier knows when to rebuild its trust anchors.
+    pub fn ca_version(&self) -> u64 {
+        self.ca_version.load(Ordering::Acquire)
+    }
+
+    /// DER certificates of every enabled CA.
+    pub fn enabled_ca_certs(&self) -> Vec<Vec<u8>> {
+        self.cas
+            .iter()
+            .filter(|c| c.enabled)
+            .map(|c| c.cert_der.clone())
+            .collect()
+    }
+
+    pub fn upsert_device(&self, device: DeviceRecord) {
+        match self.devices.get_mut(&device.id) {
+            // Never move an epoch backwards: the cache may already be ahead of the database.
+            Some(mut d) => {
+                let epoch = d.session_epoch.max(device.session_epoch);
+                *d = DeviceRecord {
+                    session_epoch: epoch,
+                    ..device
+                };
+            }
+            None => {
+                self.devices.insert(device.id.clone(), device);
+            }
+        }
+    }
+
+    pub fn remove_device(&self, id: &DeviceId) -> Option<DeviceRecord> {
+        self.devices.remove(id).map(|(_, d)| d)
+    }
+
+    pub fn device(&self, id: &DeviceId) -> Option<DeviceRecord> {
+        self.devices.get(id).map(|d| d.clone())
+    }
+
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Hands out the next session epoch for a device: strictly larger than any before it.
+    pub fn next_epoch(&self, id: &DeviceId) -> Option<u64> {
+        self.devices.get_mut(id).map(|mut d| {
+            d.session_epoch += 1;
+            d.session_epoch
+        })
+    }
+
+    /// Finds the CA that issued a verified certificate.
+    fn issuer_of(&self, cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<CaRecord> {
+        let issuer = cert.issuer().as_raw();
+        let aki = cert.extensions().iter().find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
+            _ => None,
+        });
+        let mut best: Option<CaRecord> = None;
+        for ca in self.cas.iter() {
+            if ca.subject_der != issuer {
+                continue;
+            }
+            match (&aki, &ca.key_id) {
+                (Some(a), Some(k)) if a == k => return Some(ca.clone()),
+                (Some(_), Some(_)) => continue,
+                _ => {
+                    // Without key identifiers, prefer an enabled CA of that name.
+                    if best.as_ref().is_none_or(|b| !b.enabled && ca.enabled) {
+                        best = Some(ca.clone());
+                    }
+                }
+            }
+        }
+        best
+    }
+
+    /// Decides who a verified leaf certificate is, provisioning the device on its first
+    /// connection when its CA allows it. The chain, signature and validity period were already
+    /// checked by the TLS verifier; this checks what the registry says.
+    pub async fn identify(&self, leaf_der: &[u8]) -> Result<DeviceIdentity, Rejection> {
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(leaf_der).map_err(|_| Rejection::BadCertificate)?;
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or(Rejection::BadCommonName)?;
+        let id = DeviceId::parse(cn).map_err(|_| Rejection::BadCommonName)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or_default();
+        let validity = cert.validity();
+        if validity.not_after.timestamp() < now {
+            return Err(Rejection::CertificateExpired);
+        }
+        if validity.not_before.timestamp() > now {
+            return Err(Rejection::CertificateNotYetValid);
+        }
+        let ca = self.issuer_of(&cert).ok_or(Rejection::UnknownCa)?;
+        if !ca.enabled {
+            return Err(Rejection::DisabledCa);
+        }
+        let facts = CertFacts {
+            fingerprint_sha256: fingerprint(leaf_der),
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            serial: cert.raw_serial_as_string(),
+            not_before_ms: validity.not_before.timestamp() * 1000,
+            not_after_ms: validity.not_after.timestamp() * 1000,
+        };
+        if let Some(device) = self.device(&id) {
+            return self.known(device, &ca, facts, false);
+        }
+        let jitp = ca.jitp.clone().ok_or(Rejection::NotProvisioned)?;
+
+        // Single flight per device id: the second of two concurrent first connects waits here,
+        // then finds the device the first one created.
+        let gate = self
+            .provisioning
+            .entry(id.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone();
+        let _guard = gate.lock().await;
+        if let Some(device) = self.device(&id) {
+            drop(_guard);
+            self.provisioning.remove(&id);
+            return self.known(device, &ca, facts, false);
+        }
+        let new = NewDevice {
+            id: id.clone(),
+            ca_id: ca.id.clone(),
+            product_id: jitp.product_id,
+            cohort_id: jitp.cohort_id,
+            tags: jitp.tags,
+            cert: facts.clone(),
+        };
+        let stored = self.store.provision_device(&new).await;
+        let result = match stored {
+            Ok(Provisioned { device, created }) => {
+                self.upsert_device(device.clone());
+                if created {
+                    self.metrics.jitp_provisioned();
+                }
+                self.known(device, &ca, facts, created)
+            }
+            Err(StoreError::Collision(_)) => Err(Rejection::IdentityCollision),
+            Err(StoreError::Backend(e)) => {
+                tracing::error!(device_id = %id, error = %e, "just-in-time provisioning failed");
+                Err(Rejection::ProvisioningFailed)
+            }
+        };
+        drop(_guard);
+        self.provisioning.remove(&id);
+        result
+    }
+
+    fn known(
+        &self,
+        device: DeviceRecord,
+        ca: &CaRecord,
+        cert: CertFacts,
+        provisioned_now: bool,
+    ) -> Result<DeviceIdentity, Rejection> {
+        if device.ca_id != ca.id {
+            return Err(Rejection::IdentityCollision);
+        }
+        Ok(DeviceIdentity {
+            device,
+            provisioned_now,
+            cert,
+        })
+    }
+}
+
+/// Lower-case hex SHA-256 of a DER certificate.
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(der))
+}

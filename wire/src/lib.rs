@@ -1,0 +1,15 @@
+//! The wire contract shared by the broker, the fleet service and the device client.
+//!
+//! `topics.md` at the repository root is the prose version of this crate; change both together.
+//!
+//! # Layout
+//! - [`DeviceId`]: the validated device identity (certificate CN == MQTT client id == topic segment).
+//! - [`Topic`]: every topic the platform names, parsed from and formatted to strings in one place.
+//! - [`payload`]: the JSON payloads carried on those topics.
+//!
+//! Nothing here does I/O, so every part of the platform can depend on it without pulling a runtime.
+
+pub mod payload;
+mod topic;
+
+pub use topic::{CohortId, DeviceId, IdError, Topic, TopicError};

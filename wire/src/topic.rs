@@ -1,0 +1,241 @@
+use std::fmt;
+
+/// Why a string is not a valid identifier.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("identifier is empty")]
+    Empty,
+    #[error("identifier is longer than {max} characters")]
+    TooLong { max: usize },
+    #[error("identifier must start with an ASCII letter or digit")]
+    BadFirstChar,
+    #[error("identifier contains {0:?}; only ASCII letters, digits and . _ : - are allowed")]
+    BadChar(char),
+}
+
+/// Maximum length of a device id (1 leading + 127 following characters).
+pub const MAX_ID_LEN: usize = 128;
+
+fn validate_id(s: &str) -> Result<(), IdError> {
+    let mut chars = s.chars();
+    let first = chars.next().ok_or(IdError::Empty)?;
+    if s.len() > MAX_ID_LEN {
+        return Err(IdError::TooLong { max: MAX_ID_LEN });
+    }
+    if !first.is_ascii_alphanumeric() {
+        return Err(IdError::BadFirstChar);
+    }
+    for c in chars {
+        if !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')) {
+            return Err(IdError::BadChar(c));
+        }
+    }
+    Ok(())
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates `s` against `^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$`.
+            pub fn parse(s: &str) -> Result<Self, IdError> {
+                validate_id(s)?;
+                Ok(Self(s.to_owned()))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                Self::parse(s)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::parse(&s).map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A device identity: the subject CN of the device certificate, the MQTT client id, and a
+    /// topic segment. Anything that could change the shape of a topic (`/`, `+`, `#`, NUL) is
+    /// refused by construction.
+    DeviceId
+);
+id_type!(
+    /// A cohort identity as it appears in `cohorts/{cohort_id}/...` topics.
+    CohortId
+);
+
+/// Why a topic string is not one the platform knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("topic is not part of the platform's namespace")]
+    Unknown,
+    #[error("topic names an invalid identifier: {0}")]
+    BadId(#[from] IdError),
+}
+
+/// Every topic of the wire contract. See `topics.md`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// `devices/{id}/telemetry`: device -> platform, QoS 0/1, not retained. JSON object.
+    Telemetry(DeviceId),
+    /// `devices/{id}/state`: device -> platform, QoS 1, retained. [`crate::payload::ReportedState`].
+    State(DeviceId),
+    /// `devices/{id}/presence`: broker only, QoS 1, retained. [`crate::payload::Presence`].
+    Presence(DeviceId),
+    /// `devices/{id}/commands`: platform -> device, QoS 1. [`crate::payload::Command`].
+    Commands(DeviceId),
+    /// `devices/{id}/commands/ack`: device -> platform, QoS 1. [`crate::payload::CommandAck`].
+    CommandAck(DeviceId),
+    /// `cohorts/{cohort_id}/updates`: platform -> cohort, QoS 1, retained.
+    CohortUpdates(CohortId),
+}
+
+pub const DEVICES: &str = "devices";
+pub const COHORTS: &str = "cohorts";
+
+impl Topic {
+    /// Parses a concrete topic name (no wildcards).
+    pub fn parse(s: &str) -> Result<Self, TopicError> {
+        let parts: Vec<&str> = s.split('/').collect();
+        Ok(match parts.as_slice() {
+            [DEVICES, id, "telemetry"] => Topic::Telemetry(DeviceId::parse(id)?),
+            [DEVICES, id, "state"] => Topic::State(DeviceId::parse(id)?),
+            [DEVICES, id, "presence"] => Topic::Presence(DeviceId::parse(id)?),
+            [DEVICES, id, "commands"] => Topic::Commands(DeviceId::parse(id)?),
+            [DEVICES, id, "commands", "ack"] => Topic::CommandAck(DeviceId::parse(id)?),
+            [COHORTS, id, "updates"] => Topic::CohortUpdates(CohortId::parse(id)?),
+            _ => return Err(TopicError::Unknown),
+        })
+    }
+
+    /// The device this topic belongs to, if it is under `devices/{id}/`.
+    pub fn device(&self) -> Option<&DeviceId> {
+        match self {
+            Topic::Telemetry(d)
+            | Topic::State(d)
+            | Topic::Presence(d)
+            | Topic::Commands(d)
+            | Topic::CommandAck(d) => Some(d),
+            Topic::CohortUpdates(_) => None,
+        }
+    }
+
+    /// Whether the router must keep the last message on this topic for new subscribers.
+    pub fn retained(&self) -> bool {
+        matches!(
+            self,
+            Topic::State(_) | Topic::Presence(_) | Topic::CohortUpdates(_)
+        )
+    }
+
+    /// Whether messages on this topic are events the fleet service must not lose: the broker
+    /// acknowledges them only after the event bus has durably accepted them.
+    pub fn is_durable_event(&self) -> bool {
+        matches!(
+            self,
+            Topic::Telemetry(_) | Topic::State(_) | Topic::Presence(_) | Topic::CommandAck(_)
+        )
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Topic::Telemetry(d) => write!(f, "{DEVICES}/{d}/telemetry"),
+            Topic::State(d) => write!(f, "{DEVICES}/{d}/state"),
+            Topic::Presence(d) => write!(f, "{DEVICES}/{d}/presence"),
+            Topic::Commands(d) => write!(f, "{DEVICES}/{d}/commands"),
+            Topic::CommandAck(d) => write!(f, "{DEVICES}/{d}/commands/ack"),
+            Topic::CohortUpdates(c) => write!(f, "{COHORTS}/{c}/updates"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids() {
+        let cases: &[(&str, bool)] = &[
+            ("dev-1", true),
+            ("A", true),
+            ("sensor.eu:01_x-y", true),
+            ("", false),
+            ("-lead", false),
+            (".lead", false),
+            ("a/b", false),
+            ("a+", false),
+            ("a#", false),
+            ("nul\0", false),
+            ("space here", false),
+            ("ünicode", false),
+        ];
+        for (s, ok) in cases {
+            assert_eq!(DeviceId::parse(s).is_ok(), *ok, "{s:?}");
+        }
+        assert!(DeviceId::parse(&"a".repeat(128)).is_ok());
+        assert_eq!(
+            DeviceId::parse(&"a".repeat(129)),
+            Err(IdError::TooLong { max: 128 })
+        );
+    }
+
+    #[test]
+    fn topics_round_trip() {
+        let d = DeviceId::parse("dev-1").unwrap();
+        let c = CohortId::parse("0190-abc").unwrap();
+        for t in [
+            Topic::Telemetry(d.clone()),
+            Topic::State(d.clone()),
+            Topic::Presence(d.clone()),
+            Topic::Commands(d.clone()),
+            Topic::CommandAck(d.clone()),
+            Topic::CohortUpdates(c),
+        ] {
+            assert_eq!(Topic::parse(&t.to_string()).unwrap(), t);
+        }
+    }
+
+    #[test]
+    fn unknown_topics() {
+        for s in [
+            "devices/dev-1",
+            "devices/dev-1/other",
+            "devices/+/telemetry",
+            "devices/dev-1/telemetry/extra",
+            "cohorts/x/other",
+            "",
+            "/devices/dev-1/telemetry",
+        ] {
+            assert!(Topic::parse(s).is_err(), "{s:?}");
+        }
+    }
+}
