@@ -1,1 +1,19 @@
-//! Fleet service.
+//! The fleet platform in one process.
+//!
+//! # Layout
+//! - [`app`]: builds and runs the whole platform (broker, intake, REST) from a [`config::Config`]
+//!   on listeners it binds, and reports the addresses it really got.
+//! - [`config`]: settings from flags and environment, with documented defaults.
+//! - [`pki`]: the development PKI generated on first run.
+//! - [`store`]: the only module that writes SQL (sqlx; SQLite or PostgreSQL).
+//! - [`intake`]: consumes the broker's event bus in batches and commits device state.
+//! - [`api`]: the REST bridge for operators (axum).
+//! - [`keys`]: API keys: hashing, the in-memory cache the REST and MQTT service paths read.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod intake;
+pub mod keys;
+pub mod pki;
+pub mod store;
