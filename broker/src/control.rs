@@ -17,6 +17,8 @@ pub(crate) struct SessionHandle {
     pub(crate) epoch: u64,
     pub(crate) ca_id: String,
     pub(crate) kick: mpsc::UnboundedSender<DisconnectReason>,
+    /// Turns true once the session has ended and published its disconnect.
+    pub(crate) done: tokio::sync::watch::Receiver<bool>,
 }
 
 pub(crate) type Sessions = DashMap<DeviceId, SessionHandle>;

@@ -19,6 +19,14 @@ pub mod auth;
 pub mod bus;
 pub mod control;
 pub mod metrics;
+mod mqtt;
 pub mod registry;
+mod router;
+mod server;
+mod session;
+pub mod tls;
 
 pub use control::BrokerControl;
+pub use router::RouterSettings;
+pub use server::{Broker, BrokerConfig, BrokerError};
+pub use tls::ServerIdentity;

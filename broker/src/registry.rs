@@ -196,12 +196,15 @@ impl Registry {
     /// Finds the CA that issued a verified certificate.
     fn issuer_of(&self, cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<CaRecord> {
         let issuer = cert.issuer().as_raw();
-        let aki = cert.extensions().iter().find_map(|e| match e.parsed_extension() {
-            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => {
-                aki.key_identifier.as_ref().map(|k| k.0.to_vec())
-            }
-            _ => None,
-        });
+        let aki = cert
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                    aki.key_identifier.as_ref().map(|k| k.0.to_vec())
+                }
+                _ => None,
+            });
         let mut best: Option<CaRecord> = None;
         for ca in self.cas.iter() {
             if ca.subject_der != issuer {
@@ -219,6 +222,19 @@ impl Registry {
             }
         }
         best
+    }
+
+    /// The device id a certificate claims (its subject CN), if it is a valid one.
+    pub fn device_id_of(&self, leaf_der: &[u8]) -> Result<DeviceId, Rejection> {
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(leaf_der).map_err(|_| Rejection::BadCertificate)?;
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or(Rejection::BadCommonName)?;
+        DeviceId::parse(cn).map_err(|_| Rejection::BadCommonName)
     }
 
     /// Decides who a verified leaf certificate is, provisioning the device on its first
@@ -318,6 +334,16 @@ impl Registry {
             provisioned_now,
             cert,
         })
+    }
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("cas", &self.cas.len())
+            .field("ca_version", &self.ca_version())
+            .field("devices", &self.devices.len())
+            .finish()
     }
 }
 

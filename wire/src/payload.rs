@@ -64,8 +64,11 @@ pub enum DisconnectReason {
     ServerRestart,
     /// The socket closed or failed without a DISCONNECT.
     ConnectionLost,
-    /// The device broke the protocol (malformed packet, forbidden publish on MQTT 3.1.1).
+    /// The device broke the protocol (a malformed or unexpected packet).
     ProtocolError,
+    /// The device published where it may not, or sent a payload that breaks the topic's
+    /// schema; MQTT 3.1.1 has no other answer than closing the connection.
+    NotAuthorized,
 }
 
 impl DisconnectReason {
@@ -79,6 +82,7 @@ impl DisconnectReason {
             DisconnectReason::ServerRestart => "server_restart",
             DisconnectReason::ConnectionLost => "connection_lost",
             DisconnectReason::ProtocolError => "protocol_error",
+            DisconnectReason::NotAuthorized => "not_authorized",
         }
     }
 }
@@ -140,15 +144,15 @@ pub fn validate_device_payload(topic: &crate::Topic, payload: &[u8]) -> Result<(
     use crate::Topic;
     match topic {
         Topic::Telemetry(_) => {
-            let v: Value =
-                serde_json::from_slice(payload).map_err(|e| PayloadError::NotJson(e.to_string()))?;
+            let v: Value = serde_json::from_slice(payload)
+                .map_err(|e| PayloadError::NotJson(e.to_string()))?;
             if !v.is_object() {
                 return Err(PayloadError::NotObject);
             }
         }
         Topic::State(_) => {
-            let v: Value =
-                serde_json::from_slice(payload).map_err(|e| PayloadError::NotJson(e.to_string()))?;
+            let v: Value = serde_json::from_slice(payload)
+                .map_err(|e| PayloadError::NotJson(e.to_string()))?;
             if !v.is_object() {
                 return Err(PayloadError::NotObject);
             }

@@ -1,0 +1,279 @@
+//! One connection's bytes: framing, the choice of MQTT 3.1.1 or 5 codec from the CONNECT
+//! packet, and a peek at each frame's header for what rumqttd's packet types keep private
+//! (a PUBLISH's QoS and packet id).
+
+use std::io;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::router::proto::{CodecError, Packet, Protocol, V4, V5};
+
+/// The MQTT version a client speaks, fixed by its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Version {
+    V311,
+    V5,
+}
+
+impl Version {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Version::V311 => "mqtt3.1.1",
+            Version::V5 => "mqtt5",
+        }
+    }
+}
+
+/// What the header of a frame says before it is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FrameInfo {
+    pub packet_type: u8,
+    pub qos: u8,
+    pub pkid: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    #[error("malformed packet: {0}")]
+    Malformed(CodecError),
+    #[error("packet of {0} bytes is larger than allowed")]
+    TooLarge(usize),
+    #[error("unsupported protocol level {0}")]
+    UnsupportedVersion(u8),
+    #[error("timed out")]
+    Timeout,
+}
+
+/// Decodes the fixed header at the start of `buf`: (first byte, header length, remaining length).
+fn fixed_header(buf: &[u8]) -> Option<Result<(u8, usize, usize), CodecError>> {
+    let first = *buf.first()?;
+    let mut len = 0usize;
+    for i in 0..4 {
+        let b = *buf.get(1 + i)?;
+        len |= ((b & 0x7f) as usize) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(Ok((first, 2 + i, len)));
+        }
+    }
+    Some(Err(CodecError::MalformedRemainingLength))
+}
+
+/// Header facts of the complete frame at the start of `buf`, if there is one.
+fn peek(buf: &[u8], max: usize) -> Result<Option<(FrameInfo, usize)>, ReadError> {
+    let Some(header) = fixed_header(buf) else {
+        return Ok(None);
+    };
+    let (first, header_len, remaining) = header.map_err(ReadError::Malformed)?;
+    if remaining > max {
+        return Err(ReadError::TooLarge(remaining));
+    }
+    let frame_len = header_len + remaining;
+    if buf.len() < frame_len {
+        return Ok(None);
+    }
+    let packet_type = first >> 4;
+    let qos = (first >> 1) & 0b11;
+    let body = &buf[header_len..frame_len];
+    let pkid = if packet_type == 3 && qos > 0 && body.len() >= 2 {
+        let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize;
+        match body.get(2 + topic_len..4 + topic_len) {
+            Some(id) => u16::from_be_bytes([id[0], id[1]]),
+            None => return Err(ReadError::Malformed(CodecError::MalformedPacket)),
+        }
+    } else {
+        0
+    };
+    Ok(Some((
+        FrameInfo {
+            packet_type,
+            qos,
+            pkid,
+        },
+        frame_len,
+    )))
+}
+
+/// The protocol level in a complete CONNECT frame.
+fn connect_level(frame: &[u8]) -> Result<u8, ReadError> {
+    let Some(Ok((first, header_len, _))) = fixed_header(frame) else {
+        return Err(ReadError::Malformed(CodecError::MalformedPacket));
+    };
+    if first >> 4 != 1 {
+        return Err(ReadError::Malformed(CodecError::InvalidPacketType(
+            first >> 4,
+        )));
+    }
+    let body = &frame[header_len..];
+    let name_len = match body {
+        [a, b, ..] => u16::from_be_bytes([*a, *b]) as usize,
+        _ => return Err(ReadError::Malformed(CodecError::MalformedPacket)),
+    };
+    body.get(2 + name_len)
+        .copied()
+        .ok_or(ReadError::Malformed(CodecError::MalformedPacket))
+}
+
+/// A connection after its CONNECT: socket, buffers and the codec of its version.
+pub(crate) struct Conn<S> {
+    io: S,
+    read: BytesMut,
+    write: BytesMut,
+    max_packet: usize,
+    version: Version,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    pub fn new(io: S, max_packet: usize) -> Self {
+        Self {
+            io,
+            read: BytesMut::with_capacity(4096),
+            write: BytesMut::with_capacity(4096),
+            max_packet,
+            version: Version::V311,
+        }
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// Reads the CONNECT packet and fixes the codec from its protocol level.
+    pub async fn read_connect(&mut self, within: Duration) -> Result<Packet, ReadError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some((_, len)) = peek(&self.read, self.max_packet)? {
+                let level = connect_level(&self.read[..len])?;
+                self.version = match level {
+                    4 => Version::V311,
+                    5 => Version::V5,
+                    other => return Err(ReadError::UnsupportedVersion(other)),
+                };
+                let packet = self.decode()?;
+                return match packet {
+                    p @ Packet::Connect(..) => Ok(p),
+                    _ => Err(ReadError::Malformed(CodecError::InvalidPacketType(1))),
+                };
+            }
+            match tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.read)).await {
+                Err(_) => return Err(ReadError::Timeout),
+                Ok(Ok(0)) => return Err(ReadError::Closed),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Waits for more bytes. Cancel safe.
+    pub async fn fill(&mut self) -> Result<(), ReadError> {
+        if self.read.capacity() - self.read.len() < 1024 {
+            self.read.reserve(4096);
+        }
+        match self.io.read_buf(&mut self.read).await? {
+            0 => Err(ReadError::Closed),
+            _ => Ok(()),
+        }
+    }
+
+    /// The next complete packet already buffered, with its header facts.
+    pub fn next_packet(&mut self) -> Result<Option<(FrameInfo, Packet)>, ReadError> {
+        let Some((info, _)) = peek(&self.read, self.max_packet)? else {
+            return Ok(None);
+        };
+        Ok(Some((info, self.decode()?)))
+    }
+
+    fn decode(&mut self) -> Result<Packet, ReadError> {
+        let result = match self.version {
+            Version::V311 => V4.read_mut(&mut self.read, self.max_packet),
+            Version::V5 => V5.read_mut(&mut self.read, self.max_packet),
+        };
+        result.map_err(|e| match e {
+            CodecError::PayloadSizeLimitExceeded(n) => ReadError::TooLarge(n),
+            e => ReadError::Malformed(e),
+        })
+    }
+
+    /// Encodes a packet into the write buffer; [`Conn::flush`] sends it.
+    pub fn queue(&mut self, packet: Packet) {
+        let result = match self.version {
+            Version::V311 => V4.write(packet, &mut self.write),
+            Version::V5 => V5.write(packet, &mut self.write),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot encode an outgoing packet; dropped");
+        }
+    }
+
+    pub fn has_queued(&self) -> bool {
+        !self.write.is_empty()
+    }
+
+    pub async fn flush(&mut self) -> io::Result<()> {
+        if self.write.is_empty() {
+            return Ok(());
+        }
+        self.io.write_all(&self.write).await?;
+        self.write.clear();
+        self.io.flush().await
+    }
+
+    /// Sends what is queued (bounded in time) and closes the socket.
+    pub async fn close(mut self, within: Duration) {
+        let _ = tokio::time::timeout(within, async {
+            let _ = self.flush().await;
+            let _ = self.io.shutdown().await;
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peeks_publish_qos_and_packet_id() {
+        // PUBLISH QoS 1, topic "a/b", pkid 0x1234, payload "x"
+        let frame = [0x32, 8, 0, 3, b'a', b'/', b'b', 0x12, 0x34, b'x'];
+        let (info, len) = peek(&frame, 1024).unwrap().unwrap();
+        assert_eq!(len, frame.len());
+        assert_eq!(
+            info,
+            FrameInfo {
+                packet_type: 3,
+                qos: 1,
+                pkid: 0x1234
+            }
+        );
+        assert!(peek(&frame[..5], 1024).unwrap().is_none());
+        assert!(matches!(peek(&frame, 4), Err(ReadError::TooLarge(8))));
+    }
+
+    #[test]
+    fn malformed_headers_are_errors() {
+        assert!(matches!(
+            peek(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], 1 << 30),
+            Err(ReadError::Malformed(_))
+        ));
+        // QoS 1 publish whose topic length runs past the frame
+        assert!(matches!(
+            peek(&[0x32, 3, 0, 9, b'a'], 1024),
+            Err(ReadError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn connect_levels() {
+        let v5 = [0x10, 10, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60];
+        assert_eq!(connect_level(&v5).unwrap(), 5);
+        let v311 = [0x10, 10, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60];
+        assert_eq!(connect_level(&v311).unwrap(), 4);
+        assert!(connect_level(&[0x30, 0]).is_err());
+    }
+}

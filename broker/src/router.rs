@@ -1,0 +1,298 @@
+//! The only module that names rumqttd. It spawns the router thread, builds in-process links for
+//! sessions, and re-exports the MQTT codec and packet types the session code uses.
+//!
+//! Traps handled here: `LinkBuilder::build()` blocks on the router's reply, so it runs on the
+//! blocking pool; `LinkTx::send` blocks when the router's event channel (capacity 1000) is full,
+//! so a send that might block leaves the async worker with `block_in_place`.
+
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
+use rumqttd::{Notification, RouterConfig};
+use serde::{Deserialize, Serialize};
+
+pub(crate) mod proto {
+    pub use rumqttd::protocol::v4::V4;
+    pub use rumqttd::protocol::v5::V5;
+    #[cfg(test)]
+    pub use rumqttd::protocol::QoS;
+    pub use rumqttd::protocol::{
+        ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, Disconnect,
+        DisconnectReasonCode, Error as CodecError, LastWill, LastWillProperties, Login, Packet,
+        PingResp, Protocol, PubAck, PubAckReason, PubRec, PubRecReason, Publish, PublishProperties,
+        SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+        Unsubscribe,
+    };
+}
+
+use proto::{Packet, Publish};
+
+/// The router's own limits. They bound memory; see ARCHITECTURE.md for what each one costs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterSettings {
+    /// Most connections the router holds at once (devices + services + the broker's own link).
+    pub max_connections: usize,
+    /// Messages the router forwards to one connection before waiting for its acks.
+    pub max_outgoing_packet_count: u64,
+    /// Size of one commit-log segment per subscription filter, bytes.
+    pub max_segment_size: usize,
+    /// Segments kept per filter. A subscriber that falls more than
+    /// `max_segment_size * max_segment_count` bytes behind loses the oldest messages.
+    pub max_segment_count: usize,
+}
+
+impl Default for RouterSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 100_000,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 16 * 1024 * 1024,
+            max_segment_count: 8,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("the router refused or dropped the link: {0}")]
+    Link(String),
+    #[error("the router is gone")]
+    Gone,
+}
+
+type BuildFn =
+    dyn Fn(&str, &LinkOptions) -> Result<(LinkTx, LinkRx, Notification), RouterError> + Send + Sync;
+
+/// A handle on the running router. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct RouterHandle {
+    build: Arc<BuildFn>,
+    is_full: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// How a session's link is set up.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LinkOptions {
+    pub clean_session: bool,
+    pub topic_alias_max: u16,
+}
+
+impl RouterHandle {
+    /// Starts the router on its own thread.
+    pub fn spawn(settings: &RouterSettings) -> Self {
+        let config = RouterConfig {
+            max_connections: settings.max_connections,
+            max_outgoing_packet_count: settings.max_outgoing_packet_count,
+            max_segment_size: settings.max_segment_size,
+            max_segment_count: settings.max_segment_count,
+            ..Default::default()
+        };
+        let router_tx = rumqttd::Router::new(0, config).spawn();
+        let probe = router_tx.clone();
+        let build = move |client_id: &str, opts: &LinkOptions| {
+            LinkBuilder::new(client_id, router_tx.clone())
+                .clean_session(opts.clean_session)
+                .topic_alias_max(opts.topic_alias_max)
+                .build()
+                .map_err(|e| RouterError::Link(e.to_string()))
+        };
+        Self {
+            build: Arc::new(build),
+            is_full: Arc::new(move || probe.is_full()),
+        }
+    }
+
+    /// Registers a connection with the router. Blocks on the router's reply: call it from the
+    /// blocking pool ([`RouterHandle::connect`] does).
+    fn connect_blocking(&self, client_id: &str, opts: &LinkOptions) -> Result<Link, RouterError> {
+        let (tx, rx, ack) = (self.build)(client_id, opts)?;
+        let connack = Option::<Packet>::from(ack);
+        let session_present =
+            matches!(&connack, Some(Packet::ConnAck(ack, _)) if ack.session_present);
+        Ok(Link {
+            tx,
+            rx,
+            session_present,
+            is_full: self.is_full.clone(),
+        })
+    }
+
+    pub async fn connect(&self, client_id: String, opts: LinkOptions) -> Result<Link, RouterError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.connect_blocking(&client_id, &opts))
+            .await
+            .map_err(|_| RouterError::Gone)?
+    }
+}
+
+/// What the router sends a session.
+pub(crate) enum FromRouter {
+    /// A message for the client (a PUBLISH forwarded from a subscription).
+    Forward(Packet),
+    /// An acknowledgement of something the client sent (PUBACK, PUBREC, SUBACK, ...).
+    Ack(Packet),
+    /// The router paused this link because its buffer filled; call [`Link::wake`] after writing.
+    Unschedule,
+    /// The router ends the connection.
+    Disconnect(Packet),
+}
+
+/// One connection's link into the router.
+pub(crate) struct Link {
+    tx: LinkTx,
+    rx: LinkRx,
+    pub session_present: bool,
+    is_full: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl Link {
+    /// Hands packets to the router in one notification.
+    pub async fn send(&mut self, mut packets: Vec<Packet>) -> Result<(), RouterError> {
+        let Some(last) = packets.pop() else {
+            return Ok(());
+        };
+        if !packets.is_empty() {
+            self.tx.buffer().extend(packets);
+        }
+        if !(self.is_full)() {
+            return self
+                .tx
+                .send(last)
+                .await
+                .map(drop)
+                .map_err(|_| RouterError::Gone);
+        }
+        // The router is saturated and `send` would block this worker thread: step off it.
+        let tx = &mut self.tx;
+        let blocking = || futures::executor::block_on(tx.send(last)).map(drop).map_err(drop);
+        let result = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::CurrentThread => blocking(),
+            _ => tokio::task::block_in_place(blocking),
+        };
+        result.map_err(|()| RouterError::Gone)
+    }
+
+    /// Waits for the router's next message. Cancel safe. `Err(Gone)` means the router dropped
+    /// this link (for example a newer connection with the same client id took it over).
+    pub async fn next(&mut self) -> Result<FromRouter, RouterError> {
+        loop {
+            match self.rx.next().await {
+                Ok(Some(n)) => {
+                    if let Some(out) = classify(n) {
+                        return Ok(out);
+                    }
+                }
+                Ok(None) => continue,
+                Err(_) => return Err(RouterError::Gone),
+            }
+        }
+    }
+
+    /// The next message if one is already waiting, without blocking.
+    pub fn try_next(&mut self) -> Option<Result<FromRouter, RouterError>> {
+        use futures::FutureExt;
+        self.next().now_or_never()
+    }
+
+    /// Asks the router to resume forwarding after an [`FromRouter::Unschedule`].
+    pub async fn wake(&self) -> Result<(), RouterError> {
+        self.rx.wake().await.map_err(|_| RouterError::Gone)
+    }
+}
+
+fn classify(n: Notification) -> Option<FromRouter> {
+    Some(match n {
+        Notification::Forward(f) => FromRouter::Forward(Packet::Publish(f.publish, f.properties)),
+        Notification::DeviceAck(ack) => FromRouter::Ack(Packet::from(ack)),
+        Notification::Unschedule => FromRouter::Unschedule,
+        Notification::Disconnect(d, p) => FromRouter::Disconnect(Packet::Disconnect(d, p)),
+        other => {
+            tracing::warn!(notification = ?other, "unexpected router notification");
+            return None;
+        }
+    })
+}
+
+/// Builds a PUBLISH with the given QoS and packet id. rumqttd keeps those fields crate-private
+/// and offers only its own serialisation as a way in, so this writes that (internal, not MQTT)
+/// layout: header byte, packet id, topic length, topic, payload.
+pub(crate) fn publish_with_qos(
+    topic: &str,
+    payload: &[u8],
+    qos: u8,
+    pkid: u16,
+    retain: bool,
+) -> Publish {
+    let mut o = BytesMut::with_capacity(5 + topic.len() + payload.len());
+    o.put_u8(0b0011_0000 | (retain as u8) | ((qos & 0b11) << 1));
+    o.put_u16(pkid);
+    o.put_u16(topic.len() as u16);
+    o.extend_from_slice(topic.as_bytes());
+    o.extend_from_slice(payload);
+    Publish::deserialize(o.freeze())
+}
+
+/// The broker's own link, used to publish presence into the router (retained, QoS 1) so
+/// backend subscribers see it live. Runs on two small threads: one feeds the router (its sends
+/// may block), one drains the router's acks.
+#[derive(Clone)]
+pub(crate) struct SystemPublisher {
+    tx: flume::Sender<SystemMessage>,
+}
+
+struct SystemMessage {
+    topic: String,
+    payload: Bytes,
+    qos: u8,
+    retain: bool,
+}
+
+impl SystemPublisher {
+    pub fn start(router: &RouterHandle) -> Result<Self, RouterError> {
+        let link = router.connect_blocking(
+            "~broker~",
+            &LinkOptions {
+                clean_session: true,
+                topic_alias_max: 0,
+            },
+        )?;
+        let Link { mut tx, mut rx, .. } = link;
+        let (queue, inbox) = flume::bounded::<SystemMessage>(10_000);
+        std::thread::Builder::new()
+            .name("broker-system-link".into())
+            .spawn(move || {
+                let mut pkid: u16 = 0;
+                while let Ok(m) = inbox.recv() {
+                    pkid = pkid.checked_add(1).unwrap_or(1);
+                    let qos = m.qos.min(1);
+                    let pkid = if qos == 0 { 0 } else { pkid };
+                    let publish = publish_with_qos(&m.topic, &m.payload, qos, pkid, m.retain);
+                    if futures::executor::block_on(tx.send(Packet::Publish(publish, None))).is_err()
+                    {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| RouterError::Link(e.to_string()))?;
+        std::thread::Builder::new()
+            .name("broker-system-acks".into())
+            .spawn(move || while rx.recv().is_ok() {})
+            .map_err(|e| RouterError::Link(e.to_string()))?;
+        Ok(Self { tx: queue })
+    }
+
+    /// Queues a publish (QoS 2 is sent as QoS 1). Waits only if 10,000 are already queued.
+    pub async fn publish(&self, topic: String, payload: Bytes, qos: u8, retain: bool) {
+        let m = SystemMessage {
+            topic,
+            payload,
+            qos,
+            retain,
+        };
+        if self.tx.send_async(m).await.is_err() {
+            tracing::error!("the broker's system link is gone; presence not published to MQTT");
+        }
+    }
+}

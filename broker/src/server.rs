@@ -1,0 +1,218 @@
+//! Listeners. Each accepted socket gets its own task: the TLS handshake runs there with a
+//! timeout, so one silent client never stalls another's connect.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use crate::auth::ServiceAuth;
+use crate::bus::EventBus;
+use crate::control::BrokerControl;
+use crate::metrics::Rejection;
+use crate::router::{RouterHandle, RouterSettings, SystemPublisher};
+use crate::session::{self, Ctx, SessionSettings};
+use crate::tls::{self, ServerIdentity};
+
+/// Broker settings. Every field has a default; see `config/fleet.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// A TLS handshake that takes longer is dropped.
+    pub handshake_timeout_ms: u64,
+    /// A client that sends no CONNECT within this time after the handshake is dropped.
+    pub connect_timeout_ms: u64,
+    /// Largest MQTT packet accepted, bytes.
+    pub max_packet_size: usize,
+    /// Unanswered QoS 1/2 publishes per session before the broker stops reading from it
+    /// (advertised to MQTT 5 clients as Receive Maximum).
+    pub max_pending_acks: usize,
+    /// How long a new connection waits for the session it takes over to finish.
+    pub takeover_wait_ms: u64,
+    /// How long a presence event may wait for the event bus before the connect is refused.
+    pub bus_timeout_ms: u64,
+    /// How long shutdown waits for sessions to publish their disconnects.
+    pub shutdown_grace_ms: u64,
+    pub router: RouterSettings,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout_ms: 10_000,
+            connect_timeout_ms: 10_000,
+            max_packet_size: 256 * 1024,
+            max_pending_acks: 256,
+            takeover_wait_ms: 5_000,
+            bus_timeout_ms: 10_000,
+            shutdown_grace_ms: 10_000,
+            router: RouterSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("router: {0}")]
+    Router(#[from] crate::router::RouterError),
+}
+
+/// The broker, ready to serve on listeners the caller bound.
+pub struct Broker {
+    ctx: Arc<Ctx>,
+    shutdown_tx: watch::Sender<bool>,
+    device_tls: TlsAcceptor,
+    handshake_timeout: Duration,
+    grace: Duration,
+}
+
+impl Broker {
+    pub fn new(
+        config: &BrokerConfig,
+        identity: ServerIdentity,
+        control: BrokerControl,
+        bus: Arc<dyn EventBus>,
+        auth: Arc<dyn ServiceAuth>,
+    ) -> Result<Self, BrokerError> {
+        let device_tls = TlsAcceptor::from(tls::device_server_config(
+            identity,
+            control.registry.clone(),
+        )?);
+        let router = RouterHandle::spawn(&config.router);
+        let system = SystemPublisher::start(&router)?;
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let ctx = Arc::new(Ctx {
+            router,
+            system,
+            control,
+            bus,
+            auth,
+            settings: SessionSettings {
+                connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+                max_packet_size: config.max_packet_size,
+                max_pending_acks: config.max_pending_acks.max(1),
+                takeover_wait: Duration::from_millis(config.takeover_wait_ms),
+                bus_timeout: Duration::from_millis(config.bus_timeout_ms),
+            },
+            shutdown,
+            service_ids: AtomicU64::new(1),
+        });
+        Ok(Self {
+            ctx,
+            shutdown_tx,
+            device_tls,
+            handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
+            grace: Duration::from_millis(config.shutdown_grace_ms),
+        })
+    }
+
+    pub fn control(&self) -> BrokerControl {
+        self.ctx.control.clone()
+    }
+
+    /// Serves devices (mTLS) and backend services (API key) until `shutdown` resolves, then
+    /// ends every session (reason `server_shutdown`) and waits for them, up to the grace period.
+    pub async fn serve(
+        self,
+        devices: TcpListener,
+        services: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let tracker = TaskTracker::new();
+        let device_loop = accept_loop(devices, tracker.clone(), {
+            let ctx = self.ctx.clone();
+            let acceptor = self.device_tls.clone();
+            let timeout = self.handshake_timeout;
+            move |stream, peer| {
+                let ctx = ctx.clone();
+                let acceptor = acceptor.clone();
+                async move { device_connection(ctx, acceptor, timeout, stream, peer).await }
+            }
+        });
+        let service_loop = accept_loop(services, tracker.clone(), {
+            let ctx = self.ctx.clone();
+            move |stream, peer| session::serve_service(ctx.clone(), stream, peer)
+        });
+        tokio::select! {
+            _ = device_loop => {}
+            _ = service_loop => {}
+            _ = shutdown => {}
+        }
+        info!(
+            sessions = self.ctx.control.live_sessions(),
+            "broker shutting down"
+        );
+        let _ = self.shutdown_tx.send(true);
+        tracker.close();
+        if tokio::time::timeout(self.grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("some sessions did not finish within the shutdown grace period");
+        }
+    }
+}
+
+async fn accept_loop<F, Fut>(listener: TcpListener, tracker: TaskTracker, serve: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tracker.spawn(serve(stream, peer));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                error!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn device_connection(
+    ctx: Arc<Ctx>,
+    acceptor: TlsAcceptor,
+    timeout: Duration,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let why = tls::classify_handshake_error(&e);
+            ctx.control.metrics.reject(why);
+            info!(%peer, reason = why.as_str(), error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            ctx.control.metrics.reject(Rejection::TlsHandshake);
+            debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec());
+    let Some(leaf) = leaf else {
+        ctx.control.metrics.reject(Rejection::BadCertificate);
+        return;
+    };
+    session::serve_device(ctx, tls, peer, leaf).await;
+}

@@ -1,0 +1,1192 @@
+//! One MQTT session: from CONNECT to the end of the connection, driving a rumqttd local link.
+//!
+//! Invariants:
+//! - Identity comes only from the verified certificate (devices) or an API key (services).
+//! - Every PUBLISH and SUBSCRIBE is checked against [`crate::acl`] before the router sees it.
+//! - A QoS 1/2 publish on a durable topic is acknowledged only after the event bus accepted it.
+//! - Acknowledgements reach the client in the order of the packets they answer, whether the
+//!   router or this session produced them ([`AckQueue`]).
+//! - Every session that sent CONNACK publishes exactly one `connected` and one `disconnected`
+//!   presence event with the same epoch; the epoch grows across sessions and restarts.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleet_wire::payload::{DisconnectReason, Presence, PresenceEvent};
+use fleet_wire::{DeviceId, Topic};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::acl::{self, Principal};
+use crate::auth::ServiceAuth;
+use crate::bus::{BusError, BusMessage, EventBus};
+use crate::control::{BrokerControl, SessionHandle};
+use crate::metrics::Rejection;
+use crate::mqtt::{Conn, FrameInfo, ReadError, Version};
+use crate::router::proto::*;
+use crate::router::{FromRouter, Link, LinkOptions, RouterHandle, SystemPublisher};
+
+/// Limits of one session.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionSettings {
+    pub connect_timeout: Duration,
+    pub max_packet_size: usize,
+    /// Unanswered QoS 1/2 publishes and subscribes before the session stops reading.
+    pub max_pending_acks: usize,
+    /// How long a new connection waits for the session it replaces to finish.
+    pub takeover_wait: Duration,
+    /// How long a presence event may wait for the bus.
+    pub bus_timeout: Duration,
+}
+
+pub(crate) struct Ctx {
+    pub router: RouterHandle,
+    pub system: SystemPublisher,
+    pub control: BrokerControl,
+    pub bus: Arc<dyn EventBus>,
+    pub auth: Arc<dyn ServiceAuth>,
+    pub settings: SessionSettings,
+    pub shutdown: watch::Receiver<bool>,
+    pub service_ids: AtomicU64,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// Refuses a connection with the CONNACK code each MQTT version has for `why`.
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &Ctx,
+    mut conn: Conn<S>,
+    why: Rejection,
+    peer: SocketAddr,
+) {
+    ctx.control.metrics.reject(why);
+    info!(%peer, reason = why.as_str(), "connection refused: {why}");
+    let code = match (conn.version(), why) {
+        (Version::V311, Rejection::ClientIdMismatch) => ConnectReturnCode::ClientIdentifierNotValid,
+        (Version::V311, Rejection::BadCredentials) => ConnectReturnCode::BadUserNamePassword,
+        (Version::V311, Rejection::ProvisioningFailed) => ConnectReturnCode::ServiceUnavailable,
+        (Version::V311, _) => ConnectReturnCode::NotAuthorized,
+        (Version::V5, Rejection::ClientIdMismatch) => ConnectReturnCode::ClientIdentifierNotValid,
+        (Version::V5, Rejection::BadCredentials) => ConnectReturnCode::BadUserNamePassword,
+        (Version::V5, Rejection::ProvisioningFailed) => ConnectReturnCode::ServerUnavailable,
+        (Version::V5, Rejection::BadConnect) => ConnectReturnCode::ProtocolError,
+        (Version::V5, _) => ConnectReturnCode::NotAuthorized,
+    };
+    let props = (conn.version() == Version::V5).then(|| ConnAckProperties {
+        reason_string: Some(why.to_string()),
+        ..Default::default()
+    });
+    conn.queue(Packet::ConnAck(
+        ConnAck {
+            session_present: false,
+            code,
+        },
+        props,
+    ));
+    conn.close(Duration::from_secs(1)).await;
+}
+
+struct ConnectInfo {
+    connect: Connect,
+    props: Option<ConnectProperties>,
+    will: Option<(LastWill, Option<LastWillProperties>)>,
+    login: Option<Login>,
+}
+
+async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &Ctx,
+    conn: &mut Conn<S>,
+    peer: SocketAddr,
+) -> Option<ConnectInfo> {
+    match conn.read_connect(ctx.settings.connect_timeout).await {
+        Ok(Packet::Connect(connect, props, will, will_props, login)) => Some(ConnectInfo {
+            connect,
+            props,
+            will: will.map(|w| (w, will_props)),
+            login,
+        }),
+        Ok(_) => None,
+        Err(ReadError::UnsupportedVersion(level)) => {
+            ctx.control.metrics.reject(Rejection::BadConnect);
+            info!(%peer, level, "connection refused: unsupported MQTT protocol level");
+            conn.queue(Packet::ConnAck(
+                ConnAck {
+                    session_present: false,
+                    code: ConnectReturnCode::RefusedProtocolVersion,
+                },
+                None,
+            ));
+            let _ = conn.flush().await;
+            None
+        }
+        Err(e) => {
+            ctx.control.metrics.reject(Rejection::BadConnect);
+            debug!(%peer, error = %e, "no valid CONNECT");
+            None
+        }
+    }
+}
+
+/// Serves a device on the mTLS listener. `leaf` is its verified certificate (DER).
+pub(crate) async fn serve_device<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    ctx: Arc<Ctx>,
+    io: S,
+    peer: SocketAddr,
+    leaf: Vec<u8>,
+) {
+    let mut conn = Conn::new(io, ctx.settings.max_packet_size);
+    let Some(info) = read_connect(&ctx, &mut conn, peer).await else {
+        return;
+    };
+    let registry = ctx.control.registry.clone();
+    let id = match registry.device_id_of(&leaf) {
+        Ok(id) => id,
+        Err(why) => return refuse(&ctx, conn, why, peer).await,
+    };
+    let client_id = info.connect.client_id.as_str();
+    let assigned = client_id.is_empty();
+    if assigned && conn.version() == Version::V311 && !info.connect.clean_session {
+        // MQTT 3.1.1 forbids a server-assigned id for a persistent session.
+        return refuse(&ctx, conn, Rejection::ClientIdMismatch, peer).await;
+    }
+    if !assigned && client_id != id.as_str() {
+        return refuse(&ctx, conn, Rejection::ClientIdMismatch, peer).await;
+    }
+    let identity = match registry.identify(&leaf).await {
+        Ok(identity) => identity,
+        Err(why) => return refuse(&ctx, conn, why, peer).await,
+    };
+    let principal = Principal::Device {
+        id: id.clone(),
+        cohort: identity.device.cohort_id.clone(),
+    };
+    if let Some((will, _)) = &info.will {
+        if !std::str::from_utf8(&will.topic).is_ok_and(|t| acl::may_publish(&principal, t)) {
+            return refuse(&ctx, conn, Rejection::ForbiddenTopic, peer).await;
+        }
+    }
+
+    // Takeover: end the session this connection replaces, and wait for its presence to be out.
+    if let Some(old) = ctx.control.sessions.get(&id).map(|s| s.clone()) {
+        ctx.control.metrics.takeover();
+        let _ = old.kick.send(DisconnectReason::Takeover);
+        let mut done = old.done.clone();
+        let _ = tokio::time::timeout(ctx.settings.takeover_wait, wait_true(&mut done)).await;
+    }
+    let Some(epoch) = registry.next_epoch(&id) else {
+        return refuse(&ctx, conn, Rejection::NotProvisioned, peer).await;
+    };
+    let (kick_tx, kick_rx) = mpsc::unbounded_channel();
+    let (done_tx, done_rx) = watch::channel(false);
+    ctx.control.sessions.insert(
+        id.clone(),
+        SessionHandle {
+            epoch,
+            ca_id: identity.device.ca_id.clone(),
+            kick: kick_tx,
+            done: done_rx,
+        },
+    );
+
+    let span = tracing::info_span!("device", device_id = %id, epoch);
+    let _enter = span.enter();
+    let session = Session::start(
+        ctx.clone(),
+        conn,
+        info,
+        principal,
+        id.as_str().to_owned(),
+        Some(DeviceSession {
+            id: id.clone(),
+            epoch,
+            connected_at_ms: now_ms(),
+            remote_addr: peer.to_string(),
+            seq: 0,
+        }),
+        assigned.then(|| id.as_str().to_owned()),
+        kick_rx,
+        identity.provisioned_now,
+    )
+    .await;
+    drop(_enter);
+    if let Some(session) = session {
+        session.run().instrument_in(span).await;
+    }
+    // Only remove our own handle: a newer session may already have replaced it.
+    ctx.control.sessions.remove_if(&id, |_, h| h.epoch == epoch);
+    let _ = done_tx.send(true);
+}
+
+/// Serves a backend service on the service listener (API key as MQTT password).
+pub(crate) async fn serve_service<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    ctx: Arc<Ctx>,
+    io: S,
+    peer: SocketAddr,
+) {
+    let mut conn = Conn::new(io, ctx.settings.max_packet_size);
+    let Some(info) = read_connect(&ctx, &mut conn, peer).await else {
+        return;
+    };
+    let principal = match info
+        .login
+        .as_ref()
+        .and_then(|l| ctx.auth.authenticate(&l.password))
+    {
+        Some(p) => p,
+        None => return refuse(&ctx, conn, Rejection::BadCredentials, peer).await,
+    };
+    let principal = Principal::Service {
+        role: principal.role,
+    };
+    if let Some((will, _)) = &info.will {
+        if !std::str::from_utf8(&will.topic).is_ok_and(|t| acl::may_publish(&principal, t)) {
+            return refuse(&ctx, conn, Rejection::ForbiddenTopic, peer).await;
+        }
+    }
+    let client_id = info.connect.client_id.clone();
+    if client_id.contains(['+', '#', '/', '$', '\0']) {
+        return refuse(&ctx, conn, Rejection::ClientIdMismatch, peer).await;
+    }
+    let (client_id, assigned) = if client_id.is_empty() {
+        let n = ctx.service_ids.fetch_add(1, Ordering::Relaxed);
+        (format!("service-{n}"), true)
+    } else {
+        (client_id, false)
+    };
+    // A character no device id may contain keeps services out of the devices' client-id space.
+    let router_id = format!("~svc~{client_id}");
+    let (_kick_tx, kick_rx) = mpsc::unbounded_channel();
+    let span = tracing::info_span!("service", client_id = %client_id, %peer);
+    let session = {
+        let _enter = span.enter();
+        Session::start(
+            ctx,
+            conn,
+            info,
+            principal,
+            router_id,
+            None,
+            assigned.then_some(client_id),
+            kick_rx,
+            false,
+        )
+        .await
+    };
+    if let Some(session) = session {
+        session.run().instrument_in(span).await;
+    }
+}
+
+trait InstrumentIn: std::future::Future + Sized {
+    fn instrument_in(self, span: tracing::Span) -> tracing::instrument::Instrumented<Self> {
+        tracing::Instrument::instrument(self, span)
+    }
+}
+impl<F: std::future::Future> InstrumentIn for F {}
+
+struct DeviceSession {
+    id: DeviceId,
+    epoch: u64,
+    connected_at_ms: i64,
+    remote_addr: String,
+    seq: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckKind {
+    PubAck,
+    PubRec,
+    SubAck,
+}
+
+struct Slot {
+    id: u64,
+    kind: AckKind,
+    pkid: u16,
+    packet: Option<Packet>,
+    bus_pending: bool,
+    bus_error: Option<BusError>,
+    /// For a SUBACK: the answer for every filter of the SUBSCRIBE, `None` where the router's
+    /// code goes.
+    sub_codes: Vec<Option<SubscribeReasonCode>>,
+}
+
+/// Acknowledgements in the order of the packets they answer.
+#[derive(Default)]
+struct AckQueue {
+    slots: VecDeque<Slot>,
+    next_id: u64,
+}
+
+impl AckQueue {
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn push(&mut self, kind: AckKind, pkid: u16, packet: Option<Packet>, bus_pending: bool) -> u64 {
+        self.push_sub(kind, pkid, packet, bus_pending, Vec::new())
+    }
+
+    fn push_sub(
+        &mut self,
+        kind: AckKind,
+        pkid: u16,
+        packet: Option<Packet>,
+        bus_pending: bool,
+        sub_codes: Vec<Option<SubscribeReasonCode>>,
+    ) -> u64 {
+        self.next_id += 1;
+        self.slots.push_back(Slot {
+            id: self.next_id,
+            kind,
+            pkid,
+            packet,
+            bus_pending,
+            bus_error: None,
+            sub_codes,
+        });
+        self.next_id
+    }
+
+    /// Files the router's ack with the oldest slot waiting for it; gives it back if none is.
+    fn router_ack(&mut self, kind: AckKind, pkid: u16, packet: Packet) -> Option<Packet> {
+        let Some(slot) = self
+            .slots
+            .iter_mut()
+            .find(|s| s.kind == kind && s.pkid == pkid && s.packet.is_none())
+        else {
+            return Some(packet);
+        };
+        slot.packet = Some(match (packet, slot.sub_codes.is_empty()) {
+            (Packet::SubAck(ack, props), false) => {
+                let mut routed = ack.return_codes.into_iter();
+                let codes = slot
+                    .sub_codes
+                    .iter()
+                    .map(|c| match c {
+                        Some(code) => *code,
+                        None => routed.next().unwrap_or(SubscribeReasonCode::Unspecified),
+                    })
+                    .collect();
+                Packet::SubAck(
+                    SubAck {
+                        pkid: ack.pkid,
+                        return_codes: codes,
+                    },
+                    props,
+                )
+            }
+            (p, _) => p,
+        });
+        None
+    }
+
+    fn bus_done(&mut self, id: u64, result: Result<(), BusError>) {
+        if let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) {
+            slot.bus_pending = false;
+            slot.bus_error = result.err();
+        }
+    }
+
+    fn pop_ready(&mut self) -> Option<Slot> {
+        let front = self.slots.front()?;
+        if front.packet.is_some() && !front.bus_pending {
+            self.slots.pop_front()
+        } else {
+            None
+        }
+    }
+}
+
+type BusFuture = futures::future::BoxFuture<'static, (u64, Result<(), BusError>)>;
+
+struct Session<S> {
+    ctx: Arc<Ctx>,
+    conn: Conn<S>,
+    link: Link,
+    principal: Principal,
+    device: Option<DeviceSession>,
+    will: Option<(LastWill, Option<LastWillProperties>)>,
+    session_expiry: u32,
+    keepalive: Option<Duration>,
+    kick: mpsc::UnboundedReceiver<DisconnectReason>,
+    acks: AckQueue,
+    bus: FuturesUnordered<BusFuture>,
+    subscriptions: HashSet<String>,
+    wake_router: bool,
+}
+
+enum Step {
+    Continue,
+    End(DisconnectReason),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// Links the session into the router, announces presence, and sends CONNACK.
+    #[allow(clippy::too_many_arguments)]
+    async fn start(
+        ctx: Arc<Ctx>,
+        mut conn: Conn<S>,
+        info: ConnectInfo,
+        principal: Principal,
+        router_client_id: String,
+        device: Option<DeviceSession>,
+        assigned_client_id: Option<String>,
+        kick: mpsc::UnboundedReceiver<DisconnectReason>,
+        provisioned_now: bool,
+    ) -> Option<Self> {
+        let version = conn.version();
+        let session_expiry = info
+            .props
+            .as_ref()
+            .and_then(|p| p.session_expiry_interval)
+            .unwrap_or(0);
+        let opts = LinkOptions {
+            clean_session: info.connect.clean_session,
+            topic_alias_max: info
+                .props
+                .as_ref()
+                .and_then(|p| p.topic_alias_max)
+                .unwrap_or(0),
+        };
+        let link = match ctx.router.connect(router_client_id, opts).await {
+            Ok(link) => link,
+            Err(e) => {
+                warn!(error = %e, "router refused the link");
+                conn.queue(Packet::ConnAck(
+                    ConnAck {
+                        session_present: false,
+                        code: match version {
+                            Version::V311 => ConnectReturnCode::ServiceUnavailable,
+                            Version::V5 => ConnectReturnCode::ServerUnavailable,
+                        },
+                    },
+                    None,
+                ));
+                conn.close(Duration::from_secs(1)).await;
+                return None;
+            }
+        };
+        let mut session = Session {
+            keepalive: (info.connect.keep_alive > 0)
+                .then(|| Duration::from_millis(info.connect.keep_alive as u64 * 1500)),
+            ctx,
+            conn,
+            link,
+            principal,
+            device,
+            will: info.will,
+            session_expiry,
+            kick,
+            acks: AckQueue::default(),
+            bus: FuturesUnordered::new(),
+            subscriptions: HashSet::new(),
+            wake_router: false,
+        };
+
+        if session.device.is_some() {
+            // The device is online, durably, before it hears so.
+            if let Err(e) = session.presence(PresenceEvent::Connected, None).await {
+                warn!(error = %e, "presence not accepted by the event bus; refusing");
+                session.conn.queue(Packet::ConnAck(
+                    ConnAck {
+                        session_present: false,
+                        code: match version {
+                            Version::V311 => ConnectReturnCode::ServiceUnavailable,
+                            Version::V5 => ConnectReturnCode::ServerUnavailable,
+                        },
+                    },
+                    None,
+                ));
+                let _ = session.link.send(vec![disconnect_packet()]).await;
+                session.conn.close(Duration::from_secs(1)).await;
+                return None;
+            }
+        }
+        let props = (version == Version::V5).then(|| ConnAckProperties {
+            assigned_client_identifier: assigned_client_id,
+            receive_max: Some(session.ctx.settings.max_pending_acks.min(u16::MAX as usize) as u16),
+            max_packet_size: Some(session.ctx.settings.max_packet_size as u32),
+            retain_available: Some(1),
+            shared_subscription_available: Some(matches!(
+                session.principal,
+                Principal::Service { .. }
+            ) as u8),
+            ..Default::default()
+        });
+        session.conn.queue(Packet::ConnAck(
+            ConnAck {
+                session_present: session.link.session_present,
+                code: ConnectReturnCode::Success,
+            },
+            props,
+        ));
+        if session.conn.flush().await.is_err() {
+            session
+                .finish(DisconnectReason::ConnectionLost, false)
+                .await;
+            return None;
+        }
+        session.ctx.control.metrics.session_opened();
+        info!(
+            protocol = version.as_str(),
+            provisioned_now, "session started"
+        );
+        Some(session)
+    }
+
+    async fn run(mut self) {
+        let mut shutdown = self.ctx.shutdown.clone();
+        let mut last_read = tokio::time::Instant::now();
+        let max_pending = self.ctx.settings.max_pending_acks;
+        let (reason, router_dropped) = loop {
+            let can_read = self.acks.len() < max_pending && self.bus.len() < max_pending;
+            let keepalive_deadline = self.keepalive.map(|k| last_read + k);
+            tokio::select! {
+                reason = self.kick.recv() => {
+                    break (reason.unwrap_or(DisconnectReason::ServerShutdown), false);
+                }
+                _ = wait_true(&mut shutdown) => break (DisconnectReason::ServerShutdown, false),
+                read = self.conn.fill(), if can_read => {
+                    last_read = tokio::time::Instant::now();
+                    let step = match read {
+                        Ok(()) => self.on_readable().await,
+                        Err(ReadError::Closed) => Step::End(DisconnectReason::ConnectionLost),
+                        Err(e) => {
+                            debug!(error = %e, "read failed");
+                            Step::End(DisconnectReason::ConnectionLost)
+                        }
+                    };
+                    if let Step::End(reason) = step {
+                        break (reason, false);
+                    }
+                }
+                out = self.link.next() => match out {
+                    Ok(first) => {
+                        if let Step::End(reason) = self.on_router(first).await {
+                            break (reason, true);
+                        }
+                    }
+                    Err(_) => break (DisconnectReason::Takeover, true),
+                },
+                Some((slot, result)) = self.bus.next(), if !self.bus.is_empty() => {
+                    self.ctx.control.metrics.bus_event(result.is_ok());
+                    if let Err(e) = &result {
+                        warn!(error = %e, "event not accepted by the bus; not acknowledging it");
+                    }
+                    self.acks.bus_done(slot, result);
+                    if let Step::End(reason) = self.flush_acks().await {
+                        break (reason, false);
+                    }
+                }
+                _ = sleep_until_opt(keepalive_deadline) => {
+                    break (DisconnectReason::KeepaliveTimeout, false);
+                }
+            }
+        };
+        self.finish(reason, router_dropped).await;
+    }
+
+    /// Decodes and handles every complete packet in the read buffer.
+    async fn on_readable(&mut self) -> Step {
+        let mut to_router = Vec::new();
+        let mut step = Step::Continue;
+        loop {
+            match self.conn.next_packet() {
+                Ok(Some((info, packet))) => {
+                    if let Step::End(reason) = self.on_packet(info, packet, &mut to_router) {
+                        step = Step::End(reason);
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    info!(error = %e, "malformed input; closing");
+                    if self.conn.version() == Version::V5 {
+                        let code = match e {
+                            ReadError::TooLarge(_) => DisconnectReasonCode::PacketTooLarge,
+                            _ => DisconnectReasonCode::MalformedPacket,
+                        };
+                        self.conn
+                            .queue(Packet::Disconnect(Disconnect { reason_code: code }, None));
+                    }
+                    step = Step::End(DisconnectReason::ProtocolError);
+                    break;
+                }
+            }
+        }
+        if !to_router.is_empty() && self.link.send(to_router).await.is_err() {
+            return Step::End(DisconnectReason::ServerShutdown);
+        }
+        if let Step::End(reason) = self.flush_acks().await {
+            return Step::End(reason);
+        }
+        step
+    }
+
+    fn on_packet(&mut self, info: FrameInfo, packet: Packet, to_router: &mut Vec<Packet>) -> Step {
+        match packet {
+            Packet::Publish(publish, props) => self.on_publish(info, publish, props, to_router),
+            Packet::Subscribe(subscribe, props) => {
+                self.on_subscribe(subscribe, props, to_router);
+                Step::Continue
+            }
+            Packet::Unsubscribe(unsubscribe, props) => {
+                let pkid = unsubscribe.pkid;
+                let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
+                let mut routed = Vec::new();
+                for filter in unsubscribe.filters {
+                    if self.subscriptions.remove(&filter) {
+                        reasons.push(UnsubAckReason::Success);
+                        routed.push(filter);
+                    } else {
+                        reasons.push(UnsubAckReason::NoSubscriptionExisted);
+                    }
+                }
+                if !routed.is_empty() {
+                    to_router.push(Packet::Unsubscribe(
+                        Unsubscribe {
+                            pkid,
+                            filters: routed,
+                        },
+                        props,
+                    ));
+                }
+                // The router answers one UNSUBACK per removed filter (and none for unknown
+                // ones); the client gets exactly one, from here.
+                let ack = Packet::UnsubAck(UnsubAck { pkid, reasons }, None);
+                self.acks.push(AckKind::SubAck, pkid, Some(ack), false);
+                Step::Continue
+            }
+            Packet::PingReq(_) => {
+                self.conn.queue(Packet::PingResp(PingResp));
+                Step::Continue
+            }
+            p @ (Packet::PubAck(..)
+            | Packet::PubRec(..)
+            | Packet::PubRel(..)
+            | Packet::PubComp(..)) => {
+                to_router.push(p);
+                Step::Continue
+            }
+            Packet::Disconnect(d, _) => {
+                if d.reason_code != DisconnectReasonCode::DisconnectWithWillMessage {
+                    self.will = None;
+                }
+                Step::End(DisconnectReason::Client)
+            }
+            other => {
+                info!(packet = ?packet_name(&other), "unexpected packet; closing");
+                Step::End(DisconnectReason::ProtocolError)
+            }
+        }
+    }
+
+    fn on_publish(
+        &mut self,
+        info: FrameInfo,
+        publish: Publish,
+        props: Option<PublishProperties>,
+        to_router: &mut Vec<Packet>,
+    ) -> Step {
+        let v5 = self.conn.version() == Version::V5;
+        if props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
+            // CONNACK offered no topic aliases.
+            if v5 {
+                self.conn.queue(Packet::Disconnect(
+                    Disconnect {
+                        reason_code: DisconnectReasonCode::TopicAliasInvalid,
+                    },
+                    None,
+                ));
+            }
+            return Step::End(DisconnectReason::ProtocolError);
+        }
+        let topic = std::str::from_utf8(&publish.topic).unwrap_or("");
+        if !acl::may_publish(&self.principal, topic) {
+            self.ctx.control.metrics.reject(Rejection::ForbiddenTopic);
+            info!(topic, "publish refused: topic is forbidden for this client");
+            return self.refuse_publish(
+                info,
+                PubAckReason::NotAuthorized,
+                PubRecReason::NotAuthorized,
+            );
+        }
+        self.ctx.control.metrics.publish_in();
+        let parsed = Topic::parse(topic).ok();
+        let durable = self.device.is_some() && parsed.as_ref().is_some_and(Topic::is_durable_event);
+        if durable {
+            if let Some(t) = &parsed {
+                if let Err(e) = fleet_wire::payload::validate_device_payload(t, &publish.payload) {
+                    self.ctx.control.metrics.reject(Rejection::BadPayload);
+                    info!(topic, error = %e, "publish refused: bad payload");
+                    return self.refuse_publish(
+                        info,
+                        PubAckReason::PayloadFormatInvalid,
+                        PubRecReason::PayloadFormatInvalid,
+                    );
+                }
+            }
+        }
+        let bus_slot = durable.then(|| {
+            let device = self.device.as_mut().expect("durable implies device");
+            device.seq += 1;
+            BusMessage {
+                topic: topic.to_owned(),
+                payload: publish.payload.clone(),
+                epoch: device.epoch,
+                seq: device.seq,
+                received_at_ms: now_ms(),
+            }
+        });
+        let kind = match info.qos {
+            1 => Some(AckKind::PubAck),
+            2 => Some(AckKind::PubRec),
+            _ => None,
+        };
+        let slot = kind.map(|k| self.acks.push(k, info.pkid, None, bus_slot.is_some()));
+        if let Some(msg) = bus_slot {
+            let fut = self.ctx.bus.publish(msg);
+            let id = slot.unwrap_or(0);
+            self.bus.push(fut.map(move |r| (id, r)).boxed());
+        }
+        to_router.push(Packet::Publish(publish, props));
+        Step::Continue
+    }
+
+    fn refuse_publish(
+        &mut self,
+        info: FrameInfo,
+        puback: PubAckReason,
+        pubrec: PubRecReason,
+    ) -> Step {
+        if self.conn.version() == Version::V311 {
+            // MQTT 3.1.1 has no negative acknowledgement: closing is the only answer.
+            return Step::End(DisconnectReason::NotAuthorized);
+        }
+        let pkid = info.pkid;
+        match info.qos {
+            1 => {
+                let ack = Packet::PubAck(
+                    PubAck {
+                        pkid,
+                        reason: puback,
+                    },
+                    None,
+                );
+                self.acks.push(AckKind::PubAck, pkid, Some(ack), false);
+            }
+            2 => {
+                let ack = Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: pubrec,
+                    },
+                    None,
+                );
+                self.acks.push(AckKind::PubRec, pkid, Some(ack), false);
+            }
+            _ => {}
+        }
+        Step::Continue
+    }
+
+    fn on_subscribe(
+        &mut self,
+        subscribe: Subscribe,
+        props: Option<SubscribeProperties>,
+        to_router: &mut Vec<Packet>,
+    ) {
+        let denied = match self.conn.version() {
+            Version::V311 => SubscribeReasonCode::Failure,
+            Version::V5 => SubscribeReasonCode::NotAuthorized,
+        };
+        let pkid = subscribe.pkid;
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let mut allowed = Vec::new();
+        for filter in subscribe.filters {
+            if acl::may_subscribe(&self.principal, &filter.path) {
+                codes.push(None);
+                self.subscriptions.insert(filter.path.clone());
+                allowed.push(filter);
+            } else {
+                self.ctx.control.metrics.reject(Rejection::ForbiddenTopic);
+                info!(filter = %filter.path, "subscription refused: filter is forbidden for this client");
+                codes.push(Some(denied));
+            }
+        }
+        if allowed.is_empty() {
+            let codes = codes.into_iter().map(|c| c.unwrap_or(denied)).collect();
+            let ack = Packet::SubAck(
+                SubAck {
+                    pkid,
+                    return_codes: codes,
+                },
+                None,
+            );
+            self.acks.push(AckKind::SubAck, pkid, Some(ack), false);
+            return;
+        }
+        self.acks
+            .push_sub(AckKind::SubAck, pkid, None, false, codes);
+        to_router.push(Packet::Subscribe(
+            Subscribe {
+                pkid,
+                filters: allowed,
+            },
+            props,
+        ));
+    }
+
+    /// Handles what the router sent, and whatever else it has ready, then writes.
+    async fn on_router(&mut self, first: FromRouter) -> Step {
+        let mut next = Some(Ok(first));
+        while let Some(item) = next.take() {
+            match item {
+                Ok(FromRouter::Forward(p)) => self.conn.queue(p),
+                Ok(FromRouter::Ack(p)) => {
+                    let filed = match &p {
+                        Packet::PubAck(a, _) => {
+                            self.acks.router_ack(AckKind::PubAck, a.pkid, p.clone())
+                        }
+                        Packet::PubRec(a, _) => {
+                            self.acks.router_ack(AckKind::PubRec, a.pkid, p.clone())
+                        }
+                        Packet::SubAck(a, _) => {
+                            self.acks.router_ack(AckKind::SubAck, a.pkid, p.clone())
+                        }
+                        // Answered by the session itself.
+                        Packet::UnsubAck(..) | Packet::PingResp(..) => None,
+                        _ => Some(p.clone()),
+                    };
+                    if let Some(p) = filed {
+                        self.conn.queue(p);
+                    }
+                }
+                Ok(FromRouter::Unschedule) => self.wake_router = true,
+                Ok(FromRouter::Disconnect(p)) => {
+                    if self.conn.version() == Version::V5 {
+                        self.conn.queue(p);
+                    }
+                    return Step::End(DisconnectReason::ProtocolError);
+                }
+                Err(_) => return Step::End(DisconnectReason::Takeover),
+            }
+            next = self.link.try_next();
+        }
+        if let Step::End(reason) = self.flush_acks().await {
+            return Step::End(reason);
+        }
+        if std::mem::take(&mut self.wake_router) && self.link.wake().await.is_err() {
+            return Step::End(DisconnectReason::Takeover);
+        }
+        Step::Continue
+    }
+
+    /// Moves every acknowledgement that is ready, in order, to the socket, and writes.
+    async fn flush_acks(&mut self) -> Step {
+        while let Some(slot) = self.acks.pop_ready() {
+            let mut packet = slot.packet.expect("ready slot has a packet");
+            if let Some(err) = slot.bus_error {
+                if self.conn.version() == Version::V311 {
+                    // Never acknowledge what was not accepted; the client will resend it.
+                    return Step::End(match err {
+                        BusError::Closed => DisconnectReason::ServerShutdown,
+                        BusError::Rejected(_) => DisconnectReason::NotAuthorized,
+                    });
+                }
+                let (pk, pr) = match err {
+                    BusError::Closed => (
+                        PubAckReason::UnspecifiedError,
+                        PubRecReason::UnspecifiedError,
+                    ),
+                    BusError::Rejected(_) => (
+                        PubAckReason::ImplementationSpecificError,
+                        PubRecReason::ImplementationSpecificError,
+                    ),
+                };
+                packet = match packet {
+                    Packet::PubAck(a, _) => Packet::PubAck(
+                        PubAck {
+                            pkid: a.pkid,
+                            reason: pk,
+                        },
+                        None,
+                    ),
+                    Packet::PubRec(a, _) => Packet::PubRec(
+                        PubRec {
+                            pkid: a.pkid,
+                            reason: pr,
+                        },
+                        None,
+                    ),
+                    p => p,
+                };
+            }
+            self.conn.queue(packet);
+        }
+        if self.conn.has_queued() && self.conn.flush().await.is_err() {
+            return Step::End(DisconnectReason::ConnectionLost);
+        }
+        Step::Continue
+    }
+
+    async fn presence(
+        &mut self,
+        event: PresenceEvent,
+        reason: Option<DisconnectReason>,
+    ) -> Result<(), BusError> {
+        let Some(d) = &self.device else {
+            return Ok(());
+        };
+        let presence = Presence {
+            device_id: d.id.clone(),
+            event,
+            epoch: d.epoch,
+            ts_ms: now_ms(),
+            connected_at_ms: d.connected_at_ms,
+            reason,
+            remote_addr: Some(d.remote_addr.clone()),
+            protocol: Some(self.conn.version().as_str().to_owned()),
+        };
+        let payload = Bytes::from(serde_json::to_vec(&presence).expect("presence serialises"));
+        let topic = Topic::Presence(d.id.clone()).to_string();
+        let msg = BusMessage {
+            topic: topic.clone(),
+            payload: payload.clone(),
+            epoch: d.epoch,
+            seq: 0,
+            received_at_ms: presence.ts_ms,
+        };
+        let accepted =
+            tokio::time::timeout(self.ctx.settings.bus_timeout, self.ctx.bus.publish(msg))
+                .await
+                .unwrap_or(Err(BusError::Closed));
+        self.ctx.control.metrics.bus_event(accepted.is_ok());
+        self.ctx.system.publish(topic, payload, 1, true).await;
+        accepted
+    }
+
+    async fn finish(mut self, reason: DisconnectReason, router_dropped: bool) {
+        if !router_dropped {
+            let _ = self.link.send(vec![disconnect_packet()]).await;
+        }
+        if self.conn.version() == Version::V5 {
+            let code = match reason {
+                DisconnectReason::Takeover => Some(DisconnectReasonCode::SessionTakenOver),
+                DisconnectReason::Revoked => Some(DisconnectReasonCode::AdministrativeAction),
+                DisconnectReason::ServerShutdown | DisconnectReason::ServerRestart => {
+                    Some(DisconnectReasonCode::ServerShuttingDown)
+                }
+                DisconnectReason::KeepaliveTimeout => Some(DisconnectReasonCode::KeepAliveTimeout),
+                DisconnectReason::NotAuthorized => Some(DisconnectReasonCode::NotAuthorized),
+                DisconnectReason::ProtocolError => Some(DisconnectReasonCode::ProtocolError),
+                DisconnectReason::Client | DisconnectReason::ConnectionLost => None,
+            };
+            if let Some(reason_code) = code {
+                self.conn
+                    .queue(Packet::Disconnect(Disconnect { reason_code }, None));
+            }
+        }
+        let will = self.will.take();
+        if self.device.is_some() {
+            if let Err(e) = self
+                .presence(PresenceEvent::Disconnected, Some(reason))
+                .await
+            {
+                warn!(error = %e, "disconnect presence not accepted by the event bus");
+            }
+        }
+        let Session {
+            ctx,
+            conn,
+            device,
+            session_expiry,
+            ..
+        } = self;
+        conn.close(Duration::from_secs(1)).await;
+        ctx.control.metrics.session_closed();
+        info!(reason = reason.as_str(), "session ended");
+        if let (Some(will), false) = (will, reason == DisconnectReason::Takeover) {
+            publish_will(ctx, will, device.map(|d| (d.id, d.epoch)), session_expiry);
+        }
+    }
+}
+
+/// Publishes a will after its delay, unless the device has started a new session by then.
+fn publish_will(
+    ctx: Arc<Ctx>,
+    (will, props): (LastWill, Option<LastWillProperties>),
+    device: Option<(DeviceId, u64)>,
+    session_expiry: u32,
+) {
+    let delay = props
+        .and_then(|p| p.delay_interval)
+        .unwrap_or(0)
+        .min(session_expiry);
+    tokio::spawn(async move {
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_secs(delay as u64)).await;
+        }
+        if let Some((id, epoch)) = &device {
+            let current = ctx.control.registry.device(id).map(|d| d.session_epoch);
+            if current != Some(*epoch) {
+                return;
+            }
+        }
+        let topic = String::from_utf8_lossy(&will.topic).into_owned();
+        let durable = device.is_some() && Topic::parse(&topic).is_ok_and(|t| t.is_durable_event());
+        if let (true, Some((_, epoch))) = (durable, &device) {
+            let msg = BusMessage {
+                topic: topic.clone(),
+                payload: will.message.clone(),
+                epoch: *epoch,
+                seq: u64::MAX,
+                received_at_ms: now_ms(),
+            };
+            if let Err(e) = ctx.bus.publish(msg).await {
+                warn!(error = %e, "will not accepted by the event bus");
+            }
+        }
+        ctx.system
+            .publish(topic, will.message, will.qos as u8, will.retain)
+            .await;
+    });
+}
+
+fn disconnect_packet() -> Packet {
+    Packet::Disconnect(
+        Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    )
+}
+
+/// Resolves once the flag is true (or its sender is gone), holding no borrow of the value.
+async fn wait_true(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|v| *v).await.map(|_| ());
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(..) => "CONNECT",
+        Packet::ConnAck(..) => "CONNACK",
+        Packet::Publish(..) => "PUBLISH",
+        Packet::PubAck(..) => "PUBACK",
+        Packet::PingReq(..) => "PINGREQ",
+        Packet::PingResp(..) => "PINGRESP",
+        Packet::Subscribe(..) => "SUBSCRIBE",
+        Packet::SubAck(..) => "SUBACK",
+        Packet::PubRec(..) => "PUBREC",
+        Packet::PubRel(..) => "PUBREL",
+        Packet::PubComp(..) => "PUBCOMP",
+        Packet::Unsubscribe(..) => "UNSUBSCRIBE",
+        Packet::UnsubAck(..) => "UNSUBACK",
+        Packet::Disconnect(..) => "DISCONNECT",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn puback(pkid: u16) -> Packet {
+        Packet::PubAck(
+            PubAck {
+                pkid,
+                reason: PubAckReason::Success,
+            },
+            None,
+        )
+    }
+
+    #[test]
+    fn acks_leave_in_arrival_order() {
+        let mut q = AckQueue::default();
+        let a = q.push(AckKind::PubAck, 1, None, true); // durable, waits for bus + router
+        q.push(AckKind::PubAck, 2, Some(puback(2)), false); // refused by us, ready at once
+        assert!(
+            q.pop_ready().is_none(),
+            "a later ack overtook an earlier one"
+        );
+        assert!(q.router_ack(AckKind::PubAck, 1, puback(1)).is_none());
+        assert!(
+            q.pop_ready().is_none(),
+            "acked before the bus accepted the event"
+        );
+        q.bus_done(a, Ok(()));
+        assert!(matches!(q.pop_ready().unwrap().packet, Some(Packet::PubAck(p, _)) if p.pkid == 1));
+        assert!(matches!(q.pop_ready().unwrap().packet, Some(Packet::PubAck(p, _)) if p.pkid == 2));
+        assert!(q.pop_ready().is_none());
+    }
+
+    #[test]
+    fn suback_merges_refused_filters() {
+        let mut q = AckQueue::default();
+        q.push_sub(
+            AckKind::SubAck,
+            7,
+            None,
+            false,
+            vec![None, Some(SubscribeReasonCode::Failure), None],
+        );
+        let routed = Packet::SubAck(
+            SubAck {
+                pkid: 7,
+                return_codes: vec![
+                    SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                    SubscribeReasonCode::Success(QoS::AtMostOnce),
+                ],
+            },
+            None,
+        );
+        assert!(q.router_ack(AckKind::SubAck, 7, routed).is_none());
+        let Some(Packet::SubAck(ack, _)) = q.pop_ready().unwrap().packet else {
+            panic!("not a SUBACK");
+        };
+        assert_eq!(
+            ack.return_codes,
+            vec![
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Success(QoS::AtMostOnce),
+            ]
+        );
+    }
+
+    #[test]
+    fn unmatched_router_ack_is_returned() {
+        let mut q = AckQueue::default();
+        assert!(q.router_ack(AckKind::PubAck, 9, puback(9)).is_some());
+    }
+
+    #[test]
+    fn bus_failure_is_recorded() {
+        let mut q = AckQueue::default();
+        let id = q.push(AckKind::PubAck, 3, None, true);
+        q.router_ack(AckKind::PubAck, 3, puback(3));
+        q.bus_done(id, Err(BusError::Closed));
+        let slot = q.pop_ready().unwrap();
+        assert!(matches!(slot.bus_error, Some(BusError::Closed)));
+    }
+}
