@@ -1,0 +1,194 @@
+//! Settings. Listeners, paths and secrets come from flags or environment variables; tuning
+//! comes from an optional TOML file (`config/fleet.toml` documents every key and default).
+//! Tests build [`Config`] values directly and never touch the process environment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use broker::BrokerConfig;
+use serde::{Deserialize, Serialize};
+
+/// The commented default tuning file, embedded so `fleet-service print-config` can show it.
+pub const DEFAULT_TUNING: &str = include_str!("../../config/fleet.toml");
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "fleet-service", version, about = "Device messaging and fleet management platform")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Run the whole platform: broker, fleet service and REST bridge.
+    Serve(ServeArgs),
+    /// Print the commented default tuning file.
+    PrintConfig,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Where the SQLite database, the dev PKI and the admin token live.
+    #[arg(long, env = "FLEET_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// `sqlite://...` or `postgres://...`. Default: sqlite://<data-dir>/fleet.db
+    #[arg(long, env = "FLEET_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Device listener (MQTT over mutual TLS).
+    #[arg(long, env = "FLEET_MQTTS_LISTEN", default_value = "0.0.0.0:8883")]
+    pub mqtts_listen: SocketAddr,
+    /// Backend-service listener (MQTT, API key as password).
+    #[arg(long, env = "FLEET_SERVICE_LISTEN", default_value = "127.0.0.1:8884")]
+    pub service_listen: SocketAddr,
+    /// REST bridge.
+    #[arg(long, env = "FLEET_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+    /// Bootstrap admin API key. Generated, stored in <data-dir>/admin-token and printed when unset.
+    #[arg(long, env = "FLEET_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Tuning file (see config/fleet.toml).
+    #[arg(long, env = "FLEET_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// Tuning that rarely changes; the TOML file's shape.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tuning {
+    pub node_id: String,
+    pub broker: BrokerConfig,
+    pub intake: IntakeTuning,
+    pub telemetry: TelemetryTuning,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            node_id: "node-1".into(),
+            broker: BrokerConfig::default(),
+            intake: IntakeTuning::default(),
+            telemetry: TelemetryTuning::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntakeTuning {
+    pub max_batch: usize,
+    pub bus_capacity: usize,
+}
+
+impl Default for IntakeTuning {
+    fn default() -> Self {
+        Self {
+            max_batch: 2048,
+            bus_capacity: 8192,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryTuning {
+    pub retention_hours: u64,
+    pub prune_interval_secs: u64,
+}
+
+impl Default for TelemetryTuning {
+    fn default() -> Self {
+        Self {
+            retention_hours: 168,
+            prune_interval_secs: 300,
+        }
+    }
+}
+
+/// Everything the platform needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub mqtts_listen: SocketAddr,
+    pub service_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub admin_token: Option<String>,
+    pub tuning: Tuning,
+}
+
+impl Config {
+    /// Defaults for a data directory, every listener on 127.0.0.1 port 0: what tests start from.
+    pub fn for_tests(data_dir: &Path) -> Self {
+        let any = "127.0.0.1:0".parse().expect("valid address");
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            database_url: sqlite_url(data_dir),
+            mqtts_listen: any,
+            service_listen: any,
+            http_listen: any,
+            admin_token: None,
+            tuning: Tuning::default(),
+        }
+    }
+
+    pub fn from_args(args: ServeArgs) -> anyhow::Result<Self> {
+        let tuning = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                parse_tuning(&text).with_context(|| format!("in {}", path.display()))?
+            }
+            None => Tuning::default(),
+        };
+        if args.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+            anyhow::bail!("FLEET_ADMIN_TOKEN must be at least 16 characters");
+        }
+        let database_url = args
+            .database_url
+            .unwrap_or_else(|| sqlite_url(&args.data_dir));
+        if !(database_url.starts_with("sqlite:") || database_url.starts_with("postgres"))
+        {
+            anyhow::bail!("--database-url must start with sqlite:// or postgres://");
+        }
+        Ok(Self {
+            data_dir: args.data_dir,
+            database_url,
+            mqtts_listen: args.mqtts_listen,
+            service_listen: args.service_listen,
+            http_listen: args.http_listen,
+            admin_token: args.admin_token,
+            tuning,
+        })
+    }
+}
+
+pub fn parse_tuning(text: &str) -> anyhow::Result<Tuning> {
+    Ok(toml::from_str(text)?)
+}
+
+fn sqlite_url(data_dir: &Path) -> String {
+    format!("sqlite://{}", data_dir.join("fleet.db").display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_matches_defaults() {
+        let parsed = parse_tuning(DEFAULT_TUNING).unwrap();
+        let defaults = Tuning::default();
+        assert_eq!(
+            toml::to_string(&parsed).unwrap(),
+            toml::to_string(&defaults).unwrap(),
+            "config/fleet.toml and the code's defaults disagree"
+        );
+    }
+
+    #[test]
+    fn typos_fail_loudly() {
+        let err = parse_tuning("[broker]\nmax_pakcet_size = 5\n").unwrap_err();
+        assert!(format!("{err:#}").contains("max_pakcet_size"), "{err:#}");
+    }
+}

@@ -1,0 +1,174 @@
+//! The development PKI: on first run, a server CA and a server certificate for `localhost` and
+//! `127.0.0.1` are generated into `<data-dir>/pki/`. Later runs load them; a missing or
+//! soon-expiring server certificate is re-issued from the stored CA, so clients that trust
+//! `server-ca.pem` keep working.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use broker::ServerIdentity;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Paths of the dev PKI files.
+#[derive(Debug, Clone)]
+pub struct DevPki {
+    pub dir: PathBuf,
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl DevPki {
+    pub fn in_dir(data_dir: &Path) -> Self {
+        let dir = data_dir.join("pki");
+        Self {
+            ca_cert: dir.join("server-ca.pem"),
+            ca_key: dir.join("server-ca.key"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            dir,
+        }
+    }
+
+    /// Creates whatever is missing and returns the server identity.
+    pub fn ensure(&self) -> anyhow::Result<ServerIdentity> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        if !self.ca_cert.exists() || !self.ca_key.exists() {
+            let (cert, key) = new_ca("Fleet Dev Server CA")?;
+            write(&self.ca_cert, &cert, false)?;
+            write(&self.ca_key, &key, true)?;
+            let _ = std::fs::remove_file(&self.server_cert);
+            tracing::info!(path = %self.ca_cert.display(), "generated the dev server CA");
+        }
+        if !self.server_cert.exists() || !self.server_key.exists() || self.server_expires_soon()? {
+            let ca_pem = read(&self.ca_cert)?;
+            let ca_key = KeyPair::from_pem(&read(&self.ca_key)?).context("server CA key")?;
+            let (cert, key) = new_server_cert(&ca_pem, &ca_key)?;
+            write(&self.server_cert, &cert, false)?;
+            write(&self.server_key, &key, true)?;
+            tracing::info!(path = %self.server_cert.display(), "issued the dev server certificate");
+        }
+        load_identity(&self.server_cert, &self.server_key)
+    }
+
+    fn server_expires_soon(&self) -> anyhow::Result<bool> {
+        let pem = read(&self.server_cert)?;
+        let der = first_cert(&pem)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.server_cert.display()))?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        Ok(cert.validity().not_after.timestamp() - now < 30 * 24 * 3600)
+    }
+}
+
+fn new_ca(cn: &str) -> anyhow::Result<(String, String)> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(3650);
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn new_server_cert(ca_pem: &str, ca_key: &KeyPair) -> anyhow::Result<(String, String)> {
+    let ca_params = CertificateParams::from_ca_cert_pem(ca_pem).context("server CA certificate")?;
+    let ca = ca_params.self_signed(ca_key)?;
+    let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "fleet-service");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(397);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &ca, ca_key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Loads a PEM certificate chain and private key.
+pub fn load_identity(cert: &Path, key: &Path) -> anyhow::Result<ServerIdentity> {
+    let chain: Vec<CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut read(cert)?.as_bytes())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("parsing {}", cert.display()))?;
+    anyhow::ensure!(!chain.is_empty(), "{} holds no certificate", cert.display());
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut read(key)?.as_bytes())
+        .with_context(|| format!("parsing {}", key.display()))?
+        .with_context(|| format!("{} holds no private key", key.display()))?;
+    Ok(ServerIdentity {
+        cert_chain: chain,
+        key,
+    })
+}
+
+fn first_cert(pem: &str) -> anyhow::Result<Vec<u8>> {
+    rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .context("no certificate in PEM")?
+        .map(|c| c.as_ref().to_vec())
+        .context("bad PEM")
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn write(path: &Path, contents: &str, secret: bool) -> anyhow::Result<()> {
+    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generates_once_then_reuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::in_dir(dir.path());
+        let first = pki.ensure().unwrap();
+        let ca_before = std::fs::read(&pki.ca_cert).unwrap();
+        let second = pki.ensure().unwrap();
+        assert_eq!(first.cert_chain, second.cert_chain, "server cert re-issued needlessly");
+        assert_eq!(ca_before, std::fs::read(&pki.ca_cert).unwrap());
+
+        // The server certificate chains to the CA and names localhost and 127.0.0.1.
+        let ca_der = first_cert(&read(&pki.ca_cert).unwrap()).unwrap();
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+        let (_, server) = x509_parser::parse_x509_certificate(&first.cert_chain[0]).unwrap();
+        server.verify_signature(Some(ca.public_key())).unwrap();
+        let san = server.subject_alternative_name().unwrap().unwrap();
+        let names = format!("{:?}", san.value.general_names);
+        assert!(names.contains("localhost") && names.contains("127.0.0.1"), "{names}");
+    }
+
+    #[test]
+    fn missing_server_cert_is_reissued_from_the_same_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::in_dir(dir.path());
+        pki.ensure().unwrap();
+        let ca_before = std::fs::read(&pki.ca_cert).unwrap();
+        std::fs::remove_file(&pki.server_cert).unwrap();
+        pki.ensure().unwrap();
+        assert_eq!(ca_before, std::fs::read(&pki.ca_cert).unwrap());
+    }
+}
