@@ -1,1 +1,55 @@
-fn main() {}
+//! `fleet-service`: parses settings, installs logging, runs the platform until Ctrl-C/SIGTERM.
+
+use clap::Parser;
+use fleet_service::app::App;
+use fleet_service::config::{Cli, Command, Config, DEFAULT_TUNING};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Command::PrintConfig => {
+            print!("{DEFAULT_TUNING}");
+            return std::process::ExitCode::SUCCESS;
+        }
+        Command::Serve(args) => args,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleet-service: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: fleet_service::config::ServeArgs) -> anyhow::Result<()> {
+    let config = Config::from_args(args)?;
+    let app = App::start(config).await?;
+    println!("{}", app.banner());
+    shutdown_signal().await;
+    eprintln!("fleet-service: shutting down");
+    app.shutdown().await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
