@@ -1,0 +1,395 @@
+//! Devices: provisioning, the start-up loader, lookups and listing, and the clean-up of
+//! presence after a node restart.
+
+use std::collections::BTreeMap;
+
+use broker::registry::{
+    DeviceRecord, NewDevice, Provisioned, RegistryStore, StoreError as RegistryError,
+};
+use fleet_wire::{CohortId, DeviceId};
+
+use super::{json_from_text, now_ms, tags_from_json, tags_to_json, Store, StoreError};
+
+/// Where a device is in its life. Only `registered`, `online` and `offline` follow presence;
+/// the others are set deliberately and presence leaves them alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceState {
+    Registered,
+    Online,
+    Offline,
+    Updating,
+    Quarantined,
+    Failed,
+}
+
+impl DeviceState {
+    pub const ALL: [DeviceState; 6] = [
+        DeviceState::Registered,
+        DeviceState::Online,
+        DeviceState::Offline,
+        DeviceState::Updating,
+        DeviceState::Quarantined,
+        DeviceState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceState::Registered => "registered",
+            DeviceState::Online => "online",
+            DeviceState::Offline => "offline",
+            DeviceState::Updating => "updating",
+            DeviceState::Quarantined => "quarantined",
+            DeviceState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// The SQL condition "the current state is one presence may change". Kept next to
+/// [`DeviceState`] so the two cannot drift.
+pub(super) const PRESENCE_DRIVEN: &str = "state IN ('registered', 'offline', 'online')";
+
+/// The facts of the certificate a device first connected with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceCertificate {
+    pub fingerprint_sha256: String,
+    pub subject: String,
+    pub issuer: String,
+    pub serial: String,
+    pub not_after_ms: i64,
+}
+
+/// A device as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Device {
+    pub id: DeviceId,
+    pub product_id: String,
+    pub cohort_id: Option<CohortId>,
+    pub ca_id: Option<String>,
+    pub tags: BTreeMap<String, String>,
+    pub state: DeviceState,
+    pub state_reason: String,
+    pub state_changed_at_ms: i64,
+    pub online: bool,
+    pub session_epoch: u64,
+    /// The node holding the device's live session, while it is online.
+    pub node_id: Option<String>,
+    pub connected_at_ms: Option<i64>,
+    pub last_seen_ms: Option<i64>,
+    pub disconnect_reason: Option<String>,
+    pub remote_addr: Option<String>,
+    pub firmware_version: Option<String>,
+    pub reported: Option<serde_json::Value>,
+    pub reported_at_ms: Option<i64>,
+    pub last_telemetry: Option<serde_json::Value>,
+    pub last_telemetry_at_ms: Option<i64>,
+    pub certificate: Option<DeviceCertificate>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// Filters for [`Store::devices`]; all given ones must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceFilter {
+    pub state: Option<DeviceState>,
+    pub product_id: Option<String>,
+    pub cohort_id: Option<String>,
+    pub online: Option<bool>,
+    /// `(key, value)` pairs the device must all carry.
+    pub tags: Vec<(String, String)>,
+}
+
+#[derive(sqlx::FromRow)]
+struct DeviceRow {
+    id: String,
+    product_id: String,
+    cohort_id: Option<String>,
+    ca_id: Option<String>,
+    tags: String,
+    state: String,
+    state_reason: String,
+    state_changed_at: i64,
+    online: bool,
+    session_epoch: i64,
+    node_id: Option<String>,
+    connected_at: Option<i64>,
+    last_seen: Option<i64>,
+    disconnect_reason: Option<String>,
+    remote_addr: Option<String>,
+    firmware_version: Option<String>,
+    reported: Option<String>,
+    reported_at: Option<i64>,
+    last_telemetry: Option<String>,
+    last_telemetry_at: Option<i64>,
+    cert_fingerprint: Option<String>,
+    cert_subject: Option<String>,
+    cert_issuer: Option<String>,
+    cert_serial: Option<String>,
+    cert_not_after: Option<i64>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+const DEVICE_COLUMNS: &str = "id, product_id, cohort_id, ca_id, tags, state, state_reason, \
+    state_changed_at, online, session_epoch, node_id, connected_at, last_seen, \
+    disconnect_reason, remote_addr, firmware_version, reported, reported_at, last_telemetry, \
+    last_telemetry_at, cert_fingerprint, cert_subject, cert_issuer, cert_serial, cert_not_after, \
+    created_at, updated_at";
+
+fn device_id(s: &str) -> Result<DeviceId, StoreError> {
+    DeviceId::parse(s).map_err(|e| StoreError::Corrupt(format!("device id {s:?}: {e}")))
+}
+
+fn cohort_id(s: Option<String>) -> Result<Option<CohortId>, StoreError> {
+    s.map(|c| CohortId::parse(&c).map_err(|e| StoreError::Corrupt(format!("cohort id {c:?}: {e}"))))
+        .transpose()
+}
+
+impl TryFrom<DeviceRow> for Device {
+    type Error = StoreError;
+
+    fn try_from(r: DeviceRow) -> Result<Self, StoreError> {
+        let certificate = match r.cert_fingerprint {
+            Some(fingerprint_sha256) => Some(DeviceCertificate {
+                fingerprint_sha256,
+                subject: r.cert_subject.unwrap_or_default(),
+                issuer: r.cert_issuer.unwrap_or_default(),
+                serial: r.cert_serial.unwrap_or_default(),
+                not_after_ms: r.cert_not_after.unwrap_or_default(),
+            }),
+            None => None,
+        };
+        Ok(Device {
+            id: device_id(&r.id)?,
+            product_id: r.product_id,
+            cohort_id: cohort_id(r.cohort_id)?,
+            ca_id: r.ca_id,
+            tags: tags_from_json(&r.tags)?,
+            state: DeviceState::parse(&r.state)
+                .ok_or_else(|| StoreError::Corrupt(format!("device state {:?}", r.state)))?,
+            state_reason: r.state_reason,
+            state_changed_at_ms: r.state_changed_at,
+            online: r.online,
+            session_epoch: r.session_epoch.max(0) as u64,
+            node_id: r.node_id,
+            connected_at_ms: r.connected_at,
+            last_seen_ms: r.last_seen,
+            disconnect_reason: r.disconnect_reason,
+            remote_addr: r.remote_addr,
+            firmware_version: r.firmware_version,
+            reported: json_from_text(r.reported, "reported state")?,
+            reported_at_ms: r.reported_at,
+            last_telemetry: json_from_text(r.last_telemetry, "last telemetry")?,
+            last_telemetry_at_ms: r.last_telemetry_at,
+            certificate,
+            created_at_ms: r.created_at,
+            updated_at_ms: r.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct DeviceRecordRow {
+    id: String,
+    ca_id: Option<String>,
+    product_id: String,
+    cohort_id: Option<String>,
+    session_epoch: i64,
+}
+
+impl TryFrom<DeviceRecordRow> for DeviceRecord {
+    type Error = StoreError;
+
+    fn try_from(r: DeviceRecordRow) -> Result<Self, StoreError> {
+        Ok(DeviceRecord {
+            ca_id: r
+                .ca_id
+                .ok_or_else(|| StoreError::Corrupt(format!("device {} has no CA", r.id)))?,
+            id: device_id(&r.id)?,
+            product_id: r.product_id,
+            cohort_id: cohort_id(r.cohort_id)?,
+            session_epoch: r.session_epoch.max(0) as u64,
+        })
+    }
+}
+
+/// Reason recorded on a device created by just-in-time provisioning.
+const PROVISIONED_REASON: &str = "provisioned: jitp";
+
+impl Store {
+    /// Inserts the device unless one with its id exists, and returns the row as stored with
+    /// whether this call created it. Safe under concurrency: one row per id, whoever wins.
+    /// A row owned by another CA is [`StoreError::Collision`].
+    pub async fn provision(&self, new: &NewDevice) -> Result<Provisioned, StoreError> {
+        let now = now_ms();
+        let tags_json = tags_to_json(&new.tags);
+        let (created, row): (bool, DeviceRecordRow) = with_pool!(self, |pool, begin| {
+            let mut tx = pool.begin_with(begin).await?;
+            let inserted: Option<(String,)> = sqlx::query_as(
+                "INSERT INTO devices (id, product_id, cohort_id, ca_id, tags, state, state_reason, \
+                 state_changed_at, online, session_epoch, presence_rank, cert_fingerprint, \
+                 cert_subject, cert_issuer, cert_serial, cert_not_after, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, FALSE, 0, 1, $9, $10, $11, $12, $13, \
+                 $8, $8) \
+                 ON CONFLICT (id) DO NOTHING RETURNING id",
+            )
+            .bind(new.id.as_str())
+            .bind(&new.product_id)
+            .bind(new.cohort_id.as_str())
+            .bind(&new.ca_id)
+            .bind(&tags_json)
+            .bind(DeviceState::Registered.as_str())
+            .bind(PROVISIONED_REASON)
+            .bind(now)
+            .bind(&new.cert.fingerprint_sha256)
+            .bind(&new.cert.subject)
+            .bind(&new.cert.issuer)
+            .bind(&new.cert.serial)
+            .bind(new.cert.not_after_ms)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| {
+                super::constraint(e, "device", "the device's product, cohort or CA")
+            })?;
+            let created = inserted.is_some();
+            if created && !new.tags.is_empty() {
+                let mut q =
+                    sqlx::QueryBuilder::new("INSERT INTO device_tags (device_id, key, value) ");
+                q.push_values(&new.tags, |mut b, (k, v)| {
+                    b.push_bind(new.id.as_str()).push_bind(k).push_bind(v);
+                });
+                q.build().execute(&mut *tx).await?;
+            }
+            let row: DeviceRecordRow = sqlx::query_as(
+                "SELECT id, ca_id, product_id, cohort_id, session_epoch FROM devices \
+                 WHERE id = $1",
+            )
+            .bind(new.id.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            (created, row)
+        });
+        if row.ca_id.as_deref() != Some(new.ca_id.as_str()) {
+            return Err(StoreError::Collision(new.id.clone()));
+        }
+        Ok(Provisioned {
+            device: row.try_into()?,
+            created,
+        })
+    }
+
+    /// Every device with a CA, as the broker's registry wants it, for loading at start.
+    pub async fn load_device_records(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        let rows: Vec<DeviceRecordRow> = with_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT id, ca_id, product_id, cohort_id, session_epoch FROM devices \
+                 WHERE ca_id IS NOT NULL ORDER BY id",
+            )
+            .fetch_all(pool)
+            .await
+        })?;
+        rows.into_iter().map(DeviceRecord::try_from).collect()
+    }
+
+    pub async fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
+        let row: Option<DeviceRow> = with_pool!(self, |pool| {
+            sqlx::query_as(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1"
+            ))
+            .bind(id.as_str())
+            .fetch_optional(pool)
+            .await
+        })?;
+        row.map(Device::try_from).transpose()
+    }
+
+    /// Up to `limit` devices matching `filter`, ordered by id, starting after `after`.
+    pub async fn devices(
+        &self,
+        filter: &DeviceFilter,
+        after: Option<&DeviceId>,
+        limit: u32,
+    ) -> Result<Vec<Device>, StoreError> {
+        let rows: Vec<DeviceRow> = with_pool!(self, |pool| {
+            let mut q = sqlx::QueryBuilder::new(format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE 1 = 1"
+            ));
+            if let Some(state) = filter.state {
+                q.push(" AND state = ").push_bind(state.as_str());
+            }
+            if let Some(product_id) = &filter.product_id {
+                q.push(" AND product_id = ").push_bind(product_id.as_str());
+            }
+            if let Some(cohort_id) = &filter.cohort_id {
+                q.push(" AND cohort_id = ").push_bind(cohort_id.as_str());
+            }
+            if let Some(online) = filter.online {
+                q.push(" AND online = ").push_bind(online);
+            }
+            for (key, value) in &filter.tags {
+                q.push(
+                    " AND EXISTS (SELECT 1 FROM device_tags t \
+                     WHERE t.device_id = devices.id AND t.key = ",
+                )
+                .push_bind(key.as_str())
+                .push(" AND t.value = ")
+                .push_bind(value.as_str())
+                .push(")");
+            }
+            if let Some(after) = after {
+                q.push(" AND id > ").push_bind(after.as_str());
+            }
+            q.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
+            q.build_query_as().fetch_all(pool).await
+        })?;
+        rows.into_iter().map(Device::try_from).collect()
+    }
+
+    /// Marks every device this node held online as offline, because the node restarted and
+    /// their sessions are gone; returns their ids. Session epochs stay, so a late presence
+    /// event from one of those sessions is still recognised as stale.
+    pub async fn mark_node_offline(&self, node_id: &str) -> Result<Vec<DeviceId>, StoreError> {
+        let now = now_ms();
+        let reason = fleet_wire::payload::DisconnectReason::ServerRestart.as_str();
+        let ids: Vec<(String,)> = with_pool!(self, |pool| {
+            sqlx::query_as(&format!(
+                "UPDATE devices SET online = FALSE, \
+                 state = CASE WHEN {PRESENCE_DRIVEN} THEN $2 ELSE state END, \
+                 state_reason = CASE WHEN {PRESENCE_DRIVEN} THEN $3 ELSE state_reason END, \
+                 state_changed_at = CASE WHEN {PRESENCE_DRIVEN} AND state <> $2 \
+                     THEN $4 ELSE state_changed_at END, \
+                 disconnect_reason = $5, last_seen = $4, presence_rank = 1, node_id = NULL, \
+                 updated_at = $4 \
+                 WHERE online = TRUE AND node_id = $1 \
+                 RETURNING id"
+            ))
+            .bind(node_id)
+            .bind(DeviceState::Offline.as_str())
+            .bind(format!("disconnected: {reason}"))
+            .bind(now)
+            .bind(reason)
+            .fetch_all(pool)
+            .await
+        })?;
+        let mut ids = ids
+            .into_iter()
+            .map(|(id,)| device_id(&id))
+            .collect::<Result<Vec<_>, _>>()?;
+        ids.sort();
+        Ok(ids)
+    }
+}
+
+#[async_trait::async_trait]
+impl RegistryStore for Store {
+    async fn provision_device(&self, new: &NewDevice) -> Result<Provisioned, RegistryError> {
+        self.provision(new).await.map_err(|e| match e {
+            StoreError::Collision(id) => RegistryError::Collision(id),
+            other => RegistryError::Backend(other.to_string()),
+        })
+    }
+}
