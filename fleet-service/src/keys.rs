@@ -1,0 +1,207 @@
+//! API keys for backend services and operators.
+//!
+//! A secret is `fk_` followed by 32 random bytes in unpadded base64url. Only its SHA-256 (hex)
+//! is stored. [`ApiKeys`] answers "who is this key?" from memory (the MQTT service listener
+//! asks on every connect, the REST bridge on every request) and keeps that cache in step with
+//! the store on create and revoke.
+//!
+//! # Invariants
+//! - A secret is shown once, when it is created, and never stored or logged.
+//! - A revoked key stops authenticating on this node as soon as [`ApiKeys::revoke`] returns.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use broker::auth::{ServiceAuth, ServicePrincipal, ServiceRole};
+use dashmap::DashMap;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use crate::store::{now_ms, ApiKeyRecord, Store, StoreError};
+
+/// The id of the admin key whose secret comes from configuration.
+pub const BOOTSTRAP_ADMIN_ID: &str = "bootstrap-admin";
+
+/// Shortest bootstrap token accepted.
+pub const MIN_BOOTSTRAP_TOKEN_LEN: usize = 16;
+
+const SECRET_PREFIX: &str = "fk_";
+
+/// A new random secret: `fk_` + 32 random bytes, base64url without padding.
+pub fn generate_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!(
+        "{SECRET_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+/// Lower-case hex SHA-256 of a secret: what the store keeps.
+pub fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("the bootstrap admin token must be at least {MIN_BOOTSTRAP_TOKEN_LEN} characters")]
+    WeakToken,
+    #[error("the API key name must be 1 to 200 printable characters")]
+    BadName,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Makes sure the admin key `bootstrap-admin` exists, is not revoked, and has `token` as its
+/// secret (replacing an older one). Call before [`ApiKeys::load`], or `reload` afterwards.
+pub async fn ensure_bootstrap_admin(store: &Store, token: &str) -> Result<(), KeyError> {
+    if token.chars().count() < MIN_BOOTSTRAP_TOKEN_LEN {
+        return Err(KeyError::WeakToken);
+    }
+    store
+        .upsert_api_key(&ApiKeyRecord {
+            id: BOOTSTRAP_ADMIN_ID.to_owned(),
+            name: "bootstrap admin".to_owned(),
+            role: ServiceRole::Admin,
+            secret_hash: hash_secret(token),
+            created_at_ms: now_ms(),
+            revoked_at_ms: None,
+        })
+        .await?;
+    Ok(())
+}
+
+/// The in-memory view of the active API keys.
+#[derive(Clone)]
+pub struct ApiKeys {
+    store: Store,
+    by_hash: Arc<DashMap<String, ServicePrincipal>>,
+}
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKeys")
+            .field("active", &self.by_hash.len())
+            .finish()
+    }
+}
+
+/// A key just created, with its secret: the only time the secret exists outside the client.
+#[derive(Debug, Clone)]
+pub struct CreatedKey {
+    pub record: ApiKeyRecord,
+    pub secret: String,
+}
+
+impl ApiKeys {
+    /// Loads every active key from the store.
+    pub async fn load(store: &Store) -> Result<Self, StoreError> {
+        let keys = Self {
+            store: store.clone(),
+            by_hash: Arc::new(DashMap::new()),
+        };
+        keys.reload().await?;
+        Ok(keys)
+    }
+
+    /// Replaces the cache with the store's active keys.
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        let active: Vec<ApiKeyRecord> = self
+            .store
+            .api_keys()
+            .await?
+            .into_iter()
+            .filter(|k| k.revoked_at_ms.is_none())
+            .collect();
+        self.by_hash
+            .retain(|hash, _| active.iter().any(|k| &k.secret_hash == hash));
+        for k in active {
+            self.by_hash.insert(
+                k.secret_hash,
+                ServicePrincipal {
+                    key_id: k.id,
+                    role: k.role,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Creates a key with a fresh secret.
+    pub async fn create(&self, name: &str, role: ServiceRole) -> Result<CreatedKey, KeyError> {
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+            return Err(KeyError::BadName);
+        }
+        let secret = generate_secret();
+        let record = ApiKeyRecord {
+            id: crate::store::new_id(),
+            name: name.to_owned(),
+            role,
+            secret_hash: hash_secret(&secret),
+            created_at_ms: now_ms(),
+            revoked_at_ms: None,
+        };
+        self.store.create_api_key(&record).await?;
+        self.by_hash.insert(
+            record.secret_hash.clone(),
+            ServicePrincipal {
+                key_id: record.id.clone(),
+                role,
+            },
+        );
+        tracing::info!(key_id = %record.id, role = role.as_str(), "API key created");
+        Ok(CreatedKey { record, secret })
+    }
+
+    /// Revokes a key; `None` when there is no such key. Revoking twice is harmless.
+    pub async fn revoke(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let revoked = self.store.revoke_api_key(id, now_ms()).await?;
+        if let Some(k) = &revoked {
+            self.by_hash.remove(&k.secret_hash);
+            tracing::info!(key_id = %k.id, "API key revoked");
+        }
+        Ok(revoked)
+    }
+
+    /// Every key, revoked ones included.
+    pub async fn list(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.store.api_keys().await
+    }
+
+    /// Who holds `secret`, if it is an active key.
+    pub fn principal(&self, secret: &str) -> Option<ServicePrincipal> {
+        self.by_hash.get(&hash_secret(secret)).map(|p| p.clone())
+    }
+}
+
+impl ServiceAuth for ApiKeys {
+    fn authenticate(&self, api_key: &str) -> Option<ServicePrincipal> {
+        self.principal(api_key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_have_the_documented_shape() {
+        let a = generate_secret();
+        let b = generate_secret();
+        assert_ne!(a, b);
+        let body = a.strip_prefix("fk_").unwrap();
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .unwrap();
+        assert_eq!(raw.len(), 32);
+    }
+
+    #[test]
+    fn hash_is_sha256_hex() {
+        assert_eq!(
+            hash_secret("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
