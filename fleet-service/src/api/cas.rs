@@ -1,0 +1,311 @@
+//! Manufacturing CA certificates. Every change is stored, then pushed to the running broker.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use broker::registry::JitpSettings;
+use fleet_wire::CohortId;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::auth::{Caller, Writer};
+use super::catalog::Items;
+use super::error::{ApiJson, ApiPath};
+use super::{rfc3339, ApiError, ApiState};
+use crate::store::cas::parse_ca_pem;
+use crate::store::{CaCertificate, CaUpdate, NewCa};
+
+/// Longest description accepted.
+const MAX_DESCRIPTION: usize = 1000;
+/// Longest tag key and value accepted.
+const MAX_TAG_KEY: usize = 128;
+const MAX_TAG_VALUE: usize = 256;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct JitpBody {
+    product_id: String,
+    cohort_id: String,
+    #[serde(default)]
+    tags: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateCa {
+    certificate_pem: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    jitp: Option<JitpBody>,
+}
+
+/// Absent, `null` and a value are three different things in a PATCH.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PatchCa {
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
+    description: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    jitp: Option<Option<JitpBody>>,
+}
+
+/// Deserializes a field that is present (possibly `null`) as `Some(..)`; an absent field stays
+/// `None` through `#[serde(default)]`.
+fn present<'de, T, D>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: Deserializer<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Serialize)]
+pub(super) struct JitpOut {
+    product_id: String,
+    cohort_id: String,
+    tags: BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+pub(super) struct CaBody {
+    id: String,
+    fingerprint_sha256: String,
+    subject: String,
+    not_before: String,
+    not_after: String,
+    description: Option<String>,
+    enabled: bool,
+    jitp: Option<JitpOut>,
+    certificate_pem: String,
+    created_at: String,
+    updated_at: String,
+}
+
+impl From<CaCertificate> for CaBody {
+    fn from(c: CaCertificate) -> Self {
+        Self {
+            id: c.id,
+            fingerprint_sha256: c.fingerprint_sha256,
+            subject: c.subject,
+            not_before: rfc3339(c.not_before_ms),
+            not_after: rfc3339(c.not_after_ms),
+            description: c.description,
+            enabled: c.enabled,
+            jitp: c.jitp.map(|j| JitpOut {
+                product_id: j.product_id,
+                cohort_id: j.cohort_id.to_string(),
+                tags: j.tags,
+            }),
+            certificate_pem: c.certificate_pem,
+            created_at: rfc3339(c.created_at_ms),
+            updated_at: rfc3339(c.updated_at_ms),
+        }
+    }
+}
+
+fn valid_description(d: Option<String>) -> Result<Option<String>, ApiError> {
+    match d {
+        Some(d) if d.chars().count() > MAX_DESCRIPTION => Err(ApiError::unprocessable(
+            "invalid_description",
+            format!("description must be at most {MAX_DESCRIPTION} characters"),
+        )),
+        other => Ok(other),
+    }
+}
+
+/// Checks tags: string keys and values, non-empty, bounded, no control characters, and no `:`
+/// in keys (the device list filters on `tag=key:value`).
+pub(super) fn valid_tags(
+    tags: serde_json::Map<String, serde_json::Value>,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    let bad = |message: String| ApiError::unprocessable("invalid_tags", message);
+    let mut out = BTreeMap::new();
+    for (key, value) in tags {
+        if key.is_empty()
+            || key.chars().count() > MAX_TAG_KEY
+            || key.contains(':')
+            || key.chars().any(char::is_control)
+        {
+            return Err(bad(format!(
+                "tag key {key:?} must be 1 to {MAX_TAG_KEY} characters, without ':' or control \
+                 characters"
+            )));
+        }
+        let value = match value {
+            serde_json::Value::String(v)
+                if !v.is_empty()
+                    && v.chars().count() <= MAX_TAG_VALUE
+                    && !v.chars().any(char::is_control) =>
+            {
+                v
+            }
+            _ => {
+                return Err(bad(format!(
+                    "tag {key:?} must have a string value of 1 to {MAX_TAG_VALUE} characters \
+                     without control characters"
+                )))
+            }
+        };
+        out.insert(key, value);
+    }
+    Ok(out)
+}
+
+/// Checks that the provisioning target exists and hangs together.
+async fn valid_jitp(state: &ApiState, body: JitpBody) -> Result<JitpSettings, ApiError> {
+    if state.store.product(&body.product_id).await?.is_none() {
+        return Err(ApiError::unprocessable(
+            "unknown_product",
+            format!("product {:?} does not exist", body.product_id),
+        ));
+    }
+    let unknown_cohort = || {
+        ApiError::unprocessable(
+            "unknown_cohort",
+            format!("cohort {:?} does not exist", body.cohort_id),
+        )
+    };
+    let cohort_id = CohortId::parse(&body.cohort_id).map_err(|_| unknown_cohort())?;
+    let cohort = state
+        .store
+        .cohort(cohort_id.as_str())
+        .await?
+        .ok_or_else(unknown_cohort)?;
+    if cohort.product_id != body.product_id {
+        return Err(ApiError::unprocessable(
+            "cohort_not_in_product",
+            format!(
+                "cohort {:?} belongs to another product than {:?}",
+                body.cohort_id, body.product_id
+            ),
+        ));
+    }
+    Ok(JitpSettings {
+        product_id: body.product_id,
+        cohort_id,
+        tags: valid_tags(body.tags)?,
+    })
+}
+
+/// Makes the running broker's view of a CA match the stored one.
+fn push_to_broker(state: &ApiState, ca: &CaCertificate) -> Result<(), ApiError> {
+    let record = ca.to_record()?;
+    state.control.registry().upsert_ca(record);
+    // Also ends live sessions of the CA's devices when it is disabled.
+    state.control.set_ca_enabled(&ca.id, ca.enabled);
+    Ok(())
+}
+
+pub(super) async fn create_ca(
+    Writer(by): Writer,
+    State(state): State<ApiState>,
+    ApiJson(body): ApiJson<CreateCa>,
+) -> Result<(StatusCode, Json<CaBody>), ApiError> {
+    let cert = parse_ca_pem(&body.certificate_pem)
+        .map_err(|e| ApiError::unprocessable("invalid_certificate", e.to_string()))?;
+    let description = valid_description(body.description)?;
+    let jitp = match body.jitp {
+        Some(j) => Some(valid_jitp(&state, j).await?),
+        None => None,
+    };
+    let ca = state
+        .store
+        .create_ca(NewCa {
+            cert,
+            description,
+            enabled: body.enabled.unwrap_or(true),
+            jitp,
+        })
+        .await?;
+    push_to_broker(&state, &ca)?;
+    tracing::info!(ca_id = %ca.id, fingerprint = %ca.fingerprint_sha256, subject = %ca.subject,
+        by = %by.key_id, "CA certificate registered");
+    Ok((StatusCode::CREATED, Json(ca.into())))
+}
+
+pub(super) async fn list_cas(
+    _: Caller,
+    State(state): State<ApiState>,
+) -> Result<Json<Items<CaBody>>, ApiError> {
+    let items = state.store.cas().await?;
+    Ok(Json(Items {
+        items: items.into_iter().map(Into::into).collect(),
+    }))
+}
+
+pub(super) async fn get_ca(
+    _: Caller,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<CaBody>, ApiError> {
+    let ca = state
+        .store
+        .ca(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("CA certificate"))?;
+    Ok(Json(ca.into()))
+}
+
+pub(super) async fn update_ca(
+    Writer(by): Writer,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<PatchCa>,
+) -> Result<Json<CaBody>, ApiError> {
+    if state.store.ca(&id).await?.is_none() {
+        return Err(ApiError::not_found("CA certificate"));
+    }
+    let jitp = match body.jitp {
+        Some(Some(j)) => Some(Some(valid_jitp(&state, j).await?)),
+        Some(None) => Some(None),
+        None => None,
+    };
+    let update = CaUpdate {
+        enabled: body.enabled,
+        description: body.description.map(valid_description).transpose()?,
+        jitp,
+    };
+    let ca = state
+        .store
+        .update_ca(&id, &update)
+        .await?
+        .ok_or_else(|| ApiError::not_found("CA certificate"))?;
+    push_to_broker(&state, &ca)?;
+    tracing::info!(ca_id = %ca.id, enabled = ca.enabled, by = %by.key_id,
+        "CA certificate updated");
+    Ok(Json(ca.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tag_rules() {
+        let ok = |v: serde_json::Value| valid_tags(v.as_object().unwrap().clone()).is_ok();
+        assert!(ok(json!({})));
+        assert!(ok(json!({"site": "eu-1", "line": "a:b"})));
+        assert!(!ok(json!({"": "x"})));
+        assert!(!ok(json!({"a:b": "x"})));
+        assert!(!ok(json!({"k": ""})));
+        assert!(!ok(json!({"k": 1})));
+        assert!(!ok(json!({"k": null})));
+        assert!(!ok(json!({"k": "a\nb"})));
+    }
+
+    #[test]
+    fn patch_tells_absent_from_null() {
+        let p: PatchCa = serde_json::from_str("{}").unwrap();
+        assert!(p.jitp.is_none() && p.description.is_none());
+        let p: PatchCa = serde_json::from_str(r#"{"jitp":null,"description":null}"#).unwrap();
+        assert!(matches!(p.jitp, Some(None)));
+        assert!(matches!(p.description, Some(None)));
+    }
+}

@@ -1,0 +1,319 @@
+//! Devices: one device, the filtered and paginated list, and its telemetry history.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::Json;
+use base64::Engine;
+use fleet_wire::DeviceId;
+use serde::Serialize;
+
+use super::auth::Caller;
+use super::error::{ApiPath, ApiQuery};
+use super::{rfc3339, rfc3339_opt, ApiError, ApiState};
+use crate::store::{Device, DeviceFilter, DeviceState, TelemetryRecord};
+
+const DEFAULT_LIMIT: u32 = 100;
+const MAX_LIMIT: u32 = 1000;
+
+#[derive(Serialize)]
+pub(super) struct CertificateBody {
+    fingerprint_sha256: String,
+    subject: String,
+    issuer: String,
+    serial: String,
+    not_after: String,
+}
+
+#[derive(Serialize)]
+pub(super) struct DeviceBody {
+    id: String,
+    product_id: String,
+    cohort_id: Option<String>,
+    ca_id: Option<String>,
+    tags: BTreeMap<String, String>,
+    state: &'static str,
+    state_reason: String,
+    state_changed_at: String,
+    online: bool,
+    last_seen: Option<String>,
+    connected_at: Option<String>,
+    session_epoch: u64,
+    disconnect_reason: Option<String>,
+    remote_addr: Option<String>,
+    firmware_version: Option<String>,
+    reported: Option<serde_json::Value>,
+    reported_at: Option<String>,
+    last_telemetry: Option<serde_json::Value>,
+    last_telemetry_at: Option<String>,
+    certificate: Option<CertificateBody>,
+    created_at: String,
+}
+
+impl From<Device> for DeviceBody {
+    fn from(d: Device) -> Self {
+        Self {
+            id: d.id.to_string(),
+            product_id: d.product_id,
+            cohort_id: d.cohort_id.map(|c| c.to_string()),
+            ca_id: d.ca_id,
+            tags: d.tags,
+            state: d.state.as_str(),
+            state_reason: d.state_reason,
+            state_changed_at: rfc3339(d.state_changed_at_ms),
+            online: d.online,
+            last_seen: rfc3339_opt(d.last_seen_ms),
+            connected_at: rfc3339_opt(d.connected_at_ms),
+            session_epoch: d.session_epoch,
+            disconnect_reason: d.disconnect_reason,
+            remote_addr: d.remote_addr,
+            firmware_version: d.firmware_version,
+            reported: d.reported,
+            reported_at: rfc3339_opt(d.reported_at_ms),
+            last_telemetry: d.last_telemetry,
+            last_telemetry_at: rfc3339_opt(d.last_telemetry_at_ms),
+            certificate: d.certificate.map(|c| CertificateBody {
+                fingerprint_sha256: c.fingerprint_sha256,
+                subject: c.subject,
+                issuer: c.issuer,
+                serial: c.serial,
+                not_after: rfc3339(c.not_after_ms),
+            }),
+            created_at: rfc3339(d.created_at_ms),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct DevicePage {
+    items: Vec<DeviceBody>,
+    next_cursor: Option<String>,
+}
+
+#[derive(Serialize)]
+pub(super) struct TelemetryBody {
+    epoch: u64,
+    seq: u64,
+    received_at: String,
+    payload: serde_json::Value,
+}
+
+impl From<TelemetryRecord> for TelemetryBody {
+    fn from(t: TelemetryRecord) -> Self {
+        Self {
+            epoch: t.epoch,
+            seq: t.seq,
+            received_at: rfc3339(t.received_at_ms),
+            payload: t.payload,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct TelemetryPage {
+    items: Vec<TelemetryBody>,
+}
+
+/// A device id in a path; one that cannot be valid names no device.
+fn path_device(id: &str) -> Result<DeviceId, ApiError> {
+    DeviceId::parse(id).map_err(|_| ApiError::not_found("device"))
+}
+
+fn encode_cursor(id: &DeviceId) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_str())
+}
+
+fn decode_cursor(cursor: &str) -> Option<DeviceId> {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()?;
+    DeviceId::parse(std::str::from_utf8(&raw).ok()?).ok()
+}
+
+fn parse_limit(s: &str) -> Result<u32, ApiError> {
+    s.parse::<u32>()
+        .ok()
+        .filter(|n| (1..=MAX_LIMIT).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("limit must be an integer from 1 to {MAX_LIMIT}"),
+            )
+        })
+}
+
+/// The device list's query: `state`, `cohort_id`, `product_id`, `online`, `limit`, `cursor`
+/// at most once each, and `tag=key:value` any number of times (all must match).
+#[derive(Debug, Default, PartialEq)]
+struct ListQuery {
+    filter: DeviceFilter,
+    limit: u32,
+    after: Option<DeviceId>,
+}
+
+fn parse_list_query(pairs: Vec<(String, String)>) -> Result<ListQuery, ApiError> {
+    let bad = |m: String| ApiError::bad_request("invalid_query", m);
+    let mut q = ListQuery {
+        limit: DEFAULT_LIMIT,
+        ..ListQuery::default()
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (key, value) in pairs {
+        if key != "tag" && !seen.insert(key.clone()) {
+            return Err(bad(format!("{key} may be given only once")));
+        }
+        match key.as_str() {
+            "state" => {
+                q.filter.state = Some(DeviceState::parse(&value).ok_or_else(|| {
+                    let known: Vec<_> = DeviceState::ALL.iter().map(|s| s.as_str()).collect();
+                    bad(format!("state must be one of {}", known.join(", ")))
+                })?);
+            }
+            "cohort_id" => q.filter.cohort_id = Some(value),
+            "product_id" => q.filter.product_id = Some(value),
+            "online" => {
+                q.filter.online = Some(match value.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad("online must be true or false".into())),
+                });
+            }
+            "tag" => match value.split_once(':') {
+                Some((k, v)) if !k.is_empty() && !v.is_empty() => {
+                    q.filter.tags.push((k.to_owned(), v.to_owned()));
+                }
+                _ => return Err(bad(format!("tag must be key:value, got {value:?}"))),
+            },
+            "limit" => q.limit = parse_limit(&value)?,
+            "cursor" => {
+                q.after = Some(decode_cursor(&value).ok_or_else(|| bad("invalid cursor".into()))?);
+            }
+            other => return Err(bad(format!("unknown query parameter {other:?}"))),
+        }
+    }
+    Ok(q)
+}
+
+pub(super) async fn get_device(
+    _: Caller,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<DeviceBody>, ApiError> {
+    let id = path_device(&id)?;
+    let device = state
+        .store
+        .device(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("device"))?;
+    Ok(Json(device.into()))
+}
+
+pub(super) async fn list_devices(
+    _: Caller,
+    State(state): State<ApiState>,
+    ApiQuery(pairs): ApiQuery<Vec<(String, String)>>,
+) -> Result<Json<DevicePage>, ApiError> {
+    let q = parse_list_query(pairs)?;
+    let mut devices = state
+        .store
+        .devices(&q.filter, q.after.as_ref(), q.limit + 1)
+        .await?;
+    let next_cursor = if devices.len() > q.limit as usize {
+        devices.truncate(q.limit as usize);
+        devices.last().map(|d| encode_cursor(&d.id))
+    } else {
+        None
+    };
+    Ok(Json(DevicePage {
+        items: devices.into_iter().map(Into::into).collect(),
+        next_cursor,
+    }))
+}
+
+pub(super) async fn device_telemetry(
+    _: Caller,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(pairs): ApiQuery<Vec<(String, String)>>,
+) -> Result<Json<TelemetryPage>, ApiError> {
+    let mut limit = DEFAULT_LIMIT;
+    for (key, value) in pairs {
+        match key.as_str() {
+            "limit" => limit = parse_limit(&value)?,
+            other => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("unknown query parameter {other:?}"),
+                ))
+            }
+        }
+    }
+    let id = path_device(&id)?;
+    if state.store.device(&id).await?.is_none() {
+        return Err(ApiError::not_found("device"));
+    }
+    let items = state.store.telemetry(&id, limit).await?;
+    Ok(Json(TelemetryPage {
+        items: items.into_iter().map(Into::into).collect(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(s: &[(&str, &str)]) -> Result<ListQuery, ApiError> {
+        parse_list_query(
+            s.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn list_query_table() {
+        let ok = q(&[
+            ("state", "online"),
+            ("tag", "site:eu-1"),
+            ("tag", "url:http://x"),
+            ("online", "true"),
+            ("limit", "5"),
+        ])
+        .unwrap();
+        assert_eq!(ok.filter.state, Some(DeviceState::Online));
+        assert_eq!(
+            ok.filter.tags,
+            vec![
+                ("site".to_owned(), "eu-1".to_owned()),
+                ("url".to_owned(), "http://x".to_owned())
+            ]
+        );
+        assert_eq!(ok.filter.online, Some(true));
+        assert_eq!(ok.limit, 5);
+        assert_eq!(q(&[]).unwrap().limit, DEFAULT_LIMIT);
+
+        let cursor = encode_cursor(&DeviceId::parse("dev-9").unwrap());
+        assert_eq!(
+            q(&[("cursor", &cursor)]).unwrap().after.unwrap().as_str(),
+            "dev-9"
+        );
+
+        for bad in [
+            vec![("limit", "0")],
+            vec![("limit", "1001")],
+            vec![("limit", "x")],
+            vec![("limit", "5"), ("limit", "6")],
+            vec![("cursor", "!!")],
+            vec![("cursor", "YS9i")], // "a/b": not a device id
+            vec![("tag", "nocolon")],
+            vec![("tag", ":v")],
+            vec![("tag", "k:")],
+            vec![("online", "yes")],
+            vec![("state", "sleeping")],
+            vec![("colour", "red")],
+        ] {
+            let err = q(&bad).unwrap_err();
+            assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST, "{bad:?}");
+        }
+    }
+}
