@@ -1,0 +1,720 @@
+//! Store scenarios, each run on SQLite and on PostgreSQL.
+
+mod common;
+
+use std::time::Duration;
+
+use broker::auth::{ServiceAuth, ServiceRole};
+use broker::registry::{RegistryStore, StoreError as RegistryError};
+use common::{catalog, exec_sql, id, new_device, presence, presence_batch};
+use fleet_service::keys::{ensure_bootstrap_admin, ApiKeys, KeyError};
+use fleet_service::store::{
+    DeviceFilter, DeviceState, EventBatch, LatestTelemetry, ReportedChange, Store, StoreError,
+    TelemetryRetention, TelemetryRow,
+};
+use fleet_wire::payload::{DisconnectReason, PresenceEvent};
+
+on_both_databases!(
+    migrations_run_twice,
+    catalog_constraints,
+    provisioning_is_idempotent,
+    provisioning_refuses_another_cas_device,
+    concurrent_provisioning_leaves_one_row,
+    loaders_feed_the_registry,
+    presence_follows_the_epoch_rule,
+    presence_leaves_deliberate_states_alone,
+    telemetry_redelivery_is_idempotent,
+    events_of_unknown_devices_are_skipped,
+    reported_state_newest_wins,
+    mark_node_offline_after_restart,
+    telemetry_retention,
+    device_filters_and_order,
+    api_keys_cache,
+);
+
+async fn migrations_run_twice(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    store.create_product("p").await.unwrap();
+    store.close().await;
+    let again = Store::connect(url).await.unwrap();
+    assert_eq!(again.products().await.unwrap().len(), 1);
+}
+
+async fn catalog_constraints(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let p = store.create_product("thermostat").await.unwrap();
+    assert!(matches!(
+        store.create_product("thermostat").await,
+        Err(StoreError::Conflict(_))
+    ));
+    let c = store.create_cohort(&p.id, "beta").await.unwrap();
+    assert_eq!(c.product_id, p.id);
+    assert!(matches!(
+        store.create_cohort(&p.id, "beta").await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.create_cohort("no-such-product", "beta").await,
+        Err(StoreError::MissingReference(_))
+    ));
+    let other = store.create_product("lamp").await.unwrap();
+    store.create_cohort(&other.id, "beta").await.unwrap();
+    assert_eq!(store.cohorts_of(&p.id).await.unwrap(), vec![c.clone()]);
+    assert_eq!(store.cohort(&c.id).await.unwrap(), Some(c));
+    assert_eq!(store.product(&p.id).await.unwrap(), Some(p));
+    assert_eq!(store.products().await.unwrap().len(), 2);
+}
+
+async fn provisioning_is_idempotent(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let cat = catalog(&store, "sensor").await;
+    let new = new_device(&cat, "dev-1", &[("site", "eu-1"), ("line", "a")]);
+
+    let first = store.provision(&new).await.unwrap();
+    assert!(first.created);
+    assert_eq!(first.device.id, new.id);
+    assert_eq!(first.device.ca_id, cat.ca.id);
+    assert_eq!(first.device.product_id, cat.product.id);
+    assert_eq!(
+        first.device.cohort_id.as_ref().unwrap().as_str(),
+        cat.cohort.id
+    );
+    assert_eq!(first.device.session_epoch, 0);
+
+    let second = store.provision(&new).await.unwrap();
+    assert!(!second.created);
+    assert_eq!(second.device, first.device);
+
+    let d = store.device(&new.id).await.unwrap().unwrap();
+    assert_eq!(d.state, DeviceState::Registered);
+    assert_eq!(d.state_reason, "provisioned: jitp");
+    assert!(!d.online);
+    assert_eq!(d.tags, new.tags);
+    let cert = d.certificate.unwrap();
+    assert_eq!(cert.fingerprint_sha256, new.cert.fingerprint_sha256);
+    assert_eq!(cert.subject, "CN=dev-1");
+    assert_eq!(cert.not_after_ms, new.cert.not_after_ms);
+
+    // The tags are rows too: the list filter finds the device by them.
+    let by_tags = DeviceFilter {
+        tags: vec![("site".into(), "eu-1".into()), ("line".into(), "a".into())],
+        ..DeviceFilter::default()
+    };
+    assert_eq!(store.devices(&by_tags, None, 10).await.unwrap().len(), 1);
+}
+
+async fn provisioning_refuses_another_cas_device(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let a = catalog(&store, "a").await;
+    let b = catalog(&store, "b").await;
+    store
+        .provision(&new_device(&a, "dev-1", &[]))
+        .await
+        .unwrap();
+
+    let stolen = new_device(&b, "dev-1", &[]);
+    assert!(matches!(
+        store.provision(&stolen).await,
+        Err(StoreError::Collision(d)) if d.as_str() == "dev-1"
+    ));
+    // The registry sees the same answer through its trait.
+    assert!(matches!(
+        store.provision_device(&stolen).await,
+        Err(RegistryError::Collision(_))
+    ));
+    let d = store.device(&id("dev-1")).await.unwrap().unwrap();
+    assert_eq!(d.ca_id.as_deref(), Some(a.ca.id.as_str()));
+}
+
+async fn concurrent_provisioning_leaves_one_row(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let cat = catalog(&store, "sensor").await;
+    let new = new_device(&cat, "dev-race", &[("site", "eu-1")]);
+    let calls = (0..20).map(|_| {
+        let store = store.clone();
+        let new = new.clone();
+        tokio::spawn(async move { store.provision_device(&new).await })
+    });
+    let results = futures::future::join_all(calls).await;
+    let mut created = 0;
+    for r in results {
+        let p = r.unwrap().unwrap();
+        assert_eq!(p.device.id, new.id);
+        created += usize::from(p.created);
+    }
+    assert_eq!(created, 1, "exactly one call creates the device");
+    let all = store
+        .devices(&DeviceFilter::default(), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    let tagged = DeviceFilter {
+        tags: vec![("site".into(), "eu-1".into())],
+        ..DeviceFilter::default()
+    };
+    assert_eq!(store.devices(&tagged, None, 100).await.unwrap().len(), 1);
+}
+
+async fn loaders_feed_the_registry(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let cat = catalog(&store, "sensor").await;
+    store
+        .provision(&new_device(&cat, "dev-2", &[]))
+        .await
+        .unwrap();
+    store
+        .provision(&new_device(&cat, "dev-1", &[]))
+        .await
+        .unwrap();
+
+    let cas = store.load_ca_records().await.unwrap();
+    assert_eq!(cas.len(), 1);
+    let ca = &cas[0];
+    assert_eq!(ca.id, cat.ca.id);
+    assert_eq!(ca.cert_der, cat.test_ca.der());
+    let (_, parsed) = x509_parser::parse_x509_certificate(&ca.cert_der).unwrap();
+    assert_eq!(ca.subject_der, parsed.subject().as_raw());
+    assert!(
+        ca.key_id.is_some(),
+        "rcgen CAs carry a subject key identifier"
+    );
+    assert!(ca.enabled);
+    let jitp = ca.jitp.as_ref().unwrap();
+    assert_eq!(jitp.product_id, cat.product.id);
+    assert_eq!(jitp.tags.get("site").map(String::as_str), Some("eu-1"));
+
+    let devices = store.load_device_records().await.unwrap();
+    let ids: Vec<_> = devices.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["dev-1", "dev-2"]);
+    assert!(devices.iter().all(|d| d.ca_id == cat.ca.id));
+}
+
+async fn presence_follows_the_epoch_rule(url: &str) {
+    use PresenceEvent::{Connected, Disconnected};
+    let store = Store::connect(url).await.unwrap();
+    let cat = catalog(&store, "sensor").await;
+    store.provision(&new_device(&cat, "d", &[])).await.unwrap();
+    let dev = id("d");
+
+    let out = store
+        .apply_events(&presence_batch(
+            "node-a",
+            vec![presence("d", Connected, 2, 1_000, None)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!((out.presence_applied, out.presence_stale), (1, 0));
+    let d = store.device(&dev).await.unwrap().unwrap();
+    assert!(d.online);
+    assert_eq!(d.state, DeviceState::Online);
+    assert_eq!(d.state_reason, "connected");
+    assert_eq!(d.session_epoch, 2);
+    assert_eq!(d.node_id.as_deref(), Some("node-a"));
+    assert_eq!(d.connected_at_ms, Some(1_000));
+    assert_eq!(d.last_seen_ms, Some(1_000));
+    assert_eq!(d.remote_addr.as_deref(), Some("127.0.0.1:50000"));
+
+    // The disconnect of the replaced session 1 arrives late: ignored.
+    let out = store
+        .apply_events(&presence_batch(
+            "node-a",
+            vec![presence(
+                "d",
+                Disconnected,
+                1,
+                2_000,
+                Some(DisconnectReason::Takeover),
+            )],
+        ))
+        .await
+        .unwrap();
+    assert_eq!((out.presence_applied, out.presence_stale), (0, 1));
+    let d = store.device(&dev).await.unwrap().unwrap();
+    assert!(d.online);
+    assert_eq!(d.session_epoch, 2);
+    assert_eq!(d.last_seen_ms, Some(1_000));
+
+    // A repeated connect of epoch 2 is stale too.
+    let out = store
+        .apply_events(&presence_batch(
+            "node-a",
+            vec![presence("d", Connected, 2, 1_500, None)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(out.presence_stale, 1);
+
+    // The disconnect of session 2 applies.
+    store
+        .apply_events(&presence_batch(
+            "node-a",
+            vec![presence(
+                "d",
+                Disconnected,
+                2,
+                3_000,
+                Some(DisconnectReason::KeepaliveTimeout),
+            )],
+        ))
+        .await
+        .unwrap();
+    let d = store.device(&dev).await.unwrap().unwrap();
+    assert!(!d.online);
+    assert_eq!(d.state, DeviceState::Offline);
+    assert_eq!(d.state_reason, "disconnected: keepalive_timeout");
+    assert_eq!(d.disconnect_reason.as_deref(), Some("keepalive_timeout"));
+    assert_eq!(d.node_id, None);
+    assert_eq!(d.last_seen_ms, Some(3_000));
+    assert_eq!(d.state_changed_at_ms, 3_000);
+
+    // Session 3 connects after the disconnect of 2: applies.
+    store
+        .apply_events(&presence_batch(
+            "node-b",
+            vec![presence("d", Connected, 3, 4_000, None)],
+        ))
+        .await
+        .unwrap();
+    let d = store.device(&dev).await.unwrap().unwrap();
+    assert!(d.online);
+    assert_eq!(d.state, DeviceState::Online);
+    assert_eq!(d.session_epoch, 3);
+    assert_eq!(d.node_id.as_deref(), Some("node-b"));
+    assert_eq!(d.disconnect_reason, None);
+
+    // Within one batch only the newest event per device counts, whatever the order.
+    let out = store
+        .apply_events(&presence_batch(
+            "node-b",
+            vec![
+                presence("d", Disconnected, 4, 6_000, Some(DisconnectReason::Client)),
+                presence("d", Connected, 4, 5_000, None),
+            ],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(out.presence_applied + out.presence_stale, 2);
+    let d = store.device(&dev).await.unwrap().unwrap();
+    assert!(!d.online);
+    assert_eq!(d.session_epoch, 4);
+    assert_eq!(d.state_reason, "disconnected: client");
+}
+
+async fn presence_leaves_deliberate_states_alone(url: &str) {
+    use PresenceEvent::{Connected, Disconnected};
+    let store = Store::connect(url).await.unwrap();
+    let cat = catalog(&store, "sensor").await;
+    store.provision(&new_device(&cat, "q", &[])).await.unwrap();
+    exec_sql(
+        url,
+        "UPDATE devices SET state = 'quarantined', state_reason = 'operator' WHERE id = 'q'",
+    )
+    .await;
+    store
+        .apply_events(&presence_batch(
+            "n",
+            vec![presence("q", Connected, 1, 1_000, None)],
+        ))
+        .await
+        .unwrap();
+    let d = store.device(&id("q")).await.unwrap().unwrap();
+    assert!(d.online, "online follows presence");
+    assert_eq!(d.state, DeviceState::Quarantined, "state does not");
+    assert_eq!(d.state_reason, "operator");
+    store
+        .apply_events(&presence_batch(
+            "n",
+            vec![presence(
+                "q",
+                Disconnected,
+                1,
+                2_000,
+                Some(DisconnectReason::Revoked),
+            )],
+        ))
+        .await
+        .unwrap();
+    let d = store.device(&id("q")).await.unwrap().unwrap();
+    assert!(!d.online);
+    assert_eq!(d.state, DeviceState::Quarantined);
+    assert_eq!(d.disconnect_reason.as_deref(), Some("revoked"));
+}
+
+fn telemetry_rows(device: &str, epoch: u64, seqs: std::ops::Range<u64>) -> Vec<TelemetryRow> {
+    seqs.map(|seq| TelemetryRow {
+        device_id: id(device),
+        epoch,
+        seq,
+        received_at_ms: 10_000 + seq as i64,
+        payload: format!(r#"{{"seq":{seq}}}"#),
+    })
+    .collect()
+}
+
+async fn telemetry_redelivery_is_idempotent(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let cat = catalog(&store, "sensor").await;
+    store.provision(&new_device(&cat, "t", &[])).await.unwrap();
+    let batch = EventBatch {
+        node_id: "n".into(),
+        telemetry: telemetry_rows("t", 1, 0..5),
+        latest_telemetry: vec![LatestTelemetry {
+            device_id: id("t"),
+            payload: r#"{"seq":4}"#.into(),
+            at_ms: 10_004,
+        }],
+        seen: vec![(id("t"), 10_004)],
+        ..EventBatch::default()
+    };
+    let first = store.apply_events(&batch).await.unwrap();
+    assert_eq!(
+        (first.telemetry_inserted, first.telemetry_duplicates),
+        (5, 0)
+    );
+    let again = store.apply_events(&batch).await.unwrap();
+    assert_eq!(
+        (again.telemetry_inserted, again.telemetry_duplicates),
+        (0, 5)
+    );
+    assert_eq!(store.telemetry_count(&id("t")).await.unwrap(), 5);
+
+    // An older latest-telemetry (a late redelivery) does not replace the newer one.
+    let late = EventBatch {
+        node_id: "n".into(),
+        telemetry: telemetry_rows("t", 1, 0..1),
+        latest_telemetry: vec![LatestTelemetry {
+            device_id: id("t"),
+            payload: r#"{"seq":0}"#.into(),
+            at_ms: 10_000,
+        }],
+        seen: vec![(id("t"), 10_000)],
+        ..EventBatch::default()
+    };
+    store.apply_events(&late).await.unwrap();
+    let d = store.device(&id("t")).await.unwrap().unwrap();
+    assert_eq!(d.last_telemetry, Some(serde_json::json!({"seq": 4})));
+    assert_eq!(d.last_telemetry_at_ms, Some(10_004));
+    assert_eq!(d.last_seen_ms, Some(10_004));
+
+    let recent = store.telemetry(&id("t"), 3).await.unwrap();
+    let seqs: Vec<u64> = recent.iter().map(|t| t.seq).collect();
+    assert_eq!(seqs, [4, 3, 2]);
+    assert_eq!(recent[0].payload, serde_json::json!({"seq": 4}));
+    assert_eq!(recent[0].received_at_ms, 10_004);
+}
+
+async fn events_of_unknown_devices_are_skipped(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let cat = catalog(&store, "sensor").await;
+    store
+        .provision(&new_device(&cat, "known", &[]))
+        .await
+        .unwrap();
+    let mut rows = telemetry_rows("known", 1, 0..2);
+    rows.extend(telemetry_rows("ghost", 1, 0..2));
+    let batch = EventBatch {
+        node_id: "n".into(),
+        presence: vec![presence("ghost", PresenceEvent::Connected, 1, 1, None)],
+        telemetry: rows,
+        seen: vec![(id("known"), 10_001), (id("ghost"), 10_001)],
+        ..EventBatch::default()
+    };
+    let out = store.apply_events(&batch).await.unwrap();
+    assert_eq!(out.unknown_devices.len(), 1);
+    assert!(out.unknown_devices.contains(&id("ghost")));
+    assert_eq!(out.telemetry_inserted, 2);
+    assert_eq!(out.presence_applied + out.presence_stale, 0);
+    assert!(store.device(&id("ghost")).await.unwrap().is_none());
+    assert_eq!(store.telemetry_count(&id("known")).await.unwrap(), 2);
+}
+
+async fn reported_state_newest_wins(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let cat = catalog(&store, "sensor").await;
+    store.provision(&new_device(&cat, "s", &[])).await.unwrap();
+    let change = |fw: &str, at: i64| EventBatch {
+        node_id: "n".into(),
+        reported: vec![ReportedChange {
+            device_id: id("s"),
+            reported: format!(r#"{{"firmware_version":"{fw}","uptime":{at}}}"#),
+            firmware_version: Some(fw.to_owned()),
+            at_ms: at,
+        }],
+        seen: vec![(id("s"), at)],
+        ..EventBatch::default()
+    };
+    store.apply_events(&change("2.0.0", 2_000)).await.unwrap();
+    store.apply_events(&change("1.0.0", 1_000)).await.unwrap();
+    let d = store.device(&id("s")).await.unwrap().unwrap();
+    assert_eq!(d.firmware_version.as_deref(), Some("2.0.0"));
+    assert_eq!(
+        d.reported,
+        Some(serde_json::json!({"firmware_version": "2.0.0", "uptime": 2000}))
+    );
+    assert_eq!(d.reported_at_ms, Some(2_000));
+    assert_eq!(d.last_seen_ms, Some(2_000));
+}
+
+async fn mark_node_offline_after_restart(url: &str) {
+    use PresenceEvent::{Connected, Disconnected};
+    let store = Store::connect(url).await.unwrap();
+    let cat = catalog(&store, "sensor").await;
+    for d in ["a1", "a2", "b1", "off"] {
+        store.provision(&new_device(&cat, d, &[])).await.unwrap();
+    }
+    store
+        .apply_events(&presence_batch(
+            "node-a",
+            vec![
+                presence("a1", Connected, 5, 1_000, None),
+                presence("a2", Connected, 1, 1_000, None),
+            ],
+        ))
+        .await
+        .unwrap();
+    store
+        .apply_events(&presence_batch(
+            "node-b",
+            vec![presence("b1", Connected, 1, 1_000, None)],
+        ))
+        .await
+        .unwrap();
+
+    let marked = store.mark_node_offline("node-a").await.unwrap();
+    let marked: Vec<_> = marked.iter().map(|d| d.as_str()).collect();
+    assert_eq!(marked, ["a1", "a2"]);
+    let a1 = store.device(&id("a1")).await.unwrap().unwrap();
+    assert!(!a1.online);
+    assert_eq!(a1.state, DeviceState::Offline);
+    assert_eq!(a1.state_reason, "disconnected: server_restart");
+    assert_eq!(a1.disconnect_reason.as_deref(), Some("server_restart"));
+    assert_eq!(a1.session_epoch, 5, "the epoch survives");
+    assert!(a1.last_seen_ms.unwrap() > 1_000);
+    assert!(store.device(&id("b1")).await.unwrap().unwrap().online);
+    assert!(store.mark_node_offline("node-a").await.unwrap().is_empty());
+
+    // The session's own disconnect arriving late changes nothing; the next session applies.
+    let out = store
+        .apply_events(&presence_batch(
+            "node-a",
+            vec![presence(
+                "a1",
+                Disconnected,
+                5,
+                2_000,
+                Some(DisconnectReason::ServerShutdown),
+            )],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(out.presence_stale, 1);
+    assert_eq!(
+        store
+            .device(&id("a1"))
+            .await
+            .unwrap()
+            .unwrap()
+            .disconnect_reason
+            .as_deref(),
+        Some("server_restart")
+    );
+    store
+        .apply_events(&presence_batch(
+            "node-a",
+            vec![presence("a1", Connected, 6, 3_000, None)],
+        ))
+        .await
+        .unwrap();
+    assert!(store.device(&id("a1")).await.unwrap().unwrap().online);
+}
+
+async fn telemetry_retention(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let cat = catalog(&store, "sensor").await;
+    store.provision(&new_device(&cat, "r1", &[])).await.unwrap();
+    store.provision(&new_device(&cat, "r2", &[])).await.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut rows = telemetry_rows("r1", 1, 0..10);
+    rows.extend(telemetry_rows("r1", 2, 0..2));
+    rows.extend(telemetry_rows("r2", 1, 0..2));
+    // r1's rows are ancient except epoch 2; r2's are fresh.
+    for r in &mut rows {
+        if r.device_id.as_str() == "r2" || r.epoch == 2 {
+            r.received_at_ms = now;
+        }
+    }
+    store
+        .apply_events(&EventBatch {
+            node_id: "n".into(),
+            telemetry: rows,
+            ..EventBatch::default()
+        })
+        .await
+        .unwrap();
+
+    let by_count = TelemetryRetention {
+        max_age: None,
+        max_rows_per_device: Some(5),
+    };
+    assert_eq!(store.prune_telemetry(&by_count).await.unwrap(), 7);
+    let kept: Vec<(u64, u64)> = store
+        .telemetry(&id("r1"), 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| (t.epoch, t.seq))
+        .collect();
+    assert_eq!(kept, [(2, 1), (2, 0), (1, 9), (1, 8), (1, 7)]);
+    assert_eq!(store.telemetry_count(&id("r2")).await.unwrap(), 2);
+
+    let by_age = TelemetryRetention {
+        max_age: Some(Duration::from_secs(3600)),
+        max_rows_per_device: None,
+    };
+    assert_eq!(store.prune_telemetry(&by_age).await.unwrap(), 3);
+    assert_eq!(store.telemetry_count(&id("r1")).await.unwrap(), 2);
+    assert_eq!(store.telemetry_count(&id("r2")).await.unwrap(), 2);
+    assert_eq!(
+        store
+            .prune_telemetry(&TelemetryRetention::default())
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+async fn device_filters_and_order(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let a = catalog(&store, "a").await;
+    let b = catalog(&store, "b").await;
+    // Mixed case and punctuation: the order must be bytewise on both databases.
+    for (cat, dev, site) in [
+        (&a, "a-2", "eu"),
+        (&a, "B-1", "us"),
+        (&a, "a.1", "eu"),
+        (&b, "a_3", "eu"),
+        (&b, "Z", "us"),
+    ] {
+        store
+            .provision(&new_device(cat, dev, &[("site", site), ("kind", "x")]))
+            .await
+            .unwrap();
+    }
+    store
+        .apply_events(&presence_batch(
+            "n",
+            vec![presence("a.1", PresenceEvent::Connected, 1, 1, None)],
+        ))
+        .await
+        .unwrap();
+    let ids = |v: Vec<fleet_service::store::Device>| -> Vec<String> {
+        v.into_iter().map(|d| d.id.to_string()).collect()
+    };
+    let all = ids(store
+        .devices(&DeviceFilter::default(), None, 100)
+        .await
+        .unwrap());
+    assert_eq!(all, ["B-1", "Z", "a-2", "a.1", "a_3"]);
+
+    let page = ids(store
+        .devices(&DeviceFilter::default(), Some(&id("Z")), 2)
+        .await
+        .unwrap());
+    assert_eq!(page, ["a-2", "a.1"]);
+
+    let f = |f: DeviceFilter| {
+        let store = store.clone();
+        async move { ids(store.devices(&f, None, 100).await.unwrap()) }
+    };
+    assert_eq!(
+        f(DeviceFilter {
+            product_id: Some(b.product.id.clone()),
+            ..Default::default()
+        })
+        .await,
+        ["Z", "a_3"]
+    );
+    assert_eq!(
+        f(DeviceFilter {
+            cohort_id: Some(a.cohort.id.clone()),
+            tags: vec![("site".into(), "eu".into())],
+            ..Default::default()
+        })
+        .await,
+        ["a-2", "a.1"]
+    );
+    assert_eq!(
+        f(DeviceFilter {
+            online: Some(true),
+            ..Default::default()
+        })
+        .await,
+        ["a.1"]
+    );
+    assert_eq!(
+        f(DeviceFilter {
+            state: Some(DeviceState::Registered),
+            tags: vec![("site".into(), "us".into()), ("kind".into(), "x".into())],
+            ..Default::default()
+        })
+        .await,
+        ["B-1", "Z"]
+    );
+    assert!(f(DeviceFilter {
+        tags: vec![("site".into(), "us".into()), ("kind".into(), "y".into())],
+        ..Default::default()
+    })
+    .await
+    .is_empty());
+}
+
+async fn api_keys_cache(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    assert!(matches!(
+        ensure_bootstrap_admin(&store, "short").await,
+        Err(KeyError::WeakToken)
+    ));
+    ensure_bootstrap_admin(&store, "first-admin-token-0123456789")
+        .await
+        .unwrap();
+    let keys = ApiKeys::load(&store).await.unwrap();
+    let admin = keys.authenticate("first-admin-token-0123456789").unwrap();
+    assert_eq!(admin.key_id, "bootstrap-admin");
+    assert_eq!(admin.role, ServiceRole::Admin);
+    assert!(keys.authenticate("fk_nope").is_none());
+
+    let viewer = keys
+        .create("dashboards", ServiceRole::Viewer)
+        .await
+        .unwrap();
+    assert!(viewer.secret.starts_with("fk_"));
+    assert_eq!(
+        keys.authenticate(&viewer.secret).unwrap().role,
+        ServiceRole::Viewer
+    );
+    // Only the hash is stored.
+    let stored = store.api_keys().await.unwrap();
+    assert!(stored.iter().all(|k| k.secret_hash != viewer.secret));
+
+    // A fresh cache (another start) sees the same keys.
+    let reloaded = ApiKeys::load(&store).await.unwrap();
+    assert!(reloaded.authenticate(&viewer.secret).is_some());
+
+    let revoked = keys.revoke(&viewer.record.id).await.unwrap().unwrap();
+    assert!(revoked.revoked_at_ms.is_some());
+    assert!(keys.authenticate(&viewer.secret).is_none());
+    assert!(keys.revoke("no-such-key").await.unwrap().is_none());
+    reloaded.reload().await.unwrap();
+    assert!(reloaded.authenticate(&viewer.secret).is_none());
+
+    // A new bootstrap token replaces the old one.
+    ensure_bootstrap_admin(&store, "second-admin-token-0123456789")
+        .await
+        .unwrap();
+    keys.reload().await.unwrap();
+    assert!(keys.authenticate("first-admin-token-0123456789").is_none());
+    assert!(keys.authenticate("second-admin-token-0123456789").is_some());
+}
