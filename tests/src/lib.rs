@@ -1,1 +1,511 @@
-//! End-to-end harness.
+//! End-to-end harness: the real platform ([`fleet_service::app::App`]) on 127.0.0.1 port 0 with
+//! a fresh SQLite file or a fresh PostgreSQL database, manufacturing CAs and device
+//! certificates minted per test with rcgen, and real MQTT 3.1.1 and 5 clients (rumqttc) over
+//! mutual TLS. Set `TEST_LOG=debug` to see the platform's logs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_service::app::App;
+use fleet_service::config::Config;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("TEST_LOG"))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Which database a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL server URL for tests, from `FLEET_TEST_POSTGRES_URL`.
+pub fn postgres_url() -> Option<String> {
+    std::env::var("FLEET_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+/// Creates a fresh, uniquely named database on the test server and returns its URL.
+async fn fresh_postgres_database(server: &str) -> String {
+    use sqlx::Connection;
+    let name = format!("e2e_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(server)
+        .await
+        .expect("connect to FLEET_TEST_POSTGRES_URL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let base = match server.rfind('/') {
+        Some(i) if i > "postgres://".len() => &server[..i],
+        _ => server,
+    };
+    format!("{base}/{name}")
+}
+
+pub struct Platform {
+    app: Option<App>,
+    dir: tempfile::TempDir,
+    database_url: String,
+    http: reqwest::Client,
+    pub db: Db,
+}
+
+impl Platform {
+    /// Starts the platform on a fresh SQLite file.
+    pub async fn sqlite() -> Platform {
+        Self::start(Db::Sqlite)
+            .await
+            .expect("sqlite always available")
+    }
+
+    /// Starts the platform on `db`; `None` (after saying so) when PostgreSQL is not configured.
+    pub async fn start(db: Db) -> Option<Platform> {
+        init_logs();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let database_url = match db {
+            Db::Sqlite => format!("sqlite://{}", dir.path().join("fleet.db").display()),
+            Db::Postgres => {
+                let Some(server) = postgres_url() else {
+                    eprintln!("skipped: FLEET_TEST_POSTGRES_URL not set, PostgreSQL half not run");
+                    return None;
+                };
+                fresh_postgres_database(&server).await
+            }
+        };
+        let mut platform = Platform {
+            app: None,
+            dir,
+            database_url,
+            http: reqwest::Client::new(),
+            db,
+        };
+        platform.boot().await;
+        Some(platform)
+    }
+
+    async fn boot(&mut self) {
+        let mut config = Config::for_tests(self.dir.path());
+        config.database_url = self.database_url.clone();
+        self.app = Some(App::start(config).await.expect("platform starts"));
+    }
+
+    /// Stops the platform gracefully and starts it again on the same data.
+    pub async fn restart(&mut self) {
+        if let Some(app) = self.app.take() {
+            app.shutdown().await.expect("clean shutdown");
+        }
+        self.boot().await;
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(app) = self.app.take() {
+            app.shutdown().await.expect("clean shutdown");
+        }
+    }
+
+    pub fn app(&self) -> &App {
+        self.app.as_ref().expect("platform running")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    pub fn server_ca_pem(&self) -> String {
+        std::fs::read_to_string(self.app().server_ca_path()).expect("server CA")
+    }
+
+    /// A REST call with the admin token; returns status and JSON body (Null when empty).
+    pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.api_as(self.app().admin_token(), method, path, body)
+            .await
+    }
+
+    pub async fn api_as(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let url = format!("http://{}{}", self.app().http_addr(), path);
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = self.http.request(method, url).bearer_auth(token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("HTTP request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, value)
+    }
+
+    pub async fn device(&self, id: &str) -> Value {
+        let (status, body) = self
+            .api("GET", &format!("/api/v1/devices/{id}"), None)
+            .await;
+        assert_eq!(status, 200, "GET device {id}: {body}");
+        body
+    }
+
+    /// Creates a product, a cohort and a manufacturing CA that provisions into them.
+    pub async fn jitp_fleet(&self, tags: Value) -> Fleet {
+        let n = uuid::Uuid::new_v4().simple().to_string();
+        let (s, product) = self
+            .api(
+                "POST",
+                "/api/v1/products",
+                Some(json!({ "name": format!("p-{n}") })),
+            )
+            .await;
+        assert_eq!(s, 201, "{product}");
+        let product_id = product["id"].as_str().unwrap().to_owned();
+        let (s, cohort) = self
+            .api(
+                "POST",
+                &format!("/api/v1/products/{product_id}/cohorts"),
+                Some(json!({ "name": "canary" })),
+            )
+            .await;
+        assert_eq!(s, 201, "{cohort}");
+        let cohort_id = cohort["id"].as_str().unwrap().to_owned();
+        let ca = TestCa::new(&format!("Manufacturing CA {n}"));
+        let ca_id = self
+            .register_ca(
+                &ca,
+                Some(json!({ "product_id": product_id, "cohort_id": cohort_id, "tags": tags })),
+            )
+            .await;
+        Fleet {
+            product_id,
+            cohort_id,
+            ca,
+            ca_id,
+        }
+    }
+
+    /// Registers a CA, optionally with JITP settings; returns its id.
+    pub async fn register_ca(&self, ca: &TestCa, jitp: Option<Value>) -> String {
+        let (s, body) = self
+            .api(
+                "POST",
+                "/api/v1/ca-certificates",
+                Some(json!({ "certificate_pem": ca.pem, "description": "test CA", "jitp": jitp })),
+            )
+            .await;
+        assert_eq!(s, 201, "register CA: {body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    pub fn device_options(&self, cert: &DeviceCert, client_id: &str) -> rumqttc::MqttOptions {
+        let addr = self.app().mqtts_addr();
+        let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls_config(&self.server_ca_pem(), Some(cert))),
+        ));
+        o
+    }
+
+    pub fn device_options_v5(
+        &self,
+        cert: &DeviceCert,
+        client_id: &str,
+    ) -> rumqttc::v5::MqttOptions {
+        let addr = self.app().mqtts_addr();
+        let mut o = rumqttc::v5::MqttOptions::new(client_id, "127.0.0.1", addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls_config(&self.server_ca_pem(), Some(cert))),
+        ));
+        o
+    }
+
+    /// A backend service on the service listener, authenticated with `api_key`.
+    pub fn service_options(&self, client_id: &str, api_key: &str) -> rumqttc::MqttOptions {
+        let addr = self.app().service_addr();
+        let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_credentials("service", api_key);
+        o
+    }
+}
+
+pub struct Fleet {
+    pub product_id: String,
+    pub cohort_id: String,
+    pub ca: TestCa,
+    pub ca_id: String,
+}
+
+/// A manufacturing CA minted for one test.
+pub struct TestCa {
+    key: KeyPair,
+    cert: rcgen::Certificate,
+    pub pem: String,
+}
+
+/// A device certificate and its key, PEM.
+#[derive(Clone)]
+pub struct DeviceCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCa {
+    pub fn new(cn: &str) -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let pem = cert.pem();
+        TestCa { key, cert, pem }
+    }
+
+    /// A device certificate with subject CN `cn`, valid now.
+    pub fn issue(&self, cn: &str) -> DeviceCert {
+        let now = time::OffsetDateTime::now_utc();
+        self.issue_valid(
+            cn,
+            now - time::Duration::hours(1),
+            now + time::Duration::days(30),
+        )
+    }
+
+    pub fn issue_valid(
+        &self,
+        cn: &str,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> DeviceCert {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.not_before = not_before;
+        params.not_after = not_after;
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        DeviceCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
+/// A rustls client config trusting `server_ca_pem`, presenting `client` if given.
+pub fn tls_config(server_ca_pem: &str, client: Option<&DeviceCert>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut server_ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match client {
+        Some(c) => {
+            let chain = rustls_pemfile::certs(&mut c.cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = rustls_pemfile::private_key(&mut c.key_pem.as_bytes())
+                .unwrap()
+                .unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(config)
+}
+
+/// An MQTT 3.1.1 client whose event loop runs on its own task.
+pub struct Client {
+    pub client: rumqttc::AsyncClient,
+    events: mpsc::UnboundedReceiver<Result<rumqttc::Packet, String>>,
+}
+
+impl Client {
+    /// Connects and waits for CONNACK; `Err` carries how the connection was refused.
+    pub async fn connect(
+        options: rumqttc::MqttOptions,
+    ) -> Result<Client, rumqttc::ConnectionError> {
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1000);
+        loop {
+            match tokio::time::timeout(WAIT, eventloop.poll()).await {
+                Err(_) => return Err(rumqttc::ConnectionError::NetworkTimeout),
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)))) => break,
+                Ok(Ok(_)) => {}
+            }
+        }
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(p)) => {
+                        if tx.send(Ok(p)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Client { client, events })
+    }
+
+    /// Waits until `f` picks something out of an incoming packet. Panics on timeout or when
+    /// the connection ends first.
+    pub async fn wait_for<T>(&mut self, mut f: impl FnMut(&rumqttc::Packet) -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Err(_) => panic!("timed out waiting for a packet"),
+                Ok(None) => panic!("event loop ended"),
+                Ok(Some(Err(e))) => panic!("connection ended: {e}"),
+                Ok(Some(Ok(p))) => {
+                    if let Some(t) = f(&p) {
+                        return t;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until the connection ends; returns the error text.
+    pub async fn closed(&mut self) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Err(_) => panic!("connection still open"),
+                Ok(None) => return "event loop ended".into(),
+                Ok(Some(Err(e))) => return e,
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+}
+
+/// An MQTT 5 client whose event loop runs on its own task.
+pub struct Client5 {
+    pub client: rumqttc::v5::AsyncClient,
+    events: mpsc::UnboundedReceiver<Result<rumqttc::v5::mqttbytes::v5::Packet, String>>,
+}
+
+impl Client5 {
+    pub async fn connect(
+        options: rumqttc::v5::MqttOptions,
+    ) -> Result<Client5, rumqttc::v5::ConnectionError> {
+        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 1000);
+        loop {
+            match tokio::time::timeout(WAIT, eventloop.poll()).await {
+                Err(elapsed) => return Err(rumqttc::v5::ConnectionError::Timeout(elapsed)),
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(rumqttc::v5::Event::Incoming(
+                    rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_),
+                ))) => break,
+                Ok(Ok(_)) => {}
+            }
+        }
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::v5::Event::Incoming(p)) => {
+                        if tx.send(Ok(p)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Client5 { client, events })
+    }
+
+    pub async fn wait_for<T>(
+        &mut self,
+        mut f: impl FnMut(&rumqttc::v5::mqttbytes::v5::Packet) -> Option<T>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Err(_) => panic!("timed out waiting for a packet"),
+                Ok(None) => panic!("event loop ended"),
+                Ok(Some(Err(e))) => panic!("connection ended: {e}"),
+                Ok(Some(Ok(p))) => {
+                    if let Some(t) = f(&p) {
+                        return t;
+                    }
+                }
+            }
+        }
+    }
+
+    pub async fn closed(&mut self) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Err(_) => panic!("connection still open"),
+                Ok(None) => return "event loop ended".into(),
+                Ok(Some(Err(e))) => return e,
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after [`WAIT`] with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(t) = check().await {
+            return t;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
