@@ -10,6 +10,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::router::proto::{CodecError, Packet, Protocol, V4, V5};
 
+/// How long one write may wait for a peer that does not read.
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The MQTT version a client speaks, fixed by its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Version {
@@ -214,13 +217,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         !self.write.is_empty()
     }
 
+    /// Writes what is queued. A peer that reads nothing for [`WRITE_TIMEOUT`] is treated as
+    /// gone, so a session stuck on a dead socket still ends (and can be taken over or kicked).
     pub async fn flush(&mut self) -> io::Result<()> {
         if self.write.is_empty() {
             return Ok(());
         }
-        self.io.write_all(&self.write).await?;
-        self.write.clear();
-        self.io.flush().await
+        let write = async {
+            self.io.write_all(&self.write).await?;
+            self.io.flush().await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+            Ok(result) => {
+                self.write.clear();
+                result
+            }
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "peer stopped reading",
+            )),
+        }
     }
 
     /// Sends what is queued (bounded in time) and closes the socket.
