@@ -718,3 +718,34 @@ async fn api_keys_cache(url: &str) {
     assert!(keys.authenticate("first-admin-token-0123456789").is_none());
     assert!(keys.authenticate("second-admin-token-0123456789").is_some());
 }
+
+#[tokio::test]
+async fn in_memory_sqlite_keeps_one_database() {
+    let store = Store::connect("sqlite::memory:").await.unwrap();
+    store.create_product("p").await.unwrap();
+    // Several calls in a row see the same (single-connection) database.
+    for _ in 0..3 {
+        assert_eq!(store.products().await.unwrap().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn unsupported_urls_are_refused() {
+    for url in ["mysql://localhost/db", "fleet.db", ""] {
+        assert!(
+            matches!(Store::connect(url).await, Err(StoreError::UnsupportedUrl)),
+            "{url}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_missing_sqlite_file_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new.db");
+    assert!(!path.exists());
+    Store::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    assert!(path.exists());
+}
