@@ -71,9 +71,12 @@ mod tests {
     }
     use Op::*;
 
+    /// Name, capacity, operations, contents afterwards, drops.
+    type Case = (&'static str, usize, &'static [Op], &'static [u32], u64);
+
     #[test]
     fn table() {
-        let cases: &[(&str, usize, &[Op], &[u32], u64)] = &[
+        let cases: &[Case] = &[
             (
                 "fifo",
                 3,

@@ -13,24 +13,19 @@ use fleet_wire::IdError;
 pub enum ConfigError {
     #[error("invalid broker URL: {0}")]
     InvalidUrl(String),
-    #[error("cannot read {what} {}: {source}", path.display())]
+    #[error("cannot read {what} {}: {error}", path.display())]
     ReadFile {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// `what` names the input, with its path when it came from a file.
     #[error("{what}: {reason}")]
     Pem { what: String, reason: String },
     #[error("the client certificate has no subject CN to use as the device id")]
     NoCommonName,
-    #[error("client certificate CN {cn:?} is not a valid device id: {source}")]
-    BadCommonName {
-        cn: String,
-        #[source]
-        source: IdError,
-    },
+    #[error("client certificate CN {cn:?} is not a valid device id: {error}")]
+    BadCommonName { cn: String, error: IdError },
     #[error("no client id: give a client certificate (its CN is the device id) or a client id")]
     NoClientId,
     #[error("mqtts:// needs TLS settings: at least the CA certificate that signed the broker's certificate")]

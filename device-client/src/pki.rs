@@ -31,19 +31,14 @@ pub enum PkiError {
     RsaKeyGenerationUnavailable,
     #[error("validity must be between 1 and 36500 days, got {0}")]
     InvalidValidity(u32),
-    #[error("cannot read {what} {}: {source}", path.display())]
+    #[error("cannot read {what} {}: {error}", path.display())]
     Read {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
-    #[error("cannot write {}: {source}", path.display())]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("cannot write {}: {error}", path.display())]
+    Write { path: PathBuf, error: io::Error },
     #[error("{what}: {reason}")]
     Pem { what: String, reason: String },
     #[error("the CA certificate is not a CA certificate (basicConstraints CA:TRUE is missing)")]
@@ -151,9 +146,9 @@ fn write_file(path: &Path, data: &[u8], overwrite: bool, secret: bool) -> Result
     }
     #[cfg(not(unix))]
     let _ = secret;
-    let err = |source| PkiError::Write {
+    let err = |error| PkiError::Write {
         path: path.to_owned(),
-        source,
+        error,
     };
     let mut file = opts.open(path).map_err(|e| {
         if e.kind() == io::ErrorKind::AlreadyExists {
@@ -337,10 +332,10 @@ impl Ca {
 }
 
 fn read(path: &Path, what: &'static str) -> Result<String, PkiError> {
-    std::fs::read_to_string(path).map_err(|source| PkiError::Read {
+    std::fs::read_to_string(path).map_err(|error| PkiError::Read {
         what,
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 

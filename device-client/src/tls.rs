@@ -67,9 +67,9 @@ impl ClientIdentity {
             .common_name
             .as_deref()
             .ok_or(ConfigError::NoCommonName)?;
-        DeviceId::parse(cn).map_err(|source| ConfigError::BadCommonName {
+        DeviceId::parse(cn).map_err(|error| ConfigError::BadCommonName {
             cn: cn.to_owned(),
-            source,
+            error,
         })
     }
 }
@@ -164,10 +164,10 @@ impl TlsConfig {
 }
 
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path).map_err(|source| ConfigError::ReadFile {
+    std::fs::read(path).map_err(|error| ConfigError::ReadFile {
         what,
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 

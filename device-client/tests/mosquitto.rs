@@ -34,6 +34,9 @@ fn recording_handler() -> (
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
     let handler = move |command: Command| {
+        if command.name == "panic" {
+            panic!("handler asked to panic");
+        }
         let outcome = if command.name == "fail" {
             CommandOutcome::failed("asked to fail")
         } else {
@@ -143,6 +146,40 @@ async fn commands_acks_telemetry_and_state() {
         (ack.status, ack.message.as_deref()),
         (CommandStatus::Failed, Some("asked to fail"))
     );
+    assert_eq!(commands.recv().await.unwrap().id, "cmd-2");
+
+    // A redelivered command runs once; its ack is repeated.
+    observer
+        .publish(
+            &Topic::Commands(id.clone()),
+            command("cmd-1", "reboot"),
+            false,
+        )
+        .await;
+    let ack = observer
+        .expect("repeated ack of cmd-1", |t, p| ack_for("cmd-1", t, p))
+        .await;
+    assert_eq!(ack.status, CommandStatus::Succeeded);
+    assert!(
+        commands.try_recv().is_err(),
+        "the handler ran cmd-1 only once"
+    );
+
+    // A panicking handler becomes a failed ack and the next command still runs.
+    observer
+        .publish(
+            &Topic::Commands(id.clone()),
+            command("cmd-p", "panic"),
+            false,
+        )
+        .await;
+    let ack = observer
+        .expect("ack of cmd-p", |t, p| ack_for("cmd-p", t, p))
+        .await;
+    assert_eq!(
+        (ack.status, ack.message.as_deref()),
+        (CommandStatus::Failed, Some("command handler panicked"))
+    );
 
     // A malformed command with an id is rejected, not passed to the handler.
     observer
@@ -177,8 +214,8 @@ async fn commands_acks_telemetry_and_state() {
     let status = agent.shutdown().await.unwrap();
     assert!(status.stopped && !status.connected);
     assert!(status.telemetry_delivered >= 2, "{status:?}");
-    assert_eq!(status.commands_received, 2);
-    assert_eq!(status.acks_delivered, 3);
+    assert_eq!(status.commands_received, 3);
+    assert_eq!(status.acks_delivered, 5);
     assert_eq!(status.telemetry_dropped, 0);
 
     let mut seen = Vec::new();

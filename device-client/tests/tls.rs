@@ -99,6 +99,30 @@ async fn agent_session_over_mutual_tls() {
         .await;
 }
 
+/// Embedding programs can implement the handler trait on their own types.
+struct Rejecting;
+
+impl device_client::CommandHandler for Rejecting {
+    async fn handle(
+        &self,
+        command: device_client::fleet_wire::payload::Command,
+    ) -> device_client::CommandOutcome {
+        device_client::CommandOutcome::rejected(format!("{} is not supported", command.name))
+    }
+}
+
+#[tokio::test]
+async fn handler_trait_on_a_struct() {
+    let broker = FakeTlsBroker::start(ACCEPT).await;
+    let id = unique_id("tls-handler");
+    let dev = broker.device(&id);
+    let mut config = AgentConfig::new(options(&broker, &dev.cert_pem, &dev.key_pem));
+    config.telemetry_interval = None;
+    let agent = Agent::new(config).on_command(Rejecting).start().unwrap();
+    agent.wait_ready(WAIT).await.unwrap();
+    agent.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn publish_once_over_mutual_tls() {
     let mut broker = FakeTlsBroker::start(ACCEPT).await;
