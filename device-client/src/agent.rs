@@ -124,7 +124,8 @@ pub struct AgentConfig {
     /// Stop (cleanly) once this many telemetry messages were acknowledged by the broker; the
     /// periodic telemetry stops after producing this many.
     pub stop_after_telemetry: Option<u64>,
-    /// Telemetry messages kept while offline; beyond it the oldest are dropped. Default 1000.
+    /// Telemetry messages kept while offline or while [`AgentConfig::max_inflight`] publishes
+    /// await their PUBACK; beyond it the oldest are dropped. At least 1; default 1000.
     pub offline_buffer: usize,
     /// Unacknowledged QoS 1 publishes at a time. Default 32, at most 64.
     pub max_inflight: usize,
@@ -153,6 +154,11 @@ impl AgentConfig {
         if self.telemetry_interval.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::Invalid(
                 "telemetry interval must not be zero".into(),
+            ));
+        }
+        if self.offline_buffer == 0 {
+            return Err(ConfigError::Invalid(
+                "the offline buffer must hold at least one message".into(),
             ));
         }
         if !(1..=64).contains(&self.max_inflight) {
