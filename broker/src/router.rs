@@ -15,14 +15,12 @@ use serde::{Deserialize, Serialize};
 pub(crate) mod proto {
     pub use rumqttd::protocol::v4::V4;
     pub use rumqttd::protocol::v5::V5;
-    #[cfg(test)]
-    pub use rumqttd::protocol::QoS;
     pub use rumqttd::protocol::{
         ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, Disconnect,
-        DisconnectReasonCode, Error as CodecError, LastWill, LastWillProperties, Login, Packet,
-        PingResp, Protocol, PubAck, PubAckReason, PubRec, PubRecReason, Publish, PublishProperties,
-        SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,
-        Unsubscribe,
+        DisconnectReasonCode, Error as CodecError, Filter, LastWill, LastWillProperties, Login,
+        Packet, PingResp, Protocol, PubAck, PubAckReason, PubRec, PubRecReason, Publish,
+        PublishProperties, QoS, RetainForwardRule, SubAck, Subscribe, SubscribeProperties,
+        SubscribeReasonCode, UnsubAck, UnsubAckReason,
     };
 }
 
@@ -166,7 +164,11 @@ impl Link {
         }
         // The router is saturated and `send` would block this worker thread: step off it.
         let tx = &mut self.tx;
-        let blocking = || futures::executor::block_on(tx.send(last)).map(drop).map_err(drop);
+        let blocking = || {
+            futures::executor::block_on(tx.send(last))
+                .map(drop)
+                .map_err(drop)
+        };
         let result = match tokio::runtime::Handle::current().runtime_flavor() {
             tokio::runtime::RuntimeFlavor::CurrentThread => blocking(),
             _ => tokio::task::block_in_place(blocking),

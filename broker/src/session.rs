@@ -9,7 +9,7 @@
 //! - Every session that sent CONNACK publishes exactly one `connected` and one `disconnected`
 //!   presence event with the same epoch; the epoch grows across sessions and restarts.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -321,6 +321,8 @@ struct Slot {
     /// For a SUBACK: the answer for every filter of the SUBSCRIBE, `None` where the router's
     /// code goes.
     sub_codes: Vec<Option<SubscribeReasonCode>>,
+    /// An acknowledgement of something the session sent on its own; never reaches the client.
+    swallow: bool,
 }
 
 /// Acknowledgements in the order of the packets they answer.
@@ -356,8 +358,17 @@ impl AckQueue {
             bus_pending,
             bus_error: None,
             sub_codes,
+            swallow: false,
         });
         self.next_id
+    }
+
+    /// Expects a router acknowledgement the client must not see.
+    fn push_swallowed(&mut self, kind: AckKind, pkid: u16) {
+        self.push(kind, pkid, None, false);
+        if let Some(slot) = self.slots.back_mut() {
+            slot.swallow = true;
+        }
     }
 
     /// Files the router's ack with the oldest slot waiting for it; gives it back if none is.
@@ -424,7 +435,6 @@ struct Session<S> {
     kick: mpsc::UnboundedReceiver<DisconnectReason>,
     acks: AckQueue,
     bus: FuturesUnordered<BusFuture>,
-    subscriptions: HashSet<String>,
     wake_router: bool,
 }
 
@@ -492,7 +502,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             kick,
             acks: AckQueue::default(),
             bus: FuturesUnordered::new(),
-            subscriptions: HashSet::new(),
             wake_router: false,
         };
 
@@ -645,27 +654,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Packet::Unsubscribe(unsubscribe, props) => {
                 let pkid = unsubscribe.pkid;
-                let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
-                let mut routed = Vec::new();
-                for filter in unsubscribe.filters {
-                    if self.subscriptions.remove(&filter) {
-                        reasons.push(UnsubAckReason::Success);
-                        routed.push(filter);
-                    } else {
-                        reasons.push(UnsubAckReason::NoSubscriptionExisted);
+                if self.link.session_present {
+                    // rumqttd restores a resumed session's subscriptions without indexing them
+                    // under the new connection, so its UNSUBSCRIBE would remove nothing.
+                    // Subscribing again re-indexes them (no new data request, no retained
+                    // replay); that SUBACK stays between the session and the router.
+                    let filters = unsubscribe
+                        .filters
+                        .iter()
+                        .filter(|f| acl::may_subscribe(&self.principal, f))
+                        .map(|f| Filter {
+                            path: f.clone(),
+                            qos: QoS::AtMostOnce,
+                            nolocal: false,
+                            preserve_retain: false,
+                            retain_forward_rule: RetainForwardRule::Never,
+                        })
+                        .collect::<Vec<_>>();
+                    if !filters.is_empty() {
+                        to_router.push(Packet::Subscribe(Subscribe { pkid, filters }, None));
+                        self.acks.push_swallowed(AckKind::SubAck, pkid);
                     }
                 }
-                if !routed.is_empty() {
-                    to_router.push(Packet::Unsubscribe(
-                        Unsubscribe {
-                            pkid,
-                            filters: routed,
-                        },
-                        props,
-                    ));
-                }
-                // The router answers one UNSUBACK per removed filter (and none for unknown
-                // ones); the client gets exactly one, from here.
+                // Every filter goes to the router. It answers one UNSUBACK per removed filter
+                // and none for unknown ones; the client gets exactly one, from here.
+                let reasons = vec![UnsubAckReason::Success; unsubscribe.filters.len()];
+                to_router.push(Packet::Unsubscribe(unsubscribe, props));
                 let ack = Packet::UnsubAck(UnsubAck { pkid, reasons }, None);
                 self.acks.push(AckKind::SubAck, pkid, Some(ack), false);
                 Step::Continue
@@ -819,7 +833,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         for filter in subscribe.filters {
             if acl::may_subscribe(&self.principal, &filter.path) {
                 codes.push(None);
-                self.subscriptions.insert(filter.path.clone());
                 allowed.push(filter);
             } else {
                 self.ctx.control.metrics.reject(Rejection::ForbiddenTopic);
@@ -898,6 +911,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Moves every acknowledgement that is ready, in order, to the socket, and writes.
     async fn flush_acks(&mut self) -> Step {
         while let Some(slot) = self.acks.pop_ready() {
+            if slot.swallow {
+                continue;
+            }
             let mut packet = slot.packet.expect("ready slot has a packet");
             if let Some(err) = slot.bus_error {
                 if self.conn.version() == Version::V311 {

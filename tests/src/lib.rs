@@ -351,6 +351,7 @@ pub fn tls_config(server_ca_pem: &str, client: Option<&DeviceCert>) -> Arc<rustl
 pub struct Client {
     pub client: rumqttc::AsyncClient,
     events: mpsc::UnboundedReceiver<Result<rumqttc::Packet, String>>,
+    eventloop: tokio::task::JoinHandle<()>,
 }
 
 impl Client {
@@ -368,7 +369,7 @@ impl Client {
             }
         }
         let (tx, events) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
+        let eventloop = tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
                     Ok(rumqttc::Event::Incoming(p)) => {
@@ -384,7 +385,17 @@ impl Client {
                 }
             }
         });
-        Ok(Client { client, events })
+        Ok(Client {
+            client,
+            events,
+            eventloop,
+        })
+    }
+
+    /// Drops the connection without DISCONNECT, as a device losing power would.
+    pub async fn kill(self) {
+        self.eventloop.abort();
+        let _ = self.eventloop.await;
     }
 
     /// Waits until `f` picks something out of an incoming packet. Panics on timeout or when
