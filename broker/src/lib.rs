@@ -27,6 +27,6 @@ mod session;
 pub mod tls;
 
 pub use control::BrokerControl;
-pub use router::RouterSettings;
+pub use router::{RouterLossLayer, RouterSettings};
 pub use server::{Broker, BrokerConfig, BrokerError};
 pub use tls::ServerIdentity;

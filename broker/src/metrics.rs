@@ -103,6 +103,10 @@ pub struct MetricsSnapshot {
     pub bus_events: u64,
     pub bus_failures: u64,
     pub takeovers: u64,
+    /// Times the router skipped a slow MQTT subscriber past messages it had not read (needs
+    /// [`crate::RouterLossLayer`] installed). The fleet service's own intake never reads from
+    /// the router, so this concerns backend MQTT subscribers only.
+    pub router_subscriber_skips: u64,
     pub rejections: std::collections::BTreeMap<&'static str, u64>,
 }
 
@@ -148,6 +152,7 @@ impl Metrics {
             bus_events: self.bus_events.load(Ordering::Relaxed),
             bus_failures: self.bus_failures.load(Ordering::Relaxed),
             takeovers: self.takeovers.load(Ordering::Relaxed),
+            router_subscriber_skips: crate::router::subscriber_skips(),
             rejections: Rejection::ALL
                 .iter()
                 .map(|r| (r.as_str(), self.rejections(*r)))

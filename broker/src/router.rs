@@ -217,6 +217,30 @@ fn classify(n: Notification) -> Option<FromRouter> {
     })
 }
 
+/// Times the router skipped a subscriber past messages it had not read yet (its commit log for
+/// that filter rolled over). rumqttd reports this only as a warning from its segment store, so
+/// [`RouterLossLayer`] counts those warnings.
+static SUBSCRIBER_SKIPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub(crate) fn subscriber_skips() -> u64 {
+    SUBSCRIBER_SKIPS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A tracing layer that counts the router's "subscriber fell behind and lost messages"
+/// warnings, so the loss shows in the broker's metrics. The binary installs it next to its log
+/// output; it records nothing else.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RouterLossLayer;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RouterLossLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let meta = event.metadata();
+        if *meta.level() == tracing::Level::WARN && meta.target().starts_with("rumqttd::segments") {
+            SUBSCRIBER_SKIPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 /// Builds a PUBLISH with the given QoS and packet id. rumqttd keeps those fields crate-private
 /// and offers only its own serialisation as a way in, so this writes that (internal, not MQTT)
 /// layout: header byte, packet id, topic length, topic, payload.

@@ -14,13 +14,7 @@ async fn main() -> std::process::ExitCode {
         }
         Command::Serve(args) => args,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    install_logging();
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -28,6 +22,23 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr, filtered by RUST_LOG; the router-loss counter sees every event regardless.
+fn install_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,rumqttd=warn,sqlx=warn".into());
+    tracing_subscriber::registry()
+        .with(broker::RouterLossLayer)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        )
+        .init();
 }
 
 async fn run(args: fleet_service::config::ServeArgs) -> anyhow::Result<()> {

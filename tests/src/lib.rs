@@ -18,13 +18,20 @@ use tokio::sync::mpsc;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Installs, once per test binary, the router-loss counter and (with `TEST_LOG`) log output.
 pub fn init_logs() {
-    if std::env::var_os("TEST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_env("TEST_LOG"))
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let output = std::env::var_os("TEST_LOG").map(|_| {
+        tracing_subscriber::fmt::layer()
             .with_test_writer()
-            .try_init();
-    }
+            .with_filter(tracing_subscriber::EnvFilter::from_env("TEST_LOG"))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(broker::RouterLossLayer)
+        .with(output)
+        .try_init();
 }
 
 /// Which database a test runs on.
@@ -63,6 +70,7 @@ pub struct Platform {
     app: Option<App>,
     dir: tempfile::TempDir,
     database_url: String,
+    tuning: fleet_service::config::Tuning,
     http: reqwest::Client,
     pub db: Db,
 }
@@ -77,6 +85,11 @@ impl Platform {
 
     /// Starts the platform on `db`; `None` (after saying so) when PostgreSQL is not configured.
     pub async fn start(db: Db) -> Option<Platform> {
+        Self::start_tuned(db, fleet_service::config::Tuning::default()).await
+    }
+
+    /// Starts the platform with non-default tuning (router limits, timeouts, ...).
+    pub async fn start_tuned(db: Db, tuning: fleet_service::config::Tuning) -> Option<Platform> {
         init_logs();
         let dir = tempfile::tempdir().expect("temp dir");
         let database_url = match db {
@@ -93,6 +106,7 @@ impl Platform {
             app: None,
             dir,
             database_url,
+            tuning,
             http: reqwest::Client::new(),
             db,
         };
@@ -103,6 +117,7 @@ impl Platform {
     async fn boot(&mut self) {
         let mut config = Config::for_tests(self.dir.path());
         config.database_url = self.database_url.clone();
+        config.tuning = self.tuning.clone();
         self.app = Some(App::start(config).await.expect("platform starts"));
     }
 
