@@ -127,7 +127,7 @@ async fn will_is_published_when_a_device_vanishes_but_not_on_clean_disconnect() 
     let c = Client::connect(o).await.unwrap();
     c.client.disconnect().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut m = Client::connect(p.device_options(&fleet.ca.issue("will-3"), "will-3"))
+    let m = Client::connect(p.device_options(&fleet.ca.issue("will-3"), "will-3"))
         .await
         .unwrap();
     m.client
