@@ -60,7 +60,10 @@ impl App {
             .await
             .context("marking devices of the previous run offline")?;
         if !stale.is_empty() {
-            info!(count = stale.len(), "devices still online from a previous run marked offline (server_restart)");
+            info!(
+                count = stale.len(),
+                "devices still online from a previous run marked offline (server_restart)"
+            );
         }
 
         let metrics = Arc::new(Metrics::default());
@@ -68,7 +71,11 @@ impl App {
         for ca in store.load_ca_records().await.context("loading CAs")? {
             registry.upsert_ca(ca);
         }
-        for device in store.load_device_records().await.context("loading devices")? {
+        for device in store
+            .load_device_records()
+            .await
+            .context("loading devices")?
+        {
             registry.upsert_device(device);
         }
         let control = BrokerControl::new(registry.clone(), metrics);
@@ -107,7 +114,10 @@ impl App {
         ));
         let http_stop = wait_stop(stopped.clone());
         let http_task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(http, api).with_graceful_shutdown(http_stop).await {
+            if let Err(e) = axum::serve(http, api)
+                .with_graceful_shutdown(http_stop)
+                .await
+            {
                 warn!(error = %e, "HTTP server failed");
             }
         });
@@ -272,6 +282,9 @@ mod tests {
             super::redact("postgres://u:secret@h:5432/db"),
             "postgres://u:***@h:5432/db"
         );
-        assert_eq!(super::redact("sqlite://./data/fleet.db"), "sqlite://./data/fleet.db");
+        assert_eq!(
+            super::redact("sqlite://./data/fleet.db"),
+            "sqlite://./data/fleet.db"
+        );
     }
 }

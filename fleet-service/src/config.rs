@@ -13,7 +13,11 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_TUNING: &str = include_str!("../../config/fleet.toml");
 
 #[derive(Debug, clap::Parser)]
-#[command(name = "fleet-service", version, about = "Device messaging and fleet management platform")]
+#[command(
+    name = "fleet-service",
+    version,
+    about = "Device messaging and fleet management platform"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -147,8 +151,7 @@ impl Config {
         let database_url = args
             .database_url
             .unwrap_or_else(|| sqlite_url(&args.data_dir));
-        if !(database_url.starts_with("sqlite:") || database_url.starts_with("postgres"))
-        {
+        if !(database_url.starts_with("sqlite:") || database_url.starts_with("postgres")) {
             anyhow::bail!("--database-url must start with sqlite:// or postgres://");
         }
         Ok(Self {
