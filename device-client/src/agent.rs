@@ -766,7 +766,8 @@ impl AgentTask {
                 self.status.connected = false;
                 self.status.subscribed = false;
             }
-            MqttEvent::Other => {}
+            // The agent publishes QoS 1 only.
+            MqttEvent::SentAtMostOnce | MqttEvent::Other => {}
         }
     }
 

@@ -17,6 +17,8 @@
 //!   with full jitter, the drop-oldest offline buffer, unacknowledged publishes, redelivered
 //!   commands), each with table tests.
 //! - [`pki`]: manufacturing CA, device and server certificates (rcgen, P-256).
+//! - [`sim`]: the fleet simulator behind `device-client simulate` (connect storms, telemetry
+//!   load with delivery measurement); its sessions come from `mqtt` like the agent's.
 //! - [`error`]: errors by stage ([`ConfigError`], [`ConnectError`], [`Error`]).
 //!
 //! Only the binary installs a tracing subscriber; the library emits events with `device_id`.
@@ -31,6 +33,7 @@ mod options;
 mod outbox;
 pub mod pki;
 mod publish;
+pub mod sim;
 mod tls;
 mod url;
 

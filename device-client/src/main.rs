@@ -1,8 +1,10 @@
-//! `device-client`: run a device agent, publish one message, or issue certificates.
+//! `device-client`: run a device agent, publish one message, issue certificates, or simulate a
+//! fleet.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -10,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use device_client::fleet_wire::payload::Command;
 use device_client::fleet_wire::{CohortId, DeviceId, Topic};
 use device_client::pki::{Ca, CaOptions, DeviceCertOptions, KeyAlgorithm};
+use device_client::sim::{self, ConnectStorm, Observe, Qos, Scenario, SimConfig, TelemetryLoad};
 use device_client::{
     publish_once, Agent, AgentConfig, BrokerUrl, ClientIdentity, CommandOutcome, ConnectOptions,
     TlsConfig,
@@ -19,7 +22,7 @@ use device_client::{
 #[command(
     name = "device-client",
     version,
-    about = "Fleet device client: MQTT agent, one-shot publish and device PKI"
+    about = "Fleet device client: MQTT agent, one-shot publish, device PKI and fleet simulator"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -35,6 +38,158 @@ enum Cmd {
     /// Create a manufacturing CA or certificates signed by it.
     #[command(subcommand)]
     Pki(PkiCmd),
+    /// Simulate a fleet: many devices in this process against one broker (load generator).
+    ///
+    /// Prints a table at the end (or one JSON document with --json) and, unless --json, a
+    /// progress line on stderr every second. Bounded by the scenario and --max-duration.
+    #[command(subcommand)]
+    Simulate(SimCmd),
+}
+
+#[derive(Subcommand)]
+enum SimCmd {
+    /// Every device connects: CONNACK latency percentiles, connects/s, failures by reason.
+    ConnectStorm(StormArgs),
+    /// Every device publishes telemetry at a fixed rate: offered vs acknowledged rate, PUBACK
+    /// latency, and with --observe-url delivered rate, end-to-end latency and loss.
+    Telemetry(TelemetryArgs),
+}
+
+#[derive(Args)]
+struct SimArgs {
+    /// mqtts://host:port (TLS) or mqtt://host:port (plain TCP). Nothing else is contacted.
+    #[arg(long)]
+    url: BrokerUrl,
+    /// CA certificate(s) that signed the broker's certificate (PEM); required for mqtts://.
+    #[arg(long)]
+    server_ca: Option<PathBuf>,
+    /// Manufacturing CA certificate that signs one client certificate per device (mqtts://).
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// Its private key (PEM, PKCS#8).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Device ids are the prefix and a zero-padded index: sim-00000, sim-00001, ...
+    #[arg(long, default_value = "sim-")]
+    id_prefix: String,
+    /// Keep minted certificates here (per CA fingerprint and device id) and reuse them.
+    #[arg(long)]
+    cert_cache: Option<PathBuf>,
+    #[arg(long, requires = "password")]
+    username: Option<String>,
+    #[arg(
+        long,
+        env = "DEVICE_CLIENT_PASSWORD",
+        hide_env_values = true,
+        requires = "username"
+    )]
+    password: Option<String>,
+    /// Put before every topic (default none: topics exactly as in topics.md).
+    #[arg(long, default_value = "")]
+    topic_prefix: String,
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    keep_alive: Duration,
+    /// TCP connect + TLS handshake + CONNACK, per attempt.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// Hard limit for the whole run.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    max_duration: Duration,
+    /// Print one JSON document (scenario, parameters, results) and no progress.
+    #[arg(long)]
+    json: bool,
+}
+
+impl SimArgs {
+    fn config(&self) -> Result<SimConfig> {
+        let mut c = SimConfig::new(self.url.clone());
+        if let Some(path) = &self.server_ca {
+            c.server_ca_pem = Some(
+                std::fs::read(path)
+                    .with_context(|| format!("cannot read --server-ca {}", path.display()))?,
+            );
+        }
+        if let (Some(cert), Some(key)) = (&self.ca_cert, &self.ca_key) {
+            c.device_ca = Some(Arc::new(Ca::from_files(cert, key)?));
+        }
+        c.id_prefix = self.id_prefix.clone();
+        c.cert_cache = self.cert_cache.clone();
+        if let (Some(u), Some(p)) = (&self.username, &self.password) {
+            c.credentials = Some(device_client::Credentials {
+                username: u.clone(),
+                password: p.clone(),
+            });
+        }
+        c.topic_prefix = self.topic_prefix.clone();
+        c.keep_alive = self.keep_alive;
+        c.connect_timeout = self.connect_timeout;
+        c.max_duration = self.max_duration;
+        if !self.json {
+            c.progress = Some(progress_printer());
+        }
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+struct StormArgs {
+    #[command(flatten)]
+    sim: SimArgs,
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Connection attempts (TCP + TLS + CONNECT) in flight at once.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    /// New connections per second at most, e.g. 200 or 200/s.
+    #[arg(long, value_parser = parse_rate)]
+    rate: Option<f64>,
+    /// Keep every device connected until all have connected, then disconnect them all.
+    #[arg(long)]
+    hold: bool,
+    /// Connect every device this many more times, one report row per round.
+    #[arg(long, default_value_t = 0)]
+    repeat: u32,
+}
+
+#[derive(Args)]
+struct TelemetryArgs {
+    #[command(flatten)]
+    sim: SimArgs,
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Connection attempts in flight at once while the devices connect.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    /// Messages per second per device, e.g. 1 or 0.2.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: u8,
+    /// Approximate JSON payload size in bytes.
+    #[arg(long, default_value_t = 128)]
+    payload_size: usize,
+    /// How long the devices publish.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Unacknowledged QoS 1 publishes per device.
+    #[arg(long, default_value_t = 10)]
+    inflight: u16,
+    /// Subscriber measuring delivery, e.g. mqtt://127.0.0.1:8884 (the platform's service
+    /// listener; username any, password an API key).
+    #[arg(long)]
+    observe_url: Option<BrokerUrl>,
+    #[arg(long, requires = "observe_url")]
+    observe_username: Option<String>,
+    #[arg(
+        long,
+        env = "DEVICE_CLIENT_OBSERVE_PASSWORD",
+        hide_env_values = true,
+        requires = "observe_username"
+    )]
+    observe_password: Option<String>,
+    /// Default: {topic prefix}devices/+/telemetry.
+    #[arg(long, requires = "observe_url")]
+    observe_filter: Option<String>,
 }
 
 #[derive(Args)]
@@ -243,6 +398,85 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Run(args) => run(args).await,
         Cmd::Publish(args) => publish(args).await,
         Cmd::Pki(cmd) => pki(cmd),
+        Cmd::Simulate(cmd) => simulate(cmd).await,
+    }
+}
+
+async fn simulate(cmd: SimCmd) -> Result<()> {
+    let (args, scenario) = match cmd {
+        SimCmd::ConnectStorm(a) => {
+            let s = ConnectStorm {
+                devices: a.devices,
+                concurrency: a.concurrency,
+                rate: a.rate,
+                hold: a.hold,
+                repeat: a.repeat,
+            };
+            (a.sim, Scenario::ConnectStorm(s))
+        }
+        SimCmd::Telemetry(a) => {
+            let observe = a.observe_url.map(|url| Observe {
+                url,
+                credentials: match (a.observe_username, a.observe_password) {
+                    (Some(username), Some(password)) => {
+                        Some(device_client::Credentials { username, password })
+                    }
+                    _ => None,
+                },
+                server_ca_pem: None,
+                filter: a.observe_filter,
+            });
+            let t = TelemetryLoad {
+                devices: a.devices,
+                concurrency: a.concurrency,
+                rate: a.rate,
+                qos: if a.qos == 0 {
+                    Qos::AtMostOnce
+                } else {
+                    Qos::AtLeastOnce
+                },
+                payload_size: a.payload_size,
+                duration: a.duration,
+                inflight: a.inflight,
+                observe,
+            };
+            (a.sim, Scenario::Telemetry(t))
+        }
+    };
+    let config = args.config()?;
+    let report = sim::run(&config, &scenario).await?;
+    if config.progress.is_some() && std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", report.to_table())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// The live progress line: rewritten in place on a terminal, one line per second otherwise.
+fn progress_printer() -> sim::ProgressFn {
+    let terminal = std::io::stderr().is_terminal();
+    Arc::new(move |line: &str| {
+        if terminal {
+            eprint!("\r{line}\x1b[K");
+        } else {
+            eprintln!("{line}");
+        }
+    })
+}
+
+/// `200`, `200/s` or `12.5/s`: a positive number per second.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let n = s.trim().strip_suffix("/s").unwrap_or(s.trim());
+    match n.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!("{s:?} is not a rate like 200 or 200/s")),
     }
 }
 
@@ -421,6 +655,91 @@ mod tests {
         ];
         for (s, want) in cases {
             assert_eq!(parse_duration(s).ok(), *want, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn rates() {
+        let cases: &[(&str, Option<f64>)] = &[
+            ("200", Some(200.0)),
+            ("200/s", Some(200.0)),
+            ("12.5/s", Some(12.5)),
+            ("0", None),
+            ("-1/s", None),
+            ("fast", None),
+            ("inf", None),
+        ];
+        for (s, want) in cases {
+            assert_eq!(parse_rate(s).ok(), *want, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn simulate_parses() {
+        let cli = Cli::try_parse_from([
+            "device-client",
+            "simulate",
+            "connect-storm",
+            "--url",
+            "mqtts://127.0.0.1:8883",
+            "--server-ca",
+            "ca.pem",
+            "--ca-cert",
+            "mfg.pem",
+            "--ca-key",
+            "mfg.key",
+            "--devices",
+            "1000",
+            "--concurrency",
+            "50",
+            "--rate",
+            "200/s",
+            "--hold",
+            "--repeat",
+            "1",
+        ])
+        .unwrap();
+        let Cmd::Simulate(SimCmd::ConnectStorm(a)) = cli.command else {
+            panic!("not connect-storm");
+        };
+        assert_eq!((a.devices, a.concurrency, a.rate), (1000, 50, Some(200.0)));
+        assert!(a.hold && a.repeat == 1 && !a.sim.json);
+        assert_eq!(a.sim.max_duration, Duration::from_secs(300));
+
+        let cli = Cli::try_parse_from([
+            "device-client",
+            "simulate",
+            "telemetry",
+            "--url",
+            "mqtt://127.0.0.1:1883",
+            "--qos",
+            "0",
+            "--duration",
+            "2s",
+            "--observe-url",
+            "mqtt://127.0.0.1:1883",
+            "--json",
+        ])
+        .unwrap();
+        let Cmd::Simulate(SimCmd::Telemetry(t)) = cli.command else {
+            panic!("not telemetry");
+        };
+        assert_eq!((t.qos, t.duration), (0, Duration::from_secs(2)));
+        assert!(t.sim.json && t.observe_url.is_some());
+        for bad in [
+            &["--qos", "2"][..],
+            &["--ca-cert", "only-cert.pem"][..],
+            &["--observe-username", "svc"][..],
+        ] {
+            let mut args = vec![
+                "device-client",
+                "simulate",
+                "telemetry",
+                "--url",
+                "mqtt://h",
+            ];
+            args.extend_from_slice(bad);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
         }
     }
 

@@ -2,6 +2,7 @@
 //! into a client, and rumqttc's events and errors into this crate's.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_wire::{DeviceId, Topic};
@@ -12,7 +13,8 @@ use rumqttc::{
 };
 
 use crate::error::{ConfigError, ConnackRefusal, ConnectError};
-use crate::options::ConnectOptions;
+use crate::options::{ConnectOptions, Credentials};
+use crate::url::BrokerUrl;
 
 /// Largest packet sent or received.
 const MAX_PACKET_SIZE: usize = 256 * 1024;
@@ -29,6 +31,8 @@ pub(crate) enum MqttEvent {
     },
     /// A QoS 1 publish was written with this packet id.
     Sent(u16),
+    /// A QoS 0 publish was written.
+    SentAtMostOnce,
     /// A QoS 1 publish waits because its packet id is still in use.
     Deferred(u16),
     /// The broker acknowledged this packet id.
@@ -88,6 +92,86 @@ impl MqttClient {
     pub(crate) fn disconnect(&self) -> Result<(), SubmitError> {
         self.0.try_disconnect().map_err(submit_err)
     }
+
+    /// Queues a publish on a topic given as text (the simulator's topics may carry a prefix).
+    pub(crate) fn publish_to(
+        &self,
+        topic: String,
+        qos: Qos,
+        payload: Vec<u8>,
+    ) -> Result<(), SubmitError> {
+        self.0
+            .try_publish(topic, qos.into(), false, payload)
+            .map_err(submit_err)
+    }
+
+    /// Queues one SUBSCRIBE for a filter given as text.
+    pub(crate) fn subscribe_to(&self, filter: String, qos: Qos) -> Result<(), SubmitError> {
+        self.0.try_subscribe(filter, qos.into()).map_err(submit_err)
+    }
+}
+
+/// Delivery guarantee of a publish or subscription; serialized as 0 or 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(into = "u8")]
+pub enum Qos {
+    AtMostOnce,
+    AtLeastOnce,
+}
+
+impl From<Qos> for u8 {
+    fn from(q: Qos) -> u8 {
+        match q {
+            Qos::AtMostOnce => 0,
+            Qos::AtLeastOnce => 1,
+        }
+    }
+}
+
+impl From<Qos> for QoS {
+    fn from(q: Qos) -> QoS {
+        match q {
+            Qos::AtMostOnce => QoS::AtMostOnce,
+            Qos::AtLeastOnce => QoS::AtLeastOnce,
+        }
+    }
+}
+
+/// A session as the simulator opens it: an explicit client id, a ready TLS configuration and
+/// small buffers, so that thousands fit in one process.
+pub(crate) struct SessionSpec<'a> {
+    pub url: &'a BrokerUrl,
+    pub client_id: &'a str,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub credentials: Option<&'a Credentials>,
+    pub keep_alive: Duration,
+    pub connect_timeout: Duration,
+    /// Unacknowledged QoS 1 publishes before the client holds more back.
+    pub inflight: u16,
+    /// Requests queued in the client before `try_*` reports [`SubmitError::Full`].
+    pub capacity: usize,
+    /// Largest packet read or written.
+    pub max_packet: usize,
+}
+
+/// Builds a client from `spec`; the first [`MqttLoop::poll`] opens the TCP connection.
+pub(crate) fn open_session(spec: SessionSpec<'_>) -> (MqttClient, MqttLoop) {
+    let mut mqtt = MqttOptions::new(spec.client_id, spec.url.host(), spec.url.port());
+    mqtt.set_keep_alive(spec.keep_alive)
+        .set_clean_session(true)
+        .set_max_packet_size(spec.max_packet, spec.max_packet)
+        .set_inflight(spec.inflight.max(1));
+    if let Some(c) = spec.credentials {
+        mqtt.set_credentials(c.username.clone(), c.password.clone());
+    }
+    if let Some(tls) = spec.tls {
+        mqtt.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
+    }
+    let (client, mut eventloop) = AsyncClient::new(mqtt, spec.capacity.max(1));
+    let mut network = eventloop.network_options();
+    network.set_connection_timeout(spec.connect_timeout.as_secs().max(1));
+    eventloop.set_network_options(network);
+    (MqttClient(client), MqttLoop(eventloop))
 }
 
 /// Drives the connection. `poll` reconnects when called after an error.
@@ -112,7 +196,8 @@ impl MqttLoop {
                     .filter(|c| matches!(c, SubscribeReasonCode::Failure))
                     .count(),
             },
-            Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => MqttEvent::Sent(pkid),
+            Event::Outgoing(Outgoing::Publish(0)) => MqttEvent::SentAtMostOnce,
+            Event::Outgoing(Outgoing::Publish(pkid)) => MqttEvent::Sent(pkid),
             Event::Outgoing(Outgoing::AwaitAck(pkid)) => MqttEvent::Deferred(pkid),
             Event::Outgoing(Outgoing::Disconnect) => MqttEvent::DisconnectSent,
             _ => MqttEvent::Other,

@@ -271,6 +271,19 @@ impl Ca {
         &self.cert_pem
     }
 
+    /// SHA-256 of the CA certificate (DER), lowercase hex: names what this CA signed, e.g. in
+    /// the simulator's certificate cache.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let der = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes())
+            .map(|(_, block)| block.contents)
+            .unwrap_or_else(|_| self.issuer.der().to_vec());
+        sha2::Sha256::digest(der)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// The CA certificate and key as PEM, e.g. to [`CertifiedKeyPem::write`] them.
     pub fn to_pem(&self) -> CertifiedKeyPem {
         CertifiedKeyPem {
@@ -415,6 +428,21 @@ mod tests {
         );
         let err = Ca::from_pem(&pem.cert_pem, "nope").err().unwrap();
         assert!(err.to_string().starts_with("CA key: "), "{err}");
+    }
+
+    #[test]
+    fn fingerprint_is_the_sha256_of_the_der() {
+        let ca = Ca::generate(&CaOptions::default()).unwrap();
+        let fp = ca.fingerprint();
+        assert_eq!(fp.len(), 64);
+        assert!(fp
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        let pem = ca.to_pem();
+        let loaded = Ca::from_pem(&pem.cert_pem, &pem.key_pem).unwrap();
+        assert_eq!(loaded.fingerprint(), fp, "stable across loading");
+        let other = Ca::generate(&CaOptions::default()).unwrap();
+        assert_ne!(other.fingerprint(), fp);
     }
 
     #[test]

@@ -6,9 +6,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use fleet_wire::DeviceId;
+use rustls::client::Resumption;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
+use time::OffsetDateTime;
 
 use crate::error::ConfigError;
 
@@ -17,6 +20,7 @@ pub struct ClientIdentity {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     common_name: Option<String>,
+    not_after: OffsetDateTime,
 }
 
 impl ClientIdentity {
@@ -48,12 +52,18 @@ impl ClientIdentity {
             what: key_what.to_owned(),
             reason: pem_reason(e, "PRIVATE KEY"),
         })?;
-        let common_name = leaf_common_name(&chain[0], cert_what)?;
+        let (common_name, not_after) = leaf_info(&chain[0], cert_what)?;
         Ok(Self {
             chain,
             key,
             common_name,
+            not_after,
         })
+    }
+
+    /// When the leaf certificate expires.
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
     }
 
     /// The subject CN of the leaf certificate, if it has one.
@@ -80,6 +90,7 @@ impl Clone for ClientIdentity {
             chain: self.chain.clone(),
             key: self.key.clone_key(),
             common_name: self.common_name.clone(),
+            not_after: self.not_after,
         }
     }
 }
@@ -163,6 +174,53 @@ impl TlsConfig {
     }
 }
 
+/// Trust anchors and crypto provider built once and shared by the client configurations of
+/// many simulated devices, each with its own certificate.
+pub(crate) struct SharedTls {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+}
+
+/// TLS sessions a simulated device remembers for resumption. rustls' default (256) would
+/// preallocate a cache per configuration, too much memory times ten thousand devices.
+const SIM_SESSION_CACHE: usize = 2;
+
+impl SharedTls {
+    pub(crate) fn new(tls: &TlsConfig) -> Result<Self, ConfigError> {
+        let mut store = RootCertStore::empty();
+        for root in &tls.roots {
+            store
+                .add(root.clone())
+                .map_err(|e| ConfigError::Tls(e.to_string()))?;
+        }
+        Ok(Self {
+            roots: Arc::new(store),
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+        })
+    }
+
+    /// A client configuration presenting `identity` (none: no client certificate).
+    pub(crate) fn client_config(
+        &self,
+        identity: Option<ClientIdentity>,
+    ) -> Result<Arc<ClientConfig>, ConfigError> {
+        let builder = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConfigError::Tls(e.to_string()))?
+            .with_root_certificates(self.roots.clone());
+        let mut config = match identity {
+            Some(id) => builder
+                .with_client_auth_cert(id.chain, id.key)
+                .map_err(|e| {
+                    ConfigError::Tls(format!("client certificate and key do not fit: {e}"))
+                })?,
+            None => builder.with_no_client_auth(),
+        };
+        config.resumption = Resumption::in_memory_sessions(SIM_SESSION_CACHE);
+        Ok(Arc::new(config))
+    }
+}
+
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, ConfigError> {
     std::fs::read(path).map_err(|error| ConfigError::ReadFile {
         what,
@@ -200,7 +258,10 @@ fn pem_reason(e: rustls::pki_types::pem::Error, label: &str) -> String {
     }
 }
 
-fn leaf_common_name(leaf: &CertificateDer<'_>, what: &str) -> Result<Option<String>, ConfigError> {
+fn leaf_info(
+    leaf: &CertificateDer<'_>,
+    what: &str,
+) -> Result<(Option<String>, OffsetDateTime), ConfigError> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| ConfigError::Pem {
         what: what.to_owned(),
         reason: format!("not a valid X.509 certificate: {e}"),
@@ -211,7 +272,7 @@ fn leaf_common_name(leaf: &CertificateDer<'_>, what: &str) -> Result<Option<Stri
         .next()
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_owned);
-    Ok(cn)
+    Ok((cn, cert.validity().not_after.to_datetime()))
 }
 
 #[cfg(test)]
@@ -299,6 +360,7 @@ mod tests {
                 chain: Vec::new(),
                 key: PrivateKeyDer::from_pem_slice(device("x").1.key_pem.as_bytes()).unwrap(),
                 common_name: Some(cn.to_owned()),
+                not_after: OffsetDateTime::now_utc(),
             };
             assert_eq!(id.device_id().is_ok(), ok, "{cn}");
         }

@@ -1,0 +1,312 @@
+//! A latency histogram with bounded memory and bounded relative error, in the spirit of
+//! HdrHistogram: values below 128 are counted exactly; above, each power of two is split into
+//! 128 linear buckets, so a reported percentile is within 1/128 (< 0.8 %) of the true value.
+//! The count, minimum, maximum and sum are exact.
+
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+/// Linear buckets per power of two: 2^SUB_BITS.
+const SUB_BITS: u32 = 7;
+const SUB: u64 = 1 << SUB_BITS;
+
+/// A histogram of `u64` values (the simulator records microseconds).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Histogram {
+    /// Grown on demand up to the bucket of the largest value seen.
+    counts: Vec<u64>,
+    count: u64,
+    min: u64,
+    max: u64,
+    sum: u128,
+}
+
+/// The bucket a value falls in.
+fn bucket(v: u64) -> usize {
+    if v < SUB {
+        return v as usize;
+    }
+    let exp = 63 - v.leading_zeros(); // >= SUB_BITS
+    let shift = exp - SUB_BITS;
+    let sub = (v >> shift) & (SUB - 1);
+    ((u64::from(shift) + 1) * SUB + sub) as usize
+}
+
+/// The largest value that falls in bucket `i`.
+fn bucket_high(i: usize) -> u64 {
+    let i = i as u64;
+    if i < SUB {
+        return i;
+    }
+    let shift = i / SUB - 1;
+    let sub = i % SUB;
+    let low = (SUB + sub) << shift;
+    low + ((1u64 << shift) - 1)
+}
+
+impl Histogram {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn record(&mut self, v: u64) {
+        let i = bucket(v);
+        if i >= self.counts.len() {
+            self.counts.resize(i + 1, 0);
+        }
+        self.counts[i] += 1;
+        if self.count == 0 || v < self.min {
+            self.min = v;
+        }
+        self.max = self.max.max(v);
+        self.count += 1;
+        self.sum += u128::from(v);
+    }
+
+    /// Records a duration in microseconds.
+    pub fn record_duration(&mut self, d: Duration) {
+        self.record(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    pub fn merge(&mut self, other: &Histogram) {
+        if other.count == 0 {
+            return;
+        }
+        if other.counts.len() > self.counts.len() {
+            self.counts.resize(other.counts.len(), 0);
+        }
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        if self.count == 0 || other.min < self.min {
+            self.min = other.min;
+        }
+        self.max = self.max.max(other.max);
+        self.count += other.count;
+        self.sum += other.sum;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn min(&self) -> Option<u64> {
+        (self.count > 0).then_some(self.min)
+    }
+
+    pub fn max(&self) -> Option<u64> {
+        (self.count > 0).then_some(self.max)
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum as f64 / self.count as f64)
+    }
+
+    /// The value at quantile `q` (0.0..=1.0): the smallest recorded value such that at least
+    /// `q` of all values are at most it, rounded up to its bucket's upper edge and clamped to
+    /// the exact minimum and maximum. `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let q = q.clamp(0.0, 1.0);
+        let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(bucket_high(i).clamp(self.min, self.max));
+            }
+        }
+        Some(self.max)
+    }
+
+    /// p50, p90, p99, max and mean, in milliseconds of the microsecond values recorded.
+    pub fn summary_ms(&self) -> Percentiles {
+        let ms = |v: Option<u64>| v.map(|us| us as f64 / 1000.0);
+        Percentiles {
+            count: self.count,
+            p50_ms: ms(self.quantile(0.50)),
+            p90_ms: ms(self.quantile(0.90)),
+            p99_ms: ms(self.quantile(0.99)),
+            max_ms: ms(self.max()),
+            mean_ms: self.mean().map(|us| us / 1000.0),
+        }
+    }
+}
+
+/// Latency percentiles as reported; `None` when nothing was measured.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50_ms: Option<f64>,
+    pub p90_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+    pub mean_ms: Option<f64>,
+}
+
+/// A histogram many tasks record into: a few shards behind short locks, merged on read.
+#[derive(Debug)]
+pub(crate) struct SharedHistogram {
+    shards: Vec<Mutex<Histogram>>,
+}
+
+impl SharedHistogram {
+    pub(crate) fn new(shards: usize) -> Self {
+        Self {
+            shards: (0..shards.max(1))
+                .map(|_| Mutex::new(Histogram::new()))
+                .collect(),
+        }
+    }
+
+    /// Records into the shard of `key` (e.g. a device index).
+    pub(crate) fn record(&self, key: usize, d: Duration) {
+        self.shards[key % self.shards.len()]
+            .lock()
+            .record_duration(d);
+    }
+
+    pub(crate) fn snapshot(&self) -> Histogram {
+        let mut all = Histogram::new();
+        for s in &self.shards {
+            all.merge(&s.lock());
+        }
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_exact_below_256_and_contiguous_above() {
+        for v in 0..256u64 {
+            assert_eq!(bucket_high(bucket(v)), v, "{v}");
+        }
+        // Every value lies at or below its bucket's upper edge, and above the previous one.
+        for v in (256u64..1 << 20)
+            .step_by(37)
+            .chain([u64::MAX, u64::MAX - 1, 1 << 40])
+        {
+            let i = bucket(v);
+            assert!(v <= bucket_high(i), "{v}");
+            assert!(v > bucket_high(i - 1), "{v}");
+        }
+        assert_eq!(bucket_high(bucket(u64::MAX)), u64::MAX);
+    }
+
+    #[test]
+    fn relative_error_is_below_one_percent() {
+        for v in [300u64, 1_000, 12_345, 999_999, 10_000_000, 1 << 50] {
+            let high = bucket_high(bucket(v));
+            let err = (high - v) as f64 / v as f64;
+            assert!(err < 1.0 / 128.0, "{v}: {high} ({err})");
+        }
+    }
+
+    #[test]
+    fn quantiles_table() {
+        let mut h = Histogram::new();
+        for v in 1..=100u64 {
+            h.record(v);
+        }
+        let cases = [
+            (0.0, 1),
+            (0.01, 1),
+            (0.5, 50),
+            (0.9, 90),
+            (0.99, 99),
+            (1.0, 100),
+        ];
+        for (q, want) in cases {
+            assert_eq!(h.quantile(q), Some(want), "q={q}");
+        }
+        assert_eq!(h.count(), 100);
+        assert_eq!(h.min(), Some(1));
+        assert_eq!(h.max(), Some(100));
+        assert_eq!(h.mean(), Some(50.5));
+    }
+
+    #[test]
+    fn large_values_are_close_and_clamped_to_max() {
+        let mut h = Histogram::new();
+        for v in 1..=10_000u64 {
+            h.record(v * 1000); // 1 ms .. 10 s in µs
+        }
+        for (q, exact) in [(0.5, 5_000_000f64), (0.9, 9_000_000.0), (0.99, 9_900_000.0)] {
+            let got = h.quantile(q).unwrap() as f64;
+            assert!(
+                got >= exact && (got - exact) / exact < 0.008,
+                "q={q}: {got}"
+            );
+        }
+        assert_eq!(h.quantile(1.0), Some(10_000_000));
+        let one = {
+            let mut h = Histogram::new();
+            h.record(123_456);
+            h
+        };
+        assert_eq!(
+            one.quantile(0.5),
+            Some(123_456),
+            "clamped to the exact value"
+        );
+    }
+
+    #[test]
+    fn empty_and_merge() {
+        let empty = Histogram::new();
+        assert_eq!(empty.quantile(0.5), None);
+        assert_eq!(empty.summary_ms(), Percentiles::default());
+
+        let mut a = Histogram::new();
+        let mut b = Histogram::new();
+        for v in 0..50 {
+            a.record(v);
+        }
+        for v in 50..100 {
+            b.record(v + 1_000_000);
+        }
+        let mut m = Histogram::new();
+        m.merge(&a);
+        m.merge(&b);
+        m.merge(&empty);
+        assert_eq!(m.count(), 100);
+        assert_eq!(m.min(), Some(0));
+        assert_eq!(m.max(), Some(1_000_099));
+        assert_eq!(m.quantile(0.5), Some(49));
+        let mut direct = a.clone();
+        for v in 50..100 {
+            direct.record(v + 1_000_000);
+        }
+        assert_eq!(m, direct);
+    }
+
+    #[test]
+    fn summary_is_in_milliseconds() {
+        let mut h = Histogram::new();
+        h.record_duration(Duration::from_millis(2));
+        h.record_duration(Duration::from_millis(4));
+        let s = h.summary_ms();
+        assert_eq!(s.count, 2);
+        assert!((s.p50_ms.unwrap() - 2.0).abs() < 0.02, "{s:?}");
+        assert_eq!(s.max_ms, Some(4.0));
+        assert_eq!(s.mean_ms, Some(3.0));
+    }
+
+    #[test]
+    fn shared_histogram_merges_its_shards() {
+        let shared = SharedHistogram::new(4);
+        for i in 0..40 {
+            shared.record(i, Duration::from_micros(i as u64));
+        }
+        let h = shared.snapshot();
+        assert_eq!(h.count(), 40);
+        assert_eq!(h.max(), Some(39));
+    }
+}

@@ -1,0 +1,632 @@
+//! A fleet simulator and load generator: many devices in one process, each with its own MQTT
+//! 3.1.1 session (one rumqttc client and event loop per device, small buffers), against any
+//! broker: the fleet platform over mutual TLS with certificates minted from a manufacturing
+//! CA, or a plain MQTT broker.
+//!
+//! # Layout
+//! - this module: settings ([`SimConfig`], [`Scenario`]), [`run`], the live progress line.
+//! - [`hist`]: the latency histogram (bounded memory, < 1 % error) and its percentiles.
+//! - `identities`: device ids and certificates, minted in parallel and cached on disk.
+//! - `session`: one device's session: connect, measure CONNACK latency, then disconnect, hold,
+//!   or publish; and one round of connects at a given concurrency and rate.
+//! - `storm`, `telemetry`: the scenarios.
+//! - `stats`: failure reasons, sequence tracking (loss, duplicates), `/proc/self` readings.
+//! - [`report`]: the result as a serializable document and a human table.
+//!
+//! Every scenario is bounded by its own count or duration and by
+//! [`SimConfig::max_duration`]; it connects only to the addresses it is given.
+
+pub mod hist;
+mod identities;
+pub mod report;
+mod session;
+mod stats;
+mod storm;
+mod telemetry;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_wire::{DeviceId, Topic};
+use rustls::ClientConfig;
+use tokio::time::Instant;
+
+use crate::error::{ConfigError, ConnectError};
+use crate::mqtt::{self, MqttClient, MqttLoop, SessionSpec};
+use crate::options::Credentials;
+use crate::pki::{Ca, PkiError};
+use crate::tls::{SharedTls, TlsConfig};
+use crate::url::BrokerUrl;
+
+pub use crate::mqtt::Qos;
+pub use report::{
+    ConnectRound, IdentityReport, ObserverReport, ProcessReport, Report, TelemetryReport,
+};
+
+/// Receives the live progress line, about once per second.
+pub type ProgressFn = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Why a simulation could not run. Failures of individual devices are results, not errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("certificate cache {}: {error}", path.display())]
+    Cache {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("the observer could not subscribe: {0}")]
+    Observer(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<ConnectError> for SimError {
+    fn from(e: ConnectError) -> Self {
+        SimError::Observer(e.to_string())
+    }
+}
+
+/// Where the simulated fleet connects and who its devices are.
+#[derive(Clone)]
+pub struct SimConfig {
+    pub url: BrokerUrl,
+    /// CA certificate(s) (PEM) that signed the broker's certificate; required for `mqtts://`.
+    pub server_ca_pem: Option<Vec<u8>>,
+    /// Signs one certificate per device (CN = device id); `mqtts://` only. Without it devices
+    /// connect without a client certificate.
+    pub device_ca: Option<Arc<Ca>>,
+    /// Device ids are this prefix and the zero-padded index. Default `sim-`.
+    pub id_prefix: String,
+    /// Keeps minted certificates for the next run, keyed by CA fingerprint and device id.
+    pub cert_cache: Option<PathBuf>,
+    pub credentials: Option<Credentials>,
+    /// Put before every topic; default empty (topics exactly as in `topics.md`).
+    pub topic_prefix: String,
+    /// Default 30 s; 0 or at least 1 s.
+    pub keep_alive: Duration,
+    /// TCP connect, TLS handshake and CONNACK together. Default 10 s, whole seconds.
+    pub connect_timeout: Duration,
+    /// The whole run, identity minting included, stops after this. Default 300 s.
+    pub max_duration: Duration,
+    /// Live progress; `None` for none.
+    pub progress: Option<ProgressFn>,
+}
+
+impl SimConfig {
+    pub fn new(url: BrokerUrl) -> Self {
+        Self {
+            url,
+            server_ca_pem: None,
+            device_ca: None,
+            id_prefix: "sim-".into(),
+            cert_cache: None,
+            credentials: None,
+            topic_prefix: String::new(),
+            keep_alive: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            max_duration: Duration::from_secs(300),
+            progress: None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), SimError> {
+        match (self.url.is_tls(), &self.server_ca_pem, &self.device_ca) {
+            (true, None, _) => return Err(ConfigError::TlsRequired.into()),
+            (false, Some(_), _) | (false, _, Some(_)) => {
+                return Err(SimError::Invalid(
+                    "a server CA or a device CA needs an mqtts:// URL".into(),
+                ))
+            }
+            _ => {}
+        }
+        let ka = self.keep_alive;
+        if !ka.is_zero() && (ka < Duration::from_secs(1) || ka.as_secs() > u64::from(u16::MAX)) {
+            return Err(SimError::Invalid(format!(
+                "keep alive must be 0 or between 1 s and 65535 s, got {ka:?}"
+            )));
+        }
+        if self.connect_timeout < Duration::from_secs(1) {
+            return Err(SimError::Invalid(
+                "connect timeout must be at least 1 s".into(),
+            ));
+        }
+        if self.max_duration.is_zero() {
+            return Err(SimError::Invalid("max duration must not be zero".into()));
+        }
+        if self.topic_prefix.contains(['+', '#', '\0']) {
+            return Err(SimError::Invalid(
+                "the topic prefix must not contain +, # or NUL".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `connect-storm`: every device connects, at most `concurrency` handshakes at a time and at
+/// most `rate` new connections per second, `1 + repeat` times.
+#[derive(Debug, Clone)]
+pub struct ConnectStorm {
+    pub devices: usize,
+    pub concurrency: usize,
+    /// New connections per second; `None` for as fast as `concurrency` allows.
+    pub rate: Option<f64>,
+    /// Keep every device connected until all have connected (or failed), then disconnect
+    /// them all; otherwise each device disconnects right after its CONNACK.
+    pub hold: bool,
+    /// Rounds after the first, each reported as its own row.
+    pub repeat: u32,
+}
+
+impl Default for ConnectStorm {
+    fn default() -> Self {
+        Self {
+            devices: 100,
+            concurrency: 100,
+            rate: None,
+            hold: false,
+            repeat: 0,
+        }
+    }
+}
+
+/// `telemetry`: the devices connect, then each publishes `rate` messages per second for
+/// `duration`, and an optional observer measures delivery.
+#[derive(Debug, Clone)]
+pub struct TelemetryLoad {
+    pub devices: usize,
+    /// Connection attempts at a time while the devices connect.
+    pub concurrency: usize,
+    /// Messages per second per device.
+    pub rate: f64,
+    pub qos: Qos,
+    /// Approximate size of each JSON payload, bytes (at least the ~40 bytes of its fields).
+    pub payload_size: usize,
+    pub duration: Duration,
+    /// Unacknowledged QoS 1 publishes per device; further ones wait in the client.
+    pub inflight: u16,
+    pub observe: Option<Observe>,
+}
+
+impl Default for TelemetryLoad {
+    fn default() -> Self {
+        Self {
+            devices: 100,
+            concurrency: 100,
+            rate: 1.0,
+            qos: Qos::AtLeastOnce,
+            payload_size: 128,
+            duration: Duration::from_secs(10),
+            inflight: 10,
+            observe: None,
+        }
+    }
+}
+
+/// A subscriber that measures what the broker delivers: rate, end-to-end latency, loss.
+#[derive(Clone)]
+pub struct Observe {
+    pub url: BrokerUrl,
+    pub credentials: Option<Credentials>,
+    /// For an `mqtts://` observer; defaults to [`SimConfig::server_ca_pem`].
+    pub server_ca_pem: Option<Vec<u8>>,
+    /// Default `{topic prefix}devices/+/telemetry`.
+    pub filter: Option<String>,
+}
+
+impl std::fmt::Debug for Observe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observe")
+            .field("url", &self.url.to_string())
+            .field("credentials", &self.credentials)
+            .field("filter", &self.filter)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Scenario {
+    ConnectStorm(ConnectStorm),
+    Telemetry(TelemetryLoad),
+}
+
+impl Scenario {
+    fn devices(&self) -> usize {
+        match self {
+            Scenario::ConnectStorm(s) => s.devices,
+            Scenario::Telemetry(t) => t.devices,
+        }
+    }
+
+    fn validate(&self) -> Result<(), SimError> {
+        let bad = |m: &str| Err(SimError::Invalid(m.to_owned()));
+        match self {
+            Scenario::ConnectStorm(s) => {
+                if s.devices == 0 || s.concurrency == 0 {
+                    return bad("devices and concurrency must be at least 1");
+                }
+                if s.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+                    return bad("the connect rate must be a positive number");
+                }
+            }
+            Scenario::Telemetry(t) => {
+                if t.devices == 0 || t.concurrency == 0 || t.inflight == 0 {
+                    return bad("devices, concurrency and inflight must be at least 1");
+                }
+                if !(t.rate.is_finite() && t.rate > 0.0 && t.rate <= 10_000.0) {
+                    return bad("the message rate must be above 0 and at most 10000 per device");
+                }
+                if t.duration.is_zero() {
+                    return bad("the duration must not be zero");
+                }
+                if t.payload_size > 128 * 1024 {
+                    return bad("the payload size must be at most 131072 bytes");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counters every device task updates and the progress line reads.
+#[derive(Debug, Default)]
+pub(crate) struct Live {
+    /// Sessions up right now.
+    pub connected: AtomicU64,
+    pub connects: AtomicU64,
+    pub failures: AtomicU64,
+    /// Publishes handed to the clients.
+    pub submitted: AtomicU64,
+    /// Publishes written to the network.
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    /// Submitted publishes of sessions that ended before their acknowledgement.
+    pub abandoned: AtomicU64,
+    pub delivered: AtomicU64,
+    /// Largest resident set size sampled, bytes.
+    pub rss_max: AtomicU64,
+}
+
+impl Live {
+    fn snapshot(&self) -> LiveSnapshot {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        LiveSnapshot {
+            connected: get(&self.connected),
+            connects: get(&self.connects),
+            failures: get(&self.failures),
+            sent: get(&self.sent),
+            acked: get(&self.acked),
+            delivered: get(&self.delivered),
+        }
+    }
+
+    pub(crate) fn sample_rss(&self) -> u64 {
+        let rss = stats::Usage::now().rss;
+        self.rss_max.fetch_max(rss, Ordering::Relaxed);
+        rss
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct LiveSnapshot {
+    connected: u64,
+    connects: u64,
+    failures: u64,
+    sent: u64,
+    acked: u64,
+    delivered: u64,
+}
+
+/// `[ 12s] connected 950/1000  connects/s 312  failed 0  sent/s 1000  acked/s 998 ...`
+fn progress_line(
+    elapsed: Duration,
+    now: LiveSnapshot,
+    before: LiveSnapshot,
+    devices: usize,
+    publishing: bool,
+    observing: bool,
+) -> String {
+    let mut line = format!(
+        "[{:>4}s] connected {}/{}  connects/s {}  failed {}",
+        elapsed.as_secs(),
+        now.connected,
+        devices,
+        now.connects - before.connects,
+        now.failures,
+    );
+    if publishing {
+        line.push_str(&format!(
+            "  sent/s {}  acked/s {}",
+            now.sent - before.sent,
+            now.acked - before.acked
+        ));
+    }
+    if observing {
+        line.push_str(&format!(
+            "  delivered/s {}",
+            now.delivered - before.delivered
+        ));
+    }
+    line
+}
+
+/// One simulated device: its id and, over TLS, its client configuration.
+pub(crate) struct SimDevice {
+    pub id: DeviceId,
+    pub tls: Option<Arc<ClientConfig>>,
+}
+
+/// What the scenarios share.
+pub(crate) struct Ctx {
+    pub config: SimConfig,
+    pub devices: Vec<SimDevice>,
+    /// The run ends here, whatever remains to do.
+    pub deadline: Instant,
+    pub live: Arc<Live>,
+}
+
+impl Ctx {
+    /// A session for device `index`, not yet connected.
+    pub(crate) fn open(
+        &self,
+        index: usize,
+        inflight: u16,
+        capacity: usize,
+        max_packet: usize,
+    ) -> (MqttClient, MqttLoop) {
+        let device = &self.devices[index];
+        mqtt::open_session(SessionSpec {
+            url: &self.config.url,
+            client_id: device.id.as_str(),
+            tls: device.tls.clone(),
+            credentials: self.config.credentials.as_ref(),
+            keep_alive: self.config.keep_alive,
+            connect_timeout: self.config.connect_timeout,
+            inflight,
+            capacity,
+            max_packet,
+        })
+    }
+
+    /// The telemetry topic of device `index`, with the topic prefix.
+    pub(crate) fn telemetry_topic(&self, index: usize) -> String {
+        format!(
+            "{}{}",
+            self.config.topic_prefix,
+            Topic::Telemetry(self.devices[index].id.clone())
+        )
+    }
+}
+
+/// Runs `scenario` to its end (or [`SimConfig::max_duration`]) and reports what happened.
+pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimError> {
+    config.validate()?;
+    scenario.validate()?;
+    let started = Instant::now();
+    let deadline = started + config.max_duration;
+    let usage_start = stats::Usage::now();
+    let live = Arc::new(Live::default());
+    live.sample_rss();
+    let n = scenario.devices();
+    if let Some(limit) = stats::open_files_limit() {
+        if (n as u64) + 64 > limit {
+            tracing::warn!(
+                devices = n,
+                open_files_limit = limit,
+                "fewer open files allowed than devices; raise it with `ulimit -n`"
+            );
+        }
+    }
+
+    let ids = (0..n)
+        .map(|i| identities::device_id(&config.id_prefix, i, n))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (tls_configs, identity_report) = match (&config.server_ca_pem, &config.device_ca) {
+        (Some(server_ca), ca) => {
+            let shared = Arc::new(SharedTls::new(&TlsConfig::from_ca_pem(server_ca)?)?);
+            match ca {
+                Some(ca) => {
+                    let minted = tokio::time::timeout_at(
+                        deadline,
+                        identities::mint(ca.clone(), &ids, config.cert_cache.as_deref(), shared),
+                    )
+                    .await
+                    .map_err(|_| {
+                        SimError::Invalid("max duration reached while minting certificates".into())
+                    })??;
+                    let report = IdentityReport {
+                        devices: n,
+                        certificates: true,
+                        generated: minted.generated,
+                        from_cache: minted.from_cache,
+                        generation_s: minted.elapsed.as_secs_f64(),
+                    };
+                    (minted.configs.into_iter().map(Some).collect(), report)
+                }
+                None => {
+                    let one = shared.client_config(None)?;
+                    (vec![Some(one); n], IdentityReport::ids_only(n))
+                }
+            }
+        }
+        (None, _) => (vec![None; n], IdentityReport::ids_only(n)),
+    };
+    let devices = ids
+        .into_iter()
+        .zip(tls_configs)
+        .map(|(id, tls)| SimDevice { id, tls })
+        .collect();
+    let ctx = Arc::new(Ctx {
+        config: config.clone(),
+        devices,
+        deadline,
+        live: live.clone(),
+    });
+
+    let (publishing, observing) = match scenario {
+        Scenario::ConnectStorm(_) => (false, false),
+        Scenario::Telemetry(t) => (true, t.observe.is_some()),
+    };
+    let progress = config.progress.clone().map(|emit| {
+        let live = live.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(
+                Instant::now() + Duration::from_secs(1),
+                Duration::from_secs(1),
+            );
+            let mut before = live.snapshot();
+            loop {
+                tick.tick().await;
+                live.sample_rss();
+                let now = live.snapshot();
+                emit(&progress_line(
+                    started.elapsed(),
+                    now,
+                    before,
+                    n,
+                    publishing,
+                    observing,
+                ));
+                before = now;
+            }
+        })
+    });
+
+    let usage_before = stats::Usage::now();
+    let outcome = match scenario {
+        Scenario::ConnectStorm(s) => storm::run(&ctx, s).await,
+        Scenario::Telemetry(t) => telemetry::run(&ctx, t).await,
+    };
+    if let Some(p) = progress {
+        p.abort();
+    }
+    let outcome = outcome?;
+    let usage_end = stats::Usage::now();
+    live.sample_rss();
+
+    let connects: u64 = outcome.rounds.iter().map(|r| r.attempted).sum();
+    let messages = outcome.telemetry.as_ref().map(|t| t.sent).unwrap_or(0);
+    let cpu = usage_end.cpu.saturating_sub(usage_before.cpu);
+    let rss_connected = outcome.rss_connected.max(usage_start.rss);
+    let process = ProcessReport {
+        rss_start_bytes: usage_start.rss,
+        rss_connected_bytes: rss_connected,
+        // VmHWM is updated lazily; a sample taken just before can exceed it.
+        rss_peak_bytes: usage_end.rss_peak.max(live.rss_max.load(Ordering::Relaxed)),
+        rss_per_device_bytes: (rss_connected - usage_start.rss) / n as u64,
+        cpu_total_s: usage_end.cpu.saturating_sub(usage_start.cpu).as_secs_f64(),
+        cpu_scenario_s: cpu.as_secs_f64(),
+        cpu_per_connect_ms: (connects > 0 && messages == 0)
+            .then(|| cpu.as_secs_f64() * 1000.0 / connects as f64),
+        cpu_per_message_us: (messages > 0).then(|| cpu.as_secs_f64() * 1e6 / messages as f64),
+        open_files_limit: stats::open_files_limit(),
+    };
+    Ok(Report {
+        scenario: match scenario {
+            Scenario::ConnectStorm(_) => "connect-storm",
+            Scenario::Telemetry(_) => "telemetry",
+        }
+        .into(),
+        url: config.url.to_string(),
+        parameters: report::parameters(config, scenario),
+        identities: identity_report,
+        rounds: outcome.rounds,
+        telemetry: outcome.telemetry,
+        process,
+        elapsed_s: started.elapsed().as_secs_f64(),
+        truncated: outcome.truncated,
+    })
+}
+
+/// What a scenario hands back to [`run`].
+pub(crate) struct Outcome {
+    pub rounds: Vec<ConnectRound>,
+    pub telemetry: Option<TelemetryReport>,
+    /// Resident set size sampled with the most devices connected.
+    pub rss_connected: u64,
+    pub truncated: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines() {
+        let before = LiveSnapshot {
+            connected: 10,
+            connects: 10,
+            sent: 100,
+            acked: 90,
+            delivered: 80,
+            ..LiveSnapshot::default()
+        };
+        let now = LiveSnapshot {
+            connected: 50,
+            connects: 60,
+            failures: 2,
+            sent: 400,
+            acked: 380,
+            delivered: 370,
+        };
+        let line = progress_line(Duration::from_secs(3), now, before, 100, false, false);
+        assert_eq!(line, "[   3s] connected 50/100  connects/s 50  failed 2");
+        let line = progress_line(Duration::from_secs(12), now, before, 100, true, true);
+        assert_eq!(
+            line,
+            "[  12s] connected 50/100  connects/s 50  failed 2  sent/s 300  acked/s 290  delivered/s 290"
+        );
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let tls: BrokerUrl = "mqtts://127.0.0.1:8883".parse().unwrap();
+        let plain: BrokerUrl = "mqtt://127.0.0.1:1883".parse().unwrap();
+        assert!(
+            SimConfig::new(tls.clone()).validate().is_err(),
+            "no server CA"
+        );
+        let mut c = SimConfig::new(tls);
+        c.server_ca_pem = Some(b"pem".to_vec());
+        assert!(c.validate().is_ok());
+        let mut c = SimConfig::new(plain.clone());
+        c.server_ca_pem = Some(b"pem".to_vec());
+        assert!(c.validate().is_err(), "server CA with mqtt://");
+        let mut c = SimConfig::new(plain.clone());
+        c.keep_alive = Duration::from_millis(500);
+        assert!(c.validate().is_err());
+        let mut c = SimConfig::new(plain);
+        c.topic_prefix = "a/#/".into();
+        assert!(c.validate().is_err());
+
+        let bad = [
+            Scenario::ConnectStorm(ConnectStorm {
+                devices: 0,
+                ..ConnectStorm::default()
+            }),
+            Scenario::ConnectStorm(ConnectStorm {
+                rate: Some(0.0),
+                ..ConnectStorm::default()
+            }),
+            Scenario::Telemetry(TelemetryLoad {
+                rate: f64::NAN,
+                ..TelemetryLoad::default()
+            }),
+            Scenario::Telemetry(TelemetryLoad {
+                duration: Duration::ZERO,
+                ..TelemetryLoad::default()
+            }),
+        ];
+        for s in bad {
+            assert!(s.validate().is_err(), "{s:?}");
+        }
+        assert!(Scenario::Telemetry(TelemetryLoad::default())
+            .validate()
+            .is_ok());
+    }
+}

@@ -1,0 +1,352 @@
+//! The result of a run: one serializable document (`--json`) and a human table.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::hist::Percentiles;
+use super::{Qos, Scenario, SimConfig};
+
+/// Everything a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub url: String,
+    pub parameters: Value,
+    pub identities: IdentityReport,
+    /// One row per round of connects (`telemetry` has one: its connect phase).
+    pub rounds: Vec<ConnectRound>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<TelemetryReport>,
+    pub process: ProcessReport,
+    pub elapsed_s: f64,
+    /// The max duration ended the run before the scenario's own end.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IdentityReport {
+    pub devices: usize,
+    /// Each device presents its own client certificate.
+    pub certificates: bool,
+    pub generated: usize,
+    pub from_cache: usize,
+    /// Wall time of loading and minting certificates and building the TLS configurations.
+    pub generation_s: f64,
+}
+
+impl IdentityReport {
+    pub(crate) fn ids_only(devices: usize) -> Self {
+        Self {
+            devices,
+            certificates: false,
+            generated: 0,
+            from_cache: 0,
+            generation_s: 0.0,
+        }
+    }
+}
+
+/// One round of connects.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectRound {
+    pub round: u32,
+    /// `first`, `repeat` or `connect`.
+    pub label: String,
+    pub devices: u64,
+    /// Attempts started (fewer than `devices` only when the max duration ended the round).
+    pub attempted: u64,
+    /// CONNACK with return code 0.
+    pub connected: u64,
+    pub failed: u64,
+    /// Attempts still without an answer when the max duration ended the round.
+    pub unanswered: u64,
+    /// Failures by reason: `tls alert: ...`, `connack N (...)`, `timeout: ...`, `i/o: ...`.
+    pub failures: BTreeMap<String, u64>,
+    /// Sessions lost after their CONNACK and before the simulator ended them.
+    pub dropped: u64,
+    pub drops: BTreeMap<String, u64>,
+    /// From the first attempt to the last answer.
+    pub duration_s: f64,
+    pub connects_per_s: f64,
+    /// From the start of the TCP connect to the CONNACK.
+    pub connack_latency: Percentiles,
+    /// CPU time of the whole process during the round.
+    pub cpu_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TelemetryReport {
+    pub qos: Qos,
+    pub payload_bytes: usize,
+    pub rate_per_device: f64,
+    pub devices_publishing: u64,
+    /// Messages due by the schedule.
+    pub offered: u64,
+    /// Handed to the MQTT clients.
+    pub submitted: u64,
+    /// Written to the network.
+    pub sent: u64,
+    /// PUBACKs (QoS 1).
+    pub acked: Option<u64>,
+    /// Due but not submitted because the device's request queue was full (backpressure).
+    pub not_sent_queue_full: u64,
+    /// Due after the device's session had ended.
+    pub not_sent_disconnected: u64,
+    /// Submitted and never acknowledged (QoS 1).
+    pub unacknowledged: Option<u64>,
+    pub publish_window_s: f64,
+    pub offered_per_s: f64,
+    pub sent_per_s: f64,
+    pub acked_per_s: Option<f64>,
+    /// From handing the publish to the client to its PUBACK (QoS 1).
+    pub puback_latency: Option<Percentiles>,
+    pub observer: Option<ObserverReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ObserverReport {
+    pub url: String,
+    pub filter: String,
+    /// Every message received on the filter.
+    pub received: u64,
+    /// Distinct (device, sequence number) pairs of this run.
+    pub delivered: u64,
+    pub duplicates: u64,
+    /// Acknowledged (QoS 1) or written (QoS 0) and never delivered.
+    pub lost: u64,
+    /// Messages on the filter not from this run's devices.
+    pub foreign: u64,
+    pub delivered_per_s: f64,
+    /// From the send time in the payload to the delivery.
+    pub latency: Percentiles,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessReport {
+    pub rss_start_bytes: u64,
+    /// With the most devices connected (sampled).
+    pub rss_connected_bytes: u64,
+    pub rss_peak_bytes: u64,
+    /// (connected − start) / devices: identities, TLS configurations, sessions.
+    pub rss_per_device_bytes: u64,
+    /// CPU of the whole run, minting included.
+    pub cpu_total_s: f64,
+    /// CPU of the scenario after minting.
+    pub cpu_scenario_s: f64,
+    pub cpu_per_connect_ms: Option<f64>,
+    pub cpu_per_message_us: Option<f64>,
+    pub open_files_limit: Option<u64>,
+}
+
+/// The parameters of the run, for the JSON document.
+pub(crate) fn parameters(config: &SimConfig, scenario: &Scenario) -> Value {
+    let mut p = json!({
+        "url": config.url.to_string(),
+        "id_prefix": config.id_prefix,
+        "topic_prefix": config.topic_prefix,
+        "client_certificates": config.device_ca.is_some(),
+        "cert_cache": config.cert_cache.as_ref().map(|p| p.display().to_string()),
+        "username": config.credentials.as_ref().map(|c| c.username.clone()),
+        "keep_alive_s": config.keep_alive.as_secs(),
+        "connect_timeout_s": config.connect_timeout.as_secs(),
+        "max_duration_s": config.max_duration.as_secs_f64(),
+    });
+    let extra = match scenario {
+        Scenario::ConnectStorm(s) => json!({
+            "devices": s.devices,
+            "concurrency": s.concurrency,
+            "rate_per_s": s.rate,
+            "hold": s.hold,
+            "repeat": s.repeat,
+        }),
+        Scenario::Telemetry(t) => json!({
+            "devices": t.devices,
+            "concurrency": t.concurrency,
+            "rate_per_device_per_s": t.rate,
+            "qos": t.qos,
+            "payload_size": t.payload_size,
+            "duration_s": t.duration.as_secs_f64(),
+            "inflight": t.inflight,
+            "observe": t.observe.as_ref().map(|o| json!({
+                "url": o.url.to_string(),
+                "username": o.credentials.as_ref().map(|c| c.username.clone()),
+                "filter": o.filter,
+            })),
+        }),
+    };
+    if let (Value::Object(p), Value::Object(extra)) = (&mut p, extra) {
+        p.extend(extra);
+    }
+    p
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.1}"))
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+impl Report {
+    /// The human summary printed at the end of a run.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        let p = &self.parameters;
+        let _ = writeln!(
+            out,
+            "{} against {}: {} devices{}",
+            self.scenario,
+            self.url,
+            self.identities.devices,
+            if self.truncated {
+                " (TRUNCATED: max duration reached)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(out, "parameters: {p}");
+        let id = &self.identities;
+        if id.certificates {
+            let _ = writeln!(
+                out,
+                "identities: {} client certificates ({} from cache, {} generated) in {:.2} s",
+                id.devices, id.from_cache, id.generated, id.generation_s
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "identities: {} client ids, no client certificates",
+                id.devices
+            );
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<10} {:>8} {:>9} {:>7} {:>8} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8}",
+            "round",
+            "devices",
+            "connected",
+            "failed",
+            "dropped",
+            "time s",
+            "connects/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "max ms"
+        );
+        for r in &self.rounds {
+            let l = &r.connack_latency;
+            let _ = writeln!(
+                out,
+                "{:<10} {:>8} {:>9} {:>7} {:>8} {:>8.2} {:>10.1} {:>8} {:>8} {:>8} {:>8}",
+                format!("{} {}", r.round, r.label),
+                r.devices,
+                r.connected,
+                r.failed,
+                r.dropped,
+                r.duration_s,
+                r.connects_per_s,
+                ms(l.p50_ms),
+                ms(l.p90_ms),
+                ms(l.p99_ms),
+                ms(l.max_ms),
+            );
+        }
+        for r in &self.rounds {
+            for (what, map) in [("failures", &r.failures), ("dropped", &r.drops)] {
+                if !map.is_empty() {
+                    let list: Vec<String> = map.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                    let _ = writeln!(out, "round {} {what}: {}", r.round, list.join("; "));
+                }
+            }
+            if r.unanswered > 0 || r.attempted < r.devices {
+                let _ = writeln!(
+                    out,
+                    "round {}: {} of {} attempted, {} unanswered at the max duration",
+                    r.round, r.attempted, r.devices, r.unanswered
+                );
+            }
+        }
+        if let Some(t) = &self.telemetry {
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "telemetry: QoS {}, {} B payloads, {} msg/s per device, {} devices publishing for {:.1} s",
+                u8::from(t.qos),
+                t.payload_bytes,
+                t.rate_per_device,
+                t.devices_publishing,
+                t.publish_window_s
+            );
+            let _ = writeln!(
+                out,
+                "  offered {} ({:.1}/s)  sent {} ({:.1}/s)  acked {} ({}/s)  not sent: queue full {}, disconnected {}  unacked {}",
+                t.offered,
+                t.offered_per_s,
+                t.sent,
+                t.sent_per_s,
+                t.acked.map_or("-".into(), |a| a.to_string()),
+                t.acked_per_s.map_or("-".into(), |a| format!("{a:.1}")),
+                t.not_sent_queue_full,
+                t.not_sent_disconnected,
+                t.unacknowledged.map_or("-".into(), |a| a.to_string()),
+            );
+            if let Some(l) = &t.puback_latency {
+                let _ = writeln!(
+                    out,
+                    "  PUBACK latency ms: p50 {}  p90 {}  p99 {}  max {}",
+                    ms(l.p50_ms),
+                    ms(l.p90_ms),
+                    ms(l.p99_ms),
+                    ms(l.max_ms)
+                );
+            }
+            if let Some(o) = &t.observer {
+                let _ = writeln!(
+                    out,
+                    "  observer {} on {}: delivered {} ({:.1}/s)  lost {}  duplicates {}  foreign {}",
+                    o.url, o.filter, o.delivered, o.delivered_per_s, o.lost, o.duplicates, o.foreign
+                );
+                let l = &o.latency;
+                let _ = writeln!(
+                    out,
+                    "  end-to-end latency ms: p50 {}  p90 {}  p99 {}  max {}",
+                    ms(l.p50_ms),
+                    ms(l.p90_ms),
+                    ms(l.p99_ms),
+                    ms(l.max_ms)
+                );
+                if let Some(e) = &o.error {
+                    let _ = writeln!(out, "  observer error: {e}");
+                }
+            }
+        }
+        let pr = &self.process;
+        let _ = writeln!(out);
+        let _ = write!(
+            out,
+            "client process: RSS {} at start, {} connected ({:.1} KiB/device), peak {}; CPU {:.2} s scenario, {:.2} s total",
+            mib(pr.rss_start_bytes),
+            mib(pr.rss_connected_bytes),
+            pr.rss_per_device_bytes as f64 / 1024.0,
+            mib(pr.rss_peak_bytes),
+            pr.cpu_scenario_s,
+            pr.cpu_total_s,
+        );
+        if let Some(c) = pr.cpu_per_connect_ms {
+            let _ = write!(out, " ({c:.2} ms/connect)");
+        }
+        if let Some(c) = pr.cpu_per_message_us {
+            let _ = write!(out, " ({c:.1} µs/message)");
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "elapsed {:.2} s", self.elapsed_s);
+        out
+    }
+}

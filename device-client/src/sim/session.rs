@@ -1,0 +1,360 @@
+//! One device's session and one round of connects.
+//!
+//! A device task owns its event loop and is the only one polling it, never cancelling a poll;
+//! the round's coordinator ends sessions by queueing a DISCONNECT through the device's client.
+//! The CONNACK latency runs from the first poll, which opens the TCP connection, to the
+//! CONNACK.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant as StdInstant};
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::hist::SharedHistogram;
+use super::report::ConnectRound;
+use super::stats::{failure_reason, per_second, Reasons, Usage};
+use super::{Ctx, Live, Qos};
+use crate::mqtt::{MqttClient, MqttEvent, MqttLoop};
+
+/// Shards of the shared latency histograms.
+const SHARDS: usize = 16;
+/// How long a device may take to write its DISCONNECT.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(5);
+
+/// What a device does once connected.
+#[derive(Clone)]
+pub(crate) enum AfterConnect {
+    /// DISCONNECT right away.
+    Disconnect,
+    /// Stay connected until the coordinator queues a DISCONNECT.
+    Hold,
+    /// Stay connected and account for the publishes submitted through `Publishing`.
+    Publish(Arc<Publishing>),
+}
+
+/// How a device's session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SessionEnd {
+    NeverConnected,
+    /// DISCONNECT written.
+    Clean,
+    /// Lost after CONNACK, before we ended it.
+    Lost(String),
+}
+
+/// The publishing side of a device and what became of its publishes.
+#[derive(Debug, Default)]
+pub(crate) struct DevicePublishes {
+    /// Submission times of publishes handed to the client and not yet written, in order.
+    pub submitted: Mutex<VecDeque<StdInstant>>,
+    pub submitted_count: AtomicU64,
+    /// The session ended; set under the `submitted` lock.
+    pub ended: AtomicBool,
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+}
+
+/// Shared by the publishing devices of a telemetry run.
+pub(crate) struct Publishing {
+    pub qos: Qos,
+    pub devices: Vec<DevicePublishes>,
+    pub puback_latency: SharedHistogram,
+    /// When the last acknowledgement arrived, µs after `started`.
+    pub last_ack_us: AtomicU64,
+    pub started: StdInstant,
+}
+
+impl Publishing {
+    pub(crate) fn new(devices: usize, qos: Qos) -> Self {
+        Self {
+            qos,
+            devices: (0..devices).map(|_| DevicePublishes::default()).collect(),
+            puback_latency: SharedHistogram::new(SHARDS),
+            last_ack_us: AtomicU64::new(0),
+            started: StdInstant::now(),
+        }
+    }
+}
+
+/// Told to the round's coordinator once per device.
+struct Resolved {
+    index: usize,
+    result: Result<(), String>,
+}
+
+/// What the device tasks of a round report to.
+#[derive(Clone)]
+struct RoundSink {
+    latency: Arc<SharedHistogram>,
+    resolved: mpsc::UnboundedSender<Resolved>,
+}
+
+/// Connects device `index` and runs its session to the end.
+async fn device_session(
+    ctx: Arc<Ctx>,
+    index: usize,
+    (client, mut event_loop): (MqttClient, MqttLoop),
+    permit: OwnedSemaphorePermit,
+    after: AfterConnect,
+    sink: RoundSink,
+) -> SessionEnd {
+    let RoundSink { latency, resolved } = sink;
+    let live = &ctx.live;
+    let t0 = Instant::now();
+    let first = event_loop.poll().await;
+    let took = t0.elapsed();
+    drop(permit);
+    match first {
+        Ok(MqttEvent::Connected { .. }) => {}
+        other => {
+            let reason = match other {
+                Err(e) => failure_reason(&e),
+                Ok(event) => format!("protocol: expected CONNACK, got {event:?}"),
+            };
+            live.failures.fetch_add(1, Ordering::Relaxed);
+            let _ = resolved.send(Resolved {
+                index,
+                result: Err(reason),
+            });
+            return SessionEnd::NeverConnected;
+        }
+    }
+    latency.record(index, took);
+    live.connects.fetch_add(1, Ordering::Relaxed);
+    live.connected.fetch_add(1, Ordering::Relaxed);
+    let _ = resolved.send(Resolved {
+        index,
+        result: Ok(()),
+    });
+    let end = match after {
+        AfterConnect::Disconnect => {
+            let _ = client.disconnect();
+            match tokio::time::timeout(DISCONNECT_WAIT, until_disconnected(&mut event_loop, None))
+                .await
+            {
+                Ok(end) => end,
+                Err(_) => SessionEnd::Lost("timeout: writing DISCONNECT".into()),
+            }
+        }
+        AfterConnect::Hold => until_disconnected(&mut event_loop, None).await,
+        AfterConnect::Publish(p) => {
+            let end = until_disconnected(&mut event_loop, Some((&p, index, live))).await;
+            // From here on every submit fails, so the count below is final.
+            drop(event_loop);
+            let d = &p.devices[index];
+            let _submitting = d.submitted.lock();
+            d.ended.store(true, Ordering::Relaxed);
+            if end != SessionEnd::Clean {
+                let done = match p.qos {
+                    Qos::AtLeastOnce => &d.acked,
+                    Qos::AtMostOnce => &d.sent,
+                };
+                let open = d
+                    .submitted_count
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(done.load(Ordering::Relaxed));
+                live.abandoned.fetch_add(open, Ordering::Relaxed);
+            }
+            end
+        }
+    };
+    live.connected.fetch_sub(1, Ordering::Relaxed);
+    end
+}
+
+/// Polls until the DISCONNECT is written or the session is lost, accounting for publishes.
+async fn until_disconnected(
+    event_loop: &mut MqttLoop,
+    publishing: Option<(&Publishing, usize, &Live)>,
+) -> SessionEnd {
+    // QoS 1 publishes written and not yet acknowledged: packet id and submission time.
+    let mut inflight: Vec<(u16, StdInstant)> = Vec::new();
+    loop {
+        let event = match event_loop.poll().await {
+            Ok(MqttEvent::DisconnectSent) => return SessionEnd::Clean,
+            Ok(event) => event,
+            Err(e) => return SessionEnd::Lost(failure_reason(&e)),
+        };
+        let Some((p, index, live)) = publishing else {
+            continue;
+        };
+        let device = &p.devices[index];
+        match event {
+            MqttEvent::Sent(pkid) => {
+                let at = device.submitted.lock().pop_front();
+                inflight.push((pkid, at.unwrap_or_else(StdInstant::now)));
+                device.sent.fetch_add(1, Ordering::Relaxed);
+                live.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            MqttEvent::SentAtMostOnce => {
+                device.submitted.lock().pop_front();
+                device.sent.fetch_add(1, Ordering::Relaxed);
+                live.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            MqttEvent::Acked(pkid) => {
+                if let Some(pos) = inflight.iter().position(|(p, _)| *p == pkid) {
+                    let (_, at) = inflight.remove(pos);
+                    p.puback_latency.record(index, at.elapsed());
+                    device.acked.fetch_add(1, Ordering::Relaxed);
+                    live.acked.fetch_add(1, Ordering::Relaxed);
+                    let us = p.started.elapsed().as_micros() as u64;
+                    p.last_ack_us.fetch_max(us, Ordering::Relaxed);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// How a round connects.
+pub(crate) struct RoundSpec {
+    pub round: u32,
+    pub label: &'static str,
+    pub concurrency: usize,
+    pub rate: Option<f64>,
+    pub inflight: u16,
+    pub capacity: usize,
+    pub max_packet: usize,
+}
+
+/// A round whose sessions may still be running.
+pub(crate) struct Round {
+    pub row: ConnectRound,
+    /// Per device: its client, and its task while it runs.
+    pub sessions: Vec<(MqttClient, JoinHandle<SessionEnd>)>,
+    /// Which devices got a CONNACK.
+    pub connected: Vec<bool>,
+    /// The deadline stopped the round early.
+    pub truncated: bool,
+}
+
+/// Connects every device of `ctx`, at most `concurrency` attempts at a time and `rate` starts
+/// per second, and returns once each attempt was answered (or the deadline passed).
+pub(crate) async fn connect_round(
+    ctx: &Arc<Ctx>,
+    spec: &RoundSpec,
+    after: impl Fn(usize) -> AfterConnect,
+) -> Round {
+    let n = ctx.devices.len();
+    let permits = Arc::new(Semaphore::new(spec.concurrency));
+    let latency = Arc::new(SharedHistogram::new(SHARDS));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let sink = RoundSink {
+        latency: latency.clone(),
+        resolved: tx,
+    };
+    let cpu_before = Usage::now().cpu;
+    let started = Instant::now();
+    let mut sessions = Vec::with_capacity(n);
+    let mut truncated = false;
+    for index in 0..n {
+        if let Some(rate) = spec.rate {
+            let at = started + Duration::from_secs_f64(index as f64 / rate);
+            if at >= ctx.deadline {
+                truncated = true;
+                break;
+            }
+            tokio::time::sleep_until(at).await;
+        }
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = tokio::time::sleep_until(ctx.deadline) => {
+                truncated = true;
+                break;
+            }
+        };
+        let (client, event_loop) = ctx.open(index, spec.inflight, spec.capacity, spec.max_packet);
+        let task = tokio::spawn(device_session(
+            ctx.clone(),
+            index,
+            (client.clone(), event_loop),
+            permit,
+            after(index),
+            sink.clone(),
+        ));
+        sessions.push((client, task));
+    }
+    drop(sink);
+    let attempted = sessions.len();
+
+    let mut connected = vec![false; n];
+    let mut failures = Reasons::default();
+    let mut answered = 0;
+    let mut last = started;
+    while answered < attempted {
+        match tokio::time::timeout_at(ctx.deadline, rx.recv()).await {
+            Ok(Some(r)) => {
+                answered += 1;
+                last = Instant::now();
+                match r.result {
+                    Ok(()) => connected[r.index] = true,
+                    Err(reason) => failures.add(reason),
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {
+                truncated = true;
+                break;
+            }
+        }
+    }
+    let duration = last - started;
+    let ok = connected.iter().filter(|c| **c).count() as u64;
+    let row = ConnectRound {
+        round: spec.round,
+        label: spec.label.into(),
+        devices: n as u64,
+        attempted: attempted as u64,
+        connected: ok,
+        failed: failures.total(),
+        unanswered: (attempted - answered) as u64,
+        dropped: 0,
+        failures: failures.into_map(),
+        drops: Default::default(),
+        duration_s: duration.as_secs_f64(),
+        connects_per_s: per_second(ok, duration),
+        connack_latency: latency.snapshot().summary_ms(),
+        cpu_s: Usage::now().cpu.saturating_sub(cpu_before).as_secs_f64(),
+    };
+    Round {
+        row,
+        sessions,
+        connected,
+        truncated,
+    }
+}
+
+/// Ends every session still running with a DISCONNECT and waits for them (at most until
+/// `deadline`, then they are aborted), adding the sessions lost on the way to the row.
+pub(crate) async fn end_sessions(round: &mut Round, deadline: Instant) {
+    let mut drops = Reasons::default();
+    for (client, task) in &round.sessions {
+        if !task.is_finished() {
+            // A full request queue drains as the device's task writes; retry briefly.
+            for _ in 0..50 {
+                if client.disconnect().is_ok() || task.is_finished() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    for (_, task) in &mut round.sessions {
+        match tokio::time::timeout_at(deadline, &mut *task).await {
+            Ok(Ok(SessionEnd::Lost(reason))) => drops.add(reason),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => drops.add(format!("task: {e}")),
+            Err(_) => {
+                task.abort();
+                drops.add("timeout: ending the session".into());
+            }
+        }
+    }
+    round.row.dropped = drops.total();
+    round.row.drops = drops.into_map();
+}

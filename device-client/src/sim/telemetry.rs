@@ -1,0 +1,466 @@
+//! `telemetry`: the devices connect, publish `{"seq", "ts_us", "pad"}` objects of about the
+//! requested size at a fixed rate each, and an optional observer subscribes to their topics to
+//! measure what the broker delivers: rate, end-to-end latency (from the embedded send time)
+//! and loss (from the per-device sequence numbers).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant as StdInstant, SystemTime, UNIX_EPOCH};
+
+use fleet_wire::Topic;
+use serde::Deserialize;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::hist::Histogram;
+use super::identities::device_index;
+use super::report::{ObserverReport, TelemetryReport};
+use super::session::{connect_round, end_sessions, AfterConnect, Publishing, RoundSpec};
+use super::stats::{per_second, SeqSet};
+use super::{Ctx, Live, Observe, Outcome, Qos, SimError, TelemetryLoad};
+use crate::mqtt::{self, MqttClient, MqttEvent, MqttLoop, SessionSpec, SubmitError};
+use crate::tls::{SharedTls, TlsConfig};
+
+/// After publishing, how long to wait for outstanding acknowledgements.
+const DRAIN: Duration = Duration::from_secs(10);
+/// After the devices are done, how long the observer may take to receive the rest.
+const OBSERVE_GRACE: Duration = Duration::from_secs(5);
+/// Time past the deadline allowed for ending sessions cleanly.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// Counters of the publishing tasks.
+#[derive(Debug, Default)]
+struct Offered {
+    offered: AtomicU64,
+    full: AtomicU64,
+    closed: AtomicU64,
+}
+
+pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, SimError> {
+    let n = ctx.devices.len();
+    let size = payload(0, now_us(), t.payload_size).len();
+    let max_packet = (size + 1024).max(16 * 1024);
+
+    let observer = match &t.observe {
+        Some(o) => Some(Observer::start(ctx, o, t.qos, max_packet).await?),
+        None => None,
+    };
+
+    let publishing = Arc::new(Publishing::new(n, t.qos));
+    let spec = RoundSpec {
+        round: 1,
+        label: "connect",
+        concurrency: t.concurrency,
+        rate: None,
+        inflight: t.inflight,
+        capacity: usize::from(t.inflight) + 2,
+        max_packet,
+    };
+    let mut round = connect_round(ctx, &spec, |_| AfterConnect::Publish(publishing.clone())).await;
+    let rss_connected = ctx.live.sample_rss();
+    let mut truncated = round.truncated;
+
+    // Publish.
+    let period = Duration::from_secs_f64(1.0 / t.rate);
+    let start = Instant::now();
+    let start_std = StdInstant::now();
+    let end = (start + t.duration).min(ctx.deadline);
+    truncated |= start + t.duration > ctx.deadline;
+    let offered = Arc::new(Offered::default());
+    let mut publishers = Vec::new();
+    for (index, (client, _)) in round.sessions.iter().enumerate() {
+        if !round.connected[index] {
+            continue;
+        }
+        let offset = period.mul_f64(index as f64 / n as f64);
+        let schedule = Schedule {
+            first: start + offset,
+            end,
+            period,
+            qos: t.qos,
+            size: t.payload_size,
+        };
+        publishers.push(tokio::spawn(publish(
+            ctx.clone(),
+            index,
+            client.clone(),
+            (publishing.clone(), offered.clone()),
+            schedule,
+        )));
+    }
+    let devices_publishing = publishers.len() as u64;
+    for p in publishers {
+        let _ = p.await;
+    }
+    let end_std = StdInstant::now();
+
+    // Wait for the acknowledgements, then end the sessions.
+    let live = &ctx.live;
+    let drain_until = (Instant::now() + DRAIN).min(ctx.deadline.max(Instant::now()) + GRACE);
+    while !drained(live, t.qos) && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    end_sessions(&mut round, ctx.deadline.max(Instant::now()) + GRACE).await;
+
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let (submitted, sent, acked) = (get(&live.submitted), get(&live.sent), get(&live.acked));
+    let observer = match observer {
+        Some(o) => {
+            let expected = match t.qos {
+                Qos::AtLeastOnce => acked,
+                Qos::AtMostOnce => sent,
+            };
+            let until =
+                (Instant::now() + OBSERVE_GRACE).min(ctx.deadline.max(Instant::now()) + GRACE);
+            while get(&live.delivered) < expected && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Some(o.finish(&publishing, start_std, end_std).await)
+        }
+        None => None,
+    };
+
+    let last_ack = publishing.started + Duration::from_micros(get(&publishing.last_ack_us));
+    let window = last_ack.max(end_std) - start_std;
+    let offered_window = end_std - start_std;
+    let qos1 = t.qos == Qos::AtLeastOnce;
+    let telemetry = TelemetryReport {
+        qos: t.qos,
+        payload_bytes: size,
+        rate_per_device: t.rate,
+        devices_publishing,
+        offered: get(&offered.offered),
+        submitted,
+        sent,
+        acked: qos1.then_some(acked),
+        not_sent_queue_full: get(&offered.full),
+        not_sent_disconnected: get(&offered.closed),
+        unacknowledged: qos1.then(|| submitted - acked),
+        publish_window_s: offered_window.as_secs_f64(),
+        offered_per_s: per_second(get(&offered.offered), offered_window),
+        sent_per_s: per_second(sent, window),
+        acked_per_s: qos1.then(|| per_second(acked, window)),
+        puback_latency: qos1.then(|| publishing.puback_latency.snapshot().summary_ms()),
+        observer,
+    };
+    Ok(Outcome {
+        rounds: vec![round.row],
+        telemetry: Some(telemetry),
+        rss_connected,
+        truncated,
+    })
+}
+
+/// Whether every submitted publish is accounted for: acknowledged (QoS 1) or written
+/// (QoS 0), or given up with its session.
+fn drained(live: &Live, qos: Qos) -> bool {
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let done = match qos {
+        Qos::AtLeastOnce => get(&live.acked),
+        Qos::AtMostOnce => get(&live.sent),
+    };
+    done + get(&live.abandoned) >= get(&live.submitted)
+}
+
+/// When and what one device publishes.
+struct Schedule {
+    first: Instant,
+    end: Instant,
+    period: Duration,
+    qos: Qos,
+    size: usize,
+}
+
+/// One device's publishing: a message every `period` from `first` until `end`.
+async fn publish(
+    ctx: Arc<Ctx>,
+    index: usize,
+    client: MqttClient,
+    (publishing, offered): (Arc<Publishing>, Arc<Offered>),
+    schedule: Schedule,
+) {
+    let Schedule {
+        first,
+        end,
+        period,
+        qos,
+        size,
+    } = schedule;
+    let topic = ctx.telemetry_topic(index);
+    let device = &publishing.devices[index];
+    let mut next = first;
+    let mut seq = 0u64;
+    while next < end {
+        tokio::time::sleep_until(next).await;
+        offered.offered.fetch_add(1, Ordering::Relaxed);
+        let body = payload(seq, now_us(), size);
+        let mut submitted = device.submitted.lock();
+        match client.publish_to(topic.clone(), qos, body) {
+            Ok(()) => {
+                submitted.push_back(StdInstant::now());
+                // Counted under the lock: a session that ends reads the count under it too.
+                device.submitted_count.fetch_add(1, Ordering::Relaxed);
+                ctx.live.submitted.fetch_add(1, Ordering::Relaxed);
+                drop(submitted);
+                seq += 1;
+            }
+            Err(SubmitError::Full) if !device.ended.load(Ordering::Relaxed) => {
+                drop(submitted);
+                offered.full.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                drop(submitted);
+                // The session is gone: this and every remaining tick go unsent.
+                let left = (end - next).as_secs_f64() / period.as_secs_f64();
+                let ticks = (left.ceil() as u64).max(1);
+                offered.offered.fetch_add(ticks - 1, Ordering::Relaxed);
+                offered.closed.fetch_add(ticks, Ordering::Relaxed);
+                return;
+            }
+        }
+        next += period;
+    }
+}
+
+/// `{"seq":N,"ts_us":T,"pad":"xxx"}`, padded to `size` bytes when that is larger than the
+/// fields alone.
+pub(crate) fn payload(seq: u64, ts_us: u64, size: usize) -> Vec<u8> {
+    let head = format!(r#"{{"seq":{seq},"ts_us":{ts_us},"pad":""#);
+    let tail = b"\"}";
+    let pad = size.saturating_sub(head.len() + tail.len());
+    let mut v = Vec::with_capacity(head.len() + pad + tail.len());
+    v.extend_from_slice(head.as_bytes());
+    v.resize(head.len() + pad, b'x');
+    v.extend_from_slice(tail);
+    v
+}
+
+#[derive(Deserialize)]
+struct Probe {
+    seq: u64,
+    ts_us: u64,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// What the observer saw.
+#[derive(Debug, Default)]
+struct Seen {
+    seqs: Vec<SeqSet>,
+    latency: Histogram,
+    received: u64,
+    foreign: u64,
+    last: Option<StdInstant>,
+    error: Option<String>,
+}
+
+impl Seen {
+    /// Takes a message apart: which simulated device, which sequence number, sent when.
+    fn on_message(&mut self, ctx: &Ctx, topic: &str, body: &[u8]) -> bool {
+        self.received += 1;
+        self.last = Some(StdInstant::now());
+        let index = topic
+            .strip_prefix(ctx.config.topic_prefix.as_str())
+            .and_then(|t| Topic::parse(t).ok())
+            .and_then(|t| match t {
+                Topic::Telemetry(id) => device_index(&ctx.config.id_prefix, id.as_str())
+                    .filter(|i| ctx.devices.get(*i).is_some_and(|d| d.id == id)),
+                _ => None,
+            });
+        let probe = serde_json::from_slice::<Probe>(body)
+            .ok()
+            .filter(|p| p.seq < SeqSet::MAX_SEQ);
+        let (Some(index), Some(probe)) = (index, probe) else {
+            self.foreign += 1;
+            return false;
+        };
+        self.latency.record(now_us().saturating_sub(probe.ts_us));
+        self.seqs[index].insert(probe.seq)
+    }
+}
+
+/// A subscriber on the devices' telemetry topics.
+struct Observer {
+    url: String,
+    filter: String,
+    client: MqttClient,
+    task: JoinHandle<Seen>,
+}
+
+impl Observer {
+    /// Connects and subscribes; returns once the subscription is granted.
+    async fn start(
+        ctx: &Arc<Ctx>,
+        o: &Observe,
+        qos: Qos,
+        max_packet: usize,
+    ) -> Result<Observer, SimError> {
+        let tls = match (
+            o.url.is_tls(),
+            o.server_ca_pem
+                .as_ref()
+                .or(ctx.config.server_ca_pem.as_ref()),
+        ) {
+            (true, Some(pem)) => {
+                Some(SharedTls::new(&TlsConfig::from_ca_pem(pem)?)?.client_config(None)?)
+            }
+            (true, None) => return Err(crate::error::ConfigError::TlsRequired.into()),
+            (false, _) => None,
+        };
+        let filter = o
+            .filter
+            .clone()
+            .unwrap_or_else(|| format!("{}devices/+/telemetry", ctx.config.topic_prefix));
+        let client_id = format!("{}observer-{}", ctx.config.id_prefix, std::process::id());
+        let (client, mut event_loop) = mqtt::open_session(SessionSpec {
+            url: &o.url,
+            client_id: &client_id,
+            tls,
+            credentials: o.credentials.as_ref(),
+            keep_alive: ctx.config.keep_alive,
+            connect_timeout: ctx.config.connect_timeout,
+            inflight: 10,
+            capacity: 10,
+            max_packet,
+        });
+        let wait = ctx.config.connect_timeout + Duration::from_secs(5);
+        let subscribed =
+            tokio::time::timeout(wait, subscribe(&client, &mut event_loop, &filter, qos))
+                .await
+                .map_err(|_| SimError::Observer(format!("no SUBACK within {wait:?}")))?;
+        subscribed?;
+        let ctx = ctx.clone();
+        let task = tokio::spawn(async move {
+            let mut seen = Seen {
+                seqs: vec![SeqSet::default(); ctx.devices.len()],
+                ..Seen::default()
+            };
+            loop {
+                match event_loop.poll().await {
+                    Ok(MqttEvent::Message { topic, payload }) => {
+                        if seen.on_message(&ctx, &topic, &payload) {
+                            ctx.live.delivered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(MqttEvent::DisconnectSent) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        seen.error = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            seen
+        });
+        Ok(Observer {
+            url: o.url.to_string(),
+            filter,
+            client,
+            task,
+        })
+    }
+
+    /// Disconnects and reports; loss is counted against what each device had acknowledged
+    /// (QoS 1) or written (QoS 0).
+    async fn finish(
+        self,
+        publishing: &Publishing,
+        start: StdInstant,
+        end: StdInstant,
+    ) -> ObserverReport {
+        let _ = self.client.disconnect();
+        let mut task = self.task;
+        let seen = match tokio::time::timeout(Duration::from_secs(5), &mut task).await {
+            Ok(Ok(seen)) => seen,
+            Ok(Err(e)) => Seen {
+                error: Some(format!("observer task: {e}")),
+                ..Seen::default()
+            },
+            Err(_) => {
+                task.abort();
+                Seen {
+                    error: Some("the observer did not disconnect".into()),
+                    ..Seen::default()
+                }
+            }
+        };
+        let mut lost = 0;
+        let mut distinct = 0;
+        let mut duplicates = 0;
+        for (device, seqs) in publishing.devices.iter().zip(&seen.seqs) {
+            let expected = match publishing.qos {
+                Qos::AtLeastOnce => device.acked.load(Ordering::Relaxed),
+                Qos::AtMostOnce => device.sent.load(Ordering::Relaxed),
+            };
+            lost += seqs.missing_below(expected);
+            distinct += seqs.distinct();
+            duplicates += seqs.duplicates();
+        }
+        let window = seen.last.unwrap_or(end).max(end) - start;
+        ObserverReport {
+            url: self.url,
+            filter: self.filter,
+            received: seen.received,
+            delivered: distinct,
+            duplicates,
+            lost,
+            foreign: seen.foreign,
+            delivered_per_s: per_second(distinct, window),
+            latency: seen.latency.summary_ms(),
+            error: seen.error,
+        }
+    }
+}
+
+async fn subscribe(
+    client: &MqttClient,
+    event_loop: &mut MqttLoop,
+    filter: &str,
+    qos: Qos,
+) -> Result<(), SimError> {
+    match event_loop.poll().await? {
+        MqttEvent::Connected { .. } => {}
+        other => {
+            return Err(SimError::Observer(format!(
+                "expected CONNACK, got {other:?}"
+            )))
+        }
+    }
+    client
+        .subscribe_to(filter.to_owned(), qos)
+        .map_err(|e| SimError::Observer(format!("cannot queue the SUBSCRIBE: {e:?}")))?;
+    loop {
+        match event_loop.poll().await? {
+            MqttEvent::SubAck { refused: 0 } => return Ok(()),
+            MqttEvent::SubAck { .. } => {
+                return Err(SimError::Observer(format!(
+                    "the broker refused the subscription to {filter}"
+                )))
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_have_the_requested_size_and_parse_back() {
+        for size in [0, 10, 64, 128, 1000, 4096] {
+            let body = payload(12_345, 1_700_000_000_000_000, size);
+            let min = payload(12_345, 1_700_000_000_000_000, 0).len();
+            assert_eq!(body.len(), size.max(min), "size {size}");
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert!(v.is_object());
+            let p: Probe = serde_json::from_slice(&body).unwrap();
+            assert_eq!((p.seq, p.ts_us), (12_345, 1_700_000_000_000_000));
+        }
+    }
+}
