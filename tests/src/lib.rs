@@ -333,6 +333,11 @@ impl TestCa {
             key_pem: key.serialize_pem(),
         }
     }
+
+    /// The CA's private key (PKCS#8 PEM), e.g. to hand the CA to another tool as files.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
 }
 
 /// A rustls client config trusting `server_ca_pem`, presenting `client` if given.

@@ -1,0 +1,253 @@
+//! The fleet simulator (`device-client simulate`) in-process through its library API, against
+//! the real platform (mutual TLS, JITP, durable PUBACKs, the service listener as observer)
+//! and the local Mosquitto: the counts it reports are the counts that happened.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use device_client::pki::Ca;
+use device_client::sim::{
+    self, ConnectStorm, Observe, Qos, Report, Scenario, SimConfig, TelemetryLoad,
+};
+use device_client::Credentials;
+use e2e::{Fleet, Platform, TestCa};
+use serde_json::json;
+
+const MOSQUITTO: &str = "127.0.0.1:1883";
+
+/// Devices of `fleet` on the platform's device listener; the CA goes through files like the
+/// CLI's `--ca-cert` / `--ca-key`.
+fn platform_config(p: &Platform, ca: &TestCa, dir: &std::path::Path, prefix: &str) -> SimConfig {
+    let (cert, key) = (dir.join("mfg-ca.pem"), dir.join("mfg-ca.key"));
+    std::fs::write(&cert, &ca.pem).unwrap();
+    std::fs::write(&key, ca.key_pem()).unwrap();
+    let url = format!("mqtts://127.0.0.1:{}", p.app().mqtts_addr().port());
+    let mut c = SimConfig::new(url.parse().unwrap());
+    c.server_ca_pem = Some(p.server_ca_pem().into_bytes());
+    c.device_ca = Some(Arc::new(Ca::from_files(&cert, &key).unwrap()));
+    c.id_prefix = prefix.to_owned();
+    c.max_duration = Duration::from_secs(60);
+    c
+}
+
+fn assert_all_connected(report: &Report, devices: u64) {
+    for r in &report.rounds {
+        assert_eq!(
+            (r.devices, r.attempted, r.connected, r.failed, r.dropped),
+            (devices, devices, devices, 0, 0),
+            "round {}: {r:?}",
+            r.round
+        );
+        assert!(r.failures.is_empty() && r.drops.is_empty(), "{r:?}");
+        assert_eq!(r.connack_latency.count, devices);
+        assert!(r.connack_latency.p50_ms.unwrap() <= r.connack_latency.max_ms.unwrap());
+        assert!(r.connects_per_s > 0.0);
+    }
+    assert!(!report.truncated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_storm_provisions_every_device_then_reconnects_from_the_cache() {
+    let p = Platform::sqlite().await;
+    let fleet: Fleet = p.jitp_fleet(json!({ "load": "storm" })).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = platform_config(&p, &fleet.ca, dir.path(), "storm-");
+    config.cert_cache = Some(dir.path().join("certs"));
+    let storm = Scenario::ConnectStorm(ConnectStorm {
+        devices: 50,
+        concurrency: 10,
+        rate: None,
+        hold: true,
+        repeat: 1,
+    });
+
+    let report = sim::run(&config, &storm).await.unwrap();
+    assert_all_connected(&report, 50);
+    assert_eq!(report.rounds.len(), 2);
+    assert_eq!(
+        (
+            report.rounds[0].label.as_str(),
+            report.rounds[1].label.as_str()
+        ),
+        ("first", "repeat")
+    );
+    assert_eq!(
+        (report.identities.generated, report.identities.from_cache),
+        (50, 0)
+    );
+    let metrics = p.app().control().metrics();
+    assert_eq!(metrics.jitp_provisioned, 50, "the first round provisioned");
+    assert_eq!(metrics.connects, 100);
+    for id in ["storm-00000", "storm-00049"] {
+        let d = p.device(id).await;
+        assert_eq!(d["tags"], json!({ "load": "storm" }), "{d}");
+        assert_eq!(d["cohort_id"], json!(fleet.cohort_id), "{d}");
+    }
+    // Held sessions end with a DISCONNECT.
+    let last = e2e::eventually("storm-00049 offline", || async {
+        let d = p.device("storm-00049").await;
+        (d["online"] == json!(false)).then_some(d)
+    })
+    .await;
+    assert_eq!(last["disconnect_reason"], "client", "{last}");
+
+    // A second run takes every certificate from the cache; nothing is provisioned again.
+    let report = sim::run(&config, &storm).await.unwrap();
+    assert_all_connected(&report, 50);
+    assert_eq!(
+        (report.identities.generated, report.identities.from_cache),
+        (0, 50)
+    );
+    assert_eq!(p.app().control().metrics().jitp_provisioned, 50);
+    // The JSON document carries scenario, parameters and results.
+    let doc = serde_json::to_value(&report).unwrap();
+    assert_eq!(doc["scenario"], "connect-storm");
+    assert_eq!(doc["parameters"]["devices"], 50);
+    assert_eq!(doc["rounds"][1]["connected"], 50);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_storm_counts_refusals_by_reason() {
+    let p = Platform::sqlite().await;
+    let stranger = TestCa::new("Unregistered CA");
+    let dir = tempfile::tempdir().unwrap();
+    let config = platform_config(&p, &stranger, dir.path(), "stranger-");
+    let storm = Scenario::ConnectStorm(ConnectStorm {
+        devices: 5,
+        concurrency: 5,
+        ..ConnectStorm::default()
+    });
+    let report = sim::run(&config, &storm).await.unwrap();
+    let r = &report.rounds[0];
+    assert_eq!((r.connected, r.failed), (0, 5), "{r:?}");
+    assert_eq!(r.failures.len(), 1, "{r:?}");
+    let (reason, n) = r.failures.iter().next().unwrap();
+    assert_eq!(*n, 5);
+    assert!(reason.starts_with("tls"), "{reason}");
+    assert_eq!(r.connack_latency.count, 0);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_is_acknowledged_stored_and_delivered_without_loss() {
+    let p = Platform::sqlite().await;
+    let fleet = p.jitp_fleet(json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = platform_config(&p, &fleet.ca, dir.path(), "tele-");
+    let service = format!("mqtt://127.0.0.1:{}", p.app().service_addr().port());
+    let load = Scenario::Telemetry(TelemetryLoad {
+        devices: 20,
+        concurrency: 20,
+        rate: 5.0,
+        qos: Qos::AtLeastOnce,
+        payload_size: 200,
+        duration: Duration::from_secs(2),
+        inflight: 10,
+        observe: Some(Observe {
+            url: service.parse().unwrap(),
+            credentials: Some(Credentials {
+                username: "svc".into(),
+                password: p.app().admin_token().to_owned(),
+            }),
+            server_ca_pem: None,
+            filter: None,
+        }),
+    });
+    let report = sim::run(&config, &load).await.unwrap();
+    assert_all_connected(&report, 20);
+    let t = report.telemetry.as_ref().expect("telemetry results");
+    // 5 msg/s for 2 s: ten ticks per device.
+    assert_eq!(t.offered, 200, "{t:?}");
+    assert_eq!(t.devices_publishing, 20);
+    assert_eq!((t.submitted, t.sent), (200, 200), "{t:?}");
+    assert_eq!(t.acked, Some(200), "{t:?}");
+    assert_eq!(t.unacknowledged, Some(0));
+    assert_eq!((t.not_sent_queue_full, t.not_sent_disconnected), (0, 0));
+    assert_eq!(t.payload_bytes, 200);
+    assert_eq!(t.puback_latency.as_ref().unwrap().count, 200);
+    let o = t.observer.as_ref().expect("observer results");
+    assert_eq!(
+        (o.delivered, o.lost, o.duplicates, o.foreign),
+        (200, 0, 0, 0),
+        "{o:?}"
+    );
+    assert_eq!(o.latency.count, 200);
+    assert!(o.error.is_none(), "{o:?}");
+
+    // PUBACK means committed: the platform stored every message.
+    for id in ["tele-00000", "tele-00019"] {
+        let d = p.device(id).await;
+        assert_eq!(d["last_telemetry"]["seq"], 9, "{d}");
+        let (s, history) = p
+            .api(
+                "GET",
+                &format!("/api/v1/devices/{id}/telemetry?limit=100"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{history}");
+        let rows = history["items"].as_array().expect("telemetry rows");
+        assert_eq!(rows.len(), 10, "{history}");
+    }
+    p.stop().await;
+}
+
+async fn mosquitto() -> bool {
+    let up = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(MOSQUITTO),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    if !up {
+        println!("skipped: no Mosquitto on {MOSQUITTO}");
+    }
+    up
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_mqtt_against_mosquitto() {
+    if !mosquitto().await {
+        return;
+    }
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let mut config = SimConfig::new(format!("mqtt://{MOSQUITTO}").parse().unwrap());
+    config.id_prefix = format!("sim{}-", &run[..8]);
+    config.topic_prefix = format!("simtest/{run}/");
+    config.max_duration = Duration::from_secs(60);
+
+    let storm = Scenario::ConnectStorm(ConnectStorm {
+        devices: 50,
+        concurrency: 25,
+        rate: Some(500.0),
+        hold: true,
+        repeat: 0,
+    });
+    let report = sim::run(&config, &storm).await.unwrap();
+    assert_all_connected(&report, 50);
+    assert!(!report.identities.certificates);
+
+    let load = Scenario::Telemetry(TelemetryLoad {
+        devices: 10,
+        concurrency: 10,
+        rate: 10.0,
+        qos: Qos::AtLeastOnce,
+        payload_size: 64,
+        duration: Duration::from_secs(1),
+        inflight: 10,
+        observe: Some(Observe {
+            url: format!("mqtt://{MOSQUITTO}").parse().unwrap(),
+            credentials: None,
+            server_ca_pem: None,
+            filter: None,
+        }),
+    });
+    let report = sim::run(&config, &load).await.unwrap();
+    let t = report.telemetry.as_ref().unwrap();
+    assert_eq!(t.offered, 100, "{t:?}");
+    assert_eq!((t.sent, t.acked), (100, Some(100)), "{t:?}");
+    let o = t.observer.as_ref().unwrap();
+    assert_eq!(o.filter, format!("simtest/{run}/devices/+/telemetry"));
+    assert_eq!((o.delivered, o.lost, o.foreign), (100, 0, 0), "{o:?}");
+}
