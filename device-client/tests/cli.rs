@@ -1,5 +1,6 @@
-//! The `device-client` binary: PKI files, error messages and exit codes, and the agent and
-//! one-shot publish against the local Mosquitto and the mutual-TLS fake broker.
+//! The `device-client` binary: PKI files, error messages and exit codes, the agent and
+//! one-shot publish against the local Mosquitto, and one-shot publish over mutual TLS against
+//! the real platform (`e2e::Platform`).
 
 mod common;
 
@@ -7,9 +8,7 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use common::{
-    mosquitto, unique_id, FakeBrokerConfig, FakeTlsBroker, Observer, Seen, TempDir, WAIT,
-};
+use common::{mosquitto, unique_id, Observer, TempDir, WAIT};
 use device_client::fleet_wire::payload::{Command, CommandAck, CommandStatus};
 use device_client::fleet_wire::Topic;
 use device_client::pki::Ca;
@@ -178,40 +177,42 @@ async fn missing_or_bad_pem_files_fail_clearly() {
     }
 }
 
-#[tokio::test]
-async fn publish_reports_connack_refusal_and_tls_errors() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_over_mutual_tls_and_its_errors() {
+    let platform = e2e::Platform::sqlite().await;
+    let fleet = platform.jitp_fleet(json!({})).await;
     let dir = TempDir::new("cli-tls");
-    let id = unique_id("cli-tls");
-    for (code, ca_is_right, want) in [
-        (0u8, true, None),
+    let id = "cli-tls-dev";
+    let dev = fleet.ca.issue(id);
+    let (server_ca, other_ca) = (dir.path("server-ca.pem"), dir.path("other-ca.pem"));
+    let (cert, key) = (dir.path("dev.pem"), dir.path("dev.key"));
+    std::fs::write(&server_ca, platform.server_ca_pem()).unwrap();
+    std::fs::write(&other_ca, &fleet.ca.pem).unwrap();
+    std::fs::write(&cert, &dev.cert_pem).unwrap();
+    std::fs::write(&key, &dev.key_pem).unwrap();
+    let url = format!("mqtts://127.0.0.1:{}", platform.app().mqtts_addr().port());
+    let cases: [(&Path, &[&str], Option<&str>); 3] = [
+        (&server_ca, &[], None),
         (
-            5,
-            true,
-            Some("broker refused the connection: not authorized (CONNACK return code 5)"),
+            &server_ca,
+            &["--client-id", "someone-else"],
+            Some(
+                "broker refused the connection: client identifier rejected (CONNACK return code 2)",
+            ),
         ),
         (
-            0,
-            false,
+            &other_ca,
+            &[],
             Some("TLS: invalid peer certificate: UnknownIssuer"),
         ),
-    ] {
-        let mut broker = FakeTlsBroker::start(FakeBrokerConfig { connack_code: code }).await;
-        let dev = broker.device(&id);
-        let (ca, cert, key) = (dir.path("ca.pem"), dir.path("dev.pem"), dir.path("dev.key"));
-        let ca_pem = if ca_is_right {
-            broker.server_ca.cert_pem().to_owned()
-        } else {
-            broker.device_ca.cert_pem().to_owned()
-        };
-        std::fs::write(&ca, ca_pem).unwrap();
-        dev.write(&cert, &key, true).unwrap();
-        let url = broker.url().to_string();
-        let out = cli(&[
+    ];
+    for (ca, extra, want) in cases {
+        let mut args = vec![
             "publish",
             "--url",
             &url,
             "--ca",
-            p(&ca),
+            p(ca),
             "--cert",
             p(&cert),
             "--key",
@@ -220,22 +221,15 @@ async fn publish_reports_connack_refusal_and_tls_errors() {
             "state",
             "--payload",
             r#"{"firmware_version":"1.0.0"}"#,
-        ])
-        .await;
+        ];
+        args.extend_from_slice(extra);
+        let out = cli(&args).await;
         match want {
             None => {
                 assert!(out.status.success(), "{}", stderr(&out));
-                let retained = broker
-                    .expect("state", |s| match s {
-                        Seen::Publish { topic, retain, .. }
-                            if *topic == Topic::State(id.clone()).to_string() =>
-                        {
-                            Some(*retain)
-                        }
-                        _ => None,
-                    })
-                    .await;
-                assert!(retained);
+                // Exit after the PUBACK, which the platform sends once the state is stored.
+                let d = platform.device(id).await;
+                assert_eq!(d["firmware_version"], "1.0.0", "{d}");
             }
             Some(want) => {
                 assert!(!out.status.success());
@@ -247,6 +241,7 @@ async fn publish_reports_connack_refusal_and_tls_errors() {
             }
         }
     }
+    platform.stop().await;
 }
 
 #[tokio::test]
