@@ -228,13 +228,7 @@ impl Registry {
     pub fn device_id_of(&self, leaf_der: &[u8]) -> Result<DeviceId, Rejection> {
         let (_, cert) =
             x509_parser::parse_x509_certificate(leaf_der).map_err(|_| Rejection::BadCertificate)?;
-        let cn = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .ok_or(Rejection::BadCommonName)?;
-        DeviceId::parse(cn).map_err(|_| Rejection::BadCommonName)
+        common_name_id(&cert)
     }
 
     /// Decides who a verified leaf certificate is, provisioning the device on its first
@@ -243,13 +237,7 @@ impl Registry {
     pub async fn identify(&self, leaf_der: &[u8]) -> Result<DeviceIdentity, Rejection> {
         let (_, cert) =
             x509_parser::parse_x509_certificate(leaf_der).map_err(|_| Rejection::BadCertificate)?;
-        let cn = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .ok_or(Rejection::BadCommonName)?;
-        let id = DeviceId::parse(cn).map_err(|_| Rejection::BadCommonName)?;
+        let id = common_name_id(&cert)?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -345,6 +333,19 @@ impl std::fmt::Debug for Registry {
             .field("devices", &self.devices.len())
             .finish()
     }
+}
+
+/// The device id a certificate's subject CN names, if it is a valid one.
+fn common_name_id(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<DeviceId, Rejection> {
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or(Rejection::BadCommonName)?;
+    DeviceId::parse(cn).map_err(|_| Rejection::BadCommonName)
 }
 
 /// Lower-case hex SHA-256 of a DER certificate.

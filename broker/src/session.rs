@@ -475,16 +475,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(link) => link,
             Err(e) => {
                 warn!(error = %e, "router refused the link");
-                conn.queue(Packet::ConnAck(
-                    ConnAck {
-                        session_present: false,
-                        code: match version {
-                            Version::V311 => ConnectReturnCode::ServiceUnavailable,
-                            Version::V5 => ConnectReturnCode::ServerUnavailable,
-                        },
-                    },
-                    None,
-                ));
+                conn.queue(unavailable(version));
                 conn.close(Duration::from_secs(1)).await;
                 return None;
             }
@@ -509,16 +500,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // The device is online, durably, before it hears so.
             if let Err(e) = session.presence(PresenceEvent::Connected, None).await {
                 warn!(error = %e, "presence not accepted by the event bus; refusing");
-                session.conn.queue(Packet::ConnAck(
-                    ConnAck {
-                        session_present: false,
-                        code: match version {
-                            Version::V311 => ConnectReturnCode::ServiceUnavailable,
-                            Version::V5 => ConnectReturnCode::ServerUnavailable,
-                        },
-                    },
-                    None,
-                ));
+                session.conn.queue(unavailable(version));
                 let _ = session.link.send(vec![disconnect_packet()]).await;
                 session.conn.close(Duration::from_secs(1)).await;
                 return None;
@@ -1080,6 +1062,21 @@ fn publish_will(
             .publish(topic, will.message, will.qos as u8, will.retain)
             .await;
     });
+}
+
+/// CONNACK for a connection the broker cannot serve right now.
+fn unavailable(version: Version) -> Packet {
+    let code = match version {
+        Version::V311 => ConnectReturnCode::ServiceUnavailable,
+        Version::V5 => ConnectReturnCode::ServerUnavailable,
+    };
+    Packet::ConnAck(
+        ConnAck {
+            session_present: false,
+            code,
+        },
+        None,
+    )
 }
 
 fn disconnect_packet() -> Packet {

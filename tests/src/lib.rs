@@ -18,6 +18,29 @@ use tokio::sync::mpsc;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Declares `sqlite::NAME` and `postgres::NAME` tests for each `async fn NAME(Platform)` given,
+/// so one scenario runs on both databases (the PostgreSQL one says it was skipped when
+/// `FLEET_TEST_POSTGRES_URL` is unset).
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let p = $crate::Platform::start($crate::Db::Sqlite).await.unwrap();
+                super::$name(p).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let Some(p) = $crate::Platform::start($crate::Db::Postgres).await else { return };
+                super::$name(p).await;
+            })*
+        }
+    };
+}
+
 /// Installs, once per test binary, the router-loss counter and (with `TEST_LOG`) log output.
 pub fn init_logs() {
     use tracing_subscriber::layer::SubscriberExt;

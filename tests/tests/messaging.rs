@@ -7,26 +7,7 @@ use rumqttc::v5::mqttbytes::v5::{Packet as P5, PubAckReason, SubscribeReasonCode
 use rumqttc::{Packet, QoS, SubscribeReasonCode};
 use serde_json::{json, Value};
 
-macro_rules! on_both_databases {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let p = e2e::Platform::start(e2e::Db::Sqlite).await.unwrap();
-                super::$name(p).await;
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let Some(p) = e2e::Platform::start(e2e::Db::Postgres).await else { return };
-                super::$name(p).await;
-            })*
-        }
-    };
-}
-
-on_both_databases!(
+e2e::on_both_databases!(
     telemetry_burst_is_all_stored_with_a_slow_subscriber_and_survives_restart,
     stale_disconnect_after_takeover_never_marks_a_live_device_offline,
 );

@@ -4,26 +4,7 @@ use e2e::{eventually, Client, Db, Platform, TestCa};
 use rumqttc::{ConnectReturnCode, ConnectionError, QoS};
 use serde_json::json;
 
-macro_rules! on_both_databases {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let p = e2e::Platform::start(e2e::Db::Sqlite).await.unwrap();
-                super::$name(p).await;
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let Some(p) = e2e::Platform::start(e2e::Db::Postgres).await else { return };
-                super::$name(p).await;
-            })*
-        }
-    };
-}
-
-on_both_databases!(
+e2e::on_both_databases!(
     jitp_on_first_connection_then_reuse,
     concurrent_first_connects_create_one_device
 );
