@@ -24,11 +24,13 @@ pub enum Principal {
 
 /// Whether `principal` may publish to the concrete topic name `topic`.
 pub fn may_publish(principal: &Principal, topic: &str) -> bool {
-    let Ok(parsed) = Topic::parse(topic) else {
-        return false;
-    };
+    Topic::parse(topic).is_ok_and(|t| may_publish_topic(principal, &t))
+}
+
+/// [`may_publish`] for a topic already parsed (the publish path parses once).
+pub fn may_publish_topic(principal: &Principal, parsed: &Topic) -> bool {
     match principal {
-        Principal::Device { id, .. } => match &parsed {
+        Principal::Device { id, .. } => match parsed {
             Topic::Telemetry(d) | Topic::State(d) | Topic::CommandAck(d) => d == id,
             Topic::Presence(_) | Topic::Commands(_) | Topic::CohortUpdates(_) => false,
         },

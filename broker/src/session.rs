@@ -711,7 +711,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Step::End(DisconnectReason::ProtocolError);
         }
         let topic = std::str::from_utf8(&publish.topic).unwrap_or("");
-        if !acl::may_publish(&self.principal, topic) {
+        let parsed = Topic::parse(topic).ok();
+        if !parsed
+            .as_ref()
+            .is_some_and(|t| acl::may_publish_topic(&self.principal, t))
+        {
             self.ctx.control.metrics.reject(Rejection::ForbiddenTopic);
             info!(topic, "publish refused: topic is forbidden for this client");
             return self.refuse_publish(
@@ -721,7 +725,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             );
         }
         self.ctx.control.metrics.publish_in();
-        let parsed = Topic::parse(topic).ok();
         let durable = self.device.is_some() && parsed.as_ref().is_some_and(Topic::is_durable_event);
         if durable {
             if let Some(t) = &parsed {
