@@ -12,7 +12,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use device_client::fleet_wire::payload::Command;
 use device_client::fleet_wire::{CohortId, DeviceId, Topic};
 use device_client::pki::{Ca, CaOptions, DeviceCertOptions, KeyAlgorithm};
-use device_client::sim::{self, ConnectStorm, Observe, Qos, Scenario, SimConfig, TelemetryLoad};
+use device_client::sim::{
+    self, ConnectStorm, Fanout, Observe, Publisher, Qos, Scenario, SimConfig, TelemetryLoad,
+};
 use device_client::{
     publish_once, Agent, AgentConfig, BrokerUrl, ClientIdentity, CommandOutcome, ConnectOptions,
     TlsConfig,
@@ -53,6 +55,9 @@ enum SimCmd {
     /// Every device publishes telemetry at a fixed rate: offered vs acknowledged rate, PUBACK
     /// latency, and with --observe-url delivered rate, end-to-end latency and loss.
     Telemetry(TelemetryArgs),
+    /// Every device subscribes and a publisher (a backend service) sends numbered messages:
+    /// delivery latency, time until the last device had each message, loss.
+    Fanout(FanoutArgs),
 }
 
 #[derive(Args)]
@@ -114,12 +119,7 @@ impl SimArgs {
         }
         c.id_prefix = self.id_prefix.clone();
         c.cert_cache = self.cert_cache.clone();
-        if let (Some(u), Some(p)) = (&self.username, &self.password) {
-            c.credentials = Some(device_client::Credentials {
-                username: u.clone(),
-                password: p.clone(),
-            });
-        }
+        c.credentials = credentials(self.username.clone(), self.password.clone());
         c.topic_prefix = self.topic_prefix.clone();
         c.keep_alive = self.keep_alive;
         c.connect_timeout = self.connect_timeout;
@@ -149,6 +149,43 @@ struct StormArgs {
     /// Connect every device this many more times, one report row per round.
     #[arg(long, default_value_t = 0)]
     repeat: u32,
+}
+
+#[derive(Args)]
+struct FanoutArgs {
+    #[command(flatten)]
+    sim: SimArgs,
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Connection attempts in flight at once while the devices connect.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    /// What every device subscribes to; {id} is its device id (one publish per device and
+    /// message), otherwise one publish reaches all, e.g. cohorts/<cohort id>/updates.
+    #[arg(long, default_value = "devices/{id}/commands")]
+    topic: String,
+    #[arg(long, default_value_t = 10)]
+    messages: u32,
+    /// Time between messages.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    interval: Duration,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: u8,
+    #[arg(long, default_value_t = 128)]
+    payload_size: usize,
+    /// Where the publisher connects, e.g. mqtt://127.0.0.1:8884 (the platform's service
+    /// listener; username any, password an operator or admin API key).
+    #[arg(long)]
+    publisher_url: BrokerUrl,
+    #[arg(long, requires = "publisher_password")]
+    publisher_username: Option<String>,
+    #[arg(
+        long,
+        env = "DEVICE_CLIENT_PUBLISHER_PASSWORD",
+        hide_env_values = true,
+        requires = "publisher_username"
+    )]
+    publisher_password: Option<String>,
 }
 
 #[derive(Args)]
@@ -417,12 +454,7 @@ async fn simulate(cmd: SimCmd) -> Result<()> {
         SimCmd::Telemetry(a) => {
             let observe = a.observe_url.map(|url| Observe {
                 url,
-                credentials: match (a.observe_username, a.observe_password) {
-                    (Some(username), Some(password)) => {
-                        Some(device_client::Credentials { username, password })
-                    }
-                    _ => None,
-                },
+                credentials: credentials(a.observe_username, a.observe_password),
                 server_ca_pem: None,
                 filter: a.observe_filter,
             });
@@ -430,17 +462,30 @@ async fn simulate(cmd: SimCmd) -> Result<()> {
                 devices: a.devices,
                 concurrency: a.concurrency,
                 rate: a.rate,
-                qos: if a.qos == 0 {
-                    Qos::AtMostOnce
-                } else {
-                    Qos::AtLeastOnce
-                },
+                qos: qos(a.qos),
                 payload_size: a.payload_size,
                 duration: a.duration,
                 inflight: a.inflight,
                 observe,
             };
             (a.sim, Scenario::Telemetry(t))
+        }
+        SimCmd::Fanout(a) => {
+            let f = Fanout {
+                devices: a.devices,
+                concurrency: a.concurrency,
+                topic: a.topic,
+                messages: a.messages,
+                interval: a.interval,
+                qos: qos(a.qos),
+                payload_size: a.payload_size,
+                publisher: Publisher {
+                    url: a.publisher_url,
+                    credentials: credentials(a.publisher_username, a.publisher_password),
+                    server_ca_pem: None,
+                },
+            };
+            (a.sim, Scenario::Fanout(f))
         }
     };
     let config = args.config()?;
@@ -457,6 +502,24 @@ async fn simulate(cmd: SimCmd) -> Result<()> {
     }
     out.flush()?;
     Ok(())
+}
+
+fn qos(q: u8) -> Qos {
+    if q == 0 {
+        Qos::AtMostOnce
+    } else {
+        Qos::AtLeastOnce
+    }
+}
+
+fn credentials(
+    username: Option<String>,
+    password: Option<String>,
+) -> Option<device_client::Credentials> {
+    Some(device_client::Credentials {
+        username: username?,
+        password: password?,
+    })
 }
 
 /// The live progress line: rewritten in place on a terminal, one line per second otherwise.
@@ -726,6 +789,31 @@ mod tests {
         };
         assert_eq!((t.qos, t.duration), (0, Duration::from_secs(2)));
         assert!(t.sim.json && t.observe_url.is_some());
+        let cli = Cli::try_parse_from([
+            "device-client",
+            "simulate",
+            "fanout",
+            "--url",
+            "mqtt://127.0.0.1:1883",
+            "--publisher-url",
+            "mqtt://127.0.0.1:8884",
+            "--publisher-username",
+            "svc",
+            "--publisher-password",
+            "key",
+            "--messages",
+            "3",
+            "--interval",
+            "500ms",
+        ])
+        .unwrap();
+        let Cmd::Simulate(SimCmd::Fanout(f)) = cli.command else {
+            panic!("not fanout");
+        };
+        assert_eq!(f.topic, "devices/{id}/commands");
+        assert_eq!((f.messages, f.interval), (3, Duration::from_millis(500)));
+        assert!(credentials(f.publisher_username, f.publisher_password).is_some());
+
         for bad in [
             &["--qos", "2"][..],
             &["--ca-cert", "only-cert.pem"][..],

@@ -1,13 +1,14 @@
 //! The fleet simulator (`device-client simulate`) in-process through its library API, against
-//! the real platform (mutual TLS, JITP, durable PUBACKs, the service listener as observer)
-//! and the local Mosquitto: the counts it reports are the counts that happened.
+//! the real platform (mutual TLS, JITP, durable PUBACKs, the service listener as observer and
+//! publisher, topic rights) and the local Mosquitto: the counts it reports are the counts that
+//! happened.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use device_client::pki::Ca;
 use device_client::sim::{
-    self, ConnectStorm, Observe, Qos, Report, Scenario, SimConfig, TelemetryLoad,
+    self, ConnectStorm, Fanout, Observe, Publisher, Qos, Report, Scenario, SimConfig, TelemetryLoad,
 };
 use device_client::Credentials;
 use e2e::{Fleet, Platform, TestCa};
@@ -250,4 +251,96 @@ async fn plain_mqtt_against_mosquitto() {
     let o = t.observer.as_ref().unwrap();
     assert_eq!(o.filter, format!("simtest/{run}/devices/+/telemetry"));
     assert_eq!((o.delivered, o.lost, o.foreign), (100, 0, 0), "{o:?}");
+
+    let fanout = Scenario::Fanout(Fanout {
+        devices: 20,
+        concurrency: 20,
+        topic: "broadcast".into(),
+        messages: 3,
+        interval: Duration::from_millis(100),
+        qos: Qos::AtLeastOnce,
+        payload_size: 64,
+        publisher: Publisher {
+            url: format!("mqtt://{MOSQUITTO}").parse().unwrap(),
+            credentials: None,
+            server_ca_pem: None,
+        },
+    });
+    let report = sim::run(&config, &fanout).await.unwrap();
+    let f = report.fanout.as_ref().unwrap();
+    assert_eq!(f.topic, format!("simtest/{run}/broadcast"));
+    assert_eq!((f.publishes, f.subscribed), (3, 20), "{f:?}");
+    assert_eq!((f.delivered, f.lost, f.duplicates), (60, 0, 0), "{f:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_of_commands_and_cohort_updates_reaches_every_device() {
+    let p = Platform::sqlite().await;
+    let fleet = p.jitp_fleet(json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = platform_config(&p, &fleet.ca, dir.path(), "fan-");
+    let service = format!("mqtt://127.0.0.1:{}", p.app().service_addr().port());
+    let publisher = Publisher {
+        url: service.parse().unwrap(),
+        credentials: Some(Credentials {
+            username: "ops".into(),
+            password: p.app().admin_token().to_owned(),
+        }),
+        server_ca_pem: None,
+    };
+    let cases = [
+        ("devices/{id}/commands".to_owned(), true),
+        (format!("cohorts/{}/updates", fleet.cohort_id), false),
+    ];
+    for (topic, per_device) in cases {
+        let fanout = Scenario::Fanout(Fanout {
+            devices: 20,
+            concurrency: 20,
+            topic: topic.clone(),
+            messages: 3,
+            interval: Duration::from_millis(100),
+            qos: Qos::AtLeastOnce,
+            payload_size: 100,
+            publisher: publisher.clone(),
+        });
+        let report = sim::run(&config, &fanout).await.unwrap();
+        assert_all_connected(&report, 20);
+        let f = report.fanout.as_ref().expect("fanout results");
+        let publishes = if per_device { 60 } else { 3 };
+        assert_eq!(f.per_device_topic, per_device);
+        assert_eq!(
+            (f.publishes, f.publishes_acked),
+            (publishes, Some(publishes)),
+            "{topic}: {f:?}"
+        );
+        assert_eq!((f.subscribed, f.subscribe_refused), (20, 0), "{f:?}");
+        assert_eq!(
+            (f.expected, f.delivered, f.lost, f.duplicates),
+            (60, 60, 0, 0),
+            "{topic}: {f:?}"
+        );
+        assert_eq!(f.delivery_latency.count, 60);
+        assert_eq!(f.completion_latency.count, 3);
+        assert!(f.publisher_error.is_none(), "{f:?}");
+    }
+
+    // Devices may not subscribe to another cohort's updates: every subscription is refused.
+    let fanout = Scenario::Fanout(Fanout {
+        devices: 3,
+        concurrency: 3,
+        topic: "cohorts/some-other-cohort/updates".into(),
+        messages: 1,
+        interval: Duration::from_millis(100),
+        qos: Qos::AtLeastOnce,
+        payload_size: 0,
+        publisher,
+    });
+    let report = sim::run(&config, &fanout).await.unwrap();
+    let f = report.fanout.as_ref().unwrap();
+    assert_eq!(
+        (f.subscribed, f.subscribe_refused, f.expected, f.delivered),
+        (0, 3, 0, 0),
+        "{f:?}"
+    );
+    p.stop().await;
 }

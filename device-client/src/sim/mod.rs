@@ -9,13 +9,14 @@
 //! - `identities`: device ids and certificates, minted in parallel and cached on disk.
 //! - `session`: one device's session: connect, measure CONNACK latency, then disconnect, hold,
 //!   or publish; and one round of connects at a given concurrency and rate.
-//! - `storm`, `telemetry`: the scenarios.
+//! - `storm`, `telemetry`, `fanout`: the scenarios.
 //! - `stats`: failure reasons, sequence tracking (loss, duplicates), `/proc/self` readings.
 //! - [`report`]: the result as a serializable document and a human table.
 //!
 //! Every scenario is bounded by its own count or duration and by
 //! [`SimConfig::max_duration`]; it connects only to the addresses it is given.
 
+mod fanout;
 pub mod hist;
 mod identities;
 pub mod report;
@@ -42,7 +43,8 @@ use crate::url::BrokerUrl;
 
 pub use crate::mqtt::Qos;
 pub use report::{
-    ConnectRound, IdentityReport, ObserverReport, ProcessReport, Report, TelemetryReport,
+    ConnectRound, FanoutReport, IdentityReport, ObserverReport, ProcessReport, Report,
+    TelemetryReport,
 };
 
 /// Receives the live progress line, about once per second.
@@ -229,10 +231,68 @@ impl std::fmt::Debug for Observe {
     }
 }
 
+/// `fanout`: the devices subscribe and a publisher (a backend service) sends `messages`
+/// numbered messages, one every `interval`.
+#[derive(Debug, Clone)]
+pub struct Fanout {
+    pub devices: usize,
+    /// Connection attempts at a time while the devices connect.
+    pub concurrency: usize,
+    /// What each device subscribes to (after the topic prefix). `{id}` stands for the device
+    /// id: then every message is one publish per device (e.g. `devices/{id}/commands`);
+    /// otherwise one publish reaches every device (e.g. `cohorts/<cohort id>/updates`).
+    pub topic: String,
+    pub messages: u32,
+    pub interval: Duration,
+    pub qos: Qos,
+    pub payload_size: usize,
+    pub publisher: Publisher,
+}
+
+impl Default for Fanout {
+    fn default() -> Self {
+        Self {
+            devices: 100,
+            concurrency: 100,
+            topic: "devices/{id}/commands".into(),
+            messages: 10,
+            interval: Duration::from_secs(1),
+            qos: Qos::AtLeastOnce,
+            payload_size: 128,
+            publisher: Publisher {
+                url: BrokerUrl::new(crate::url::Scheme::Mqtt, "127.0.0.1", 8884)
+                    .expect("a valid URL"),
+                credentials: None,
+                server_ca_pem: None,
+            },
+        }
+    }
+}
+
+/// The sender of the `fanout` messages, e.g. a backend service on the platform's service
+/// listener (any user name, an operator or admin API key as password).
+#[derive(Clone)]
+pub struct Publisher {
+    pub url: BrokerUrl,
+    pub credentials: Option<Credentials>,
+    /// For an `mqtts://` publisher; defaults to [`SimConfig::server_ca_pem`].
+    pub server_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("url", &self.url.to_string())
+            .field("credentials", &self.credentials)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Scenario {
     ConnectStorm(ConnectStorm),
     Telemetry(TelemetryLoad),
+    Fanout(Fanout),
 }
 
 impl Scenario {
@@ -240,6 +300,16 @@ impl Scenario {
         match self {
             Scenario::ConnectStorm(s) => s.devices,
             Scenario::Telemetry(t) => t.devices,
+            Scenario::Fanout(f) => f.devices,
+        }
+    }
+
+    /// The name on the command line and in the report.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scenario::ConnectStorm(_) => "connect-storm",
+            Scenario::Telemetry(_) => "telemetry",
+            Scenario::Fanout(_) => "fanout",
         }
     }
 
@@ -265,6 +335,20 @@ impl Scenario {
                     return bad("the duration must not be zero");
                 }
                 if t.payload_size > 128 * 1024 {
+                    return bad("the payload size must be at most 131072 bytes");
+                }
+            }
+            Scenario::Fanout(f) => {
+                if f.devices == 0 || f.concurrency == 0 || f.messages == 0 {
+                    return bad("devices, concurrency and messages must be at least 1");
+                }
+                if f.messages > 1_000_000 {
+                    return bad("at most 1000000 messages");
+                }
+                if f.topic.is_empty() || f.topic.contains('#') || f.topic.contains('+') {
+                    return bad("the fanout topic must be a topic name, without wildcards");
+                }
+                if f.payload_size > 128 * 1024 {
                     return bad("the payload size must be at most 131072 bytes");
                 }
             }
@@ -471,6 +555,7 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
     let (publishing, observing) = match scenario {
         Scenario::ConnectStorm(_) => (false, false),
         Scenario::Telemetry(t) => (true, t.observe.is_some()),
+        Scenario::Fanout(_) => (false, true),
     };
     let progress = config.progress.clone().map(|emit| {
         let live = live.clone();
@@ -501,6 +586,7 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
     let outcome = match scenario {
         Scenario::ConnectStorm(s) => storm::run(&ctx, s).await,
         Scenario::Telemetry(t) => telemetry::run(&ctx, t).await,
+        Scenario::Fanout(f) => fanout::run(&ctx, f).await,
     };
     if let Some(p) = progress {
         p.abort();
@@ -510,7 +596,11 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
     live.sample_rss();
 
     let connects: u64 = outcome.rounds.iter().map(|r| r.attempted).sum();
-    let messages = outcome.telemetry.as_ref().map(|t| t.sent).unwrap_or(0);
+    let messages = match (&outcome.telemetry, &outcome.fanout) {
+        (Some(t), _) => t.sent,
+        (None, Some(f)) => f.delivered,
+        (None, None) => 0,
+    };
     let cpu = usage_end.cpu.saturating_sub(usage_before.cpu);
     let rss_connected = outcome.rss_connected.max(usage_start.rss);
     let process = ProcessReport {
@@ -527,16 +617,13 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
         open_files_limit: stats::open_files_limit(),
     };
     Ok(Report {
-        scenario: match scenario {
-            Scenario::ConnectStorm(_) => "connect-storm",
-            Scenario::Telemetry(_) => "telemetry",
-        }
-        .into(),
+        scenario: scenario.name().into(),
         url: config.url.to_string(),
         parameters: report::parameters(config, scenario),
         identities: identity_report,
         rounds: outcome.rounds,
         telemetry: outcome.telemetry,
+        fanout: outcome.fanout,
         process,
         elapsed_s: started.elapsed().as_secs_f64(),
         truncated: outcome.truncated,
@@ -547,6 +634,7 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
 pub(crate) struct Outcome {
     pub rounds: Vec<ConnectRound>,
     pub telemetry: Option<TelemetryReport>,
+    pub fanout: Option<FanoutReport>,
     /// Resident set size sampled with the most devices connected.
     pub rss_connected: u64,
     pub truncated: bool,
@@ -628,5 +716,11 @@ mod tests {
         assert!(Scenario::Telemetry(TelemetryLoad::default())
             .validate()
             .is_ok());
+        assert!(Scenario::Fanout(Fanout::default()).validate().is_ok());
+        let wildcard = Scenario::Fanout(Fanout {
+            topic: "devices/+/commands".into(),
+            ..Fanout::default()
+        });
+        assert!(wildcard.validate().is_err());
     }
 }

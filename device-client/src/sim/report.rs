@@ -20,6 +20,8 @@ pub struct Report {
     pub rounds: Vec<ConnectRound>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<TelemetryReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fanout: Option<FanoutReport>,
     pub process: ProcessReport,
     pub elapsed_s: f64,
     /// The max duration ended the run before the scenario's own end.
@@ -126,6 +128,40 @@ pub struct ObserverReport {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct FanoutReport {
+    /// As subscribed, with the topic prefix; `{id}` stands for each device's id.
+    pub topic: String,
+    /// One publish per device and message (`{id}` in the topic) rather than one per message.
+    pub per_device_topic: bool,
+    pub qos: Qos,
+    pub payload_bytes: usize,
+    pub messages: u32,
+    pub interval_s: f64,
+    /// Publishes the publisher submitted.
+    pub publishes: u64,
+    /// PUBACKs the publisher received (QoS 1).
+    pub publishes_acked: Option<u64>,
+    /// Devices whose subscription was granted.
+    pub subscribed: u64,
+    pub subscribe_refused: u64,
+    /// messages × subscribed devices.
+    pub expected: u64,
+    /// Distinct (device, message) deliveries.
+    pub delivered: u64,
+    pub duplicates: u64,
+    /// Messages a subscribed device never received.
+    pub lost: u64,
+    /// Messages that were not this run's (e.g. retained ones of an earlier run).
+    pub foreign: u64,
+    pub delivered_per_s: f64,
+    /// From the send time in the payload to each delivery.
+    pub delivery_latency: Percentiles,
+    /// Per message, from its first publish to its delivery to the last device.
+    pub completion_latency: Percentiles,
+    pub publisher_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct ProcessReport {
     pub rss_start_bytes: u64,
     /// With the most devices connected (sampled).
@@ -176,6 +212,19 @@ pub(crate) fn parameters(config: &SimConfig, scenario: &Scenario) -> Value {
                 "username": o.credentials.as_ref().map(|c| c.username.clone()),
                 "filter": o.filter,
             })),
+        }),
+        Scenario::Fanout(f) => json!({
+            "devices": f.devices,
+            "concurrency": f.concurrency,
+            "topic": f.topic,
+            "messages": f.messages,
+            "interval_s": f.interval.as_secs_f64(),
+            "qos": f.qos,
+            "payload_size": f.payload_size,
+            "publisher": {
+                "url": f.publisher.url.to_string(),
+                "username": f.publisher.credentials.as_ref().map(|c| c.username.clone()),
+            },
         }),
     };
     if let (Value::Object(p), Value::Object(extra)) = (&mut p, extra) {
@@ -325,6 +374,50 @@ impl Report {
                 if let Some(e) = &o.error {
                     let _ = writeln!(out, "  observer error: {e}");
                 }
+            }
+        }
+        if let Some(f) = &self.fanout {
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "fanout on {}: QoS {}, {} B payloads, {} messages every {:.3} s, {} publishes{}",
+                f.topic,
+                u8::from(f.qos),
+                f.payload_bytes,
+                f.messages,
+                f.interval_s,
+                f.publishes,
+                f.publishes_acked
+                    .map(|a| format!(" ({a} acked)"))
+                    .unwrap_or_default(),
+            );
+            let _ = writeln!(
+                out,
+                "  subscribed {} (refused {})  expected {}  delivered {} ({:.1}/s)  lost {}  duplicates {}  foreign {}",
+                f.subscribed,
+                f.subscribe_refused,
+                f.expected,
+                f.delivered,
+                f.delivered_per_s,
+                f.lost,
+                f.duplicates,
+                f.foreign
+            );
+            for (what, l) in [
+                ("delivery latency", &f.delivery_latency),
+                ("completion (last device) latency", &f.completion_latency),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "  {what} ms: p50 {}  p90 {}  p99 {}  max {}",
+                    ms(l.p50_ms),
+                    ms(l.p90_ms),
+                    ms(l.p99_ms),
+                    ms(l.max_ms)
+                );
+            }
+            if let Some(e) = &f.publisher_error {
+                let _ = writeln!(out, "  publisher error: {e}");
             }
         }
         let pr = &self.process;

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::fanout::Receiving;
 use super::hist::SharedHistogram;
 use super::report::ConnectRound;
 use super::stats::{failure_reason, per_second, Reasons, Usage};
@@ -35,6 +36,8 @@ pub(crate) enum AfterConnect {
     Hold,
     /// Stay connected and account for the publishes submitted through `Publishing`.
     Publish(Arc<Publishing>),
+    /// Subscribe, stay connected and account for the messages received.
+    Receive(Arc<Receiving>),
 }
 
 /// How a device's session ended.
@@ -134,16 +137,23 @@ async fn device_session(
     let end = match after {
         AfterConnect::Disconnect => {
             let _ = client.disconnect();
-            match tokio::time::timeout(DISCONNECT_WAIT, until_disconnected(&mut event_loop, None))
-                .await
+            match tokio::time::timeout(
+                DISCONNECT_WAIT,
+                until_disconnected(&mut event_loop, &Idle, index, live),
+            )
+            .await
             {
                 Ok(end) => end,
                 Err(_) => SessionEnd::Lost("timeout: writing DISCONNECT".into()),
             }
         }
-        AfterConnect::Hold => until_disconnected(&mut event_loop, None).await,
+        AfterConnect::Hold => until_disconnected(&mut event_loop, &Idle, index, live).await,
+        AfterConnect::Receive(r) => {
+            r.subscribe(&ctx, index, &client);
+            until_disconnected(&mut event_loop, &*r, index, live).await
+        }
         AfterConnect::Publish(p) => {
-            let end = until_disconnected(&mut event_loop, Some((&p, index, live))).await;
+            let end = until_disconnected(&mut event_loop, &*p, index, live).await;
             // From here on every submit fails, so the count below is final.
             drop(event_loop);
             let d = &p.devices[index];
@@ -167,23 +177,46 @@ async fn device_session(
     end
 }
 
-/// Polls until the DISCONNECT is written or the session is lost, accounting for publishes.
-async fn until_disconnected(
+/// What a connected device does with the events of its session.
+pub(crate) trait SessionRole {
+    /// Per-session state, e.g. the publishes awaiting their acknowledgement.
+    type State: Default;
+    fn on_event(&self, state: &mut Self::State, index: usize, event: MqttEvent, live: &Live);
+}
+
+/// Polls until the DISCONNECT is written or the session is lost, handing the other events to
+/// `role`.
+async fn until_disconnected<R: SessionRole>(
     event_loop: &mut MqttLoop,
-    publishing: Option<(&Publishing, usize, &Live)>,
+    role: &R,
+    index: usize,
+    live: &Live,
 ) -> SessionEnd {
-    // QoS 1 publishes written and not yet acknowledged: packet id and submission time.
-    let mut inflight: Vec<(u16, StdInstant)> = Vec::new();
+    let mut state = R::State::default();
     loop {
-        let event = match event_loop.poll().await {
+        match event_loop.poll().await {
             Ok(MqttEvent::DisconnectSent) => return SessionEnd::Clean,
-            Ok(event) => event,
+            Ok(event) => role.on_event(&mut state, index, event, live),
             Err(e) => return SessionEnd::Lost(failure_reason(&e)),
-        };
-        let Some((p, index, live)) = publishing else {
-            continue;
-        };
-        let device = &p.devices[index];
+        }
+    }
+}
+
+/// Holds the session and ignores its events.
+struct Idle;
+
+impl SessionRole for Idle {
+    type State = ();
+
+    fn on_event(&self, _: &mut (), _: usize, _: MqttEvent, _: &Live) {}
+}
+
+impl SessionRole for Publishing {
+    /// QoS 1 publishes written and not yet acknowledged: packet id and submission time.
+    type State = Vec<(u16, StdInstant)>;
+
+    fn on_event(&self, inflight: &mut Self::State, index: usize, event: MqttEvent, live: &Live) {
+        let device = &self.devices[index];
         match event {
             MqttEvent::Sent(pkid) => {
                 let at = device.submitted.lock().pop_front();
@@ -199,11 +232,11 @@ async fn until_disconnected(
             MqttEvent::Acked(pkid) => {
                 if let Some(pos) = inflight.iter().position(|(p, _)| *p == pkid) {
                     let (_, at) = inflight.remove(pos);
-                    p.puback_latency.record(index, at.elapsed());
+                    self.puback_latency.record(index, at.elapsed());
                     device.acked.fetch_add(1, Ordering::Relaxed);
                     live.acked.fetch_add(1, Ordering::Relaxed);
-                    let us = p.started.elapsed().as_micros() as u64;
-                    p.last_ack_us.fetch_max(us, Ordering::Relaxed);
+                    let us = self.started.elapsed().as_micros() as u64;
+                    self.last_ack_us.fetch_max(us, Ordering::Relaxed);
                 }
             }
             _ => {}

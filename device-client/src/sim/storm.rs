@@ -54,6 +54,7 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, s: &ConnectStorm) -> Result<Outcome, Sim
     Ok(Outcome {
         rounds,
         telemetry: None,
+        fanout: None,
         rss_connected,
         truncated,
     })

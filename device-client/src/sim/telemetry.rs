@@ -146,6 +146,7 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
     Ok(Outcome {
         rounds: vec![round.row],
         telemetry: Some(telemetry),
+        fanout: None,
         rss_connected,
         truncated,
     })
