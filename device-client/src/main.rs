@@ -58,6 +58,9 @@ enum SimCmd {
     /// Every device subscribes and a publisher (a backend service) sends numbered messages:
     /// delivery latency, time until the last device had each message, loss.
     Fanout(FanoutArgs),
+    /// Telemetry over a long time with one row per interval: sessions up and lost, rates,
+    /// PUBACK latency, client memory and CPU. Give --duration and a --max-duration above it.
+    Soak(SoakArgs),
 }
 
 #[derive(Args)]
@@ -211,11 +214,48 @@ struct TelemetryArgs {
     /// Unacknowledged QoS 1 publishes per device.
     #[arg(long, default_value_t = 10)]
     inflight: u16,
+    /// Also report what happened in each interval of this length.
+    #[arg(long, value_parser = parse_duration)]
+    report_every: Option<Duration>,
+    #[command(flatten)]
+    observe: ObserveArgs,
+}
+
+#[derive(Args)]
+struct SoakArgs {
+    #[command(flatten)]
+    sim: SimArgs,
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Connection attempts in flight at once while the devices connect.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    /// Messages per second per device.
+    #[arg(long, default_value_t = 0.1)]
+    rate: f64,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: u8,
+    #[arg(long, default_value_t = 128)]
+    payload_size: usize,
+    /// How long the devices stay and publish, e.g. 1h (raise --max-duration above it).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Duration,
+    /// One report row per interval.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    report_every: Duration,
+    #[arg(long, default_value_t = 10)]
+    inflight: u16,
+    #[command(flatten)]
+    observe: ObserveArgs,
+}
+
+#[derive(Args)]
+struct ObserveArgs {
     /// Subscriber measuring delivery, e.g. mqtt://127.0.0.1:8884 (the platform's service
     /// listener; username any, password an API key).
     #[arg(long)]
     observe_url: Option<BrokerUrl>,
-    #[arg(long, requires = "observe_url")]
+    #[arg(long, requires = "observe_url", requires = "observe_password")]
     observe_username: Option<String>,
     #[arg(
         long,
@@ -227,6 +267,18 @@ struct TelemetryArgs {
     /// Default: {topic prefix}devices/+/telemetry.
     #[arg(long, requires = "observe_url")]
     observe_filter: Option<String>,
+}
+
+impl ObserveArgs {
+    fn observe(self) -> Option<Observe> {
+        let credentials = credentials(self.observe_username, self.observe_password);
+        Some(Observe {
+            url: self.observe_url?,
+            credentials,
+            server_ca_pem: None,
+            filter: self.observe_filter,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -452,12 +504,6 @@ async fn simulate(cmd: SimCmd) -> Result<()> {
             (a.sim, Scenario::ConnectStorm(s))
         }
         SimCmd::Telemetry(a) => {
-            let observe = a.observe_url.map(|url| Observe {
-                url,
-                credentials: credentials(a.observe_username, a.observe_password),
-                server_ca_pem: None,
-                filter: a.observe_filter,
-            });
             let t = TelemetryLoad {
                 devices: a.devices,
                 concurrency: a.concurrency,
@@ -466,9 +512,24 @@ async fn simulate(cmd: SimCmd) -> Result<()> {
                 payload_size: a.payload_size,
                 duration: a.duration,
                 inflight: a.inflight,
-                observe,
+                observe: a.observe.observe(),
+                report_every: a.report_every,
             };
             (a.sim, Scenario::Telemetry(t))
+        }
+        SimCmd::Soak(a) => {
+            let t = TelemetryLoad {
+                devices: a.devices,
+                concurrency: a.concurrency,
+                rate: a.rate,
+                qos: qos(a.qos),
+                payload_size: a.payload_size,
+                duration: a.duration,
+                inflight: a.inflight,
+                observe: a.observe.observe(),
+                report_every: Some(a.report_every),
+            };
+            (a.sim, Scenario::Soak(t))
         }
         SimCmd::Fanout(a) => {
             let f = Fanout {
@@ -488,6 +549,16 @@ async fn simulate(cmd: SimCmd) -> Result<()> {
             (a.sim, Scenario::Fanout(f))
         }
     };
+    if let Scenario::Telemetry(t) | Scenario::Soak(t) = &scenario {
+        if t.duration >= args.max_duration {
+            bail!(
+                "--duration {:?} does not fit in --max-duration {:?} (connecting and draining \
+                 need time too); raise --max-duration",
+                t.duration,
+                args.max_duration
+            );
+        }
+    }
     let config = args.config()?;
     let report = sim::run(&config, &scenario).await?;
     if config.progress.is_some() && std::io::stderr().is_terminal() {
@@ -788,7 +859,7 @@ mod tests {
             panic!("not telemetry");
         };
         assert_eq!((t.qos, t.duration), (0, Duration::from_secs(2)));
-        assert!(t.sim.json && t.observe_url.is_some());
+        assert!(t.sim.json && t.observe.observe_url.is_some());
         let cli = Cli::try_parse_from([
             "device-client",
             "simulate",
@@ -813,6 +884,27 @@ mod tests {
         assert_eq!(f.topic, "devices/{id}/commands");
         assert_eq!((f.messages, f.interval), (3, Duration::from_millis(500)));
         assert!(credentials(f.publisher_username, f.publisher_password).is_some());
+
+        let cli = Cli::try_parse_from([
+            "device-client",
+            "simulate",
+            "soak",
+            "--url",
+            "mqtt://127.0.0.1:1883",
+            "--duration",
+            "1h",
+            "--max-duration",
+            "2h",
+        ])
+        .unwrap();
+        let Cmd::Simulate(SimCmd::Soak(s)) = cli.command else {
+            panic!("not soak");
+        };
+        assert_eq!(
+            (s.duration, s.report_every, s.rate),
+            (Duration::from_secs(3600), Duration::from_secs(60), 0.1)
+        );
+        assert!(s.observe.observe().is_none());
 
         for bad in [
             &["--qos", "2"][..],

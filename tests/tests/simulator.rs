@@ -154,6 +154,7 @@ async fn telemetry_is_acknowledged_stored_and_delivered_without_loss() {
             server_ca_pem: None,
             filter: None,
         }),
+        report_every: None,
     });
     let report = sim::run(&config, &load).await.unwrap();
     assert_all_connected(&report, 20);
@@ -243,6 +244,7 @@ async fn plain_mqtt_against_mosquitto() {
             server_ca_pem: None,
             filter: None,
         }),
+        report_every: None,
     });
     let report = sim::run(&config, &load).await.unwrap();
     let t = report.telemetry.as_ref().unwrap();
@@ -342,5 +344,35 @@ async fn fanout_of_commands_and_cohort_updates_reaches_every_device() {
         (0, 3, 0, 0),
         "{f:?}"
     );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_reports_every_interval() {
+    let p = Platform::sqlite().await;
+    let fleet = p.jitp_fleet(json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = platform_config(&p, &fleet.ca, dir.path(), "soak-");
+    let soak = Scenario::Soak(TelemetryLoad {
+        devices: 10,
+        concurrency: 10,
+        rate: 4.0,
+        duration: Duration::from_secs(3),
+        report_every: Some(Duration::from_secs(1)),
+        ..TelemetryLoad::default()
+    });
+    let report = sim::run(&config, &soak).await.unwrap();
+    assert_eq!(report.scenario, "soak");
+    assert_all_connected(&report, 10);
+    let t = report.telemetry.as_ref().unwrap();
+    assert_eq!((t.sent, t.acked), (120, Some(120)), "{t:?}");
+    assert!(t.intervals.len() >= 3, "{:?}", t.intervals);
+    for row in &t.intervals[..3] {
+        assert_eq!((row.connected, row.sessions_lost), (10, 0), "{row:?}");
+        assert!(row.rss_bytes > 0);
+    }
+    let sent: u64 = t.intervals.iter().map(|r| r.sent).sum();
+    let acked: u64 = t.intervals.iter().map(|r| r.acked).sum();
+    assert_eq!((sent, acked), (120, 120), "{:?}", t.intervals);
     p.stop().await;
 }

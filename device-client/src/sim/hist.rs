@@ -170,6 +170,15 @@ impl SharedHistogram {
             .record_duration(d);
     }
 
+    /// Everything recorded since the last `take`, leaving the histogram empty.
+    pub(crate) fn take(&self) -> Histogram {
+        let mut all = Histogram::new();
+        for s in &self.shards {
+            all.merge(&std::mem::take(&mut *s.lock()));
+        }
+        all
+    }
+
     pub(crate) fn snapshot(&self) -> Histogram {
         let mut all = Histogram::new();
         for s in &self.shards {
@@ -308,5 +317,7 @@ mod tests {
         let h = shared.snapshot();
         assert_eq!(h.count(), 40);
         assert_eq!(h.max(), Some(39));
+        assert_eq!(shared.take(), h);
+        assert_eq!(shared.snapshot().count(), 0, "take empties it");
     }
 }

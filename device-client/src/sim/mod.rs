@@ -193,6 +193,8 @@ pub struct TelemetryLoad {
     /// Unacknowledged QoS 1 publishes per device; further ones wait in the client.
     pub inflight: u16,
     pub observe: Option<Observe>,
+    /// Add a row of what happened every this often while publishing.
+    pub report_every: Option<Duration>,
 }
 
 impl Default for TelemetryLoad {
@@ -206,6 +208,7 @@ impl Default for TelemetryLoad {
             duration: Duration::from_secs(10),
             inflight: 10,
             observe: None,
+            report_every: None,
         }
     }
 }
@@ -293,13 +296,17 @@ pub enum Scenario {
     ConnectStorm(ConnectStorm),
     Telemetry(TelemetryLoad),
     Fanout(Fanout),
+    /// `soak`: telemetry over a long time with a row per interval (connected sessions, sessions
+    /// lost, rates, PUBACK latency, client memory and CPU), to see drift, leaks and drops.
+    /// Needs [`TelemetryLoad::report_every`].
+    Soak(TelemetryLoad),
 }
 
 impl Scenario {
     fn devices(&self) -> usize {
         match self {
             Scenario::ConnectStorm(s) => s.devices,
-            Scenario::Telemetry(t) => t.devices,
+            Scenario::Telemetry(t) | Scenario::Soak(t) => t.devices,
             Scenario::Fanout(f) => f.devices,
         }
     }
@@ -310,6 +317,7 @@ impl Scenario {
             Scenario::ConnectStorm(_) => "connect-storm",
             Scenario::Telemetry(_) => "telemetry",
             Scenario::Fanout(_) => "fanout",
+            Scenario::Soak(_) => "soak",
         }
     }
 
@@ -324,7 +332,13 @@ impl Scenario {
                     return bad("the connect rate must be a positive number");
                 }
             }
-            Scenario::Telemetry(t) => {
+            Scenario::Soak(TelemetryLoad {
+                report_every: None, ..
+            }) => return bad("a soak needs an interval for its rows"),
+            Scenario::Telemetry(t) | Scenario::Soak(t) => {
+                if t.report_every.is_some_and(|d| d < Duration::from_secs(1)) {
+                    return bad("rows can be at most one per second");
+                }
                 if t.devices == 0 || t.concurrency == 0 || t.inflight == 0 {
                     return bad("devices, concurrency and inflight must be at least 1");
                 }
@@ -372,6 +386,8 @@ pub(crate) struct Live {
     /// Submitted publishes of sessions that ended before their acknowledgement.
     pub abandoned: AtomicU64,
     pub delivered: AtomicU64,
+    /// Sessions lost after their CONNACK, before the simulator ended them.
+    pub lost_sessions: AtomicU64,
     /// Largest resident set size sampled, bytes.
     pub rss_max: AtomicU64,
 }
@@ -554,7 +570,7 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
 
     let (publishing, observing) = match scenario {
         Scenario::ConnectStorm(_) => (false, false),
-        Scenario::Telemetry(t) => (true, t.observe.is_some()),
+        Scenario::Telemetry(t) | Scenario::Soak(t) => (true, t.observe.is_some()),
         Scenario::Fanout(_) => (false, true),
     };
     let progress = config.progress.clone().map(|emit| {
@@ -585,7 +601,7 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
     let usage_before = stats::Usage::now();
     let outcome = match scenario {
         Scenario::ConnectStorm(s) => storm::run(&ctx, s).await,
-        Scenario::Telemetry(t) => telemetry::run(&ctx, t).await,
+        Scenario::Telemetry(t) | Scenario::Soak(t) => telemetry::run(&ctx, t).await,
         Scenario::Fanout(f) => fanout::run(&ctx, f).await,
     };
     if let Some(p) = progress {
@@ -717,6 +733,12 @@ mod tests {
             .validate()
             .is_ok());
         assert!(Scenario::Fanout(Fanout::default()).validate().is_ok());
+        assert!(Scenario::Soak(TelemetryLoad::default()).validate().is_err());
+        let soak = Scenario::Soak(TelemetryLoad {
+            report_every: Some(Duration::from_secs(60)),
+            ..TelemetryLoad::default()
+        });
+        assert!(soak.validate().is_ok());
         let wildcard = Scenario::Fanout(Fanout {
             topic: "devices/+/commands".into(),
             ..Fanout::default()

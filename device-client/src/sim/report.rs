@@ -106,6 +106,27 @@ pub struct TelemetryReport {
     /// From handing the publish to the client to its PUBACK (QoS 1).
     pub puback_latency: Option<Percentiles>,
     pub observer: Option<ObserverReport>,
+    /// With an interval: what happened in each.
+    pub intervals: Vec<IntervalRow>,
+}
+
+/// One interval of a telemetry run or soak; counts are for the interval unless noted.
+#[derive(Debug, Clone, Serialize)]
+pub struct IntervalRow {
+    /// Seconds after publishing began.
+    pub end_s: f64,
+    /// Sessions up at the end of the interval.
+    pub connected: u64,
+    /// Sessions lost in the interval.
+    pub sessions_lost: u64,
+    pub sent: u64,
+    pub acked: u64,
+    /// Observer deliveries.
+    pub delivered: u64,
+    pub puback_latency: Percentiles,
+    pub rss_bytes: u64,
+    /// CPU time of the process in the interval.
+    pub cpu_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -199,7 +220,7 @@ pub(crate) fn parameters(config: &SimConfig, scenario: &Scenario) -> Value {
             "hold": s.hold,
             "repeat": s.repeat,
         }),
-        Scenario::Telemetry(t) => json!({
+        Scenario::Telemetry(t) | Scenario::Soak(t) => json!({
             "devices": t.devices,
             "concurrency": t.concurrency,
             "rate_per_device_per_s": t.rate,
@@ -207,6 +228,7 @@ pub(crate) fn parameters(config: &SimConfig, scenario: &Scenario) -> Value {
             "payload_size": t.payload_size,
             "duration_s": t.duration.as_secs_f64(),
             "inflight": t.inflight,
+            "report_every_s": t.report_every.map(|d| d.as_secs_f64()),
             "observe": t.observe.as_ref().map(|o| json!({
                 "url": o.url.to_string(),
                 "username": o.credentials.as_ref().map(|c| c.username.clone()),
@@ -355,6 +377,41 @@ impl Report {
                     ms(l.p99_ms),
                     ms(l.max_ms)
                 );
+            }
+            if !t.intervals.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  {:>8} {:>9} {:>5} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6}",
+                    "end s",
+                    "connected",
+                    "lost",
+                    "sent",
+                    "acked",
+                    "delivered",
+                    "p50 ms",
+                    "p99 ms",
+                    "max ms",
+                    "RSS MiB",
+                    "CPU s"
+                );
+                for i in &t.intervals {
+                    let l = &i.puback_latency;
+                    let _ = writeln!(
+                        out,
+                        "  {:>8.1} {:>9} {:>5} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9.1} {:>6.2}",
+                        i.end_s,
+                        i.connected,
+                        i.sessions_lost,
+                        i.sent,
+                        i.acked,
+                        i.delivered,
+                        ms(l.p50_ms),
+                        ms(l.p99_ms),
+                        ms(l.max_ms),
+                        i.rss_bytes as f64 / (1024.0 * 1024.0),
+                        i.cpu_s
+                    );
+                }
             }
             if let Some(o) = &t.observer {
                 let _ = writeln!(

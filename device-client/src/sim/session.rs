@@ -67,6 +67,8 @@ pub(crate) struct Publishing {
     pub qos: Qos,
     pub devices: Vec<DevicePublishes>,
     pub puback_latency: SharedHistogram,
+    /// The same, since the last interval row.
+    pub interval_latency: SharedHistogram,
     /// When the last acknowledgement arrived, µs after `started`.
     pub last_ack_us: AtomicU64,
     pub started: StdInstant,
@@ -78,6 +80,7 @@ impl Publishing {
             qos,
             devices: (0..devices).map(|_| DevicePublishes::default()).collect(),
             puback_latency: SharedHistogram::new(SHARDS),
+            interval_latency: SharedHistogram::new(SHARDS),
             last_ack_us: AtomicU64::new(0),
             started: StdInstant::now(),
         }
@@ -174,6 +177,9 @@ async fn device_session(
         }
     };
     live.connected.fetch_sub(1, Ordering::Relaxed);
+    if matches!(end, SessionEnd::Lost(_)) {
+        live.lost_sessions.fetch_add(1, Ordering::Relaxed);
+    }
     end
 }
 
@@ -232,7 +238,9 @@ impl SessionRole for Publishing {
             MqttEvent::Acked(pkid) => {
                 if let Some(pos) = inflight.iter().position(|(p, _)| *p == pkid) {
                     let (_, at) = inflight.remove(pos);
-                    self.puback_latency.record(index, at.elapsed());
+                    let took = at.elapsed();
+                    self.puback_latency.record(index, took);
+                    self.interval_latency.record(index, took);
                     device.acked.fetch_add(1, Ordering::Relaxed);
                     live.acked.fetch_add(1, Ordering::Relaxed);
                     let us = self.started.elapsed().as_micros() as u64;

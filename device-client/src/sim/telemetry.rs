@@ -9,14 +9,15 @@ use std::time::{Duration, Instant as StdInstant, SystemTime, UNIX_EPOCH};
 
 use fleet_wire::Topic;
 use serde::Deserialize;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::hist::Histogram;
 use super::identities::device_index;
-use super::report::{ObserverReport, TelemetryReport};
+use super::report::{IntervalRow, ObserverReport, TelemetryReport};
 use super::session::{connect_round, end_sessions, AfterConnect, Publishing, RoundSpec};
-use super::stats::{per_second, SeqSet};
+use super::stats::{per_second, SeqSet, Usage};
 use super::{Ctx, Live, Observe, Outcome, Qos, SimError, TelemetryLoad};
 use crate::mqtt::{self, MqttClient, MqttEvent, MqttLoop, SessionSpec, SubmitError};
 use crate::tls::{SharedTls, TlsConfig};
@@ -89,6 +90,15 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
         )));
     }
     let devices_publishing = publishers.len() as u64;
+    let (stop_sampler, stopped) = oneshot::channel();
+    let sampler = t.report_every.map(|every| {
+        tokio::spawn(intervals(
+            ctx.clone(),
+            publishing.clone(),
+            (start, every),
+            stopped,
+        ))
+    });
     for p in publishers {
         let _ = p.await;
     }
@@ -100,6 +110,11 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
     while !drained(live, t.qos) && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let _ = stop_sampler.send(());
+    let intervals = match sampler {
+        Some(task) => task.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
     end_sessions(&mut round, ctx.deadline.max(Instant::now()) + GRACE).await;
 
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -142,6 +157,7 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
         acked_per_s: qos1.then(|| per_second(acked, window)),
         puback_latency: qos1.then(|| publishing.puback_latency.snapshot().summary_ms()),
         observer,
+        intervals,
     };
     Ok(Outcome {
         rounds: vec![round.row],
@@ -150,6 +166,58 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
         rss_connected,
         truncated,
     })
+}
+
+/// A row every `every` from `start` until `stop`, and one for the rest at the stop if anything
+/// happened since the last.
+async fn intervals(
+    ctx: Arc<Ctx>,
+    publishing: Arc<Publishing>,
+    (start, every): (Instant, Duration),
+    mut stop: oneshot::Receiver<()>,
+) -> Vec<IntervalRow> {
+    let live = &ctx.live;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let counters = || {
+        (
+            get(&live.lost_sessions),
+            get(&live.sent),
+            get(&live.acked),
+            get(&live.delivered),
+        )
+    };
+    let mut rows = Vec::new();
+    let mut before = counters();
+    let mut cpu_before = Usage::now().cpu;
+    let mut tick = tokio::time::interval_at(start + every, every);
+    loop {
+        let last = tokio::select! {
+            _ = tick.tick() => false,
+            _ = &mut stop => true,
+        };
+        let now = counters();
+        let usage = Usage::now();
+        live.rss_max.fetch_max(usage.rss, Ordering::Relaxed);
+        let row = IntervalRow {
+            end_s: start.elapsed().as_secs_f64(),
+            connected: get(&live.connected),
+            sessions_lost: now.0 - before.0,
+            sent: now.1 - before.1,
+            acked: now.2 - before.2,
+            delivered: now.3 - before.3,
+            puback_latency: publishing.interval_latency.take().summary_ms(),
+            rss_bytes: usage.rss,
+            cpu_s: usage.cpu.saturating_sub(cpu_before).as_secs_f64(),
+        };
+        if !last || now != before {
+            rows.push(row);
+        }
+        if last {
+            return rows;
+        }
+        before = now;
+        cpu_before = usage.cpu;
+    }
 }
 
 /// Whether every submitted publish is accounted for: acknowledged (QoS 1) or written
