@@ -68,6 +68,9 @@ type BuildFn =
 pub(crate) struct RouterHandle {
     build: Arc<BuildFn>,
     is_full: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Per router client id: how many links it has had. Linking and expiring take the lock, so
+    /// an expiry never purges a session that linked again meanwhile.
+    generations: Arc<dashmap::DashMap<String, Arc<tokio::sync::Mutex<u64>>>>,
 }
 
 /// How a session's link is set up.
@@ -99,7 +102,15 @@ impl RouterHandle {
         Self {
             build: Arc::new(build),
             is_full: Arc::new(move || probe.is_full()),
+            generations: Arc::new(dashmap::DashMap::new()),
         }
+    }
+
+    fn generation_lock(&self, client_id: &str) -> Arc<tokio::sync::Mutex<u64>> {
+        self.generations
+            .entry(client_id.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// Registers a connection with the router. Blocks on the router's reply: call it from the
@@ -114,14 +125,54 @@ impl RouterHandle {
             rx,
             session_present,
             is_full: self.is_full.clone(),
+            generation: 0,
         })
     }
 
     pub async fn connect(&self, client_id: String, opts: LinkOptions) -> Result<Link, RouterError> {
+        let lock = self.generation_lock(&client_id);
+        let mut generation = lock.lock().await;
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.connect_blocking(&client_id, &opts))
-            .await
-            .map_err(|_| RouterError::Gone)?
+        let mut link =
+            tokio::task::spawn_blocking(move || this.connect_blocking(&client_id, &opts))
+                .await
+                .map_err(|_| RouterError::Gone)??;
+        *generation += 1;
+        link.generation = *generation;
+        Ok(link)
+    }
+
+    /// Ends a persistent session the router keeps for a disconnected client (rumqttd never
+    /// expires them on its own): linking once with a clean session discards the saved state.
+    /// Does nothing if the client linked again since `generation`.
+    pub async fn expire_session(&self, client_id: String, generation: u64) {
+        let lock = self.generation_lock(&client_id);
+        let current = lock.lock().await;
+        if *current != generation {
+            return;
+        }
+        let this = self.clone();
+        let id = client_id.clone();
+        let opts = LinkOptions {
+            clean_session: true,
+            topic_alias_max: 0,
+        };
+        match tokio::task::spawn_blocking(move || this.connect_blocking(&id, &opts)).await {
+            Ok(Ok(mut link)) => {
+                let disconnect = Packet::Disconnect(
+                    proto::Disconnect {
+                        reason_code: proto::DisconnectReasonCode::NormalDisconnection,
+                    },
+                    None,
+                );
+                let _ = link.send(vec![disconnect]).await;
+                tracing::debug!(client_id, "expired a persistent session");
+            }
+            _ => tracing::warn!(client_id, "could not expire a persistent session"),
+        }
+        drop(current);
+        self.generations
+            .remove_if(&client_id, |_, l| Arc::strong_count(l) == 1);
     }
 }
 
@@ -143,6 +194,8 @@ pub(crate) struct Link {
     rx: LinkRx,
     pub session_present: bool,
     is_full: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Which link of this client id this is (see [`RouterHandle::expire_session`]).
+    pub generation: u64,
 }
 
 impl Link {

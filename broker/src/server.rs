@@ -37,6 +37,9 @@ pub struct BrokerConfig {
     pub max_pending_acks: usize,
     /// How long a new connection waits for the session it takes over to finish.
     pub takeover_wait_ms: u64,
+    /// Longest a disconnected persistent session is kept, seconds (MQTT 3.1.1 sessions have
+    /// no expiry of their own; an MQTT 5 Session Expiry Interval is capped by this).
+    pub max_session_expiry_secs: u64,
     /// How long a presence event may wait for the event bus before the connect is refused.
     pub bus_timeout_ms: u64,
     /// How long shutdown waits for sessions to publish their disconnects.
@@ -52,6 +55,7 @@ impl Default for BrokerConfig {
             max_packet_size: 256 * 1024,
             max_pending_acks: 256,
             takeover_wait_ms: 5_000,
+            max_session_expiry_secs: 7 * 24 * 3600,
             bus_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
             router: RouterSettings::default(),
@@ -102,6 +106,7 @@ impl Broker {
                 max_packet_size: config.max_packet_size,
                 max_pending_acks: config.max_pending_acks.max(1),
                 takeover_wait: Duration::from_millis(config.takeover_wait_ms),
+                max_session_expiry: Duration::from_secs(config.max_session_expiry_secs),
                 bus_timeout: Duration::from_millis(config.bus_timeout_ms),
             },
             shutdown,

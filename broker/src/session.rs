@@ -42,6 +42,9 @@ pub(crate) struct SessionSettings {
     pub max_pending_acks: usize,
     /// How long a new connection waits for the session it replaces to finish.
     pub takeover_wait: Duration,
+    /// Longest a disconnected persistent session is kept (MQTT 3.1.1 has no expiry of its own;
+    /// an MQTT 5 Session Expiry Interval is capped by it).
+    pub max_session_expiry: Duration,
     /// How long a presence event may wait for the bus.
     pub bus_timeout: Duration,
 }
@@ -431,6 +434,9 @@ struct Session<S> {
     device: Option<DeviceSession>,
     will: Option<(LastWill, Option<LastWillProperties>)>,
     session_expiry: u32,
+    /// For a persistent session: its router client id and how long the router keeps it once
+    /// disconnected.
+    persistent: Option<(String, Duration)>,
     keepalive: Option<Duration>,
     kick: mpsc::UnboundedReceiver<DisconnectReason>,
     acks: AckQueue,
@@ -471,6 +477,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .and_then(|p| p.topic_alias_max)
                 .unwrap_or(0),
         };
+        let persistent = (!info.connect.clean_session).then(|| {
+            let expiry = match version {
+                // MQTT 5: the session lives as long as the client asked (0: it ends with the
+                // connection), within the broker's maximum.
+                Version::V5 => Duration::from_secs(session_expiry as u64),
+                Version::V311 => ctx.settings.max_session_expiry,
+            };
+            (
+                router_client_id.clone(),
+                expiry.min(ctx.settings.max_session_expiry),
+            )
+        });
         let link = match ctx.router.connect(router_client_id, opts).await {
             Ok(link) => link,
             Err(e) => {
@@ -490,6 +508,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             device,
             will: info.will,
             session_expiry,
+            persistent,
             kick,
             acks: AckQueue::default(),
             bus: FuturesUnordered::new(),
@@ -1015,8 +1034,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             conn,
             device,
             session_expiry,
+            persistent,
+            link,
             ..
         } = self;
+        if let (Some((client_id, expiry)), false) = (persistent, router_dropped) {
+            let router = ctx.router.clone();
+            let generation = link.generation;
+            tokio::spawn(async move {
+                tokio::time::sleep(expiry).await;
+                router.expire_session(client_id, generation).await;
+            });
+        }
+        drop(link);
         conn.close(Duration::from_secs(1)).await;
         ctx.control.metrics.session_closed();
         info!(reason = reason.as_str(), "session ended");

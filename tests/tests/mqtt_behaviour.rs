@@ -311,3 +311,71 @@ async fn keepalive_zero_is_accepted() {
     assert_eq!(p.device("ka0").await["last_telemetry"], json!({ "ka": 0 }));
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_session_expiry_is_honoured() {
+    use e2e::Client5;
+    use rumqttc::v5::mqttbytes::v5::Packet as P5;
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+
+    let p = Platform::sqlite().await;
+    let fleet = p.jitp_fleet(json!({})).await;
+    let mut svc = Client::connect(p.service_options("ops", p.app().admin_token()))
+        .await
+        .unwrap();
+    for (id, expiry_secs, kept) in [
+        ("exp-long", 60u32, true),
+        ("exp-zero", 0, false),
+        ("exp-1s", 1, false),
+    ] {
+        let cert = fleet.ca.issue(id);
+        let options = || {
+            let mut o = p.device_options_v5(&cert, id);
+            o.set_clean_start(false);
+            o.set_session_expiry_interval(Some(expiry_secs));
+            o
+        };
+        let mut c = Client5::connect(options()).await.unwrap();
+        c.client
+            .subscribe(format!("devices/{id}/commands"), Q5::AtLeastOnce)
+            .await
+            .unwrap();
+        c.wait_for(|pkt| matches!(pkt, P5::SubAck(_)).then_some(()))
+            .await;
+        c.client.disconnect().await.unwrap();
+        c.closed().await;
+        // Past the 1 s expiry (and the immediate one), well within the 60 s one.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        svc.client
+            .publish(
+                format!("devices/{id}/commands"),
+                QoS::AtLeastOnce,
+                false,
+                r#"{"id":"c","name":"n"}"#,
+            )
+            .await
+            .unwrap();
+        svc.wait_for(|pkt| matches!(pkt, Packet::PubAck(_)).then_some(()))
+            .await;
+
+        let mut c = Client5::connect(options()).await.unwrap();
+        c.client
+            .publish(
+                format!("devices/{id}/telemetry"),
+                Q5::AtLeastOnce,
+                false,
+                "{}",
+            )
+            .await
+            .unwrap();
+        let got_command = c
+            .wait_for(|pkt| match pkt {
+                P5::Publish(_) => Some(true),
+                P5::PubAck(_) => Some(false),
+                _ => None,
+            })
+            .await;
+        assert_eq!(got_command, kept, "{id}: session expiry {expiry_secs}s");
+    }
+    p.stop().await;
+}
