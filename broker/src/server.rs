@@ -111,6 +111,7 @@ impl Broker {
             },
             shutdown,
             service_ids: AtomicU64::new(1),
+            connect_gates: dashmap::DashMap::new(),
         });
         Ok(Self {
             ctx,

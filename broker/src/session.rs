@@ -58,6 +58,8 @@ pub(crate) struct Ctx {
     pub settings: SessionSettings,
     pub shutdown: watch::Receiver<bool>,
     pub service_ids: AtomicU64,
+    /// Per device: held while one of its connections is being set up.
+    pub connect_gates: dashmap::DashMap<DeviceId, Arc<tokio::sync::Mutex<()>>>,
 }
 
 fn now_ms() -> i64 {
@@ -181,6 +183,13 @@ pub(crate) async fn serve_device<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     }
 
+    // One connection of a device is set up at a time (takeover, epoch, router link, presence,
+    // CONNACK): otherwise two racing connects could link into the router in the opposite order
+    // of their epochs, and the router would keep the older one alive while presence said the
+    // newer one had ended.
+    let gate = ctx.connect_gates.entry(id.clone()).or_default().clone();
+    let setup = gate.lock().await;
+
     // Takeover: end the session this connection replaces, and wait for its presence to be out.
     if let Some(old) = ctx.control.sessions.get(&id).map(|s| s.clone()) {
         ctx.control.metrics.takeover();
@@ -189,6 +198,7 @@ pub(crate) async fn serve_device<S: AsyncRead + AsyncWrite + Unpin + Send>(
         let _ = tokio::time::timeout(ctx.settings.takeover_wait, wait_true(&mut done)).await;
     }
     let Some(epoch) = registry.next_epoch(&id) else {
+        drop(setup);
         return refuse(&ctx, conn, Rejection::NotProvisioned, peer).await;
     };
     let (kick_tx, kick_rx) = mpsc::unbounded_channel();
@@ -204,7 +214,6 @@ pub(crate) async fn serve_device<S: AsyncRead + AsyncWrite + Unpin + Send>(
     );
 
     let span = tracing::info_span!("device", device_id = %id, epoch);
-    let _enter = span.enter();
     let session = Session::start(
         ctx.clone(),
         conn,
@@ -222,8 +231,12 @@ pub(crate) async fn serve_device<S: AsyncRead + AsyncWrite + Unpin + Send>(
         kick_rx,
         identity.provisioned_now,
     )
+    .instrument_in(span.clone())
     .await;
-    drop(_enter);
+    drop(setup);
+    ctx.connect_gates
+        .remove_if(&id, |_, g| Arc::strong_count(g) == 1);
+    drop(gate);
     if let Some(session) = session {
         session.run().instrument_in(span).await;
     }
@@ -272,21 +285,19 @@ pub(crate) async fn serve_service<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let router_id = format!("~svc~{client_id}");
     let (_kick_tx, kick_rx) = mpsc::unbounded_channel();
     let span = tracing::info_span!("service", client_id = %client_id, %peer);
-    let session = {
-        let _enter = span.enter();
-        Session::start(
-            ctx,
-            conn,
-            info,
-            principal,
-            router_id,
-            None,
-            assigned.then_some(client_id),
-            kick_rx,
-            false,
-        )
-        .await
-    };
+    let session = Session::start(
+        ctx,
+        conn,
+        info,
+        principal,
+        router_id,
+        None,
+        assigned.then_some(client_id),
+        kick_rx,
+        false,
+    )
+    .instrument_in(span.clone())
+    .await;
     if let Some(session) = session {
         session.run().instrument_in(span).await;
     }

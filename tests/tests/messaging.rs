@@ -10,7 +10,46 @@ use serde_json::{json, Value};
 e2e::on_both_databases!(
     telemetry_burst_is_all_stored_with_a_slow_subscriber_and_survives_restart,
     stale_disconnect_after_takeover_never_marks_a_live_device_offline,
+    racing_reconnects_leave_presence_matching_the_live_session,
 );
+
+/// Many connections of one device at once (a flapping modem, a retry storm): whichever wins,
+/// the database must say online with exactly the epoch of the one session that is live.
+async fn racing_reconnects_leave_presence_matching_the_live_session(p: Platform) {
+    let fleet = p.jitp_fleet(json!({})).await;
+    let cert = fleet.ca.issue("racer");
+    Client::connect(p.device_options(&cert, "racer"))
+        .await
+        .unwrap();
+    for _round in 0..3 {
+        let attempts: Vec<_> = (0..6)
+            .map(|_| {
+                let o = p.device_options(&cert, "racer");
+                tokio::spawn(async move { Client::connect(o).await.ok() })
+            })
+            .collect();
+        let mut clients = Vec::new();
+        for a in attempts {
+            clients.extend(a.await.unwrap());
+        }
+        let id = fleet_wire::DeviceId::parse("racer").unwrap();
+        let live = eventually("exactly one live session", || async {
+            (p.app().control().live_sessions() == 1)
+                .then(|| p.app().control().session_epoch(&id))
+                .flatten()
+        })
+        .await;
+        let d = eventually("presence settled on the live session", || async {
+            let d = p.device("racer").await;
+            (d["session_epoch"].as_u64() == Some(live)).then_some(d)
+        })
+        .await;
+        assert_eq!(d["online"], true, "live epoch {live}: {d}");
+        assert_eq!(d["state"], "online");
+        drop(clients);
+    }
+    p.stop().await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt311_device_cannot_reach_other_devices() {
