@@ -217,6 +217,10 @@ struct TelemetryArgs {
     /// Also report what happened in each interval of this length.
     #[arg(long, value_parser = parse_duration)]
     report_every: Option<Duration>,
+    /// Every device subscribes to its devices/{id}/commands (QoS 1) after its CONNACK and
+    /// publishes only once the SUBACK granted it, as the device agent does.
+    #[arg(long)]
+    subscribe_commands: bool,
     #[command(flatten)]
     observe: ObserveArgs,
 }
@@ -245,6 +249,10 @@ struct SoakArgs {
     report_every: Duration,
     #[arg(long, default_value_t = 10)]
     inflight: u16,
+    /// Every device subscribes to its devices/{id}/commands (QoS 1) after its CONNACK and
+    /// publishes only once the SUBACK granted it, as the device agent does.
+    #[arg(long)]
+    subscribe_commands: bool,
     #[command(flatten)]
     observe: ObserveArgs,
 }
@@ -514,6 +522,7 @@ async fn simulate(cmd: SimCmd) -> Result<()> {
                 inflight: a.inflight,
                 observe: a.observe.observe(),
                 report_every: a.report_every,
+                subscribe_commands: a.subscribe_commands,
             };
             (a.sim, Scenario::Telemetry(t))
         }
@@ -528,6 +537,7 @@ async fn simulate(cmd: SimCmd) -> Result<()> {
                 inflight: a.inflight,
                 observe: a.observe.observe(),
                 report_every: Some(a.report_every),
+                subscribe_commands: a.subscribe_commands,
             };
             (a.sim, Scenario::Soak(t))
         }
@@ -852,6 +862,7 @@ mod tests {
             "2s",
             "--observe-url",
             "mqtt://127.0.0.1:1883",
+            "--subscribe-commands",
             "--json",
         ])
         .unwrap();
@@ -859,7 +870,7 @@ mod tests {
             panic!("not telemetry");
         };
         assert_eq!((t.qos, t.duration), (0, Duration::from_secs(2)));
-        assert!(t.sim.json && t.observe.observe_url.is_some());
+        assert!(t.sim.json && t.observe.observe_url.is_some() && t.subscribe_commands);
         let cli = Cli::try_parse_from([
             "device-client",
             "simulate",
@@ -904,7 +915,7 @@ mod tests {
             (s.duration, s.report_every, s.rate),
             (Duration::from_secs(3600), Duration::from_secs(60), 0.1)
         );
-        assert!(s.observe.observe().is_none());
+        assert!(s.observe.observe().is_none() && !s.subscribe_commands);
 
         for bad in [
             &["--qos", "2"][..],

@@ -155,6 +155,7 @@ async fn telemetry_is_acknowledged_stored_and_delivered_without_loss() {
             filter: None,
         }),
         report_every: None,
+        subscribe_commands: true,
     });
     let report = sim::run(&config, &load).await.unwrap();
     assert_all_connected(&report, 20);
@@ -168,6 +169,15 @@ async fn telemetry_is_acknowledged_stored_and_delivered_without_loss() {
     assert_eq!((t.not_sent_queue_full, t.not_sent_disconnected), (0, 0));
     assert_eq!(t.payload_bytes, 200);
     assert_eq!(t.puback_latency.as_ref().unwrap().count, 200);
+    let first = t.first_puback_latency.as_ref().unwrap();
+    let later = t.later_puback_latency.as_ref().unwrap();
+    assert_eq!((first.count, later.count), (20, 180));
+    let c = t
+        .commands_subscription
+        .as_ref()
+        .expect("command subscriptions");
+    assert_eq!((c.granted, c.refused, c.unanswered), (20, 0, 0), "{c:?}");
+    assert_eq!(c.suback_latency.count, 20);
     let o = t.observer.as_ref().expect("observer results");
     assert_eq!(
         (o.delivered, o.lost, o.duplicates, o.foreign),
@@ -245,6 +255,7 @@ async fn plain_mqtt_against_mosquitto() {
             filter: None,
         }),
         report_every: None,
+        subscribe_commands: false,
     });
     let report = sim::run(&config, &load).await.unwrap();
     let t = report.telemetry.as_ref().unwrap();

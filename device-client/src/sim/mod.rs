@@ -195,6 +195,11 @@ pub struct TelemetryLoad {
     pub observe: Option<Observe>,
     /// Add a row of what happened every this often while publishing.
     pub report_every: Option<Duration>,
+    /// Each device subscribes to its own `devices/{id}/commands` (QoS 1) right after its
+    /// CONNACK, as the device agent does, and publishes only once that subscription is
+    /// granted. On the platform this puts one filter per device in the router, which every
+    /// new topic is matched against.
+    pub subscribe_commands: bool,
 }
 
 impl Default for TelemetryLoad {
@@ -209,6 +214,7 @@ impl Default for TelemetryLoad {
             inflight: 10,
             observe: None,
             report_every: None,
+            subscribe_commands: false,
         }
     }
 }
@@ -495,11 +501,16 @@ impl Ctx {
 
     /// The telemetry topic of device `index`, with the topic prefix.
     pub(crate) fn telemetry_topic(&self, index: usize) -> String {
-        format!(
-            "{}{}",
-            self.config.topic_prefix,
-            Topic::Telemetry(self.devices[index].id.clone())
-        )
+        self.topic(Topic::Telemetry(self.devices[index].id.clone()))
+    }
+
+    /// The command topic of device `index`, with the topic prefix.
+    pub(crate) fn commands_topic(&self, index: usize) -> String {
+        self.topic(Topic::Commands(self.devices[index].id.clone()))
+    }
+
+    fn topic(&self, topic: Topic) -> String {
+        format!("{}{topic}", self.config.topic_prefix)
     }
 }
 

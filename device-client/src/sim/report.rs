@@ -105,9 +105,27 @@ pub struct TelemetryReport {
     pub acked_per_s: Option<f64>,
     /// From handing the publish to the client to its PUBACK (QoS 1).
     pub puback_latency: Option<Percentiles>,
+    /// The same for each device's first publish only (QoS 1): its topic is new to the broker.
+    pub first_puback_latency: Option<Percentiles>,
+    /// The same for every publish after a device's first (QoS 1).
+    pub later_puback_latency: Option<Percentiles>,
+    /// With `--subscribe-commands`: the devices' subscriptions to their command topics.
+    pub commands_subscription: Option<CommandsSubscriptionReport>,
     pub observer: Option<ObserverReport>,
     /// With an interval: what happened in each.
     pub intervals: Vec<IntervalRow>,
+}
+
+/// Each device subscribed to `devices/{id}/commands` (QoS 1) after its CONNACK; only the
+/// devices whose subscription was granted publish.
+#[derive(Debug, Clone, Serialize)]
+pub struct CommandsSubscriptionReport {
+    pub granted: u64,
+    pub refused: u64,
+    /// Without a SUBACK when publishing began.
+    pub unanswered: u64,
+    /// From queueing the SUBSCRIBE to its SUBACK.
+    pub suback_latency: Percentiles,
 }
 
 /// One interval of a telemetry run or soak; counts are for the interval unless noted.
@@ -229,6 +247,7 @@ pub(crate) fn parameters(config: &SimConfig, scenario: &Scenario) -> Value {
             "duration_s": t.duration.as_secs_f64(),
             "inflight": t.inflight,
             "report_every_s": t.report_every.map(|d| d.as_secs_f64()),
+            "subscribe_commands": t.subscribe_commands,
             "observe": t.observe.as_ref().map(|o| json!({
                 "url": o.url.to_string(),
                 "username": o.credentials.as_ref().map(|c| c.username.clone()),
@@ -368,10 +387,30 @@ impl Report {
                 t.not_sent_disconnected,
                 t.unacknowledged.map_or("-".into(), |a| a.to_string()),
             );
-            if let Some(l) = &t.puback_latency {
+            if let Some(c) = &t.commands_subscription {
+                let l = &c.suback_latency;
                 let _ = writeln!(
                     out,
-                    "  PUBACK latency ms: p50 {}  p90 {}  p99 {}  max {}",
+                    "  commands subscribed first: granted {}  refused {}  unanswered {}  SUBACK ms: p50 {}  p90 {}  p99 {}  max {}",
+                    c.granted,
+                    c.refused,
+                    c.unanswered,
+                    ms(l.p50_ms),
+                    ms(l.p90_ms),
+                    ms(l.p99_ms),
+                    ms(l.max_ms)
+                );
+            }
+            for (what, l) in [
+                ("all publishes", &t.puback_latency),
+                ("first publish", &t.first_puback_latency),
+                ("later publishes", &t.later_puback_latency),
+            ] {
+                let Some(l) = l else { continue };
+                let _ = writeln!(
+                    out,
+                    "  PUBACK ms, {what:<15} {:>8}: p50 {}  p90 {}  p99 {}  max {}",
+                    format!("({})", l.count),
                     ms(l.p50_ms),
                     ms(l.p90_ms),
                     ms(l.p99_ms),

@@ -60,6 +60,20 @@ pub(crate) struct DevicePublishes {
     pub ended: AtomicBool,
     pub sent: AtomicU64,
     pub acked: AtomicU64,
+    /// When the SUBSCRIBE to the command topic was queued, µs after [`Publishing::started`].
+    pub subscribed_at_us: AtomicU64,
+    /// The broker granted the command topic.
+    pub commands_granted: AtomicBool,
+}
+
+/// The devices' subscriptions to their command topics (`--subscribe-commands`).
+#[derive(Debug)]
+pub(crate) struct CommandSubscriptions {
+    pub granted: AtomicU64,
+    /// Refused by the broker, or not queued because the session was gone.
+    pub refused: AtomicU64,
+    /// From queueing the SUBSCRIBE to its SUBACK.
+    pub suback_latency: SharedHistogram,
 }
 
 /// Shared by the publishing devices of a telemetry run.
@@ -67,22 +81,53 @@ pub(crate) struct Publishing {
     pub qos: Qos,
     pub devices: Vec<DevicePublishes>,
     pub puback_latency: SharedHistogram,
-    /// The same, since the last interval row.
+    /// The PUBACK latency of each device's first publish: on a broker that creates state per
+    /// new topic (rumqttd matches it against every filter) it differs from the rest.
+    pub first_puback_latency: SharedHistogram,
+    /// The PUBACK latency of every publish after a device's first.
+    pub later_puback_latency: SharedHistogram,
+    /// The same as `puback_latency`, since the last interval row.
     pub interval_latency: SharedHistogram,
     /// When the last acknowledgement arrived, µs after `started`.
     pub last_ack_us: AtomicU64,
     pub started: StdInstant,
+    /// Set when each device subscribes to its command topic before publishing.
+    pub commands: Option<CommandSubscriptions>,
 }
 
 impl Publishing {
-    pub(crate) fn new(devices: usize, qos: Qos) -> Self {
+    pub(crate) fn new(devices: usize, qos: Qos, subscribe_commands: bool) -> Self {
         Self {
             qos,
             devices: (0..devices).map(|_| DevicePublishes::default()).collect(),
             puback_latency: SharedHistogram::new(SHARDS),
+            first_puback_latency: SharedHistogram::new(SHARDS),
+            later_puback_latency: SharedHistogram::new(SHARDS),
             interval_latency: SharedHistogram::new(SHARDS),
             last_ack_us: AtomicU64::new(0),
             started: StdInstant::now(),
+            commands: subscribe_commands.then(|| CommandSubscriptions {
+                granted: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+                suback_latency: SharedHistogram::new(SHARDS),
+            }),
+        }
+    }
+
+    /// Queues device `index`'s SUBSCRIBE to its command topic, if the run wants one.
+    fn subscribe_commands(&self, ctx: &Ctx, index: usize, client: &MqttClient) {
+        let Some(commands) = &self.commands else {
+            return;
+        };
+        let at = self.started.elapsed().as_micros() as u64;
+        self.devices[index]
+            .subscribed_at_us
+            .store(at, Ordering::Relaxed);
+        if client
+            .subscribe_to(ctx.commands_topic(index), Qos::AtLeastOnce)
+            .is_err()
+        {
+            commands.refused.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -156,6 +201,7 @@ async fn device_session(
             until_disconnected(&mut event_loop, &*r, index, live).await
         }
         AfterConnect::Publish(p) => {
+            p.subscribe_commands(&ctx, index, &client);
             let end = until_disconnected(&mut event_loop, &*p, index, live).await;
             // From here on every submit fails, so the count below is final.
             drop(event_loop);
@@ -217,17 +263,29 @@ impl SessionRole for Idle {
     fn on_event(&self, _: &mut (), _: usize, _: MqttEvent, _: &Live) {}
 }
 
+/// A QoS 1 publish written and not yet acknowledged.
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    pkid: u16,
+    submitted: StdInstant,
+    /// The device's first publish of the run.
+    first: bool,
+}
+
 impl SessionRole for Publishing {
-    /// QoS 1 publishes written and not yet acknowledged: packet id and submission time.
-    type State = Vec<(u16, StdInstant)>;
+    type State = Vec<InFlight>;
 
     fn on_event(&self, inflight: &mut Self::State, index: usize, event: MqttEvent, live: &Live) {
         let device = &self.devices[index];
         match event {
             MqttEvent::Sent(pkid) => {
                 let at = device.submitted.lock().pop_front();
-                inflight.push((pkid, at.unwrap_or_else(StdInstant::now)));
-                device.sent.fetch_add(1, Ordering::Relaxed);
+                let before = device.sent.fetch_add(1, Ordering::Relaxed);
+                inflight.push(InFlight {
+                    pkid,
+                    submitted: at.unwrap_or_else(StdInstant::now),
+                    first: before == 0,
+                });
                 live.sent.fetch_add(1, Ordering::Relaxed);
             }
             MqttEvent::SentAtMostOnce => {
@@ -236,15 +294,35 @@ impl SessionRole for Publishing {
                 live.sent.fetch_add(1, Ordering::Relaxed);
             }
             MqttEvent::Acked(pkid) => {
-                if let Some(pos) = inflight.iter().position(|(p, _)| *p == pkid) {
-                    let (_, at) = inflight.remove(pos);
-                    let took = at.elapsed();
+                if let Some(pos) = inflight.iter().position(|f| f.pkid == pkid) {
+                    let done = inflight.remove(pos);
+                    let took = done.submitted.elapsed();
                     self.puback_latency.record(index, took);
                     self.interval_latency.record(index, took);
+                    if done.first {
+                        self.first_puback_latency.record(index, took);
+                    } else {
+                        self.later_puback_latency.record(index, took);
+                    }
                     device.acked.fetch_add(1, Ordering::Relaxed);
                     live.acked.fetch_add(1, Ordering::Relaxed);
                     let us = self.started.elapsed().as_micros() as u64;
                     self.last_ack_us.fetch_max(us, Ordering::Relaxed);
+                }
+            }
+            MqttEvent::SubAck { refused } => {
+                let Some(commands) = &self.commands else {
+                    return;
+                };
+                if refused == 0 {
+                    let queued = device.subscribed_at_us.load(Ordering::Relaxed);
+                    let now = self.started.elapsed().as_micros() as u64;
+                    let took = Duration::from_micros(now.saturating_sub(queued));
+                    commands.suback_latency.record(index, took);
+                    device.commands_granted.store(true, Ordering::Relaxed);
+                    commands.granted.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    commands.refused.fetch_add(1, Ordering::Relaxed);
                 }
             }
             _ => {}

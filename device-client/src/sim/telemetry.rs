@@ -2,6 +2,10 @@
 //! requested size at a fixed rate each, and an optional observer subscribes to their topics to
 //! measure what the broker delivers: rate, end-to-end latency (from the embedded send time)
 //! and loss (from the per-device sequence numbers).
+//!
+//! QoS 1 PUBACK latency is also reported apart for each device's first publish, whose topic is
+//! new to the broker. With `subscribe_commands` every device first subscribes to its command
+//! topic, as the device agent does, and publishes only once that is granted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,7 +19,7 @@ use tokio::time::Instant;
 
 use super::hist::Histogram;
 use super::identities::device_index;
-use super::report::{IntervalRow, ObserverReport, TelemetryReport};
+use super::report::{CommandsSubscriptionReport, IntervalRow, ObserverReport, TelemetryReport};
 use super::session::{connect_round, end_sessions, AfterConnect, Publishing, RoundSpec};
 use super::stats::{per_second, SeqSet, Usage};
 use super::{Ctx, Live, Observe, Outcome, Qos, SimError, TelemetryLoad};
@@ -28,6 +32,8 @@ const DRAIN: Duration = Duration::from_secs(10);
 const OBSERVE_GRACE: Duration = Duration::from_secs(5);
 /// Time past the deadline allowed for ending sessions cleanly.
 const GRACE: Duration = Duration::from_secs(5);
+/// After the devices connected, how long their command subscriptions may take to be answered.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(10);
 
 /// Counters of the publishing tasks.
 #[derive(Debug, Default)]
@@ -47,7 +53,7 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
         None => None,
     };
 
-    let publishing = Arc::new(Publishing::new(n, t.qos));
+    let publishing = Arc::new(Publishing::new(n, t.qos, t.subscribe_commands));
     let spec = RoundSpec {
         round: 1,
         label: "connect",
@@ -58,6 +64,17 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
         max_packet,
     };
     let mut round = connect_round(ctx, &spec, |_| AfterConnect::Publish(publishing.clone())).await;
+    if let Some(commands) = &publishing.commands {
+        let connected = round.row.connected;
+        let until = (Instant::now() + SUBSCRIBE_WAIT).min(ctx.deadline);
+        let answered = || {
+            commands.granted.load(Ordering::Relaxed) + commands.refused.load(Ordering::Relaxed)
+                >= connected
+        };
+        while !answered() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let rss_connected = ctx.live.sample_rss();
     let mut truncated = round.truncated;
 
@@ -70,7 +87,12 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
     let offered = Arc::new(Offered::default());
     let mut publishers = Vec::new();
     for (index, (client, _)) in round.sessions.iter().enumerate() {
-        if !round.connected[index] {
+        let granted = || {
+            publishing.devices[index]
+                .commands_granted
+                .load(Ordering::Relaxed)
+        };
+        if !round.connected[index] || (t.subscribe_commands && !granted()) {
             continue;
         }
         let offset = period.mul_f64(index as f64 / n as f64);
@@ -139,6 +161,15 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
     let window = last_ack.max(end_std) - start_std;
     let offered_window = end_std - start_std;
     let qos1 = t.qos == Qos::AtLeastOnce;
+    let commands_subscription = publishing.commands.as_ref().map(|c| {
+        let (granted, refused) = (get(&c.granted), get(&c.refused));
+        CommandsSubscriptionReport {
+            granted,
+            refused,
+            unanswered: round.row.connected.saturating_sub(granted + refused),
+            suback_latency: c.suback_latency.snapshot().summary_ms(),
+        }
+    });
     let telemetry = TelemetryReport {
         qos: t.qos,
         payload_bytes: size,
@@ -156,6 +187,9 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
         sent_per_s: per_second(sent, window),
         acked_per_s: qos1.then(|| per_second(acked, window)),
         puback_latency: qos1.then(|| publishing.puback_latency.snapshot().summary_ms()),
+        first_puback_latency: qos1.then(|| publishing.first_puback_latency.snapshot().summary_ms()),
+        later_puback_latency: qos1.then(|| publishing.later_puback_latency.snapshot().summary_ms()),
+        commands_subscription,
         observer,
         intervals,
     };
