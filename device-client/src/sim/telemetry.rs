@@ -85,6 +85,17 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
     let end = (start + t.duration).min(ctx.deadline);
     truncated |= start + t.duration > ctx.deadline;
     let offered = Arc::new(Offered::default());
+    // Taken before any device can publish, so the rows add up to the totals.
+    let (stop_sampler, stopped) = oneshot::channel();
+    let sampler = t.report_every.map(|every| {
+        let baseline = (counters(&ctx.live), Usage::now().cpu);
+        tokio::spawn(intervals(
+            ctx.clone(),
+            publishing.clone(),
+            (start, every, baseline),
+            stopped,
+        ))
+    });
     let mut publishers = Vec::new();
     for (index, (client, _)) in round.sessions.iter().enumerate() {
         let granted = || {
@@ -112,15 +123,6 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
         )));
     }
     let devices_publishing = publishers.len() as u64;
-    let (stop_sampler, stopped) = oneshot::channel();
-    let sampler = t.report_every.map(|every| {
-        tokio::spawn(intervals(
-            ctx.clone(),
-            publishing.clone(),
-            (start, every),
-            stopped,
-        ))
-    });
     for p in publishers {
         let _ = p.await;
     }
@@ -202,34 +204,38 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
     })
 }
 
-/// A row every `every` from `start` until `stop`, and one for the rest at the stop if anything
-/// happened since the last.
+/// Sessions lost, sent, acknowledged, delivered: what the interval rows count.
+type Counters = (u64, u64, u64, u64);
+
+fn counters(live: &Live) -> Counters {
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    (
+        get(&live.lost_sessions),
+        get(&live.sent),
+        get(&live.acked),
+        get(&live.delivered),
+    )
+}
+
+/// A row every `every` from `start` until `stop`, counted from `baseline` (counters and process
+/// CPU time), and one for the rest at the stop if anything happened since the last.
 async fn intervals(
     ctx: Arc<Ctx>,
     publishing: Arc<Publishing>,
-    (start, every): (Instant, Duration),
+    (start, every, baseline): (Instant, Duration, (Counters, Duration)),
     mut stop: oneshot::Receiver<()>,
 ) -> Vec<IntervalRow> {
     let live = &ctx.live;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let counters = || {
-        (
-            get(&live.lost_sessions),
-            get(&live.sent),
-            get(&live.acked),
-            get(&live.delivered),
-        )
-    };
     let mut rows = Vec::new();
-    let mut before = counters();
-    let mut cpu_before = Usage::now().cpu;
+    let (mut before, mut cpu_before) = baseline;
     let mut tick = tokio::time::interval_at(start + every, every);
     loop {
         let last = tokio::select! {
             _ = tick.tick() => false,
             _ = &mut stop => true,
         };
-        let now = counters();
+        let now = counters(live);
         let usage = Usage::now();
         live.rss_max.fetch_max(usage.rss, Ordering::Relaxed);
         let row = IntervalRow {
