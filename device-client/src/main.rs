@@ -182,12 +182,9 @@ struct FanoutArgs {
     publisher_url: BrokerUrl,
     #[arg(long, requires = "publisher_password")]
     publisher_username: Option<String>,
-    #[arg(
-        long,
-        env = "DEVICE_CLIENT_PUBLISHER_PASSWORD",
-        hide_env_values = true,
-        requires = "publisher_username"
-    )]
+    /// Used only with --publisher-username, so an exported variable does not stand in the way
+    /// of an anonymous publisher.
+    #[arg(long, env = "DEVICE_CLIENT_PUBLISHER_PASSWORD", hide_env_values = true)]
     publisher_password: Option<String>,
 }
 
@@ -265,12 +262,9 @@ struct ObserveArgs {
     observe_url: Option<BrokerUrl>,
     #[arg(long, requires = "observe_url", requires = "observe_password")]
     observe_username: Option<String>,
-    #[arg(
-        long,
-        env = "DEVICE_CLIENT_OBSERVE_PASSWORD",
-        hide_env_values = true,
-        requires = "observe_username"
-    )]
+    /// Used only with --observe-username, so an exported variable does not stand in the way of
+    /// a run without an observer or with an anonymous one.
+    #[arg(long, env = "DEVICE_CLIENT_OBSERVE_PASSWORD", hide_env_values = true)]
     observe_password: Option<String>,
     /// Default: {topic prefix}devices/+/telemetry.
     #[arg(long, requires = "observe_url")]
@@ -932,6 +926,22 @@ mod tests {
             args.extend_from_slice(bad);
             assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
         }
+
+        // A password alone, as an exported DEVICE_CLIENT_OBSERVE_PASSWORD gives, is not used.
+        let cli = Cli::try_parse_from([
+            "device-client",
+            "simulate",
+            "telemetry",
+            "--url",
+            "mqtt://h",
+            "--observe-password",
+            "key",
+        ])
+        .unwrap();
+        let Cmd::Simulate(SimCmd::Telemetry(t)) = cli.command else {
+            panic!("not telemetry");
+        };
+        assert!(t.observe.observe().is_none());
     }
 
     #[test]
