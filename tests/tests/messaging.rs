@@ -99,6 +99,24 @@ async fn mqtt311_device_cannot_reach_other_devices() {
     p.stop().await;
 }
 
+/// Publishes at QoS 1 and returns the reason code of the PUBACK.
+async fn puback_reason(c: &mut Client5, topic: &str, payload: &str) -> PubAckReason {
+    c.client
+        .publish(
+            topic,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            payload.to_owned(),
+        )
+        .await
+        .unwrap();
+    c.wait_for(|p| match p {
+        P5::PubAck(ack) => Some(ack.reason),
+        _ => None,
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_device_gets_reason_codes_and_stays_connected() {
     let p = Platform::sqlite().await;
@@ -107,38 +125,9 @@ async fn mqtt5_device_gets_reason_codes_and_stays_connected() {
         .await
         .unwrap();
 
-    c.client
-        .publish(
-            "devices/dev-6/telemetry",
-            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            false,
-            "{}",
-        )
-        .await
-        .unwrap();
-    let reason = c
-        .wait_for(|p| match p {
-            P5::PubAck(ack) => Some(ack.reason),
-            _ => None,
-        })
-        .await;
+    let reason = puback_reason(&mut c, "devices/dev-6/telemetry", "{}").await;
     assert_eq!(reason, PubAckReason::NotAuthorized);
-
-    c.client
-        .publish(
-            "devices/dev-5/telemetry",
-            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            false,
-            "not json",
-        )
-        .await
-        .unwrap();
-    let reason = c
-        .wait_for(|p| match p {
-            P5::PubAck(ack) => Some(ack.reason),
-            _ => None,
-        })
-        .await;
+    let reason = puback_reason(&mut c, "devices/dev-5/telemetry", "not json").await;
     assert_eq!(reason, PubAckReason::PayloadFormatInvalid);
 
     c.client
@@ -157,21 +146,7 @@ async fn mqtt5_device_gets_reason_codes_and_stays_connected() {
     assert_eq!(codes, vec![Sub5::NotAuthorized]);
 
     // Still connected, and a good publish is accepted and stored.
-    c.client
-        .publish(
-            "devices/dev-5/telemetry",
-            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            false,
-            r#"{"ok":1}"#,
-        )
-        .await
-        .unwrap();
-    let reason = c
-        .wait_for(|p| match p {
-            P5::PubAck(ack) => Some(ack.reason),
-            _ => None,
-        })
-        .await;
+    let reason = puback_reason(&mut c, "devices/dev-5/telemetry", r#"{"ok":1}"#).await;
     assert_eq!(reason, PubAckReason::Success);
     assert_eq!(
         p.device("dev-5").await["last_telemetry"],
