@@ -157,13 +157,7 @@ pub(crate) fn payload(run: u64, seq: u64, ts_us: u64, size: usize) -> Vec<u8> {
     let head = format!(
         r#"{{"id":"fanout-{run}-{seq}","name":"sim-fanout","params":{{"run":{run},"seq":{seq},"ts_us":{ts_us},"pad":""#
     );
-    let tail = b"\"}}";
-    let pad = size.saturating_sub(head.len() + tail.len());
-    let mut v = Vec::with_capacity(head.len() + pad + tail.len());
-    v.extend_from_slice(head.as_bytes());
-    v.resize(head.len() + pad, b'x');
-    v.extend_from_slice(tail);
-    v
+    super::telemetry::padded(&head, b"\"}}", size)
 }
 
 /// Counters of the publisher's session.

@@ -334,8 +334,16 @@ async fn publish(
 /// `{"seq":N,"ts_us":T,"pad":"xxx"}`, padded to `size` bytes when that is larger than the
 /// fields alone.
 pub(crate) fn payload(seq: u64, ts_us: u64, size: usize) -> Vec<u8> {
-    let head = format!(r#"{{"seq":{seq},"ts_us":{ts_us},"pad":""#);
-    let tail = b"\"}";
+    padded(
+        &format!(r#"{{"seq":{seq},"ts_us":{ts_us},"pad":""#),
+        b"\"}",
+        size,
+    )
+}
+
+/// `head`, then `x` up to `size` bytes in all, then `tail`: a JSON document whose last string
+/// value (opened at the end of `head`) pads it to the requested size.
+pub(crate) fn padded(head: &str, tail: &[u8], size: usize) -> Vec<u8> {
     let pad = size.saturating_sub(head.len() + tail.len());
     let mut v = Vec::with_capacity(head.len() + pad + tail.len());
     v.extend_from_slice(head.as_bytes());
