@@ -6,10 +6,13 @@
 //! - [`DeviceId`]: the validated device identity (certificate CN == MQTT client id == topic segment).
 //! - [`Topic`]: every topic the platform names, parsed from and formatted to strings in one place.
 //! - [`payload`]: the JSON payloads carried on those topics.
+//! - [`update`]: software updates: the signed release manifest, the cohort's desired release,
+//!   device progress reports, and the rollout rank that decides who is in a wave.
 //!
 //! Nothing here does I/O, so every part of the platform can depend on it without pulling a runtime.
 
 pub mod payload;
 mod topic;
+pub mod update;
 
 pub use topic::{CohortId, DeviceId, IdError, Topic, TopicError};

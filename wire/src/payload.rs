@@ -164,6 +164,10 @@ pub fn validate_device_payload(topic: &crate::Topic, payload: &[u8]) -> Result<(
             serde_json::from_slice::<CommandAck>(payload)
                 .map_err(|e| PayloadError::Schema(e.to_string()))?;
         }
+        Topic::UpdateStatus(_) => {
+            serde_json::from_slice::<crate::update::UpdateStatus>(payload)
+                .map_err(|e| PayloadError::Schema(e.to_string()))?;
+        }
         _ => {}
     }
     Ok(())

@@ -113,8 +113,14 @@ pub enum Topic {
     Commands(DeviceId),
     /// `devices/{id}/commands/ack`: device -> platform, QoS 1. [`crate::payload::CommandAck`].
     CommandAck(DeviceId),
+    /// `devices/{id}/updates`: device -> platform, QoS 1. [`crate::update::UpdateStatus`].
+    UpdateStatus(DeviceId),
     /// `cohorts/{cohort_id}/updates`: platform -> cohort, QoS 1, retained.
+    /// [`crate::update::UpdateCommand`]. Only the platform's rollout engine publishes here.
     CohortUpdates(CohortId),
+    /// `cohorts/{cohort_id}/commands`: services -> every device of a cohort, QoS 1.
+    /// [`crate::payload::Command`].
+    CohortCommands(CohortId),
 }
 
 pub const DEVICES: &str = "devices";
@@ -130,7 +136,9 @@ impl Topic {
             [DEVICES, id, "presence"] => Topic::Presence(DeviceId::parse(id)?),
             [DEVICES, id, "commands"] => Topic::Commands(DeviceId::parse(id)?),
             [DEVICES, id, "commands", "ack"] => Topic::CommandAck(DeviceId::parse(id)?),
+            [DEVICES, id, "updates"] => Topic::UpdateStatus(DeviceId::parse(id)?),
             [COHORTS, id, "updates"] => Topic::CohortUpdates(CohortId::parse(id)?),
+            [COHORTS, id, "commands"] => Topic::CohortCommands(CohortId::parse(id)?),
             _ => return Err(TopicError::Unknown),
         })
     }
@@ -142,8 +150,9 @@ impl Topic {
             | Topic::State(d)
             | Topic::Presence(d)
             | Topic::Commands(d)
-            | Topic::CommandAck(d) => Some(d),
-            Topic::CohortUpdates(_) => None,
+            | Topic::CommandAck(d)
+            | Topic::UpdateStatus(d) => Some(d),
+            Topic::CohortUpdates(_) | Topic::CohortCommands(_) => None,
         }
     }
 
@@ -160,7 +169,11 @@ impl Topic {
     pub fn is_durable_event(&self) -> bool {
         matches!(
             self,
-            Topic::Telemetry(_) | Topic::State(_) | Topic::Presence(_) | Topic::CommandAck(_)
+            Topic::Telemetry(_)
+                | Topic::State(_)
+                | Topic::Presence(_)
+                | Topic::CommandAck(_)
+                | Topic::UpdateStatus(_)
         )
     }
 }
@@ -173,7 +186,9 @@ impl fmt::Display for Topic {
             Topic::Presence(d) => write!(f, "{DEVICES}/{d}/presence"),
             Topic::Commands(d) => write!(f, "{DEVICES}/{d}/commands"),
             Topic::CommandAck(d) => write!(f, "{DEVICES}/{d}/commands/ack"),
+            Topic::UpdateStatus(d) => write!(f, "{DEVICES}/{d}/updates"),
             Topic::CohortUpdates(c) => write!(f, "{COHORTS}/{c}/updates"),
+            Topic::CohortCommands(c) => write!(f, "{COHORTS}/{c}/commands"),
         }
     }
 }
@@ -218,7 +233,9 @@ mod tests {
             Topic::Presence(d.clone()),
             Topic::Commands(d.clone()),
             Topic::CommandAck(d.clone()),
-            Topic::CohortUpdates(c),
+            Topic::UpdateStatus(d.clone()),
+            Topic::CohortUpdates(c.clone()),
+            Topic::CohortCommands(c),
         ] {
             assert_eq!(Topic::parse(&t.to_string()).unwrap(), t);
         }
