@@ -1,10 +1,12 @@
 //! Topic rights. Pure functions over the wire contract's [`Topic`]: no I/O, table-tested.
 //!
-//! A device may publish only its own telemetry, reported state and command acks, and subscribe
+//! A device may publish only its own telemetry, reported state, command acks and update
+//! progress, and subscribe
 //! only to its own commands and its cohort's topics. A filter is allowed only when every topic it
 //! could ever match is allowed, so a wildcard can never reach another device. Backend services
 //! read everything under `devices/` and `cohorts/`; operators and admins may also send commands
-//! and cohort updates. Anything not allowed is denied.
+//! to a device or a cohort. The cohort's desired release (`cohorts/{id}/updates`) is published
+//! only by the platform itself. Anything not allowed is denied.
 
 use fleet_wire::{CohortId, DeviceId, Topic};
 
@@ -31,11 +33,19 @@ pub fn may_publish(principal: &Principal, topic: &str) -> bool {
 pub fn may_publish_topic(principal: &Principal, parsed: &Topic) -> bool {
     match principal {
         Principal::Device { id, .. } => match parsed {
-            Topic::Telemetry(d) | Topic::State(d) | Topic::CommandAck(d) => d == id,
-            Topic::Presence(_) | Topic::Commands(_) | Topic::CohortUpdates(_) => false,
+            Topic::Telemetry(d)
+            | Topic::State(d)
+            | Topic::CommandAck(d)
+            | Topic::UpdateStatus(d) => d == id,
+            Topic::Presence(_)
+            | Topic::Commands(_)
+            | Topic::CohortUpdates(_)
+            | Topic::CohortCommands(_) => false,
         },
+        // The cohort's desired release is the rollout engine's alone (the platform publishes it
+        // on the broker's own link), so no service can overwrite what a cohort installs.
         Principal::Service { role } => {
-            role.may_command() && matches!(parsed, Topic::Commands(_) | Topic::CohortUpdates(_))
+            role.may_command() && matches!(parsed, Topic::Commands(_) | Topic::CohortCommands(_))
         }
     }
 }
@@ -136,12 +146,15 @@ mod tests {
             ("devices/dev-1/telemetry", true),
             ("devices/dev-1/state", true),
             ("devices/dev-1/commands/ack", true),
+            ("devices/dev-1/updates", true),
+            ("devices/dev-2/updates", false),
             ("devices/dev-1/presence", false),
             ("devices/dev-1/commands", false),
             ("devices/dev-2/telemetry", false),
             ("devices/+/telemetry", false),
             ("devices/#", false),
             ("cohorts/c1/updates", false),
+            ("cohorts/c1/commands", false),
             ("devices/dev-1/other", false),
             ("elsewhere", false),
             ("$SYS/x", false),
@@ -159,6 +172,7 @@ mod tests {
             ("devices/dev-1/commands/#", true),
             ("devices/dev-1/commands/+", true),
             ("cohorts/c1/updates", true),
+            ("cohorts/c1/commands", true),
             ("cohorts/c1/#", true),
             ("cohorts/c1/+", true),
             ("cohorts/c2/updates", false),
@@ -201,7 +215,13 @@ mod tests {
         assert!(!may_subscribe(&viewer, "$SYS/#"));
         assert!(!may_publish(&viewer, "devices/d1/commands"));
         assert!(may_publish(&operator, "devices/d1/commands"));
-        assert!(may_publish(&operator, "cohorts/c1/updates"));
+        assert!(may_publish(&operator, "cohorts/c1/commands"));
+        assert!(!may_publish(&viewer, "cohorts/c1/commands"));
+        assert!(
+            !may_publish(&operator, "cohorts/c1/updates"),
+            "the rollout engine's alone"
+        );
+        assert!(may_subscribe(&viewer, "devices/+/updates"));
         assert!(!may_publish(&operator, "devices/d1/telemetry"));
         assert!(!may_publish(&operator, "devices/d1/presence"));
         assert!(!may_publish(&operator, "devices/+/commands"));

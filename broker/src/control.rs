@@ -1,15 +1,18 @@
 //! What the rest of the platform may do to a running broker: change who is trusted, end live
 //! sessions, read counters. Cheap to clone; every method is synchronous and lock-free.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
 
 use dashmap::DashMap;
 use fleet_wire::payload::DisconnectReason;
-use fleet_wire::DeviceId;
+use fleet_wire::{DeviceId, Topic};
 use tokio::sync::mpsc;
 
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::registry::Registry;
+use crate::router::SystemPublisher;
 
 /// The broker's handle on one live device session.
 #[derive(Debug, Clone)]
@@ -28,7 +31,14 @@ pub struct BrokerControl {
     pub(crate) registry: Arc<Registry>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) sessions: Arc<Sessions>,
+    /// The broker's own router link, once a [`crate::Broker`] was built on this control.
+    pub(crate) system: Arc<OnceLock<SystemPublisher>>,
 }
+
+/// The broker this control belongs to was never built, so nothing can be published.
+#[derive(Debug, thiserror::Error)]
+#[error("no broker is running on this control")]
+pub struct NotRunning;
 
 impl BrokerControl {
     pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
@@ -36,7 +46,23 @@ impl BrokerControl {
             registry,
             metrics,
             sessions: Arc::new(DashMap::new()),
+            system: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Publishes a QoS 1 message as the platform itself, on the broker's own link (the same
+    /// one presence uses). This is how the rollout engine writes a cohort's desired release,
+    /// which no client may publish. Live subscribers get it at once; a retained message also
+    /// reaches every later subscriber. Waits only while the link's queue is full.
+    pub async fn publish(
+        &self,
+        topic: &Topic,
+        payload: Bytes,
+        retain: bool,
+    ) -> Result<(), NotRunning> {
+        let system = self.system.get().ok_or(NotRunning)?;
+        system.publish(topic.to_string(), payload, 1, retain).await;
+        Ok(())
     }
 
     pub fn registry(&self) -> &Arc<Registry> {

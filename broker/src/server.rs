@@ -94,6 +94,8 @@ impl Broker {
         )?);
         let router = RouterHandle::spawn(&config.router);
         let system = SystemPublisher::start(&router)?;
+        // A control serves one broker; a second `Broker::new` on it keeps the first link.
+        let _ = control.system.set(system.clone());
         let (shutdown_tx, shutdown) = watch::channel(false);
         let ctx = Arc::new(Ctx {
             router,

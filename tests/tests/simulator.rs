@@ -303,7 +303,7 @@ async fn fanout_of_commands_and_cohort_updates_reaches_every_device() {
     };
     let cases = [
         ("devices/{id}/commands".to_owned(), true),
-        (format!("cohorts/{}/updates", fleet.cohort_id), false),
+        (format!("cohorts/{}/commands", fleet.cohort_id), false),
     ];
     for (topic, per_device) in cases {
         let fanout = Scenario::Fanout(Fanout {
