@@ -35,6 +35,7 @@ pub struct App {
     intake_task: JoinHandle<()>,
     http_task: JoinHandle<()>,
     pruner_task: JoinHandle<()>,
+    rollout_task: JoinHandle<()>,
 }
 
 impl App {
@@ -107,10 +108,19 @@ impl App {
             },
         ));
         let broker_task = tokio::spawn(broker.serve(devices, services, wait_stop(stopped.clone())));
+        let rollouts = crate::rollout::Rollouts::new();
+        let rollout_task = tokio::spawn(crate::rollout::run(
+            store.clone(),
+            control.clone(),
+            rollouts.clone(),
+            Duration::from_millis(config.tuning.rollout.tick_ms),
+            stopped.clone(),
+        ));
         let api = crate::api::router(crate::api::ApiState::new(
             store.clone(),
             keys,
             control.clone(),
+            rollouts,
         ));
         let http_stop = wait_stop(stopped.clone());
         let http_task = tokio::spawn(async move {
@@ -141,6 +151,7 @@ impl App {
             intake_task,
             http_task,
             pruner_task,
+            rollout_task,
         })
     }
 
@@ -188,6 +199,7 @@ impl App {
     /// disconnect through the still-running intake), then intake, REST and the database.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
+        let _ = self.rollout_task.await;
         if let Err(e) = self.broker_task.await {
             warn!(error = %e, "broker task failed");
         }

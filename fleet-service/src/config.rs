@@ -64,6 +64,7 @@ pub struct Tuning {
     pub broker: BrokerConfig,
     pub intake: IntakeTuning,
     pub telemetry: TelemetryTuning,
+    pub rollout: RolloutTuning,
 }
 
 impl Default for Tuning {
@@ -73,7 +74,20 @@ impl Default for Tuning {
             broker: BrokerConfig::default(),
             intake: IntakeTuning::default(),
             telemetry: TelemetryTuning::default(),
+            rollout: RolloutTuning::default(),
         }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutTuning {
+    pub tick_ms: u64,
+}
+
+impl Default for RolloutTuning {
+    fn default() -> Self {
+        Self { tick_ms: 1000 }
     }
 }
 

@@ -20,10 +20,12 @@ use std::time::Duration;
 
 use broker::bus::{BusMessage, Delivery, EventSource};
 use fleet_wire::payload::{CommandAck, Presence, ReportedState};
+use fleet_wire::update::UpdateStatus;
 use fleet_wire::{DeviceId, Topic};
 
 use crate::store::{
     EventBatch, EventOutcome, LatestTelemetry, ReportedChange, Store, StoreError, TelemetryRow,
+    UpdateReport,
 };
 
 /// How the intake runs.
@@ -120,6 +122,7 @@ enum Event {
         firmware: Option<String>,
     },
     CommandAck(CommandAck),
+    UpdateStatus(UpdateStatus),
 }
 
 /// A delivery that decoded; it waits for its batch to commit.
@@ -259,7 +262,11 @@ fn decode(msg: &BusMessage) -> Result<(DeviceId, Event), String> {
             serde_json::from_slice(&msg.payload)
                 .map_err(|e| format!("invalid command ack payload: {e}"))?,
         ),
-        Topic::Commands(_) | Topic::CohortUpdates(_) => {
+        Topic::UpdateStatus(_) => Event::UpdateStatus(
+            serde_json::from_slice(&msg.payload)
+                .map_err(|e| format!("invalid update status payload: {e}"))?,
+        ),
+        Topic::Commands(_) | Topic::CohortUpdates(_) | Topic::CohortCommands(_) => {
             return Err(format!("{} is not an event topic", msg.topic));
         }
     };
@@ -296,6 +303,7 @@ fn group(pending: &[Pending], node_id: &str) -> EventBatch {
     let mut latest: HashMap<&DeviceId, (Order, &str)> = HashMap::new();
     let mut reported: HashMap<&DeviceId, (Order, &str, Option<&str>)> = HashMap::new();
     let mut seen: HashMap<&DeviceId, i64> = HashMap::new();
+    let mut update_reports = Vec::new();
 
     for p in pending {
         let msg = &p.delivery.msg;
@@ -339,6 +347,11 @@ fn group(pending: &[Pending], node_id: &str) -> EventBatch {
                 }
             }
             Event::CommandAck(_) => {}
+            Event::UpdateStatus(status) => update_reports.push(UpdateReport {
+                device_id: p.device.clone(),
+                status: status.clone(),
+                at_ms: at,
+            }),
         }
         if !matches!(p.event, Event::Presence(_)) {
             let s = seen.entry(&p.device).or_insert(at);
@@ -371,6 +384,7 @@ fn group(pending: &[Pending], node_id: &str) -> EventBatch {
             .into_iter()
             .map(|(device, at)| (device.clone(), at))
             .collect(),
+        update_reports,
     }
 }
 
@@ -414,6 +428,17 @@ mod tests {
             ("devices/d1/presence", r#"{"event":"connected"}"#, false),
             ("devices/d1/commands", r#"{"id":"c","name":"n"}"#, false),
             ("cohorts/c1/updates", "{}", false),
+            ("cohorts/c1/commands", r#"{"id":"c","name":"n"}"#, false),
+            (
+                "devices/d1/updates",
+                r#"{"deployment_id":"x","status":"downloading"}"#,
+                true,
+            ),
+            (
+                "devices/d1/updates",
+                r#"{"deployment_id":"x","status":"timed_out"}"#,
+                false,
+            ),
             ("devices/d1/unknown", "{}", false),
             ("devices/a+b/telemetry", "{}", false),
         ];

@@ -9,6 +9,8 @@
 //! - [`intake`]: consumes the broker's event bus in batches and commits device state.
 //! - [`api`]: the REST bridge for operators (axum).
 //! - [`keys`]: API keys: hashing, the in-memory cache the REST and MQTT service paths read.
+//! - [`rollout`]: the rollout engine (staged waves, thresholds, rollback) and the pure policy
+//!   it follows; the only publisher of the cohorts' desired releases.
 
 pub mod api;
 pub mod app;
@@ -16,4 +18,5 @@ pub mod config;
 pub mod intake;
 pub mod keys;
 pub mod pki;
+pub mod rollout;
 pub mod store;

@@ -50,7 +50,12 @@ async fn start(url: &str) -> Api {
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(Registry::new(Arc::new(store.clone()), metrics.clone()));
     let control = BrokerControl::new(registry, metrics);
-    let app = router(ApiState::new(store.clone(), keys, control.clone()));
+    let app = router(ApiState::new(
+        store.clone(),
+        keys,
+        control.clone(),
+        fleet_service::rollout::Rollouts::new(),
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });

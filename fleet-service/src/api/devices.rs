@@ -13,7 +13,7 @@ use super::error::{ApiPath, ApiQuery};
 use super::{rfc3339, rfc3339_opt, ApiError, ApiState};
 use crate::store::{Device, DeviceFilter, DeviceState, TelemetryRecord};
 
-const DEFAULT_LIMIT: u32 = 100;
+pub(super) const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
 
 #[derive(Serialize)]
@@ -115,22 +115,22 @@ pub(super) struct TelemetryPage {
 }
 
 /// A device id in a path; one that cannot be valid names no device.
-fn path_device(id: &str) -> Result<DeviceId, ApiError> {
+pub(super) fn path_device(id: &str) -> Result<DeviceId, ApiError> {
     DeviceId::parse(id).map_err(|_| ApiError::not_found("device"))
 }
 
-fn encode_cursor(id: &DeviceId) -> String {
+pub(super) fn encode_cursor(id: &DeviceId) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_str())
 }
 
-fn decode_cursor(cursor: &str) -> Option<DeviceId> {
+pub(super) fn decode_cursor(cursor: &str) -> Option<DeviceId> {
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(cursor)
         .ok()?;
     DeviceId::parse(std::str::from_utf8(&raw).ok()?).ok()
 }
 
-fn parse_limit(s: &str) -> Result<u32, ApiError> {
+pub(super) fn parse_limit(s: &str) -> Result<u32, ApiError> {
     s.parse::<u32>()
         .ok()
         .filter(|n| (1..=MAX_LIMIT).contains(n))

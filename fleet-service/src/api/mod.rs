@@ -9,6 +9,8 @@
 //! - `error`: [`ApiError`], and the JSON/query/path extractors that answer in its shape.
 //! - `auth`: the bearer-token extractors.
 //! - `catalog`, `cas`, `devices`, `keys`: one module per resource.
+//! - `updates`: signing keys, releases, deployments (create, pause, resume, cancel, rollback,
+//!   promote) and per-device executions.
 //!
 //! # Invariants
 //! - Database error text never reaches a client: it is logged, and the client gets a 500 with
@@ -22,6 +24,7 @@ mod catalog;
 mod devices;
 mod error;
 mod keys;
+mod updates;
 
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -30,6 +33,7 @@ use broker::BrokerControl;
 pub use error::ApiError;
 
 use crate::keys::ApiKeys;
+use crate::rollout::Rollouts;
 use crate::store::Store;
 
 /// What every handler gets.
@@ -38,14 +42,16 @@ pub struct ApiState {
     pub store: Store,
     pub keys: ApiKeys,
     pub control: BrokerControl,
+    pub rollouts: Rollouts,
 }
 
 impl ApiState {
-    pub fn new(store: Store, keys: ApiKeys, control: BrokerControl) -> Self {
+    pub fn new(store: Store, keys: ApiKeys, control: BrokerControl, rollouts: Rollouts) -> Self {
         Self {
             store,
             keys,
             control,
+            rollouts,
         }
     }
 }
@@ -77,6 +83,55 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/api/v1/devices/:device_id/telemetry",
             get(devices::device_telemetry),
+        )
+        .route(
+            "/api/v1/devices/:device_id/executions",
+            get(updates::device_executions),
+        )
+        .route(
+            "/api/v1/signing-keys",
+            post(updates::create_signing_key).get(updates::list_signing_keys),
+        )
+        .route(
+            "/api/v1/signing-keys/:key_id",
+            delete(updates::revoke_signing_key),
+        )
+        .route(
+            "/api/v1/releases",
+            post(updates::create_release).get(updates::list_releases),
+        )
+        .route("/api/v1/releases/:release_id", get(updates::get_release))
+        .route(
+            "/api/v1/deployments",
+            post(updates::create_deployment).get(updates::list_deployments),
+        )
+        .route(
+            "/api/v1/deployments/:deployment_id",
+            get(updates::get_deployment),
+        )
+        .route(
+            "/api/v1/deployments/:deployment_id/pause",
+            post(updates::pause_deployment),
+        )
+        .route(
+            "/api/v1/deployments/:deployment_id/resume",
+            post(updates::resume_deployment),
+        )
+        .route(
+            "/api/v1/deployments/:deployment_id/cancel",
+            post(updates::cancel_deployment),
+        )
+        .route(
+            "/api/v1/deployments/:deployment_id/rollback",
+            post(updates::rollback_deployment),
+        )
+        .route(
+            "/api/v1/deployments/:deployment_id/promote",
+            post(updates::promote_deployment),
+        )
+        .route(
+            "/api/v1/deployments/:deployment_id/executions",
+            get(updates::list_executions),
         )
         .route("/api/v1/broker/metrics", get(broker_metrics))
         .route(

@@ -54,6 +54,8 @@ pub struct EventBatch {
     pub reported: Vec<ReportedChange>,
     /// When each device was last heard from in this batch (telemetry, state, command acks).
     pub seen: Vec<(DeviceId, i64)>,
+    /// Update progress reports, in the order they arrived.
+    pub update_reports: Vec<super::UpdateReport>,
 }
 
 impl EventBatch {
@@ -65,6 +67,7 @@ impl EventBatch {
             .chain(self.latest_telemetry.iter().map(|t| &t.device_id))
             .chain(self.reported.iter().map(|r| &r.device_id))
             .chain(self.seen.iter().map(|(d, _)| d))
+            .chain(self.update_reports.iter().map(|r| &r.device_id))
             .collect()
     }
 }
@@ -80,6 +83,10 @@ pub struct EventOutcome {
     pub telemetry_inserted: u64,
     /// Telemetry rows that were already stored (redeliveries).
     pub telemetry_duplicates: u64,
+    /// Update reports applied, and those ignored (finished execution, older than the stored
+    /// report, or no such deployment for the device).
+    pub update_reports_applied: u64,
+    pub update_reports_ignored: u64,
 }
 
 /// A telemetry message from the history.
@@ -296,6 +303,14 @@ impl Store {
                     .bind(*at)
                     .execute(&mut *tx)
                     .await?;
+            }
+
+            for r in batch.update_reports.iter().filter(|r| exists(&r.device_id)) {
+                if super::updates::apply_report!(tx, r, now) {
+                    outcome.update_reports_applied += 1;
+                } else {
+                    outcome.update_reports_ignored += 1;
+                }
             }
 
             tx.commit().await?;

@@ -12,6 +12,8 @@
 //! - `events`: the intake's batched writes (presence, telemetry, reported state) and telemetry
 //!   retention.
 //! - `api_keys`: API key rows (hashes only).
+//! - `updates`: signing keys, releases, deployments and their per-device executions, and the
+//!   intake's writes of device update reports.
 //!
 //! # Invariants
 //! - Timestamps are Unix milliseconds (`BIGINT`); JSON documents are `TEXT`.
@@ -59,6 +61,7 @@ pub mod cas;
 mod catalog;
 mod devices;
 mod events;
+mod updates;
 
 pub use api_keys::ApiKeyRecord;
 pub use cas::{CaCertificate, CaUpdate, NewCa};
@@ -67,6 +70,10 @@ pub use devices::{Device, DeviceCertificate, DeviceFilter, DeviceState};
 pub use events::{
     EventBatch, EventOutcome, LatestTelemetry, ReportedChange, TelemetryRecord, TelemetryRetention,
     TelemetryRow,
+};
+pub use updates::{
+    Deployment, DeploymentKind, Execution, ExecutionStatus, ExecutionSummary, NewDeployment,
+    Release, SigningKey, StateChange, UpdateReport,
 };
 
 /// A handle on the database. Cheap to clone: it is a connection pool.

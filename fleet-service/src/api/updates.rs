@@ -1,0 +1,778 @@
+//! Software updates over REST: signing keys (admins), releases, deployments and their
+//! per-device executions.
+//!
+//! A release is refused at creation unless its Ed25519 signature over the canonical manifest
+//! verifies against a registered, unrevoked key. Every deployment change is written to the
+//! store first and then the rollout engine is woken, which publishes the cohort's message.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use fleet_wire::update::{self, DeploymentState, ReleaseManifest};
+use fleet_wire::CohortId;
+use serde::{Deserialize, Serialize};
+
+use super::auth::{Admin, Caller, Writer};
+use super::catalog::Items;
+use super::devices::{decode_cursor, encode_cursor, parse_limit, path_device, DEFAULT_LIMIT};
+use super::error::{ApiJson, ApiPath, ApiQuery};
+use super::{rfc3339, rfc3339_opt, valid_name, ApiError, ApiState};
+use crate::rollout::policy::{PolicyError, RolloutPolicy};
+use crate::rollout::RollbackError;
+use crate::store::{
+    Deployment, DeploymentKind, Execution, ExecutionStatus, ExecutionSummary, NewDeployment,
+    Release, SigningKey, StateChange,
+};
+
+// ---- signing keys ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateKey {
+    name: String,
+    /// Base64 of the 32-byte Ed25519 key, or a PEM `PUBLIC KEY`.
+    public_key: String,
+}
+
+#[derive(Serialize)]
+pub(super) struct SigningKeyBody {
+    id: String,
+    name: String,
+    public_key: String,
+    created_at: String,
+    revoked_at: Option<String>,
+}
+
+impl From<SigningKey> for SigningKeyBody {
+    fn from(k: SigningKey) -> Self {
+        Self {
+            id: k.id,
+            name: k.name,
+            public_key: k.public_key,
+            created_at: rfc3339(k.created_at_ms),
+            revoked_at: rfc3339_opt(k.revoked_at_ms),
+        }
+    }
+}
+
+pub(super) async fn create_signing_key(
+    _: Admin,
+    State(state): State<ApiState>,
+    ApiJson(body): ApiJson<CreateKey>,
+) -> Result<(StatusCode, Json<SigningKeyBody>), ApiError> {
+    let name = valid_name(&body.name)?;
+    let key = update::parse_public_key(&body.public_key)
+        .map_err(|e| ApiError::unprocessable("invalid_public_key", e.to_string()))?;
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(key);
+    let created = state
+        .store
+        .create_signing_key(&update::key_id(&key), name, &b64)
+        .await?;
+    Ok((StatusCode::CREATED, Json(created.into())))
+}
+
+pub(super) async fn list_signing_keys(
+    _: Caller,
+    State(state): State<ApiState>,
+) -> Result<Json<Items<SigningKeyBody>>, ApiError> {
+    let items = state.store.signing_keys().await?;
+    Ok(Json(Items {
+        items: items.into_iter().map(Into::into).collect(),
+    }))
+}
+
+pub(super) async fn revoke_signing_key(
+    _: Admin,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    if state.store.revoke_signing_key(&id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(
+            "signing key (or it is revoked already)",
+        ))
+    }
+}
+
+// ---- releases ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateRelease {
+    product_id: String,
+    version: String,
+    url: String,
+    size: u64,
+    sha256: String,
+    /// Base64 Ed25519 signature over the canonical manifest.
+    signature: String,
+    /// Which key signed; by default every registered key is tried.
+    #[serde(default)]
+    key_id: Option<String>,
+    #[serde(default)]
+    notes: Option<String>,
+}
+
+#[derive(Serialize)]
+pub(super) struct ReleaseBody {
+    id: String,
+    product_id: String,
+    version: String,
+    url: String,
+    size: u64,
+    sha256: String,
+    signature: String,
+    key_id: String,
+    notes: Option<String>,
+    created_at: String,
+}
+
+impl From<Release> for ReleaseBody {
+    fn from(r: Release) -> Self {
+        Self {
+            id: r.id,
+            product_id: r.manifest.product_id,
+            version: r.manifest.version,
+            url: r.manifest.url,
+            size: r.manifest.size,
+            sha256: r.manifest.sha256,
+            signature: r.signature,
+            key_id: r.key_id,
+            notes: r.notes,
+            created_at: rfc3339(r.created_at_ms),
+        }
+    }
+}
+
+pub(super) async fn create_release(
+    _: Writer,
+    State(state): State<ApiState>,
+    ApiJson(body): ApiJson<CreateRelease>,
+) -> Result<(StatusCode, Json<ReleaseBody>), ApiError> {
+    if semver::Version::parse(&body.version).is_err() {
+        return Err(ApiError::unprocessable(
+            "invalid_version",
+            "version must be a semantic version such as 1.4.2",
+        ));
+    }
+    let url = body.url.trim();
+    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2048 {
+        return Err(ApiError::unprocessable(
+            "invalid_url",
+            "url must be an http:// or https:// URL of at most 2048 characters",
+        ));
+    }
+    if body.notes.as_ref().is_some_and(|n| n.len() > 10_000) {
+        return Err(ApiError::unprocessable(
+            "invalid_notes",
+            "notes must be at most 10000 characters",
+        ));
+    }
+    let manifest = ReleaseManifest {
+        product_id: body.product_id.clone(),
+        version: body.version.clone(),
+        url: url.to_owned(),
+        size: body.size,
+        sha256: body.sha256.to_ascii_lowercase(),
+    };
+    manifest
+        .canonical_bytes()
+        .map_err(|e| ApiError::unprocessable("invalid_manifest", e.to_string()))?;
+    if state.store.product(&body.product_id).await?.is_none() {
+        return Err(ApiError::unprocessable(
+            "invalid_reference",
+            "product does not exist",
+        ));
+    }
+    let keys: Vec<SigningKey> = state
+        .store
+        .signing_keys()
+        .await?
+        .into_iter()
+        .filter(|k| k.revoked_at_ms.is_none())
+        .filter(|k| body.key_id.as_ref().is_none_or(|id| *id == k.id))
+        .collect();
+    if keys.is_empty() {
+        return Err(ApiError::unprocessable(
+            "unknown_signing_key",
+            match &body.key_id {
+                Some(id) => format!("no registered, unrevoked signing key {id}"),
+                None => "no signing key is registered; POST /api/v1/signing-keys first".into(),
+            },
+        ));
+    }
+    let mut signed_by = None;
+    let mut last_error = None;
+    for k in &keys {
+        let Ok(public) = update::parse_public_key(&k.public_key) else {
+            continue;
+        };
+        match update::verify_manifest(&manifest, &body.signature, &public) {
+            Ok(()) => {
+                signed_by = Some(k.id.clone());
+                break;
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    let Some(key_id) = signed_by else {
+        let why = match last_error {
+            Some(update::SignatureError::Invalid(_)) | None => {
+                "the signature does not verify against any registered signing key".to_owned()
+            }
+            Some(e) => e.to_string(),
+        };
+        return Err(ApiError::unprocessable("invalid_signature", why));
+    };
+    let release = state
+        .store
+        .create_release(
+            &manifest,
+            body.signature.trim(),
+            &key_id,
+            body.notes.as_deref(),
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(release.into())))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReleaseQuery {
+    #[serde(default)]
+    product_id: Option<String>,
+}
+
+pub(super) async fn list_releases(
+    _: Caller,
+    State(state): State<ApiState>,
+    ApiQuery(q): ApiQuery<ReleaseQuery>,
+) -> Result<Json<Items<ReleaseBody>>, ApiError> {
+    let items = state.store.releases(q.product_id.as_deref()).await?;
+    Ok(Json(Items {
+        items: items.into_iter().map(Into::into).collect(),
+    }))
+}
+
+pub(super) async fn get_release(
+    _: Caller,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<ReleaseBody>, ApiError> {
+    let r = state
+        .store
+        .release(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("release"))?;
+    Ok(Json(r.into()))
+}
+
+// ---- deployments ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateDeployment {
+    release_id: String,
+    cohort_id: String,
+    #[serde(default)]
+    policy: Option<RolloutPolicy>,
+}
+
+#[derive(Serialize)]
+pub(super) struct SummaryBody {
+    total: u64,
+    admitted: u64,
+    finished: u64,
+    succeeded: u64,
+    failures: u64,
+    by_status: BTreeMap<&'static str, u64>,
+    /// Finished devices as a share of all devices.
+    percent_done: f64,
+    /// Failed + rejected + timed out as a share of finished devices.
+    failure_rate_percent: f64,
+}
+
+impl From<ExecutionSummary> for SummaryBody {
+    fn from(s: ExecutionSummary) -> Self {
+        let c = s.counts;
+        let pct = |part: u64, whole: u64| {
+            if whole == 0 {
+                0.0
+            } else {
+                (part as f64 * 1000.0 / whole as f64).round() / 10.0
+            }
+        };
+        Self {
+            total: c.total,
+            admitted: c.admitted,
+            finished: c.finished(),
+            succeeded: c.succeeded,
+            failures: c.failures(),
+            by_status: s.by_status,
+            percent_done: pct(c.finished(), c.total),
+            failure_rate_percent: pct(c.failures(), c.finished()),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct DeploymentBody {
+    id: String,
+    product_id: String,
+    cohort_id: String,
+    release_id: String,
+    version: String,
+    kind: &'static str,
+    state: &'static str,
+    state_reason: String,
+    policy: RolloutPolicy,
+    /// 1-based, of `waves`.
+    current_wave: u32,
+    waves: usize,
+    admit_below: u64,
+    revision: u64,
+    previous_release_id: Option<String>,
+    rollback_of: Option<String>,
+    rolled_back_by: Option<String>,
+    created_at: String,
+    updated_at: String,
+    finished_at: Option<String>,
+    summary: SummaryBody,
+}
+
+async fn deployment_body(state: &ApiState, d: Deployment) -> Result<DeploymentBody, ApiError> {
+    let summary = state.store.execution_summary(&d.id).await?;
+    let version = state
+        .store
+        .release(&d.release_id)
+        .await?
+        .map(|r| r.manifest.version)
+        .unwrap_or_default();
+    Ok(DeploymentBody {
+        waves: d.policy.waves.len(),
+        current_wave: d.current_wave + 1,
+        id: d.id,
+        product_id: d.product_id,
+        cohort_id: d.cohort_id.to_string(),
+        release_id: d.release_id,
+        version,
+        kind: d.kind.as_str(),
+        state: d.state.as_str(),
+        state_reason: d.state_reason,
+        policy: d.policy,
+        admit_below: d.admit_below,
+        revision: d.revision,
+        previous_release_id: d.previous_release_id,
+        rollback_of: d.rollback_of,
+        rolled_back_by: d.rolled_back_by,
+        created_at: rfc3339(d.created_at_ms),
+        updated_at: rfc3339(d.updated_at_ms),
+        finished_at: rfc3339_opt(d.finished_at_ms),
+        summary: summary.into(),
+    })
+}
+
+fn policy_error(e: PolicyError) -> ApiError {
+    ApiError::unprocessable("invalid_policy", e.to_string())
+}
+
+/// Creates a rollout of `release_id` to `cohort_id` after the checks every path shares.
+async fn start_deployment(
+    state: &ApiState,
+    release_id: &str,
+    cohort_id: &str,
+    policy: Option<RolloutPolicy>,
+    reason: String,
+) -> Result<Deployment, ApiError> {
+    let policy = policy
+        .unwrap_or_default()
+        .validated()
+        .map_err(policy_error)?;
+    let release =
+        state.store.release(release_id).await?.ok_or_else(|| {
+            ApiError::unprocessable("invalid_reference", "release does not exist")
+        })?;
+    let cohort = state
+        .store
+        .cohort(cohort_id)
+        .await?
+        .ok_or_else(|| ApiError::unprocessable("invalid_reference", "cohort does not exist"))?;
+    if cohort.product_id != release.manifest.product_id {
+        return Err(ApiError::unprocessable(
+            "invalid_reference",
+            "the release and the cohort belong to different products",
+        ));
+    }
+    let cohort_id = CohortId::parse(&cohort.id).map_err(|_| ApiError::internal())?;
+    let d = state
+        .store
+        .create_deployment(&NewDeployment {
+            release,
+            cohort_id,
+            kind: DeploymentKind::Rollout,
+            policy,
+            reason,
+            rollback_of: None,
+        })
+        .await?;
+    state.rollouts.wake();
+    Ok(d)
+}
+
+pub(super) async fn create_deployment(
+    _: Writer,
+    State(state): State<ApiState>,
+    ApiJson(body): ApiJson<CreateDeployment>,
+) -> Result<(StatusCode, Json<DeploymentBody>), ApiError> {
+    let d = start_deployment(
+        &state,
+        &body.release_id,
+        &body.cohort_id,
+        body.policy,
+        "created".into(),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(deployment_body(&state, d).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DeploymentQuery {
+    #[serde(default)]
+    cohort_id: Option<String>,
+    #[serde(default)]
+    state: Option<String>,
+}
+
+pub(super) async fn list_deployments(
+    _: Caller,
+    State(state): State<ApiState>,
+    ApiQuery(q): ApiQuery<DeploymentQuery>,
+) -> Result<Json<Items<DeploymentBody>>, ApiError> {
+    let st = match q.state.as_deref() {
+        Some(s) => Some(DeploymentState::parse(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                "state must be active, paused, completed, canceled or rolled_back",
+            )
+        })?),
+        None => None,
+    };
+    let mut items = Vec::new();
+    for d in state.store.deployments(q.cohort_id.as_deref(), st).await? {
+        items.push(deployment_body(&state, d).await?);
+    }
+    Ok(Json(Items { items }))
+}
+
+async fn load(state: &ApiState, id: &str) -> Result<Deployment, ApiError> {
+    state
+        .store
+        .deployment(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("deployment"))
+}
+
+pub(super) async fn get_deployment(
+    _: Caller,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<DeploymentBody>, ApiError> {
+    let d = load(&state, &id).await?;
+    Ok(Json(deployment_body(&state, d).await?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReasonBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// An optional JSON body: none at all is the same as `{}`.
+pub(super) struct Optional<T>(T);
+
+#[axum::async_trait]
+impl<T, S> axum::extract::FromRequest<S> for Optional<T>
+where
+    T: serde::de::DeserializeOwned + Default,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let has_body = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .is_some_and(|l| l != "0")
+            || req
+                .headers()
+                .contains_key(axum::http::header::TRANSFER_ENCODING);
+        if !has_body {
+            return Ok(Optional(T::default()));
+        }
+        ApiJson::<T>::from_request(req, state)
+            .await
+            .map(|ApiJson(v)| Optional(v))
+    }
+}
+
+async fn change_state(
+    state: &ApiState,
+    id: &str,
+    change: StateChange<'_>,
+    default_reason: &str,
+    reason: Option<String>,
+) -> Result<Json<DeploymentBody>, ApiError> {
+    let d = load(state, id).await?;
+    let reason = reason.unwrap_or_else(|| default_reason.to_owned());
+    if reason.len() > 1000 {
+        return Err(ApiError::unprocessable(
+            "invalid_reason",
+            "reason must be at most 1000 characters",
+        ));
+    }
+    match state
+        .store
+        .set_deployment_state(id, change, &reason)
+        .await?
+    {
+        Some(d) => {
+            state.rollouts.wake();
+            Ok(Json(deployment_body(state, d).await?))
+        }
+        None => Err(ApiError::conflict(format!(
+            "deployment is {}; this needs it to be {}",
+            d.state.as_str(),
+            change
+                .from
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ))),
+    }
+}
+
+pub(super) async fn pause_deployment(
+    _: Writer,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    Optional(body): Optional<ReasonBody>,
+) -> Result<Json<DeploymentBody>, ApiError> {
+    let change = StateChange {
+        from: &[DeploymentState::Active],
+        to: DeploymentState::Paused,
+    };
+    change_state(&state, &id, change, "paused by an operator", body.reason).await
+}
+
+pub(super) async fn resume_deployment(
+    _: Writer,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    Optional(body): Optional<ReasonBody>,
+) -> Result<Json<DeploymentBody>, ApiError> {
+    let change = StateChange {
+        from: &[DeploymentState::Paused],
+        to: DeploymentState::Active,
+    };
+    change_state(&state, &id, change, "resumed by an operator", body.reason).await
+}
+
+pub(super) async fn cancel_deployment(
+    _: Writer,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    Optional(body): Optional<ReasonBody>,
+) -> Result<Json<DeploymentBody>, ApiError> {
+    let change = StateChange {
+        from: &[DeploymentState::Active, DeploymentState::Paused],
+        to: DeploymentState::Canceled,
+    };
+    change_state(&state, &id, change, "canceled by an operator", body.reason).await
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RollbackBody {
+    /// By default the release the cohort ran before this deployment.
+    #[serde(default)]
+    release_id: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+pub(super) async fn rollback_deployment(
+    _: Writer,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    Optional(body): Optional<RollbackBody>,
+) -> Result<(StatusCode, Json<DeploymentBody>), ApiError> {
+    let d = load(&state, &id).await?;
+    let reason = body
+        .reason
+        .unwrap_or_else(|| "rolled back by an operator".into());
+    let r = crate::rollout::rollback(&state.store, &d, body.release_id.as_deref(), &reason)
+        .await
+        .map_err(|e| match e {
+            RollbackError::Store(e) => ApiError::from(e),
+            RollbackError::NotLive(..) => ApiError::conflict(e.to_string()),
+            other => ApiError::unprocessable("invalid_rollback", other.to_string()),
+        })?;
+    state.rollouts.wake();
+    Ok((StatusCode::CREATED, Json(deployment_body(&state, r).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PromoteBody {
+    cohort_id: String,
+    #[serde(default)]
+    policy: Option<RolloutPolicy>,
+    /// Promote even though the deployment has not completed.
+    #[serde(default)]
+    force: bool,
+}
+
+/// Deploys the release a deployment proved to another cohort of the same product.
+pub(super) async fn promote_deployment(
+    _: Writer,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<PromoteBody>,
+) -> Result<(StatusCode, Json<DeploymentBody>), ApiError> {
+    let d = load(&state, &id).await?;
+    if d.state != DeploymentState::Completed && !body.force {
+        return Err(ApiError::conflict(format!(
+            "deployment is {}, not completed; promote with \"force\": true to skip the proof",
+            d.state.as_str()
+        )));
+    }
+    if body.cohort_id == d.cohort_id.as_str() {
+        return Err(ApiError::unprocessable(
+            "invalid_reference",
+            "promotion needs another cohort than the deployment's own",
+        ));
+    }
+    let new = start_deployment(
+        &state,
+        &d.release_id,
+        &body.cohort_id,
+        body.policy,
+        format!("promoted from deployment {} (cohort {})", d.id, d.cohort_id),
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(deployment_body(&state, new).await?),
+    ))
+}
+
+// ---- executions ----
+
+#[derive(Serialize)]
+pub(super) struct ExecutionBody {
+    deployment_id: String,
+    device_id: String,
+    status: &'static str,
+    error: Option<String>,
+    from_version: Option<String>,
+    firmware_version: Option<String>,
+    admitted: bool,
+    admitted_at: Option<String>,
+    last_report_at: Option<String>,
+    finished_at: Option<String>,
+    updated_at: String,
+}
+
+impl From<Execution> for ExecutionBody {
+    fn from(e: Execution) -> Self {
+        Self {
+            deployment_id: e.deployment_id,
+            device_id: e.device_id.to_string(),
+            status: e.status.as_str(),
+            error: e.error,
+            from_version: e.from_version,
+            firmware_version: e.firmware_version,
+            admitted: e.admitted_at_ms.is_some(),
+            admitted_at: rfc3339_opt(e.admitted_at_ms),
+            last_report_at: rfc3339_opt(e.last_report_at_ms),
+            finished_at: rfc3339_opt(e.finished_at_ms),
+            updated_at: rfc3339(e.updated_at_ms),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct ExecutionPage {
+    items: Vec<ExecutionBody>,
+    next_cursor: Option<String>,
+}
+
+pub(super) async fn list_executions(
+    _: Caller,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(pairs): ApiQuery<Vec<(String, String)>>,
+) -> Result<Json<ExecutionPage>, ApiError> {
+    load(&state, &id).await?;
+    let mut status = None;
+    let mut limit = DEFAULT_LIMIT;
+    let mut after = None;
+    for (key, value) in pairs {
+        match key.as_str() {
+            "status" => {
+                status = Some(ExecutionStatus::parse(&value).ok_or_else(|| {
+                    ApiError::bad_request("invalid_query", format!("unknown status {value:?}"))
+                })?)
+            }
+            "limit" => limit = parse_limit(&value)?,
+            "cursor" => {
+                after = Some(
+                    decode_cursor(&value)
+                        .ok_or_else(|| ApiError::bad_request("invalid_query", "invalid cursor"))?,
+                )
+            }
+            other => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("unknown query parameter {other:?}"),
+                ))
+            }
+        }
+    }
+    let mut items = state
+        .store
+        .executions(&id, status, after.as_ref(), limit + 1)
+        .await?;
+    let next_cursor = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|e| encode_cursor(&e.device_id))
+    } else {
+        None
+    };
+    Ok(Json(ExecutionPage {
+        items: items.into_iter().map(Into::into).collect(),
+        next_cursor,
+    }))
+}
+
+pub(super) async fn device_executions(
+    _: Caller,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Items<ExecutionBody>>, ApiError> {
+    let id = path_device(&id)?;
+    if state.store.device(&id).await?.is_none() {
+        return Err(ApiError::not_found("device"));
+    }
+    let items = state.store.device_executions(&id).await?;
+    Ok(Json(Items {
+        items: items.into_iter().map(Into::into).collect(),
+    }))
+}
