@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleet_wire::payload::{Command, CommandAck, CommandStatus, ReportedState, Telemetry};
+use fleet_wire::update::UpdateStatus;
 use fleet_wire::{CohortId, DeviceId, Topic};
 use futures::FutureExt;
 use rand::rngs::StdRng;
@@ -114,7 +115,9 @@ type TelemetrySource = Box<dyn FnMut(u64) -> Telemetry + Send>;
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub connect: ConnectOptions,
-    /// Also subscribe to `cohorts/{cohort}/updates`.
+    /// Also subscribe to `cohorts/{cohort}/updates` (surfaced as [`AgentEvent::CohortUpdate`];
+    /// [`crate::update::Updater`] acts on them) and `cohorts/{cohort}/commands` (handled like
+    /// the device's own commands).
     pub cohort: Option<CohortId>,
     /// Reported in the retained state on every connect.
     pub firmware_version: Option<String>,
@@ -202,6 +205,8 @@ pub enum AgentEvent {
         seq: u64,
     },
     StateDelivered(ReportedState),
+    /// The broker acknowledged an update progress report.
+    UpdateReportDelivered(UpdateStatus),
     Stopped,
 }
 
@@ -317,9 +322,11 @@ impl Agent {
 
         let (control_tx, control_rx) = mpsc::channel(64);
         let (status_tx, status_rx) = watch::channel(AgentStatus::default());
+        let (cohort_update_tx, cohort_update_rx) = watch::channel(Value::Null);
         let mut topics = vec![Topic::Commands(device_id.clone())];
         if let Some(c) = &self.config.cohort {
             topics.push(Topic::CohortUpdates(c.clone()));
+            topics.push(Topic::CohortCommands(c.clone()));
         }
         let state = ReportedState {
             firmware_version: self.config.firmware_version.clone(),
@@ -340,6 +347,7 @@ impl Agent {
             telemetry: self.telemetry,
             buffer: OfflineBuffer::new(self.config.offline_buffer),
             acks: OfflineBuffer::new(ACK_QUEUE),
+            update_reports: OfflineBuffer::new(ACK_QUEUE),
             outbox: Outbox::default(),
             recent: RecentCommands::new(RECENT_COMMANDS),
             state,
@@ -349,6 +357,7 @@ impl Agent {
             phase: Phase::Running,
             status: AgentStatus::default(),
             status_tx,
+            cohort_update_tx,
             events: self.events.clone(),
             config: self.config,
         };
@@ -357,6 +366,7 @@ impl Agent {
             device_id,
             control: control_tx,
             status: status_rx,
+            cohort_update: cohort_update_rx,
             events: self.events,
             task,
         })
@@ -381,7 +391,33 @@ fn default_telemetry(seq: u64, started: Instant) -> Telemetry {
 enum Control {
     Telemetry(Telemetry),
     State(ReportedState),
+    FirmwareVersion(String),
+    UpdateReport(UpdateStatus),
     Shutdown,
+}
+
+/// Reports through a running agent from another task; see [`AgentHandle::sender`].
+#[derive(Clone)]
+pub struct AgentSender {
+    control: mpsc::Sender<Control>,
+}
+
+impl AgentSender {
+    /// See [`AgentHandle::set_firmware_version`].
+    pub async fn set_firmware_version(&self, version: impl Into<String>) -> Result<(), Error> {
+        self.control
+            .send(Control::FirmwareVersion(version.into()))
+            .await
+            .map_err(|_| Error::Stopped)
+    }
+
+    /// See [`AgentHandle::report_update`].
+    pub async fn report_update(&self, status: UpdateStatus) -> Result<(), Error> {
+        self.control
+            .send(Control::UpdateReport(status))
+            .await
+            .map_err(|_| Error::Stopped)
+    }
 }
 
 /// Controls a running agent. Dropping it shuts the agent down cleanly in the background.
@@ -389,6 +425,7 @@ pub struct AgentHandle {
     device_id: DeviceId,
     control: mpsc::Sender<Control>,
     status: watch::Receiver<AgentStatus>,
+    cohort_update: watch::Receiver<Value>,
     events: broadcast::Sender<AgentEvent>,
     task: JoinHandle<AgentStatus>,
 }
@@ -405,6 +442,13 @@ impl AgentHandle {
     /// Follows status changes, e.g. `watch_status().wait_for(|s| s.telemetry_delivered >= 3)`.
     pub fn watch_status(&self) -> watch::Receiver<AgentStatus> {
         self.status.clone()
+    }
+
+    /// The newest message on `cohorts/{cohort}/updates` (`Null` before the first), which a
+    /// task started after the retained message arrived still sees. Closed when the agent
+    /// stops.
+    pub fn watch_cohort_update(&self) -> watch::Receiver<Value> {
+        self.cohort_update.clone()
     }
 
     /// Events from now on. A receiver that falls more than 1024 events behind loses the oldest.
@@ -443,6 +487,24 @@ impl AgentHandle {
     /// on every reconnect.
     pub async fn report_state(&self, state: ReportedState) -> Result<(), Error> {
         self.send(Control::State(state)).await
+    }
+
+    /// Changes only the `firmware_version` of the reported state (after an update).
+    pub async fn set_firmware_version(&self, version: impl Into<String>) -> Result<(), Error> {
+        self.sender().set_firmware_version(version).await
+    }
+
+    /// Queues an update progress report on `devices/{id}/updates` (QoS 1). Reports are kept
+    /// while offline and sent in order, after the reported state and before command acks.
+    pub async fn report_update(&self, status: UpdateStatus) -> Result<(), Error> {
+        self.sender().report_update(status).await
+    }
+
+    /// A cloneable handle for tasks that report on the agent's behalf (the updater).
+    pub fn sender(&self) -> AgentSender {
+        AgentSender {
+            control: self.control.clone(),
+        }
     }
 
     async fn send(&self, control: Control) -> Result<(), Error> {
@@ -584,6 +646,7 @@ enum Pending {
     Telemetry(QueuedTelemetry),
     State(ReportedState),
     Ack(CommandAck),
+    Update(UpdateStatus),
 }
 
 #[derive(Debug)]
@@ -625,6 +688,7 @@ struct AgentTask {
     telemetry: TelemetrySource,
     buffer: OfflineBuffer<QueuedTelemetry>,
     acks: OfflineBuffer<CommandAck>,
+    update_reports: OfflineBuffer<UpdateStatus>,
     outbox: Outbox<Pending>,
     recent: RecentCommands,
     state: ReportedState,
@@ -634,6 +698,7 @@ struct AgentTask {
     phase: Phase,
     status: AgentStatus,
     status_tx: watch::Sender<AgentStatus>,
+    cohort_update_tx: watch::Sender<Value>,
     events: broadcast::Sender<AgentEvent>,
 }
 
@@ -793,6 +858,11 @@ impl AgentTask {
                 self.status.acks_delivered += 1;
                 self.emit(AgentEvent::CommandAckDelivered(a));
             }
+            Some(Pending::Update(u)) => {
+                debug!(deployment_id = %u.deployment_id, status = u.status.as_str(),
+                    "update report delivered");
+                self.emit(AgentEvent::UpdateReportDelivered(u));
+            }
             None => debug!(pkid, "PUBACK for an unknown packet id"),
         }
     }
@@ -800,6 +870,9 @@ impl AgentTask {
     fn on_message(&mut self, topic: &str, payload: &[u8]) {
         match Topic::parse(topic) {
             Ok(Topic::Commands(id)) if id == self.device_id => self.on_command(payload),
+            Ok(Topic::CohortCommands(cohort)) if self.config.cohort.as_ref() == Some(&cohort) => {
+                self.on_command(payload)
+            }
             Ok(Topic::CohortUpdates(cohort)) if self.config.cohort.as_ref() == Some(&cohort) => {
                 let payload = if payload.is_empty() {
                     Ok(Value::Null)
@@ -809,6 +882,7 @@ impl AgentTask {
                 match payload {
                     Ok(payload) => {
                         info!(cohort = %cohort, "cohort update");
+                        self.cohort_update_tx.send_replace(payload.clone());
                         self.emit(AgentEvent::CohortUpdate { cohort, payload });
                     }
                     Err(e) => warn!(cohort = %cohort, error = %e, "cohort update is not JSON"),
@@ -896,6 +970,13 @@ impl AgentTask {
                     self.state_dirty = true;
                 }
             }
+            Control::FirmwareVersion(v) => {
+                if self.state.firmware_version.as_deref() != Some(v.as_str()) {
+                    self.state.firmware_version = Some(v);
+                    self.state_dirty = true;
+                }
+            }
+            Control::UpdateReport(u) => self.update_reports.push(u),
             Control::Shutdown => self.begin_shutdown("shutdown requested"),
         }
     }
@@ -917,7 +998,7 @@ impl AgentTask {
     // --- outputs -----------------------------------------------------------------------------
 
     /// Hands queued messages to the client while the session is up and the window has room:
-    /// reported state first, then command acks, then telemetry.
+    /// reported state first, then update reports, then command acks, then telemetry.
     fn pump(&mut self) {
         if !self.status.connected
             || matches!(
@@ -934,6 +1015,11 @@ impl AgentTask {
                     Topic::State(self.device_id.clone()),
                     Pending::State(self.state.clone()),
                 )
+            } else if let Some(u) = self.update_reports.pop() {
+                (
+                    Topic::UpdateStatus(self.device_id.clone()),
+                    Pending::Update(u),
+                )
             } else if let Some(ack) = self.acks.pop() {
                 (Topic::CommandAck(self.device_id.clone()), Pending::Ack(ack))
             } else if let Some(t) = self.buffer.pop() {
@@ -947,6 +1033,7 @@ impl AgentTask {
             let (payload, retain) = match &message {
                 Pending::State(s) => (serde_json::to_vec(s), true),
                 Pending::Ack(a) => (serde_json::to_vec(a), false),
+                Pending::Update(u) => (serde_json::to_vec(u), false),
                 Pending::Telemetry(t) => (Ok(t.payload.clone()), false),
             };
             let payload = payload.expect("wire payload types serialize");
@@ -972,16 +1059,19 @@ impl AgentTask {
     fn put_back(&mut self, messages: Vec<Pending>) {
         let mut telemetry = Vec::new();
         let mut acks = Vec::new();
+        let mut updates = Vec::new();
         for m in messages {
             match m {
                 Pending::Telemetry(t) => telemetry.push(t),
                 Pending::Ack(a) => acks.push(a),
+                Pending::Update(u) => updates.push(u),
                 // The current state is published again on the next connect.
                 Pending::State(_) => self.state_dirty = true,
             }
         }
         self.buffer.requeue(telemetry);
         self.acks.requeue(acks);
+        self.update_reports.requeue(updates);
     }
 
     fn emit(&self, event: AgentEvent) {
@@ -1023,6 +1113,7 @@ impl AgentTask {
         self.outbox.is_empty()
             && self.buffer.is_empty()
             && self.acks.is_empty()
+            && self.update_reports.is_empty()
             && !self.state_dirty
             && self.commands_running == 0
     }

@@ -16,6 +16,9 @@
 //! - `backoff`, `buffer`, `outbox`, `dedup`: the pure pieces of the agent (reconnect delays
 //!   with full jitter, the drop-oldest offline buffer, unacknowledged publishes, redelivered
 //!   commands), each with table tests.
+//! - [`update`]: the [`update::Updater`]: follows the cohort's desired release, verifies the
+//!   signature, size and hash, installs through an [`update::Installer`], reports each step.
+//! - [`release`]: Ed25519 release signing for operators (`device-client release keygen|sign`).
 //! - [`pki`]: manufacturing CA, device and server certificates (rcgen, P-256).
 //! - [`sim`]: the fleet simulator behind `device-client simulate` (connect storms, telemetry
 //!   load with delivery measurement); its sessions come from `mqtt` like the agent's.
@@ -33,12 +36,15 @@ mod options;
 mod outbox;
 pub mod pki;
 mod publish;
+pub mod release;
 pub mod sim;
 mod tls;
+pub mod update;
 mod url;
 
 pub use agent::{
-    Agent, AgentConfig, AgentEvent, AgentHandle, AgentStatus, CommandHandler, CommandOutcome,
+    Agent, AgentConfig, AgentEvent, AgentHandle, AgentSender, AgentStatus, CommandHandler,
+    CommandOutcome,
 };
 pub use backoff::BackoffConfig;
 pub use error::{ConfigError, ConnackRefusal, ConnectError, Error};

@@ -40,6 +40,10 @@ enum Cmd {
     /// Create a manufacturing CA or certificates signed by it.
     #[command(subcommand)]
     Pki(PkiCmd),
+    /// Sign releases (operators): an Ed25519 key pair, and a signed manifest for
+    /// POST /api/v1/releases.
+    #[command(subcommand)]
+    Release(ReleaseCmd),
     /// Simulate a fleet: many devices in this process against one broker (load generator).
     ///
     /// Prints a table at the end (or one JSON document with --json) and, unless --json, a
@@ -361,6 +365,44 @@ struct RunArgs {
     /// Telemetry messages kept while offline.
     #[arg(long, default_value_t = 1000)]
     offline_buffer: usize,
+    /// Install updates from the cohort topic signed by this Ed25519 public key (a file with
+    /// base64 or a PEM PUBLIC KEY); repeat for more. Without one, every update is rejected.
+    #[arg(long = "update-key")]
+    update_keys: Vec<PathBuf>,
+    /// Where installed artifacts are written, as <version>.bin (the reference installer).
+    #[arg(long, default_value = "./updates")]
+    update_dir: PathBuf,
+    /// Remembers attempted deployments across restarts.
+    #[arg(long)]
+    update_state: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ReleaseCmd {
+    /// Create an Ed25519 signing key pair: the private key (PEM, keep it secret) and the
+    /// public key (base64, for POST /api/v1/signing-keys and the devices' --update-key).
+    Keygen {
+        #[arg(long)]
+        out_key: PathBuf,
+        #[arg(long)]
+        out_pub: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Sign an artifact's manifest; prints the JSON body for POST /api/v1/releases.
+    Sign {
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        product_id: String,
+        #[arg(long)]
+        version: String,
+        /// Where devices will download the artifact.
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        artifact: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -489,6 +531,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Run(args) => run(args).await,
         Cmd::Publish(args) => publish(args).await,
         Cmd::Pki(cmd) => pki(cmd),
+        Cmd::Release(cmd) => release(cmd),
         Cmd::Simulate(cmd) => simulate(cmd).await,
     }
 }
@@ -618,10 +661,86 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+fn release(cmd: ReleaseCmd) -> Result<()> {
+    use device_client::release::SigningKey;
+    match cmd {
+        ReleaseCmd::Keygen {
+            out_key,
+            out_pub,
+            force,
+        } => {
+            let key = SigningKey::generate()?;
+            write_new(&out_key, key.private_key_pem().as_bytes(), force, true)?;
+            write_new(
+                &out_pub,
+                format!("{}\n", key.public_key_base64()).as_bytes(),
+                force,
+                false,
+            )?;
+            println!(
+                "{}",
+                serde_json::json!({ "key_id": key.key_id(), "public_key": key.public_key_base64() })
+            );
+        }
+        ReleaseCmd::Sign {
+            key,
+            product_id,
+            version,
+            url,
+            artifact,
+        } => {
+            let key = SigningKey::from_pem_file(&key)?;
+            let bytes = std::fs::read(&artifact)
+                .with_context(|| format!("reading {}", artifact.display()))?;
+            let signed = key.sign(&product_id, &version, &url, &bytes)?;
+            println!("{}", serde_json::to_string_pretty(&signed)?);
+        }
+    }
+    Ok(())
+}
+
+/// Writes a file that must not exist yet unless `force`; `secret` files are mode 0600.
+fn write_new(path: &Path, bytes: &[u8], force: bool, secret: bool) -> Result<()> {
+    if path.exists() && !force {
+        bail!("{} exists; pass --force to replace it", path.display());
+    }
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
+/// The reference installer of `device-client run`: keeps the verified artifact as
+/// `<dir>/<version>.bin`.
+fn file_installer(dir: PathBuf) -> impl device_client::update::Installer {
+    move |release: device_client::fleet_wire::update::ReleaseManifest, artifact: bytes::Bytes| {
+        let dir = dir.clone();
+        async move {
+            let path = dir.join(format!("{}.bin", release.version));
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .and(tokio::fs::write(&path, &artifact).await)
+                .map_err(|e| format!("writing {}: {e}", path.display()))
+        }
+    }
+}
+
 async fn run(args: RunArgs) -> Result<()> {
+    let mut trusted_keys = Vec::new();
+    for path in &args.update_keys {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        trusted_keys.push(
+            device_client::fleet_wire::update::parse_public_key(&text)
+                .with_context(|| format!("{}", path.display()))?,
+        );
+    }
     let mut config = AgentConfig::new(args.conn.options()?);
     config.cohort = args.cohort;
-    config.firmware_version = args.firmware_version;
+    config.firmware_version = args.firmware_version.clone();
     config.telemetry_interval = Some(args.telemetry_interval);
     config.stop_after_telemetry = args.count;
     config.offline_buffer = args.offline_buffer;
@@ -637,6 +756,16 @@ async fn run(args: RunArgs) -> Result<()> {
         .start()
         .context("cannot start the agent")?;
     tracing::info!(device_id = %agent.device_id(), %url, "agent running; Ctrl-C to stop");
+    let _updater = device_client::update::Updater::spawn(
+        &agent,
+        device_client::update::UpdateSettings {
+            trusted_keys,
+            firmware_version: args.firmware_version,
+            state_file: args.update_state,
+        },
+        device_client::update::HttpFetcher::default(),
+        file_installer(args.update_dir),
+    );
 
     tokio::select! {
         r = tokio::signal::ctrl_c() => {

@@ -426,6 +426,20 @@ macro_rules! apply_report {
         let r: &$crate::store::UpdateReport = $r;
         let s = &r.status;
         let finished = s.status.is_terminal().then_some(r.at_ms);
+        // A device that joined the cohort after the deployment began may report before the
+        // engine enrolled it: enroll it here, if the deployment is its cohort's.
+        let rank = i64::from(fleet_wire::update::rollout_rank(
+            &s.deployment_id,
+            &r.device_id,
+        ));
+        sqlx::query($crate::store::updates::ENROLL_REPORTER)
+            .bind(s.deployment_id.as_str())
+            .bind(r.device_id.as_str())
+            .bind(rank)
+            .bind(r.at_ms)
+            .bind($now)
+            .execute(&mut *$tx)
+            .await?;
         let done = sqlx::query($crate::store::updates::APPLY_REPORT)
             .bind(s.deployment_id.as_str())
             .bind(r.device_id.as_str())
@@ -452,6 +466,14 @@ macro_rules! apply_report {
     }};
 }
 pub(super) use apply_report;
+
+/// See `apply_report!`: an execution for a reporting device of the deployment's cohort.
+pub(super) const ENROLL_REPORTER: &str = "INSERT INTO deployment_executions \
+     (deployment_id, device_id, rank, status, from_version, admitted_at, created_at, updated_at) \
+     SELECT dp.id, dv.id, $3, 'pending', dv.firmware_version, $4, $5, $5 \
+     FROM deployments dp JOIN devices dv ON dv.cohort_id = dp.cohort_id \
+     WHERE dp.id = $1 AND dv.id = $2 \
+     ON CONFLICT (deployment_id, device_id) DO NOTHING";
 
 /// See `apply_report!`: a final execution never changes; `timed_out` may still be replaced
 /// by the device's own (late) report.

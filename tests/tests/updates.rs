@@ -1,0 +1,860 @@
+//! Software updates end to end: signed releases over REST, deployments to a cohort, the
+//! rollout engine publishing the cohort's retained desired release, and real device agents
+//! (`device_client::update::Updater`) over mutual TLS that download the artifact from an HTTP
+//! server on 127.0.0.1, verify signature and hash, install through a handler and report each
+//! step. Covers a canary reaching every device, an offline device converging on reconnect,
+//! waves advancing on success, the failure threshold pausing or rolling back, a tampered
+//! artifact or untrusted key refused, an install failure reported with its error (in the
+//! rollback scenario), a silent device timed out, and promotion and republishing after a
+//! restart.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use bytes::Bytes;
+use device_client::fleet_wire::update::ReleaseManifest;
+use device_client::release::SigningKey;
+use device_client::update::{HttpFetcher, Installer, UpdateSettings, Updater};
+use device_client::{Agent, AgentConfig, AgentHandle, ClientIdentity, ConnectOptions, TlsConfig};
+use e2e::{Db, Fleet, Platform};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+
+/// Waits up to this long for a rollout to get somewhere.
+const ROLLOUT_WAIT: Duration = Duration::from_secs(30);
+
+/// The platform with a fast rollout engine.
+async fn platform(db: Db) -> Option<Platform> {
+    let mut tuning = fleet_service::config::Tuning::default();
+    tuning.rollout.tick_ms = 100;
+    Platform::start_tuned(db, tuning).await
+}
+
+/// Artifacts served over HTTP on 127.0.0.1:0, counting downloads.
+#[derive(Clone, Default)]
+struct Artifacts {
+    files: Arc<Mutex<HashMap<String, Bytes>>>,
+    downloads: Arc<AtomicU64>,
+}
+
+impl Artifacts {
+    async fn serve() -> (Artifacts, SocketAddr) {
+        let artifacts = Artifacts::default();
+        let app = axum::Router::new()
+            .route("/fw/:name", axum::routing::get(artifact))
+            .with_state(artifacts.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (artifacts, addr)
+    }
+
+    fn put(&self, name: &str, bytes: &[u8]) {
+        self.files
+            .lock()
+            .insert(name.to_owned(), Bytes::copy_from_slice(bytes));
+    }
+}
+
+async fn artifact(
+    State(a): State<Artifacts>,
+    Path(name): Path<String>,
+) -> Result<Bytes, axum::http::StatusCode> {
+    a.downloads.fetch_add(1, Ordering::Relaxed);
+    a.files
+        .lock()
+        .get(&name)
+        .cloned()
+        .ok_or(axum::http::StatusCode::NOT_FOUND)
+}
+
+/// A fleet with a registered signing key and an artifact server.
+struct Setup {
+    p: Platform,
+    fleet: Fleet,
+    key: SigningKey,
+    artifacts: Artifacts,
+    artifacts_addr: SocketAddr,
+}
+
+impl Setup {
+    async fn new(p: Platform) -> Setup {
+        let fleet = p.jitp_fleet(json!({})).await;
+        let key = SigningKey::generate().unwrap();
+        let (s, body) = p
+            .api(
+                "POST",
+                "/api/v1/signing-keys",
+                Some(json!({ "name": "release key", "public_key": key.public_key_base64() })),
+            )
+            .await;
+        assert_eq!(s, 201, "{body}");
+        assert_eq!(body["id"], key.key_id());
+        let (artifacts, artifacts_addr) = Artifacts::serve().await;
+        Setup {
+            p,
+            fleet,
+            key,
+            artifacts,
+            artifacts_addr,
+        }
+    }
+
+    /// Signs and registers release `version` whose artifact is `bytes`; returns its id.
+    async fn release(&self, version: &str, bytes: &[u8]) -> String {
+        let name = format!("fw-{version}.bin");
+        self.artifacts.put(&name, bytes);
+        let url = format!("http://{}/fw/{name}", self.artifacts_addr);
+        let signed = self
+            .key
+            .sign(&self.fleet.product_id, version, &url, bytes)
+            .unwrap();
+        let (s, body) = self
+            .p
+            .api(
+                "POST",
+                "/api/v1/releases",
+                Some(serde_json::to_value(&signed).unwrap()),
+            )
+            .await;
+        assert_eq!(s, 201, "create release {version}: {body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn deploy(&self, release_id: &str, policy: Value) -> String {
+        let (s, body) = self
+            .p
+            .api(
+                "POST",
+                "/api/v1/deployments",
+                Some(json!({
+                    "release_id": release_id,
+                    "cohort_id": self.fleet.cohort_id,
+                    "policy": policy,
+                })),
+            )
+            .await;
+        assert_eq!(s, 201, "create deployment: {body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn deployment(&self, id: &str) -> Value {
+        let (s, body) = self
+            .p
+            .api("GET", &format!("/api/v1/deployments/{id}"), None)
+            .await;
+        assert_eq!(s, 200, "{body}");
+        body
+    }
+
+    /// Polls the deployment until `check` holds.
+    async fn wait_deployment(&self, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + ROLLOUT_WAIT;
+        loop {
+            let d = self.deployment(id).await;
+            if check(&d) {
+                return d;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("timed out waiting for {what}; deployment: {d:#}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn executions(&self, id: &str) -> Vec<Value> {
+        let (s, body) = self
+            .p
+            .api(
+                "GET",
+                &format!("/api/v1/deployments/{id}/executions?limit=1000"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{body}");
+        body["items"].as_array().unwrap().clone()
+    }
+
+    /// Starts a device agent with an updater that trusts the release key.
+    async fn device(&self, id: &str, firmware: &str, installer: impl Installer) -> Device {
+        self.device_trusting(id, firmware, vec![self.key.public_key()], installer)
+            .await
+    }
+
+    async fn device_trusting(
+        &self,
+        id: &str,
+        firmware: &str,
+        trusted_keys: Vec<[u8; 32]>,
+        installer: impl Installer,
+    ) -> Device {
+        let agent = self.agent(id, firmware).await;
+        let updater = Updater::spawn(
+            &agent,
+            UpdateSettings {
+                trusted_keys,
+                firmware_version: Some(firmware.to_owned()),
+                state_file: None,
+            },
+            HttpFetcher::new(Duration::from_secs(10)),
+            installer,
+        );
+        Device {
+            agent,
+            _updater: updater,
+        }
+    }
+
+    /// An agent that follows the cohort but never acts on updates (a silent device).
+    async fn agent(&self, id: &str, firmware: &str) -> AgentHandle {
+        let cert = self.fleet.ca.issue(id);
+        let tls = TlsConfig::from_ca_pem(self.p.server_ca_pem().as_bytes())
+            .unwrap()
+            .with_identity(
+                ClientIdentity::from_pem(cert.cert_pem.as_bytes(), cert.key_pem.as_bytes())
+                    .unwrap(),
+            );
+        let url = format!("mqtts://127.0.0.1:{}", self.p.app().mqtts_addr().port());
+        let mut config = AgentConfig::new(ConnectOptions::new(url.parse().unwrap()).with_tls(tls));
+        config.cohort = Some(self.fleet.cohort_id.parse().unwrap());
+        config.firmware_version = Some(firmware.to_owned());
+        config.telemetry_interval = None;
+        let agent = Agent::new(config).start().unwrap();
+        agent.wait_ready(Duration::from_secs(10)).await.unwrap();
+        // Provisioned and its reported state stored, so the deployment counts it.
+        e2e::eventually(&format!("{id} reported {firmware}"), || async {
+            let d = self.p.device(id).await;
+            (d["firmware_version"] == firmware).then_some(())
+        })
+        .await;
+        agent
+    }
+}
+
+struct Device {
+    agent: AgentHandle,
+    _updater: tokio::task::JoinHandle<()>,
+}
+
+fn installs_ok() -> impl Installer + Clone {
+    |_: ReleaseManifest, _: Bytes| async { Ok(()) }
+}
+
+fn statuses(executions: &[Value]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for e in executions {
+        *m.entry(e["status"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    m
+}
+
+mod sqlite {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn canary_deployment_reaches_every_device() {
+        let p = super::platform(e2e::Db::Sqlite).await.unwrap();
+        super::canary_deployment_reaches_every_device(p).await;
+    }
+}
+
+mod postgres {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn canary_deployment_reaches_every_device() {
+        let Some(p) = super::platform(e2e::Db::Postgres).await else {
+            return;
+        };
+        super::canary_deployment_reaches_every_device(p).await;
+    }
+}
+
+async fn canary_deployment_reaches_every_device(p: Platform) {
+    let s = Setup::new(p).await;
+    let artifact = vec![0xA5u8; 64 * 1024];
+    let release = s.release("2.0.0", &artifact).await;
+    let mut devices = Vec::new();
+    for i in 0..6 {
+        devices.push(
+            s.device(&format!("canary-{i}"), "1.0.0", installs_ok())
+                .await,
+        );
+    }
+    let dep = s.deploy(&release, json!({})).await;
+    let d = s
+        .wait_deployment(&dep, "completed", |d| d["state"] == "completed")
+        .await;
+    assert_eq!(d["summary"]["total"], 6, "{d:#}");
+    assert_eq!(d["summary"]["succeeded"], 6, "{d:#}");
+    assert_eq!(d["summary"]["failures"], 0);
+    assert_eq!(d["summary"]["percent_done"], 100.0);
+    assert_eq!(d["version"], "2.0.0");
+    for e in s.executions(&dep).await {
+        assert_eq!(e["status"], "succeeded", "{e}");
+        assert_eq!(e["from_version"], "1.0.0");
+        assert_eq!(e["firmware_version"], "2.0.0");
+    }
+    for i in 0..6 {
+        let id = format!("canary-{i}");
+        let dev = e2e::eventually("firmware 2.0.0 reported", || async {
+            let d = s.p.device(&id).await;
+            (d["firmware_version"] == "2.0.0").then_some(d)
+        })
+        .await;
+        assert_eq!(dev["state"], "online", "{dev}");
+        let (st, hist) =
+            s.p.api("GET", &format!("/api/v1/devices/{id}/executions"), None)
+                .await;
+        assert_eq!(st, 200);
+        assert_eq!(hist["items"][0]["deployment_id"], dep.as_str());
+    }
+    assert_eq!(s.artifacts.downloads.load(Ordering::Relaxed), 6);
+    for d in devices {
+        d.agent.shutdown().await.unwrap();
+    }
+    s.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_device_converges_on_reconnect() {
+    let s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+    let release = s.release("2.0.0", b"new firmware").await;
+    let online = s.device("conv-a", "1.0.0", installs_ok()).await;
+    // Provisioned, then offline for the whole deployment.
+    let late = s.agent("conv-late", "1.0.0").await;
+    late.shutdown().await.unwrap();
+    e2e::eventually("conv-late offline", || async {
+        (s.p.device("conv-late").await["online"] == false).then_some(())
+    })
+    .await;
+
+    let dep = s.deploy(&release, json!({})).await;
+    let d = s
+        .wait_deployment(&dep, "the online device done", |d| {
+            d["summary"]["succeeded"] == 1
+        })
+        .await;
+    assert_eq!(d["summary"]["total"], 2);
+    assert_eq!(
+        d["state"], "active",
+        "an admitted device that is offline keeps the rollout open: {d:#}"
+    );
+
+    // It connects later, gets the retained cohort message and converges.
+    let late = s.device("conv-late", "1.0.0", installs_ok()).await;
+    let d = s
+        .wait_deployment(&dep, "completed", |d| d["state"] == "completed")
+        .await;
+    assert_eq!(d["summary"]["succeeded"], 2, "{d:#}");
+    assert_eq!(s.p.device("conv-late").await["firmware_version"], "2.0.0");
+    online.agent.shutdown().await.unwrap();
+    late.agent.shutdown().await.unwrap();
+    s.p.stop().await;
+}
+
+/// An installer that holds every install until the test opens it.
+#[derive(Clone)]
+struct Gate {
+    open: Arc<Notify>,
+    is_open: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Gate {
+    fn new() -> Gate {
+        Gate {
+            open: Arc::new(Notify::new()),
+            is_open: Arc::new(false.into()),
+        }
+    }
+
+    fn open(&self) {
+        self.is_open.store(true, Ordering::SeqCst);
+        self.open.notify_waiters();
+    }
+
+    fn installer(&self) -> impl Installer {
+        let gate = self.clone();
+        move |_: ReleaseManifest, _: Bytes| {
+            let gate = gate.clone();
+            async move {
+                while !gate.is_open.load(Ordering::SeqCst) {
+                    let notified = gate.open.notified();
+                    if gate.is_open.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    notified.await;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waves_advance_only_when_the_wave_succeeded() {
+    let s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+    let release = s.release("2.0.0", b"wave firmware").await;
+    let gate = Gate::new();
+    let mut devices = Vec::new();
+    for i in 0..10 {
+        devices.push(
+            s.device(&format!("wave-{i}"), "1.0.0", gate.installer())
+                .await,
+        );
+    }
+    let dep = s
+        .deploy(
+            &release,
+            json!({ "waves": [{ "count": 2 }, { "percent": 50 }], "success_threshold_percent": 100 }),
+        )
+        .await;
+    // Wave 1: two devices admitted; they hang in `installing` behind the gate.
+    let d = s
+        .wait_deployment(&dep, "wave 1 installing", |d| {
+            d["summary"]["by_status"]["installing"] == 2
+        })
+        .await;
+    assert_eq!(d["current_wave"], 1, "{d:#}");
+    assert_eq!(d["waves"], 3, "the final 100 % wave is implied");
+    assert_eq!(d["summary"]["admitted"], 2);
+    let execs = s.executions(&dep).await;
+    assert_eq!(
+        execs.iter().filter(|e| e["admitted"] == true).count(),
+        2,
+        "nobody outside the wave was admitted"
+    );
+    assert_eq!(statuses(&execs)["pending"], 8, "{execs:#?}");
+
+    // Let the installs finish: waves 2 and 3 follow, and every device updates.
+    gate.open();
+    let d = s
+        .wait_deployment(&dep, "completed", |d| d["state"] == "completed")
+        .await;
+    assert_eq!(d["summary"]["succeeded"], 10, "{d:#}");
+    assert_eq!(d["current_wave"], 3);
+    for d in devices {
+        d.agent.shutdown().await.unwrap();
+    }
+    s.p.stop().await;
+}
+
+/// Fails the install on the devices whose id is in `failing`.
+fn failing_on(failing: &'static [&'static str], id: &str) -> impl Installer {
+    let fails = failing.contains(&id);
+    move |_: ReleaseManifest, _: Bytes| async move {
+        if fails {
+            Err("flash write failed: bad block".to_owned())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_above_the_threshold_roll_the_cohort_back() {
+    let s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+    let v1 = s.release("1.0.0", b"firmware one").await;
+    let v2 = s.release("2.0.0", b"firmware two").await;
+    const FAILING: &[&str] = &["rb-0", "rb-1", "rb-2"];
+    let mut devices = Vec::new();
+    for i in 0..6 {
+        let id = format!("rb-{i}");
+        devices.push(s.device(&id, "1.0.0", failing_on(FAILING, &id)).await);
+    }
+    // The cohort is on 1.0.0 already: a deployment of it completes at once.
+    let first = s.deploy(&v1, json!({})).await;
+    let d = s
+        .wait_deployment(&first, "1.0.0 completed", |d| d["state"] == "completed")
+        .await;
+    assert_eq!(d["summary"]["succeeded"], 6, "{d:#}");
+
+    let dep = s
+        .deploy(
+            &v2,
+            json!({ "failure_threshold_percent": 30, "min_devices": 4, "on_failure": "rollback" }),
+        )
+        .await;
+    let d = s
+        .wait_deployment(&dep, "rolled back", |d| d["state"] == "rolled_back")
+        .await;
+    assert_eq!(d["previous_release_id"], v1.as_str());
+    let reason = d["state_reason"].as_str().unwrap();
+    assert!(reason.contains("failure threshold"), "{reason}");
+    let rollback = d["rolled_back_by"].as_str().unwrap().to_owned();
+
+    let r = s
+        .wait_deployment(&rollback, "rollback completed", |d| {
+            d["state"] == "completed"
+        })
+        .await;
+    assert_eq!(r["kind"], "rollback");
+    assert_eq!(r["release_id"], v1.as_str());
+    assert_eq!(r["rollback_of"], dep.as_str());
+    assert_eq!(r["summary"]["succeeded"], 6, "{r:#}");
+    // Whoever installed 2.0.0 went back to 1.0.0; the failed ones never left it.
+    for i in 0..6 {
+        let id = format!("rb-{i}");
+        let dev = e2e::eventually("back on 1.0.0", || async {
+            let d = s.p.device(&id).await;
+            (d["firmware_version"] == "1.0.0").then_some(d)
+        })
+        .await;
+        assert_eq!(dev["state"], "online", "{dev}");
+    }
+    let failed: Vec<Value> = s
+        .executions(&dep)
+        .await
+        .into_iter()
+        .filter(|e| e["status"] == "failed")
+        .collect();
+    assert!(failed.len() >= 2, "{failed:#?}");
+    for e in &failed {
+        assert!(FAILING.contains(&e["device_id"].as_str().unwrap()));
+        assert_eq!(e["error"], "flash write failed: bad block");
+    }
+    for d in devices {
+        d.agent.shutdown().await.unwrap();
+    }
+    s.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_above_the_threshold_pause_without_a_previous_release() {
+    let s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+    let v2 = s.release("2.0.0", b"firmware two").await;
+    const FAILING: &[&str] = &["pz-0", "pz-1", "pz-2", "pz-3"];
+    let mut devices = Vec::new();
+    for i in 0..5 {
+        let id = format!("pz-{i}");
+        devices.push(s.device(&id, "1.0.0", failing_on(FAILING, &id)).await);
+    }
+    let dep = s
+        .deploy(
+            &v2,
+            json!({ "failure_threshold_percent": 50, "min_devices": 3, "on_failure": "rollback" }),
+        )
+        .await;
+    let d = s
+        .wait_deployment(&dep, "paused", |d| d["state"] == "paused")
+        .await;
+    let reason = d["state_reason"].as_str().unwrap();
+    assert!(reason.contains("failure threshold"), "{reason}");
+    assert!(reason.contains("no previous release"), "{reason}");
+    let failed = s.p.device("pz-0").await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(failed["state_reason"]
+        .as_str()
+        .unwrap()
+        .contains("bad block"));
+
+    // An operator can still resume or cancel; cancel ends it for good.
+    let (st, body) =
+        s.p.api(
+            "POST",
+            &format!("/api/v1/deployments/{dep}/cancel"),
+            Some(json!({"reason": "bad build"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["state"], "canceled");
+    assert_eq!(body["state_reason"], "bad build");
+    let (st, _) =
+        s.p.api("POST", &format!("/api/v1/deployments/{dep}/resume"), None)
+            .await;
+    assert_eq!(st, 409, "a canceled deployment cannot resume");
+    for d in devices {
+        d.agent.shutdown().await.unwrap();
+    }
+    s.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_refuse_tampered_or_untrusted_updates() {
+    let s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+    let release = s.release("2.0.0", b"the real firmware").await;
+    // The artifact server now serves other bytes under the signed URL.
+    s.artifacts.put("fw-2.0.0.bin", b"the evil firmware");
+    let tampered = s.device("tamper-0", "1.0.0", installs_ok()).await;
+    let stranger = s
+        .device_trusting("tamper-1", "1.0.0", vec![[9u8; 32]], installs_ok())
+        .await;
+    let dep = s
+        .deploy(&release, json!({ "failure_threshold_percent": 100 }))
+        .await;
+    let d = s
+        .wait_deployment(&dep, "both finished", |d| d["summary"]["finished"] == 2)
+        .await;
+    assert_eq!(d["summary"]["by_status"]["rejected"], 2, "{d:#}");
+    let by_id: HashMap<String, Value> = s
+        .executions(&dep)
+        .await
+        .into_iter()
+        .map(|e| (e["device_id"].as_str().unwrap().to_owned(), e))
+        .collect();
+    let hash = by_id["tamper-0"]["error"].as_str().unwrap();
+    assert!(
+        hash.contains("artifact is 17 bytes") || hash.contains("SHA-256"),
+        "{hash}"
+    );
+    assert_eq!(by_id["tamper-0"]["status"], "rejected");
+    let key = by_id["tamper-1"]["error"].as_str().unwrap();
+    assert!(key.contains("does not trust"), "{key}");
+    for id in ["tamper-0", "tamper-1"] {
+        let dev = s.p.device(id).await;
+        assert_eq!(
+            dev["firmware_version"], "1.0.0",
+            "nothing was installed: {dev}"
+        );
+        assert_eq!(dev["state"], "failed", "{dev}");
+    }
+    // The device that does not trust the key never downloaded anything.
+    assert_eq!(s.artifacts.downloads.load(Ordering::Relaxed), 1);
+    for d in [tampered, stranger] {
+        d.agent.shutdown().await.unwrap();
+    }
+    s.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_device_times_out() {
+    let s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+    let release = s.release("2.0.0", b"fw").await;
+    let silent = s.agent("silent-0", "1.0.0").await;
+    let dep = s.deploy(&release, json!({ "timeout_s": 1 })).await;
+    let d = s
+        .wait_deployment(&dep, "timed out", |d| {
+            d["summary"]["by_status"]["timed_out"] == 1
+        })
+        .await;
+    assert_eq!(d["summary"]["failures"], 1, "{d:#}");
+    let e = &s.executions(&dep).await[0];
+    assert_eq!(e["error"], "no report for 1 s");
+    let dev = s.p.device("silent-0").await;
+    assert_eq!(dev["state"], "failed", "{dev}");
+    silent.shutdown().await.unwrap();
+    s.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_and_deployments_refuse_bad_requests() {
+    let s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+    let url = format!("http://{}/fw/x.bin", s.artifacts_addr);
+    let good = serde_json::to_value(
+        s.key
+            .sign(&s.fleet.product_id, "3.0.0", &url, b"bytes")
+            .unwrap(),
+    )
+    .unwrap();
+    let with = |field: &str, v: Value| {
+        let mut b = good.clone();
+        b[field] = v;
+        b
+    };
+    let other_key = SigningKey::generate().unwrap();
+    let forged = serde_json::to_value(
+        other_key
+            .sign(&s.fleet.product_id, "3.0.0", &url, b"bytes")
+            .unwrap(),
+    )
+    .unwrap();
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        (
+            "size changed after signing",
+            with("size", json!(6)),
+            422,
+            "invalid_signature",
+        ),
+        (
+            "signed by an unregistered key",
+            forged.clone(),
+            422,
+            "unknown_signing_key",
+        ),
+        (
+            "unregistered key, key_id left out",
+            {
+                let mut f = forged;
+                f.as_object_mut().unwrap().remove("key_id");
+                f
+            },
+            422,
+            "invalid_signature",
+        ),
+        (
+            "not semver",
+            with("version", json!("three")),
+            422,
+            "invalid_version",
+        ),
+        (
+            "ftp url",
+            with("url", json!("ftp://x/y")),
+            422,
+            "invalid_url",
+        ),
+        (
+            "bad hash",
+            with("sha256", json!("abc")),
+            422,
+            "invalid_manifest",
+        ),
+        (
+            "unknown field",
+            with("colour", json!("red")),
+            400,
+            "invalid_body",
+        ),
+    ];
+    for (what, body, status, code) in cases {
+        let (st, got) = s.p.api("POST", "/api/v1/releases", Some(body)).await;
+        assert_eq!(st, status, "{what}: {got}");
+        assert_eq!(got["error"]["code"], code, "{what}: {got}");
+    }
+    let (st, body) =
+        s.p.api("POST", "/api/v1/releases", Some(good.clone()))
+            .await;
+    assert_eq!(st, 201, "{body}");
+    let release = body["id"].as_str().unwrap().to_owned();
+    let (st, _) = s.p.api("POST", "/api/v1/releases", Some(good)).await;
+    assert_eq!(st, 409, "same version twice");
+
+    // A viewer reads but does not release or deploy.
+    let (st, viewer) =
+        s.p.api(
+            "POST",
+            "/api/v1/api-keys",
+            Some(json!({"name": "v", "role": "viewer"})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    let viewer = viewer["secret"].as_str().unwrap();
+    let (st, _) = s.p.api_as(viewer, "GET", "/api/v1/releases", None).await;
+    assert_eq!(st, 200);
+    let (st, _) =
+        s.p.api_as(
+            viewer,
+            "POST",
+            "/api/v1/deployments",
+            Some(json!({"release_id": release, "cohort_id": s.fleet.cohort_id})),
+        )
+        .await;
+    assert_eq!(st, 403);
+
+    // Policies are checked; a cohort of another product is refused; one live deployment per
+    // cohort.
+    let bad_policies = [
+        json!({"waves": []}),
+        json!({"waves": [{"percent": 50}, {"percent": 20}]}),
+        json!({"max_per_minute": 0}),
+        json!({"failure_threshold_percent": 150}),
+        json!({"wavez": []}),
+    ];
+    for policy in bad_policies {
+        let (st, got) = s
+            .p
+            .api(
+                "POST",
+                "/api/v1/deployments",
+                Some(json!({"release_id": release, "cohort_id": s.fleet.cohort_id, "policy": policy})),
+            )
+            .await;
+        assert!(st == 422 || st == 400, "{policy}: {st} {got}");
+    }
+    let other = s.p.jitp_fleet(json!({})).await;
+    let (st, got) =
+        s.p.api(
+            "POST",
+            "/api/v1/deployments",
+            Some(json!({"release_id": release, "cohort_id": other.cohort_id})),
+        )
+        .await;
+    assert_eq!(st, 422, "{got}");
+    let dep = s.deploy(&release, json!({})).await;
+    let (st, got) =
+        s.p.api(
+            "POST",
+            "/api/v1/deployments",
+            Some(json!({"release_id": release, "cohort_id": s.fleet.cohort_id})),
+        )
+        .await;
+    assert_eq!(st, 409, "{got}");
+    let (st, got) =
+        s.p.api("POST", &format!("/api/v1/deployments/{dep}/resume"), None)
+            .await;
+    assert_eq!(st, 409, "an active deployment is not paused: {got}");
+    let (st, got) =
+        s.p.api("POST", &format!("/api/v1/deployments/{dep}/pause"), None)
+            .await;
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(got["state"], "paused");
+    let (st, got) =
+        s.p.api("POST", &format!("/api/v1/deployments/{dep}/rollback"), None)
+            .await;
+    assert_eq!(st, 422, "no previous release: {got}");
+    let (st, got) =
+        s.p.api(
+            "POST",
+            &format!("/api/v1/deployments/{dep}/promote"),
+            Some(json!({"cohort_id": other.cohort_id})),
+        )
+        .await;
+    assert_eq!(st, 409, "a paused deployment proved nothing: {got}");
+    let (st, _) =
+        s.p.api(
+            "GET",
+            &format!("/api/v1/deployments/{dep}/executions?status=bogus"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 400);
+    let (st, _) = s.p.api("GET", "/api/v1/deployments/nope", None).await;
+    assert_eq!(st, 404);
+    s.p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proven_release_is_promoted_and_the_cohort_message_survives_a_restart() {
+    let mut s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+    let release = s.release("2.0.0", b"promoted firmware").await;
+    let (st, beta) =
+        s.p.api(
+            "POST",
+            &format!("/api/v1/products/{}/cohorts", s.fleet.product_id),
+            Some(json!({"name": "beta"})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    let beta = beta["id"].as_str().unwrap().to_owned();
+    let canary = s.device("promo-0", "1.0.0", installs_ok()).await;
+    let dep = s.deploy(&release, json!({})).await;
+    s.wait_deployment(&dep, "completed", |d| d["state"] == "completed")
+        .await;
+    let (st, promoted) =
+        s.p.api(
+            "POST",
+            &format!("/api/v1/deployments/{dep}/promote"),
+            Some(json!({"cohort_id": beta})),
+        )
+        .await;
+    assert_eq!(st, 201, "{promoted}");
+    assert_eq!(promoted["cohort_id"], beta.as_str());
+    assert_eq!(promoted["release_id"], release.as_str());
+    canary.agent.shutdown().await.unwrap();
+
+    // After a restart the router has no retained messages; the engine publishes them again,
+    // so a device joining the canary cohort now still converges.
+    s.p.restart().await;
+    let joiner = s.device("promo-1", "1.0.0", installs_ok()).await;
+    e2e::eventually("the joiner installed the cohort's release", || async {
+        (s.p.device("promo-1").await["firmware_version"] == "2.0.0").then_some(())
+    })
+    .await;
+    let d = s.deployment(&dep).await;
+    assert_eq!(d["summary"]["total"], 2, "the joiner was enrolled: {d:#}");
+    assert_eq!(d["summary"]["succeeded"], 2);
+    joiner.agent.shutdown().await.unwrap();
+    s.p.stop().await;
+}
