@@ -254,23 +254,37 @@ fn statuses(executions: &[Value]) -> HashMap<String, usize> {
     m
 }
 
-mod sqlite {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn canary_deployment_reaches_every_device() {
-        let p = super::platform(e2e::Db::Sqlite).await.unwrap();
-        super::canary_deployment_reaches_every_device(p).await;
-    }
+/// Declares `sqlite::NAME` and `postgres::NAME` for each `async fn NAME(Platform)`, on a
+/// platform with a fast rollout engine.
+macro_rules! on_both_databases_fast {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::platform(e2e::Db::Sqlite).await.unwrap()).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let Some(p) = super::platform(e2e::Db::Postgres).await else { return };
+                super::$name(p).await;
+            })*
+        }
+    };
 }
 
-mod postgres {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn canary_deployment_reaches_every_device() {
-        let Some(p) = super::platform(e2e::Db::Postgres).await else {
-            return;
-        };
-        super::canary_deployment_reaches_every_device(p).await;
-    }
-}
+on_both_databases_fast!(
+    canary_deployment_reaches_every_device,
+    offline_device_converges_on_reconnect,
+    waves_advance_only_when_the_wave_succeeded,
+    failures_above_the_threshold_roll_the_cohort_back,
+    failures_above_the_threshold_pause_without_a_previous_release,
+    devices_refuse_tampered_or_untrusted_updates,
+    a_silent_device_times_out,
+    releases_and_deployments_refuse_bad_requests,
+    a_proven_release_is_promoted_and_the_cohort_message_survives_a_restart,
+);
 
 async fn canary_deployment_reaches_every_device(p: Platform) {
     let s = Setup::new(p).await;
@@ -318,9 +332,8 @@ async fn canary_deployment_reaches_every_device(p: Platform) {
     s.p.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offline_device_converges_on_reconnect() {
-    let s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+async fn offline_device_converges_on_reconnect(p: Platform) {
+    let s = Setup::new(p).await;
     let release = s.release("2.0.0", b"new firmware").await;
     let online = s.device("conv-a", "1.0.0", installs_ok()).await;
     // Provisioned, then offline for the whole deployment.
@@ -393,9 +406,8 @@ impl Gate {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waves_advance_only_when_the_wave_succeeded() {
-    let s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+async fn waves_advance_only_when_the_wave_succeeded(p: Platform) {
+    let s = Setup::new(p).await;
     let release = s.release("2.0.0", b"wave firmware").await;
     let gate = Gate::new();
     let mut devices = Vec::new();
@@ -453,9 +465,8 @@ fn failing_on(failing: &'static [&'static str], id: &str) -> impl Installer {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failures_above_the_threshold_roll_the_cohort_back() {
-    let s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+async fn failures_above_the_threshold_roll_the_cohort_back(p: Platform) {
+    let s = Setup::new(p).await;
     let v1 = s.release("1.0.0", b"firmware one").await;
     let v2 = s.release("2.0.0", b"firmware two").await;
     const FAILING: &[&str] = &["rb-0", "rb-1", "rb-2"];
@@ -521,9 +532,8 @@ async fn failures_above_the_threshold_roll_the_cohort_back() {
     s.p.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failures_above_the_threshold_pause_without_a_previous_release() {
-    let s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+async fn failures_above_the_threshold_pause_without_a_previous_release(p: Platform) {
+    let s = Setup::new(p).await;
     let v2 = s.release("2.0.0", b"firmware two").await;
     const FAILING: &[&str] = &["pz-0", "pz-1", "pz-2", "pz-3"];
     let mut devices = Vec::new();
@@ -571,9 +581,8 @@ async fn failures_above_the_threshold_pause_without_a_previous_release() {
     s.p.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn devices_refuse_tampered_or_untrusted_updates() {
-    let s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+async fn devices_refuse_tampered_or_untrusted_updates(p: Platform) {
+    let s = Setup::new(p).await;
     let release = s.release("2.0.0", b"the real firmware").await;
     // The artifact server now serves other bytes under the signed URL.
     s.artifacts.put("fw-2.0.0.bin", b"the evil firmware");
@@ -618,9 +627,8 @@ async fn devices_refuse_tampered_or_untrusted_updates() {
     s.p.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_device_times_out() {
-    let s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+async fn a_silent_device_times_out(p: Platform) {
+    let s = Setup::new(p).await;
     let release = s.release("2.0.0", b"fw").await;
     let silent = s.agent("silent-0", "1.0.0").await;
     let dep = s.deploy(&release, json!({ "timeout_s": 1 })).await;
@@ -638,9 +646,8 @@ async fn a_silent_device_times_out() {
     s.p.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn releases_and_deployments_refuse_bad_requests() {
-    let s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+async fn releases_and_deployments_refuse_bad_requests(p: Platform) {
+    let s = Setup::new(p).await;
     let url = format!("http://{}/fw/x.bin", s.artifacts_addr);
     let good = serde_json::to_value(
         s.key
@@ -815,9 +822,8 @@ async fn releases_and_deployments_refuse_bad_requests() {
     s.p.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_proven_release_is_promoted_and_the_cohort_message_survives_a_restart() {
-    let mut s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+async fn a_proven_release_is_promoted_and_the_cohort_message_survives_a_restart(p: Platform) {
+    let mut s = Setup::new(p).await;
     let release = s.release("2.0.0", b"promoted firmware").await;
     let (st, beta) =
         s.p.api(
