@@ -65,6 +65,45 @@ enum SimCmd {
     /// Telemetry over a long time with one row per interval: sessions up and lost, rates,
     /// PUBACK latency, client memory and CPU. Give --duration and a --max-duration above it.
     Soak(SoakArgs),
+    /// A cohort of real device agents that install what its deployments tell them, with
+    /// failures injected at given rates: per deployment, how long until every device finished
+    /// and how each ended. Create the deployment (REST) while it runs.
+    Update(UpdateArgs),
+}
+
+#[derive(Args)]
+struct UpdateArgs {
+    #[command(flatten)]
+    sim: SimArgs,
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Agents connecting at a time while the fleet comes up.
+    #[arg(long, default_value_t = 50)]
+    concurrency: usize,
+    /// The cohort the device CA provisions into (its updates topic is followed).
+    #[arg(long)]
+    cohort: CohortId,
+    /// Trusted release signing key (base64 or PEM PUBLIC KEY file); repeat for more.
+    #[arg(long = "update-key", required = true)]
+    update_keys: Vec<PathBuf>,
+    #[arg(long, default_value = "1.0.0")]
+    firmware_version: String,
+    /// Share of devices (0..1) whose download fails.
+    #[arg(long, default_value_t = 0.0)]
+    fail_download: f64,
+    /// Share whose download arrives corrupted (refused by the hash check).
+    #[arg(long, default_value_t = 0.0)]
+    fail_verify: f64,
+    /// Share whose install fails.
+    #[arg(long, default_value_t = 0.0)]
+    fail_install: f64,
+    /// Share that never report (no updater); the platform times them out.
+    #[arg(long, default_value_t = 0.0)]
+    silent: f64,
+    /// The run ends when the newest deployment is finished everywhere and nothing changed
+    /// for this long.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    settle: Duration,
 }
 
 #[derive(Args)]
@@ -536,8 +575,47 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
     }
 }
 
+async fn simulate_update(a: UpdateArgs) -> Result<()> {
+    let mut trusted_keys = Vec::new();
+    for path in &a.update_keys {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        trusted_keys.push(
+            device_client::fleet_wire::update::parse_public_key(&text)
+                .with_context(|| format!("{}", path.display()))?,
+        );
+    }
+    let load = sim::update::UpdateLoad {
+        devices: a.devices,
+        concurrency: a.concurrency,
+        cohort: a.cohort,
+        firmware_version: a.firmware_version,
+        trusted_keys,
+        failures: sim::update::FailureRates {
+            download: a.fail_download,
+            verify: a.fail_verify,
+            install: a.fail_install,
+            silent: a.silent,
+        },
+        settle: a.settle,
+        download_timeout: Duration::from_secs(60),
+    };
+    let config = a.sim.config()?;
+    let report = sim::update::run(&config, &load).await?;
+    let mut out = std::io::stdout().lock();
+    if a.sim.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", report.to_table())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 async fn simulate(cmd: SimCmd) -> Result<()> {
     let (args, scenario) = match cmd {
+        SimCmd::Update(a) => return simulate_update(a).await,
         SimCmd::ConnectStorm(a) => {
             let s = ConnectStorm {
                 devices: a.devices,

@@ -864,3 +864,114 @@ async fn a_proven_release_is_promoted_and_the_cohort_message_survives_a_restart(
     joiner.agent.shutdown().await.unwrap();
     s.p.stop().await;
 }
+
+/// The simulator's `update` scenario: twenty real agents, 30 % failing their install and
+/// 10 % getting a corrupted download. The deployment trips its failure threshold and rolls the
+/// cohort back; the simulator follows all three deployments until every device finished the
+/// rollback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulated_fleet_with_injected_failures_is_rolled_back() {
+    use device_client::pki::Ca;
+    use device_client::sim::update::{FailureRates, UpdateLoad};
+    use device_client::sim::SimConfig;
+
+    let s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+    let v1 = s.release("1.0.0", b"firmware one").await;
+    let v2 = s.release("2.0.0", b"firmware two").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+    std::fs::write(&cert, &s.fleet.ca.pem).unwrap();
+    std::fs::write(&key, s.fleet.ca.key_pem()).unwrap();
+    let url = format!("mqtts://127.0.0.1:{}", s.p.app().mqtts_addr().port());
+    let mut config = SimConfig::new(url.parse().unwrap());
+    config.server_ca_pem = Some(s.p.server_ca_pem().into_bytes());
+    config.device_ca = Some(Arc::new(Ca::from_files(&cert, &key).unwrap()));
+    config.id_prefix = "upsim-".into();
+    config.max_duration = Duration::from_secs(60);
+    let load = UpdateLoad {
+        devices: 20,
+        concurrency: 10,
+        cohort: s.fleet.cohort_id.parse().unwrap(),
+        firmware_version: "1.0.0".into(),
+        trusted_keys: vec![s.key.public_key()],
+        failures: FailureRates {
+            install: 0.3,
+            verify: 0.1,
+            ..Default::default()
+        },
+        settle: Duration::from_millis(1500),
+        download_timeout: Duration::from_secs(10),
+    };
+    let sim = tokio::spawn(async move { device_client::sim::update::run(&config, &load).await });
+
+    let online = format!(
+        "/api/v1/devices?cohort_id={}&online=true&limit=100",
+        s.fleet.cohort_id
+    );
+    e2e::eventually("20 simulated devices online", || async {
+        let (_, body) = s.p.api("GET", &online, None).await;
+        (body["items"].as_array().map(Vec::len) == Some(20)).then_some(())
+    })
+    .await;
+    let first = s.deploy(&v1, json!({})).await;
+    s.wait_deployment(&first, "1.0.0 completed", |d| d["state"] == "completed")
+        .await;
+    let dep = s
+        .deploy(
+            &v2,
+            json!({ "failure_threshold_percent": 20, "min_devices": 5, "on_failure": "rollback" }),
+        )
+        .await;
+    let d = s
+        .wait_deployment(&dep, "rolled back", |d| d["state"] == "rolled_back")
+        .await;
+    let rollback = d["rolled_back_by"].as_str().unwrap().to_owned();
+    s.wait_deployment(&rollback, "rollback completed", |d| {
+        d["state"] == "completed"
+    })
+    .await;
+
+    let report = sim.await.unwrap().unwrap();
+    assert!(report.settled, "{}", report.to_table());
+    assert_eq!(report.connected, 20);
+    assert_eq!(report.fates["install_fails"], 6);
+    assert_eq!(report.fates["verify_fails"], 2);
+    let seen: Vec<&str> = report
+        .deployments
+        .iter()
+        .map(|d| d.deployment_id.as_str())
+        .collect();
+    assert_eq!(
+        seen,
+        [first.as_str(), dep.as_str(), rollback.as_str()],
+        "{}",
+        report.to_table()
+    );
+    let v2_seen = &report.deployments[1];
+    assert_eq!(
+        v2_seen.finished.get("failed"),
+        Some(&6),
+        "{}",
+        report.to_table()
+    );
+    assert_eq!(
+        v2_seen.finished.get("rejected"),
+        Some(&2),
+        "{}",
+        report.to_table()
+    );
+    assert_eq!(v2_seen.last_state, "rolled_back");
+    let back = &report.deployments[2];
+    assert_eq!(
+        back.finished.get("succeeded"),
+        Some(&20),
+        "{}",
+        report.to_table()
+    );
+    assert_eq!(back.time_to_finish.count, 20);
+    // What the platform stored agrees with what the devices reported.
+    let stored = s.deployment(&dep).await;
+    assert_eq!(stored["summary"]["by_status"]["failed"], 6, "{stored:#}");
+    assert_eq!(stored["summary"]["by_status"]["rejected"], 2, "{stored:#}");
+    s.p.stop().await;
+}

@@ -118,17 +118,69 @@ fn load_or_issue(
     dir: Option<&Path>,
     tls: &SharedTls,
 ) -> Result<(Arc<ClientConfig>, bool), SimError> {
+    let (identity, cached) = identity(ca, id, dir)?;
+    Ok((tls.client_config(Some(identity))?, cached))
+}
+
+/// The device's certificate and key from the cache, or newly issued (and cached).
+fn identity(
+    ca: &Ca,
+    id: &DeviceId,
+    dir: Option<&Path>,
+) -> Result<(ClientIdentity, bool), SimError> {
     let path = dir.map(|d| d.join(format!("{id}.pem")));
     if let Some(identity) = path.as_deref().and_then(|p| cached(p, id)) {
-        return Ok((tls.client_config(Some(identity))?, true));
+        return Ok((identity, true));
     }
     let issued = ca.issue_device(&DeviceCertOptions::new(id.clone()))?;
     let pem = format!("{}{}", issued.cert_pem, issued.key_pem);
     if let Some(path) = &path {
         store(path, pem.as_bytes())?;
     }
-    let identity = ClientIdentity::from_pem(pem.as_bytes(), pem.as_bytes())?;
-    Ok((tls.client_config(Some(identity))?, false))
+    Ok((
+        ClientIdentity::from_pem(pem.as_bytes(), pem.as_bytes())?,
+        false,
+    ))
+}
+
+/// Certificates and keys for every id (cached like [`mint`]'s), for programs that build
+/// their own connections from them (the `update` scenario's agents).
+pub(crate) async fn mint_identities(
+    ca: Arc<Ca>,
+    ids: &[DeviceId],
+    cache: Option<&Path>,
+) -> Result<Vec<ClientIdentity>, SimError> {
+    let dir = match cache {
+        Some(cache) => {
+            let dir = cache.join(ca.fingerprint());
+            std::fs::create_dir_all(&dir).map_err(|error| SimError::Cache {
+                path: dir.clone(),
+                error,
+            })?;
+            Some(Arc::new(dir))
+        }
+        None => None,
+    };
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let chunk = ids.len().div_ceil(workers * 4).max(16);
+    let mut tasks = Vec::new();
+    for part in ids.chunks(chunk) {
+        let part = part.to_vec();
+        let (ca, dir) = (ca.clone(), dir.clone());
+        tasks.push(tokio::task::spawn_blocking(move || {
+            part.iter()
+                .map(|id| identity(&ca, id, dir.as_deref().map(PathBuf::as_path)).map(|(i, _)| i))
+                .collect::<Result<Vec<_>, SimError>>()
+        }));
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    for task in tasks {
+        out.extend(
+            task.await
+                .map_err(|e| SimError::Invalid(format!("certificate minting failed: {e}")))??,
+        );
+    }
+    Ok(out)
 }
 
 /// A usable cached identity for `id`: parseable, naming `id`, valid for a while longer.

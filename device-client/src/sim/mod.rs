@@ -10,6 +10,8 @@
 //! - `session`: one device's session: connect, measure CONNACK latency, then disconnect, hold,
 //!   or publish; and one round of connects at a given concurrency and rate.
 //! - `storm`, `telemetry`, `fanout`: the scenarios.
+//! - [`update`]: the `update` scenario: real agents with real updaters, failures injected at
+//!   given rates, following the cohort's deployments (its own report).
 //! - `stats`: failure reasons, sequence tracking (loss, duplicates), `/proc/self` readings.
 //! - [`report`]: the result as a serializable document and a human table.
 //!
@@ -24,6 +26,7 @@ mod session;
 mod stats;
 mod storm;
 mod telemetry;
+pub mod update;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
