@@ -104,6 +104,10 @@ struct UpdateArgs {
     /// for this long.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     settle: Duration,
+    /// Do not end before the devices have seen this many deployments (a baseline first, or
+    /// a rollback expected).
+    #[arg(long, default_value_t = 1)]
+    min_deployments: usize,
 }
 
 #[derive(Args)]
@@ -598,6 +602,7 @@ async fn simulate_update(a: UpdateArgs) -> Result<()> {
             silent: a.silent,
         },
         settle: a.settle,
+        min_deployments: a.min_deployments,
         download_timeout: Duration::from_secs(60),
     };
     let config = a.sim.config()?;

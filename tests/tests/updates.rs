@@ -900,6 +900,7 @@ async fn a_simulated_fleet_with_injected_failures_is_rolled_back() {
             ..Default::default()
         },
         settle: Duration::from_millis(1500),
+        min_deployments: 3,
         download_timeout: Duration::from_secs(10),
     };
     let sim = tokio::spawn(async move { device_client::sim::update::run(&config, &load).await });

@@ -9,9 +9,9 @@
 //! the hash check), install failures (`failed`), and silent devices (no updater at all, so the
 //! platform times them out).
 //!
-//! The run follows every deployment the cohort topic carries and ends once every device that
-//! reports has finished the newest one and nothing new arrived for `settle`, or at
-//! [`SimConfig::max_duration`].
+//! The run follows every deployment the cohort topic carries and ends once it has seen
+//! `min_deployments`, every device that reports has finished the newest one, and nothing new
+//! arrived for `settle`; or at [`SimConfig::max_duration`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -68,6 +68,9 @@ pub struct UpdateLoad {
     pub failures: FailureRates,
     /// How long nothing new must happen after the newest deployment finished.
     pub settle: Duration,
+    /// The run does not end before the devices have seen this many deployments (for a script
+    /// that deploys a baseline first, or expects a rollback).
+    pub min_deployments: usize,
     /// Downloads each device's artifact with this timeout.
     pub download_timeout: Duration,
 }
@@ -312,12 +315,14 @@ impl Tracker {
         }
     }
 
-    /// Whether every reporting device finished the newest deployment.
-    fn newest_done(&self, reporting: usize) -> bool {
-        self.order
-            .last()
-            .and_then(|id| self.deployments.get(id))
-            .is_some_and(|t| t.finished.len() >= reporting)
+    /// Whether `min` deployments were seen and every reporting device finished the newest.
+    fn newest_done(&self, reporting: usize, min: usize) -> bool {
+        self.order.len() >= min
+            && self
+                .order
+                .last()
+                .and_then(|id| self.deployments.get(id))
+                .is_some_and(|t| t.finished.len() >= reporting)
     }
 
     fn report(&self) -> Vec<DeploymentSeen> {
@@ -454,7 +459,7 @@ pub async fn run(config: &SimConfig, load: &UpdateLoad) -> Result<UpdateRunRepor
             let quiet = t
                 .last_change
                 .is_some_and(|c| now.saturating_duration_since(c) >= load.settle);
-            if t.newest_done(reporting) && quiet {
+            if t.newest_done(reporting, load.min_deployments) && quiet {
                 break true;
             }
         }
@@ -577,6 +582,7 @@ mod tests {
             trusted_keys: vec![],
             failures,
             settle: Duration::from_secs(1),
+            min_deployments: 1,
             download_timeout: Duration::from_secs(1),
         };
         assert!(load(FailureRates::default()).validate().is_ok());

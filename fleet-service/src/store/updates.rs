@@ -836,7 +836,7 @@ impl Store {
             sqlx::query(
                 "UPDATE deployment_executions SET notified_at = $2, updated_at = $2 \
                  WHERE deployment_id = $1 AND admitted_at IS NOT NULL AND notified_at IS NULL \
-                 AND device_id IN (SELECT id FROM devices WHERE online = TRUE)",
+                 AND EXISTS (SELECT 1 FROM devices d WHERE d.id = device_id AND d.online = TRUE)",
             )
             .bind(deployment_id)
             .bind(now)
@@ -1033,8 +1033,8 @@ impl Store {
             }
             sqlx::query(
                 "UPDATE deployment_executions SET admitted_at = $3, updated_at = $3, \
-                 notified_at = CASE WHEN device_id IN (SELECT id FROM devices \
-                     WHERE online = TRUE) THEN $3 ELSE NULL END \
+                 notified_at = CASE WHEN EXISTS (SELECT 1 FROM devices d \
+                     WHERE d.id = device_id AND d.online = TRUE) THEN $3 ELSE NULL END \
                  WHERE deployment_id = $1 AND admitted_at IS NULL AND rank < $2",
             )
             .bind(&d.id)
