@@ -284,6 +284,8 @@ on_both_databases_fast!(
     a_silent_device_times_out,
     releases_and_deployments_refuse_bad_requests,
     a_proven_release_is_promoted_and_the_cohort_message_survives_a_restart,
+    a_device_that_rolls_back_on_its_own_is_shown_as_failed,
+    admission_follows_the_rate_limit,
 );
 
 async fn canary_deployment_reaches_every_device(p: Platform) {
@@ -862,6 +864,100 @@ async fn a_proven_release_is_promoted_and_the_cohort_message_survives_a_restart(
     assert_eq!(d["summary"]["total"], 2, "the joiner was enrolled: {d:#}");
     assert_eq!(d["summary"]["succeeded"], 2);
     joiner.agent.shutdown().await.unwrap();
+    s.p.stop().await;
+}
+
+async fn a_device_that_rolls_back_on_its_own_is_shown_as_failed(p: Platform) {
+    let s = Setup::new(p).await;
+    let release = s.release("2.0.0", b"firmware two").await;
+    let downloads = || s.artifacts.downloads.load(Ordering::Relaxed);
+    let dev = s.device("revert-0", "1.0.0", installs_ok()).await;
+    let dep = s.deploy(&release, json!({})).await;
+    s.wait_deployment(&dep, "completed", |d| d["state"] == "completed")
+        .await;
+    assert_eq!(downloads(), 1);
+
+    // The device boots back into its old image and says so in its reported state.
+    dev.agent.set_firmware_version("1.0.0").await.unwrap();
+    let e = e2e::eventually("the execution turns failed", || async {
+        let e = s.executions(&dep).await.remove(0);
+        (e["status"] == "failed").then_some(e)
+    })
+    .await;
+    assert_eq!(e["error"], "device runs 1.0.0, not 2.0.0", "{e}");
+    assert_eq!(e["firmware_version"], "1.0.0");
+    let device = s.p.device("revert-0").await;
+    assert_eq!(
+        device["firmware_version"], "1.0.0",
+        "the device is the truth"
+    );
+    assert_eq!(device["state"], "failed", "{device}");
+    // The cohort still carries 2.0.0, but this device attempted it already: it is offered the
+    // release again only by a new deployment, even when it hears the cohort message again.
+    let mut cohort_message = dev.agent.watch_cohort_update();
+    cohort_message.borrow_and_update();
+    // A new session: the retained cohort message arrives again.
+    let id = device_client::fleet_wire::DeviceId::parse("revert-0").unwrap();
+    assert!(s.p.app().control().disconnect_device(
+        &id,
+        device_client::fleet_wire::payload::DisconnectReason::ConnectionLost
+    ));
+    tokio::time::timeout(Duration::from_secs(20), cohort_message.changed())
+        .await
+        .expect("the agent reconnected and got the cohort message again")
+        .unwrap();
+    // Give the updater the time a (wrong) second attempt would take to start downloading.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(downloads(), 1, "no second attempt of the same deployment");
+    let e = s.executions(&dep).await.remove(0);
+    assert_eq!(e["status"], "failed", "{e}");
+    dev.agent.shutdown().await.unwrap();
+    s.p.stop().await;
+}
+
+async fn admission_follows_the_rate_limit(p: Platform) {
+    let s = Setup::new(p).await;
+    let release = s.release("2.0.0", b"rated").await;
+    let mut devices = Vec::new();
+    for i in 0..5 {
+        devices.push(s.device(&format!("rate-{i}"), "1.0.0", installs_ok()).await);
+    }
+    // 120 a minute: one at once, then one every 500 ms.
+    let dep = s
+        .deploy(&release, json!({ "max_per_minute": 120, "jitter_s": 1 }))
+        .await;
+    let d = s
+        .wait_deployment(&dep, "completed", |d| d["state"] == "completed")
+        .await;
+    assert_eq!(d["summary"]["succeeded"], 5, "{d:#}");
+    let mut admitted: Vec<i64> = s
+        .executions(&dep)
+        .await
+        .iter()
+        .map(|e| {
+            time::OffsetDateTime::parse(
+                e["admitted_at"].as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap()
+            .unix_timestamp_nanos() as i64
+                / 1_000_000
+        })
+        .collect();
+    admitted.sort();
+    for (k, at) in admitted.iter().enumerate() {
+        // The engine may be late, never early: device k is admitted no sooner than
+        // (k - 1) * 500 ms after the first one (the rate's first token comes at once).
+        let earliest = (k as i64 - 1).max(0) * 500;
+        assert!(
+            at - admitted[0] >= earliest,
+            "device {k} admitted {} ms after the first: {admitted:?}",
+            at - admitted[0]
+        );
+    }
+    for d in devices {
+        d.agent.shutdown().await.unwrap();
+    }
     s.p.stop().await;
 }
 
