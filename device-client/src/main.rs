@@ -418,6 +418,9 @@ struct RunArgs {
     /// Remembers attempted deployments across restarts.
     #[arg(long)]
     update_state: Option<PathBuf>,
+    /// CA certificate(s) (PEM) of the HTTPS artifact server; default: the system's.
+    #[arg(long)]
+    update_ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -839,6 +842,14 @@ async fn run(args: RunArgs) -> Result<()> {
         .start()
         .context("cannot start the agent")?;
     tracing::info!(device_id = %agent.device_id(), %url, "agent running; Ctrl-C to stop");
+    let download_timeout = Duration::from_secs(300);
+    let fetcher = match &args.update_ca {
+        Some(ca) => device_client::update::HttpFetcher::with_tls(
+            download_timeout,
+            &TlsConfig::from_ca_file(ca)?,
+        )?,
+        None => device_client::update::HttpFetcher::new(download_timeout)?,
+    };
     let _updater = device_client::update::Updater::spawn(
         &agent,
         device_client::update::UpdateSettings {
@@ -846,7 +857,7 @@ async fn run(args: RunArgs) -> Result<()> {
             firmware_version: args.firmware_version,
             state_file: args.update_state,
         },
-        device_client::update::HttpFetcher::default(),
+        fetcher,
         file_installer(args.update_dir),
     );
 

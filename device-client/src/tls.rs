@@ -139,6 +139,33 @@ impl TlsConfig {
         })
     }
 
+    /// Trusts the operating system's CA certificates (for an HTTPS artifact server, say).
+    /// Certificates the system store holds but rustls cannot use are skipped.
+    pub fn system_roots() -> Result<Self, ConfigError> {
+        let found = rustls_native_certs::load_native_certs();
+        let mut store = RootCertStore::empty();
+        let mut roots = Vec::new();
+        for cert in found.certs {
+            if store.add(cert.clone()).is_ok() {
+                roots.push(cert);
+            }
+        }
+        if roots.is_empty() {
+            let why = found
+                .errors
+                .first()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "the system has no CA certificates".into());
+            return Err(ConfigError::Tls(format!(
+                "no system CA certificates: {why}"
+            )));
+        }
+        Ok(Self {
+            roots,
+            identity: None,
+        })
+    }
+
     /// Presents `identity` for mutual TLS.
     pub fn with_identity(mut self, identity: ClientIdentity) -> Self {
         self.identity = Some(identity);

@@ -41,6 +41,8 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::agent::{AgentHandle, AgentSender};
+use crate::error::ConfigError;
+use crate::tls::TlsConfig;
 
 /// Why fetching an artifact failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,8 +91,9 @@ where
     }
 }
 
-/// Downloads over HTTP. Transport security is not what makes an update safe: every artifact is
-/// checked against the signed size and SHA-256 before it is installed.
+/// Downloads over HTTP or HTTPS. Transport security is not what makes an update safe: every
+/// artifact is checked against the signed size and SHA-256 before it is installed. Cheap to
+/// clone (one connection pool), so many devices of a simulation share one.
 #[derive(Clone)]
 pub struct HttpFetcher {
     client: reqwest::Client,
@@ -98,17 +101,20 @@ pub struct HttpFetcher {
 }
 
 impl HttpFetcher {
-    pub fn new(timeout: Duration) -> Self {
-        Self {
-            client: reqwest::Client::new(),
-            timeout,
-        }
+    /// HTTPS servers are verified against the operating system's CA certificates.
+    pub fn new(timeout: Duration) -> Result<Self, ConfigError> {
+        Self::with_tls(timeout, &TlsConfig::system_roots()?)
     }
-}
 
-impl Default for HttpFetcher {
-    fn default() -> Self {
-        Self::new(Duration::from_secs(300))
+    /// HTTPS servers are verified against `tls`'s roots (and `tls`'s client certificate, if
+    /// any, is presented).
+    pub fn with_tls(timeout: Duration, tls: &TlsConfig) -> Result<Self, ConfigError> {
+        let config = tls.client_config()?;
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls((*config).clone())
+            .build()
+            .map_err(|e| ConfigError::Tls(format!("HTTP client: {e}")))?;
+        Ok(Self { client, timeout })
     }
 }
 

@@ -80,6 +80,8 @@ struct Setup {
     key: SigningKey,
     artifacts: Artifacts,
     artifacts_addr: SocketAddr,
+    /// What the devices download with.
+    fetcher: HttpFetcher,
 }
 
 impl Setup {
@@ -96,12 +98,18 @@ impl Setup {
         assert_eq!(s, 201, "{body}");
         assert_eq!(body["id"], key.key_id());
         let (artifacts, artifacts_addr) = Artifacts::serve().await;
+        let fetcher = HttpFetcher::with_tls(
+            Duration::from_secs(10),
+            &TlsConfig::from_ca_pem(fleet.ca.pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
         Setup {
             p,
             fleet,
             key,
             artifacts,
             artifacts_addr,
+            fetcher,
         }
     }
 
@@ -201,7 +209,7 @@ impl Setup {
                 firmware_version: Some(firmware.to_owned()),
                 state_file: None,
             },
-            HttpFetcher::new(Duration::from_secs(10)),
+            self.fetcher.clone(),
             installer,
         );
         Device {
@@ -286,6 +294,7 @@ on_both_databases_fast!(
     a_proven_release_is_promoted_and_the_cohort_message_survives_a_restart,
     a_device_that_rolls_back_on_its_own_is_shown_as_failed,
     admission_follows_the_rate_limit,
+    artifacts_download_over_https_from_a_server_the_device_trusts,
 );
 
 async fn canary_deployment_reaches_every_device(p: Platform) {
@@ -912,6 +921,139 @@ async fn a_device_that_rolls_back_on_its_own_is_shown_as_failed(p: Platform) {
     let e = s.executions(&dep).await.remove(0);
     assert_eq!(e["status"], "failed", "{e}");
     dev.agent.shutdown().await.unwrap();
+    s.p.stop().await;
+}
+
+/// Serves `body` at any path over TLS with `cert`, a minimal HTTP/1.1 responder (one request
+/// per connection), so the device's real HTTPS client is tested against a real TLS server.
+async fn https_artifact_server(
+    cert: &device_client::pki::CertifiedKeyPem,
+    body: Vec<u8>,
+) -> SocketAddr {
+    let certs = rustls_pemfile::certs(&mut cert.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pemfile::private_key(&mut cert.key_pem.as_bytes())
+        .unwrap()
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = Arc::new(body);
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, body) = (acceptor.clone(), body.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = tls.write_all(head.as_bytes()).await;
+                let _ = tls.write_all(&body).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+async fn artifacts_download_over_https_from_a_server_the_device_trusts(p: Platform) {
+    use device_client::pki::{Ca, CaOptions};
+    let s = Setup::new(p).await;
+    let cdn_ca = Ca::generate(&CaOptions {
+        common_name: "Artifact CDN CA".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let artifact = b"firmware over https".to_vec();
+    let cert = cdn_ca.issue_server(&["127.0.0.1".into()], 30).unwrap();
+    let addr = https_artifact_server(&cert, artifact.clone()).await;
+    let url = format!("https://127.0.0.1:{}/fw-2.0.0.bin", addr.port());
+    let signed = s
+        .key
+        .sign(&s.fleet.product_id, "2.0.0", &url, &artifact)
+        .unwrap();
+    let (st, body) =
+        s.p.api(
+            "POST",
+            "/api/v1/releases",
+            Some(serde_json::to_value(&signed).unwrap()),
+        )
+        .await;
+    assert_eq!(st, 201, "{body}");
+    let release = body["id"].as_str().unwrap().to_owned();
+
+    // One device trusts the CDN's CA; the other only the fleet CA, so its TLS handshake with
+    // the artifact server fails and the update is reported failed, with nothing installed.
+    let trusting = {
+        let agent = s.agent("https-0", "1.0.0").await;
+        let fetcher = HttpFetcher::with_tls(
+            Duration::from_secs(10),
+            &TlsConfig::from_ca_pem(cdn_ca.cert_pem().as_bytes()).unwrap(),
+        )
+        .unwrap();
+        let updater = Updater::spawn(
+            &agent,
+            UpdateSettings {
+                trusted_keys: vec![s.key.public_key()],
+                firmware_version: Some("1.0.0".into()),
+                state_file: None,
+            },
+            fetcher,
+            installs_ok(),
+        );
+        Device {
+            agent,
+            _updater: updater,
+        }
+    };
+    let distrusting = s.device("https-1", "1.0.0", installs_ok()).await;
+    let dep = s
+        .deploy(&release, json!({ "failure_threshold_percent": 100 }))
+        .await;
+    s.wait_deployment(&dep, "both finished", |d| d["summary"]["finished"] == 2)
+        .await;
+    let by_id: HashMap<String, Value> = s
+        .executions(&dep)
+        .await
+        .into_iter()
+        .map(|e| (e["device_id"].as_str().unwrap().to_owned(), e))
+        .collect();
+    assert_eq!(
+        by_id["https-0"]["status"], "succeeded",
+        "{:?}",
+        by_id["https-0"]
+    );
+    assert_eq!(by_id["https-0"]["firmware_version"], "2.0.0");
+    assert_eq!(
+        by_id["https-1"]["status"], "failed",
+        "{:?}",
+        by_id["https-1"]
+    );
+    let error = by_id["https-1"]["error"].as_str().unwrap();
+    assert!(error.starts_with("download failed"), "{error}");
+    assert_eq!(s.p.device("https-1").await["firmware_version"], "1.0.0");
+    trusting.agent.shutdown().await.unwrap();
+    distrusting.agent.shutdown().await.unwrap();
     s.p.stop().await;
 }
 

@@ -377,6 +377,8 @@ pub async fn run(config: &SimConfig, load: &UpdateLoad) -> Result<UpdateRunRepor
     .await
     .map_err(|_| SimError::Invalid("max duration reached while minting certificates".into()))??;
     let fates = fates(n, load.failures);
+    // One HTTP client (and connection pool) for the whole fleet.
+    let fetcher = HttpFetcher::new(load.download_timeout)?;
     let downloads = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let tracker = Arc::new(Mutex::new(Tracker::default()));
 
@@ -407,7 +409,7 @@ pub async fn run(config: &SimConfig, load: &UpdateLoad) -> Result<UpdateRunRepor
                         state_file: None,
                     },
                     FaultyFetcher {
-                        inner: HttpFetcher::new(load.download_timeout),
+                        inner: fetcher.clone(),
                         fate: fates[*i],
                         downloads: downloads.clone(),
                     },
