@@ -583,15 +583,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
 }
 
 async fn simulate_update(a: UpdateArgs) -> Result<()> {
-    let mut trusted_keys = Vec::new();
-    for path in &a.update_keys {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        trusted_keys.push(
-            device_client::fleet_wire::update::parse_public_key(&text)
-                .with_context(|| format!("{}", path.display()))?,
-        );
-    }
+    let trusted_keys = update_keys(&a.update_keys)?;
     let load = sim::update::UpdateLoad {
         devices: a.devices,
         concurrency: a.concurrency,
@@ -799,6 +791,19 @@ fn write_new(path: &Path, bytes: &[u8], force: bool, secret: bool) -> Result<()>
     Ok(())
 }
 
+/// Release signing keys from files (base64 or PEM `PUBLIC KEY`).
+fn update_keys(paths: &[PathBuf]) -> Result<Vec<[u8; 32]>> {
+    paths
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            device_client::fleet_wire::update::parse_public_key(&text)
+                .with_context(|| format!("{}", path.display()))
+        })
+        .collect()
+}
+
 /// The reference installer of `device-client run`: keeps the verified artifact as
 /// `<dir>/<version>.bin`.
 fn file_installer(dir: PathBuf) -> impl device_client::update::Installer {
@@ -815,15 +820,7 @@ fn file_installer(dir: PathBuf) -> impl device_client::update::Installer {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let mut trusted_keys = Vec::new();
-    for path in &args.update_keys {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        trusted_keys.push(
-            device_client::fleet_wire::update::parse_public_key(&text)
-                .with_context(|| format!("{}", path.display()))?,
-        );
-    }
+    let trusted_keys = update_keys(&args.update_keys)?;
     let mut config = AgentConfig::new(args.conn.options()?);
     config.cohort = args.cohort;
     config.firmware_version = args.firmware_version.clone();
