@@ -83,9 +83,14 @@ struct SimArgs {
     /// Device ids are the prefix and a zero-padded index: sim-00000, sim-00001, ...
     #[arg(long, default_value = "sim-")]
     id_prefix: String,
-    /// Keep minted certificates here (per CA fingerprint and device id) and reuse them.
+    /// Keep minted certificates here (per CA fingerprint, key algorithm and device id) and
+    /// reuse them.
     #[arg(long)]
     cert_cache: Option<PathBuf>,
+    /// The minted devices' keys. RSA-2048 keys take far longer to generate than P-256 ones
+    /// (use --cert-cache for repeated runs).
+    #[arg(long, value_enum, default_value_t = Algorithm::P256)]
+    key_algorithm: Algorithm,
     #[arg(long, requires = "password")]
     username: Option<String>,
     #[arg(
@@ -125,6 +130,7 @@ impl SimArgs {
         }
         c.id_prefix = self.id_prefix.clone();
         c.cert_cache = self.cert_cache.clone();
+        c.key_algorithm = self.key_algorithm.into();
         c.credentials = credentials(self.username.clone(), self.password.clone());
         c.topic_prefix = self.topic_prefix.clone();
         c.keep_alive = self.keep_alive;
@@ -458,6 +464,7 @@ enum PkiCmd {
         org: Option<String>,
         #[arg(long, default_value_t = 3650)]
         days: u32,
+        /// The CA's key (RSA-2048 takes much longer to generate).
         #[arg(long, value_enum, default_value_t = Algorithm::P256)]
         algorithm: Algorithm,
         /// Replace existing output files.
@@ -476,6 +483,9 @@ enum PkiCmd {
         out_key: PathBuf,
         #[arg(long, default_value_t = 365)]
         days: u32,
+        /// The device's key (RSA-2048 takes much longer to generate).
+        #[arg(long, value_enum, default_value_t = Algorithm::P256)]
+        algorithm: Algorithm,
         #[arg(long)]
         force: bool,
     },
@@ -515,6 +525,15 @@ impl CaFiles {
 enum Algorithm {
     P256,
     Rsa2048,
+}
+
+impl From<Algorithm> for KeyAlgorithm {
+    fn from(a: Algorithm) -> Self {
+        match a {
+            Algorithm::P256 => KeyAlgorithm::EcdsaP256,
+            Algorithm::Rsa2048 => KeyAlgorithm::Rsa2048,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -774,10 +793,7 @@ fn pki(cmd: PkiCmd) -> Result<()> {
                 common_name: cn,
                 organization: org,
                 validity_days: days,
-                algorithm: match algorithm {
-                    Algorithm::P256 => KeyAlgorithm::EcdsaP256,
-                    Algorithm::Rsa2048 => KeyAlgorithm::Rsa2048,
-                },
+                algorithm: algorithm.into(),
             };
             let ca = Ca::generate(&opts)?;
             ca.to_pem().write(&out_cert, &out_key, force)?;
@@ -789,12 +805,14 @@ fn pki(cmd: PkiCmd) -> Result<()> {
             out_cert,
             out_key,
             days,
+            algorithm,
             force,
         } => {
             let ca = ca.load()?;
             let opts = DeviceCertOptions {
                 device_id: id,
                 validity_days: days,
+                algorithm: algorithm.into(),
             };
             ca.issue_device(&opts)?.write(&out_cert, &out_key, force)?;
             report_written(&out_cert, &out_key);

@@ -1,7 +1,9 @@
 //! The simulated fleet's identities: device ids `{prefix}{index:05}` and, for mutual TLS,
 //! certificates signed by the manufacturing CA. Minting runs in parallel on the blocking pool;
 //! with a cache directory every certificate is kept in `{cache}/{CA fingerprint}/{id}.pem`
-//! (certificate then key, mode 0600) and reused by the next run.
+//! for P-256 keys and `{cache}/{CA fingerprint}-rsa2048/{id}.pem` for RSA-2048 keys
+//! (certificate then key, mode 0600) and reused by the next run. Caching matters most for RSA:
+//! a 2048-bit key takes tens to hundreds of milliseconds to generate, a P-256 key microseconds.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use rustls::ClientConfig;
 use time::OffsetDateTime;
 
 use super::SimError;
-use crate::pki::{Ca, DeviceCertOptions};
+use crate::pki::{Ca, DeviceCertOptions, KeyAlgorithm};
 use crate::tls::{ClientIdentity, SharedTls};
 
 /// A cached certificate that expires sooner than this is minted again.
@@ -60,6 +62,7 @@ pub(crate) struct Minted {
 /// chunks on the blocking pool.
 pub(crate) async fn mint(
     ca: Arc<Ca>,
+    algorithm: KeyAlgorithm,
     ids: &[DeviceId],
     cache: Option<&Path>,
     tls: Arc<SharedTls>,
@@ -67,7 +70,7 @@ pub(crate) async fn mint(
     let started = Instant::now();
     let dir = match cache {
         Some(cache) => {
-            let dir = cache.join(ca.fingerprint());
+            let dir = cache.join(cache_dir_name(&ca.fingerprint(), algorithm));
             std::fs::create_dir_all(&dir).map_err(|error| SimError::Cache {
                 path: dir.clone(),
                 error,
@@ -84,7 +87,10 @@ pub(crate) async fn mint(
         let (ca, dir, tls) = (ca.clone(), dir.clone(), tls.clone());
         tasks.push(tokio::task::spawn_blocking(move || {
             part.iter()
-                .map(|id| load_or_issue(&ca, id, dir.as_deref().map(PathBuf::as_path), &tls))
+                .map(|id| {
+                    let dir = dir.as_deref().map(PathBuf::as_path);
+                    load_or_issue(&ca, algorithm, id, dir, &tls)
+                })
                 .collect::<Result<Vec<_>, SimError>>()
         }));
     }
@@ -114,6 +120,7 @@ pub(crate) async fn mint(
 /// The device's TLS configuration, and whether its certificate came from the cache.
 fn load_or_issue(
     ca: &Ca,
+    algorithm: KeyAlgorithm,
     id: &DeviceId,
     dir: Option<&Path>,
     tls: &SharedTls,
@@ -122,13 +129,25 @@ fn load_or_issue(
     if let Some(identity) = path.as_deref().and_then(|p| cached(p, id)) {
         return Ok((tls.client_config(Some(identity))?, true));
     }
-    let issued = ca.issue_device(&DeviceCertOptions::new(id.clone()))?;
+    let issued = ca.issue_device(&DeviceCertOptions {
+        algorithm,
+        ..DeviceCertOptions::new(id.clone())
+    })?;
     let pem = format!("{}{}", issued.cert_pem, issued.key_pem);
     if let Some(path) = &path {
         store(path, pem.as_bytes())?;
     }
     let identity = ClientIdentity::from_pem(pem.as_bytes(), pem.as_bytes())?;
     Ok((tls.client_config(Some(identity))?, false))
+}
+
+/// The cache directory of one CA and key algorithm: P-256 keeps the plain fingerprint, so
+/// caches made before RSA keys existed stay valid.
+fn cache_dir_name(fingerprint: &str, algorithm: KeyAlgorithm) -> String {
+    match algorithm {
+        KeyAlgorithm::EcdsaP256 => fingerprint.to_owned(),
+        other => format!("{fingerprint}-{}", other.name()),
+    }
 }
 
 /// A usable cached identity for `id`: parseable, naming `id`, valid for a while longer.
@@ -196,22 +215,40 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dc-sim-cache-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
 
-        let first = mint(ca.clone(), &ids, Some(&dir), tls.clone())
-            .await
-            .unwrap();
+        let first = mint(
+            ca.clone(),
+            KeyAlgorithm::EcdsaP256,
+            &ids,
+            Some(&dir),
+            tls.clone(),
+        )
+        .await
+        .unwrap();
         assert_eq!((first.generated, first.from_cache), (40, 0));
         assert_eq!(first.configs.len(), 40);
-        let second = mint(ca.clone(), &ids, Some(&dir), tls.clone())
-            .await
-            .unwrap();
+        let second = mint(
+            ca.clone(),
+            KeyAlgorithm::EcdsaP256,
+            &ids,
+            Some(&dir),
+            tls.clone(),
+        )
+        .await
+        .unwrap();
         assert_eq!((second.generated, second.from_cache), (0, 40));
 
         // A damaged entry is minted again; another CA has its own directory.
         let entry = dir.join(ca.fingerprint()).join("c-00003.pem");
         std::fs::write(&entry, "garbage").unwrap();
-        let third = mint(ca.clone(), &ids, Some(&dir), tls.clone())
-            .await
-            .unwrap();
+        let third = mint(
+            ca.clone(),
+            KeyAlgorithm::EcdsaP256,
+            &ids,
+            Some(&dir),
+            tls.clone(),
+        )
+        .await
+        .unwrap();
         assert_eq!((third.generated, third.from_cache), (1, 39));
         let pem = std::fs::read_to_string(&entry).unwrap();
         let identity = ClientIdentity::from_pem(pem.as_bytes(), pem.as_bytes()).unwrap();
@@ -223,8 +260,43 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         let other = Arc::new(Ca::generate(&CaOptions::default()).unwrap());
-        let fourth = mint(other, &ids[..5], Some(&dir), tls).await.unwrap();
+        let fourth = mint(
+            other,
+            KeyAlgorithm::EcdsaP256,
+            &ids[..5],
+            Some(&dir),
+            tls.clone(),
+        )
+        .await
+        .unwrap();
         assert_eq!((fourth.generated, fourth.from_cache), (5, 0));
+
+        // RSA keys have their own directory: a P-256 certificate is not taken for one.
+        let rsa = mint(
+            ca.clone(),
+            KeyAlgorithm::Rsa2048,
+            &ids[..2],
+            Some(&dir),
+            tls.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!((rsa.generated, rsa.from_cache), (2, 0));
+        let rsa = mint(
+            ca.clone(),
+            KeyAlgorithm::Rsa2048,
+            &ids[..2],
+            Some(&dir),
+            tls,
+        )
+        .await
+        .unwrap();
+        assert_eq!((rsa.generated, rsa.from_cache), (0, 2));
+        let entry = dir
+            .join(format!("{}-rsa2048", ca.fingerprint()))
+            .join("c-00000.pem");
+        let pem = std::fs::read_to_string(&entry).unwrap();
+        assert!(pem.contains("BEGIN PRIVATE KEY"), "{pem}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use crate::error::{ConfigError, ConnectError};
 use crate::mqtt::{self, MqttClient, MqttLoop, SessionSpec};
 use crate::options::Credentials;
-use crate::pki::{Ca, PkiError};
+use crate::pki::{Ca, KeyAlgorithm, PkiError};
 use crate::tls::{SharedTls, TlsConfig};
 use crate::url::BrokerUrl;
 
@@ -87,8 +87,12 @@ pub struct SimConfig {
     pub device_ca: Option<Arc<Ca>>,
     /// Device ids are this prefix and the zero-padded index. Default `sim-`.
     pub id_prefix: String,
-    /// Keeps minted certificates for the next run, keyed by CA fingerprint and device id.
+    /// Keeps minted certificates for the next run, keyed by CA fingerprint, key algorithm and
+    /// device id.
     pub cert_cache: Option<PathBuf>,
+    /// The minted devices' keys; default P-256. RSA-2048 is far slower to generate (see
+    /// [`crate::pki`]), so cache its certificates for repeated runs.
+    pub key_algorithm: KeyAlgorithm,
     pub credentials: Option<Credentials>,
     /// Put before every topic; default empty (topics exactly as in `topics.md`).
     pub topic_prefix: String,
@@ -110,6 +114,7 @@ impl SimConfig {
             device_ca: None,
             id_prefix: "sim-".into(),
             cert_cache: None,
+            key_algorithm: KeyAlgorithm::EcdsaP256,
             credentials: None,
             topic_prefix: String::new(),
             keep_alive: Duration::from_secs(30),
@@ -642,7 +647,13 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
                 Some(ca) => {
                     let minted = tokio::time::timeout_at(
                         deadline,
-                        identities::mint(ca.clone(), &ids, config.cert_cache.as_deref(), shared),
+                        identities::mint(
+                            ca.clone(),
+                            config.key_algorithm,
+                            &ids,
+                            config.cert_cache.as_deref(),
+                            shared,
+                        ),
                     )
                     .await
                     .map_err(|_| {

@@ -276,6 +276,7 @@ pub(crate) fn parameters(config: &SimConfig, scenario: &Scenario) -> Value {
         "id_prefix": config.id_prefix,
         "topic_prefix": config.topic_prefix,
         "client_certificates": config.device_ca.is_some(),
+        "key_algorithm": config.device_ca.is_some().then(|| config.key_algorithm.name()),
         "cert_cache": config.cert_cache.as_ref().map(|p| p.display().to_string()),
         "username": config.credentials.as_ref().map(|c| c.username.clone()),
         "keep_alive_s": config.keep_alive.as_secs(),
