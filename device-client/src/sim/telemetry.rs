@@ -176,18 +176,20 @@ pub(crate) async fn run(
     while !drained(live, t.qos) && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let grace = ctx.deadline.max(Instant::now()) + GRACE;
+    if let Some(c) = &churning {
+        // Ended before the last row, so the rows count every drop and reconnect: a clean drop
+        // or a reconnect still under way completes before its device task returns.
+        c.stop();
+        join_sessions(&mut round, grace).await;
+    }
     let _ = stop_sampler.send(());
     let intervals = match sampler {
         Some(task) => task.await.unwrap_or_default(),
         None => Vec::new(),
     };
-    let grace = ctx.deadline.max(Instant::now()) + GRACE;
-    match &churning {
-        Some(c) => {
-            c.stop();
-            join_sessions(&mut round, grace).await;
-        }
-        None => end_sessions(&mut round, grace).await,
+    if churning.is_none() {
+        end_sessions(&mut round, grace).await;
     }
 
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
