@@ -13,7 +13,8 @@ use device_client::fleet_wire::payload::Command;
 use device_client::fleet_wire::{CohortId, DeviceId, Topic};
 use device_client::pki::{Ca, CaOptions, DeviceCertOptions, KeyAlgorithm};
 use device_client::sim::{
-    self, ConnectStorm, Fanout, Observe, Publisher, Qos, Scenario, SimConfig, TelemetryLoad,
+    self, Churn, ConnectStorm, DropMode, Fanout, Observe, Publisher, Qos, Scenario, SimConfig,
+    Soak, TelemetryLoad,
 };
 use device_client::{
     publish_once, Agent, AgentConfig, BrokerUrl, ClientIdentity, CommandOutcome, ConnectOptions,
@@ -62,9 +63,11 @@ enum SimCmd {
     /// Every device subscribes and a publisher (a backend service) sends numbered messages:
     /// delivery latency, time until the last device had each message, loss.
     Fanout(FanoutArgs),
-    /// Telemetry over a long time with one row per interval: sessions up and lost, rates,
-    /// PUBACK latency, client memory and CPU. Give --duration and a --max-duration above it.
-    Soak(SoakArgs),
+    /// Telemetry over a long time while devices are dropped at random and reconnect, with one
+    /// row per interval: sessions up, dropped, lost and reconnected, rates, PUBACK latency,
+    /// client memory and CPU; with --observe-url, delivered and lost. Give --duration and a
+    /// --max-duration above it.
+    Soak(Box<SoakArgs>),
     /// A cohort of real device agents that install what its deployments tell them, with
     /// failures injected at given rates: per deployment, how long until every device finished
     /// and how each ended. Create the deployment (REST) while it runs.
@@ -127,9 +130,14 @@ struct SimArgs {
     /// Device ids are the prefix and a zero-padded index: sim-00000, sim-00001, ...
     #[arg(long, default_value = "sim-")]
     id_prefix: String,
-    /// Keep minted certificates here (per CA fingerprint and device id) and reuse them.
+    /// Keep minted certificates here (per CA fingerprint, key algorithm and device id) and
+    /// reuse them.
     #[arg(long)]
     cert_cache: Option<PathBuf>,
+    /// The minted devices' keys. RSA-2048 keys take far longer to generate than P-256 ones
+    /// (use --cert-cache for repeated runs).
+    #[arg(long, value_enum, default_value_t = Algorithm::P256)]
+    key_algorithm: Algorithm,
     #[arg(long, requires = "password")]
     username: Option<String>,
     #[arg(
@@ -169,6 +177,7 @@ impl SimArgs {
         }
         c.id_prefix = self.id_prefix.clone();
         c.cert_cache = self.cert_cache.clone();
+        c.key_algorithm = self.key_algorithm.into();
         c.credentials = credentials(self.username.clone(), self.password.clone());
         c.topic_prefix = self.topic_prefix.clone();
         c.keep_alive = self.keep_alive;
@@ -293,12 +302,68 @@ struct SoakArgs {
     report_every: Duration,
     #[arg(long, default_value_t = 10)]
     inflight: u16,
-    /// Every device subscribes to its devices/{id}/commands (QoS 1) after its CONNACK and
-    /// publishes only once the SUBACK granted it, as the device agent does.
+    /// Every device subscribes to its devices/{id}/commands (QoS 1) after each CONNACK, as the
+    /// device agent does (in a soak it publishes without waiting for the SUBACK).
     #[arg(long)]
     subscribe_commands: bool,
+    /// Sessions dropped per minute over the whole fleet, at random times and on random
+    /// connected devices: a count (120) or a share of the devices (10%); 0 for none.
+    #[arg(long, default_value = "10%", value_parser = parse_churn)]
+    churn_per_min: ChurnRate,
+    /// How a dropped session ends: abrupt (socket closed, no DISCONNECT), clean (PUBACKs
+    /// awaited, then DISCONNECT), or mixed (each drop at random).
+    #[arg(long, value_enum, default_value_t = DropArg::Mixed)]
+    drop_mode: DropArg,
+    /// A dropped (or lost) device reconnects after this ...
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    reconnect_delay: Duration,
+    /// ... plus a uniform random part of this. Failed reconnects back off exponentially.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    reconnect_jitter: Duration,
     #[command(flatten)]
     observe: ObserveArgs,
+}
+
+/// `--churn-per-min`: drops per minute, or a percentage of the devices per minute.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ChurnRate {
+    PerMin(f64),
+    Percent(f64),
+}
+
+impl ChurnRate {
+    fn per_min(self, devices: usize) -> f64 {
+        match self {
+            ChurnRate::PerMin(n) => n,
+            ChurnRate::Percent(p) => devices as f64 * p / 100.0,
+        }
+    }
+}
+
+/// `120`, `0` or `10%`: drops per minute, or a share of the devices per minute.
+fn parse_churn(s: &str) -> Result<ChurnRate, String> {
+    let t = s.trim();
+    let (number, percent) = match t.strip_suffix('%') {
+        Some(n) => (n.trim(), true),
+        None => (t, false),
+    };
+    match number.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(if percent {
+            ChurnRate::Percent(v)
+        } else {
+            ChurnRate::PerMin(v)
+        }),
+        _ => Err(format!(
+            "{s:?} is not a churn like 120 (drops per minute) or 10% (of the devices per minute)"
+        )),
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DropArg {
+    Abrupt,
+    Clean,
+    Mixed,
 }
 
 #[derive(Args)]
@@ -487,6 +552,7 @@ enum PkiCmd {
         org: Option<String>,
         #[arg(long, default_value_t = 3650)]
         days: u32,
+        /// The CA's key (RSA-2048 takes much longer to generate).
         #[arg(long, value_enum, default_value_t = Algorithm::P256)]
         algorithm: Algorithm,
         /// Replace existing output files.
@@ -505,6 +571,9 @@ enum PkiCmd {
         out_key: PathBuf,
         #[arg(long, default_value_t = 365)]
         days: u32,
+        /// The device's key (RSA-2048 takes much longer to generate).
+        #[arg(long, value_enum, default_value_t = Algorithm::P256)]
+        algorithm: Algorithm,
         #[arg(long)]
         force: bool,
     },
@@ -544,6 +613,15 @@ impl CaFiles {
 enum Algorithm {
     P256,
     Rsa2048,
+}
+
+impl From<Algorithm> for KeyAlgorithm {
+    fn from(a: Algorithm) -> Self {
+        match a {
+            Algorithm::P256 => KeyAlgorithm::EcdsaP256,
+            Algorithm::Rsa2048 => KeyAlgorithm::Rsa2048,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -642,7 +720,18 @@ async fn simulate(cmd: SimCmd) -> Result<()> {
             (a.sim, Scenario::Telemetry(t))
         }
         SimCmd::Soak(a) => {
-            let t = TelemetryLoad {
+            let a = *a;
+            let churn = Churn {
+                per_min: a.churn_per_min.per_min(a.devices),
+                mode: match a.drop_mode {
+                    DropArg::Abrupt => DropMode::Abrupt,
+                    DropArg::Clean => DropMode::Clean,
+                    DropArg::Mixed => DropMode::Mixed,
+                },
+                reconnect_delay: a.reconnect_delay,
+                reconnect_jitter: a.reconnect_jitter,
+            };
+            let load = TelemetryLoad {
                 devices: a.devices,
                 concurrency: a.concurrency,
                 rate: a.rate,
@@ -654,7 +743,7 @@ async fn simulate(cmd: SimCmd) -> Result<()> {
                 report_every: Some(a.report_every),
                 subscribe_commands: a.subscribe_commands,
             };
-            (a.sim, Scenario::Soak(t))
+            (a.sim, Scenario::Soak(Soak { load, churn }))
         }
         SimCmd::Fanout(a) => {
             let f = Fanout {
@@ -674,7 +763,7 @@ async fn simulate(cmd: SimCmd) -> Result<()> {
             (a.sim, Scenario::Fanout(f))
         }
     };
-    if let Scenario::Telemetry(t) | Scenario::Soak(t) = &scenario {
+    if let Scenario::Telemetry(t) | Scenario::Soak(Soak { load: t, .. }) = &scenario {
         if t.duration >= args.max_duration {
             bail!(
                 "--duration {:?} does not fit in --max-duration {:?} (connecting and draining \
@@ -924,10 +1013,7 @@ fn pki(cmd: PkiCmd) -> Result<()> {
                 common_name: cn,
                 organization: org,
                 validity_days: days,
-                algorithm: match algorithm {
-                    Algorithm::P256 => KeyAlgorithm::EcdsaP256,
-                    Algorithm::Rsa2048 => KeyAlgorithm::Rsa2048,
-                },
+                algorithm: algorithm.into(),
             };
             let ca = Ca::generate(&opts)?;
             ca.to_pem().write(&out_cert, &out_key, force)?;
@@ -939,12 +1025,14 @@ fn pki(cmd: PkiCmd) -> Result<()> {
             out_cert,
             out_key,
             days,
+            algorithm,
             force,
         } => {
             let ca = ca.load()?;
             let opts = DeviceCertOptions {
                 device_id: id,
                 validity_days: days,
+                algorithm: algorithm.into(),
             };
             ca.issue_device(&opts)?.write(&out_cert, &out_key, force)?;
             report_written(&out_cert, &out_key);
@@ -1013,6 +1101,24 @@ mod tests {
         ];
         for (s, want) in cases {
             assert_eq!(parse_duration(s).ok(), *want, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn churn_rates() {
+        let cases: &[(&str, Option<ChurnRate>)] = &[
+            ("120", Some(ChurnRate::PerMin(120.0))),
+            ("0", Some(ChurnRate::PerMin(0.0))),
+            ("2.5", Some(ChurnRate::PerMin(2.5))),
+            ("10%", Some(ChurnRate::Percent(10.0))),
+            (" 5 % ", Some(ChurnRate::Percent(5.0))),
+            ("-1", None),
+            ("%", None),
+            ("lots", None),
+            ("inf", None),
+        ];
+        for (s, want) in cases {
+            assert_eq!(parse_churn(s).ok(), *want, "{s:?}");
         }
     }
 
@@ -1129,7 +1235,37 @@ mod tests {
             (s.duration, s.report_every, s.rate),
             (Duration::from_secs(3600), Duration::from_secs(60), 0.1)
         );
+        assert_eq!(s.churn_per_min, ChurnRate::Percent(10.0));
+        assert_eq!(s.churn_per_min.per_min(1000), 100.0);
+        assert!(matches!(s.drop_mode, DropArg::Mixed));
         assert!(s.observe.observe().is_none() && !s.subscribe_commands);
+        let cli = Cli::try_parse_from([
+            "device-client",
+            "simulate",
+            "soak",
+            "--url",
+            "mqtt://127.0.0.1:1883",
+            "--duration",
+            "60s",
+            "--churn-per-min",
+            "120",
+            "--drop-mode",
+            "abrupt",
+            "--reconnect-delay",
+            "1s",
+            "--reconnect-jitter",
+            "500ms",
+        ])
+        .unwrap();
+        let Cmd::Simulate(SimCmd::Soak(s)) = cli.command else {
+            panic!("not soak");
+        };
+        assert_eq!(s.churn_per_min.per_min(1000), 120.0);
+        assert!(matches!(s.drop_mode, DropArg::Abrupt));
+        assert_eq!(
+            (s.reconnect_delay, s.reconnect_jitter),
+            (Duration::from_secs(1), Duration::from_millis(500))
+        );
 
         for bad in [
             &["--qos", "2"][..],

@@ -1,10 +1,12 @@
 //! A small manufacturing PKI: a CA that signs device certificates (CN = device id, clientAuth)
 //! and, for test brokers, server certificates. The only module that names rcgen.
 //!
-//! Keys are P-256. RSA-2048 CA keys cannot be *generated* here because rcgen's `ring` backend
-//! has no RSA key generation ([`PkiError::RsaKeyGenerationUnavailable`]); an RSA CA made with
-//! another tool (`openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048`, PKCS#8) can
-//! still be loaded with [`Ca::from_pem`] and sign device certificates.
+//! Keys are P-256 by default, or RSA-2048 ([`KeyAlgorithm`]) for CAs and devices alike. rcgen's
+//! `ring` backend cannot generate RSA keys, so they are generated with the RustCrypto `rsa`
+//! crate, encoded as PKCS#8 and handed to rcgen, whose ring backend signs with them
+//! (PKCS#1 v1.5, SHA-256). RSA generation is much slower than P-256: tens to hundreds of
+//! milliseconds per key in a release build, against microseconds. A CA made with another tool
+//! (PKCS#8 PEM, any of the key types ring signs with) loads with [`Ca::from_pem`].
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -23,12 +25,8 @@ const CLOCK_SKEW: Duration = Duration::minutes(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
-    #[error(
-        "RSA key generation is not available with the ring crypto backend; use P-256, or create \
-         an RSA CA with another tool (e.g. `openssl genpkey -algorithm RSA`) and load its PEM \
-         files, which can sign device certificates"
-    )]
-    RsaKeyGenerationUnavailable,
+    #[error("RSA key generation failed: {0}")]
+    RsaKeyGeneration(String),
     #[error("validity must be between 1 and 36500 days, got {0}")]
     InvalidValidity(u32),
     #[error("cannot read {what} {}: {error}", path.display())]
@@ -55,13 +53,43 @@ fn gen_err(e: rcgen::Error) -> PkiError {
     PkiError::Generate(e.to_string())
 }
 
-/// Key algorithm of a generated CA.
+/// Key algorithm of a generated key (CA or device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KeyAlgorithm {
+    /// ECDSA P-256, signing with SHA-256.
     #[default]
     EcdsaP256,
-    /// Refused with [`PkiError::RsaKeyGenerationUnavailable`]; see the module docs.
+    /// RSA-2048, signing with PKCS#1 v1.5 and SHA-256. Slow to generate; see the module docs.
     Rsa2048,
+}
+
+impl KeyAlgorithm {
+    /// `p256` or `rsa2048`, as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyAlgorithm::EcdsaP256 => "p256",
+            KeyAlgorithm::Rsa2048 => "rsa2048",
+        }
+    }
+
+    /// A fresh private key of this algorithm.
+    fn generate(self) -> Result<KeyPair, PkiError> {
+        match self {
+            KeyAlgorithm::EcdsaP256 => {
+                KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)
+            }
+            KeyAlgorithm::Rsa2048 => {
+                use rsa::pkcs8::EncodePrivateKey;
+                let rsa_err = |e: &dyn std::fmt::Display| PkiError::RsaKeyGeneration(e.to_string());
+                let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048)
+                    .map_err(|e| rsa_err(&e))?;
+                let der = key.to_pkcs8_der().map_err(|e| rsa_err(&e))?;
+                let der = rustls::pki_types::PrivatePkcs8KeyDer::from(der.as_bytes());
+                KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_RSA_SHA256)
+                    .map_err(gen_err)
+            }
+        }
+    }
 }
 
 /// Settings of a new manufacturing CA.
@@ -91,6 +119,8 @@ pub struct DeviceCertOptions {
     pub device_id: DeviceId,
     /// Default 365. Capped at the CA's own expiry.
     pub validity_days: u32,
+    /// The device's key. Default P-256.
+    pub algorithm: KeyAlgorithm,
 }
 
 impl DeviceCertOptions {
@@ -98,6 +128,7 @@ impl DeviceCertOptions {
         Self {
             device_id,
             validity_days: 365,
+            algorithm: KeyAlgorithm::EcdsaP256,
         }
     }
 }
@@ -175,11 +206,8 @@ pub struct Ca {
 impl Ca {
     /// Creates a self-signed CA (path length 0: it signs end-entity certificates only).
     pub fn generate(opts: &CaOptions) -> Result<Ca, PkiError> {
-        if opts.algorithm == KeyAlgorithm::Rsa2048 {
-            return Err(PkiError::RsaKeyGenerationUnavailable);
-        }
         let (not_before, not_after) = validity(opts.validity_days)?;
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
+        let key = opts.algorithm.generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, opts.common_name.as_str());
@@ -293,14 +321,14 @@ impl Ca {
     }
 
     /// Issues a device certificate: subject CN = device id, EKU clientAuth, random serial,
-    /// a fresh P-256 key.
+    /// a fresh key of [`DeviceCertOptions::algorithm`].
     pub fn issue_device(&self, opts: &DeviceCertOptions) -> Result<CertifiedKeyPem, PkiError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, opts.device_id.as_str());
         params.distinguished_name = dn;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.issue(params, opts.validity_days)
+        self.issue(params, opts.validity_days, opts.algorithm)
     }
 
     /// Issues a broker certificate for `names` (DNS names or IP addresses, which become SANs),
@@ -318,10 +346,15 @@ impl Ca {
         dn.push(DnType::CommonName, first.as_str());
         params.distinguished_name = dn;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.issue(params, validity_days)
+        self.issue(params, validity_days, KeyAlgorithm::EcdsaP256)
     }
 
-    fn issue(&self, mut params: CertificateParams, days: u32) -> Result<CertifiedKeyPem, PkiError> {
+    fn issue(
+        &self,
+        mut params: CertificateParams,
+        days: u32,
+        algorithm: KeyAlgorithm,
+    ) -> Result<CertifiedKeyPem, PkiError> {
         let (not_before, mut not_after) = validity(days)?;
         if not_after > self.not_after {
             tracing::warn!(ca_not_after = %self.not_after, "certificate validity capped at the CA's expiry");
@@ -333,7 +366,7 @@ impl Ca {
         params.serial_number = Some(random_serial());
         params.not_before = not_before;
         params.not_after = not_after;
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
+        let key = algorithm.generate()?;
         let cert = params
             .signed_by(&key, &self.issuer, &self.key)
             .map_err(gen_err)?;
@@ -373,13 +406,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rsa_generation_is_refused_clearly() {
-        let opts = CaOptions {
-            algorithm: KeyAlgorithm::Rsa2048,
-            ..CaOptions::default()
-        };
-        let err = Ca::generate(&opts).err().unwrap();
-        assert!(matches!(err, PkiError::RsaKeyGenerationUnavailable));
+    fn rsa_keys_are_generated_as_pkcs8_rsa_2048() {
+        use rsa::pkcs8::DecodePrivateKey;
+        use rsa::traits::PublicKeyParts;
+        let key = KeyAlgorithm::Rsa2048.generate().unwrap();
+        assert!(key.is_compatible(&rcgen::PKCS_RSA_SHA256));
+        let pem = key.serialize_pem();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{pem}");
+        let parsed = rsa::RsaPrivateKey::from_pkcs8_der(&key.serialize_der()).unwrap();
+        assert_eq!(parsed.size(), 256, "2048 bits");
+        // Loads back as the simulator's cache and `Ca::from_pem` load it.
+        let again = KeyPair::from_pem(&pem).unwrap();
+        assert_eq!(again.public_key_raw(), key.public_key_raw());
+        assert!(KeyAlgorithm::EcdsaP256
+            .generate()
+            .unwrap()
+            .is_compatible(&rcgen::PKCS_ECDSA_P256_SHA256));
     }
 
     #[test]

@@ -104,23 +104,42 @@ async fn pki_commands_write_a_usable_ca_and_device_certificate() {
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
 
+    // RSA-2048: a CA, and an RSA-keyed device it signs.
+    let (rsa_ca, rsa_ca_key) = (dir.path("r.pem"), dir.path("r.key"));
+    let (rsa_dev, rsa_dev_key) = (dir.path("r-dev.pem"), dir.path("r-dev.key"));
     let out = cli(&[
         "pki",
         "ca",
         "--out-cert",
-        p(&dir.path("r.pem")),
+        p(&rsa_ca),
         "--out-key",
-        p(&dir.path("r.key")),
+        p(&rsa_ca_key),
         "--algorithm",
         "rsa2048",
     ])
     .await;
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("RSA key generation is not available"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(&[
+        "pki",
+        "device",
+        "--ca-cert",
+        p(&rsa_ca),
+        "--ca-key",
+        p(&rsa_ca_key),
+        "--id",
+        "dev-rsa",
+        "--algorithm",
+        "rsa2048",
+        "--out-cert",
+        p(&rsa_dev),
+        "--out-key",
+        p(&rsa_dev_key),
+    ])
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    Ca::from_files(&rsa_ca, &rsa_ca_key).unwrap();
+    let identity = ClientIdentity::from_files(&rsa_dev, &rsa_dev_key).unwrap();
+    assert_eq!(identity.device_id().unwrap().as_str(), "dev-rsa");
 
     let out = cli(&[
         "pki",

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use common::TempDir;
 use device_client::fleet_wire::DeviceId;
-use device_client::pki::{Ca, CaOptions, DeviceCertOptions, PkiError};
+use device_client::pki::{Ca, CaOptions, DeviceCertOptions, KeyAlgorithm, PkiError};
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
@@ -46,6 +46,7 @@ fn device_certificate_verifies_against_its_ca_only() {
         .issue_device(&DeviceCertOptions {
             device_id: id.clone(),
             validity_days: 30,
+            algorithm: KeyAlgorithm::EcdsaP256,
         })
         .unwrap();
     let leaf = der(&dev.cert_pem);
@@ -144,6 +145,7 @@ fn ca_round_trips_through_pem_files() {
         .issue_device(&DeviceCertOptions {
             device_id: DeviceId::parse("dev-long").unwrap(),
             validity_days: 365,
+            algorithm: KeyAlgorithm::EcdsaP256,
         })
         .unwrap();
     let not_after = |pem: &str| {
@@ -190,7 +192,7 @@ fn server_certificate_verifies_for_its_names() {
     }
 }
 
-/// RSA keys cannot be generated with ring, but an RSA CA made elsewhere can sign devices.
+/// An RSA CA made elsewhere (openssl) loads and signs devices too.
 #[test]
 fn rsa_ca_from_openssl_signs_devices() {
     let dir = TempDir::new("pki-rsa");
@@ -229,4 +231,96 @@ fn rsa_ca_from_openssl_signs_devices() {
     client_verifier(ca.cert_pem())
         .verify_client_cert(&der(&dev.cert_pem), &[], UnixTime::now())
         .expect("device certificate signed by the RSA CA verifies");
+}
+
+/// The OIDs of a certificate's subject key algorithm and of the signature on it.
+fn algorithms(pem: &str) -> (String, String) {
+    let d = der(pem);
+    let (_, cert) = x509_parser::parse_x509_certificate(&d).unwrap();
+    (
+        cert.public_key().algorithm.algorithm.to_id_string(),
+        cert.signature_algorithm.algorithm.to_id_string(),
+    )
+}
+
+const RSA_ENCRYPTION: &str = "1.2.840.113549.1.1.1";
+const SHA256_WITH_RSA: &str = "1.2.840.113549.1.1.11";
+const EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
+const ECDSA_WITH_SHA256: &str = "1.2.840.10045.4.3.2";
+
+/// A generated RSA-2048 CA signs P-256 and RSA-2048 device certificates, and both chains
+/// verify the way the broker verifies them; an RSA CA loaded back from its files does the same.
+#[test]
+fn generated_rsa_ca_signs_p256_and_rsa_devices() {
+    let ca = Ca::generate(&CaOptions {
+        common_name: "RSA Manufacturing CA".into(),
+        algorithm: KeyAlgorithm::Rsa2048,
+        ..CaOptions::default()
+    })
+    .unwrap();
+    assert_eq!(
+        algorithms(ca.cert_pem()),
+        (RSA_ENCRYPTION.into(), SHA256_WITH_RSA.into()),
+        "self-signed with its RSA key"
+    );
+    let p256_ca = Ca::generate(&CaOptions::default()).unwrap();
+    let cases = [
+        ("dev-p256", KeyAlgorithm::EcdsaP256, EC_PUBLIC_KEY),
+        ("dev-rsa", KeyAlgorithm::Rsa2048, RSA_ENCRYPTION),
+    ];
+    for (id, algorithm, key_oid) in cases {
+        let dev = ca
+            .issue_device(&DeviceCertOptions {
+                algorithm,
+                ..DeviceCertOptions::new(DeviceId::parse(id).unwrap())
+            })
+            .unwrap();
+        assert_eq!(
+            algorithms(&dev.cert_pem),
+            (key_oid.into(), SHA256_WITH_RSA.into()),
+            "{id}: its own key, signed by the RSA CA"
+        );
+        let leaf = der(&dev.cert_pem);
+        client_verifier(ca.cert_pem())
+            .verify_client_cert(&leaf, &[], UnixTime::now())
+            .unwrap_or_else(|e| panic!("{id} verifies against the RSA CA: {e}"));
+        let err = client_verifier(p256_ca.cert_pem())
+            .verify_client_cert(&leaf, &[], UnixTime::now())
+            .unwrap_err();
+        assert!(err.to_string().contains("UnknownIssuer"), "{id}: {err}");
+        // The key file is what rustls loads for the device's side of the handshake.
+        device_client::ClientIdentity::from_pem(dev.cert_pem.as_bytes(), dev.key_pem.as_bytes())
+            .unwrap_or_else(|e| panic!("{id}: identity loads: {e}"));
+    }
+
+    // Through PEM files and back, as `pki ca` and `--ca-cert/--ca-key` use them.
+    let dir = TempDir::new("pki-rsa-generated");
+    let (cert, key) = (dir.path("ca.pem"), dir.path("ca.key"));
+    ca.to_pem().write(&cert, &key, false).unwrap();
+    let loaded = Ca::from_files(&cert, &key).unwrap();
+    assert_eq!(loaded.fingerprint(), ca.fingerprint());
+    let dev = loaded
+        .issue_device(&DeviceCertOptions {
+            algorithm: KeyAlgorithm::Rsa2048,
+            ..DeviceCertOptions::new(DeviceId::parse("dev-rsa-2").unwrap())
+        })
+        .unwrap();
+    client_verifier(ca.cert_pem())
+        .verify_client_cert(&der(&dev.cert_pem), &[], UnixTime::now())
+        .expect("signed by the loaded RSA CA, verifies against the original");
+
+    // An RSA device under a P-256 CA: signed with ECDSA.
+    let dev = p256_ca
+        .issue_device(&DeviceCertOptions {
+            algorithm: KeyAlgorithm::Rsa2048,
+            ..DeviceCertOptions::new(DeviceId::parse("dev-rsa-3").unwrap())
+        })
+        .unwrap();
+    assert_eq!(
+        algorithms(&dev.cert_pem),
+        (RSA_ENCRYPTION.into(), ECDSA_WITH_SHA256.into())
+    );
+    client_verifier(p256_ca.cert_pem())
+        .verify_client_cert(&der(&dev.cert_pem), &[], UnixTime::now())
+        .expect("RSA device under a P-256 CA verifies");
 }

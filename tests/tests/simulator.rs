@@ -6,11 +6,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use device_client::pki::Ca;
+use device_client::fleet_wire::{DeviceId, Topic};
+use device_client::pki::{Ca, CaOptions, DeviceCertOptions, KeyAlgorithm};
 use device_client::sim::{
-    self, ConnectStorm, Fanout, Observe, Publisher, Qos, Report, Scenario, SimConfig, TelemetryLoad,
+    self, Churn, ConnectStorm, DropMode, Fanout, Observe, Publisher, Qos, Report, Scenario,
+    SimConfig, Soak, TelemetryLoad,
 };
-use device_client::Credentials;
+use device_client::{publish_once, ClientIdentity, ConnectOptions, Credentials, TlsConfig};
 use e2e::{Fleet, Platform, TestCa};
 use serde_json::json;
 
@@ -364,15 +366,21 @@ async fn soak_reports_every_interval() {
     let fleet = p.jitp_fleet(json!({})).await;
     let dir = tempfile::tempdir().unwrap();
     let config = platform_config(&p, &fleet.ca, dir.path(), "soak-");
-    let soak = Scenario::Soak(TelemetryLoad {
-        devices: 10,
-        concurrency: 10,
-        rate: 4.0,
-        duration: Duration::from_secs(3),
-        report_every: Some(Duration::from_secs(1)),
-        ..TelemetryLoad::default()
+    // Without churn: nobody is dropped.
+    let soak = Scenario::Soak(Soak {
+        load: TelemetryLoad {
+            devices: 10,
+            concurrency: 10,
+            rate: 4.0,
+            duration: Duration::from_secs(3),
+            report_every: Some(Duration::from_secs(1)),
+            ..TelemetryLoad::default()
+        },
+        churn: Churn::default(),
     });
     let report = sim::run(&config, &soak).await.unwrap();
+    let c = report.churn.as_ref().expect("churn results");
+    assert_eq!((c.drops, c.lost_sessions, c.reconnects), (0, 0, 0), "{c:?}");
     assert_eq!(report.scenario, "soak");
     assert_all_connected(&report, 10);
     let t = report.telemetry.as_ref().unwrap();
@@ -385,5 +393,222 @@ async fn soak_reports_every_interval() {
     let sent: u64 = t.intervals.iter().map(|r| r.sent).sum();
     let acked: u64 = t.intervals.iter().map(|r| r.acked).sum();
     assert_eq!((sent, acked), (120, 120), "{:?}", t.intervals);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_with_churn_drops_and_reconnects_without_losing_acknowledged_telemetry() {
+    let p = Platform::sqlite().await;
+    let fleet = p.jitp_fleet(json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = platform_config(&p, &fleet.ca, dir.path(), "churn-");
+    let service = format!("mqtt://127.0.0.1:{}", p.app().service_addr().port());
+    let devices = 20;
+    // 5 msg/s for 6 s: 30 ticks per device. About 12 drops (a Poisson process of 2 per
+    // second), half abrupt, half clean; none at all has a chance of e^-12.
+    let soak = Scenario::Soak(Soak {
+        load: TelemetryLoad {
+            devices,
+            concurrency: 20,
+            rate: 5.0,
+            qos: Qos::AtLeastOnce,
+            payload_size: 100,
+            duration: Duration::from_secs(6),
+            inflight: 10,
+            observe: Some(Observe {
+                url: service.parse().unwrap(),
+                credentials: Some(Credentials {
+                    username: "svc".into(),
+                    password: p.app().admin_token().to_owned(),
+                }),
+                server_ca_pem: None,
+                filter: None,
+            }),
+            report_every: Some(Duration::from_secs(2)),
+            subscribe_commands: false,
+        },
+        churn: Churn {
+            per_min: 120.0,
+            mode: DropMode::Mixed,
+            reconnect_delay: Duration::from_millis(200),
+            reconnect_jitter: Duration::from_millis(300),
+        },
+    });
+    let report = sim::run(&config, &soak).await.unwrap();
+    assert_eq!(
+        report.rounds[0].connected, devices as u64,
+        "{:?}",
+        report.rounds
+    );
+    assert!(!report.truncated);
+    let c = report.churn.as_ref().expect("churn results");
+    let t = report.telemetry.as_ref().unwrap();
+    let o = t.observer.as_ref().unwrap();
+    let context = format!("{c:#?}\n{t:#?}");
+
+    // Sessions: every drop and every loss is followed by a reconnect or still offline at the end.
+    assert!(c.drops > 0, "{context}");
+    assert_eq!(c.drops, c.drops_abrupt + c.drops_clean, "{context}");
+    assert_eq!(c.lost_sessions, 0, "the platform dropped nobody: {context}");
+    assert_eq!(c.reconnect_failures, 0, "{context}");
+    assert!(c.reconnects > 0, "{context}");
+    assert_eq!(
+        c.reconnects + c.offline_at_end,
+        c.drops + c.lost_sessions,
+        "{context}"
+    );
+    assert_eq!(c.reconnect_attempts, c.reconnects + c.reconnect_failures);
+    assert_eq!(c.reconnect_latency.count, c.reconnects);
+    assert_eq!(c.offline_time.count, c.reconnects);
+    // The platform saw the same: one connection per device, one per reconnect, and the
+    // observer's.
+    let metrics = p.app().control().metrics();
+    assert_eq!(
+        metrics.connects,
+        devices as u64 + c.reconnects + 1,
+        "{context}"
+    );
+
+    // Publishes: every tick is sent, refused by a full queue, or due while offline; every
+    // submitted publish is written or given up unwritten at a drop; every written one is
+    // acknowledged or was in flight at a drop.
+    assert_eq!(t.offered, devices as u64 * 30, "{context}");
+    assert_eq!(
+        t.offered,
+        t.submitted + t.not_sent_queue_full + t.not_sent_disconnected,
+        "{context}"
+    );
+    assert_eq!(t.submitted, t.sent + c.unsent_at_drop, "{context}");
+    let acked = t.acked.unwrap();
+    assert_eq!(t.sent, acked + c.inflight_at_drop, "{context}");
+    assert!(acked > 0);
+
+    // Delivery: nothing the platform acknowledged is missing, and the observer saw exactly the
+    // acknowledged publishes plus some of those in flight at an abrupt drop.
+    assert_eq!((o.lost, o.duplicates, o.foreign), (0, 0, 0), "{o:?}");
+    assert_eq!(
+        o.delivered,
+        acked + o.delivered_unconfirmed,
+        "{context}\n{o:?}"
+    );
+    assert!(
+        o.delivered_unconfirmed <= c.inflight_at_drop,
+        "{context}\n{o:?}"
+    );
+    assert!(o.error.is_none(), "{o:?}");
+
+    // The rows add up to the totals.
+    let sum = |f: fn(&sim::IntervalRow) -> u64| t.intervals.iter().map(f).sum::<u64>();
+    assert_eq!(sum(|r| r.drops), c.drops, "{:?}", t.intervals);
+    assert_eq!(sum(|r| r.reconnects), c.reconnects, "{:?}", t.intervals);
+    assert_eq!(sum(|r| r.acked), acked, "{:?}", t.intervals);
+    assert!(t.intervals.iter().all(|r| r.rss_bytes > 0));
+    assert!(report.process.rss_peak_bytes > 0);
+
+    // The JSON document and the table carry the churn.
+    let doc = serde_json::to_value(&report).unwrap();
+    assert_eq!(doc["churn"]["drops"], c.drops);
+    assert_eq!(doc["parameters"]["churn"]["mode"], "mixed");
+    let table = report.to_table();
+    assert!(table.contains("churn: 120 drops/min (mixed)"), "{table}");
+    p.stop().await;
+}
+
+/// RSA-2048 keys end to end: a manufacturing CA with an RSA key (generated by `pki`),
+/// registered with JITP, provisions RSA-keyed devices on their first mutual-TLS connection,
+/// both from the simulator's minted identities and from a single `pki device` certificate
+/// used by the device library.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsa_keyed_devices_connect_over_mutual_tls() {
+    let p = Platform::sqlite().await;
+    let fleet = p.jitp_fleet(json!({ "keys": "rsa" })).await;
+    let ca = Ca::generate(&CaOptions {
+        common_name: "RSA Manufacturing CA".into(),
+        algorithm: KeyAlgorithm::Rsa2048,
+        ..CaOptions::default()
+    })
+    .unwrap();
+    let jitp = json!({ "product_id": fleet.product_id, "cohort_id": fleet.cohort_id, "tags": { "keys": "rsa" } });
+    let (s, body) = p
+        .api(
+            "POST",
+            "/api/v1/ca-certificates",
+            Some(
+                json!({ "certificate_pem": ca.cert_pem(), "description": "RSA CA", "jitp": jitp }),
+            ),
+        )
+        .await;
+    assert_eq!(s, 201, "register the RSA CA: {body}");
+
+    // The simulator mints RSA-keyed identities (and caches them apart from P-256 ones).
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("mqtts://127.0.0.1:{}", p.app().mqtts_addr().port());
+    let mut config = SimConfig::new(url.parse().unwrap());
+    config.server_ca_pem = Some(p.server_ca_pem().into_bytes());
+    let ca = Arc::new(ca);
+    config.device_ca = Some(ca.clone());
+    config.key_algorithm = KeyAlgorithm::Rsa2048;
+    config.id_prefix = "rsa-".into();
+    config.cert_cache = Some(dir.path().join("certs"));
+    config.max_duration = Duration::from_secs(60);
+    let storm = Scenario::ConnectStorm(ConnectStorm {
+        devices: 3,
+        concurrency: 3,
+        rate: None,
+        hold: true,
+        repeat: 0,
+    });
+    let report = sim::run(&config, &storm).await.unwrap();
+    assert_all_connected(&report, 3);
+    assert_eq!(
+        (report.identities.generated, report.identities.from_cache),
+        (3, 0)
+    );
+    assert_eq!(report.parameters["key_algorithm"], "rsa2048");
+    assert_eq!(p.app().control().metrics().jitp_provisioned, 3);
+    let d = p.device("rsa-00002").await;
+    assert_eq!(d["tags"], json!({ "keys": "rsa" }), "{d}");
+    let cached = std::fs::read_to_string(
+        dir.path()
+            .join("certs")
+            .join(format!("{}-rsa2048", ca.fingerprint()))
+            .join("rsa-00000.pem"),
+    )
+    .unwrap();
+    let (_, leaf) = x509_parser::pem::parse_x509_pem(cached.as_bytes()).unwrap();
+    let leaf = leaf.parse_x509().unwrap();
+    assert_eq!(
+        leaf.public_key().algorithm.algorithm.to_id_string(),
+        "1.2.840.113549.1.1.1",
+        "an RSA device key"
+    );
+
+    // One device certificate as `pki device --algorithm rsa2048` makes it, through the
+    // device library: provisioned, and its telemetry committed before the PUBACK.
+    let id = DeviceId::parse("rsa-single").unwrap();
+    let dev = ca
+        .issue_device(&DeviceCertOptions {
+            algorithm: KeyAlgorithm::Rsa2048,
+            ..DeviceCertOptions::new(id.clone())
+        })
+        .unwrap();
+    let tls = TlsConfig::from_ca_pem(p.server_ca_pem().as_bytes())
+        .unwrap()
+        .with_identity(
+            ClientIdentity::from_pem(dev.cert_pem.as_bytes(), dev.key_pem.as_bytes()).unwrap(),
+        );
+    let opts = ConnectOptions::new(url.parse().unwrap()).with_tls(tls);
+    publish_once(
+        &opts,
+        &Topic::Telemetry(id.clone()),
+        br#"{"t":1}"#,
+        false,
+        Duration::from_secs(15),
+    )
+    .await
+    .unwrap();
+    let d = p.device(id.as_str()).await;
+    assert_eq!(d["last_telemetry"], json!({ "t": 1 }), "{d}");
+    assert_eq!(p.app().control().metrics().jitp_provisioned, 4);
     p.stop().await;
 }

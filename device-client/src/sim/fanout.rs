@@ -367,6 +367,7 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, f: &Fanout) -> Result<Outcome, SimError>
         rounds: vec![round.row],
         telemetry: None,
         fanout: Some(fanout),
+        churn: None,
         rss_connected,
         truncated,
     })

@@ -1,7 +1,9 @@
 //! The simulated fleet's identities: device ids `{prefix}{index:05}` and, for mutual TLS,
 //! certificates signed by the manufacturing CA. Minting runs in parallel on the blocking pool;
 //! with a cache directory every certificate is kept in `{cache}/{CA fingerprint}/{id}.pem`
-//! (certificate then key, mode 0600) and reused by the next run.
+//! for P-256 keys and `{cache}/{CA fingerprint}-rsa2048/{id}.pem` for RSA-2048 keys
+//! (certificate then key, mode 0600) and reused by the next run. Caching matters most for RSA:
+//! a 2048-bit key takes tens to hundreds of milliseconds to generate, a P-256 key microseconds.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use rustls::ClientConfig;
 use time::OffsetDateTime;
 
 use super::SimError;
-use crate::pki::{Ca, DeviceCertOptions};
+use crate::pki::{Ca, DeviceCertOptions, KeyAlgorithm};
 use crate::tls::{ClientIdentity, SharedTls};
 
 /// A cached certificate that expires sooner than this is minted again.
@@ -60,99 +62,53 @@ pub(crate) struct Minted {
 /// chunks on the blocking pool.
 pub(crate) async fn mint(
     ca: Arc<Ca>,
+    algorithm: KeyAlgorithm,
     ids: &[DeviceId],
     cache: Option<&Path>,
     tls: Arc<SharedTls>,
 ) -> Result<Minted, SimError> {
     let started = Instant::now();
-    let dir = match cache {
-        Some(cache) => {
-            let dir = cache.join(ca.fingerprint());
-            std::fs::create_dir_all(&dir).map_err(|error| SimError::Cache {
-                path: dir.clone(),
-                error,
-            })?;
-            Some(Arc::new(dir))
-        }
-        None => None,
-    };
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let chunk = ids.len().div_ceil(workers * 4).max(16);
-    let mut tasks = Vec::new();
-    for part in ids.chunks(chunk) {
-        let part = part.to_vec();
-        let (ca, dir, tls) = (ca.clone(), dir.clone(), tls.clone());
-        tasks.push(tokio::task::spawn_blocking(move || {
-            part.iter()
-                .map(|id| load_or_issue(&ca, id, dir.as_deref().map(PathBuf::as_path), &tls))
-                .collect::<Result<Vec<_>, SimError>>()
-        }));
-    }
-    let mut minted = Minted {
-        configs: Vec::with_capacity(ids.len()),
-        from_cache: 0,
-        generated: 0,
-        elapsed: Duration::ZERO,
-    };
-    for task in tasks {
-        let part = task
-            .await
-            .map_err(|e| SimError::Invalid(format!("certificate minting failed: {e}")))??;
-        for (config, cached) in part {
-            minted.configs.push(config);
-            if cached {
-                minted.from_cache += 1;
-            } else {
-                minted.generated += 1;
-            }
-        }
-    }
-    minted.elapsed = started.elapsed();
-    Ok(minted)
+    let part = each_identity(ca, algorithm, ids, cache, move |identity| {
+        Ok(tls.client_config(Some(identity))?)
+    })
+    .await?;
+    let from_cache = part.iter().filter(|(_, cached)| *cached).count();
+    Ok(Minted {
+        generated: part.len() - from_cache,
+        from_cache,
+        configs: part.into_iter().map(|(config, _)| config).collect(),
+        elapsed: started.elapsed(),
+    })
 }
 
-/// The device's TLS configuration, and whether its certificate came from the cache.
-fn load_or_issue(
-    ca: &Ca,
-    id: &DeviceId,
-    dir: Option<&Path>,
-    tls: &SharedTls,
-) -> Result<(Arc<ClientConfig>, bool), SimError> {
-    let (identity, cached) = identity(ca, id, dir)?;
-    Ok((tls.client_config(Some(identity))?, cached))
-}
-
-/// The device's certificate and key from the cache, or newly issued (and cached).
-fn identity(
-    ca: &Ca,
-    id: &DeviceId,
-    dir: Option<&Path>,
-) -> Result<(ClientIdentity, bool), SimError> {
-    let path = dir.map(|d| d.join(format!("{id}.pem")));
-    if let Some(identity) = path.as_deref().and_then(|p| cached(p, id)) {
-        return Ok((identity, true));
-    }
-    let issued = ca.issue_device(&DeviceCertOptions::new(id.clone()))?;
-    let pem = format!("{}{}", issued.cert_pem, issued.key_pem);
-    if let Some(path) = &path {
-        store(path, pem.as_bytes())?;
-    }
-    Ok((
-        ClientIdentity::from_pem(pem.as_bytes(), pem.as_bytes())?,
-        false,
-    ))
-}
-
-/// Certificates and keys for every id (cached like [`mint`]'s), for programs that build
-/// their own connections from them (the `update` scenario's agents).
+/// Certificates and keys for every id, cached like [`mint`]'s, for programs that build their
+/// own connections from them (the `update` scenario's agents).
 pub(crate) async fn mint_identities(
     ca: Arc<Ca>,
+    algorithm: KeyAlgorithm,
     ids: &[DeviceId],
     cache: Option<&Path>,
 ) -> Result<Vec<ClientIdentity>, SimError> {
+    let part = each_identity(ca, algorithm, ids, cache, Ok).await?;
+    Ok(part.into_iter().map(|(identity, _)| identity).collect())
+}
+
+/// Loads or issues every id's identity (and says whether it came from the cache), and turns it
+/// into what the caller wants with `make`, in parallel chunks on the blocking pool, in id order.
+async fn each_identity<T, F>(
+    ca: Arc<Ca>,
+    algorithm: KeyAlgorithm,
+    ids: &[DeviceId],
+    cache: Option<&Path>,
+    make: F,
+) -> Result<Vec<(T, bool)>, SimError>
+where
+    T: Send + 'static,
+    F: Fn(ClientIdentity) -> Result<T, SimError> + Clone + Send + 'static,
+{
     let dir = match cache {
         Some(cache) => {
-            let dir = cache.join(ca.fingerprint());
+            let dir = cache.join(cache_dir_name(&ca.fingerprint(), algorithm));
             std::fs::create_dir_all(&dir).map_err(|error| SimError::Cache {
                 path: dir.clone(),
                 error,
@@ -166,10 +122,14 @@ pub(crate) async fn mint_identities(
     let mut tasks = Vec::new();
     for part in ids.chunks(chunk) {
         let part = part.to_vec();
-        let (ca, dir) = (ca.clone(), dir.clone());
+        let (ca, dir, make) = (ca.clone(), dir.clone(), make.clone());
         tasks.push(tokio::task::spawn_blocking(move || {
             part.iter()
-                .map(|id| identity(&ca, id, dir.as_deref().map(PathBuf::as_path)).map(|(i, _)| i))
+                .map(|id| {
+                    let dir = dir.as_deref().map(PathBuf::as_path);
+                    let (identity, cached) = load_or_issue(&ca, algorithm, id, dir)?;
+                    Ok((make(identity)?, cached))
+                })
                 .collect::<Result<Vec<_>, SimError>>()
         }));
     }
@@ -181,6 +141,41 @@ pub(crate) async fn mint_identities(
         );
     }
     Ok(out)
+}
+
+/// The device's certificate and key from the cache, or newly issued (and cached), and whether
+/// it came from the cache.
+fn load_or_issue(
+    ca: &Ca,
+    algorithm: KeyAlgorithm,
+    id: &DeviceId,
+    dir: Option<&Path>,
+) -> Result<(ClientIdentity, bool), SimError> {
+    let path = dir.map(|d| d.join(format!("{id}.pem")));
+    if let Some(identity) = path.as_deref().and_then(|p| cached(p, id)) {
+        return Ok((identity, true));
+    }
+    let issued = ca.issue_device(&DeviceCertOptions {
+        algorithm,
+        ..DeviceCertOptions::new(id.clone())
+    })?;
+    let pem = format!("{}{}", issued.cert_pem, issued.key_pem);
+    if let Some(path) = &path {
+        store(path, pem.as_bytes())?;
+    }
+    Ok((
+        ClientIdentity::from_pem(pem.as_bytes(), pem.as_bytes())?,
+        false,
+    ))
+}
+
+/// The cache directory of one CA and key algorithm: P-256 keeps the plain fingerprint, so
+/// caches made before RSA keys existed stay valid.
+fn cache_dir_name(fingerprint: &str, algorithm: KeyAlgorithm) -> String {
+    match algorithm {
+        KeyAlgorithm::EcdsaP256 => fingerprint.to_owned(),
+        other => format!("{fingerprint}-{}", other.name()),
+    }
 }
 
 /// A usable cached identity for `id`: parseable, naming `id`, valid for a while longer.
@@ -248,22 +243,40 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dc-sim-cache-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
 
-        let first = mint(ca.clone(), &ids, Some(&dir), tls.clone())
-            .await
-            .unwrap();
+        let first = mint(
+            ca.clone(),
+            KeyAlgorithm::EcdsaP256,
+            &ids,
+            Some(&dir),
+            tls.clone(),
+        )
+        .await
+        .unwrap();
         assert_eq!((first.generated, first.from_cache), (40, 0));
         assert_eq!(first.configs.len(), 40);
-        let second = mint(ca.clone(), &ids, Some(&dir), tls.clone())
-            .await
-            .unwrap();
+        let second = mint(
+            ca.clone(),
+            KeyAlgorithm::EcdsaP256,
+            &ids,
+            Some(&dir),
+            tls.clone(),
+        )
+        .await
+        .unwrap();
         assert_eq!((second.generated, second.from_cache), (0, 40));
 
         // A damaged entry is minted again; another CA has its own directory.
         let entry = dir.join(ca.fingerprint()).join("c-00003.pem");
         std::fs::write(&entry, "garbage").unwrap();
-        let third = mint(ca.clone(), &ids, Some(&dir), tls.clone())
-            .await
-            .unwrap();
+        let third = mint(
+            ca.clone(),
+            KeyAlgorithm::EcdsaP256,
+            &ids,
+            Some(&dir),
+            tls.clone(),
+        )
+        .await
+        .unwrap();
         assert_eq!((third.generated, third.from_cache), (1, 39));
         let pem = std::fs::read_to_string(&entry).unwrap();
         let identity = ClientIdentity::from_pem(pem.as_bytes(), pem.as_bytes()).unwrap();
@@ -275,8 +288,43 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         let other = Arc::new(Ca::generate(&CaOptions::default()).unwrap());
-        let fourth = mint(other, &ids[..5], Some(&dir), tls).await.unwrap();
+        let fourth = mint(
+            other,
+            KeyAlgorithm::EcdsaP256,
+            &ids[..5],
+            Some(&dir),
+            tls.clone(),
+        )
+        .await
+        .unwrap();
         assert_eq!((fourth.generated, fourth.from_cache), (5, 0));
+
+        // RSA keys have their own directory: a P-256 certificate is not taken for one.
+        let rsa = mint(
+            ca.clone(),
+            KeyAlgorithm::Rsa2048,
+            &ids[..2],
+            Some(&dir),
+            tls.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!((rsa.generated, rsa.from_cache), (2, 0));
+        let rsa = mint(
+            ca.clone(),
+            KeyAlgorithm::Rsa2048,
+            &ids[..2],
+            Some(&dir),
+            tls,
+        )
+        .await
+        .unwrap();
+        assert_eq!((rsa.generated, rsa.from_cache), (0, 2));
+        let entry = dir
+            .join(format!("{}-rsa2048", ca.fingerprint()))
+            .join("c-00000.pem");
+        let pem = std::fs::read_to_string(&entry).unwrap();
+        assert!(pem.contains("BEGIN PRIVATE KEY"), "{pem}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

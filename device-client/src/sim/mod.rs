@@ -9,7 +9,8 @@
 //! - `identities`: device ids and certificates, minted in parallel and cached on disk.
 //! - `session`: one device's session: connect, measure CONNACK latency, then disconnect, hold,
 //!   or publish; and one round of connects at a given concurrency and rate.
-//! - `storm`, `telemetry`, `fanout`: the scenarios.
+//! - `storm`, `telemetry`, `fanout`: the scenarios; `soak` is `telemetry` while `soak`'s
+//!   churn drops devices at random and they reconnect.
 //! - [`update`]: the `update` scenario: real agents with real updaters, failures injected at
 //!   given rates, following the cohort's deployments (its own report).
 //! - `stats`: failure reasons, sequence tracking (loss, duplicates), `/proc/self` readings.
@@ -23,6 +24,7 @@ pub mod hist;
 mod identities;
 pub mod report;
 mod session;
+mod soak;
 mod stats;
 mod storm;
 mod telemetry;
@@ -40,14 +42,14 @@ use tokio::time::Instant;
 use crate::error::{ConfigError, ConnectError};
 use crate::mqtt::{self, MqttClient, MqttLoop, SessionSpec};
 use crate::options::Credentials;
-use crate::pki::{Ca, PkiError};
+use crate::pki::{Ca, KeyAlgorithm, PkiError};
 use crate::tls::{SharedTls, TlsConfig};
 use crate::url::BrokerUrl;
 
 pub use crate::mqtt::Qos;
 pub use report::{
-    ConnectRound, FanoutReport, IdentityReport, ObserverReport, ProcessReport, Report,
-    TelemetryReport,
+    ChurnReport, ConnectRound, FanoutReport, IdentityReport, IntervalRow, ObserverReport,
+    ProcessReport, Report, TelemetryReport,
 };
 
 /// Receives the live progress line, about once per second.
@@ -88,8 +90,12 @@ pub struct SimConfig {
     pub device_ca: Option<Arc<Ca>>,
     /// Device ids are this prefix and the zero-padded index. Default `sim-`.
     pub id_prefix: String,
-    /// Keeps minted certificates for the next run, keyed by CA fingerprint and device id.
+    /// Keeps minted certificates for the next run, keyed by CA fingerprint, key algorithm and
+    /// device id.
     pub cert_cache: Option<PathBuf>,
+    /// The minted devices' keys; default P-256. RSA-2048 is far slower to generate (see
+    /// [`crate::pki`]), so cache its certificates for repeated runs.
+    pub key_algorithm: KeyAlgorithm,
     pub credentials: Option<Credentials>,
     /// Put before every topic; default empty (topics exactly as in `topics.md`).
     pub topic_prefix: String,
@@ -111,6 +117,7 @@ impl SimConfig {
             device_ca: None,
             id_prefix: "sim-".into(),
             cert_cache: None,
+            key_algorithm: KeyAlgorithm::EcdsaP256,
             credentials: None,
             topic_prefix: String::new(),
             keep_alive: Duration::from_secs(30),
@@ -300,22 +307,78 @@ impl std::fmt::Debug for Publisher {
     }
 }
 
+/// `soak`: telemetry over a long time with a row per interval (sessions up, dropped, lost and
+/// reconnected, rates, PUBACK latency, client memory and CPU), while devices are dropped at
+/// random and reconnect, to see drift, leaks and loss under churn. Needs
+/// [`TelemetryLoad::report_every`].
+#[derive(Debug, Clone, Default)]
+pub struct Soak {
+    pub load: TelemetryLoad,
+    pub churn: Churn,
+}
+
+/// How a soak drops devices: sessions picked at random among those up, at random times (a
+/// Poisson process of `per_min` drops per minute over the whole fleet) while publishing runs.
+/// A dropped device, and one whose session was lost, reconnects after `reconnect_delay` plus a
+/// uniform random part of `reconnect_jitter`; a failed reconnect is retried with the agent's
+/// exponential backoff (full jitter, starting at the same delay). Publishes due while a device
+/// is offline are counted as not sent (disconnected).
+#[derive(Debug, Clone)]
+pub struct Churn {
+    /// Drops per minute over the fleet; 0 for none.
+    pub per_min: f64,
+    pub mode: DropMode,
+    pub reconnect_delay: Duration,
+    pub reconnect_jitter: Duration,
+}
+
+impl Default for Churn {
+    fn default() -> Self {
+        Self {
+            per_min: 0.0,
+            mode: DropMode::Mixed,
+            reconnect_delay: Duration::from_millis(500),
+            reconnect_jitter: Duration::from_secs(2),
+        }
+    }
+}
+
+/// How a dropped session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DropMode {
+    /// The socket is closed without a DISCONNECT, as when power or the network goes: the broker
+    /// sees the connection lost.
+    Abrupt,
+    /// The device stops publishing, waits (at most 2 s) for its PUBACKs, then sends a DISCONNECT.
+    Clean,
+    /// Each drop is abrupt or clean at random, half and half.
+    Mixed,
+}
+
+impl DropMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            DropMode::Abrupt => "abrupt",
+            DropMode::Clean => "clean",
+            DropMode::Mixed => "mixed",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Scenario {
     ConnectStorm(ConnectStorm),
     Telemetry(TelemetryLoad),
     Fanout(Fanout),
-    /// `soak`: telemetry over a long time with a row per interval (connected sessions, sessions
-    /// lost, rates, PUBACK latency, client memory and CPU), to see drift, leaks and drops.
-    /// Needs [`TelemetryLoad::report_every`].
-    Soak(TelemetryLoad),
+    Soak(Soak),
 }
 
 impl Scenario {
     fn devices(&self) -> usize {
         match self {
             Scenario::ConnectStorm(s) => s.devices,
-            Scenario::Telemetry(t) | Scenario::Soak(t) => t.devices,
+            Scenario::Telemetry(t) | Scenario::Soak(Soak { load: t, .. }) => t.devices,
             Scenario::Fanout(f) => f.devices,
         }
     }
@@ -341,10 +404,23 @@ impl Scenario {
                     return bad("the connect rate must be a positive number");
                 }
             }
-            Scenario::Soak(TelemetryLoad {
-                report_every: None, ..
+            Scenario::Soak(Soak {
+                load: TelemetryLoad {
+                    report_every: None, ..
+                },
+                ..
             }) => return bad("a soak needs an interval for its rows"),
-            Scenario::Telemetry(t) | Scenario::Soak(t) => {
+            Scenario::Soak(Soak { churn: c, .. })
+                if !(c.per_min.is_finite() && (0.0..=1_000_000.0).contains(&c.per_min)) =>
+            {
+                return bad("churn must be between 0 and 1000000 drops per minute")
+            }
+            Scenario::Soak(Soak { churn: c, .. })
+                if c.reconnect_delay + c.reconnect_jitter > Duration::from_secs(3600) =>
+            {
+                return bad("reconnect delay and jitter must add up to at most an hour")
+            }
+            Scenario::Telemetry(t) | Scenario::Soak(Soak { load: t, .. }) => {
                 if t.report_every.is_some_and(|d| d < Duration::from_secs(1)) {
                     return bad("rows can be at most one per second");
                 }
@@ -397,6 +473,11 @@ pub(crate) struct Live {
     pub delivered: AtomicU64,
     /// Sessions lost after their CONNACK, before the simulator ended them.
     pub lost_sessions: AtomicU64,
+    /// Sessions a soak ended on purpose (churn).
+    pub drops: AtomicU64,
+    /// A soak's reconnects that got their CONNACK, and those that failed.
+    pub reconnects: AtomicU64,
+    pub reconnect_failures: AtomicU64,
     /// Largest resident set size sampled, bytes.
     pub rss_max: AtomicU64,
 }
@@ -411,6 +492,8 @@ impl Live {
             sent: get(&self.sent),
             acked: get(&self.acked),
             delivered: get(&self.delivered),
+            drops: get(&self.drops),
+            reconnects: get(&self.reconnects),
         }
     }
 
@@ -429,6 +512,16 @@ struct LiveSnapshot {
     sent: u64,
     acked: u64,
     delivered: u64,
+    drops: u64,
+    reconnects: u64,
+}
+
+/// What the progress line shows besides connections.
+#[derive(Debug, Clone, Copy, Default)]
+struct Shown {
+    publishing: bool,
+    observing: bool,
+    churning: bool,
 }
 
 /// `[ 12s] connected 950/1000  connects/s 312  failed 0  sent/s 1000  acked/s 998 ...`
@@ -437,9 +530,13 @@ fn progress_line(
     now: LiveSnapshot,
     before: LiveSnapshot,
     devices: usize,
-    publishing: bool,
-    observing: bool,
+    shown: Shown,
 ) -> String {
+    let Shown {
+        publishing,
+        observing,
+        churning,
+    } = shown;
     let mut line = format!(
         "[{:>4}s] connected {}/{}  connects/s {}  failed {}",
         elapsed.as_secs(),
@@ -459,6 +556,12 @@ fn progress_line(
         line.push_str(&format!(
             "  delivered/s {}",
             now.delivered - before.delivered
+        ));
+    }
+    if churning {
+        line.push_str(&format!(
+            "  dropped {}  reconnected {}",
+            now.drops, now.reconnects
         ));
     }
     line
@@ -547,7 +650,13 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
                 Some(ca) => {
                     let minted = tokio::time::timeout_at(
                         deadline,
-                        identities::mint(ca.clone(), &ids, config.cert_cache.as_deref(), shared),
+                        identities::mint(
+                            ca.clone(),
+                            config.key_algorithm,
+                            &ids,
+                            config.cert_cache.as_deref(),
+                            shared,
+                        ),
                     )
                     .await
                     .map_err(|_| {
@@ -582,10 +691,22 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
         live: live.clone(),
     });
 
-    let (publishing, observing) = match scenario {
-        Scenario::ConnectStorm(_) => (false, false),
-        Scenario::Telemetry(t) | Scenario::Soak(t) => (true, t.observe.is_some()),
-        Scenario::Fanout(_) => (false, true),
+    let shown = match scenario {
+        Scenario::ConnectStorm(_) => Shown::default(),
+        Scenario::Telemetry(t) => Shown {
+            publishing: true,
+            observing: t.observe.is_some(),
+            churning: false,
+        },
+        Scenario::Soak(s) => Shown {
+            publishing: true,
+            observing: s.load.observe.is_some(),
+            churning: true,
+        },
+        Scenario::Fanout(_) => Shown {
+            observing: true,
+            ..Shown::default()
+        },
     };
     let progress = config.progress.clone().map(|emit| {
         let live = live.clone();
@@ -599,14 +720,7 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
                 tick.tick().await;
                 live.sample_rss();
                 let now = live.snapshot();
-                emit(&progress_line(
-                    started.elapsed(),
-                    now,
-                    before,
-                    n,
-                    publishing,
-                    observing,
-                ));
+                emit(&progress_line(started.elapsed(), now, before, n, shown));
                 before = now;
             }
         })
@@ -615,7 +729,8 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
     let usage_before = stats::Usage::now();
     let outcome = match scenario {
         Scenario::ConnectStorm(s) => storm::run(&ctx, s).await,
-        Scenario::Telemetry(t) | Scenario::Soak(t) => telemetry::run(&ctx, t).await,
+        Scenario::Telemetry(t) => telemetry::run(&ctx, t, None).await,
+        Scenario::Soak(s) => telemetry::run(&ctx, &s.load, Some(&s.churn)).await,
         Scenario::Fanout(f) => fanout::run(&ctx, f).await,
     };
     if let Some(p) = progress {
@@ -654,6 +769,7 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
         rounds: outcome.rounds,
         telemetry: outcome.telemetry,
         fanout: outcome.fanout,
+        churn: outcome.churn,
         process,
         elapsed_s: started.elapsed().as_secs_f64(),
         truncated: outcome.truncated,
@@ -665,6 +781,7 @@ pub(crate) struct Outcome {
     pub rounds: Vec<ConnectRound>,
     pub telemetry: Option<TelemetryReport>,
     pub fanout: Option<FanoutReport>,
+    pub churn: Option<ChurnReport>,
     /// Resident set size sampled with the most devices connected.
     pub rss_connected: u64,
     pub truncated: bool,
@@ -691,13 +808,30 @@ mod tests {
             sent: 400,
             acked: 380,
             delivered: 370,
+            drops: 7,
+            reconnects: 5,
         };
-        let line = progress_line(Duration::from_secs(3), now, before, 100, false, false);
+        let line = progress_line(Duration::from_secs(3), now, before, 100, Shown::default());
         assert_eq!(line, "[   3s] connected 50/100  connects/s 50  failed 2");
-        let line = progress_line(Duration::from_secs(12), now, before, 100, true, true);
+        let all = Shown {
+            publishing: true,
+            observing: true,
+            churning: false,
+        };
+        let line = progress_line(Duration::from_secs(12), now, before, 100, all);
         assert_eq!(
             line,
             "[  12s] connected 50/100  connects/s 50  failed 2  sent/s 300  acked/s 290  delivered/s 290"
+        );
+        let churning = Shown {
+            publishing: true,
+            churning: true,
+            ..Shown::default()
+        };
+        let line = progress_line(Duration::from_secs(12), now, before, 100, churning);
+        assert_eq!(
+            line,
+            "[  12s] connected 50/100  connects/s 50  failed 2  sent/s 300  acked/s 290  dropped 7  reconnected 5"
         );
     }
 
@@ -747,12 +881,30 @@ mod tests {
             .validate()
             .is_ok());
         assert!(Scenario::Fanout(Fanout::default()).validate().is_ok());
-        assert!(Scenario::Soak(TelemetryLoad::default()).validate().is_err());
-        let soak = Scenario::Soak(TelemetryLoad {
+        assert!(Scenario::Soak(Soak::default()).validate().is_err());
+        let load = TelemetryLoad {
             report_every: Some(Duration::from_secs(60)),
             ..TelemetryLoad::default()
-        });
-        assert!(soak.validate().is_ok());
+        };
+        let soak = |churn| {
+            Scenario::Soak(Soak {
+                load: load.clone(),
+                churn,
+            })
+        };
+        assert!(soak(Churn::default()).validate().is_ok());
+        for per_min in [f64::NAN, -1.0, f64::INFINITY] {
+            let churn = Churn {
+                per_min,
+                ..Churn::default()
+            };
+            assert!(soak(churn).validate().is_err(), "{per_min}");
+        }
+        let churn = Churn {
+            reconnect_delay: Duration::from_secs(3600),
+            ..Churn::default()
+        };
+        assert!(soak(churn).validate().is_err());
         let wildcard = Scenario::Fanout(Fanout {
             topic: "devices/+/commands".into(),
             ..Fanout::default()

@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::hist::Percentiles;
-use super::{Qos, Scenario, SimConfig};
+use super::{Qos, Scenario, SimConfig, Soak};
 
 /// Everything a run measured.
 #[derive(Debug, Clone, Serialize)]
@@ -22,6 +22,9 @@ pub struct Report {
     pub telemetry: Option<TelemetryReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fanout: Option<FanoutReport>,
+    /// `soak`: the drops and reconnects.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub churn: Option<ChurnReport>,
     pub process: ProcessReport,
     pub elapsed_s: f64,
     /// The max duration ended the run before the scenario's own end.
@@ -141,6 +144,11 @@ pub struct IntervalRow {
     pub acked: u64,
     /// Observer deliveries.
     pub delivered: u64,
+    /// Sessions a soak dropped on purpose.
+    pub drops: u64,
+    /// A soak's reconnects that got their CONNACK, and those that failed.
+    pub reconnects: u64,
+    pub reconnect_failures: u64,
     pub puback_latency: Percentiles,
     pub rss_bytes: u64,
     /// CPU time of the process in the interval.
@@ -156,8 +164,12 @@ pub struct ObserverReport {
     /// Distinct (device, sequence number) pairs of this run.
     pub delivered: u64,
     pub duplicates: u64,
-    /// Acknowledged (QoS 1) or written (QoS 0) and never delivered.
+    /// Acknowledged (QoS 1) or written (QoS 0) and never delivered: what the broker owed and
+    /// did not deliver. Publishes a session took with it unacknowledged are not counted here.
     pub lost: u64,
+    /// Delivered without the device having had its PUBACK: written before a drop, and the
+    /// broker took it although the device never learnt.
+    pub delivered_unconfirmed: u64,
     /// Messages on the filter not from this run's devices.
     pub foreign: u64,
     pub delivered_per_s: f64,
@@ -200,6 +212,46 @@ pub struct FanoutReport {
     pub publisher_error: Option<String>,
 }
 
+/// A soak's churn: sessions ended on purpose, lost by themselves, and the reconnects.
+/// Every drop and every lost session is followed by a reconnect, or the device was still
+/// offline at the end: `drops + lost_sessions == reconnects + offline_at_end`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChurnReport {
+    /// Configured drops per minute over the fleet.
+    pub drops_per_min: f64,
+    /// `abrupt`, `clean` or `mixed`.
+    pub mode: String,
+    pub reconnect_delay_s: f64,
+    pub reconnect_jitter_s: f64,
+    /// Sessions ended on purpose: `drops_abrupt` (socket closed without DISCONNECT) plus
+    /// `drops_clean` (PUBACKs awaited, then DISCONNECT).
+    pub drops: u64,
+    pub drops_abrupt: u64,
+    pub drops_clean: u64,
+    /// Drops due when no device was connected to drop.
+    pub drops_skipped: u64,
+    /// Sessions that ended without the simulator asking (broker, network, keepalive).
+    pub lost_sessions: u64,
+    pub lost_reasons: BTreeMap<String, u64>,
+    pub reconnect_attempts: u64,
+    /// Reconnects that got their CONNACK.
+    pub reconnects: u64,
+    pub reconnect_failures: u64,
+    /// Failed reconnects by reason.
+    pub failures: BTreeMap<String, u64>,
+    /// Devices still offline (waiting to reconnect) when the run ended.
+    pub offline_at_end: u64,
+    /// QoS 1 publishes written and not acknowledged when their session ended: in flight, and
+    /// not counted as lost (the device cannot know whether the broker has them).
+    pub inflight_at_drop: u64,
+    /// Publishes handed to the client and not yet written when their session ended.
+    pub unsent_at_drop: u64,
+    /// From the start of a reconnect's TCP connect to its CONNACK.
+    pub reconnect_latency: Percentiles,
+    /// From the end of a session to the CONNACK of the reconnect that followed.
+    pub offline_time: Percentiles,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ProcessReport {
     pub rss_start_bytes: u64,
@@ -224,6 +276,7 @@ pub(crate) fn parameters(config: &SimConfig, scenario: &Scenario) -> Value {
         "id_prefix": config.id_prefix,
         "topic_prefix": config.topic_prefix,
         "client_certificates": config.device_ca.is_some(),
+        "key_algorithm": config.device_ca.is_some().then(|| config.key_algorithm.name()),
         "cert_cache": config.cert_cache.as_ref().map(|p| p.display().to_string()),
         "username": config.credentials.as_ref().map(|c| c.username.clone()),
         "keep_alive_s": config.keep_alive.as_secs(),
@@ -238,7 +291,7 @@ pub(crate) fn parameters(config: &SimConfig, scenario: &Scenario) -> Value {
             "hold": s.hold,
             "repeat": s.repeat,
         }),
-        Scenario::Telemetry(t) | Scenario::Soak(t) => json!({
+        Scenario::Telemetry(t) | Scenario::Soak(Soak { load: t, .. }) => json!({
             "devices": t.devices,
             "concurrency": t.concurrency,
             "rate_per_device_per_s": t.rate,
@@ -270,6 +323,17 @@ pub(crate) fn parameters(config: &SimConfig, scenario: &Scenario) -> Value {
     };
     if let (Value::Object(p), Value::Object(extra)) = (&mut p, extra) {
         p.extend(extra);
+    }
+    if let (Value::Object(p), Scenario::Soak(Soak { churn: c, .. })) = (&mut p, scenario) {
+        p.insert(
+            "churn".into(),
+            json!({
+                "drops_per_min": c.per_min,
+                "mode": c.mode,
+                "reconnect_delay_s": c.reconnect_delay.as_secs_f64(),
+                "reconnect_jitter_s": c.reconnect_jitter.as_secs_f64(),
+            }),
+        );
     }
     p
 }
@@ -420,10 +484,13 @@ impl Report {
             if !t.intervals.is_empty() {
                 let _ = writeln!(
                     out,
-                    "  {:>8} {:>9} {:>5} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6}",
+                    "  {:>8} {:>9} {:>5} {:>7} {:>7} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6}",
                     "end s",
                     "connected",
                     "lost",
+                    "dropped",
+                    "reconn",
+                    "rfail",
                     "sent",
                     "acked",
                     "delivered",
@@ -437,10 +504,13 @@ impl Report {
                     let l = &i.puback_latency;
                     let _ = writeln!(
                         out,
-                        "  {:>8.1} {:>9} {:>5} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9.1} {:>6.2}",
+                        "  {:>8.1} {:>9} {:>5} {:>7} {:>7} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9.1} {:>6.2}",
                         i.end_s,
                         i.connected,
                         i.sessions_lost,
+                        i.drops,
+                        i.reconnects,
+                        i.reconnect_failures,
                         i.sent,
                         i.acked,
                         i.delivered,
@@ -458,6 +528,13 @@ impl Report {
                     "  observer {} on {}: delivered {} ({:.1}/s)  lost {}  duplicates {}  foreign {}",
                     o.url, o.filter, o.delivered, o.delivered_per_s, o.lost, o.duplicates, o.foreign
                 );
+                if o.delivered_unconfirmed > 0 {
+                    let _ = writeln!(
+                        out,
+                        "  of those delivered, {} were never acknowledged to the device (in flight at a drop)",
+                        o.delivered_unconfirmed
+                    );
+                }
                 let l = &o.latency;
                 let _ = writeln!(
                     out,
@@ -514,6 +591,49 @@ impl Report {
             }
             if let Some(e) = &f.publisher_error {
                 let _ = writeln!(out, "  publisher error: {e}");
+            }
+        }
+        if let Some(c) = &self.churn {
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "churn: {} drops/min ({}), reconnect after {:.1} s + up to {:.1} s jitter",
+                c.drops_per_min, c.mode, c.reconnect_delay_s, c.reconnect_jitter_s
+            );
+            let _ = writeln!(
+                out,
+                "  dropped {} (abrupt {}, clean {}; {} due with no device connected)  lost by themselves {}",
+                c.drops, c.drops_abrupt, c.drops_clean, c.drops_skipped, c.lost_sessions
+            );
+            let _ = writeln!(
+                out,
+                "  reconnects: {} attempted, {} succeeded, {} failed  offline at the end {}",
+                c.reconnect_attempts, c.reconnects, c.reconnect_failures, c.offline_at_end
+            );
+            let _ = writeln!(
+                out,
+                "  at the drops: {} in flight (written, no PUBACK; not counted as lost), {} not yet written",
+                c.inflight_at_drop, c.unsent_at_drop
+            );
+            for (what, l) in [
+                ("reconnect CONNACK", &c.reconnect_latency),
+                ("offline time", &c.offline_time),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "  {what} ms {:>8}: p50 {}  p90 {}  p99 {}  max {}",
+                    format!("({})", l.count),
+                    ms(l.p50_ms),
+                    ms(l.p90_ms),
+                    ms(l.p99_ms),
+                    ms(l.max_ms)
+                );
+            }
+            for (what, map) in [("lost", &c.lost_reasons), ("failed", &c.failures)] {
+                if !map.is_empty() {
+                    let list: Vec<String> = map.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                    let _ = writeln!(out, "  {what}: {}", list.join("; "));
+                }
             }
         }
         let pr = &self.process;

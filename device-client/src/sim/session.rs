@@ -18,7 +18,8 @@ use tokio::time::Instant;
 use super::fanout::Receiving;
 use super::hist::SharedHistogram;
 use super::report::ConnectRound;
-use super::stats::{failure_reason, per_second, Reasons, Usage};
+use super::soak::Churning;
+use super::stats::{failure_reason, per_second, Reasons, SeqSet, Usage};
 use super::{Ctx, Live, Qos};
 use crate::mqtt::{MqttClient, MqttEvent, MqttLoop};
 
@@ -38,6 +39,8 @@ pub(crate) enum AfterConnect {
     Publish(Arc<Publishing>),
     /// Subscribe, stay connected and account for the messages received.
     Receive(Arc<Receiving>),
+    /// Publish, and be dropped and reconnect at random until the soak ends (`soak`).
+    Soak(Arc<Churning>),
 }
 
 /// How a device's session ended.
@@ -48,18 +51,28 @@ pub(crate) enum SessionEnd {
     Clean,
     /// Lost after CONNACK, before we ended it.
     Lost(String),
+    /// A soak's device was offline, waiting to reconnect, when the run ended.
+    Offline,
 }
 
 /// The publishing side of a device and what became of its publishes.
 #[derive(Debug, Default)]
 pub(crate) struct DevicePublishes {
-    /// Submission times of publishes handed to the client and not yet written, in order.
-    pub submitted: Mutex<VecDeque<StdInstant>>,
+    /// Submission times and sequence numbers of publishes handed to the client and not yet
+    /// written, in order.
+    pub submitted: Mutex<VecDeque<(StdInstant, u64)>>,
     pub submitted_count: AtomicU64,
-    /// The session ended; set under the `submitted` lock.
+    /// The session ended; set under the `submitted` lock (and cleared when a soak's device
+    /// reconnects).
     pub ended: AtomicBool,
     pub sent: AtomicU64,
     pub acked: AtomicU64,
+    /// Submitted publishes given up with their session (never written, or written and never
+    /// acknowledged), over all of the device's sessions.
+    pub given_up: AtomicU64,
+    /// The sequence numbers acknowledged (QoS 1) or written (QoS 0): what the broker owes the
+    /// observer.
+    pub done_seqs: Mutex<SeqSet>,
     /// When the SUBSCRIBE to the command topic was queued, µs after [`Publishing::started`].
     pub subscribed_at_us: AtomicU64,
     /// The broker granted the command topic.
@@ -115,7 +128,7 @@ impl Publishing {
     }
 
     /// Queues device `index`'s SUBSCRIBE to its command topic, if the run wants one.
-    fn subscribe_commands(&self, ctx: &Ctx, index: usize, client: &MqttClient) {
+    pub(crate) fn subscribe_commands(&self, ctx: &Ctx, index: usize, client: &MqttClient) {
         let Some(commands) = &self.commands else {
             return;
         };
@@ -203,23 +216,17 @@ async fn device_session(
         AfterConnect::Publish(p) => {
             p.subscribe_commands(&ctx, index, &client);
             let end = until_disconnected(&mut event_loop, &*p, index, live).await;
-            // From here on every submit fails, so the count below is final.
+            // From here on every submit fails, so the count is final.
             drop(event_loop);
-            let d = &p.devices[index];
-            let _submitting = d.submitted.lock();
-            d.ended.store(true, Ordering::Relaxed);
+            let open = p.session_ended(index);
             if end != SessionEnd::Clean {
-                let done = match p.qos {
-                    Qos::AtLeastOnce => &d.acked,
-                    Qos::AtMostOnce => &d.sent,
-                };
-                let open = d
-                    .submitted_count
-                    .load(Ordering::Relaxed)
-                    .saturating_sub(done.load(Ordering::Relaxed));
                 live.abandoned.fetch_add(open, Ordering::Relaxed);
             }
             end
+        }
+        // Its sessions come and go; it keeps the counts itself.
+        AfterConnect::Soak(c) => {
+            return super::soak::device_life(ctx, index, (client, event_loop), c).await
         }
     };
     live.connected.fetch_sub(1, Ordering::Relaxed);
@@ -227,6 +234,42 @@ async fn device_session(
         live.lost_sessions.fetch_add(1, Ordering::Relaxed);
     }
     end
+}
+
+impl Publishing {
+    /// Marks device `index`'s session as ended (its event loop must be gone, so every later
+    /// submit fails) and returns how many of its submitted publishes are given up with it:
+    /// handed to the client and never written, or (QoS 1) written and never acknowledged.
+    pub(crate) fn session_ended(&self, index: usize) -> u64 {
+        let d = &self.devices[index];
+        let mut queued = d.submitted.lock();
+        d.ended.store(true, Ordering::Relaxed);
+        queued.clear();
+        let open = self.outstanding(index);
+        d.given_up.fetch_add(open, Ordering::Relaxed);
+        open
+    }
+
+    /// Device `index`'s publishes of its current session not yet acknowledged (QoS 1) or
+    /// written (QoS 0).
+    pub(crate) fn outstanding(&self, index: usize) -> u64 {
+        let d = &self.devices[index];
+        let done = match self.qos {
+            Qos::AtLeastOnce => &d.acked,
+            Qos::AtMostOnce => &d.sent,
+        };
+        d.submitted_count
+            .load(Ordering::Relaxed)
+            .saturating_sub(done.load(Ordering::Relaxed))
+            .saturating_sub(d.given_up.load(Ordering::Relaxed))
+    }
+
+    /// Device `index` has a new session: submits reach it again.
+    pub(crate) fn session_started(&self, index: usize) {
+        let d = &self.devices[index];
+        let _queued = d.submitted.lock();
+        d.ended.store(false, Ordering::Relaxed);
+    }
 }
 
 /// What a connected device does with the events of its session.
@@ -267,6 +310,7 @@ impl SessionRole for Idle {
 #[derive(Debug)]
 pub(crate) struct InFlight {
     pkid: u16,
+    seq: u64,
     submitted: StdInstant,
     /// The device's first publish of the run.
     first: bool,
@@ -279,17 +323,24 @@ impl SessionRole for Publishing {
         let device = &self.devices[index];
         match event {
             MqttEvent::Sent(pkid) => {
-                let at = device.submitted.lock().pop_front();
+                let (at, seq) = device
+                    .submitted
+                    .lock()
+                    .pop_front()
+                    .unwrap_or_else(|| (StdInstant::now(), u64::MAX));
                 let before = device.sent.fetch_add(1, Ordering::Relaxed);
                 inflight.push(InFlight {
                     pkid,
-                    submitted: at.unwrap_or_else(StdInstant::now),
+                    seq,
+                    submitted: at,
                     first: before == 0,
                 });
                 live.sent.fetch_add(1, Ordering::Relaxed);
             }
             MqttEvent::SentAtMostOnce => {
-                device.submitted.lock().pop_front();
+                if let Some((_, seq)) = device.submitted.lock().pop_front() {
+                    device.done_seqs.lock().insert(seq);
+                }
                 device.sent.fetch_add(1, Ordering::Relaxed);
                 live.sent.fetch_add(1, Ordering::Relaxed);
             }
@@ -303,6 +354,9 @@ impl SessionRole for Publishing {
                         self.first_puback_latency.record(index, took);
                     } else {
                         self.later_puback_latency.record(index, took);
+                    }
+                    if done.seq != u64::MAX {
+                        device.done_seqs.lock().insert(done.seq);
                     }
                     device.acked.fetch_add(1, Ordering::Relaxed);
                     live.acked.fetch_add(1, Ordering::Relaxed);
@@ -451,7 +505,6 @@ pub(crate) async fn connect_round(
 /// Ends every session still running with a DISCONNECT and waits for them (at most until
 /// `deadline`, then they are aborted), adding the sessions lost on the way to the row.
 pub(crate) async fn end_sessions(round: &mut Round, deadline: Instant) {
-    let mut drops = Reasons::default();
     for (client, task) in &round.sessions {
         if !task.is_finished() {
             // A full request queue drains as the device's task writes; retry briefly.
@@ -463,6 +516,13 @@ pub(crate) async fn end_sessions(round: &mut Round, deadline: Instant) {
             }
         }
     }
+    join_sessions(round, deadline).await;
+}
+
+/// Waits for the round's device tasks (at most until `deadline`, then they are aborted),
+/// adding the sessions lost on the way to the row.
+pub(crate) async fn join_sessions(round: &mut Round, deadline: Instant) {
+    let mut drops = Reasons::default();
     for (_, task) in &mut round.sessions {
         match tokio::time::timeout_at(deadline, &mut *task).await {
             Ok(Ok(SessionEnd::Lost(reason))) => drops.add(reason),

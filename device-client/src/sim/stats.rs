@@ -95,6 +95,15 @@ impl SeqSet {
         self.duplicates
     }
 
+    /// How many sequence numbers are in `self` and not in `other`.
+    pub(crate) fn count_not_in(&self, other: &SeqSet) -> u64 {
+        self.bits
+            .iter()
+            .enumerate()
+            .map(|(i, w)| u64::from((w & !other.bits.get(i).copied().unwrap_or(0)).count_ones()))
+            .sum()
+    }
+
     /// Of the sequence numbers `0..sent`, how many never arrived.
     pub(crate) fn missing_below(&self, sent: u64) -> u64 {
         let mut have = 0u64;
@@ -256,6 +265,16 @@ mod tests {
             assert_eq!(s.missing_below(sent), missing, "sent {sent}");
         }
         assert_eq!(SeqSet::default().missing_below(10), 10);
+
+        let mut other = SeqSet::default();
+        for seq in [1, 5, 200] {
+            other.insert(seq);
+        }
+        // s = {0, 1, 2, 5, 64, 65, 130}
+        assert_eq!(s.count_not_in(&other), 5);
+        assert_eq!(other.count_not_in(&s), 1);
+        assert_eq!(s.count_not_in(&s), 0);
+        assert_eq!(SeqSet::default().count_not_in(&s), 0);
     }
 
     #[test]

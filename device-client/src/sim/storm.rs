@@ -55,6 +55,7 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, s: &ConnectStorm) -> Result<Outcome, Sim
         rounds,
         telemetry: None,
         fanout: None,
+        churn: None,
         rss_connected,
         truncated,
     })

@@ -20,9 +20,12 @@ use tokio::time::Instant;
 use super::hist::Histogram;
 use super::identities::device_index;
 use super::report::{CommandsSubscriptionReport, IntervalRow, ObserverReport, TelemetryReport};
-use super::session::{connect_round, end_sessions, AfterConnect, Publishing, RoundSpec};
+use super::session::{
+    connect_round, end_sessions, join_sessions, AfterConnect, Publishing, RoundSpec,
+};
+use super::soak::{self, Churning};
 use super::stats::{per_second, SeqSet, Usage};
-use super::{Ctx, Live, Observe, Outcome, Qos, SimError, TelemetryLoad};
+use super::{Churn, Ctx, Live, Observe, Outcome, Qos, SimError, TelemetryLoad};
 use crate::mqtt::{self, MqttClient, MqttEvent, MqttLoop, SessionSpec, SubmitError};
 use crate::tls::{SharedTls, TlsConfig};
 
@@ -37,13 +40,22 @@ const SUBSCRIBE_WAIT: Duration = Duration::from_secs(10);
 
 /// Counters of the publishing tasks.
 #[derive(Debug, Default)]
-struct Offered {
-    offered: AtomicU64,
-    full: AtomicU64,
-    closed: AtomicU64,
+pub(crate) struct Offered {
+    /// Due by the schedule.
+    pub offered: AtomicU64,
+    /// Due while the device's request queue was full.
+    pub full: AtomicU64,
+    /// Due while the device had no session.
+    pub closed: AtomicU64,
 }
 
-pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, SimError> {
+/// Runs `telemetry`, or with `churn` a `soak`: the same publishing, while devices are dropped
+/// and reconnect at random.
+pub(crate) async fn run(
+    ctx: &Arc<Ctx>,
+    t: &TelemetryLoad,
+    churn: Option<&Churn>,
+) -> Result<Outcome, SimError> {
     let n = ctx.devices.len();
     let size = payload(0, now_us(), t.payload_size).len();
     let max_packet = (size + 1024).max(16 * 1024);
@@ -54,6 +66,7 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
     };
 
     let publishing = Arc::new(Publishing::new(n, t.qos, t.subscribe_commands));
+    let offered = Arc::new(Offered::default());
     let spec = RoundSpec {
         round: 1,
         label: "connect",
@@ -63,7 +76,20 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
         capacity: usize::from(t.inflight) + 2,
         max_packet,
     };
-    let mut round = connect_round(ctx, &spec, |_| AfterConnect::Publish(publishing.clone())).await;
+    let churning = churn.map(|c| {
+        Arc::new(Churning::new(
+            c.clone(),
+            publishing.clone(),
+            offered.clone(),
+            &spec,
+            n,
+        ))
+    });
+    let mut round = connect_round(ctx, &spec, |_| match &churning {
+        Some(c) => AfterConnect::Soak(c.clone()),
+        None => AfterConnect::Publish(publishing.clone()),
+    })
+    .await;
     if let Some(commands) = &publishing.commands {
         let connected = round.row.connected;
         let until = (Instant::now() + SUBSCRIBE_WAIT).min(ctx.deadline);
@@ -84,7 +110,6 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
     let start_std = StdInstant::now();
     let end = (start + t.duration).min(ctx.deadline);
     truncated |= start + t.duration > ctx.deadline;
-    let offered = Arc::new(Offered::default());
     // Taken before any device can publish, so the rows add up to the totals.
     let (stop_sampler, stopped) = oneshot::channel();
     let sampler = t.report_every.map(|every| {
@@ -97,7 +122,16 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
         ))
     });
     let mut publishers = Vec::new();
+    let mut churner = None;
+    if let Some(c) = &churning {
+        // The devices publish on their own sessions; the soak drops them at random meanwhile.
+        c.begin(start, end, period, t.payload_size);
+        churner = Some(tokio::spawn(soak::churn(c.clone(), start, end)));
+    }
     for (index, (client, _)) in round.sessions.iter().enumerate() {
+        if churning.is_some() {
+            break;
+        }
         let granted = || {
             publishing.devices[index]
                 .commands_granted
@@ -122,9 +156,17 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
             schedule,
         )));
     }
-    let devices_publishing = publishers.len() as u64;
+    let devices_publishing = match &churning {
+        Some(_) => round.row.connected,
+        None => publishers.len() as u64,
+    };
     for p in publishers {
         let _ = p.await;
+    }
+    if let Some(churner) = churner {
+        // The devices' own drivers publish until `end`; the churn ends with its last drop.
+        let _ = churner.await;
+        tokio::time::sleep_until(end).await;
     }
     let end_std = StdInstant::now();
 
@@ -134,12 +176,21 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
     while !drained(live, t.qos) && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let grace = ctx.deadline.max(Instant::now()) + GRACE;
+    if let Some(c) = &churning {
+        // Ended before the last row, so the rows count every drop and reconnect: a clean drop
+        // or a reconnect still under way completes before its device task returns.
+        c.stop();
+        join_sessions(&mut round, grace).await;
+    }
     let _ = stop_sampler.send(());
     let intervals = match sampler {
         Some(task) => task.await.unwrap_or_default(),
         None => Vec::new(),
     };
-    end_sessions(&mut round, ctx.deadline.max(Instant::now()) + GRACE).await;
+    if churning.is_none() {
+        end_sessions(&mut round, grace).await;
+    }
 
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let (submitted, sent, acked) = (get(&live.submitted), get(&live.sent), get(&live.acked));
@@ -199,22 +250,35 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, t: &TelemetryLoad) -> Result<Outcome, Si
         rounds: vec![round.row],
         telemetry: Some(telemetry),
         fanout: None,
+        churn: churning.map(|c| c.report(&ctx.live)),
         rss_connected,
         truncated,
     })
 }
 
-/// Sessions lost, sent, acknowledged, delivered: what the interval rows count.
-type Counters = (u64, u64, u64, u64);
+/// What the interval rows count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Counters {
+    lost_sessions: u64,
+    sent: u64,
+    acked: u64,
+    delivered: u64,
+    drops: u64,
+    reconnects: u64,
+    reconnect_failures: u64,
+}
 
 fn counters(live: &Live) -> Counters {
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    (
-        get(&live.lost_sessions),
-        get(&live.sent),
-        get(&live.acked),
-        get(&live.delivered),
-    )
+    Counters {
+        lost_sessions: get(&live.lost_sessions),
+        sent: get(&live.sent),
+        acked: get(&live.acked),
+        delivered: get(&live.delivered),
+        drops: get(&live.drops),
+        reconnects: get(&live.reconnects),
+        reconnect_failures: get(&live.reconnect_failures),
+    }
 }
 
 /// A row every `every` from `start` until `stop`, counted from `baseline` (counters and process
@@ -241,10 +305,13 @@ async fn intervals(
         let row = IntervalRow {
             end_s: start.elapsed().as_secs_f64(),
             connected: get(&live.connected),
-            sessions_lost: now.0 - before.0,
-            sent: now.1 - before.1,
-            acked: now.2 - before.2,
-            delivered: now.3 - before.3,
+            sessions_lost: now.lost_sessions - before.lost_sessions,
+            sent: now.sent - before.sent,
+            acked: now.acked - before.acked,
+            delivered: now.delivered - before.delivered,
+            drops: now.drops - before.drops,
+            reconnects: now.reconnects - before.reconnects,
+            reconnect_failures: now.reconnect_failures - before.reconnect_failures,
             puback_latency: publishing.interval_latency.take().summary_ms(),
             rss_bytes: usage.rss,
             cpu_s: usage.cpu.saturating_sub(cpu_before).as_secs_f64(),
@@ -296,39 +363,98 @@ async fn publish(
         size,
     } = schedule;
     let topic = ctx.telemetry_topic(index);
-    let device = &publishing.devices[index];
     let mut next = first;
     let mut seq = 0u64;
     while next < end {
         tokio::time::sleep_until(next).await;
-        offered.offered.fetch_add(1, Ordering::Relaxed);
-        let body = payload(seq, now_us(), size);
-        let mut submitted = device.submitted.lock();
-        match client.publish_to(topic.clone(), qos, body) {
-            Ok(()) => {
-                submitted.push_back(StdInstant::now());
-                // Counted under the lock: a session that ends reads the count under it too.
-                device.submitted_count.fetch_add(1, Ordering::Relaxed);
-                ctx.live.submitted.fetch_add(1, Ordering::Relaxed);
-                drop(submitted);
-                seq += 1;
-            }
-            Err(SubmitError::Full) if !device.ended.load(Ordering::Relaxed) => {
-                drop(submitted);
-                offered.full.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {
-                drop(submitted);
+        let due = Due {
+            topic: &topic,
+            qos,
+            size,
+            seq,
+        };
+        match submit(&ctx, index, &client, (&publishing, &offered), due) {
+            Submitted::Queued => seq += 1,
+            Submitted::Full => {}
+            Submitted::Gone => {
                 // The session is gone: this and every remaining tick go unsent.
-                let left = (end - next).as_secs_f64() / period.as_secs_f64();
-                let ticks = (left.ceil() as u64).max(1);
-                offered.offered.fetch_add(ticks - 1, Ordering::Relaxed);
-                offered.closed.fetch_add(ticks, Ordering::Relaxed);
+                skip_ticks(&offered, &mut next, end, period, end);
                 return;
             }
         }
         next += period;
     }
+}
+
+/// One publish due now.
+pub(crate) struct Due<'a> {
+    pub topic: &'a str,
+    pub qos: Qos,
+    pub size: usize,
+    pub seq: u64,
+}
+
+/// What became of a due publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Submitted {
+    /// Handed to the client: the sequence number is used.
+    Queued,
+    /// The request queue was full (counted); the sequence number is free.
+    Full,
+    /// The session is gone; not counted, the caller accounts for the tick.
+    Gone,
+}
+
+/// Hands device `index`'s due publish to its client and counts it as offered and submitted
+/// (or as not sent for a full queue).
+pub(crate) fn submit(
+    ctx: &Ctx,
+    index: usize,
+    client: &MqttClient,
+    (publishing, offered): (&Publishing, &Offered),
+    due: Due<'_>,
+) -> Submitted {
+    let device = &publishing.devices[index];
+    let body = payload(due.seq, now_us(), due.size);
+    let mut submitted = device.submitted.lock();
+    match client.publish_to(due.topic.to_owned(), due.qos, body) {
+        Ok(()) => {
+            submitted.push_back((StdInstant::now(), due.seq));
+            // Counted under the lock: a session that ends reads the count under it too.
+            device.submitted_count.fetch_add(1, Ordering::Relaxed);
+            ctx.live.submitted.fetch_add(1, Ordering::Relaxed);
+            drop(submitted);
+            offered.offered.fetch_add(1, Ordering::Relaxed);
+            Submitted::Queued
+        }
+        Err(SubmitError::Full) if !device.ended.load(Ordering::Relaxed) => {
+            drop(submitted);
+            offered.offered.fetch_add(1, Ordering::Relaxed);
+            offered.full.fetch_add(1, Ordering::Relaxed);
+            Submitted::Full
+        }
+        Err(_) => Submitted::Gone,
+    }
+}
+
+/// Counts the ticks from `*next` up to (not including) `until`, at most to `end`, as offered
+/// and not sent for want of a session, and moves `*next` past them.
+pub(crate) fn skip_ticks(
+    offered: &Offered,
+    next: &mut Instant,
+    until: Instant,
+    period: Duration,
+    end: Instant,
+) {
+    let until = until.min(end);
+    if *next >= until {
+        return;
+    }
+    let ticks = ((until - *next).as_secs_f64() / period.as_secs_f64()).ceil() as u64;
+    let ticks = ticks.max(1);
+    offered.offered.fetch_add(ticks, Ordering::Relaxed);
+    offered.closed.fetch_add(ticks, Ordering::Relaxed);
+    *next += period.mul_f64(ticks as f64);
 }
 
 /// `{"seq":N,"ts_us":T,"pad":"xxx"}`, padded to `size` bytes when that is larger than the
@@ -507,14 +633,14 @@ impl Observer {
             }
         };
         let mut lost = 0;
+        let mut unconfirmed = 0;
         let mut distinct = 0;
         let mut duplicates = 0;
         for (device, seqs) in publishing.devices.iter().zip(&seen.seqs) {
-            let expected = match publishing.qos {
-                Qos::AtLeastOnce => device.acked.load(Ordering::Relaxed),
-                Qos::AtMostOnce => device.sent.load(Ordering::Relaxed),
-            };
-            lost += seqs.missing_below(expected);
+            // Owed: acknowledged (QoS 1) or written (QoS 0).
+            let done = device.done_seqs.lock();
+            lost += done.count_not_in(seqs);
+            unconfirmed += seqs.count_not_in(&done);
             distinct += seqs.distinct();
             duplicates += seqs.duplicates();
         }
@@ -526,6 +652,7 @@ impl Observer {
             delivered: distinct,
             duplicates,
             lost,
+            delivered_unconfirmed: unconfirmed,
             foreign: seen.foreign,
             delivered_per_s: per_second(distinct, window),
             latency: seen.latency.summary_ms(),

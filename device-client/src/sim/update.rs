@@ -372,7 +372,12 @@ pub async fn run(config: &SimConfig, load: &UpdateLoad) -> Result<UpdateRunRepor
         .collect::<Result<Vec<DeviceId>, _>>()?;
     let minted = tokio::time::timeout_at(
         deadline,
-        identities::mint_identities(ca.clone(), &ids, config.cert_cache.as_deref()),
+        identities::mint_identities(
+            ca.clone(),
+            config.key_algorithm,
+            &ids,
+            config.cert_cache.as_deref(),
+        ),
     )
     .await
     .map_err(|_| SimError::Invalid("max duration reached while minting certificates".into()))??;
