@@ -197,8 +197,8 @@ async fn openapi_document_over_http() {
             let documented = item.get(method.as_str().to_ascii_lowercase()).is_some();
             let got = api.send(api.http.request(method.clone(), &url), None).await;
             if documented {
-                let no_route = got.0 == StatusCode::NOT_FOUND
-                    && got.1["error"]["message"] == "no such route";
+                let no_route =
+                    got.0 == StatusCode::NOT_FOUND && got.1["error"]["message"] == "no such route";
                 assert!(
                     got.0 != StatusCode::METHOD_NOT_ALLOWED && !no_route,
                     "{method} {path} is documented but not served: {got:?}"
