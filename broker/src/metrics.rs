@@ -95,6 +95,7 @@ pub struct Metrics {
 
 /// A point-in-time copy of [`Metrics`], serialisable for the REST bridge.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MetricsSnapshot {
     pub sessions_open: i64,
     pub connects: u64,

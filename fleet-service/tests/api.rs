@@ -152,6 +152,64 @@ fn is_rfc3339(v: &Value) -> bool {
     })
 }
 
+/// The committed document, at the repository root.
+const OPENAPI_JSON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../openapi.json");
+
+/// `/api/v1/openapi.json` over HTTP is the committed `openapi.json`, byte for byte; and on every
+/// documented path the live router answers exactly the documented methods (the rest get 405).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_over_http() {
+    let db = common::TestDb::sqlite();
+    let api = start(&db.url).await;
+    let resp = api
+        .http
+        .get(format!("{}/openapi.json", api.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let served = resp.text().await.unwrap();
+    let committed = std::fs::read_to_string(OPENAPI_JSON).unwrap_or_default();
+    assert!(
+        served == committed,
+        "the served OpenAPI document differs from openapi.json; regenerate it with \
+         `UPDATE_OPENAPI=1 cargo test -p fleet-service openapi` and commit it"
+    );
+
+    let doc: Value = serde_json::from_str(&served).unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() > 20, "{paths:?}");
+    for (path, item) in paths {
+        let concrete: String = path
+            .split('/')
+            .map(|seg| if seg.starts_with('{') { "x" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/");
+        let url = format!("{}{}", api.base, concrete.trim_start_matches("/api/v1"));
+        for method in [
+            reqwest::Method::GET,
+            reqwest::Method::POST,
+            reqwest::Method::PUT,
+            reqwest::Method::PATCH,
+            reqwest::Method::DELETE,
+        ] {
+            let documented = item.get(method.as_str().to_ascii_lowercase()).is_some();
+            let got = api.send(api.http.request(method.clone(), &url), None).await;
+            if documented {
+                let no_route =
+                    got.0 == StatusCode::NOT_FOUND && got.1["error"]["message"] == "no such route";
+                assert!(
+                    got.0 != StatusCode::METHOD_NOT_ALLOWED && !no_route,
+                    "{method} {path} is documented but not served: {got:?}"
+                );
+            } else {
+                assert_error(&got, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+            }
+        }
+    }
+}
+
 async fn auth_and_error_shapes(url: &str) {
     let api = start(url).await;
     let (s, body) = api.get("/health", None).await;

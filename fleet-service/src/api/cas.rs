@@ -8,10 +8,11 @@ use axum::Json;
 use broker::registry::JitpSettings;
 use fleet_wire::CohortId;
 use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
 
 use super::auth::{Caller, Writer};
 use super::catalog::Items;
-use super::error::{ApiJson, ApiPath};
+use super::error::{ApiJson, ApiPath, ErrorBody};
 use super::{rfc3339, ApiError, ApiState};
 use crate::store::cas::parse_ca_pem;
 use crate::store::{CaCertificate, CaUpdate, NewCa};
@@ -22,21 +23,31 @@ const MAX_DESCRIPTION: usize = 1000;
 const MAX_TAG_KEY: usize = 128;
 const MAX_TAG_VALUE: usize = 256;
 
-#[derive(Deserialize)]
+/// Just-in-time provisioning: devices whose certificate this CA signed are created on first
+/// connect, in this product and cohort, with these tags.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct JitpBody {
     product_id: String,
+    /// A cohort of `product_id`.
     cohort_id: String,
+    /// Keys of 1 to 128 characters without `:`; string values of 1 to 256 characters; no
+    /// control characters.
     #[serde(default)]
+    #[schema(value_type = BTreeMap<String, String>)]
     tags: serde_json::Map<String, serde_json::Value>,
 }
 
-#[derive(Deserialize)]
+/// A manufacturing CA to trust.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateCa {
+    /// One PEM `CERTIFICATE`: a CA certificate.
     certificate_pem: String,
+    /// At most 1000 characters.
     #[serde(default)]
     description: Option<String>,
+    /// Whether devices it signed may connect; true by default.
     #[serde(default)]
     enabled: Option<bool>,
     #[serde(default)]
@@ -44,14 +55,19 @@ pub(super) struct CreateCa {
 }
 
 /// Absent, `null` and a value are three different things in a PATCH.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PatchCa {
+    /// Absent: unchanged. Disabling ends the live sessions of the CA's devices.
     #[serde(default)]
     enabled: Option<bool>,
+    /// Absent: unchanged; `null`: removed.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
     description: Option<Option<String>>,
+    /// Absent: unchanged; `null`: provisioning turned off.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<JitpBody>)]
     jitp: Option<Option<JitpBody>>,
 }
 
@@ -65,25 +81,30 @@ where
     Option::<T>::deserialize(d).map(Some)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(super) struct JitpOut {
     product_id: String,
     cohort_id: String,
     tags: BTreeMap<String, String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(super) struct CaBody {
     id: String,
+    /// Hex SHA-256 of the certificate's DER.
     fingerprint_sha256: String,
     subject: String,
+    /// RFC 3339, UTC.
     not_before: String,
+    /// RFC 3339, UTC.
     not_after: String,
     description: Option<String>,
     enabled: bool,
     jitp: Option<JitpOut>,
     certificate_pem: String,
+    /// RFC 3339, UTC.
     created_at: String,
+    /// RFC 3339, UTC.
     updated_at: String,
 }
 
@@ -202,6 +223,27 @@ fn push_to_broker(state: &ApiState, ca: &CaCertificate) -> Result<(), ApiError> 
     Ok(())
 }
 
+/// Registers a manufacturing CA certificate, and makes the running broker trust it.
+///
+/// Role: operator or admin.
+#[utoipa::path(
+    post,
+    path = "/api/v1/ca-certificates",
+    tag = "ca-certificates",
+    security(("api_key" = [])),
+    request_body = CreateCa,
+    responses(
+        (status = 201, description = "Registered", body = CaBody),
+        (status = 400, description = "`malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key", body = ErrorBody),
+        (status = 409, description = "A CA with the same fingerprint is registered", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`invalid_certificate`, `invalid_description`, `unknown_product`, \
+            `unknown_cohort`, `cohort_not_in_product` or `invalid_tags`", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn create_ca(
     Writer(by): Writer,
     State(state): State<ApiState>,
@@ -229,6 +271,20 @@ pub(super) async fn create_ca(
     Ok((StatusCode::CREATED, Json(ca.into())))
 }
 
+/// Lists every CA certificate.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/ca-certificates",
+    tag = "ca-certificates",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Every CA certificate", body = Items<CaBody>),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn list_cas(
     _: Caller,
     State(state): State<ApiState>,
@@ -239,6 +295,23 @@ pub(super) async fn list_cas(
     }))
 }
 
+/// One CA certificate.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/ca-certificates/{ca_id}",
+    tag = "ca-certificates",
+    security(("api_key" = [])),
+    params(("ca_id" = String, Path, description = "The CA's id")),
+    responses(
+        (status = 200, description = "The CA certificate", body = CaBody),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 404, description = "No such CA certificate", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn get_ca(
     _: Caller,
     State(state): State<ApiState>,
@@ -252,6 +325,29 @@ pub(super) async fn get_ca(
     Ok(Json(ca.into()))
 }
 
+/// Changes a CA certificate (enabled, description, provisioning), and pushes the change to the
+/// running broker.
+///
+/// Role: operator or admin.
+#[utoipa::path(
+    patch,
+    path = "/api/v1/ca-certificates/{ca_id}",
+    tag = "ca-certificates",
+    security(("api_key" = [])),
+    params(("ca_id" = String, Path, description = "The CA's id")),
+    request_body = PatchCa,
+    responses(
+        (status = 200, description = "The changed CA certificate", body = CaBody),
+        (status = 400, description = "`invalid_path`, `malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key", body = ErrorBody),
+        (status = 404, description = "No such CA certificate", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`invalid_description`, `unknown_product`, `unknown_cohort`, \
+            `cohort_not_in_product` or `invalid_tags`", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn update_ca(
     Writer(by): Writer,
     State(state): State<ApiState>,

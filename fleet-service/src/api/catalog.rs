@@ -4,22 +4,27 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::auth::{Caller, Writer};
-use super::error::{ApiJson, ApiPath};
+use super::error::{ApiJson, ApiPath, ErrorBody};
 use super::{rfc3339, valid_name, ApiError, ApiState};
 use crate::store::{Cohort, Product};
 
-#[derive(Deserialize)]
+/// A product or cohort to create.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateNamed {
+    /// 1 to 200 characters after trimming, no control characters.
+    #[schema(example = "thermostat")]
     name: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(super) struct ProductBody {
     id: String,
     name: String,
+    /// RFC 3339, UTC.
     created_at: String,
 }
 
@@ -33,11 +38,12 @@ impl From<Product> for ProductBody {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(super) struct CohortBody {
     id: String,
     name: String,
     product_id: String,
+    /// RFC 3339, UTC.
     created_at: String,
 }
 
@@ -52,11 +58,32 @@ impl From<Cohort> for CohortBody {
     }
 }
 
-#[derive(Serialize)]
+/// A whole list, unpaginated.
+#[derive(Serialize, ToSchema)]
 pub(super) struct Items<T> {
     pub(super) items: Vec<T>,
 }
 
+/// Creates a product.
+///
+/// Role: operator or admin.
+#[utoipa::path(
+    post,
+    path = "/api/v1/products",
+    tag = "catalog",
+    security(("api_key" = [])),
+    request_body = CreateNamed,
+    responses(
+        (status = 201, description = "Created", body = ProductBody),
+        (status = 400, description = "`malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key", body = ErrorBody),
+        (status = 409, description = "A product of that name exists", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`invalid_name`", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn create_product(
     Writer(by): Writer,
     State(state): State<ApiState>,
@@ -69,6 +96,20 @@ pub(super) async fn create_product(
     Ok((StatusCode::CREATED, Json(product.into())))
 }
 
+/// Lists every product.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/products",
+    tag = "catalog",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Every product", body = Items<ProductBody>),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn list_products(
     _: Caller,
     State(state): State<ApiState>,
@@ -79,6 +120,23 @@ pub(super) async fn list_products(
     }))
 }
 
+/// One product.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/products/{product_id}",
+    tag = "catalog",
+    security(("api_key" = [])),
+    params(("product_id" = String, Path, description = "The product's id")),
+    responses(
+        (status = 200, description = "The product", body = ProductBody),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 404, description = "No such product", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn get_product(
     _: Caller,
     State(state): State<ApiState>,
@@ -92,6 +150,28 @@ pub(super) async fn get_product(
     Ok(Json(product.into()))
 }
 
+/// Creates a cohort of a product.
+///
+/// Role: operator or admin.
+#[utoipa::path(
+    post,
+    path = "/api/v1/products/{product_id}/cohorts",
+    tag = "catalog",
+    security(("api_key" = [])),
+    params(("product_id" = String, Path, description = "The product's id")),
+    request_body = CreateNamed,
+    responses(
+        (status = 201, description = "Created", body = CohortBody),
+        (status = 400, description = "`invalid_path`, `malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key", body = ErrorBody),
+        (status = 404, description = "No such product", body = ErrorBody),
+        (status = 409, description = "The product has a cohort of that name", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`invalid_name`", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn create_cohort(
     Writer(by): Writer,
     State(state): State<ApiState>,
@@ -108,6 +188,23 @@ pub(super) async fn create_cohort(
     Ok((StatusCode::CREATED, Json(cohort.into())))
 }
 
+/// Lists a product's cohorts.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/products/{product_id}/cohorts",
+    tag = "catalog",
+    security(("api_key" = [])),
+    params(("product_id" = String, Path, description = "The product's id")),
+    responses(
+        (status = 200, description = "The product's cohorts", body = Items<CohortBody>),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 404, description = "No such product", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn list_cohorts(
     _: Caller,
     State(state): State<ApiState>,
@@ -122,6 +219,23 @@ pub(super) async fn list_cohorts(
     }))
 }
 
+/// One cohort.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/cohorts/{cohort_id}",
+    tag = "catalog",
+    security(("api_key" = [])),
+    params(("cohort_id" = String, Path, description = "The cohort's id")),
+    responses(
+        (status = 200, description = "The cohort", body = CohortBody),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 404, description = "No such cohort", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn get_cohort(
     _: Caller,
     State(state): State<ApiState>,

@@ -7,43 +7,55 @@ use axum::Json;
 use base64::Engine;
 use fleet_wire::DeviceId;
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::auth::Caller;
-use super::error::{ApiPath, ApiQuery};
+use super::error::{ApiPath, ApiQuery, ErrorBody};
+use super::openapi::DeviceStateName;
 use super::{rfc3339, rfc3339_opt, ApiError, ApiState};
 use crate::store::{Device, DeviceFilter, DeviceState, TelemetryRecord};
 
 pub(super) const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
 
-#[derive(Serialize)]
+/// The device's client certificate.
+#[derive(Serialize, ToSchema)]
 pub(super) struct CertificateBody {
+    /// Hex SHA-256 of the certificate's DER.
     fingerprint_sha256: String,
     subject: String,
     issuer: String,
     serial: String,
+    /// RFC 3339, UTC.
     not_after: String,
 }
 
-#[derive(Serialize)]
+/// A device. Timestamps are RFC 3339, UTC.
+#[derive(Serialize, ToSchema)]
 pub(super) struct DeviceBody {
     id: String,
     product_id: String,
     cohort_id: Option<String>,
+    /// The CA that signed its certificate.
     ca_id: Option<String>,
     tags: BTreeMap<String, String>,
+    #[schema(value_type = DeviceStateName)]
     state: &'static str,
     state_reason: String,
     state_changed_at: String,
     online: bool,
     last_seen: Option<String>,
     connected_at: Option<String>,
+    /// Counts the device's sessions; a newer session's events win over an older one's.
     session_epoch: u64,
     disconnect_reason: Option<String>,
     remote_addr: Option<String>,
+    /// As the device last reported it.
     firmware_version: Option<String>,
+    /// The device's last reported state, any JSON value.
     reported: Option<serde_json::Value>,
     reported_at: Option<String>,
+    /// The device's last telemetry payload, any JSON value.
     last_telemetry: Option<serde_json::Value>,
     last_telemetry_at: Option<String>,
     certificate: Option<CertificateBody>,
@@ -84,17 +96,24 @@ impl From<Device> for DeviceBody {
     }
 }
 
-#[derive(Serialize)]
+/// One page of devices, by id.
+#[derive(Serialize, ToSchema)]
 pub(super) struct DevicePage {
     items: Vec<DeviceBody>,
+    /// Pass as `cursor` for the next page; none on the last page.
     next_cursor: Option<String>,
 }
 
-#[derive(Serialize)]
+/// One telemetry message.
+#[derive(Serialize, ToSchema)]
 pub(super) struct TelemetryBody {
+    /// The session it came in.
     epoch: u64,
+    /// Its sequence number within the session.
     seq: u64,
+    /// RFC 3339, UTC.
     received_at: String,
+    /// The payload as the device sent it, any JSON value.
     payload: serde_json::Value,
 }
 
@@ -109,7 +128,8 @@ impl From<TelemetryRecord> for TelemetryBody {
     }
 }
 
-#[derive(Serialize)]
+/// A device's most recent telemetry, newest first.
+#[derive(Serialize, ToSchema)]
 pub(super) struct TelemetryPage {
     items: Vec<TelemetryBody>,
 }
@@ -194,6 +214,23 @@ fn parse_list_query(pairs: Vec<(String, String)>) -> Result<ListQuery, ApiError>
     Ok(q)
 }
 
+/// One device: identity, state, presence, reported state and last telemetry.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{device_id}",
+    tag = "devices",
+    security(("api_key" = [])),
+    params(("device_id" = String, Path, description = "The device's id")),
+    responses(
+        (status = 200, description = "The device", body = DeviceBody),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 404, description = "No such device (also for an id that cannot be valid)", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn get_device(
     _: Caller,
     State(state): State<ApiState>,
@@ -208,6 +245,32 @@ pub(super) async fn get_device(
     Ok(Json(device.into()))
 }
 
+/// Lists devices by id, filtered and paginated. Every filter but `tag` at most once.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices",
+    tag = "devices",
+    security(("api_key" = [])),
+    params(
+        ("state" = Option<DeviceStateName>, Query, description = "Only devices in this state"),
+        ("cohort_id" = Option<String>, Query, description = "Only devices of this cohort"),
+        ("product_id" = Option<String>, Query, description = "Only devices of this product"),
+        ("online" = Option<bool>, Query, description = "Only online (`true`) or offline (`false`) devices"),
+        ("tag" = Option<Vec<String>>, Query, style = Form, explode,
+            description = "`key:value`; may repeat, and every tag must match"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000,
+            description = "Page size, 100 by default"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "One page of devices", body = DevicePage),
+        (status = 400, description = "`invalid_query`: an unknown or repeated parameter, or a bad value", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn list_devices(
     _: Caller,
     State(state): State<ApiState>,
@@ -230,6 +293,27 @@ pub(super) async fn list_devices(
     }))
 }
 
+/// A device's most recent telemetry messages.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{device_id}/telemetry",
+    tag = "devices",
+    security(("api_key" = [])),
+    params(
+        ("device_id" = String, Path, description = "The device's id"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000,
+            description = "How many, 100 by default"),
+    ),
+    responses(
+        (status = 200, description = "The newest messages", body = TelemetryPage),
+        (status = 400, description = "`invalid_path`, or `invalid_query`: an unknown parameter or a bad limit", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn device_telemetry(
     _: Caller,
     State(state): State<ApiState>,

@@ -5,27 +5,36 @@ use axum::http::StatusCode;
 use axum::Json;
 use broker::auth::ServiceRole;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::auth::Admin;
 use super::catalog::Items;
-use super::error::{ApiJson, ApiPath};
+use super::error::{ApiJson, ApiPath, ErrorBody};
 use super::{rfc3339, rfc3339_opt, ApiError, ApiState};
 use crate::keys::KeyError;
 use crate::store::ApiKeyRecord;
 
-#[derive(Deserialize)]
+/// An API key to issue.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CreateApiKey)]
 pub(super) struct CreateKey {
+    /// 1 to 200 characters after trimming, no control characters.
     name: String,
+    #[schema(value_type = super::openapi::ApiKeyRole)]
     role: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = ApiKeyBody)]
 pub(super) struct KeyBody {
     id: String,
     name: String,
+    #[schema(value_type = super::openapi::ApiKeyRole)]
     role: &'static str,
+    /// RFC 3339, UTC.
     created_at: String,
+    /// RFC 3339, UTC; none while the key is valid.
     revoked_at: Option<String>,
     /// Only in the answer to the create call.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -45,6 +54,26 @@ impl From<ApiKeyRecord> for KeyBody {
     }
 }
 
+/// Issues an API key. Its secret is in this answer only; the service keeps a hash.
+///
+/// Role: admin.
+#[utoipa::path(
+    post,
+    path = "/api/v1/api-keys",
+    tag = "api-keys",
+    security(("api_key" = [])),
+    request_body = CreateKey,
+    responses(
+        (status = 201, description = "Issued; `secret` is the bearer token", body = KeyBody),
+        (status = 400, description = "`malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 409, description = "The generated id or secret is taken (retry)", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`invalid_role` or `invalid_name`", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn create_key(
     Admin(admin): Admin,
     State(state): State<ApiState>,
@@ -67,6 +96,21 @@ pub(super) async fn create_key(
     Ok((StatusCode::CREATED, Json(out)))
 }
 
+/// Lists every API key, revoked ones too, without secrets.
+///
+/// Role: admin.
+#[utoipa::path(
+    get,
+    path = "/api/v1/api-keys",
+    tag = "api-keys",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Every API key", body = Items<KeyBody>),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn list_keys(
     _admin: Admin,
     State(state): State<ApiState>,
@@ -77,6 +121,24 @@ pub(super) async fn list_keys(
     }))
 }
 
+/// Revokes an API key; requests with it are refused from now on.
+///
+/// Role: admin.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/api-keys/{key_id}",
+    tag = "api-keys",
+    security(("api_key" = [])),
+    params(("key_id" = String, Path, description = "The API key's id")),
+    responses(
+        (status = 200, description = "The revoked key", body = KeyBody),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 404, description = "No such API key", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn revoke_key(
     Admin(admin): Admin,
     State(state): State<ApiState>,

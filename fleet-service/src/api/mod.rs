@@ -1,6 +1,7 @@
 //! The REST bridge for operators: JSON over HTTP under `/api/v1`.
 //!
-//! Every route but `/api/v1/health` wants `Authorization: Bearer <api key>`. Viewers may read;
+//! Every route but `/api/v1/health` and `/api/v1/openapi.json` wants
+//! `Authorization: Bearer <api key>`. Viewers may read;
 //! operators and admins may also change products, cohorts and CAs; only admins manage API
 //! keys. Every error, including axum's own rejections, has the shape
 //! `{"error":{"code":"...","message":"..."}}`.
@@ -11,12 +12,17 @@
 //! - `catalog`, `cas`, `devices`, `keys`: one module per resource.
 //! - `updates`: signing keys, releases, deployments (create, pause, resume, cancel, rollback,
 //!   promote) and per-device executions.
+//! - `openapi`: the OpenAPI document, generated from the handlers' `#[utoipa::path]`
+//!   annotations and the bodies' `ToSchema` derives; served at `/api/v1/openapi.json` and
+//!   committed as `openapi.json` at the repository root.
 //!
 //! # Invariants
 //! - Database error text never reaches a client: it is logged, and the client gets a 500 with
 //!   code `internal`.
 //! - A change to a CA is written to the store first, then pushed to the running broker, so the
 //!   broker never trusts something the database does not hold.
+//! - The router is built from [`routes`] alone, and tests hold that table, the OpenAPI document
+//!   and the committed `openapi.json` in step: a route cannot be served undocumented.
 
 mod auth;
 mod cas;
@@ -24,11 +30,16 @@ mod catalog;
 mod devices;
 mod error;
 mod keys;
+mod openapi;
 mod updates;
 
-use axum::routing::{delete, get, post};
+use axum::handler::Handler;
+use axum::http::Method;
+use axum::routing::{MethodFilter, MethodRouter};
 use axum::{Json, Router};
 use broker::BrokerControl;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 pub use error::ApiError;
 
@@ -56,98 +67,161 @@ impl ApiState {
     }
 }
 
+/// One route: a method, a path in axum's syntax, and its handler.
+struct Route {
+    #[cfg_attr(not(test), allow(dead_code))] // read by the route-coverage test
+    method: Method,
+    path: &'static str,
+    handler: MethodRouter<ApiState>,
+}
+
+fn route<H, T>(method: Method, path: &'static str, handler: H) -> Route
+where
+    H: Handler<T, ApiState>,
+    T: 'static,
+{
+    let filter = MethodFilter::try_from(method.clone()).expect("a method axum routes");
+    Route {
+        method,
+        path,
+        handler: axum::routing::on(filter, handler),
+    }
+}
+
+/// Every route of the REST bridge. The router is built from this table alone; a test checks it
+/// against the OpenAPI document (each handler's `#[utoipa::path]`), both ways.
+fn routes() -> Vec<Route> {
+    use Method as M;
+    vec![
+        route(M::GET, "/api/v1/health", health),
+        route(M::GET, "/api/v1/openapi.json", openapi::serve),
+        route(M::POST, "/api/v1/products", catalog::create_product),
+        route(M::GET, "/api/v1/products", catalog::list_products),
+        route(M::GET, "/api/v1/products/:product_id", catalog::get_product),
+        route(
+            M::POST,
+            "/api/v1/products/:product_id/cohorts",
+            catalog::create_cohort,
+        ),
+        route(
+            M::GET,
+            "/api/v1/products/:product_id/cohorts",
+            catalog::list_cohorts,
+        ),
+        route(M::GET, "/api/v1/cohorts/:cohort_id", catalog::get_cohort),
+        route(M::POST, "/api/v1/ca-certificates", cas::create_ca),
+        route(M::GET, "/api/v1/ca-certificates", cas::list_cas),
+        route(M::GET, "/api/v1/ca-certificates/:ca_id", cas::get_ca),
+        route(M::PATCH, "/api/v1/ca-certificates/:ca_id", cas::update_ca),
+        route(M::GET, "/api/v1/devices", devices::list_devices),
+        route(M::GET, "/api/v1/devices/:device_id", devices::get_device),
+        route(
+            M::GET,
+            "/api/v1/devices/:device_id/telemetry",
+            devices::device_telemetry,
+        ),
+        route(
+            M::GET,
+            "/api/v1/devices/:device_id/executions",
+            updates::device_executions,
+        ),
+        route(M::POST, "/api/v1/signing-keys", updates::create_signing_key),
+        route(M::GET, "/api/v1/signing-keys", updates::list_signing_keys),
+        route(
+            M::DELETE,
+            "/api/v1/signing-keys/:key_id",
+            updates::revoke_signing_key,
+        ),
+        route(M::POST, "/api/v1/releases", updates::create_release),
+        route(M::GET, "/api/v1/releases", updates::list_releases),
+        route(M::GET, "/api/v1/releases/:release_id", updates::get_release),
+        route(M::POST, "/api/v1/deployments", updates::create_deployment),
+        route(M::GET, "/api/v1/deployments", updates::list_deployments),
+        route(
+            M::GET,
+            "/api/v1/deployments/:deployment_id",
+            updates::get_deployment,
+        ),
+        route(
+            M::POST,
+            "/api/v1/deployments/:deployment_id/pause",
+            updates::pause_deployment,
+        ),
+        route(
+            M::POST,
+            "/api/v1/deployments/:deployment_id/resume",
+            updates::resume_deployment,
+        ),
+        route(
+            M::POST,
+            "/api/v1/deployments/:deployment_id/cancel",
+            updates::cancel_deployment,
+        ),
+        route(
+            M::POST,
+            "/api/v1/deployments/:deployment_id/rollback",
+            updates::rollback_deployment,
+        ),
+        route(
+            M::POST,
+            "/api/v1/deployments/:deployment_id/promote",
+            updates::promote_deployment,
+        ),
+        route(
+            M::GET,
+            "/api/v1/deployments/:deployment_id/executions",
+            updates::list_executions,
+        ),
+        route(M::GET, "/api/v1/broker/metrics", broker_metrics),
+        route(M::POST, "/api/v1/api-keys", keys::create_key),
+        route(M::GET, "/api/v1/api-keys", keys::list_keys),
+        route(M::DELETE, "/api/v1/api-keys/:key_id", keys::revoke_key),
+    ]
+}
+
 /// The REST bridge. Serve it with `axum::serve(listener, router(state))`.
 pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/api/v1/health", get(health))
-        .route(
-            "/api/v1/products",
-            post(catalog::create_product).get(catalog::list_products),
-        )
-        .route("/api/v1/products/:product_id", get(catalog::get_product))
-        .route(
-            "/api/v1/products/:product_id/cohorts",
-            post(catalog::create_cohort).get(catalog::list_cohorts),
-        )
-        .route("/api/v1/cohorts/:cohort_id", get(catalog::get_cohort))
-        .route(
-            "/api/v1/ca-certificates",
-            post(cas::create_ca).get(cas::list_cas),
-        )
-        .route(
-            "/api/v1/ca-certificates/:ca_id",
-            get(cas::get_ca).patch(cas::update_ca),
-        )
-        .route("/api/v1/devices", get(devices::list_devices))
-        .route("/api/v1/devices/:device_id", get(devices::get_device))
-        .route(
-            "/api/v1/devices/:device_id/telemetry",
-            get(devices::device_telemetry),
-        )
-        .route(
-            "/api/v1/devices/:device_id/executions",
-            get(updates::device_executions),
-        )
-        .route(
-            "/api/v1/signing-keys",
-            post(updates::create_signing_key).get(updates::list_signing_keys),
-        )
-        .route(
-            "/api/v1/signing-keys/:key_id",
-            delete(updates::revoke_signing_key),
-        )
-        .route(
-            "/api/v1/releases",
-            post(updates::create_release).get(updates::list_releases),
-        )
-        .route("/api/v1/releases/:release_id", get(updates::get_release))
-        .route(
-            "/api/v1/deployments",
-            post(updates::create_deployment).get(updates::list_deployments),
-        )
-        .route(
-            "/api/v1/deployments/:deployment_id",
-            get(updates::get_deployment),
-        )
-        .route(
-            "/api/v1/deployments/:deployment_id/pause",
-            post(updates::pause_deployment),
-        )
-        .route(
-            "/api/v1/deployments/:deployment_id/resume",
-            post(updates::resume_deployment),
-        )
-        .route(
-            "/api/v1/deployments/:deployment_id/cancel",
-            post(updates::cancel_deployment),
-        )
-        .route(
-            "/api/v1/deployments/:deployment_id/rollback",
-            post(updates::rollback_deployment),
-        )
-        .route(
-            "/api/v1/deployments/:deployment_id/promote",
-            post(updates::promote_deployment),
-        )
-        .route(
-            "/api/v1/deployments/:deployment_id/executions",
-            get(updates::list_executions),
-        )
-        .route("/api/v1/broker/metrics", get(broker_metrics))
-        .route(
-            "/api/v1/api-keys",
-            post(keys::create_key).get(keys::list_keys),
-        )
-        .route("/api/v1/api-keys/:key_id", delete(keys::revoke_key))
+    // Routes of one path merge into one method router; the fallbacks answer the rest.
+    routes()
+        .into_iter()
+        .fold(Router::new(), |router, r| router.route(r.path, r.handler))
         .fallback(error::no_such_route)
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(state)
 }
 
-async fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
+#[derive(Serialize, ToSchema)]
+struct Health {
+    #[schema(example = "ok")]
+    status: &'static str,
 }
 
+/// Whether the service answers.
+///
+/// No API key needed.
+#[utoipa::path(
+    get,
+    path = "/api/v1/health",
+    tag = "service",
+    responses((status = 200, description = "The service is up", body = Health)),
+)]
+async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// The broker's counters: sessions, connects, provisioning, publishes, rejections.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/broker/metrics",
+    tag = "service",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "A snapshot of the counters", body = broker::metrics::MetricsSnapshot),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = error::ErrorBody),
+    ),
+)]
 async fn broker_metrics(
     _caller: auth::Caller,
     axum::extract::State(state): axum::extract::State<ApiState>,

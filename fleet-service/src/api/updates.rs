@@ -13,11 +13,13 @@ use axum::Json;
 use fleet_wire::update::{self, DeploymentState, ReleaseManifest};
 use fleet_wire::CohortId;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Admin, Caller, Writer};
 use super::catalog::Items;
 use super::devices::{decode_cursor, encode_cursor, parse_limit, path_device, DEFAULT_LIMIT};
-use super::error::{ApiJson, ApiPath, ApiQuery};
+use super::error::{ApiJson, ApiPath, ApiQuery, ErrorBody};
+use super::openapi::{DeploymentKindName, DeploymentStateName, ExecutionStatusName};
 use super::{rfc3339, rfc3339_opt, valid_name, ApiError, ApiState};
 use crate::rollout::policy::{PolicyError, RolloutPolicy};
 use crate::rollout::RollbackError;
@@ -28,20 +30,27 @@ use crate::store::{
 
 // ---- signing keys ----
 
-#[derive(Deserialize)]
+/// A release signing key to register: the public half only.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CreateSigningKey)]
 pub(super) struct CreateKey {
+    /// 1 to 200 characters after trimming, no control characters.
     name: String,
     /// Base64 of the 32-byte Ed25519 key, or a PEM `PUBLIC KEY`.
     public_key: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(super) struct SigningKeyBody {
+    /// Derived from the public key.
     id: String,
     name: String,
+    /// Base64 of the 32-byte Ed25519 key.
     public_key: String,
+    /// RFC 3339, UTC.
     created_at: String,
+    /// RFC 3339, UTC; none while the key is valid.
     revoked_at: Option<String>,
 }
 
@@ -57,6 +66,26 @@ impl From<SigningKey> for SigningKeyBody {
     }
 }
 
+/// Registers a release signing key (Ed25519 public key).
+///
+/// Role: admin.
+#[utoipa::path(
+    post,
+    path = "/api/v1/signing-keys",
+    tag = "updates",
+    security(("api_key" = [])),
+    request_body = CreateKey,
+    responses(
+        (status = 201, description = "Registered", body = SigningKeyBody),
+        (status = 400, description = "`malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 409, description = "The key is registered already", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`invalid_name` or `invalid_public_key`", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn create_signing_key(
     _: Admin,
     State(state): State<ApiState>,
@@ -74,6 +103,20 @@ pub(super) async fn create_signing_key(
     Ok((StatusCode::CREATED, Json(created.into())))
 }
 
+/// Lists every signing key, revoked ones too.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/signing-keys",
+    tag = "updates",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "Every signing key", body = Items<SigningKeyBody>),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn list_signing_keys(
     _: Caller,
     State(state): State<ApiState>,
@@ -84,6 +127,24 @@ pub(super) async fn list_signing_keys(
     }))
 }
 
+/// Revokes a signing key: releases it signed stay; new ones must use another key.
+///
+/// Role: admin.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/signing-keys/{key_id}",
+    tag = "updates",
+    security(("api_key" = [])),
+    params(("key_id" = String, Path, description = "The signing key's id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 404, description = "No such signing key, or it is revoked already", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn revoke_signing_key(
     _: Admin,
     State(state): State<ApiState>,
@@ -100,24 +161,31 @@ pub(super) async fn revoke_signing_key(
 
 // ---- releases ----
 
-#[derive(Deserialize)]
+/// A release to register. Its signature must verify over the canonical manifest (product,
+/// version, URL, size, hash) against a registered, unrevoked signing key.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateRelease {
     product_id: String,
+    /// A semantic version such as `1.4.2`.
     version: String,
+    /// The artifact: `http://` or `https://`, at most 2048 characters.
     url: String,
+    /// The artifact's size in bytes.
     size: u64,
+    /// Hex SHA-256 of the artifact.
     sha256: String,
     /// Base64 Ed25519 signature over the canonical manifest.
     signature: String,
     /// Which key signed; by default every registered key is tried.
     #[serde(default)]
     key_id: Option<String>,
+    /// At most 10000 characters.
     #[serde(default)]
     notes: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(super) struct ReleaseBody {
     id: String,
     product_id: String,
@@ -128,6 +196,7 @@ pub(super) struct ReleaseBody {
     signature: String,
     key_id: String,
     notes: Option<String>,
+    /// RFC 3339, UTC.
     created_at: String,
 }
 
@@ -148,6 +217,26 @@ impl From<Release> for ReleaseBody {
     }
 }
 
+/// Registers a signed release of a product.
+///
+/// Role: operator or admin.
+#[utoipa::path(
+    post,
+    path = "/api/v1/releases",
+    tag = "updates",
+    security(("api_key" = [])),
+    request_body = CreateRelease,
+    responses(
+        (status = 201, description = "Registered", body = ReleaseBody),
+        (status = 400, description = "`malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key", body = ErrorBody),
+        (status = 409, description = "The product has this version already", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`invalid_version`, `invalid_url`, `invalid_notes`, `invalid_manifest`, `invalid_reference` (no such product), `unknown_signing_key` or `invalid_signature`", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn create_release(
     _: Writer,
     State(state): State<ApiState>,
@@ -240,13 +329,31 @@ pub(super) async fn create_release(
     Ok((StatusCode::CREATED, Json(release.into())))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ReleaseQuery {
+    /// Only releases of this product.
     #[serde(default)]
     product_id: Option<String>,
 }
 
+/// Lists releases, newest first.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/releases",
+    tag = "updates",
+    security(("api_key" = [])),
+    params(ReleaseQuery),
+    responses(
+        (status = 200, description = "The releases", body = Items<ReleaseBody>),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn list_releases(
     _: Caller,
     State(state): State<ApiState>,
@@ -258,6 +365,23 @@ pub(super) async fn list_releases(
     }))
 }
 
+/// One release.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/releases/{release_id}",
+    tag = "updates",
+    security(("api_key" = [])),
+    params(("release_id" = String, Path, description = "The release's id")),
+    responses(
+        (status = 200, description = "The release", body = ReleaseBody),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 404, description = "No such release", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn get_release(
     _: Caller,
     State(state): State<ApiState>,
@@ -273,22 +397,30 @@ pub(super) async fn get_release(
 
 // ---- deployments ----
 
-#[derive(Deserialize)]
+/// A release to roll out to a cohort of its product.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateDeployment {
     release_id: String,
     cohort_id: String,
+    /// By default one wave of the whole cohort; see `RolloutPolicy`.
     #[serde(default)]
     policy: Option<RolloutPolicy>,
 }
 
-#[derive(Serialize)]
+/// Execution counts of one deployment.
+#[derive(Serialize, ToSchema)]
 pub(super) struct SummaryBody {
+    /// Devices with an execution (the cohort's devices since the deployment began).
     total: u64,
+    /// Devices told to install.
     admitted: u64,
+    /// Succeeded + failures.
     finished: u64,
     succeeded: u64,
+    /// Failed + rejected + timed out.
     failures: u64,
+    /// Devices per execution status (see `ExecutionStatus`).
     by_status: BTreeMap<&'static str, u64>,
     /// Finished devices as a share of all devices.
     percent_done: f64,
@@ -319,24 +451,36 @@ impl From<ExecutionSummary> for SummaryBody {
     }
 }
 
-#[derive(Serialize)]
+/// A deployment: a release targeted at a cohort, with its policy and progress. Timestamps are
+/// RFC 3339, UTC.
+#[derive(Serialize, ToSchema)]
 pub(super) struct DeploymentBody {
     id: String,
     product_id: String,
     cohort_id: String,
     release_id: String,
+    /// The release's version.
     version: String,
+    #[schema(value_type = DeploymentKindName)]
     kind: &'static str,
+    #[schema(value_type = DeploymentStateName)]
     state: &'static str,
+    /// Why it is in its state.
     state_reason: String,
+    /// As validated: ends with a wave of the whole cohort.
     policy: RolloutPolicy,
     /// 1-based, of `waves`.
     current_wave: u32,
     waves: usize,
+    /// Devices whose wave rank is below this are admitted.
     admit_below: u64,
+    /// Grows with every change the cohort topic carries.
     revision: u64,
+    /// What the cohort ran before (the default rollback target).
     previous_release_id: Option<String>,
+    /// For a rollback: the deployment it replaced.
     rollback_of: Option<String>,
+    /// The rollback that replaced this deployment.
     rolled_back_by: Option<String>,
     created_at: String,
     updated_at: String,
@@ -423,6 +567,26 @@ async fn start_deployment(
     Ok(d)
 }
 
+/// Deploys a release to a cohort of its product, in waves by its policy.
+///
+/// Role: operator or admin.
+#[utoipa::path(
+    post,
+    path = "/api/v1/deployments",
+    tag = "updates",
+    security(("api_key" = [])),
+    request_body = CreateDeployment,
+    responses(
+        (status = 201, description = "Created; the rollout engine publishes the cohort's message", body = DeploymentBody),
+        (status = 400, description = "`malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key", body = ErrorBody),
+        (status = 409, description = "The cohort has an active or paused deployment", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`invalid_policy` or `invalid_reference` (no such release or cohort, or of different products)", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn create_deployment(
     _: Writer,
     State(state): State<ApiState>,
@@ -439,15 +603,35 @@ pub(super) async fn create_deployment(
     Ok((StatusCode::CREATED, Json(deployment_body(&state, d).await?)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct DeploymentQuery {
+    /// Only deployments to this cohort.
     #[serde(default)]
     cohort_id: Option<String>,
+    /// Only deployments in this state.
     #[serde(default)]
+    #[param(value_type = Option<DeploymentStateName>)]
     state: Option<String>,
 }
 
+/// Lists deployments.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/deployments",
+    tag = "updates",
+    security(("api_key" = [])),
+    params(DeploymentQuery),
+    responses(
+        (status = 200, description = "The deployments, with their summaries", body = Items<DeploymentBody>),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn list_deployments(
     _: Caller,
     State(state): State<ApiState>,
@@ -477,6 +661,23 @@ async fn load(state: &ApiState, id: &str) -> Result<Deployment, ApiError> {
         .ok_or_else(|| ApiError::not_found("deployment"))
 }
 
+/// One deployment, with its execution summary.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/deployments/{deployment_id}",
+    tag = "updates",
+    security(("api_key" = [])),
+    params(("deployment_id" = String, Path, description = "The deployment's id")),
+    responses(
+        (status = 200, description = "The deployment", body = DeploymentBody),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 404, description = "No such deployment", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn get_deployment(
     _: Caller,
     State(state): State<ApiState>,
@@ -486,9 +687,11 @@ pub(super) async fn get_deployment(
     Ok(Json(deployment_body(&state, d).await?))
 }
 
-#[derive(Deserialize, Default)]
+/// Why; optional, and so is the whole body.
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ReasonBody {
+    /// At most 1000 characters; recorded as the deployment's `state_reason`.
     #[serde(default)]
     reason: Option<String>,
 }
@@ -558,6 +761,28 @@ async fn change_state(
     }
 }
 
+/// Pauses a deployment (it must be active).
+///
+/// Role: operator or admin.
+#[utoipa::path(
+    post,
+    path = "/api/v1/deployments/{deployment_id}/pause",
+    tag = "updates",
+    security(("api_key" = [])),
+    params(("deployment_id" = String, Path, description = "The deployment's id")),
+    request_body(content = Option<ReasonBody>, description = "Optional: no body is the same as `{}`"),
+    responses(
+        (status = 200, description = "The changed deployment", body = DeploymentBody),
+        (status = 400, description = "`invalid_path`, `malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key", body = ErrorBody),
+        (status = 404, description = "No such deployment", body = ErrorBody),
+        (status = 409, description = "The deployment is not active", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`invalid_reason`", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn pause_deployment(
     _: Writer,
     State(state): State<ApiState>,
@@ -571,6 +796,28 @@ pub(super) async fn pause_deployment(
     change_state(&state, &id, change, "paused by an operator", body.reason).await
 }
 
+/// Resumes a deployment (it must be paused).
+///
+/// Role: operator or admin.
+#[utoipa::path(
+    post,
+    path = "/api/v1/deployments/{deployment_id}/resume",
+    tag = "updates",
+    security(("api_key" = [])),
+    params(("deployment_id" = String, Path, description = "The deployment's id")),
+    request_body(content = Option<ReasonBody>, description = "Optional: no body is the same as `{}`"),
+    responses(
+        (status = 200, description = "The changed deployment", body = DeploymentBody),
+        (status = 400, description = "`invalid_path`, `malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key", body = ErrorBody),
+        (status = 404, description = "No such deployment", body = ErrorBody),
+        (status = 409, description = "The deployment is not paused", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`invalid_reason`", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn resume_deployment(
     _: Writer,
     State(state): State<ApiState>,
@@ -584,6 +831,28 @@ pub(super) async fn resume_deployment(
     change_state(&state, &id, change, "resumed by an operator", body.reason).await
 }
 
+/// Cancels a deployment (it must be active or paused).
+///
+/// Role: operator or admin.
+#[utoipa::path(
+    post,
+    path = "/api/v1/deployments/{deployment_id}/cancel",
+    tag = "updates",
+    security(("api_key" = [])),
+    params(("deployment_id" = String, Path, description = "The deployment's id")),
+    request_body(content = Option<ReasonBody>, description = "Optional: no body is the same as `{}`"),
+    responses(
+        (status = 200, description = "The changed deployment", body = DeploymentBody),
+        (status = 400, description = "`invalid_path`, `malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key", body = ErrorBody),
+        (status = 404, description = "No such deployment", body = ErrorBody),
+        (status = 409, description = "The deployment is not active or paused", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`invalid_reason`", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn cancel_deployment(
     _: Writer,
     State(state): State<ApiState>,
@@ -597,7 +866,8 @@ pub(super) async fn cancel_deployment(
     change_state(&state, &id, change, "canceled by an operator", body.reason).await
 }
 
-#[derive(Deserialize, Default)]
+/// Where to roll back to, and why; optional, and so is the whole body.
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RollbackBody {
     /// By default the release the cohort ran before this deployment.
@@ -607,6 +877,30 @@ pub(super) struct RollbackBody {
     reason: Option<String>,
 }
 
+/// Rolls a live deployment's cohort back to the release it ran before, or to a named one.
+///
+/// The deployment becomes `rolled_back`, and a new `rollback` deployment admits every device at once.
+///
+/// Role: operator or admin.
+#[utoipa::path(
+    post,
+    path = "/api/v1/deployments/{deployment_id}/rollback",
+    tag = "updates",
+    security(("api_key" = [])),
+    params(("deployment_id" = String, Path, description = "The deployment's id")),
+    request_body(content = Option<RollbackBody>, description = "Optional: no body is the same as `{}`"),
+    responses(
+        (status = 201, description = "The rollback deployment", body = DeploymentBody),
+        (status = 400, description = "`invalid_path`, `malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key", body = ErrorBody),
+        (status = 404, description = "No such deployment", body = ErrorBody),
+        (status = 409, description = "The deployment is not live (active or paused), or the cohort has another live deployment", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`invalid_rollback`: no previous release, or the release does not exist or belongs to another product", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn rollback_deployment(
     _: Writer,
     State(state): State<ApiState>,
@@ -628,10 +922,13 @@ pub(super) async fn rollback_deployment(
     Ok((StatusCode::CREATED, Json(deployment_body(&state, r).await?)))
 }
 
-#[derive(Deserialize)]
+/// The cohort to deploy a proven release to next.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PromoteBody {
+    /// Another cohort of the same product.
     cohort_id: String,
+    /// By default one wave of the whole cohort; see `RolloutPolicy`.
     #[serde(default)]
     policy: Option<RolloutPolicy>,
     /// Promote even though the deployment has not completed.
@@ -640,6 +937,28 @@ pub(super) struct PromoteBody {
 }
 
 /// Deploys the release a deployment proved to another cohort of the same product.
+/// Deploys the release a deployment proved to another cohort of the same product.
+///
+/// Role: operator or admin.
+#[utoipa::path(
+    post,
+    path = "/api/v1/deployments/{deployment_id}/promote",
+    tag = "updates",
+    security(("api_key" = [])),
+    params(("deployment_id" = String, Path, description = "The deployment's id")),
+    request_body = PromoteBody,
+    responses(
+        (status = 201, description = "The new deployment", body = DeploymentBody),
+        (status = 400, description = "`invalid_path`, `malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key", body = ErrorBody),
+        (status = 404, description = "No such deployment", body = ErrorBody),
+        (status = 409, description = "The deployment has not completed (and `force` is not set), or the target cohort has a live deployment", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`invalid_reference` (the same cohort, no such cohort, or another product's) or `invalid_policy`", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn promote_deployment(
     _: Writer,
     State(state): State<ApiState>,
@@ -675,14 +994,20 @@ pub(super) async fn promote_deployment(
 
 // ---- executions ----
 
-#[derive(Serialize)]
+/// One device's progress with one deployment. Timestamps are RFC 3339, UTC.
+#[derive(Serialize, ToSchema)]
 pub(super) struct ExecutionBody {
     deployment_id: String,
     device_id: String,
+    #[schema(value_type = ExecutionStatusName)]
     status: &'static str,
+    /// The device's error (`failed`) or reason (`rejected`).
     error: Option<String>,
+    /// The firmware version the device ran when the deployment began.
     from_version: Option<String>,
+    /// The firmware version the device last reported.
     firmware_version: Option<String>,
+    /// Whether its wave has reached it.
     admitted: bool,
     admitted_at: Option<String>,
     last_report_at: Option<String>,
@@ -708,12 +1033,35 @@ impl From<Execution> for ExecutionBody {
     }
 }
 
-#[derive(Serialize)]
+/// One page of executions, by device id.
+#[derive(Serialize, ToSchema)]
 pub(super) struct ExecutionPage {
     items: Vec<ExecutionBody>,
+    /// Pass as `cursor` for the next page; none on the last page.
     next_cursor: Option<String>,
 }
 
+/// A deployment's per-device executions, by device id, paginated.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/deployments/{deployment_id}/executions",
+    tag = "updates",
+    security(("api_key" = [])),
+    params(("deployment_id" = String, Path, description = "The deployment's id"),
+        ("status" = Option<ExecutionStatusName>, Query, description = "Only executions with this status"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size, 100 by default"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "One page of executions", body = ExecutionPage),
+        (status = 400, description = "`invalid_path`, or `invalid_query`: an unknown parameter or a bad value", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 404, description = "No such deployment", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn list_executions(
     _: Caller,
     State(state): State<ApiState>,
@@ -762,6 +1110,23 @@ pub(super) async fn list_executions(
     }))
 }
 
+/// A device's most recent executions (at most 50), one per deployment that reached it.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{device_id}/executions",
+    tag = "devices",
+    security(("api_key" = [])),
+    params(("device_id" = String, Path, description = "The device's id")),
+    responses(
+        (status = 200, description = "The device's executions", body = Items<ExecutionBody>),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
 pub(super) async fn device_executions(
     _: Caller,
     State(state): State<ApiState>,

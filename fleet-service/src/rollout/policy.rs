@@ -2,10 +2,11 @@
 //! clock of its own, so every rule is table-tested.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// A wave's size: a percentage of the cohort or a number of devices, cumulative (a wave of
 /// 50 % after one of 10 % admits 40 % more).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Wave {
     Percent(f64),
@@ -28,7 +29,7 @@ impl Wave {
 }
 
 /// What a tripped failure threshold does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnFailure {
     Pause,
@@ -38,8 +39,9 @@ pub enum OnFailure {
 /// The rules of one deployment. Every field has a default, so `{}` is a valid policy: one wave
 /// of the whole cohort, no rate limit, pause when more than 10 % of at least 5 finished
 /// devices failed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(default, deny_unknown_fields)]
+#[schema(default)]
 pub struct RolloutPolicy {
     /// Cumulative waves. A final wave of the whole cohort is implied when the last one covers
     /// less.
