@@ -973,11 +973,11 @@ impl Store {
             s.counts.total += n;
             s.counts.admitted += admitted;
             s.counts.notified += notified;
-            match st.as_str() {
-                "succeeded" => s.counts.succeeded += n,
-                "failed" => s.counts.failed += n,
-                "rejected" => s.counts.rejected += n,
-                "timed_out" => s.counts.timed_out += n,
+            match st {
+                ExecutionStatus::Succeeded => s.counts.succeeded += n,
+                ExecutionStatus::Failed => s.counts.failed += n,
+                ExecutionStatus::Rejected => s.counts.rejected += n,
+                ExecutionStatus::TimedOut => s.counts.timed_out += n,
                 _ => {}
             }
         }
