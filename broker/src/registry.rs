@@ -19,6 +19,8 @@ use crate::metrics::{Metrics, Rejection};
 #[derive(Debug, Clone)]
 pub struct CaRecord {
     pub id: String,
+    /// The organization that registered the CA; the devices it provisions belong to it.
+    pub org_id: String,
     /// DER of the CA certificate; it becomes a TLS trust anchor while `enabled`.
     pub cert_der: Vec<u8>,
     /// DER of the CA's subject name, matched against a device certificate's issuer.
@@ -41,6 +43,7 @@ pub struct JitpSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceRecord {
     pub id: DeviceId,
+    pub org_id: String,
     /// The CA that issued its certificate; a certificate from any other CA is refused.
     pub ca_id: String,
     pub product_id: String,
@@ -53,6 +56,7 @@ pub struct DeviceRecord {
 #[derive(Debug, Clone)]
 pub struct NewDevice {
     pub id: DeviceId,
+    pub org_id: String,
     pub ca_id: String,
     pub product_id: String,
     pub cohort_id: CohortId,
@@ -103,8 +107,17 @@ pub struct DeviceIdentity {
     pub cert: CertFacts,
 }
 
+/// Where a cohort sits, for the topic rights of scoped service keys on `cohorts/{id}/...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CohortRecord {
+    pub id: CohortId,
+    pub org_id: String,
+    pub product_id: String,
+}
+
 pub struct Registry {
     cas: DashMap<String, CaRecord>,
+    cohorts: DashMap<CohortId, CohortRecord>,
     ca_version: AtomicU64,
     devices: DashMap<DeviceId, DeviceRecord>,
     provisioning: DashMap<DeviceId, Arc<tokio::sync::Mutex<()>>>,
@@ -116,6 +129,7 @@ impl Registry {
     pub fn new(store: Arc<dyn RegistryStore>, metrics: Arc<Metrics>) -> Self {
         Self {
             cas: DashMap::new(),
+            cohorts: DashMap::new(),
             ca_version: AtomicU64::new(0),
             devices: DashMap::new(),
             provisioning: DashMap::new(),
@@ -155,6 +169,14 @@ impl Registry {
             .filter(|c| c.enabled)
             .map(|c| c.cert_der.clone())
             .collect()
+    }
+
+    pub fn upsert_cohort(&self, cohort: CohortRecord) {
+        self.cohorts.insert(cohort.id.clone(), cohort);
+    }
+
+    pub fn cohort(&self, id: &CohortId) -> Option<CohortRecord> {
+        self.cohorts.get(id).map(|c| c.clone())
     }
 
     pub fn upsert_device(&self, device: DeviceRecord) {
@@ -281,6 +303,7 @@ impl Registry {
         }
         let new = NewDevice {
             id: id.clone(),
+            org_id: ca.org_id.clone(),
             ca_id: ca.id.clone(),
             product_id: jitp.product_id,
             cohort_id: jitp.cohort_id,

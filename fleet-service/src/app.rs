@@ -79,6 +79,9 @@ impl App {
         {
             registry.upsert_device(device);
         }
+        for cohort in store.all_cohorts().await.context("loading cohorts")? {
+            registry.upsert_cohort(cohort_record(&cohort)?);
+        }
         let control = BrokerControl::new(registry.clone(), metrics);
 
         let (bus, source) = broker::bus::embedded(config.tuning.intake.bus_capacity);
@@ -213,6 +216,19 @@ impl App {
         info!("fleet platform stopped");
         Ok(())
     }
+}
+
+/// What the broker's registry keeps of a cohort (for the topic rights of scoped keys).
+pub(crate) fn cohort_record(
+    cohort: &crate::store::Cohort,
+) -> Result<broker::registry::CohortRecord, crate::store::StoreError> {
+    Ok(broker::registry::CohortRecord {
+        id: fleet_wire::CohortId::parse(&cohort.id).map_err(|e| {
+            crate::store::StoreError::Corrupt(format!("cohort id {:?}: {e}", cohort.id))
+        })?,
+        org_id: cohort.org_id.clone(),
+        product_id: cohort.product_id.clone(),
+    })
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

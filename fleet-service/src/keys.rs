@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use base64::Engine;
-use broker::auth::{ServiceAuth, ServicePrincipal, ServiceRole};
+use broker::auth::{Scope, ServiceAuth, ServicePrincipal, ServiceRole, DEFAULT_ORG};
 use dashmap::DashMap;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -61,8 +61,10 @@ pub async fn ensure_bootstrap_admin(store: &Store, token: &str) -> Result<(), Ke
     store
         .upsert_api_key(&ApiKeyRecord {
             id: BOOTSTRAP_ADMIN_ID.to_owned(),
+            org_id: DEFAULT_ORG.to_owned(),
             name: "bootstrap admin".to_owned(),
             role: ServiceRole::Admin,
+            scope: Scope::Org,
             secret_hash: hash_secret(token),
             created_at_ms: now_ms(),
             revoked_at_ms: None,
@@ -108,7 +110,7 @@ impl ApiKeys {
     pub async fn reload(&self) -> Result<(), StoreError> {
         let active: Vec<ApiKeyRecord> = self
             .store
-            .api_keys()
+            .api_keys(None)
             .await?
             .into_iter()
             .filter(|k| k.revoked_at_ms.is_none())
@@ -116,19 +118,20 @@ impl ApiKeys {
         self.by_hash
             .retain(|hash, _| active.iter().any(|k| &k.secret_hash == hash));
         for k in active {
-            self.by_hash.insert(
-                k.secret_hash,
-                ServicePrincipal {
-                    key_id: k.id,
-                    role: k.role,
-                },
-            );
+            self.by_hash.insert(k.secret_hash.clone(), principal_of(&k));
         }
         Ok(())
     }
 
-    /// Creates a key with a fresh secret.
-    pub async fn create(&self, name: &str, role: ServiceRole) -> Result<CreatedKey, KeyError> {
+    /// Creates a key with a fresh secret. The caller checked that the scope's product and
+    /// cohort belong to `org_id`.
+    pub async fn create(
+        &self,
+        org_id: &str,
+        name: &str,
+        role: ServiceRole,
+        scope: Scope,
+    ) -> Result<CreatedKey, KeyError> {
         let name = name.trim();
         if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
             return Err(KeyError::BadName);
@@ -136,27 +139,25 @@ impl ApiKeys {
         let secret = generate_secret();
         let record = ApiKeyRecord {
             id: crate::store::new_id(),
+            org_id: org_id.to_owned(),
             name: name.to_owned(),
             role,
+            scope,
             secret_hash: hash_secret(&secret),
             created_at_ms: now_ms(),
             revoked_at_ms: None,
         };
         self.store.create_api_key(&record).await?;
-        self.by_hash.insert(
-            record.secret_hash.clone(),
-            ServicePrincipal {
-                key_id: record.id.clone(),
-                role,
-            },
-        );
-        tracing::info!(key_id = %record.id, role = role.as_str(), "API key created");
+        self.by_hash
+            .insert(record.secret_hash.clone(), principal_of(&record));
+        tracing::info!(key_id = %record.id, org_id, role = role.as_str(), "API key created");
         Ok(CreatedKey { record, secret })
     }
 
-    /// Revokes a key; `None` when there is no such key. Revoking twice is harmless.
-    pub async fn revoke(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
-        let revoked = self.store.revoke_api_key(id, now_ms()).await?;
+    /// Revokes a key of an organization; `None` when it has no such key. Revoking twice is
+    /// harmless.
+    pub async fn revoke(&self, org_id: &str, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let revoked = self.store.revoke_api_key(org_id, id, now_ms()).await?;
         if let Some(k) = &revoked {
             self.by_hash.remove(&k.secret_hash);
             tracing::info!(key_id = %k.id, "API key revoked");
@@ -164,14 +165,23 @@ impl ApiKeys {
         Ok(revoked)
     }
 
-    /// Every key, revoked ones included.
-    pub async fn list(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        self.store.api_keys().await
+    /// Every key of an organization, revoked ones included.
+    pub async fn list(&self, org_id: &str) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.store.api_keys(Some(org_id)).await
     }
 
     /// Who holds `secret`, if it is an active key.
     pub fn principal(&self, secret: &str) -> Option<ServicePrincipal> {
         self.by_hash.get(&hash_secret(secret)).map(|p| p.clone())
+    }
+}
+
+fn principal_of(k: &ApiKeyRecord) -> ServicePrincipal {
+    ServicePrincipal {
+        key_id: k.id.clone(),
+        org_id: k.org_id.clone(),
+        role: k.role,
+        scope: k.scope.clone(),
     }
 }
 

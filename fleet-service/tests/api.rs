@@ -42,9 +42,22 @@ async fn start(url: &str) -> Api {
     let store = Store::connect(url).await.unwrap();
     ensure_bootstrap_admin(&store, ADMIN).await.unwrap();
     let keys = ApiKeys::load(&store).await.unwrap();
-    let viewer = keys.create("viewer", ServiceRole::Viewer).await.unwrap();
+    let viewer = keys
+        .create(
+            "default",
+            "viewer",
+            ServiceRole::Viewer,
+            broker::auth::Scope::Org,
+        )
+        .await
+        .unwrap();
     let operator = keys
-        .create("operator", ServiceRole::Operator)
+        .create(
+            "default",
+            "operator",
+            ServiceRole::Operator,
+            broker::auth::Scope::Org,
+        )
         .await
         .unwrap();
     let metrics = Arc::new(Metrics::default());

@@ -34,35 +34,43 @@ on_both_databases!(
 
 async fn migrations_run_twice(url: &str) {
     let store = Store::connect(url).await.unwrap();
-    store.create_product("p").await.unwrap();
+    store.create_product("default", "p").await.unwrap();
     store.close().await;
     let again = Store::connect(url).await.unwrap();
-    assert_eq!(again.products().await.unwrap().len(), 1);
+    assert_eq!(again.products("default").await.unwrap().len(), 1);
 }
 
 async fn catalog_constraints(url: &str) {
     let store = Store::connect(url).await.unwrap();
-    let p = store.create_product("thermostat").await.unwrap();
+    let p = store.create_product("default", "thermostat").await.unwrap();
     assert!(matches!(
-        store.create_product("thermostat").await,
+        store.create_product("default", "thermostat").await,
         Err(StoreError::Conflict(_))
     ));
-    let c = store.create_cohort(&p.id, "beta").await.unwrap();
+    let c = store.create_cohort(&p, "beta").await.unwrap();
     assert_eq!(c.product_id, p.id);
     assert!(matches!(
-        store.create_cohort(&p.id, "beta").await,
+        store.create_cohort(&p, "beta").await,
         Err(StoreError::Conflict(_))
     ));
     assert!(matches!(
-        store.create_cohort("no-such-product", "beta").await,
+        store
+            .create_cohort(
+                &fleet_service::store::Product {
+                    id: "no-such-product".into(),
+                    ..p.clone()
+                },
+                "beta"
+            )
+            .await,
         Err(StoreError::MissingReference(_))
     ));
-    let other = store.create_product("lamp").await.unwrap();
-    store.create_cohort(&other.id, "beta").await.unwrap();
+    let other = store.create_product("default", "lamp").await.unwrap();
+    store.create_cohort(&other, "beta").await.unwrap();
     assert_eq!(store.cohorts_of(&p.id).await.unwrap(), vec![c.clone()]);
     assert_eq!(store.cohort(&c.id).await.unwrap(), Some(c));
     assert_eq!(store.product(&p.id).await.unwrap(), Some(p));
-    assert_eq!(store.products().await.unwrap().len(), 2);
+    assert_eq!(store.products("default").await.unwrap().len(), 2);
 }
 
 async fn provisioning_is_idempotent(url: &str) {
@@ -687,7 +695,12 @@ async fn api_keys_cache(url: &str) {
     assert!(keys.authenticate("fk_nope").is_none());
 
     let viewer = keys
-        .create("dashboards", ServiceRole::Viewer)
+        .create(
+            "default",
+            "dashboards",
+            ServiceRole::Viewer,
+            broker::auth::Scope::Org,
+        )
         .await
         .unwrap();
     assert!(viewer.secret.starts_with("fk_"));
@@ -696,17 +709,25 @@ async fn api_keys_cache(url: &str) {
         ServiceRole::Viewer
     );
     // Only the hash is stored.
-    let stored = store.api_keys().await.unwrap();
+    let stored = store.api_keys(None).await.unwrap();
     assert!(stored.iter().all(|k| k.secret_hash != viewer.secret));
 
     // A fresh cache (another start) sees the same keys.
     let reloaded = ApiKeys::load(&store).await.unwrap();
     assert!(reloaded.authenticate(&viewer.secret).is_some());
 
-    let revoked = keys.revoke(&viewer.record.id).await.unwrap().unwrap();
+    let revoked = keys
+        .revoke("default", &viewer.record.id)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(revoked.revoked_at_ms.is_some());
     assert!(keys.authenticate(&viewer.secret).is_none());
-    assert!(keys.revoke("no-such-key").await.unwrap().is_none());
+    assert!(keys
+        .revoke("default", "no-such-key")
+        .await
+        .unwrap()
+        .is_none());
     reloaded.reload().await.unwrap();
     assert!(reloaded.authenticate(&viewer.secret).is_none());
 
@@ -722,10 +743,10 @@ async fn api_keys_cache(url: &str) {
 #[tokio::test]
 async fn in_memory_sqlite_keeps_one_database() {
     let store = Store::connect("sqlite::memory:").await.unwrap();
-    store.create_product("p").await.unwrap();
+    store.create_product("default", "p").await.unwrap();
     // Several calls in a row see the same (single-connection) database.
     for _ in 0..3 {
-        assert_eq!(store.products().await.unwrap().len(), 1);
+        assert_eq!(store.products("default").await.unwrap().len(), 1);
     }
 }
 

@@ -1,5 +1,9 @@
 //! Bearer-token extractors. Put them before any body extractor in a handler, so an
 //! unauthenticated or under-privileged request is refused before its body is looked at.
+//!
+//! Each carries the key's [`ServicePrincipal`]: its organization, role and scope. The role is
+//! checked here; what the key may see (organization and scope) is checked by `access` when a
+//! handler loads the resource, so a resource outside them is a 404 exactly like a missing one.
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -8,8 +12,8 @@ use broker::auth::{ServicePrincipal, ServiceRole};
 
 use super::{ApiError, ApiState};
 
-/// Any valid API key; reads do not care which.
-pub struct Caller;
+/// Any valid API key: viewer, operator or admin.
+pub struct Caller(pub ServicePrincipal);
 
 /// An API key that may change things: operator or admin.
 pub struct Writer(pub ServicePrincipal);
@@ -41,7 +45,7 @@ impl FromRequestParts<ApiState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
-        principal(parts, state).map(|_| Caller)
+        principal(parts, state).map(Caller)
     }
 }
 

@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use super::auth::{Caller, Writer};
 use super::catalog::Items;
 use super::error::{ApiJson, ApiPath, ErrorBody};
-use super::{rfc3339, ApiError, ApiState};
+use super::{access, rfc3339, ApiError, ApiState};
 use crate::store::cas::parse_ca_pem;
 use crate::store::{CaCertificate, CaUpdate, NewCa};
 
@@ -178,9 +178,15 @@ pub(super) fn valid_tags(
     Ok(out)
 }
 
-/// Checks that the provisioning target exists and hangs together.
-async fn valid_jitp(state: &ApiState, body: JitpBody) -> Result<JitpSettings, ApiError> {
-    if state.store.product(&body.product_id).await?.is_none() {
+/// Checks that the provisioning target exists in the CA's organization and hangs together. A
+/// product or cohort of another organization is reported exactly like a missing one.
+async fn valid_jitp(
+    state: &ApiState,
+    org_id: &str,
+    body: JitpBody,
+) -> Result<JitpSettings, ApiError> {
+    let product = state.store.product(&body.product_id).await?;
+    if product.is_none_or(|p| p.org_id != org_id) {
         return Err(ApiError::unprocessable(
             "unknown_product",
             format!("product {:?} does not exist", body.product_id),
@@ -249,16 +255,18 @@ pub(super) async fn create_ca(
     State(state): State<ApiState>,
     ApiJson(body): ApiJson<CreateCa>,
 ) -> Result<(StatusCode, Json<CaBody>), ApiError> {
+    access::org_wide(&by)?;
     let cert = parse_ca_pem(&body.certificate_pem)
         .map_err(|e| ApiError::unprocessable("invalid_certificate", e.to_string()))?;
     let description = valid_description(body.description)?;
     let jitp = match body.jitp {
-        Some(j) => Some(valid_jitp(&state, j).await?),
+        Some(j) => Some(valid_jitp(&state, &by.org_id, j).await?),
         None => None,
     };
     let ca = state
         .store
         .create_ca(NewCa {
+            org_id: by.org_id.clone(),
             cert,
             description,
             enabled: body.enabled.unwrap_or(true),
@@ -286,10 +294,11 @@ pub(super) async fn create_ca(
     ),
 )]
 pub(super) async fn list_cas(
-    _: Caller,
+    Caller(by): Caller,
     State(state): State<ApiState>,
 ) -> Result<Json<Items<CaBody>>, ApiError> {
-    let items = state.store.cas().await?;
+    access::org_wide(&by)?;
+    let items = state.store.cas(Some(&by.org_id)).await?;
     Ok(Json(Items {
         items: items.into_iter().map(Into::into).collect(),
     }))
@@ -313,15 +322,11 @@ pub(super) async fn list_cas(
     ),
 )]
 pub(super) async fn get_ca(
-    _: Caller,
+    Caller(by): Caller,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<CaBody>, ApiError> {
-    let ca = state
-        .store
-        .ca(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("CA certificate"))?;
+    let ca = access::ca(&state, &by, &id).await?;
     Ok(Json(ca.into()))
 }
 
@@ -354,11 +359,9 @@ pub(super) async fn update_ca(
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<PatchCa>,
 ) -> Result<Json<CaBody>, ApiError> {
-    if state.store.ca(&id).await?.is_none() {
-        return Err(ApiError::not_found("CA certificate"));
-    }
+    access::ca(&state, &by, &id).await?;
     let jitp = match body.jitp {
-        Some(Some(j)) => Some(Some(valid_jitp(&state, j).await?)),
+        Some(Some(j)) => Some(Some(valid_jitp(&state, &by.org_id, j).await?)),
         Some(None) => Some(None),
         None => None,
     };

@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 
 use super::auth::{Caller, Writer};
 use super::error::{ApiJson, ApiPath, ErrorBody};
-use super::{rfc3339, valid_name, ApiError, ApiState};
+use super::{access, rfc3339, valid_name, ApiError, ApiState};
 use crate::store::{Cohort, Product};
 
 /// A product or cohort to create.
@@ -89,8 +89,9 @@ pub(super) async fn create_product(
     State(state): State<ApiState>,
     ApiJson(body): ApiJson<CreateNamed>,
 ) -> Result<(StatusCode, Json<ProductBody>), ApiError> {
+    access::org_wide(&by)?;
     let name = valid_name(&body.name)?;
-    let product = state.store.create_product(name).await?;
+    let product = state.store.create_product(&by.org_id, name).await?;
     tracing::info!(product_id = %product.id, name = %product.name, by = %by.key_id,
         "product created");
     Ok((StatusCode::CREATED, Json(product.into())))
@@ -111,12 +112,17 @@ pub(super) async fn create_product(
     ),
 )]
 pub(super) async fn list_products(
-    _: Caller,
+    Caller(by): Caller,
     State(state): State<ApiState>,
 ) -> Result<Json<Items<ProductBody>>, ApiError> {
-    let items = state.store.products().await?;
+    let (scope_product, _) = access::scope_filter(&by);
+    let items = state.store.products(&by.org_id).await?;
     Ok(Json(Items {
-        items: items.into_iter().map(Into::into).collect(),
+        items: items
+            .into_iter()
+            .filter(|p| scope_product.is_none_or(|s| s == p.id))
+            .map(Into::into)
+            .collect(),
     }))
 }
 
@@ -138,15 +144,11 @@ pub(super) async fn list_products(
     ),
 )]
 pub(super) async fn get_product(
-    _: Caller,
+    Caller(by): Caller,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ProductBody>, ApiError> {
-    let product = state
-        .store
-        .product(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("product"))?;
+    let product = access::product(&state, &by, &id).await?;
     Ok(Json(product.into()))
 }
 
@@ -178,11 +180,18 @@ pub(super) async fn create_cohort(
     ApiPath(product_id): ApiPath<String>,
     ApiJson(body): ApiJson<CreateNamed>,
 ) -> Result<(StatusCode, Json<CohortBody>), ApiError> {
-    if state.store.product(&product_id).await?.is_none() {
-        return Err(ApiError::not_found("product"));
+    let product = access::product(&state, &by, &product_id).await?;
+    if !by.covers_product(&product.org_id, &product.id) {
+        return Err(ApiError::forbidden(
+            "a cohort-scoped key may not create cohorts",
+        ));
     }
     let name = valid_name(&body.name)?;
-    let cohort = state.store.create_cohort(&product_id, name).await?;
+    let cohort = state.store.create_cohort(&product, name).await?;
+    state
+        .control
+        .registry()
+        .upsert_cohort(crate::app::cohort_record(&cohort)?);
     tracing::info!(cohort_id = %cohort.id, product_id = %product_id, name = %cohort.name,
         by = %by.key_id, "cohort created");
     Ok((StatusCode::CREATED, Json(cohort.into())))
@@ -206,16 +215,19 @@ pub(super) async fn create_cohort(
     ),
 )]
 pub(super) async fn list_cohorts(
-    _: Caller,
+    Caller(by): Caller,
     State(state): State<ApiState>,
     ApiPath(product_id): ApiPath<String>,
 ) -> Result<Json<Items<CohortBody>>, ApiError> {
-    if state.store.product(&product_id).await?.is_none() {
-        return Err(ApiError::not_found("product"));
-    }
+    access::product(&state, &by, &product_id).await?;
+    let (_, scope_cohort) = access::scope_filter(&by);
     let items = state.store.cohorts_of(&product_id).await?;
     Ok(Json(Items {
-        items: items.into_iter().map(Into::into).collect(),
+        items: items
+            .into_iter()
+            .filter(|c| scope_cohort.is_none_or(|s| s == c.id))
+            .map(Into::into)
+            .collect(),
     }))
 }
 
@@ -237,14 +249,10 @@ pub(super) async fn list_cohorts(
     ),
 )]
 pub(super) async fn get_cohort(
-    _: Caller,
+    Caller(by): Caller,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<CohortBody>, ApiError> {
-    let cohort = state
-        .store
-        .cohort(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("cohort"))?;
+    let cohort = access::cohort(&state, &by, &id).await?;
     Ok(Json(cohort.into()))
 }

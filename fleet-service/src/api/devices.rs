@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use super::auth::Caller;
 use super::error::{ApiPath, ApiQuery, ErrorBody};
 use super::openapi::DeviceStateName;
-use super::{rfc3339, rfc3339_opt, ApiError, ApiState};
+use super::{access, rfc3339, rfc3339_opt, ApiError, ApiState};
 use crate::store::{Device, DeviceFilter, DeviceState, TelemetryRecord};
 
 pub(super) const DEFAULT_LIMIT: u32 = 100;
@@ -232,16 +232,12 @@ fn parse_list_query(pairs: Vec<(String, String)>) -> Result<ListQuery, ApiError>
     ),
 )]
 pub(super) async fn get_device(
-    _: Caller,
+    Caller(by): Caller,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<DeviceBody>, ApiError> {
     let id = path_device(&id)?;
-    let device = state
-        .store
-        .device(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("device"))?;
+    let device = access::device(&state, &by, &id).await?;
     Ok(Json(device.into()))
 }
 
@@ -272,11 +268,29 @@ pub(super) async fn get_device(
     ),
 )]
 pub(super) async fn list_devices(
-    _: Caller,
+    Caller(by): Caller,
     State(state): State<ApiState>,
     ApiQuery(pairs): ApiQuery<Vec<(String, String)>>,
 ) -> Result<Json<DevicePage>, ApiError> {
-    let q = parse_list_query(pairs)?;
+    let mut q = parse_list_query(pairs)?;
+    q.filter.org_id = Some(by.org_id.clone());
+    // A scoped key's listing is its filter within the scope: a filter naming another product
+    // or cohort lists nothing.
+    let (scope_product, scope_cohort) = access::scope_filter(&by);
+    for (scope, filter) in [
+        (scope_product, &mut q.filter.product_id),
+        (scope_cohort, &mut q.filter.cohort_id),
+    ] {
+        if let Some(scope) = scope {
+            if filter.as_deref().is_some_and(|f| f != scope) {
+                return Ok(Json(DevicePage {
+                    items: Vec::new(),
+                    next_cursor: None,
+                }));
+            }
+            *filter = Some(scope.to_owned());
+        }
+    }
     let mut devices = state
         .store
         .devices(&q.filter, q.after.as_ref(), q.limit + 1)
@@ -315,7 +329,7 @@ pub(super) async fn list_devices(
     ),
 )]
 pub(super) async fn device_telemetry(
-    _: Caller,
+    Caller(by): Caller,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(pairs): ApiQuery<Vec<(String, String)>>,
@@ -333,9 +347,7 @@ pub(super) async fn device_telemetry(
         }
     }
     let id = path_device(&id)?;
-    if state.store.device(&id).await?.is_none() {
-        return Err(ApiError::not_found("device"));
-    }
+    access::device(&state, &by, &id).await?;
     let items = state.store.telemetry(&id, limit).await?;
     Ok(Json(TelemetryPage {
         items: items.into_iter().map(Into::into).collect(),

@@ -3,14 +3,14 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use broker::auth::ServiceRole;
+use broker::auth::{Scope, ServiceRole};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::Admin;
 use super::catalog::Items;
 use super::error::{ApiJson, ApiPath, ErrorBody};
-use super::{rfc3339, rfc3339_opt, ApiError, ApiState};
+use super::{access, rfc3339, rfc3339_opt, ApiError, ApiState};
 use crate::keys::KeyError;
 use crate::store::ApiKeyRecord;
 
@@ -23,30 +23,52 @@ pub(super) struct CreateKey {
     name: String,
     #[schema(value_type = super::openapi::ApiKeyRole)]
     role: String,
+    /// Narrows the key to one product of the organization (and its cohorts and devices).
+    #[serde(default)]
+    product_id: Option<String>,
+    /// Narrows the key further, to one cohort of `product_id` (which is then required).
+    #[serde(default)]
+    cohort_id: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
 #[schema(as = ApiKeyBody)]
 pub(super) struct KeyBody {
     id: String,
+    org_id: String,
     name: String,
     #[schema(value_type = super::openapi::ApiKeyRole)]
     role: &'static str,
+    /// The product the key is scoped to; none for a key of the whole organization.
+    product_id: Option<String>,
+    /// The cohort the key is scoped to, within `product_id`.
+    cohort_id: Option<String>,
     /// RFC 3339, UTC.
     created_at: String,
     /// RFC 3339, UTC; none while the key is valid.
     revoked_at: Option<String>,
     /// Only in the answer to the create call.
     #[serde(skip_serializing_if = "Option::is_none")]
-    secret: Option<String>,
+    pub(super) secret: Option<String>,
 }
 
 impl From<ApiKeyRecord> for KeyBody {
     fn from(k: ApiKeyRecord) -> Self {
+        let (product_id, cohort_id) = match k.scope {
+            Scope::Org => (None, None),
+            Scope::Product { product_id } => (Some(product_id), None),
+            Scope::Cohort {
+                product_id,
+                cohort_id,
+            } => (Some(product_id), Some(cohort_id)),
+        };
         Self {
             id: k.id,
+            org_id: k.org_id,
             name: k.name,
             role: k.role.as_str(),
+            product_id,
+            cohort_id,
             created_at: rfc3339(k.created_at_ms),
             revoked_at: rfc3339_opt(k.revoked_at_ms),
             secret: None,
@@ -79,12 +101,14 @@ pub(super) async fn create_key(
     State(state): State<ApiState>,
     ApiJson(body): ApiJson<CreateKey>,
 ) -> Result<(StatusCode, Json<KeyBody>), ApiError> {
+    access::org_wide(&admin)?;
     let role = ServiceRole::parse(&body.role).ok_or_else(|| {
         ApiError::unprocessable("invalid_role", "role must be admin, operator or viewer")
     })?;
+    let scope = key_scope(&state, &admin.org_id, body.product_id, body.cohort_id).await?;
     let created = state
         .keys
-        .create(&body.name, role)
+        .create(&admin.org_id, &body.name, role, scope)
         .await
         .map_err(|e| match e {
             KeyError::Store(e) => ApiError::from(e),
@@ -112,10 +136,11 @@ pub(super) async fn create_key(
     ),
 )]
 pub(super) async fn list_keys(
-    _admin: Admin,
+    Admin(admin): Admin,
     State(state): State<ApiState>,
 ) -> Result<Json<Items<KeyBody>>, ApiError> {
-    let items = state.keys.list().await?;
+    access::org_wide(&admin)?;
+    let items = state.keys.list(&admin.org_id).await?;
     Ok(Json(Items {
         items: items.into_iter().map(Into::into).collect(),
     }))
@@ -144,11 +169,48 @@ pub(super) async fn revoke_key(
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<KeyBody>, ApiError> {
+    access::org_wide(&admin)?;
     let key = state
         .keys
-        .revoke(&id)
+        .revoke(&admin.org_id, &id)
         .await?
         .ok_or_else(|| ApiError::not_found("API key"))?;
     tracing::info!(key_id = %key.id, by = %admin.key_id, "API key revoked over REST");
     Ok(Json(key.into()))
+}
+
+/// The scope a new key asks for, checked against the organization: a product or cohort of
+/// another organization is reported exactly like a missing one.
+async fn key_scope(
+    state: &ApiState,
+    org_id: &str,
+    product_id: Option<String>,
+    cohort_id: Option<String>,
+) -> Result<Scope, ApiError> {
+    let unknown = |what: &str, id: &str| {
+        ApiError::unprocessable("invalid_scope", format!("{what} {id:?} does not exist"))
+    };
+    match (product_id, cohort_id) {
+        (None, None) => Ok(Scope::Org),
+        (None, Some(_)) => Err(ApiError::unprocessable(
+            "invalid_scope",
+            "a cohort scope needs the cohort's product_id too",
+        )),
+        (Some(product_id), cohort_id) => {
+            let product = state.store.product(&product_id).await?;
+            if product.is_none_or(|p| p.org_id != org_id) {
+                return Err(unknown("product", &product_id));
+            }
+            let Some(cohort_id) = cohort_id else {
+                return Ok(Scope::Product { product_id });
+            };
+            match state.store.cohort(&cohort_id).await? {
+                Some(c) if c.product_id == product_id => Ok(Scope::Cohort {
+                    product_id,
+                    cohort_id,
+                }),
+                _ => Err(unknown("cohort of that product", &cohort_id)),
+            }
+        }
+    }
 }

@@ -24,6 +24,7 @@
 //! - The router is built from [`routes`] alone, and tests hold that table, the OpenAPI document
 //!   and the committed `openapi.json` in step: a route cannot be served undocumented.
 
+mod access;
 mod auth;
 mod cas;
 mod catalog;
@@ -31,6 +32,7 @@ mod devices;
 mod error;
 mod keys;
 mod openapi;
+mod orgs;
 mod updates;
 
 use axum::handler::Handler;
@@ -95,6 +97,9 @@ fn routes() -> Vec<Route> {
     vec![
         route(M::GET, "/api/v1/health", health),
         route(M::GET, "/api/v1/openapi.json", openapi::serve),
+        route(M::POST, "/api/v1/organizations", orgs::create_org),
+        route(M::GET, "/api/v1/organizations", orgs::list_orgs),
+        route(M::GET, "/api/v1/organizations/:org_id", orgs::get_org),
         route(M::POST, "/api/v1/products", catalog::create_product),
         route(M::GET, "/api/v1/products", catalog::list_products),
         route(M::GET, "/api/v1/products/:product_id", catalog::get_product),
@@ -211,7 +216,8 @@ async fn health() -> Json<Health> {
 
 /// The broker's counters: sessions, connects, provisioning, publishes, rejections.
 ///
-/// Role: viewer (any valid API key).
+/// Role: viewer of the `default` organization, without a scope (the counters cover every
+/// organization).
 #[utoipa::path(
     get,
     path = "/api/v1/broker/metrics",
@@ -220,13 +226,21 @@ async fn health() -> Json<Health> {
     responses(
         (status = 200, description = "A snapshot of the counters", body = broker::metrics::MetricsSnapshot),
         (status = 401, description = "No API key, or an unknown or revoked one", body = error::ErrorBody),
+        (status = 403, description = "A key of another organization, or a scoped key", body = error::ErrorBody),
     ),
 )]
 async fn broker_metrics(
-    _caller: auth::Caller,
+    auth::Caller(by): auth::Caller,
     axum::extract::State(state): axum::extract::State<ApiState>,
-) -> Json<broker::metrics::MetricsSnapshot> {
-    Json(state.control.metrics())
+) -> Result<Json<broker::metrics::MetricsSnapshot>, ApiError> {
+    // The broker is shared by every organization, so its counters are the platform's.
+    if by.org_id != broker::auth::DEFAULT_ORG || !by.org_wide() {
+        return Err(ApiError::forbidden(
+            "the broker's counters cover every organization: only unscoped keys of the \
+             default organization read them",
+        ));
+    }
+    Ok(Json(state.control.metrics()))
 }
 
 /// RFC 3339 (UTC) text of a Unix-milliseconds timestamp.

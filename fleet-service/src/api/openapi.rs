@@ -10,7 +10,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::store::{DeploymentKind, DeviceState, ExecutionStatus};
 
-use super::{cas, catalog, devices, error, keys, updates};
+use super::{cas, catalog, devices, error, keys, orgs, updates};
 
 /// The whole REST bridge. Every handler the router serves is listed here (a test checks it);
 /// schemas the operations name are collected from them.
@@ -23,12 +23,18 @@ use super::{cas, catalog, devices, error, keys, updates};
             Every operation but `/api/v1/health` and `/api/v1/openapi.json` wants \
             `Authorization: Bearer <api key>`; each operation's description names the role it \
             needs (viewer < operator < admin). Authentication and role come before the body \
-            is looked at. Every error, including unknown routes (404) and methods (405), has \
+            is looked at. A key belongs to one organization and sees nothing of another: \
+            another organization's resource is a 404, exactly like a missing one. A key may be \
+            scoped to one product, or one cohort of it; organization-level resources (CAs, API \
+            keys, signing keys, the audit log) need an unscoped key. Every error, including unknown routes (404) and methods (405), has \
             the shape `{\"error\":{\"code\":\"...\",\"message\":\"...\"}}`.",
     ),
     paths(
         super::health,
         serve,
+        orgs::create_org,
+        orgs::list_orgs,
+        orgs::get_org,
         catalog::create_product,
         catalog::list_products,
         catalog::get_product,
@@ -67,6 +73,7 @@ use super::{cas, catalog, devices, error, keys, updates};
     modifiers(&BearerKey),
     tags(
         (name = "service", description = "Health, this document, broker counters"),
+        (name = "organizations", description = "Organizations: the boundary of everything else"),
         (name = "catalog", description = "Products and their cohorts"),
         (name = "ca-certificates", description = "Manufacturing CAs and just-in-time provisioning"),
         (name = "devices", description = "Devices, their telemetry and update executions"),

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
+use broker::auth::ServicePrincipal;
 use fleet_wire::update::{self, DeploymentState, ReleaseManifest};
 use fleet_wire::CohortId;
 use serde::{Deserialize, Serialize};
@@ -20,7 +21,7 @@ use super::catalog::Items;
 use super::devices::{decode_cursor, encode_cursor, parse_limit, path_device, DEFAULT_LIMIT};
 use super::error::{ApiJson, ApiPath, ApiQuery, ErrorBody};
 use super::openapi::{DeploymentKindName, DeploymentStateName, ExecutionStatusName};
-use super::{rfc3339, rfc3339_opt, valid_name, ApiError, ApiState};
+use super::{access, rfc3339, rfc3339_opt, valid_name, ApiError, ApiState};
 use crate::rollout::policy::{PolicyError, RolloutPolicy};
 use crate::rollout::RollbackError;
 use crate::store::{
@@ -87,10 +88,11 @@ impl From<SigningKey> for SigningKeyBody {
     ),
 )]
 pub(super) async fn create_signing_key(
-    _: Admin,
+    Admin(by): Admin,
     State(state): State<ApiState>,
     ApiJson(body): ApiJson<CreateKey>,
 ) -> Result<(StatusCode, Json<SigningKeyBody>), ApiError> {
+    access::org_wide(&by)?;
     let name = valid_name(&body.name)?;
     let key = update::parse_public_key(&body.public_key)
         .map_err(|e| ApiError::unprocessable("invalid_public_key", e.to_string()))?;
@@ -98,7 +100,7 @@ pub(super) async fn create_signing_key(
     let b64 = base64::engine::general_purpose::STANDARD.encode(key);
     let created = state
         .store
-        .create_signing_key(&update::key_id(&key), name, &b64)
+        .create_signing_key(&by.org_id, &update::key_id(&key), name, &b64)
         .await?;
     Ok((StatusCode::CREATED, Json(created.into())))
 }
@@ -118,10 +120,11 @@ pub(super) async fn create_signing_key(
     ),
 )]
 pub(super) async fn list_signing_keys(
-    _: Caller,
+    Caller(by): Caller,
     State(state): State<ApiState>,
 ) -> Result<Json<Items<SigningKeyBody>>, ApiError> {
-    let items = state.store.signing_keys().await?;
+    access::org_wide(&by)?;
+    let items = state.store.signing_keys(&by.org_id).await?;
     Ok(Json(Items {
         items: items.into_iter().map(Into::into).collect(),
     }))
@@ -146,11 +149,12 @@ pub(super) async fn list_signing_keys(
     ),
 )]
 pub(super) async fn revoke_signing_key(
-    _: Admin,
+    Admin(by): Admin,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    if state.store.revoke_signing_key(&id).await? {
+    access::org_wide(&by)?;
+    if state.store.revoke_signing_key(&by.org_id, &id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(
@@ -238,7 +242,7 @@ impl From<Release> for ReleaseBody {
     ),
 )]
 pub(super) async fn create_release(
-    _: Writer,
+    Writer(by): Writer,
     State(state): State<ApiState>,
     ApiJson(body): ApiJson<CreateRelease>,
 ) -> Result<(StatusCode, Json<ReleaseBody>), ApiError> {
@@ -271,15 +275,23 @@ pub(super) async fn create_release(
     manifest
         .canonical_bytes()
         .map_err(|e| ApiError::unprocessable("invalid_manifest", e.to_string()))?;
-    if state.store.product(&body.product_id).await?.is_none() {
-        return Err(ApiError::unprocessable(
-            "invalid_reference",
-            "product does not exist",
-        ));
+    match access::product(&state, &by, &body.product_id).await {
+        Ok(p) if by.covers_product(&p.org_id, &p.id) => {}
+        Ok(_) => {
+            return Err(ApiError::forbidden(
+                "a cohort-scoped key may not register releases",
+            ))
+        }
+        Err(_) => {
+            return Err(ApiError::unprocessable(
+                "invalid_reference",
+                "product does not exist",
+            ))
+        }
     }
     let keys: Vec<SigningKey> = state
         .store
-        .signing_keys()
+        .signing_keys(&by.org_id)
         .await?
         .into_iter()
         .filter(|k| k.revoked_at_ms.is_none())
@@ -355,11 +367,16 @@ pub(super) struct ReleaseQuery {
     ),
 )]
 pub(super) async fn list_releases(
-    _: Caller,
+    Caller(by): Caller,
     State(state): State<ApiState>,
     ApiQuery(q): ApiQuery<ReleaseQuery>,
 ) -> Result<Json<Items<ReleaseBody>>, ApiError> {
-    let items = state.store.releases(q.product_id.as_deref()).await?;
+    let (scope_product, _) = access::scope_filter(&by);
+    if scope_product.is_some_and(|s| q.product_id.as_deref().is_some_and(|p| p != s)) {
+        return Ok(Json(Items { items: Vec::new() }));
+    }
+    let product = scope_product.or(q.product_id.as_deref());
+    let items = state.store.releases(&by.org_id, product).await?;
     Ok(Json(Items {
         items: items.into_iter().map(Into::into).collect(),
     }))
@@ -383,15 +400,11 @@ pub(super) async fn list_releases(
     ),
 )]
 pub(super) async fn get_release(
-    _: Caller,
+    Caller(by): Caller,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ReleaseBody>, ApiError> {
-    let r = state
-        .store
-        .release(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("release"))?;
+    let r = access::release(&state, &by, &id).await?;
     Ok(Json(r.into()))
 }
 
@@ -527,6 +540,7 @@ fn policy_error(e: PolicyError) -> ApiError {
 /// Creates a rollout of `release_id` to `cohort_id` after the checks every path shares.
 async fn start_deployment(
     state: &ApiState,
+    by: &ServicePrincipal,
     release_id: &str,
     cohort_id: &str,
     policy: Option<RolloutPolicy>,
@@ -536,15 +550,12 @@ async fn start_deployment(
         .unwrap_or_default()
         .validated()
         .map_err(policy_error)?;
-    let release =
-        state.store.release(release_id).await?.ok_or_else(|| {
-            ApiError::unprocessable("invalid_reference", "release does not exist")
-        })?;
-    let cohort = state
-        .store
-        .cohort(cohort_id)
-        .await?
-        .ok_or_else(|| ApiError::unprocessable("invalid_reference", "cohort does not exist"))?;
+    let release = access::release(state, by, release_id)
+        .await
+        .map_err(|_| ApiError::unprocessable("invalid_reference", "release does not exist"))?;
+    let cohort = access::cohort(state, by, cohort_id)
+        .await
+        .map_err(|_| ApiError::unprocessable("invalid_reference", "cohort does not exist"))?;
     if cohort.product_id != release.manifest.product_id {
         return Err(ApiError::unprocessable(
             "invalid_reference",
@@ -588,12 +599,13 @@ async fn start_deployment(
     ),
 )]
 pub(super) async fn create_deployment(
-    _: Writer,
+    Writer(by): Writer,
     State(state): State<ApiState>,
     ApiJson(body): ApiJson<CreateDeployment>,
 ) -> Result<(StatusCode, Json<DeploymentBody>), ApiError> {
     let d = start_deployment(
         &state,
+        &by,
         &body.release_id,
         &body.cohort_id,
         body.policy,
@@ -633,7 +645,7 @@ pub(super) struct DeploymentQuery {
     ),
 )]
 pub(super) async fn list_deployments(
-    _: Caller,
+    Caller(by): Caller,
     State(state): State<ApiState>,
     ApiQuery(q): ApiQuery<DeploymentQuery>,
 ) -> Result<Json<Items<DeploymentBody>>, ApiError> {
@@ -647,18 +659,23 @@ pub(super) async fn list_deployments(
         None => None,
     };
     let mut items = Vec::new();
-    for d in state.store.deployments(q.cohort_id.as_deref(), st).await? {
+    let (scope_product, scope_cohort) = access::scope_filter(&by);
+    if scope_cohort.is_some_and(|s| q.cohort_id.as_deref().is_some_and(|c| c != s)) {
+        return Ok(Json(Items { items }));
+    }
+    let cohort = scope_cohort.or(q.cohort_id.as_deref());
+    for d in state
+        .store
+        .deployments(&by.org_id, scope_product, cohort, st)
+        .await?
+    {
         items.push(deployment_body(&state, d).await?);
     }
     Ok(Json(Items { items }))
 }
 
-async fn load(state: &ApiState, id: &str) -> Result<Deployment, ApiError> {
-    state
-        .store
-        .deployment(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("deployment"))
+async fn load(state: &ApiState, by: &ServicePrincipal, id: &str) -> Result<Deployment, ApiError> {
+    access::deployment(state, by, id).await
 }
 
 /// One deployment, with its execution summary.
@@ -679,11 +696,11 @@ async fn load(state: &ApiState, id: &str) -> Result<Deployment, ApiError> {
     ),
 )]
 pub(super) async fn get_deployment(
-    _: Caller,
+    Caller(by): Caller,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<DeploymentBody>, ApiError> {
-    let d = load(&state, &id).await?;
+    let d = load(&state, &by, &id).await?;
     Ok(Json(deployment_body(&state, d).await?))
 }
 
@@ -726,12 +743,13 @@ where
 
 async fn change_state(
     state: &ApiState,
+    by: &ServicePrincipal,
     id: &str,
     change: StateChange<'_>,
     default_reason: &str,
     reason: Option<String>,
 ) -> Result<Json<DeploymentBody>, ApiError> {
-    let d = load(state, id).await?;
+    let d = load(state, by, id).await?;
     let reason = reason.unwrap_or_else(|| default_reason.to_owned());
     if reason.len() > 1000 {
         return Err(ApiError::unprocessable(
@@ -784,7 +802,7 @@ async fn change_state(
     ),
 )]
 pub(super) async fn pause_deployment(
-    _: Writer,
+    Writer(by): Writer,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
     Optional(body): Optional<ReasonBody>,
@@ -793,7 +811,15 @@ pub(super) async fn pause_deployment(
         from: &[DeploymentState::Active],
         to: DeploymentState::Paused,
     };
-    change_state(&state, &id, change, "paused by an operator", body.reason).await
+    change_state(
+        &state,
+        &by,
+        &id,
+        change,
+        "paused by an operator",
+        body.reason,
+    )
+    .await
 }
 
 /// Resumes a deployment (it must be paused).
@@ -819,7 +845,7 @@ pub(super) async fn pause_deployment(
     ),
 )]
 pub(super) async fn resume_deployment(
-    _: Writer,
+    Writer(by): Writer,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
     Optional(body): Optional<ReasonBody>,
@@ -828,7 +854,15 @@ pub(super) async fn resume_deployment(
         from: &[DeploymentState::Paused],
         to: DeploymentState::Active,
     };
-    change_state(&state, &id, change, "resumed by an operator", body.reason).await
+    change_state(
+        &state,
+        &by,
+        &id,
+        change,
+        "resumed by an operator",
+        body.reason,
+    )
+    .await
 }
 
 /// Cancels a deployment (it must be active or paused).
@@ -854,7 +888,7 @@ pub(super) async fn resume_deployment(
     ),
 )]
 pub(super) async fn cancel_deployment(
-    _: Writer,
+    Writer(by): Writer,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
     Optional(body): Optional<ReasonBody>,
@@ -863,7 +897,15 @@ pub(super) async fn cancel_deployment(
         from: &[DeploymentState::Active, DeploymentState::Paused],
         to: DeploymentState::Canceled,
     };
-    change_state(&state, &id, change, "canceled by an operator", body.reason).await
+    change_state(
+        &state,
+        &by,
+        &id,
+        change,
+        "canceled by an operator",
+        body.reason,
+    )
+    .await
 }
 
 /// Where to roll back to, and why; optional, and so is the whole body.
@@ -902,12 +944,12 @@ pub(super) struct RollbackBody {
     ),
 )]
 pub(super) async fn rollback_deployment(
-    _: Writer,
+    Writer(by): Writer,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
     Optional(body): Optional<RollbackBody>,
 ) -> Result<(StatusCode, Json<DeploymentBody>), ApiError> {
-    let d = load(&state, &id).await?;
+    let d = load(&state, &by, &id).await?;
     let reason = body
         .reason
         .unwrap_or_else(|| "rolled back by an operator".into());
@@ -960,12 +1002,12 @@ pub(super) struct PromoteBody {
     ),
 )]
 pub(super) async fn promote_deployment(
-    _: Writer,
+    Writer(by): Writer,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<PromoteBody>,
 ) -> Result<(StatusCode, Json<DeploymentBody>), ApiError> {
-    let d = load(&state, &id).await?;
+    let d = load(&state, &by, &id).await?;
     if d.state != DeploymentState::Completed && !body.force {
         return Err(ApiError::conflict(format!(
             "deployment is {}, not completed; promote with \"force\": true to skip the proof",
@@ -980,6 +1022,7 @@ pub(super) async fn promote_deployment(
     }
     let new = start_deployment(
         &state,
+        &by,
         &d.release_id,
         &body.cohort_id,
         body.policy,
@@ -1063,12 +1106,12 @@ pub(super) struct ExecutionPage {
     ),
 )]
 pub(super) async fn list_executions(
-    _: Caller,
+    Caller(by): Caller,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(pairs): ApiQuery<Vec<(String, String)>>,
 ) -> Result<Json<ExecutionPage>, ApiError> {
-    load(&state, &id).await?;
+    load(&state, &by, &id).await?;
     let mut status = None;
     let mut limit = DEFAULT_LIMIT;
     let mut after = None;
@@ -1128,14 +1171,12 @@ pub(super) async fn list_executions(
     ),
 )]
 pub(super) async fn device_executions(
-    _: Caller,
+    Caller(by): Caller,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Items<ExecutionBody>>, ApiError> {
     let id = path_device(&id)?;
-    if state.store.device(&id).await?.is_none() {
-        return Err(ApiError::not_found("device"));
-    }
+    access::device(&state, &by, &id).await?;
     let items = state.store.device_executions(&id).await?;
     Ok(Json(Items {
         items: items.into_iter().map(Into::into).collect(),

@@ -1,14 +1,16 @@
 //! API key rows. Only the SHA-256 of a secret is ever stored.
 
-use broker::auth::ServiceRole;
+use broker::auth::{Scope, ServiceRole};
 
 use super::{constraint, Store, StoreError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiKeyRecord {
     pub id: String,
+    pub org_id: String,
     pub name: String,
     pub role: ServiceRole,
+    pub scope: Scope,
     /// Lower-case hex SHA-256 of the secret.
     pub secret_hash: String,
     pub created_at_ms: i64,
@@ -18,8 +20,11 @@ pub struct ApiKeyRecord {
 #[derive(sqlx::FromRow)]
 struct ApiKeyRow {
     id: String,
+    org_id: String,
     name: String,
     role: String,
+    scope_product_id: Option<String>,
+    scope_cohort_id: Option<String>,
     secret_hash: String,
     created_at: i64,
     revoked_at: Option<i64>,
@@ -29,7 +34,23 @@ impl TryFrom<ApiKeyRow> for ApiKeyRecord {
     type Error = StoreError;
 
     fn try_from(r: ApiKeyRow) -> Result<Self, StoreError> {
+        let scope = match (r.scope_product_id, r.scope_cohort_id) {
+            (None, None) => Scope::Org,
+            (Some(product_id), None) => Scope::Product { product_id },
+            (Some(product_id), Some(cohort_id)) => Scope::Cohort {
+                product_id,
+                cohort_id,
+            },
+            (None, Some(_)) => {
+                return Err(StoreError::Corrupt(format!(
+                    "API key {} has a cohort scope without a product",
+                    r.id
+                )))
+            }
+        };
         Ok(ApiKeyRecord {
+            org_id: r.org_id,
+            scope,
             role: ServiceRole::parse(&r.role).ok_or_else(|| {
                 StoreError::Corrupt(format!("API key {} has role {:?}", r.id, r.role))
             })?,
@@ -42,15 +63,29 @@ impl TryFrom<ApiKeyRow> for ApiKeyRecord {
     }
 }
 
-const KEY_COLUMNS: &str = "id, name, role, secret_hash, created_at, revoked_at";
+const KEY_COLUMNS: &str = "id, org_id, name, role, scope_product_id, scope_cohort_id, \
+    secret_hash, created_at, revoked_at";
+
+/// The `(scope_product_id, scope_cohort_id)` columns of a scope.
+fn scope_columns(scope: &Scope) -> (Option<&str>, Option<&str>) {
+    match scope {
+        Scope::Org => (None, None),
+        Scope::Product { product_id } => (Some(product_id), None),
+        Scope::Cohort {
+            product_id,
+            cohort_id,
+        } => (Some(product_id), Some(cohort_id)),
+    }
+}
 
 impl Store {
     /// Fails with [`StoreError::Conflict`] when the id or the secret is taken.
     pub async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
         with_pool!(self, |pool| {
             sqlx::query(
-                "INSERT INTO api_keys (id, name, role, secret_hash, created_at, revoked_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO api_keys (id, name, role, secret_hash, created_at, revoked_at, \
+                 org_id, scope_product_id, scope_cohort_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )
             .bind(&key.id)
             .bind(&key.name)
@@ -58,6 +93,9 @@ impl Store {
             .bind(&key.secret_hash)
             .bind(key.created_at_ms)
             .bind(key.revoked_at_ms)
+            .bind(&key.org_id)
+            .bind(scope_columns(&key.scope).0)
+            .bind(scope_columns(&key.scope).1)
             .execute(pool)
             .await
             .map(|done| done.rows_affected())
@@ -71,9 +109,12 @@ impl Store {
     pub async fn upsert_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
         with_pool!(self, |pool| {
             sqlx::query(
-                "INSERT INTO api_keys (id, name, role, secret_hash, created_at, revoked_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
+                "INSERT INTO api_keys (id, name, role, secret_hash, created_at, revoked_at, \
+                 org_id, scope_product_id, scope_cohort_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                  ON CONFLICT (id) DO UPDATE SET name = excluded.name, role = excluded.role, \
+                 org_id = excluded.org_id, scope_product_id = excluded.scope_product_id, \
+                 scope_cohort_id = excluded.scope_cohort_id, \
                  secret_hash = excluded.secret_hash, revoked_at = excluded.revoked_at",
             )
             .bind(&key.id)
@@ -82,6 +123,9 @@ impl Store {
             .bind(&key.secret_hash)
             .bind(key.created_at_ms)
             .bind(key.revoked_at_ms)
+            .bind(&key.org_id)
+            .bind(scope_columns(&key.scope).0)
+            .bind(scope_columns(&key.scope).1)
             .execute(pool)
             .await
             .map(|done| done.rows_affected())
@@ -90,29 +134,35 @@ impl Store {
         Ok(())
     }
 
-    /// Every key, revoked ones included, oldest first.
-    pub async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+    /// Every key of one organization, or of all (`None`), revoked ones included, by id.
+    pub async fn api_keys(&self, org_id: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError> {
         let rows: Vec<ApiKeyRow> = with_pool!(self, |pool| {
-            sqlx::query_as(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id"))
-                .fetch_all(pool)
-                .await
+            sqlx::query_as(&format!(
+                "SELECT {KEY_COLUMNS} FROM api_keys WHERE ($1 IS NULL OR org_id = $1) ORDER BY id"
+            ))
+            .bind(org_id)
+            .fetch_all(pool)
+            .await
         })?;
         rows.into_iter().map(ApiKeyRecord::try_from).collect()
     }
 
-    /// Revokes a key (idempotent) and returns it as stored; `None` when there is no such key.
+    /// Revokes a key of an organization (idempotent) and returns it as stored; `None` when the
+    /// organization has no such key.
     pub async fn revoke_api_key(
         &self,
+        org_id: &str,
         id: &str,
         at_ms: i64,
     ) -> Result<Option<ApiKeyRecord>, StoreError> {
         let row: Option<ApiKeyRow> = with_pool!(self, |pool| {
             sqlx::query_as(&format!(
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1 \
-                 RETURNING {KEY_COLUMNS}"
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) \
+                 WHERE id = $1 AND org_id = $3 RETURNING {KEY_COLUMNS}"
             ))
             .bind(id)
             .bind(at_ms)
+            .bind(org_id)
             .fetch_optional(pool)
             .await
         })?;

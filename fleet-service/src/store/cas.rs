@@ -110,6 +110,7 @@ fn der_to_pem(der: &[u8]) -> String {
 #[derive(Debug, Clone)]
 pub struct CaCertificate {
     pub id: String,
+    pub org_id: String,
     pub fingerprint_sha256: String,
     pub certificate_pem: String,
     pub subject: String,
@@ -129,6 +130,7 @@ impl CaCertificate {
             .map_err(|e| StoreError::Corrupt(format!("CA {}: {e}", self.id)))?;
         Ok(CaRecord {
             id: self.id.clone(),
+            org_id: self.org_id.clone(),
             cert_der: parsed.der,
             subject_der: parsed.subject_der,
             key_id: parsed.key_id,
@@ -141,6 +143,7 @@ impl CaCertificate {
 /// A CA to register.
 #[derive(Debug, Clone)]
 pub struct NewCa {
+    pub org_id: String,
     pub cert: ParsedCa,
     pub description: Option<String>,
     pub enabled: bool,
@@ -158,6 +161,7 @@ pub struct CaUpdate {
 #[derive(sqlx::FromRow)]
 struct CaRow {
     id: String,
+    org_id: String,
     fingerprint_sha256: String,
     certificate_pem: String,
     subject: String,
@@ -173,7 +177,7 @@ struct CaRow {
 }
 
 const CA_COLUMNS: &str =
-    "id, fingerprint_sha256, certificate_pem, subject, not_before, not_after, \
+    "id, org_id, fingerprint_sha256, certificate_pem, subject, not_before, not_after, \
     description, enabled, jitp_product_id, jitp_cohort_id, jitp_tags, created_at, updated_at";
 
 impl TryFrom<CaRow> for CaCertificate {
@@ -194,6 +198,7 @@ impl TryFrom<CaRow> for CaCertificate {
         };
         Ok(CaCertificate {
             id: r.id,
+            org_id: r.org_id,
             fingerprint_sha256: r.fingerprint_sha256,
             certificate_pem: r.certificate_pem,
             subject: r.subject,
@@ -229,6 +234,7 @@ impl Store {
         let now = now_ms();
         let ca = CaCertificate {
             id: new_id(),
+            org_id: new.org_id,
             fingerprint_sha256: new.cert.fingerprint_sha256,
             certificate_pem: new.cert.pem,
             subject: new.cert.subject,
@@ -245,8 +251,8 @@ impl Store {
             sqlx::query(
                 "INSERT INTO ca_certificates (id, fingerprint_sha256, certificate_pem, subject, \
                  not_before, not_after, description, enabled, jitp_product_id, jitp_cohort_id, \
-                 jitp_tags, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                 jitp_tags, created_at, updated_at, org_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
             )
             .bind(&ca.id)
             .bind(&ca.fingerprint_sha256)
@@ -261,6 +267,7 @@ impl Store {
             .bind(&jitp_tags)
             .bind(ca.created_at_ms)
             .bind(ca.updated_at_ms)
+            .bind(&ca.org_id)
             .execute(pool)
             .await
             .map(|done| done.rows_affected())
@@ -281,12 +288,14 @@ impl Store {
         row.map(CaCertificate::try_from).transpose()
     }
 
-    /// Every registered CA, oldest first.
-    pub async fn cas(&self) -> Result<Vec<CaCertificate>, StoreError> {
+    /// The CAs of one organization, or of all (`None`), by id.
+    pub async fn cas(&self, org_id: Option<&str>) -> Result<Vec<CaCertificate>, StoreError> {
         let rows: Vec<CaRow> = with_pool!(self, |pool| {
             sqlx::query_as(&format!(
-                "SELECT {CA_COLUMNS} FROM ca_certificates ORDER BY id"
+                "SELECT {CA_COLUMNS} FROM ca_certificates \
+                 WHERE ($1 IS NULL OR org_id = $1) ORDER BY id"
             ))
+            .bind(org_id)
             .fetch_all(pool)
             .await
         })?;
@@ -329,7 +338,11 @@ impl Store {
 
     /// Every CA as the broker's registry wants it, for loading at start.
     pub async fn load_ca_records(&self) -> Result<Vec<CaRecord>, StoreError> {
-        self.cas().await?.iter().map(|c| c.to_record()).collect()
+        self.cas(None)
+            .await?
+            .iter()
+            .map(|c| c.to_record())
+            .collect()
     }
 }
 

@@ -5,6 +5,7 @@ use super::{constraint, new_id, now_ms, Store, StoreError};
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Product {
     pub id: String,
+    pub org_id: String,
     pub name: String,
     #[sqlx(rename = "created_at")]
     pub created_at_ms: i64,
@@ -13,46 +14,67 @@ pub struct Product {
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Cohort {
     pub id: String,
+    /// The product's organization (not a column of `cohorts`: read through the product).
+    pub org_id: String,
     pub product_id: String,
     pub name: String,
     #[sqlx(rename = "created_at")]
     pub created_at_ms: i64,
 }
 
+const COHORT_SELECT: &str = "SELECT c.id, p.org_id, c.product_id, c.name, c.created_at \
+    FROM cohorts c JOIN products p ON p.id = c.product_id";
+
 impl Store {
-    /// Fails with [`StoreError::Conflict`] when the name is taken.
-    pub async fn create_product(&self, name: &str) -> Result<Product, StoreError> {
+    /// Fails with [`StoreError::Conflict`] when the organization has a product of that name.
+    pub async fn create_product(&self, org_id: &str, name: &str) -> Result<Product, StoreError> {
         let product = Product {
             id: new_id(),
+            org_id: org_id.to_owned(),
             name: name.to_owned(),
             created_at_ms: now_ms(),
         };
         with_pool!(self, |pool| {
-            sqlx::query("INSERT INTO products (id, name, created_at) VALUES ($1, $2, $3)")
-                .bind(&product.id)
-                .bind(&product.name)
-                .bind(product.created_at_ms)
-                .execute(pool)
-                .await
-                .map(|done| done.rows_affected())
+            sqlx::query(
+                "INSERT INTO products (id, org_id, name, created_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&product.id)
+            .bind(&product.org_id)
+            .bind(&product.name)
+            .bind(product.created_at_ms)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected())
         })
-        .map_err(|e| constraint(e, "a product with this name", "product"))?;
+        .map_err(|e| constraint(e, "a product with this name", "organization"))?;
         Ok(product)
     }
 
     pub async fn product(&self, id: &str) -> Result<Option<Product>, StoreError> {
         Ok(with_pool!(self, |pool| {
-            sqlx::query_as("SELECT id, name, created_at FROM products WHERE id = $1")
+            sqlx::query_as("SELECT id, org_id, name, created_at FROM products WHERE id = $1")
                 .bind(id)
                 .fetch_optional(pool)
                 .await
         })?)
     }
 
-    /// Every product, oldest first.
-    pub async fn products(&self) -> Result<Vec<Product>, StoreError> {
+    /// Every product of an organization, by id.
+    pub async fn products(&self, org_id: &str) -> Result<Vec<Product>, StoreError> {
         Ok(with_pool!(self, |pool| {
-            sqlx::query_as("SELECT id, name, created_at FROM products ORDER BY id")
+            sqlx::query_as(
+                "SELECT id, org_id, name, created_at FROM products WHERE org_id = $1 ORDER BY id",
+            )
+            .bind(org_id)
+            .fetch_all(pool)
+            .await
+        })?)
+    }
+
+    /// Every cohort of every organization, for loading the broker's registry at start.
+    pub async fn all_cohorts(&self) -> Result<Vec<Cohort>, StoreError> {
+        Ok(with_pool!(self, |pool| {
+            sqlx::query_as(&format!("{COHORT_SELECT} ORDER BY c.id"))
                 .fetch_all(pool)
                 .await
         })?)
@@ -60,10 +82,11 @@ impl Store {
 
     /// Fails with [`StoreError::Conflict`] when the product already has a cohort of that name,
     /// and with [`StoreError::MissingReference`] when the product does not exist.
-    pub async fn create_cohort(&self, product_id: &str, name: &str) -> Result<Cohort, StoreError> {
+    pub async fn create_cohort(&self, product: &Product, name: &str) -> Result<Cohort, StoreError> {
         let cohort = Cohort {
             id: new_id(),
-            product_id: product_id.to_owned(),
+            org_id: product.org_id.clone(),
+            product_id: product.id.clone(),
             name: name.to_owned(),
             created_at_ms: now_ms(),
         };
@@ -85,7 +108,7 @@ impl Store {
 
     pub async fn cohort(&self, id: &str) -> Result<Option<Cohort>, StoreError> {
         Ok(with_pool!(self, |pool| {
-            sqlx::query_as("SELECT id, product_id, name, created_at FROM cohorts WHERE id = $1")
+            sqlx::query_as(&format!("{COHORT_SELECT} WHERE c.id = $1"))
                 .bind(id)
                 .fetch_optional(pool)
                 .await
@@ -95,10 +118,9 @@ impl Store {
     /// The cohorts of one product, oldest first.
     pub async fn cohorts_of(&self, product_id: &str) -> Result<Vec<Cohort>, StoreError> {
         Ok(with_pool!(self, |pool| {
-            sqlx::query_as(
-                "SELECT id, product_id, name, created_at FROM cohorts \
-                 WHERE product_id = $1 ORDER BY id",
-            )
+            sqlx::query_as(&format!(
+                "{COHORT_SELECT} WHERE c.product_id = $1 ORDER BY c.id"
+            ))
             .bind(product_id)
             .fetch_all(pool)
             .await

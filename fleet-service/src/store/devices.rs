@@ -66,6 +66,7 @@ pub struct DeviceCertificate {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Device {
     pub id: DeviceId,
+    pub org_id: String,
     pub product_id: String,
     pub cohort_id: Option<CohortId>,
     pub ca_id: Option<String>,
@@ -94,6 +95,8 @@ pub struct Device {
 /// Filters for [`Store::devices`]; all given ones must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceFilter {
+    /// The organization whose devices are listed; `None` lists every organization's.
+    pub org_id: Option<String>,
     pub state: Option<DeviceState>,
     pub product_id: Option<String>,
     pub cohort_id: Option<String>,
@@ -105,6 +108,7 @@ pub struct DeviceFilter {
 #[derive(sqlx::FromRow)]
 struct DeviceRow {
     id: String,
+    org_id: String,
     product_id: String,
     cohort_id: Option<String>,
     ca_id: Option<String>,
@@ -133,7 +137,8 @@ struct DeviceRow {
     updated_at: i64,
 }
 
-const DEVICE_COLUMNS: &str = "id, product_id, cohort_id, ca_id, tags, state, state_reason, \
+const DEVICE_COLUMNS: &str =
+    "id, org_id, product_id, cohort_id, ca_id, tags, state, state_reason, \
     state_changed_at, online, session_epoch, node_id, connected_at, last_seen, \
     disconnect_reason, remote_addr, firmware_version, reported, reported_at, last_telemetry, \
     last_telemetry_at, cert_fingerprint, cert_subject, cert_issuer, cert_serial, cert_not_after, \
@@ -164,6 +169,7 @@ impl TryFrom<DeviceRow> for Device {
         };
         Ok(Device {
             id: device_id(&r.id)?,
+            org_id: r.org_id,
             product_id: r.product_id,
             cohort_id: cohort_id(r.cohort_id)?,
             ca_id: r.ca_id,
@@ -194,6 +200,7 @@ impl TryFrom<DeviceRow> for Device {
 #[derive(sqlx::FromRow)]
 struct DeviceRecordRow {
     id: String,
+    org_id: String,
     ca_id: Option<String>,
     product_id: String,
     cohort_id: Option<String>,
@@ -209,6 +216,7 @@ impl TryFrom<DeviceRecordRow> for DeviceRecord {
                 .ca_id
                 .ok_or_else(|| StoreError::Corrupt(format!("device {} has no CA", r.id)))?,
             id: device_id(&r.id)?,
+            org_id: r.org_id,
             product_id: r.product_id,
             cohort_id: cohort_id(r.cohort_id)?,
             session_epoch: r.session_epoch.max(0) as u64,
@@ -231,9 +239,10 @@ impl Store {
             let inserted: Option<(String,)> = sqlx::query_as(
                 "INSERT INTO devices (id, product_id, cohort_id, ca_id, tags, state, state_reason, \
                  state_changed_at, online, session_epoch, presence_rank, cert_fingerprint, \
-                 cert_subject, cert_issuer, cert_serial, cert_not_after, created_at, updated_at) \
+                 cert_subject, cert_issuer, cert_serial, cert_not_after, created_at, updated_at, \
+                 org_id) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, FALSE, 0, 1, $9, $10, $11, $12, $13, \
-                 $8, $8) \
+                 $8, $8, $14) \
                  ON CONFLICT (id) DO NOTHING RETURNING id",
             )
             .bind(new.id.as_str())
@@ -249,6 +258,7 @@ impl Store {
             .bind(&new.cert.issuer)
             .bind(&new.cert.serial)
             .bind(new.cert.not_after_ms)
+            .bind(&new.org_id)
             .fetch_optional(&mut *tx)
             .await
             .map_err(|e| {
@@ -264,7 +274,7 @@ impl Store {
                 q.build().execute(&mut *tx).await?;
             }
             let row: DeviceRecordRow = sqlx::query_as(
-                "SELECT id, ca_id, product_id, cohort_id, session_epoch FROM devices \
+                "SELECT id, org_id, ca_id, product_id, cohort_id, session_epoch FROM devices \
                  WHERE id = $1",
             )
             .bind(new.id.as_str())
@@ -286,7 +296,7 @@ impl Store {
     pub async fn load_device_records(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         let rows: Vec<DeviceRecordRow> = with_pool!(self, |pool| {
             sqlx::query_as(
-                "SELECT id, ca_id, product_id, cohort_id, session_epoch FROM devices \
+                "SELECT id, org_id, ca_id, product_id, cohort_id, session_epoch FROM devices \
                  WHERE ca_id IS NOT NULL ORDER BY id",
             )
             .fetch_all(pool)
@@ -318,6 +328,9 @@ impl Store {
             let mut q = sqlx::QueryBuilder::new(format!(
                 "SELECT {DEVICE_COLUMNS} FROM devices WHERE 1 = 1"
             ));
+            if let Some(org_id) = &filter.org_id {
+                q.push(" AND org_id = ").push_bind(org_id.as_str());
+            }
             if let Some(state) = filter.state {
                 q.push(" AND state = ").push_bind(state.as_str());
             }

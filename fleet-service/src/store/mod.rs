@@ -11,7 +11,8 @@
 //!   the start-up loaders, listing and presence clean-up after a restart.
 //! - `events`: the intake's batched writes (presence, telemetry, reported state) and telemetry
 //!   retention.
-//! - `api_keys`: API key rows (hashes only).
+//! - `orgs`: organizations, the boundary every other row sits inside.
+//! - `api_keys`: API key rows (hashes only), with their organization and scope.
 //! - `updates`: signing keys, releases, deployments and their per-device executions, and the
 //!   intake's writes of device update reports.
 //!
@@ -61,6 +62,7 @@ pub mod cas;
 mod catalog;
 mod devices;
 mod events;
+mod orgs;
 mod updates;
 
 pub use api_keys::ApiKeyRecord;
@@ -71,6 +73,7 @@ pub use events::{
     EventBatch, EventOutcome, LatestTelemetry, ReportedChange, TelemetryRecord, TelemetryRetention,
     TelemetryRow,
 };
+pub use orgs::Organization;
 pub use updates::{
     Deployment, DeploymentKind, Execution, ExecutionStatus, ExecutionSummary, NewDeployment,
     Release, SigningKey, StateChange, UpdateReport,
@@ -175,6 +178,35 @@ fn constraint(e: sqlx::Error, conflict: &'static str, missing: &'static str) -> 
     StoreError::Database(e)
 }
 
+/// Applies the SQLite migrations on one connection with foreign keys off, as SQLite's
+/// table-rebuild procedure needs (a table that others reference cannot be replaced otherwise,
+/// and the pragma is a no-op inside the transaction each migration runs in); then checks that
+/// every foreign key still holds, and turns them back on.
+async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {
+    use sqlx::Connection as _;
+    let mut conn = pool.acquire().await?;
+    sqlx::query("PRAGMA foreign_keys = OFF")
+        .execute(&mut *conn)
+        .await?;
+    let migrated = sqlx::migrate!("./migrations/sqlite").run(&mut *conn).await;
+    let violations: Vec<(String,)> =
+        sqlx::query_as("SELECT \"table\" FROM pragma_foreign_key_check")
+            .fetch_all(&mut *conn)
+            .await?;
+    sqlx::query("PRAGMA foreign_keys = ON")
+        .execute(&mut *conn)
+        .await?;
+    conn.ping().await?;
+    migrated?;
+    if let Some((table,)) = violations.first() {
+        return Err(StoreError::Corrupt(format!(
+            "{} foreign key violations after migrating (first in table {table})",
+            violations.len()
+        )));
+    }
+    Ok(())
+}
+
 impl Store {
     /// Connects to `sqlite://path` (the file is created if missing) or `postgres://...`, and
     /// applies the embedded migrations.
@@ -200,7 +232,7 @@ impl Store {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts)
             .await?;
-            sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+            migrate_sqlite(&pool).await?;
             Backend::Sqlite(pool)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let opts = PgConnectOptions::from_str(url)?;

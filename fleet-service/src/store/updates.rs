@@ -25,6 +25,7 @@ use crate::rollout::policy::{Counts, RolloutPolicy};
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct SigningKey {
     pub id: String,
+    pub org_id: String,
     pub name: String,
     /// Base64 of the 32-byte key.
     pub public_key: String,
@@ -489,12 +490,14 @@ impl Store {
     /// Registers a public key under its id. [`StoreError::Conflict`] if it is known.
     pub async fn create_signing_key(
         &self,
+        org_id: &str,
         id: &str,
         name: &str,
         public_key_b64: &str,
     ) -> Result<SigningKey, StoreError> {
         let key = SigningKey {
             id: id.to_owned(),
+            org_id: org_id.to_owned(),
             name: name.to_owned(),
             public_key: public_key_b64.to_owned(),
             created_at_ms: now_ms(),
@@ -502,13 +505,14 @@ impl Store {
         };
         with_pool!(self, |pool| {
             sqlx::query(
-                "INSERT INTO signing_keys (id, name, public_key, created_at) \
-                 VALUES ($1, $2, $3, $4)",
+                "INSERT INTO signing_keys (id, name, public_key, created_at, org_id) \
+                 VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(&key.id)
             .bind(&key.name)
             .bind(&key.public_key)
             .bind(key.created_at_ms)
+            .bind(&key.org_id)
             .execute(pool)
             .await
             .map(|_| ())
@@ -517,11 +521,14 @@ impl Store {
         Ok(key)
     }
 
-    pub async fn signing_keys(&self) -> Result<Vec<SigningKey>, StoreError> {
+    /// The signing keys of an organization, by id.
+    pub async fn signing_keys(&self, org_id: &str) -> Result<Vec<SigningKey>, StoreError> {
         Ok(with_pool!(self, |pool| {
             sqlx::query_as(
-                "SELECT id, name, public_key, created_at, revoked_at FROM signing_keys ORDER BY id",
+                "SELECT id, org_id, name, public_key, created_at, revoked_at FROM signing_keys \
+                 WHERE org_id = $1 ORDER BY id",
             )
+            .bind(org_id)
             .fetch_all(pool)
             .await
         })?)
@@ -530,7 +537,7 @@ impl Store {
     pub async fn signing_key(&self, id: &str) -> Result<Option<SigningKey>, StoreError> {
         Ok(with_pool!(self, |pool| {
             sqlx::query_as(
-                "SELECT id, name, public_key, created_at, revoked_at FROM signing_keys \
+                "SELECT id, org_id, name, public_key, created_at, revoked_at FROM signing_keys \
                  WHERE id = $1",
             )
             .bind(id)
@@ -539,14 +546,17 @@ impl Store {
         })?)
     }
 
-    /// Revokes a key: no new release may name it. Returns false when unknown or revoked.
-    pub async fn revoke_signing_key(&self, id: &str) -> Result<bool, StoreError> {
+    /// Revokes a key of an organization: no new release may name it. Returns false when the
+    /// organization has no such key or it is revoked already.
+    pub async fn revoke_signing_key(&self, org_id: &str, id: &str) -> Result<bool, StoreError> {
         let done = with_pool!(self, |pool| {
             sqlx::query(
-                "UPDATE signing_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+                "UPDATE signing_keys SET revoked_at = $2 \
+                 WHERE id = $1 AND org_id = $3 AND revoked_at IS NULL",
             )
             .bind(id)
             .bind(now_ms())
+            .bind(org_id)
             .execute(pool)
             .await
             .map(|done| done.rows_affected())
@@ -612,12 +622,18 @@ impl Store {
         Ok(row.map(Release::from))
     }
 
-    /// Releases, newest first, of one product or of all.
-    pub async fn releases(&self, product_id: Option<&str>) -> Result<Vec<Release>, StoreError> {
+    /// Releases, newest first, of one organization's products, optionally of one product.
+    pub async fn releases(
+        &self,
+        org_id: &str,
+        product_id: Option<&str>,
+    ) -> Result<Vec<Release>, StoreError> {
         let rows: Vec<ReleaseRow> = with_pool!(self, |pool| {
             let mut q = sqlx::QueryBuilder::new(format!(
-                "SELECT {RELEASE_COLUMNS} FROM releases WHERE 1 = 1"
+                "SELECT {RELEASE_COLUMNS} FROM releases WHERE product_id IN \
+                 (SELECT id FROM products WHERE org_id = "
             ));
+            q.push_bind(org_id).push(")");
             if let Some(p) = product_id {
                 q.push(" AND product_id = ").push_bind(p);
             }
@@ -715,16 +731,24 @@ impl Store {
         row.map(Deployment::try_from).transpose()
     }
 
-    /// Deployments, newest first, optionally of one cohort or in one state.
+    /// Deployments of one organization's products, newest first, optionally of one product,
+    /// one cohort or in one state.
     pub async fn deployments(
         &self,
+        org_id: &str,
+        product_id: Option<&str>,
         cohort_id: Option<&str>,
         state: Option<DeploymentState>,
     ) -> Result<Vec<Deployment>, StoreError> {
         let rows: Vec<DeploymentRow> = with_pool!(self, |pool| {
             let mut q = sqlx::QueryBuilder::new(format!(
-                "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE 1 = 1"
+                "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE product_id IN \
+                 (SELECT id FROM products WHERE org_id = "
             ));
+            q.push_bind(org_id).push(")");
+            if let Some(p) = product_id {
+                q.push(" AND product_id = ").push_bind(p);
+            }
             if let Some(c) = cohort_id {
                 q.push(" AND cohort_id = ").push_bind(c);
             }

@@ -201,11 +201,12 @@ pub struct Catalog {
 }
 
 pub async fn catalog(store: &Store, name: &str) -> Catalog {
-    let product = store.create_product(name).await.unwrap();
-    let cohort = store.create_cohort(&product.id, "default").await.unwrap();
+    let product = store.create_product("default", name).await.unwrap();
+    let cohort = store.create_cohort(&product, "default").await.unwrap();
     let test_ca = TestCa::new(&format!("{name} CA"));
     let ca = store
         .create_ca(NewCa {
+            org_id: "default".into(),
             cert: parse_ca_pem(&test_ca.pem()).unwrap(),
             description: Some(format!("{name} manufacturing")),
             enabled: true,
@@ -233,6 +234,7 @@ pub fn id(s: &str) -> DeviceId {
 pub fn new_device(catalog: &Catalog, device: &str, tags: &[(&str, &str)]) -> NewDevice {
     NewDevice {
         id: id(device),
+        org_id: "default".into(),
         ca_id: catalog.ca.id.clone(),
         product_id: catalog.product.id.clone(),
         cohort_id: CohortId::parse(&catalog.cohort.id).unwrap(),

@@ -1,0 +1,168 @@
+//! Organizations. The platform admin (an unscoped admin key of the `default` organization)
+//! creates them; each comes with its first admin key, whose secret is in that answer only.
+//! Every other key sees its own organization alone.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use broker::auth::{Scope, ServiceRole};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::auth::{Admin, Caller};
+use super::catalog::Items;
+use super::error::{ApiJson, ApiPath, ErrorBody};
+use super::keys::KeyBody;
+use super::{rfc3339, valid_name, ApiError, ApiState};
+use crate::keys::KeyError;
+use crate::store::Organization;
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = OrganizationBody)]
+pub(super) struct OrgBody {
+    id: String,
+    name: String,
+    /// RFC 3339, UTC.
+    created_at: String,
+}
+
+impl From<Organization> for OrgBody {
+    fn from(o: Organization) -> Self {
+        Self {
+            id: o.id,
+            name: o.name,
+            created_at: rfc3339(o.created_at_ms),
+        }
+    }
+}
+
+/// A new organization and its first admin key.
+#[derive(Serialize, ToSchema)]
+pub(super) struct CreatedOrg {
+    organization: OrgBody,
+    /// An admin key of the new organization; `secret` is shown here only.
+    admin_key: KeyBody,
+}
+
+/// The name of a new organization.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateOrg {
+    /// 1 to 200 characters after trimming, no control characters; unique.
+    name: String,
+}
+
+/// Creates an organization, with a first admin key for it.
+///
+/// Role: admin, and the platform admin: an admin key of the `default` organization without a
+/// scope.
+#[utoipa::path(
+    post,
+    path = "/api/v1/organizations",
+    tag = "organizations",
+    security(("api_key" = [])),
+    request_body = CreateOrg,
+    responses(
+        (status = 201, description = "Created; `admin_key.secret` is the new organization's admin token", body = CreatedOrg),
+        (status = 400, description = "`malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "Not the platform admin", body = ErrorBody),
+        (status = 409, description = "An organization of that name exists", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`invalid_name`", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
+pub(super) async fn create_org(
+    Admin(by): Admin,
+    State(state): State<ApiState>,
+    ApiJson(body): ApiJson<CreateOrg>,
+) -> Result<(StatusCode, Json<CreatedOrg>), ApiError> {
+    if !by.platform_admin() {
+        return Err(ApiError::forbidden(
+            "only the platform admin (an unscoped admin key of the default organization) \
+             creates organizations",
+        ));
+    }
+    let name = valid_name(&body.name)?;
+    let org = state.store.create_org(name).await?;
+    let created = state
+        .keys
+        .create(&org.id, "first admin", ServiceRole::Admin, Scope::Org)
+        .await
+        .map_err(|e| match e {
+            KeyError::Store(e) => ApiError::from(e),
+            _ => ApiError::internal(),
+        })?;
+    tracing::info!(org_id = %org.id, name = %org.name, by = %by.key_id, "organization created");
+    let mut admin_key = KeyBody::from(created.record);
+    admin_key.secret = Some(created.secret);
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedOrg {
+            organization: org.into(),
+            admin_key,
+        }),
+    ))
+}
+
+/// Lists organizations: every one for the platform admin, the key's own for anyone else.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/organizations",
+    tag = "organizations",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The organizations the key may see", body = Items<OrgBody>),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
+pub(super) async fn list_orgs(
+    Caller(by): Caller,
+    State(state): State<ApiState>,
+) -> Result<Json<Items<OrgBody>>, ApiError> {
+    let items = if by.platform_admin() {
+        state.store.orgs().await?
+    } else {
+        state.store.org(&by.org_id).await?.into_iter().collect()
+    };
+    Ok(Json(Items {
+        items: items.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// One organization: the key's own, or any for the platform admin.
+///
+/// Role: viewer (any valid API key).
+#[utoipa::path(
+    get,
+    path = "/api/v1/organizations/{org_id}",
+    tag = "organizations",
+    security(("api_key" = [])),
+    params(("org_id" = String, Path, description = "The organization's id")),
+    responses(
+        (status = 200, description = "The organization", body = OrgBody),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 404, description = "No such organization (or not the key's)", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
+pub(super) async fn get_org(
+    Caller(by): Caller,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<OrgBody>, ApiError> {
+    if id != by.org_id && !by.platform_admin() {
+        return Err(ApiError::not_found("organization"));
+    }
+    let org = state
+        .store
+        .org(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("organization"))?;
+    Ok(Json(org.into()))
+}
