@@ -27,8 +27,12 @@ H="Authorization: Bearer $(cat data/admin-token)"; J='content-type: application/
 PRODUCT=$(curl -s -H "$H" -H "$J" -d '{"name":"thermostat"}' $API/products | jq -r .id)
 COHORT=$(curl -s -H "$H" -H "$J" -d '{"name":"fleet"}' $API/products/$PRODUCT/cohorts | jq -r .id)
 $DC pki ca --out-cert mfg-ca.pem --out-key mfg-ca.key --cn "Bench CA" 2> /dev/null
-jq -n --rawfile pem mfg-ca.pem --arg p "$PRODUCT" --arg c "$COHORT" \
-  '{certificate_pem: $pem, jitp: {product_id: $p, cohort_id: $c, tags: {}}}' \
+# Proof of possession: the CA signs a certificate whose CN is a fresh verification code.
+CODE=$(curl -s -X POST -H "$H" $API/ca-certificates/verification-code | jq -r .code)
+$DC pki device --ca-cert mfg-ca.pem --ca-key mfg-ca.key --id "$CODE" \
+  --out-cert verify.pem --out-key verify.key --force 2> /dev/null
+jq -n --rawfile pem mfg-ca.pem --rawfile proof verify.pem --arg p "$PRODUCT" --arg c "$COHORT" \
+  '{certificate_pem: $pem, verification_certificate_pem: $proof, jitp: {product_id: $p, cohort_id: $c, tags: {}}}' \
   | curl -s -H "$H" -H "$J" --data @- $API/ca-certificates > /dev/null
 $DC release keygen --out-key release.key --out-pub release.pub > /dev/null
 jq -n --rawfile k release.pub '{name: "bench", public_key: ($k | rtrimstr("\n"))}' \

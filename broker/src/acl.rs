@@ -1,16 +1,21 @@
-//! Topic rights. Pure functions over the wire contract's [`Topic`]: no I/O, table-tested.
+//! Topic rights. Pure functions over the wire contract's [`Topic`] and a [`Places`] lookup
+//! (where a device or cohort sits: organization, product, cohort): no I/O, table-tested.
 //!
 //! A device may publish only its own telemetry, reported state, command acks and update
-//! progress, and subscribe
-//! only to its own commands and its cohort's topics. A filter is allowed only when every topic it
-//! could ever match is allowed, so a wildcard can never reach another device. Backend services
-//! read everything under `devices/` and `cohorts/`; operators and admins may also send commands
-//! to a device or a cohort. The cohort's desired release (`cohorts/{id}/updates`) is published
-//! only by the platform itself. Anything not allowed is denied.
+//! progress, and subscribe only to its own commands and its cohort's topics; a quarantined
+//! device only to its own commands, and it may publish only command acks. A filter is allowed
+//! only when every topic it could ever match is allowed, so a wildcard can never reach another
+//! device. Backend services read under `devices/` and `cohorts/` what their key sees (its
+//! organization, narrowed by its product or cohort scope); operators and admins may also send
+//! commands to a device or cohort their key sees. A service filter with a wildcard where the
+//! device or cohort id goes is allowed, and what it delivers is narrowed message by message
+//! ([`may_receive`]), since ids are not grouped by organization in the topic tree. The cohort's
+//! desired release (`cohorts/{id}/updates`) is published only by the platform itself. Anything
+//! not allowed is denied.
 
 use fleet_wire::{CohortId, DeviceId, Topic};
 
-use crate::auth::ServiceRole;
+use crate::auth::{Place, ServicePrincipal};
 
 /// Who is asking.
 #[derive(Debug, Clone)]
@@ -18,20 +23,64 @@ pub enum Principal {
     Device {
         id: DeviceId,
         cohort: Option<CohortId>,
+        /// Quarantined with `commands_only`: may only receive its commands and ack them.
+        quarantined: bool,
     },
-    Service {
-        role: ServiceRole,
-    },
+    Service(ServicePrincipal),
+}
+
+/// Where a device or cohort sits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub org_id: String,
+    pub product_id: String,
+    pub cohort_id: Option<String>,
+}
+
+impl Owner {
+    fn place(&self) -> Place<'_> {
+        Place {
+            org_id: &self.org_id,
+            product_id: &self.product_id,
+            // A device outside every cohort is seen only by keys covering its whole product.
+            cohort_id: Some(self.cohort_id.as_deref().unwrap_or("")),
+        }
+    }
+}
+
+/// Looks up where devices and cohorts sit; the broker's registry answers from memory.
+pub trait Places {
+    fn device_owner(&self, id: &DeviceId) -> Option<Owner>;
+    fn cohort_owner(&self, id: &CohortId) -> Option<Owner>;
+}
+
+/// Whether a service key sees the device or cohort a topic is about. Unknown ones are not seen.
+fn service_sees(p: &ServicePrincipal, topic: &Topic, places: &dyn Places) -> bool {
+    let owner = match topic {
+        Topic::Telemetry(d)
+        | Topic::State(d)
+        | Topic::CommandAck(d)
+        | Topic::UpdateStatus(d)
+        | Topic::Presence(d)
+        | Topic::Commands(d) => places.device_owner(d),
+        Topic::CohortUpdates(c) | Topic::CohortCommands(c) => places.cohort_owner(c),
+    };
+    owner.is_some_and(|o| p.sees(o.place()))
 }
 
 /// Whether `principal` may publish to the concrete topic name `topic`.
-pub fn may_publish(principal: &Principal, topic: &str) -> bool {
-    Topic::parse(topic).is_ok_and(|t| may_publish_topic(principal, &t))
+pub fn may_publish(principal: &Principal, topic: &str, places: &dyn Places) -> bool {
+    Topic::parse(topic).is_ok_and(|t| may_publish_topic(principal, &t, places))
 }
 
 /// [`may_publish`] for a topic already parsed (the publish path parses once).
-pub fn may_publish_topic(principal: &Principal, parsed: &Topic) -> bool {
+pub fn may_publish_topic(principal: &Principal, parsed: &Topic, places: &dyn Places) -> bool {
     match principal {
+        Principal::Device {
+            id,
+            quarantined: true,
+            ..
+        } => matches!(parsed, Topic::CommandAck(d) if d == id),
         Principal::Device { id, .. } => match parsed {
             Topic::Telemetry(d)
             | Topic::State(d)
@@ -44,19 +93,25 @@ pub fn may_publish_topic(principal: &Principal, parsed: &Topic) -> bool {
         },
         // The cohort's desired release is the rollout engine's alone (the platform publishes it
         // on the broker's own link), so no service can overwrite what a cohort installs.
-        Principal::Service { role } => {
-            role.may_command() && matches!(parsed, Topic::Commands(_) | Topic::CohortCommands(_))
+        Principal::Service(p) => {
+            p.role.may_command()
+                && matches!(parsed, Topic::Commands(_) | Topic::CohortCommands(_))
+                && service_sees(p, parsed, places)
         }
     }
 }
 
 /// Whether `principal` may subscribe to `filter` (wildcards and `$share/{group}/` allowed).
-pub fn may_subscribe(principal: &Principal, filter: &str) -> bool {
+pub fn may_subscribe(principal: &Principal, filter: &str, places: &dyn Places) -> bool {
     if !valid_filter(filter) {
         return false;
     }
     match principal {
-        Principal::Device { id, cohort } => {
+        Principal::Device {
+            id,
+            cohort,
+            quarantined,
+        } => {
             // Devices get no shared subscriptions and nothing outside their own grants.
             if filter.starts_with('$') {
                 return false;
@@ -68,11 +123,12 @@ pub fn may_subscribe(principal: &Principal, filter: &str) -> bool {
             if own.iter().any(|p| filter_within(filter, p)) {
                 return true;
             }
-            cohort
-                .as_ref()
-                .is_some_and(|c| filter_within(filter, &format!("cohorts/{c}/#")))
+            !quarantined
+                && cohort
+                    .as_ref()
+                    .is_some_and(|c| filter_within(filter, &format!("cohorts/{c}/#")))
         }
-        Principal::Service { .. } => {
+        Principal::Service(p) => {
             let inner = match filter.strip_prefix("$share/") {
                 Some(rest) => match rest.split_once('/') {
                     Some((group, inner)) if !group.is_empty() && !group.contains(['+', '#']) => {
@@ -82,10 +138,45 @@ pub fn may_subscribe(principal: &Principal, filter: &str) -> bool {
                 },
                 None => filter,
             };
-            valid_filter(inner)
-                && (filter_within(inner, "devices/#") || filter_within(inner, "cohorts/#"))
+            if !valid_filter(inner)
+                || !(filter_within(inner, "devices/#") || filter_within(inner, "cohorts/#"))
+            {
+                return false;
+            }
+            // A named device or cohort must be one the key sees; a wildcard in its place is
+            // narrowed per message by `may_receive`.
+            let mut levels = inner.split('/');
+            let (root, id) = (levels.next(), levels.next());
+            match (root, id) {
+                (_, None | Some("+") | Some("#")) => true,
+                (Some("devices"), Some(id)) => DeviceId::parse(id)
+                    .is_ok_and(|d| places.device_owner(&d).is_some_and(|o| p.sees(o.place()))),
+                (Some("cohorts"), Some(id)) => CohortId::parse(id)
+                    .is_ok_and(|c| places.cohort_owner(&c).is_some_and(|o| p.sees(o.place()))),
+                _ => false,
+            }
         }
     }
+}
+
+/// Whether a message on `topic`, matched by one of the principal's allowed filters, may be
+/// delivered to it. Devices receive everything their (exact) filters match; services only what
+/// their key sees.
+pub fn may_receive(principal: &Principal, topic: &str, places: &dyn Places) -> bool {
+    match principal {
+        Principal::Device { .. } => true,
+        Principal::Service(p) => Topic::parse(topic).is_ok_and(|t| service_sees(p, &t, places)),
+    }
+}
+
+/// Whether a filter names no single device or cohort (a wildcard where the id goes), so what
+/// it delivers to a service is narrowed per message.
+pub fn spans_owners(filter: &str) -> bool {
+    let inner = match filter.strip_prefix("$share/") {
+        Some(rest) => rest.split_once('/').map_or("", |(_, inner)| inner),
+        None => filter,
+    };
+    matches!(inner.split('/').nth(1), None | Some("+") | Some("#"))
 }
 
 /// MQTT filter syntax: `#` only as the whole last level, `+` only as a whole level.
@@ -130,17 +221,78 @@ pub fn filter_within(filter: &str, pattern: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
+    use crate::auth::{Scope, ServiceRole};
+
+    /// Two organizations: `acme` with products p1 (cohorts c1, c2; devices d1 in c1, d2 in c2,
+    /// d0 in none) and p2 (cohort c3, device d3); `other` with product q1 (cohort k1, device e1).
+    struct World {
+        devices: HashMap<String, Owner>,
+        cohorts: HashMap<String, Owner>,
+    }
+
+    fn owner(org: &str, product: &str, cohort: Option<&str>) -> Owner {
+        Owner {
+            org_id: org.into(),
+            product_id: product.into(),
+            cohort_id: cohort.map(Into::into),
+        }
+    }
+
+    fn world() -> World {
+        World {
+            devices: HashMap::from([
+                ("d0".into(), owner("acme", "p1", None)),
+                ("d1".into(), owner("acme", "p1", Some("c1"))),
+                ("d2".into(), owner("acme", "p1", Some("c2"))),
+                ("d3".into(), owner("acme", "p2", Some("c3"))),
+                ("e1".into(), owner("other", "q1", Some("k1"))),
+                ("dev-1".into(), owner("acme", "p1", Some("c1"))),
+            ]),
+            cohorts: HashMap::from([
+                ("c1".into(), owner("acme", "p1", Some("c1"))),
+                ("c2".into(), owner("acme", "p1", Some("c2"))),
+                ("c3".into(), owner("acme", "p2", Some("c3"))),
+                ("k1".into(), owner("other", "q1", Some("k1"))),
+            ]),
+        }
+    }
+
+    impl Places for World {
+        fn device_owner(&self, id: &DeviceId) -> Option<Owner> {
+            self.devices.get(id.as_str()).cloned()
+        }
+        fn cohort_owner(&self, id: &CohortId) -> Option<Owner> {
+            self.cohorts.get(id.as_str()).cloned()
+        }
+    }
 
     fn device(id: &str, cohort: Option<&str>) -> Principal {
         Principal::Device {
             id: DeviceId::parse(id).unwrap(),
             cohort: cohort.map(|c| CohortId::parse(c).unwrap()),
+            quarantined: false,
         }
+    }
+
+    fn service(role: ServiceRole, scope: Scope) -> Principal {
+        Principal::Service(ServicePrincipal {
+            key_id: "k".into(),
+            org_id: "acme".into(),
+            role,
+            scope,
+        })
+    }
+
+    fn org_service(role: ServiceRole) -> Principal {
+        service(role, Scope::Org)
     }
 
     #[test]
     fn device_publish_rights() {
+        let w = world();
         let d = device("dev-1", Some("c1"));
         let cases = [
             ("devices/dev-1/telemetry", true),
@@ -160,12 +312,13 @@ mod tests {
             ("$SYS/x", false),
         ];
         for (topic, ok) in cases {
-            assert_eq!(may_publish(&d, topic), ok, "{topic}");
+            assert_eq!(may_publish(&d, topic, &w), ok, "{topic}");
         }
     }
 
     #[test]
     fn device_subscribe_rights() {
+        let w = world();
         let d = device("dev-1", Some("c1"));
         let cases = [
             ("devices/dev-1/commands", true),
@@ -191,40 +344,159 @@ mod tests {
             ("", false),
         ];
         for (filter, ok) in cases {
-            assert_eq!(may_subscribe(&d, filter), ok, "{filter}");
+            assert_eq!(may_subscribe(&d, filter, &w), ok, "{filter}");
         }
         let no_cohort = device("dev-1", None);
-        assert!(!may_subscribe(&no_cohort, "cohorts/c1/updates"));
+        assert!(!may_subscribe(&no_cohort, "cohorts/c1/updates", &w));
+    }
+
+    #[test]
+    fn quarantined_device_only_hears_its_commands() {
+        let w = world();
+        let q = Principal::Device {
+            id: DeviceId::parse("dev-1").unwrap(),
+            cohort: Some(CohortId::parse("c1").unwrap()),
+            quarantined: true,
+        };
+        assert!(may_subscribe(&q, "devices/dev-1/commands", &w));
+        assert!(may_subscribe(&q, "devices/dev-1/commands/#", &w));
+        assert!(!may_subscribe(&q, "cohorts/c1/updates", &w));
+        assert!(!may_subscribe(&q, "cohorts/c1/#", &w));
+        assert!(may_publish(&q, "devices/dev-1/commands/ack", &w));
+        for t in [
+            "devices/dev-1/telemetry",
+            "devices/dev-1/state",
+            "devices/dev-1/updates",
+        ] {
+            assert!(!may_publish(&q, t, &w), "{t}");
+        }
     }
 
     #[test]
     fn service_rights() {
-        let viewer = Principal::Service {
-            role: ServiceRole::Viewer,
-        };
-        let operator = Principal::Service {
-            role: ServiceRole::Operator,
-        };
-        assert!(may_subscribe(&viewer, "devices/+/telemetry"));
-        assert!(may_subscribe(&viewer, "devices/#"));
-        assert!(may_subscribe(&viewer, "$share/ingest/devices/+/telemetry"));
-        assert!(may_subscribe(&viewer, "cohorts/+/updates"));
-        assert!(!may_subscribe(&viewer, "#"));
-        assert!(!may_subscribe(&viewer, "+/x/telemetry"));
-        assert!(!may_subscribe(&viewer, "$share//devices/#"));
-        assert!(!may_subscribe(&viewer, "$SYS/#"));
-        assert!(!may_publish(&viewer, "devices/d1/commands"));
-        assert!(may_publish(&operator, "devices/d1/commands"));
-        assert!(may_publish(&operator, "cohorts/c1/commands"));
-        assert!(!may_publish(&viewer, "cohorts/c1/commands"));
+        let w = world();
+        let viewer = org_service(ServiceRole::Viewer);
+        let operator = org_service(ServiceRole::Operator);
+        assert!(may_subscribe(&viewer, "devices/+/telemetry", &w));
+        assert!(may_subscribe(&viewer, "devices/#", &w));
+        assert!(may_subscribe(
+            &viewer,
+            "$share/ingest/devices/+/telemetry",
+            &w
+        ));
+        assert!(may_subscribe(&viewer, "cohorts/+/updates", &w));
+        assert!(!may_subscribe(&viewer, "#", &w));
+        assert!(!may_subscribe(&viewer, "+/x/telemetry", &w));
+        assert!(!may_subscribe(&viewer, "$share//devices/#", &w));
+        assert!(!may_subscribe(&viewer, "$SYS/#", &w));
+        assert!(!may_publish(&viewer, "devices/d1/commands", &w));
+        assert!(may_publish(&operator, "devices/d1/commands", &w));
+        assert!(may_publish(&operator, "cohorts/c1/commands", &w));
+        assert!(!may_publish(&viewer, "cohorts/c1/commands", &w));
         assert!(
-            !may_publish(&operator, "cohorts/c1/updates"),
+            !may_publish(&operator, "cohorts/c1/updates", &w),
             "the rollout engine's alone"
         );
-        assert!(may_subscribe(&viewer, "devices/+/updates"));
-        assert!(!may_publish(&operator, "devices/d1/telemetry"));
-        assert!(!may_publish(&operator, "devices/d1/presence"));
-        assert!(!may_publish(&operator, "devices/+/commands"));
+        assert!(may_subscribe(&viewer, "devices/+/updates", &w));
+        assert!(!may_publish(&operator, "devices/d1/telemetry", &w));
+        assert!(!may_publish(&operator, "devices/d1/presence", &w));
+        assert!(!may_publish(&operator, "devices/+/commands", &w));
+    }
+
+    /// Every key kind against every device and cohort of both organizations.
+    #[test]
+    fn service_scopes() {
+        use ServiceRole::{Operator, Viewer};
+        let w = world();
+        let p1 = || Scope::Product {
+            product_id: "p1".into(),
+        };
+        let c1 = || Scope::Cohort {
+            product_id: "p1".into(),
+            cohort_id: "c1".into(),
+        };
+        // (key, devices it sees, cohorts it sees)
+        let keys = [
+            (
+                service(Operator, Scope::Org),
+                &["d0", "d1", "d2", "d3"][..],
+                &["c1", "c2", "c3"][..],
+            ),
+            (
+                service(Operator, p1()),
+                &["d0", "d1", "d2"][..],
+                &["c1", "c2"][..],
+            ),
+            (service(Operator, c1()), &["d1"][..], &["c1"][..]),
+        ];
+        for (key, devices, cohorts) in &keys {
+            for d in ["d0", "d1", "d2", "d3", "e1", "unknown"] {
+                let sees = devices.contains(&d);
+                let what = format!("{key:?} / {d}");
+                assert_eq!(
+                    may_publish(key, &format!("devices/{d}/commands"), &w),
+                    sees,
+                    "{what}"
+                );
+                assert_eq!(
+                    may_subscribe(key, &format!("devices/{d}/telemetry"), &w),
+                    sees,
+                    "{what}"
+                );
+                assert_eq!(
+                    may_subscribe(key, &format!("$share/g/devices/{d}/#"), &w),
+                    sees,
+                    "{what}"
+                );
+                assert_eq!(
+                    may_receive(key, &format!("devices/{d}/telemetry"), &w),
+                    sees,
+                    "{what}"
+                );
+            }
+            for c in ["c1", "c2", "c3", "k1", "unknown"] {
+                let sees = cohorts.contains(&c);
+                let what = format!("{key:?} / {c}");
+                assert_eq!(
+                    may_publish(key, &format!("cohorts/{c}/commands"), &w),
+                    sees,
+                    "{what}"
+                );
+                assert_eq!(
+                    may_subscribe(key, &format!("cohorts/{c}/#"), &w),
+                    sees,
+                    "{what}"
+                );
+                assert_eq!(
+                    may_receive(key, &format!("cohorts/{c}/updates"), &w),
+                    sees,
+                    "{what}"
+                );
+            }
+            // Wildcards are allowed and narrowed per message.
+            assert!(may_subscribe(key, "devices/+/telemetry", &w));
+            assert!(may_subscribe(key, "cohorts/+/updates", &w));
+        }
+        let viewer = service(Viewer, p1());
+        assert!(may_subscribe(&viewer, "devices/d1/telemetry", &w));
+        assert!(!may_publish(&viewer, "devices/d1/commands", &w));
+        assert!(!may_receive(&viewer, "devices/e1/telemetry", &w));
+        assert!(!may_receive(&viewer, "not/a/topic", &w));
+    }
+
+    #[test]
+    fn filters_spanning_owners() {
+        for (f, spans) in [
+            ("devices/+/telemetry", true),
+            ("devices/#", true),
+            ("cohorts/+/updates", true),
+            ("$share/g/devices/+/telemetry", true),
+            ("devices/d1/telemetry", false),
+            ("$share/g/devices/d1/#", false),
+            ("cohorts/c1/#", false),
+        ] {
+            assert_eq!(spans_owners(f), spans, "{f}");
+        }
     }
 
     #[test]

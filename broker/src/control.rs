@@ -26,11 +26,15 @@ pub(crate) struct SessionHandle {
 
 pub(crate) type Sessions = DashMap<DeviceId, SessionHandle>;
 
+/// Live backend-service sessions: handle → (API key id, kick).
+pub(crate) type ServiceSessions = DashMap<u64, (String, mpsc::UnboundedSender<DisconnectReason>)>;
+
 #[derive(Clone)]
 pub struct BrokerControl {
     pub(crate) registry: Arc<Registry>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) sessions: Arc<Sessions>,
+    pub(crate) service_sessions: Arc<ServiceSessions>,
     /// The broker's own router link, once a [`crate::Broker`] was built on this control.
     pub(crate) system: Arc<OnceLock<SystemPublisher>>,
 }
@@ -46,6 +50,7 @@ impl BrokerControl {
             registry,
             metrics,
             sessions: Arc::new(DashMap::new()),
+            service_sessions: Arc::new(DashMap::new()),
             system: Arc::new(OnceLock::new()),
         }
     }
@@ -73,11 +78,15 @@ impl BrokerControl {
         self.metrics.snapshot()
     }
 
-    /// Enables or disables a CA. Disabling also ends the live sessions of its devices: a
-    /// disabled CA admits no one. Returns false when the CA is unknown.
+    /// Enables or disables a CA. Disabling also ends the live sessions of its devices, unless
+    /// the CA keeps its devices while disabled (then it only stops provisioning new ones). Returns false when the CA is unknown.
     pub fn set_ca_enabled(&self, ca_id: &str, enabled: bool) -> bool {
         let found = self.registry.set_ca_enabled(ca_id, enabled);
-        if found && !enabled {
+        let keep = self
+            .registry
+            .ca(ca_id)
+            .is_some_and(|c| c.keep_devices_when_disabled);
+        if found && !enabled && !keep {
             self.disconnect_where(|s| s.ca_id == ca_id, DisconnectReason::Revoked);
         }
         found
@@ -89,6 +98,25 @@ impl BrokerControl {
             .get(id)
             .map(|s| s.kick.send(reason).is_ok())
             .unwrap_or(false)
+    }
+
+    /// Ends every live service session authenticated with the API key `key_id` (it was
+    /// revoked); returns how many.
+    pub fn disconnect_key(&self, key_id: &str) -> usize {
+        let mut n = 0;
+        for s in self.service_sessions.iter() {
+            if s.value().0 == key_id && s.value().1.send(DisconnectReason::Revoked).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Quarantines a device (`Some`) or lifts it (`None`), and ends its live session so it
+    /// reconnects with the rights that go with it. Returns whether a session was ended.
+    pub fn quarantine(&self, id: &DeviceId, mode: Option<crate::registry::QuarantineMode>) -> bool {
+        self.registry.set_quarantine(id, mode);
+        self.disconnect_device(id, DisconnectReason::Revoked)
     }
 
     /// Whether a device has a live session here, and its epoch.

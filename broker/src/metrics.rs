@@ -39,10 +39,12 @@ pub enum Rejection {
     ForbiddenTopic,
     #[error("payload does not match the topic's schema")]
     BadPayload,
+    #[error("device is quarantined and its connections are refused")]
+    Quarantined,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 15] = [
+    pub const ALL: [Rejection; 16] = [
         Rejection::TlsHandshake,
         Rejection::BadCertificate,
         Rejection::UnknownCa,
@@ -58,6 +60,7 @@ impl Rejection {
         Rejection::BadConnect,
         Rejection::ForbiddenTopic,
         Rejection::BadPayload,
+        Rejection::Quarantined,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -77,6 +80,7 @@ impl Rejection {
             Rejection::BadConnect => "bad_connect",
             Rejection::ForbiddenTopic => "forbidden_topic",
             Rejection::BadPayload => "bad_payload",
+            Rejection::Quarantined => "quarantined",
         }
     }
 }

@@ -213,6 +213,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
+    /// QoS and packet id of an outgoing publish (rumqttd keeps its fields private), by encoding
+    /// it as MQTT 3.1.1 and reading the header: for the rare publish that is not sent.
+    pub fn publish_header(packet: Packet) -> Option<FrameInfo> {
+        let mut buf = bytes::BytesMut::new();
+        V4.write(packet, &mut buf).ok()?;
+        peek(&buf, usize::MAX).ok().flatten().map(|(info, _)| info)
+    }
+
     pub fn has_queued(&self) -> bool {
         !self.write.is_empty()
     }

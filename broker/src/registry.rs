@@ -28,7 +28,17 @@ pub struct CaRecord {
     /// Subject key identifier, matched against a device certificate's authority key identifier.
     pub key_id: Option<Vec<u8>>,
     pub enabled: bool,
+    /// While disabled: whether devices it already provisioned keep connecting. A disabled CA
+    /// never provisions new ones.
+    pub keep_devices_when_disabled: bool,
     pub jitp: Option<JitpSettings>,
+}
+
+impl CaRecord {
+    /// Whether the TLS edge accepts chains to this CA at all.
+    pub fn trusted(&self) -> bool {
+        self.enabled || self.keep_devices_when_disabled
+    }
 }
 
 /// Where a device provisioned by a CA lands.
@@ -115,9 +125,36 @@ pub struct CohortRecord {
     pub product_id: String,
 }
 
+/// What a quarantined device may still do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuarantineMode {
+    /// It may connect, but only to receive (and acknowledge) its own commands.
+    CommandsOnly,
+    /// Its connections are refused.
+    Refuse,
+}
+
+impl QuarantineMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuarantineMode::CommandsOnly => "commands_only",
+            QuarantineMode::Refuse => "refuse",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "commands_only" => Some(QuarantineMode::CommandsOnly),
+            "refuse" => Some(QuarantineMode::Refuse),
+            _ => None,
+        }
+    }
+}
+
 pub struct Registry {
     cas: DashMap<String, CaRecord>,
     cohorts: DashMap<CohortId, CohortRecord>,
+    quarantined: DashMap<DeviceId, QuarantineMode>,
     ca_version: AtomicU64,
     devices: DashMap<DeviceId, DeviceRecord>,
     provisioning: DashMap<DeviceId, Arc<tokio::sync::Mutex<()>>>,
@@ -130,6 +167,7 @@ impl Registry {
         Self {
             cas: DashMap::new(),
             cohorts: DashMap::new(),
+            quarantined: DashMap::new(),
             ca_version: AtomicU64::new(0),
             devices: DashMap::new(),
             provisioning: DashMap::new(),
@@ -157,18 +195,40 @@ impl Registry {
         found
     }
 
+    pub fn ca(&self, id: &str) -> Option<CaRecord> {
+        self.cas.get(id).map(|c| c.clone())
+    }
+
     /// Bumped on every CA change, so the TLS verifier knows when to rebuild its trust anchors.
     pub fn ca_version(&self) -> u64 {
         self.ca_version.load(Ordering::Acquire)
     }
 
-    /// DER certificates of every enabled CA.
+    /// DER certificates of every CA the TLS edge trusts: enabled ones, and disabled ones whose
+    /// existing devices keep connecting.
     pub fn enabled_ca_certs(&self) -> Vec<Vec<u8>> {
         self.cas
             .iter()
-            .filter(|c| c.enabled)
+            .filter(|c| c.trusted())
             .map(|c| c.cert_der.clone())
             .collect()
+    }
+
+    /// Quarantines a device (`Some`) or lifts it (`None`). Takes effect on its next connection;
+    /// [`crate::BrokerControl::quarantine`] also ends the live one.
+    pub fn set_quarantine(&self, id: &DeviceId, mode: Option<QuarantineMode>) {
+        match mode {
+            Some(m) => {
+                self.quarantined.insert(id.clone(), m);
+            }
+            None => {
+                self.quarantined.remove(id);
+            }
+        }
+    }
+
+    pub fn quarantine(&self, id: &DeviceId) -> Option<QuarantineMode> {
+        self.quarantined.get(id).map(|m| *m)
     }
 
     pub fn upsert_cohort(&self, cohort: CohortRecord) {
@@ -272,7 +332,7 @@ impl Registry {
             return Err(Rejection::CertificateNotYetValid);
         }
         let ca = self.issuer_of(&cert).ok_or(Rejection::UnknownCa)?;
-        if !ca.enabled {
+        if !ca.trusted() {
             return Err(Rejection::DisabledCa);
         }
         let facts = CertFacts {
@@ -283,8 +343,15 @@ impl Registry {
             not_before_ms: validity.not_before.timestamp() * 1000,
             not_after_ms: validity.not_after.timestamp() * 1000,
         };
+        if self.quarantine(&id) == Some(QuarantineMode::Refuse) {
+            return Err(Rejection::Quarantined);
+        }
         if let Some(device) = self.device(&id) {
             return self.known(device, &ca, facts, false);
+        }
+        if !ca.enabled {
+            // Disabled, keeping only the devices it provisioned before.
+            return Err(Rejection::DisabledCa);
         }
         let jitp = ca.jitp.clone().ok_or(Rejection::NotProvisioned)?;
 
@@ -344,6 +411,24 @@ impl Registry {
             device,
             provisioned_now,
             cert,
+        })
+    }
+}
+
+impl crate::acl::Places for Registry {
+    fn device_owner(&self, id: &DeviceId) -> Option<crate::acl::Owner> {
+        self.devices.get(id).map(|d| crate::acl::Owner {
+            org_id: d.org_id.clone(),
+            product_id: d.product_id.clone(),
+            cohort_id: d.cohort_id.as_ref().map(|c| c.as_str().to_owned()),
+        })
+    }
+
+    fn cohort_owner(&self, id: &CohortId) -> Option<crate::acl::Owner> {
+        self.cohorts.get(id).map(|c| crate::acl::Owner {
+            org_id: c.org_id.clone(),
+            product_id: c.product_id.clone(),
+            cohort_id: Some(c.id.as_str().to_owned()),
         })
     }
 }

@@ -176,9 +176,12 @@ pub(crate) async fn serve_device<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let principal = Principal::Device {
         id: id.clone(),
         cohort: identity.device.cohort_id.clone(),
+        quarantined: registry.quarantine(&id).is_some(),
     };
     if let Some((will, _)) = &info.will {
-        if !std::str::from_utf8(&will.topic).is_ok_and(|t| acl::may_publish(&principal, t)) {
+        if !std::str::from_utf8(&will.topic)
+            .is_ok_and(|t| acl::may_publish(&principal, t, &*registry))
+        {
             return refuse(&ctx, conn, Rejection::ForbiddenTopic, peer).await;
         }
     }
@@ -263,11 +266,12 @@ pub(crate) async fn serve_service<S: AsyncRead + AsyncWrite + Unpin + Send>(
         Some(p) => p,
         None => return refuse(&ctx, conn, Rejection::BadCredentials, peer).await,
     };
-    let principal = Principal::Service {
-        role: principal.role,
-    };
+    let key_id = principal.key_id.clone();
+    let principal = Principal::Service(principal);
     if let Some((will, _)) = &info.will {
-        if !std::str::from_utf8(&will.topic).is_ok_and(|t| acl::may_publish(&principal, t)) {
+        if !std::str::from_utf8(&will.topic)
+            .is_ok_and(|t| acl::may_publish(&principal, t, &*ctx.control.registry))
+        {
             return refuse(&ctx, conn, Rejection::ForbiddenTopic, peer).await;
         }
     }
@@ -283,7 +287,11 @@ pub(crate) async fn serve_service<S: AsyncRead + AsyncWrite + Unpin + Send>(
     };
     // A character no device id may contain keeps services out of the devices' client-id space.
     let router_id = format!("~svc~{client_id}");
-    let (_kick_tx, kick_rx) = mpsc::unbounded_channel();
+    // Registered so that revoking the key ends this session.
+    let (kick_tx, kick_rx) = mpsc::unbounded_channel();
+    let handle = ctx.service_ids.fetch_add(1, Ordering::Relaxed);
+    let control = ctx.control.clone();
+    control.service_sessions.insert(handle, (key_id, kick_tx));
     let span = tracing::info_span!("service", client_id = %client_id, %peer);
     let session = Session::start(
         ctx,
@@ -301,6 +309,7 @@ pub(crate) async fn serve_service<S: AsyncRead + AsyncWrite + Unpin + Send>(
     if let Some(session) = session {
         session.run().instrument_in(span).await;
     }
+    control.service_sessions.remove(&handle);
 }
 
 trait InstrumentIn: std::future::Future + Sized {
@@ -541,10 +550,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             receive_max: Some(session.ctx.settings.max_pending_acks.min(u16::MAX as usize) as u16),
             max_packet_size: Some(session.ctx.settings.max_packet_size as u32),
             retain_available: Some(1),
-            shared_subscription_available: Some(matches!(
-                session.principal,
-                Principal::Service { .. }
-            ) as u8),
+            shared_subscription_available: Some(
+                matches!(session.principal, Principal::Service(_)) as u8
+            ),
             ..Default::default()
         });
         session.conn.queue(Packet::ConnAck(
@@ -674,7 +682,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let filters = unsubscribe
                         .filters
                         .iter()
-                        .filter(|f| acl::may_subscribe(&self.principal, f))
+                        .filter(|f| {
+                            acl::may_subscribe(&self.principal, f, &*self.ctx.control.registry)
+                        })
                         .map(|f| Filter {
                             path: f.clone(),
                             qos: QoS::AtMostOnce,
@@ -742,10 +752,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let topic = std::str::from_utf8(&publish.topic).unwrap_or("");
         let parsed = Topic::parse(topic).ok();
-        if !parsed
-            .as_ref()
-            .is_some_and(|t| acl::may_publish_topic(&self.principal, t))
-        {
+        if !parsed.as_ref().is_some_and(|t| {
+            acl::may_publish_topic(&self.principal, t, &*self.ctx.control.registry)
+        }) {
             self.ctx.control.metrics.reject(Rejection::ForbiddenTopic);
             info!(topic, "publish refused: topic is forbidden for this client");
             return self.refuse_publish(
@@ -845,8 +854,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let pkid = subscribe.pkid;
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut allowed = Vec::new();
-        for filter in subscribe.filters {
-            if acl::may_subscribe(&self.principal, &filter.path) {
+        let service = matches!(self.principal, Principal::Service(_));
+        for mut filter in subscribe.filters {
+            if acl::may_subscribe(&self.principal, &filter.path, &*self.ctx.control.registry) {
+                if service && acl::spans_owners(&filter.path) && filter.qos == QoS::ExactlyOnce {
+                    // What such a filter delivers is narrowed per message, and a QoS 2
+                    // delivery cannot be dropped halfway; QoS 1 ones are acknowledged to the
+                    // router in the client's stead.
+                    filter.qos = QoS::AtLeastOnce;
+                }
                 codes.push(None);
                 allowed.push(filter);
             } else {
@@ -881,8 +897,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Handles what the router sent, and whatever else it has ready, then writes.
     async fn on_router(&mut self, first: FromRouter) -> Step {
         let mut next = Some(Ok(first));
+        let mut acks_for_router = Vec::new();
         while let Some(item) = next.take() {
             match item {
+                Ok(FromRouter::Forward(Packet::Publish(publish, props)))
+                    if !self.may_receive(&publish) =>
+                {
+                    // Matched a wildcard filter, but about a device or cohort this key does not
+                    // see: never delivered, and acknowledged to the router in its stead.
+                    let header = Conn::<S>::publish_header(Packet::Publish(publish, props));
+                    if let Some(h) = header.filter(|h| h.qos == 1) {
+                        acks_for_router.push(Packet::PubAck(
+                            PubAck {
+                                pkid: h.pkid,
+                                reason: PubAckReason::Success,
+                            },
+                            None,
+                        ));
+                    }
+                }
                 Ok(FromRouter::Forward(p)) => self.conn.queue(p),
                 Ok(FromRouter::Ack(p)) => {
                     let filed = match &p {
@@ -914,6 +947,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             next = self.link.try_next();
         }
+        if !acks_for_router.is_empty() && self.link.send(acks_for_router).await.is_err() {
+            return Step::End(DisconnectReason::ServerShutdown);
+        }
         if let Step::End(reason) = self.flush_acks().await {
             return Step::End(reason);
         }
@@ -921,6 +957,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Step::End(DisconnectReason::Takeover);
         }
         Step::Continue
+    }
+
+    /// Whether a publish the router forwards may reach this client (services see only their
+    /// key's organization and scope; see [`acl::may_receive`]).
+    fn may_receive(&self, publish: &Publish) -> bool {
+        match &self.principal {
+            Principal::Device { .. } => true,
+            Principal::Service(_) => std::str::from_utf8(&publish.topic)
+                .is_ok_and(|t| acl::may_receive(&self.principal, t, &*self.ctx.control.registry)),
+        }
     }
 
     /// Moves every acknowledgement that is ready, in order, to the socket, and writes.

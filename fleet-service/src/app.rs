@@ -82,6 +82,13 @@ impl App {
         for cohort in store.all_cohorts().await.context("loading cohorts")? {
             registry.upsert_cohort(cohort_record(&cohort)?);
         }
+        for (id, mode) in store
+            .quarantined_devices()
+            .await
+            .context("loading quarantines")?
+        {
+            registry.set_quarantine(&id, Some(mode));
+        }
         let control = BrokerControl::new(registry.clone(), metrics);
 
         let (bus, source) = broker::bus::embedded(config.tuning.intake.bus_capacity);
@@ -119,12 +126,18 @@ impl App {
             Duration::from_millis(config.tuning.rollout.tick_ms),
             stopped.clone(),
         ));
-        let api = crate::api::router(crate::api::ApiState::new(
-            store.clone(),
-            keys,
-            control.clone(),
-            rollouts,
-        ));
+        let default_quarantine =
+            broker::registry::QuarantineMode::parse(&config.tuning.devices.quarantine_mode)
+                .context("[devices] quarantine_mode must be \"commands_only\" or \"refuse\"")?;
+        let mut api_state =
+            crate::api::ApiState::new(store.clone(), keys, control.clone(), rollouts);
+        api_state.settings = crate::api::ApiSettings {
+            require_ca_proof: config.tuning.ca.require_proof_of_possession,
+            verification_code_ttl_ms: (config.tuning.ca.verification_code_ttl_secs as i64)
+                .saturating_mul(1000),
+            default_quarantine,
+        };
+        let api = crate::api::router(api_state);
         let http_stop = wait_stop(stopped.clone());
         let http_task = tokio::spawn(async move {
             if let Err(e) = axum::serve(http, api)

@@ -65,6 +65,44 @@ pub struct Tuning {
     pub intake: IntakeTuning,
     pub telemetry: TelemetryTuning,
     pub rollout: RolloutTuning,
+    pub ca: CaTuning,
+    pub devices: DeviceTuning,
+}
+
+/// Registering manufacturing CAs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaTuning {
+    /// A CA is registered only with a verification certificate it signed whose CN is a
+    /// verification code the organization asked for.
+    pub require_proof_of_possession: bool,
+    pub verification_code_ttl_secs: u64,
+}
+
+impl Default for CaTuning {
+    fn default() -> Self {
+        Self {
+            require_proof_of_possession: true,
+            verification_code_ttl_secs: 3600,
+        }
+    }
+}
+
+/// Device lifecycle defaults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceTuning {
+    /// What a quarantined device may do when the request does not say: `commands_only` (it
+    /// may connect to receive and acknowledge its commands) or `refuse`.
+    pub quarantine_mode: String,
+}
+
+impl Default for DeviceTuning {
+    fn default() -> Self {
+        Self {
+            quarantine_mode: "commands_only".into(),
+        }
+    }
 }
 
 impl Default for Tuning {
@@ -75,6 +113,8 @@ impl Default for Tuning {
             intake: IntakeTuning::default(),
             telemetry: TelemetryTuning::default(),
             rollout: RolloutTuning::default(),
+            ca: CaTuning::default(),
+            devices: DeviceTuning::default(),
         }
     }
 }

@@ -63,12 +63,16 @@ async fn start(url: &str) -> Api {
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(Registry::new(Arc::new(store.clone()), metrics.clone()));
     let control = BrokerControl::new(registry, metrics);
-    let app = router(ApiState::new(
+    let mut state = ApiState::new(
         store.clone(),
         keys,
         control.clone(),
         fleet_service::rollout::Rollouts::new(),
-    ));
+    );
+    // These tests check the CA body's validation; proof of possession is tested end to end
+    // (tests/tests/fleet_management.rs).
+    state.settings.require_ca_proof = false;
+    let app = router(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });

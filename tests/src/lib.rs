@@ -210,9 +210,15 @@ impl Platform {
 
     /// Creates a product, a cohort and a manufacturing CA that provisions into them.
     pub async fn jitp_fleet(&self, tags: Value) -> Fleet {
+        self.jitp_fleet_as(self.app().admin_token(), tags).await
+    }
+
+    /// [`Platform::jitp_fleet`] in the organization of the admin key `token`.
+    pub async fn jitp_fleet_as(&self, token: &str, tags: Value) -> Fleet {
         let n = uuid::Uuid::new_v4().simple().to_string();
         let (s, product) = self
-            .api(
+            .api_as(
+                token,
                 "POST",
                 "/api/v1/products",
                 Some(json!({ "name": format!("p-{n}") })),
@@ -221,7 +227,8 @@ impl Platform {
         assert_eq!(s, 201, "{product}");
         let product_id = product["id"].as_str().unwrap().to_owned();
         let (s, cohort) = self
-            .api(
+            .api_as(
+                token,
                 "POST",
                 &format!("/api/v1/products/{product_id}/cohorts"),
                 Some(json!({ "name": "canary" })),
@@ -231,7 +238,8 @@ impl Platform {
         let cohort_id = cohort["id"].as_str().unwrap().to_owned();
         let ca = TestCa::new(&format!("Manufacturing CA {n}"));
         let ca_id = self
-            .register_ca(
+            .register_ca_as(
+                token,
                 &ca,
                 Some(json!({ "product_id": product_id, "cohort_id": cohort_id, "tags": tags })),
             )
@@ -244,17 +252,73 @@ impl Platform {
         }
     }
 
-    /// Registers a CA, optionally with JITP settings; returns its id.
+    /// Registers a CA with the bootstrap admin, optionally with JITP settings, proving
+    /// possession of its key; returns its id.
     pub async fn register_ca(&self, ca: &TestCa, jitp: Option<Value>) -> String {
+        self.register_ca_as(self.app().admin_token(), ca, jitp)
+            .await
+    }
+
+    /// [`Platform::register_ca`] with another organization's key.
+    pub async fn register_ca_as(&self, token: &str, ca: &TestCa, jitp: Option<Value>) -> String {
+        let proof = self.ca_proof(token, ca).await;
         let (s, body) = self
-            .api(
+            .api_as(
+                token,
                 "POST",
                 "/api/v1/ca-certificates",
-                Some(json!({ "certificate_pem": ca.pem, "description": "test CA", "jitp": jitp })),
+                Some(
+                    json!({ "certificate_pem": ca.pem, "description": "test CA", "jitp": jitp,
+                    "verification_certificate_pem": proof }),
+                ),
             )
             .await;
         assert_eq!(s, 201, "register CA: {body}");
         body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Creates an organization with the bootstrap admin; returns its id and admin key.
+    pub async fn organization(&self, name: &str) -> (String, String) {
+        let (s, body) = self
+            .api(
+                "POST",
+                "/api/v1/organizations",
+                Some(json!({ "name": name })),
+            )
+            .await;
+        assert_eq!(s, 201, "create organization: {body}");
+        (
+            body["organization"]["id"].as_str().unwrap().to_owned(),
+            body["admin_key"]["secret"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Issues an API key with the admin key `admin`; returns its secret.
+    pub async fn key_as(&self, admin: &str, role: &str, scope: Value) -> String {
+        let mut body = json!({ "name": format!("{role} key"), "role": role });
+        if let (Some(b), Some(s)) = (body.as_object_mut(), scope.as_object()) {
+            b.extend(s.clone());
+        }
+        let (s, key) = self
+            .api_as(admin, "POST", "/api/v1/api-keys", Some(body))
+            .await;
+        assert_eq!(s, 201, "create key: {key}");
+        key["secret"].as_str().unwrap().to_owned()
+    }
+
+    /// Proof of possession of `ca`'s key: a fresh verification code of the key's organization,
+    /// as the CN of a certificate the CA signed.
+    pub async fn ca_proof(&self, token: &str, ca: &TestCa) -> String {
+        let (s, code) = self
+            .api_as(
+                token,
+                "POST",
+                "/api/v1/ca-certificates/verification-code",
+                None,
+            )
+            .await;
+        assert_eq!(s, 201, "verification code: {code}");
+        ca.issue(code["code"].as_str().unwrap()).cert_pem
     }
 
     pub fn device_options(&self, cert: &DeviceCert, client_id: &str) -> rumqttc::MqttOptions {

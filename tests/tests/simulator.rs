@@ -532,12 +532,22 @@ async fn rsa_keyed_devices_connect_over_mutual_tls() {
     })
     .unwrap();
     let jitp = json!({ "product_id": fleet.product_id, "cohort_id": fleet.cohort_id, "tags": { "keys": "rsa" } });
+    // Proof of possession: the RSA CA signs a certificate whose CN is a fresh code.
+    let (_, code) = p
+        .api("POST", "/api/v1/ca-certificates/verification-code", None)
+        .await;
+    let code = DeviceId::parse(code["code"].as_str().unwrap()).unwrap();
+    let proof = ca
+        .issue_device(&DeviceCertOptions::new(code))
+        .unwrap()
+        .cert_pem;
     let (s, body) = p
         .api(
             "POST",
             "/api/v1/ca-certificates",
             Some(
-                json!({ "certificate_pem": ca.cert_pem(), "description": "RSA CA", "jitp": jitp }),
+                json!({ "certificate_pem": ca.cert_pem(), "description": "RSA CA",
+                "jitp": jitp, "verification_certificate_pem": proof }),
             ),
         )
         .await;

@@ -14,7 +14,7 @@ use super::auth::{Caller, Writer};
 use super::catalog::Items;
 use super::error::{ApiJson, ApiPath, ErrorBody};
 use super::{access, rfc3339, ApiError, ApiState};
-use crate::store::cas::parse_ca_pem;
+use crate::store::cas::{parse_ca_pem, verify_possession};
 use crate::store::{CaCertificate, CaUpdate, NewCa};
 
 /// Longest description accepted.
@@ -50,6 +50,15 @@ pub(super) struct CreateCa {
     /// Whether devices it signed may connect; true by default.
     #[serde(default)]
     enabled: Option<bool>,
+    /// While disabled, whether the devices it already provisioned keep connecting (a disabled
+    /// CA never provisions new ones); false by default.
+    #[serde(default)]
+    keep_devices_when_disabled: Option<bool>,
+    /// Proof of possession of the CA's key: one PEM certificate signed by this CA whose subject
+    /// CN is a verification code from `POST /api/v1/ca-certificates/verification-code`.
+    /// Required unless the service runs with `[ca] require_proof_of_possession = false`.
+    #[serde(default)]
+    verification_certificate_pem: Option<String>,
     #[serde(default)]
     jitp: Option<JitpBody>,
 }
@@ -58,9 +67,13 @@ pub(super) struct CreateCa {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PatchCa {
-    /// Absent: unchanged. Disabling ends the live sessions of the CA's devices.
+    /// Absent: unchanged. Disabling stops provisioning from it and, unless
+    /// `keep_devices_when_disabled`, ends the live sessions of its devices and refuses them.
     #[serde(default)]
     enabled: Option<bool>,
+    /// Absent: unchanged.
+    #[serde(default)]
+    keep_devices_when_disabled: Option<bool>,
     /// Absent: unchanged; `null`: removed.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
@@ -100,6 +113,8 @@ pub(super) struct CaBody {
     not_after: String,
     description: Option<String>,
     enabled: bool,
+    /// While disabled, whether its existing devices keep connecting.
+    keep_devices_when_disabled: bool,
     jitp: Option<JitpOut>,
     certificate_pem: String,
     /// RFC 3339, UTC.
@@ -118,6 +133,7 @@ impl From<CaCertificate> for CaBody {
             not_after: rfc3339(c.not_after_ms),
             description: c.description,
             enabled: c.enabled,
+            keep_devices_when_disabled: c.keep_devices_when_disabled,
             jitp: c.jitp.map(|j| JitpOut {
                 product_id: j.product_id,
                 cohort_id: j.cohort_id.to_string(),
@@ -231,7 +247,12 @@ fn push_to_broker(state: &ApiState, ca: &CaCertificate) -> Result<(), ApiError> 
 
 /// Registers a manufacturing CA certificate, and makes the running broker trust it.
 ///
-/// Role: operator or admin.
+/// The registrant proves it holds the CA's key (as AWS IoT and Peridio ask): get a code from
+/// `POST /api/v1/ca-certificates/verification-code`, sign a certificate whose subject CN is
+/// that code with the CA's key, and send it as `verification_certificate_pem`. A code is used
+/// once. A CA certificate already registered (by any organization) is a 409.
+///
+/// Role: operator or admin, with a key for the whole organization.
 #[utoipa::path(
     post,
     path = "/api/v1/ca-certificates",
@@ -246,7 +267,8 @@ fn push_to_broker(state: &ApiState, ca: &CaCertificate) -> Result<(), ApiError> 
         (status = 409, description = "A CA with the same fingerprint is registered", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = ErrorBody),
         (status = 422, description = "`invalid_certificate`, `invalid_description`, `unknown_product`, \
-            `unknown_cohort`, `cohort_not_in_product` or `invalid_tags`", body = ErrorBody),
+            `unknown_cohort`, `cohort_not_in_product`, `invalid_tags`, `proof_required` or \
+            `invalid_proof`", body = ErrorBody),
         (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
     ),
 )]
@@ -263,16 +285,52 @@ pub(super) async fn create_ca(
         Some(j) => Some(valid_jitp(&state, &by.org_id, j).await?),
         None => None,
     };
-    let ca = state
+    let code = match (
+        &body.verification_certificate_pem,
+        state.settings.require_ca_proof,
+    ) {
+        (None, false) => None,
+        (None, true) => {
+            return Err(ApiError::unprocessable(
+                "proof_required",
+                "registering a CA needs verification_certificate_pem: a certificate signed by \
+                 the CA whose CN is a code from POST /api/v1/ca-certificates/verification-code",
+            ))
+        }
+        (Some(pem), _) => {
+            let code = verify_possession(&cert, pem)
+                .map_err(|e| ApiError::unprocessable("invalid_proof", e.to_string()))?;
+            if !state
+                .store
+                .take_verification_code(&by.org_id, &code)
+                .await?
+            {
+                return Err(ApiError::unprocessable(
+                    "invalid_proof",
+                    "the verification certificate's CN is not an unused, unexpired \
+                     verification code of this organization",
+                ));
+            }
+            Some(code)
+        }
+    };
+    let created = state
         .store
         .create_ca(NewCa {
             org_id: by.org_id.clone(),
             cert,
             description,
             enabled: body.enabled.unwrap_or(true),
+            keep_devices_when_disabled: body.keep_devices_when_disabled.unwrap_or(false),
             jitp,
         })
-        .await?;
+        .await;
+    if let Some(code) = &code {
+        // A failed registration gives its code back; a successful one records it.
+        let ca_id = created.as_ref().ok().map(|c| c.id.as_str());
+        state.store.settle_verification_code(code, ca_id).await?;
+    }
+    let ca = created?;
     push_to_broker(&state, &ca)?;
     tracing::info!(ca_id = %ca.id, fingerprint = %ca.fingerprint_sha256, subject = %ca.subject,
         by = %by.key_id, "CA certificate registered");
@@ -367,6 +425,7 @@ pub(super) async fn update_ca(
     };
     let update = CaUpdate {
         enabled: body.enabled,
+        keep_devices_when_disabled: body.keep_devices_when_disabled,
         description: body.description.map(valid_description).transpose()?,
         jitp,
     };
@@ -407,4 +466,52 @@ mod tests {
         assert!(matches!(p.jitp, Some(None)));
         assert!(matches!(p.description, Some(None)));
     }
+}
+
+/// A verification code for proof of possession.
+#[derive(Serialize, ToSchema)]
+pub(super) struct VerificationCodeBody {
+    /// Put this as the subject CN of a certificate signed by the CA to register.
+    code: String,
+    /// RFC 3339, UTC: the code is refused after this.
+    expires_at: String,
+}
+
+/// Issues a verification code for registering a CA with proof of possession of its key.
+///
+/// Role: operator or admin, with a key for the whole organization.
+#[utoipa::path(
+    post,
+    path = "/api/v1/ca-certificates/verification-code",
+    tag = "ca-certificates",
+    security(("api_key" = [])),
+    responses(
+        (status = 201, description = "A fresh code, usable once until `expires_at`", body = VerificationCodeBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key, or a scoped one", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
+pub(super) async fn verification_code(
+    Writer(by): Writer,
+    State(state): State<ApiState>,
+) -> Result<(StatusCode, Json<VerificationCodeBody>), ApiError> {
+    access::org_wide(&by)?;
+    let mut bytes = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    let code = state
+        .store
+        .create_verification_code(
+            &by.org_id,
+            &hex::encode(bytes),
+            state.settings.verification_code_ttl_ms,
+        )
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(VerificationCodeBody {
+            code: code.code,
+            expires_at: rfc3339(code.expires_at_ms),
+        }),
+    ))
 }

@@ -146,7 +146,8 @@ pub(super) async fn list_keys(
     }))
 }
 
-/// Revokes an API key; requests with it are refused from now on.
+/// Revokes an API key; requests with it are refused from now on, and its live MQTT service
+/// sessions are ended.
 ///
 /// Role: admin.
 #[utoipa::path(
@@ -175,7 +176,10 @@ pub(super) async fn revoke_key(
         .revoke(&admin.org_id, &id)
         .await?
         .ok_or_else(|| ApiError::not_found("API key"))?;
-    tracing::info!(key_id = %key.id, by = %admin.key_id, "API key revoked over REST");
+    // Its live MQTT service sessions end now, not at their next connect.
+    let ended = state.control.disconnect_key(&key.id);
+    tracing::info!(key_id = %key.id, by = %admin.key_id, sessions_ended = ended,
+        "API key revoked over REST");
     Ok(Json(key.into()))
 }
 

@@ -33,6 +33,7 @@ mod error;
 mod keys;
 mod openapi;
 mod orgs;
+mod quarantine;
 mod updates;
 
 use axum::handler::Handler;
@@ -56,6 +57,27 @@ pub struct ApiState {
     pub keys: ApiKeys,
     pub control: BrokerControl,
     pub rollouts: Rollouts,
+    pub settings: ApiSettings,
+}
+
+/// Behaviour the tuning file chooses.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// CAs are registered only with proof of possession of their key.
+    pub require_ca_proof: bool,
+    pub verification_code_ttl_ms: i64,
+    /// What a quarantine does when the request does not say.
+    pub default_quarantine: broker::registry::QuarantineMode,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            require_ca_proof: true,
+            verification_code_ttl_ms: 3_600_000,
+            default_quarantine: broker::registry::QuarantineMode::CommandsOnly,
+        }
+    }
 }
 
 impl ApiState {
@@ -65,6 +87,7 @@ impl ApiState {
             keys,
             control,
             rollouts,
+            settings: ApiSettings::default(),
         }
     }
 }
@@ -115,6 +138,11 @@ fn routes() -> Vec<Route> {
         ),
         route(M::GET, "/api/v1/cohorts/:cohort_id", catalog::get_cohort),
         route(M::POST, "/api/v1/ca-certificates", cas::create_ca),
+        route(
+            M::POST,
+            "/api/v1/ca-certificates/verification-code",
+            cas::verification_code,
+        ),
         route(M::GET, "/api/v1/ca-certificates", cas::list_cas),
         route(M::GET, "/api/v1/ca-certificates/:ca_id", cas::get_ca),
         route(M::PATCH, "/api/v1/ca-certificates/:ca_id", cas::update_ca),
@@ -124,6 +152,16 @@ fn routes() -> Vec<Route> {
             M::GET,
             "/api/v1/devices/:device_id/telemetry",
             devices::device_telemetry,
+        ),
+        route(
+            M::POST,
+            "/api/v1/devices/:device_id/quarantine",
+            quarantine::quarantine,
+        ),
+        route(
+            M::DELETE,
+            "/api/v1/devices/:device_id/quarantine",
+            quarantine::lift_quarantine,
         ),
         route(
             M::GET,

@@ -10,7 +10,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::store::{DeploymentKind, DeviceState, ExecutionStatus};
 
-use super::{cas, catalog, devices, error, keys, orgs, updates};
+use super::{cas, catalog, devices, error, keys, orgs, quarantine, updates};
 
 /// The whole REST bridge. Every handler the router serves is listed here (a test checks it);
 /// schemas the operations name are collected from them.
@@ -42,12 +42,15 @@ use super::{cas, catalog, devices, error, keys, orgs, updates};
         catalog::list_cohorts,
         catalog::get_cohort,
         cas::create_ca,
+        cas::verification_code,
         cas::list_cas,
         cas::get_ca,
         cas::update_ca,
         devices::list_devices,
         devices::get_device,
         devices::device_telemetry,
+        quarantine::quarantine,
+        quarantine::lift_quarantine,
         updates::device_executions,
         updates::create_signing_key,
         updates::list_signing_keys,

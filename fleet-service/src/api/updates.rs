@@ -714,7 +714,7 @@ pub(super) struct ReasonBody {
 }
 
 /// An optional JSON body: none at all is the same as `{}`.
-pub(super) struct Optional<T>(T);
+pub(super) struct Optional<T>(pub(super) T);
 
 #[axum::async_trait]
 impl<T, S> axum::extract::FromRequest<S> for Optional<T>

@@ -56,6 +56,48 @@ pub fn parse_ca_pem(pem: &str) -> Result<ParsedCa, CaPemError> {
     parse_ca_der(der)
 }
 
+/// Why a proof-of-possession certificate is not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProofError {
+    #[error("the verification certificate is not one PEM certificate")]
+    NotACertificate,
+    #[error("the verification certificate's subject has no CN (it must be the verification code)")]
+    NoCommonName,
+    #[error("the verification certificate is not signed by the CA's key")]
+    BadSignature,
+    #[error("the verification certificate is outside its validity period")]
+    NotValidNow,
+}
+
+/// Checks that `verification_pem` is a currently valid certificate signed by `ca`'s key, and
+/// returns its subject CN (the verification code it claims).
+pub fn verify_possession(ca: &ParsedCa, verification_pem: &str) -> Result<String, ProofError> {
+    let items = rustls_pemfile::read_all(&mut verification_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| ProofError::NotACertificate)?;
+    let der = match items.as_slice() {
+        [rustls_pemfile::Item::X509Certificate(der)] => der.to_vec(),
+        _ => return Err(ProofError::NotACertificate),
+    };
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|_| ProofError::NotACertificate)?;
+    let (_, ca_cert) =
+        x509_parser::parse_x509_certificate(&ca.der).map_err(|_| ProofError::BadSignature)?;
+    cert.verify_signature(Some(ca_cert.public_key()))
+        .map_err(|_| ProofError::BadSignature)?;
+    if !cert.validity().is_valid() {
+        return Err(ProofError::NotValidNow);
+    }
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+        .ok_or(ProofError::NoCommonName);
+    cn
+}
+
 fn parse_ca_der(der: Vec<u8>) -> Result<ParsedCa, CaPemError> {
     let (rest, cert) = x509_parser::parse_x509_certificate(&der)
         .map_err(|e| CaPemError::Unparsable(e.to_string()))?;
@@ -118,6 +160,7 @@ pub struct CaCertificate {
     pub not_after_ms: i64,
     pub description: Option<String>,
     pub enabled: bool,
+    pub keep_devices_when_disabled: bool,
     pub jitp: Option<JitpSettings>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
@@ -135,6 +178,7 @@ impl CaCertificate {
             subject_der: parsed.subject_der,
             key_id: parsed.key_id,
             enabled: self.enabled,
+            keep_devices_when_disabled: self.keep_devices_when_disabled,
             jitp: self.jitp.clone(),
         })
     }
@@ -147,6 +191,7 @@ pub struct NewCa {
     pub cert: ParsedCa,
     pub description: Option<String>,
     pub enabled: bool,
+    pub keep_devices_when_disabled: bool,
     pub jitp: Option<JitpSettings>,
 }
 
@@ -154,6 +199,7 @@ pub struct NewCa {
 #[derive(Debug, Clone, Default)]
 pub struct CaUpdate {
     pub enabled: Option<bool>,
+    pub keep_devices_when_disabled: Option<bool>,
     pub description: Option<Option<String>>,
     pub jitp: Option<Option<JitpSettings>>,
 }
@@ -169,6 +215,7 @@ struct CaRow {
     not_after: i64,
     description: Option<String>,
     enabled: bool,
+    keep_devices_when_disabled: bool,
     jitp_product_id: Option<String>,
     jitp_cohort_id: Option<String>,
     jitp_tags: Option<String>,
@@ -178,7 +225,8 @@ struct CaRow {
 
 const CA_COLUMNS: &str =
     "id, org_id, fingerprint_sha256, certificate_pem, subject, not_before, not_after, \
-    description, enabled, jitp_product_id, jitp_cohort_id, jitp_tags, created_at, updated_at";
+    description, enabled, keep_devices_when_disabled, jitp_product_id, jitp_cohort_id, jitp_tags, \
+    created_at, updated_at";
 
 impl TryFrom<CaRow> for CaCertificate {
     type Error = StoreError;
@@ -206,6 +254,7 @@ impl TryFrom<CaRow> for CaCertificate {
             not_after_ms: r.not_after,
             description: r.description,
             enabled: r.enabled,
+            keep_devices_when_disabled: r.keep_devices_when_disabled,
             jitp,
             created_at_ms: r.created_at,
             updated_at_ms: r.updated_at,
@@ -242,6 +291,7 @@ impl Store {
             not_after_ms: new.cert.not_after_ms,
             description: new.description,
             enabled: new.enabled,
+            keep_devices_when_disabled: new.keep_devices_when_disabled,
             jitp: new.jitp,
             created_at_ms: now,
             updated_at_ms: now,
@@ -251,8 +301,8 @@ impl Store {
             sqlx::query(
                 "INSERT INTO ca_certificates (id, fingerprint_sha256, certificate_pem, subject, \
                  not_before, not_after, description, enabled, jitp_product_id, jitp_cohort_id, \
-                 jitp_tags, created_at, updated_at, org_id) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                 jitp_tags, created_at, updated_at, org_id, keep_devices_when_disabled) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
             )
             .bind(&ca.id)
             .bind(&ca.fingerprint_sha256)
@@ -268,6 +318,7 @@ impl Store {
             .bind(ca.created_at_ms)
             .bind(ca.updated_at_ms)
             .bind(&ca.org_id)
+            .bind(ca.keep_devices_when_disabled)
             .execute(pool)
             .await
             .map(|done| done.rows_affected())
@@ -313,6 +364,9 @@ impl Store {
             q.push_bind(now_ms());
             if let Some(enabled) = update.enabled {
                 q.push(", enabled = ").push_bind(enabled);
+            }
+            if let Some(keep) = update.keep_devices_when_disabled {
+                q.push(", keep_devices_when_disabled = ").push_bind(keep);
             }
             if let Some(description) = &update.description {
                 q.push(", description = ").push_bind(description.clone());

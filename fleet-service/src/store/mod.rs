@@ -12,6 +12,8 @@
 //! - `events`: the intake's batched writes (presence, telemetry, reported state) and telemetry
 //!   retention.
 //! - `orgs`: organizations, the boundary every other row sits inside.
+//! - `quarantine`: setting devices apart, and lifting it.
+//! - `ca_proof`: verification codes for CA proof of possession.
 //! - `api_keys`: API key rows (hashes only), with their organization and scope.
 //! - `updates`: signing keys, releases, deployments and their per-device executions, and the
 //!   intake's writes of device update reports.
@@ -58,14 +60,17 @@ macro_rules! with_pool {
 }
 
 mod api_keys;
+mod ca_proof;
 pub mod cas;
 mod catalog;
 mod devices;
 mod events;
 mod orgs;
+mod quarantine;
 mod updates;
 
 pub use api_keys::ApiKeyRecord;
+pub use ca_proof::VerificationCode;
 pub use cas::{CaCertificate, CaUpdate, NewCa};
 pub use catalog::{Cohort, Product};
 pub use devices::{Device, DeviceCertificate, DeviceFilter, DeviceState};

@@ -1,0 +1,1035 @@
+//! Fleet management over the real platform: organizations isolating every resource, roles and
+//! scopes on every endpoint (REST and the MQTT service listener), quarantine and key revocation
+//! reaching live sessions, CA proof of possession, and what a disabled CA's devices may do.
+
+use std::time::Duration;
+
+use device_client::release::SigningKey;
+use e2e::{eventually, on_both_databases, Client, Client5, Fleet, Platform, TestCa};
+use rumqttc::QoS;
+use serde_json::{json, Value};
+
+on_both_databases!(
+    organizations_isolate_every_resource,
+    roles_and_scopes_on_every_endpoint,
+    quarantine_reaches_the_live_session,
+    service_keys_follow_role_and_scope_over_mqtt,
+    ca_registration_needs_proof_of_possession,
+    a_disabled_ca_may_keep_its_devices,
+);
+
+/// Connects a device of `fleet` (provisioning it) and publishes one telemetry message.
+async fn online_device(p: &Platform, fleet: &Fleet, id: &str) -> Client {
+    let cert = fleet.ca.issue(id);
+    let c = Client::connect(p.device_options(&cert, id)).await.unwrap();
+    c.client
+        .publish(
+            format!("devices/{id}/telemetry"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"t":1}"#,
+        )
+        .await
+        .unwrap();
+    eventually("telemetry stored", || async {
+        let (s, body) = p
+            .api("GET", &format!("/api/v1/devices/{id}/telemetry"), None)
+            .await;
+        (s == 200 && body["items"].as_array().is_some_and(|i| !i.is_empty())).then_some(())
+    })
+    .await;
+    c
+}
+
+/// A signing key, a release and a deployment of `fleet` in the organization of `admin`.
+async fn release_and_deployment(p: &Platform, admin: &str, fleet: &Fleet) -> (String, String) {
+    let key = SigningKey::generate().unwrap();
+    let (s, body) = p
+        .api_as(
+            admin,
+            "POST",
+            "/api/v1/signing-keys",
+            Some(json!({ "name": "k", "public_key": key.public_key_base64() })),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let signed = key
+        .sign(
+            &fleet.product_id,
+            "1.0.0",
+            "http://127.0.0.1:9/fw.bin",
+            b"firmware",
+        )
+        .unwrap();
+    let (s, release) = p
+        .api_as(
+            admin,
+            "POST",
+            "/api/v1/releases",
+            Some(serde_json::to_value(&signed).unwrap()),
+        )
+        .await;
+    assert_eq!(s, 201, "{release}");
+    let release_id = release["id"].as_str().unwrap().to_owned();
+    let (s, dep) = p
+        .api_as(
+            admin,
+            "POST",
+            "/api/v1/deployments",
+            Some(json!({ "release_id": release_id, "cohort_id": fleet.cohort_id })),
+        )
+        .await;
+    assert_eq!(s, 201, "{dep}");
+    (release_id, dep["id"].as_str().unwrap().to_owned())
+}
+
+fn ids(list: &Value) -> Vec<String> {
+    list["items"]
+        .as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .filter_map(|i| i["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+async fn organizations_isolate_every_resource(p: Platform) {
+    let admin_a = p.app().admin_token().to_owned();
+    let fleet_a = p.jitp_fleet(json!({})).await;
+    let _device = online_device(&p, &fleet_a, "iso-a-1").await;
+    let (release_a, deployment_a) = release_and_deployment(&p, &admin_a, &fleet_a).await;
+    let (s, key_a) = p
+        .api(
+            "POST",
+            "/api/v1/api-keys",
+            Some(json!({ "name": "a viewer", "role": "viewer" })),
+        )
+        .await;
+    assert_eq!(s, 201, "{key_a}");
+    let key_a = key_a["id"].as_str().unwrap().to_owned();
+
+    let (org_b, admin_b) = p.organization("tenant-b").await;
+    let fleet_b = p.jitp_fleet_as(&admin_b, json!({})).await;
+    // The same product name in another organization is no conflict.
+    let (s, body) = p
+        .api_as(
+            &admin_b,
+            "POST",
+            "/api/v1/products",
+            Some(json!({ "name": "shared-name" })),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let (s, body) = p
+        .api(
+            "POST",
+            "/api/v1/products",
+            Some(json!({ "name": "shared-name" })),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+
+    // Every single resource of A is a 404 to B, exactly like a missing one.
+    let a = &fleet_a;
+    let reads = [
+        format!("/api/v1/products/{}", a.product_id),
+        format!("/api/v1/products/{}/cohorts", a.product_id),
+        format!("/api/v1/cohorts/{}", a.cohort_id),
+        format!("/api/v1/ca-certificates/{}", a.ca_id),
+        "/api/v1/devices/iso-a-1".to_owned(),
+        "/api/v1/devices/iso-a-1/telemetry".to_owned(),
+        "/api/v1/devices/iso-a-1/executions".to_owned(),
+        format!("/api/v1/releases/{release_a}"),
+        format!("/api/v1/deployments/{deployment_a}"),
+        format!("/api/v1/deployments/{deployment_a}/executions"),
+        "/api/v1/organizations/default".to_owned(),
+    ];
+    for path in &reads {
+        let (s, body) = p.api_as(&admin_b, "GET", path, None).await;
+        assert_eq!(s, 404, "GET {path} from another organization: {body}");
+    }
+    let writes: Vec<(&str, String, Option<Value>)> = vec![
+        (
+            "POST",
+            format!("/api/v1/products/{}/cohorts", a.product_id),
+            Some(json!({ "name": "intruder" })),
+        ),
+        (
+            "PATCH",
+            format!("/api/v1/ca-certificates/{}", a.ca_id),
+            Some(json!({ "enabled": false })),
+        ),
+        (
+            "POST",
+            "/api/v1/devices/iso-a-1/quarantine".into(),
+            Some(json!({ "reason": "x" })),
+        ),
+        ("DELETE", "/api/v1/devices/iso-a-1/quarantine".into(), None),
+        (
+            "POST",
+            format!("/api/v1/deployments/{deployment_a}/pause"),
+            None,
+        ),
+        (
+            "POST",
+            format!("/api/v1/deployments/{deployment_a}/cancel"),
+            None,
+        ),
+        ("DELETE", format!("/api/v1/api-keys/{key_a}"), None),
+        ("DELETE", "/api/v1/api-keys/bootstrap-admin".into(), None),
+    ];
+    for (method, path, body) in writes {
+        let (s, answer) = p.api_as(&admin_b, method, &path, body).await;
+        assert_eq!(
+            s, 404,
+            "{method} {path} from another organization: {answer}"
+        );
+    }
+    // Signing keys are per organization: revoking A's is a 404 for B.
+    let (_, keys_a) = p.api("GET", "/api/v1/signing-keys", None).await;
+    let signing_a = ids(&keys_a);
+    assert_eq!(signing_a.len(), 1);
+    let (s, _) = p
+        .api_as(
+            &admin_b,
+            "DELETE",
+            &format!("/api/v1/signing-keys/{}", signing_a[0]),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404);
+
+    // References into A are refused as if they did not exist.
+    let (s, body) = p
+        .api_as(
+            &admin_b,
+            "POST",
+            "/api/v1/deployments",
+            Some(json!({ "release_id": release_a, "cohort_id": fleet_b.cohort_id })),
+        )
+        .await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (422, Some("invalid_reference"))
+    );
+    let (s, body) = p
+        .api_as(
+            &admin_b,
+            "POST",
+            "/api/v1/api-keys",
+            Some(json!({ "name": "x", "role": "viewer", "product_id": a.product_id })),
+        )
+        .await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (422, Some("invalid_scope"))
+    );
+    let (s, body) = p
+        .api_as(
+            &admin_b,
+            "PATCH",
+            &format!("/api/v1/ca-certificates/{}", fleet_b.ca_id),
+            Some(json!({ "jitp": { "product_id": a.product_id, "cohort_id": a.cohort_id } })),
+        )
+        .await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (422, Some("unknown_product"))
+    );
+
+    // Lists hold only the caller's own.
+    for (path, own_a, own_b) in [
+        ("/api/v1/products", &a.product_id, &fleet_b.product_id),
+        ("/api/v1/ca-certificates", &a.ca_id, &fleet_b.ca_id),
+    ] {
+        let (_, list_b) = p.api_as(&admin_b, "GET", path, None).await;
+        let (_, list_a) = p.api("GET", path, None).await;
+        assert!(
+            ids(&list_b).contains(own_b) && !ids(&list_b).contains(own_a),
+            "{path}"
+        );
+        assert!(
+            ids(&list_a).contains(own_a) && !ids(&list_a).contains(own_b),
+            "{path}"
+        );
+    }
+    for path in [
+        "/api/v1/devices",
+        "/api/v1/releases",
+        "/api/v1/deployments",
+        "/api/v1/signing-keys",
+    ] {
+        let (s, list) = p.api_as(&admin_b, "GET", path, None).await;
+        assert_eq!(s, 200, "{path}: {list}");
+        assert_eq!(
+            list["items"].as_array().map(Vec::len),
+            Some(0),
+            "{path}: {list}"
+        );
+    }
+    let (_, keys_b) = p.api_as(&admin_b, "GET", "/api/v1/api-keys", None).await;
+    assert!(keys_b["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|k| k["org_id"] == org_b.as_str()));
+    let (_, orgs_b) = p
+        .api_as(&admin_b, "GET", "/api/v1/organizations", None)
+        .await;
+    assert_eq!(ids(&orgs_b), vec![org_b.clone()]);
+    let (_, orgs) = p.api("GET", "/api/v1/organizations", None).await;
+    assert!(ids(&orgs).contains(&org_b) && ids(&orgs).contains(&"default".to_owned()));
+
+    // Only the platform admin creates organizations or reads the shared broker's counters.
+    let (s, _) = p
+        .api_as(
+            &admin_b,
+            "POST",
+            "/api/v1/organizations",
+            Some(json!({ "name": "nested" })),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = p
+        .api_as(&admin_b, "GET", "/api/v1/broker/metrics", None)
+        .await;
+    assert_eq!(s, 403);
+    // Device ids are global (they are MQTT client ids): B cannot take A's even by JITP.
+    let stolen = fleet_b.ca.issue("iso-a-1");
+    assert!(Client::connect(p.device_options(&stolen, "iso-a-1"))
+        .await
+        .is_err());
+    p.stop().await;
+}
+
+/// Every endpoint against every kind of key. `{P}`, `{C}`, `{CA}`, `{D}`, `{R}`, `{DEP}`,
+/// `{N}` are filled in per request.
+async fn roles_and_scopes_on_every_endpoint(p: Platform) {
+    let admin = p.app().admin_token().to_owned();
+    let fleet = p.jitp_fleet(json!({})).await;
+    let other = p.jitp_fleet(json!({})).await;
+    let _device = online_device(&p, &fleet, "rs-1").await;
+    let (release, deployment) = release_and_deployment(&p, &admin, &fleet).await;
+    let viewer = p.key_as(&admin, "viewer", json!({})).await;
+    let operator = p.key_as(&admin, "operator", json!({})).await;
+    let second_admin = p.key_as(&admin, "admin", json!({})).await;
+    // An operator of another product, and a viewer of this fleet's cohort.
+    let other_operator = p
+        .key_as(
+            &admin,
+            "operator",
+            json!({ "product_id": other.product_id }),
+        )
+        .await;
+    let cohort_viewer = p
+        .key_as(
+            &admin,
+            "viewer",
+            json!({ "product_id": fleet.product_id, "cohort_id": fleet.cohort_id }),
+        )
+        .await;
+    let keys = [
+        ("viewer", viewer),
+        ("operator", operator),
+        ("admin", second_admin),
+        ("other-product operator", other_operator),
+        ("cohort viewer", cohort_viewer),
+    ];
+
+    // (method, path, body, expected status per key in the order above)
+    type Row = (&'static str, &'static str, Option<Value>, [u16; 5]);
+    let rows: Vec<Row> = vec![
+        ("GET", "/api/v1/products", None, [200; 5]),
+        (
+            "GET",
+            "/api/v1/products/{P}",
+            None,
+            [200, 200, 200, 404, 200],
+        ),
+        (
+            "POST",
+            "/api/v1/products",
+            Some(json!({"name": "{N}"})),
+            [403, 201, 201, 403, 403],
+        ),
+        (
+            "GET",
+            "/api/v1/products/{P}/cohorts",
+            None,
+            [200, 200, 200, 404, 200],
+        ),
+        (
+            "POST",
+            "/api/v1/products/{P}/cohorts",
+            Some(json!({"name": "{N}"})),
+            [403, 201, 201, 404, 403],
+        ),
+        (
+            "GET",
+            "/api/v1/cohorts/{C}",
+            None,
+            [200, 200, 200, 404, 200],
+        ),
+        (
+            "GET",
+            "/api/v1/ca-certificates",
+            None,
+            [200, 200, 200, 403, 403],
+        ),
+        (
+            "GET",
+            "/api/v1/ca-certificates/{CA}",
+            None,
+            [200, 200, 200, 403, 403],
+        ),
+        (
+            "PATCH",
+            "/api/v1/ca-certificates/{CA}",
+            Some(json!({"description": "d"})),
+            [403, 200, 200, 403, 403],
+        ),
+        (
+            "POST",
+            "/api/v1/ca-certificates/verification-code",
+            None,
+            [403, 201, 201, 403, 403],
+        ),
+        (
+            "POST",
+            "/api/v1/ca-certificates",
+            Some(json!({"certificate_pem": "x"})),
+            [403, 422, 422, 403, 403],
+        ),
+        ("GET", "/api/v1/devices", None, [200; 5]),
+        (
+            "GET",
+            "/api/v1/devices/{D}",
+            None,
+            [200, 200, 200, 404, 200],
+        ),
+        (
+            "GET",
+            "/api/v1/devices/{D}/telemetry",
+            None,
+            [200, 200, 200, 404, 200],
+        ),
+        (
+            "GET",
+            "/api/v1/devices/{D}/executions",
+            None,
+            [200, 200, 200, 404, 200],
+        ),
+        (
+            "POST",
+            "/api/v1/devices/{D}/quarantine",
+            Some(json!({"reason": "table", "mode": "commands_only"})),
+            [403, 200, 200, 404, 403],
+        ),
+        (
+            "DELETE",
+            "/api/v1/devices/{D}/quarantine",
+            None,
+            [403, 200, 409, 404, 403],
+        ),
+        (
+            "GET",
+            "/api/v1/signing-keys",
+            None,
+            [200, 200, 200, 403, 403],
+        ),
+        (
+            "POST",
+            "/api/v1/signing-keys",
+            Some(json!({"name": "k", "public_key": "bad"})),
+            [403, 403, 422, 403, 403],
+        ),
+        (
+            "DELETE",
+            "/api/v1/signing-keys/nope",
+            None,
+            [403, 403, 404, 403, 403],
+        ),
+        ("GET", "/api/v1/releases", None, [200; 5]),
+        (
+            "GET",
+            "/api/v1/releases/{R}",
+            None,
+            [200, 200, 200, 404, 200],
+        ),
+        (
+            "POST",
+            "/api/v1/releases",
+            Some(
+                json!({"product_id": "{P}", "version": "bad", "url": "http://x", "size": 1, "sha256": "00", "signature": "x"}),
+            ),
+            [403, 422, 422, 422, 403],
+        ),
+        ("GET", "/api/v1/deployments", None, [200; 5]),
+        (
+            "GET",
+            "/api/v1/deployments/{DEP}",
+            None,
+            [200, 200, 200, 404, 200],
+        ),
+        (
+            "GET",
+            "/api/v1/deployments/{DEP}/executions",
+            None,
+            [200, 200, 200, 404, 200],
+        ),
+        (
+            "POST",
+            "/api/v1/deployments/{DEP}/pause",
+            None,
+            [403, 200, 409, 404, 403],
+        ),
+        (
+            "POST",
+            "/api/v1/deployments/{DEP}/resume",
+            None,
+            [403, 200, 409, 404, 403],
+        ),
+        (
+            "POST",
+            "/api/v1/deployments",
+            Some(json!({"release_id": "{R}", "cohort_id": "{C}"})),
+            [403, 409, 409, 422, 403],
+        ),
+        (
+            "POST",
+            "/api/v1/deployments/{DEP}/promote",
+            Some(json!({"cohort_id": "{C}"})),
+            [403, 409, 409, 404, 403],
+        ),
+        ("GET", "/api/v1/api-keys", None, [403, 403, 200, 403, 403]),
+        (
+            "POST",
+            "/api/v1/api-keys",
+            Some(json!({"name": "k", "role": "viewer"})),
+            [403, 403, 201, 403, 403],
+        ),
+        (
+            "DELETE",
+            "/api/v1/api-keys/nope",
+            None,
+            [403, 403, 404, 403, 403],
+        ),
+        ("GET", "/api/v1/organizations", None, [200; 5]),
+        ("GET", "/api/v1/organizations/default", None, [200; 5]),
+        (
+            "POST",
+            "/api/v1/organizations",
+            Some(json!({"name": "{N}"})),
+            [403, 403, 201, 403, 403],
+        ),
+        (
+            "GET",
+            "/api/v1/broker/metrics",
+            None,
+            [200, 200, 200, 403, 403],
+        ),
+    ];
+    let fill = |s: &str, n: usize| {
+        s.replace("{P}", &fleet.product_id)
+            .replace("{C}", &fleet.cohort_id)
+            .replace("{CA}", &fleet.ca_id)
+            .replace("{D}", "rs-1")
+            .replace("{R}", &release)
+            .replace("{DEP}", &deployment)
+            .replace("{N}", &format!("name-{n}"))
+    };
+    let mut n = 0;
+    for (method, path, body, expected) in &rows {
+        for ((who, key), want) in keys.iter().zip(expected) {
+            n += 1;
+            let path = fill(path, n);
+            let body = body
+                .as_ref()
+                .map(|b| serde_json::from_str::<Value>(&fill(&b.to_string(), n)).unwrap());
+            let (got, answer) = p.api_as(key, method, &path, body).await;
+            assert_eq!(got, *want, "{who}: {method} {path}: {answer}");
+        }
+    }
+    // Without a key, everything but health and the document is a 401.
+    let http = reqwest::Client::new();
+    for (method, path, _, _) in &rows {
+        let url = format!("http://{}{}", p.app().http_addr(), fill(path, 0));
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let s = http.request(m, url).send().await.unwrap().status();
+        assert_eq!(s.as_u16(), 401, "{method} {path}");
+    }
+    p.stop().await;
+}
+
+async fn quarantine_reaches_the_live_session(p: Platform) {
+    let fleet = p.jitp_fleet(json!({})).await;
+    let cert = fleet.ca.issue("q-1");
+    let mut live = Client::connect(p.device_options(&cert, "q-1"))
+        .await
+        .unwrap();
+    live.client
+        .subscribe(
+            format!("cohorts/{}/updates", fleet.cohort_id),
+            QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    live.wait_for(|pk| matches!(pk, rumqttc::Packet::SubAck(_)).then_some(()))
+        .await;
+
+    let started = std::time::Instant::now();
+    let (s, body) = p
+        .api(
+            "POST",
+            "/api/v1/devices/q-1/quarantine",
+            Some(json!({ "reason": "tampering suspected" })),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["mode"], "commands_only");
+    assert_eq!(body["session_ended"], true);
+    live.closed().await;
+    println!(
+        "quarantine ended the live session {:?} after the request",
+        started.elapsed()
+    );
+    let d = eventually("quarantined and offline", || async {
+        let d = p.device("q-1").await;
+        (d["online"] == false).then_some(d)
+    })
+    .await;
+    assert_eq!(d["state"], "quarantined");
+    assert_eq!(d["state_reason"], "quarantined: tampering suspected");
+
+    // Commands only: it may connect, hear and ack its commands, and nothing else.
+    let mut q = Client5::connect(p.device_options_v5(&cert, "q-1"))
+        .await
+        .unwrap();
+    q.client
+        .subscribe(
+            "devices/q-1/commands",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    q.client
+        .subscribe(
+            format!("cohorts/{}/updates", fleet.cohort_id),
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    use rumqttc::v5::mqttbytes::v5::{Packet as P5, SubscribeReasonCode};
+    let mut codes = Vec::new();
+    while codes.len() < 2 {
+        let c = q
+            .wait_for(|pk| match pk {
+                P5::SubAck(a) => Some(a.return_codes.clone()),
+                _ => None,
+            })
+            .await;
+        codes.extend(c);
+    }
+    assert!(
+        matches!(codes[0], SubscribeReasonCode::Success(_)),
+        "{codes:?}"
+    );
+    assert!(
+        !matches!(codes[1], SubscribeReasonCode::Success(_)),
+        "{codes:?}"
+    );
+    q.client
+        .publish(
+            "devices/q-1/telemetry",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            r#"{"t":1}"#,
+        )
+        .await
+        .unwrap();
+    let reason = q
+        .wait_for(|pk| match pk {
+            P5::PubAck(a) => Some(a.reason),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        reason,
+        rumqttc::v5::mqttbytes::v5::PubAckReason::NotAuthorized
+    );
+    // A backend command still reaches it.
+    let svc = Client::connect(p.service_options("ops", p.app().admin_token()))
+        .await
+        .unwrap();
+    svc.client
+        .publish(
+            "devices/q-1/commands",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"id":"c-1","name":"diagnose"}"#,
+        )
+        .await
+        .unwrap();
+    q.wait_for(|pk| match pk {
+        P5::Publish(m) if m.topic.as_ref() == b"devices/q-1/commands" => Some(()),
+        _ => None,
+    })
+    .await;
+
+    // Refuse: the commands-only session ends, and connecting is refused.
+    let (s, body) = p
+        .api(
+            "POST",
+            "/api/v1/devices/q-1/quarantine",
+            Some(json!({ "reason": "confirmed", "mode": "refuse" })),
+        )
+        .await;
+    assert_eq!(
+        (s, body["session_ended"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    q.closed().await;
+    assert!(Client::connect(p.device_options(&cert, "q-1"))
+        .await
+        .is_err());
+    let (_, metrics) = p.api("GET", "/api/v1/broker/metrics", None).await;
+    assert!(metrics.to_string().contains("quarantined"), "{metrics}");
+
+    // A restart keeps the quarantine; lifting it restores normal rights.
+    let mut p = p;
+    p.restart().await;
+    assert!(Client::connect(p.device_options(&cert, "q-1"))
+        .await
+        .is_err());
+    let (s, body) = p
+        .api("DELETE", "/api/v1/devices/q-1/quarantine", None)
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["state"], "offline");
+    let (s, _) = p
+        .api("DELETE", "/api/v1/devices/q-1/quarantine", None)
+        .await;
+    assert_eq!(s, 409);
+    let mut back = Client::connect(p.device_options(&cert, "q-1"))
+        .await
+        .unwrap();
+    back.client
+        .subscribe(
+            format!("cohorts/{}/updates", fleet.cohort_id),
+            QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    let codes = back
+        .wait_for(|pk| match pk {
+            rumqttc::Packet::SubAck(a) => Some(a.return_codes.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(
+        matches!(codes[0], rumqttc::SubscribeReasonCode::Success(_)),
+        "{codes:?}"
+    );
+    eventually("online again", || async {
+        let d = p.device("q-1").await;
+        (d["state"] == "online").then_some(())
+    })
+    .await;
+    p.stop().await;
+}
+
+async fn service_keys_follow_role_and_scope_over_mqtt(p: Platform) {
+    let admin = p.app().admin_token().to_owned();
+    let mine = p.jitp_fleet(json!({})).await;
+    let theirs = p.jitp_fleet(json!({})).await;
+    let (_, admin_b) = p.organization("mqtt-tenant").await;
+    let foreign = p.jitp_fleet_as(&admin_b, json!({})).await;
+    let d_mine = online_device(&p, &mine, "svc-mine").await;
+    let d_theirs = online_device(&p, &theirs, "svc-theirs").await;
+    let d_foreign = {
+        let cert = foreign.ca.issue("svc-foreign");
+        Client::connect(p.device_options(&cert, "svc-foreign"))
+            .await
+            .unwrap()
+    };
+
+    let viewer = p
+        .key_as(&admin, "viewer", json!({ "product_id": mine.product_id }))
+        .await;
+    let mut watcher = Client::connect(p.service_options("watcher", &viewer))
+        .await
+        .unwrap();
+    watcher
+        .client
+        .subscribe("devices/+/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    watcher
+        .client
+        .subscribe("devices/svc-theirs/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut acks = Vec::new();
+    while acks.len() < 2 {
+        acks.extend(
+            watcher
+                .wait_for(|pk| match pk {
+                    rumqttc::Packet::SubAck(a) => Some(a.return_codes.clone()),
+                    _ => None,
+                })
+                .await,
+        );
+    }
+    assert!(matches!(acks[0], rumqttc::SubscribeReasonCode::Success(_)));
+    assert_eq!(
+        acks[1],
+        rumqttc::SubscribeReasonCode::Failure,
+        "another product's device"
+    );
+
+    for (c, id) in [
+        (&d_theirs, "svc-theirs"),
+        (&d_foreign, "svc-foreign"),
+        (&d_mine, "svc-mine"),
+    ] {
+        c.client
+            .publish(
+                format!("devices/{id}/telemetry"),
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"from":"{id}"}}"#),
+            )
+            .await
+            .unwrap();
+    }
+    // Published last, yet the first (and only) telemetry the scoped viewer hears.
+    let topic = watcher
+        .wait_for(|pk| match pk {
+            rumqttc::Packet::Publish(m) => Some(m.topic.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(topic, "devices/svc-mine/telemetry");
+    // A viewer may not command; its session ends (MQTT 3.1.1 has no negative PUBACK).
+    watcher
+        .client
+        .publish("devices/svc-mine/commands", QoS::AtLeastOnce, false, "{}")
+        .await
+        .unwrap();
+    watcher.closed().await;
+
+    // A scoped operator commands its own product's devices only.
+    let operator = p
+        .key_as(&admin, "operator", json!({ "product_id": mine.product_id }))
+        .await;
+    let mut ops = Client5::connect({
+        let addr = p.app().service_addr();
+        let mut o = rumqttc::v5::MqttOptions::new("ops5", "127.0.0.1", addr.port());
+        o.set_credentials("service", &operator);
+        o
+    })
+    .await
+    .unwrap();
+    use rumqttc::v5::mqttbytes::v5::{Packet as P5, PubAckReason};
+    let mut reasons = Vec::new();
+    for target in ["svc-mine", "svc-theirs", "svc-foreign"] {
+        ops.client
+            .publish(
+                format!("devices/{target}/commands"),
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                r#"{"id":"c","name":"ping"}"#,
+            )
+            .await
+            .unwrap();
+        reasons.push(
+            ops.wait_for(|pk| match pk {
+                P5::PubAck(a) => Some(a.reason),
+                _ => None,
+            })
+            .await,
+        );
+    }
+    assert_eq!(
+        reasons,
+        vec![
+            PubAckReason::Success,
+            PubAckReason::NotAuthorized,
+            PubAckReason::NotAuthorized
+        ]
+    );
+
+    // Revoking the key ends its live session at once.
+    let (_, keys) = p.api("GET", "/api/v1/api-keys", None).await;
+    let key_id = keys["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["role"] == "operator" && k["product_id"] == mine.product_id.as_str())
+        .map(|k| k["id"].as_str().unwrap().to_owned())
+        .next()
+        .unwrap();
+    let (s, _) = p
+        .api("DELETE", &format!("/api/v1/api-keys/{key_id}"), None)
+        .await;
+    assert_eq!(s, 200);
+    ops.closed().await;
+    assert!(Client::connect(p.service_options("again", &operator))
+        .await
+        .is_err());
+    p.stop().await;
+}
+
+async fn ca_registration_needs_proof_of_possession(p: Platform) {
+    let ca = TestCa::new("Proven CA");
+    let impostor = TestCa::new("Proven CA");
+    let admin = p.app().admin_token().to_owned();
+    let (_, admin_b) = p.organization("pop-tenant").await;
+    let register = |proof: Option<String>| {
+        let body = json!({ "certificate_pem": ca.pem, "verification_certificate_pem": proof });
+        let p = &p;
+        async move { p.api("POST", "/api/v1/ca-certificates", Some(body)).await }
+    };
+    let code = |token: String| {
+        let p = &p;
+        async move {
+            let (s, c) = p
+                .api_as(
+                    &token,
+                    "POST",
+                    "/api/v1/ca-certificates/verification-code",
+                    None,
+                )
+                .await;
+            assert_eq!(s, 201, "{c}");
+            c["code"].as_str().unwrap().to_owned()
+        }
+    };
+    let refused = |(s, body): (u16, Value), want: &str| {
+        assert_eq!(
+            (s, body["error"]["code"].as_str()),
+            (422, Some(want)),
+            "{body}"
+        );
+    };
+
+    refused(register(None).await, "proof_required");
+    refused(register(Some("not pem".into())).await, "invalid_proof");
+    // Signed by another key (same subject name): no proof of this CA's key.
+    let c = code(admin.clone()).await;
+    refused(
+        register(Some(impostor.issue(&c).cert_pem)).await,
+        "invalid_proof",
+    );
+    // Signed by the CA, but the CN is no code, or another organization's code.
+    refused(
+        register(Some(ca.issue("made-up-code").cert_pem)).await,
+        "invalid_proof",
+    );
+    let theirs = code(admin_b.clone()).await;
+    refused(
+        register(Some(ca.issue(&theirs).cert_pem)).await,
+        "invalid_proof",
+    );
+    // Expired verification certificate.
+    let now = time::OffsetDateTime::now_utc();
+    let stale = ca.issue_valid(
+        &c,
+        now - time::Duration::days(3),
+        now - time::Duration::days(1),
+    );
+    refused(register(Some(stale.cert_pem)).await, "invalid_proof");
+
+    // The refused attempts did not use the code up.
+    let (s, body) = register(Some(ca.issue(&c).cert_pem)).await;
+    assert_eq!(s, 201, "{body}");
+    // A code is used once.
+    let other = TestCa::new("Second CA");
+    let (s, body) = p
+        .api(
+            "POST",
+            "/api/v1/ca-certificates",
+            Some(json!({ "certificate_pem": other.pem,
+                "verification_certificate_pem": other.issue(&c).cert_pem })),
+        )
+        .await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (422, Some("invalid_proof")),
+        "{body}"
+    );
+    // The same CA again (by any organization) is a conflict, and gives its code back.
+    let c2 = code(admin.clone()).await;
+    let (s, _) = register(Some(ca.issue(&c2).cert_pem)).await;
+    assert_eq!(s, 409);
+    let (s, body) = p
+        .api(
+            "POST",
+            "/api/v1/ca-certificates",
+            Some(json!({ "certificate_pem": other.pem,
+                "verification_certificate_pem": other.issue(&c2).cert_pem })),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    p.stop().await;
+}
+
+async fn a_disabled_ca_may_keep_its_devices(p: Platform) {
+    let fleet = p.jitp_fleet(json!({})).await;
+    let old = fleet.ca.issue("keep-1");
+    let mut live = Client::connect(p.device_options(&old, "keep-1"))
+        .await
+        .unwrap();
+    live.client
+        .subscribe("devices/keep-1/commands", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    live.wait_for(|pk| matches!(pk, rumqttc::Packet::SubAck(_)).then_some(()))
+        .await;
+
+    let (s, body) = p
+        .api(
+            "PATCH",
+            &format!("/api/v1/ca-certificates/{}", fleet.ca_id),
+            Some(json!({ "enabled": false, "keep_devices_when_disabled": true })),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["keep_devices_when_disabled"], true);
+    // The live session stays, and the device may reconnect; a new device is not provisioned.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    live.client
+        .publish("devices/keep-1/telemetry", QoS::AtLeastOnce, false, "{}")
+        .await
+        .unwrap();
+    live.wait_for(|pk| matches!(pk, rumqttc::Packet::PubAck(_)).then_some(()))
+        .await;
+    live.kill().await;
+    let again = Client::connect(p.device_options(&old, "keep-1")).await;
+    assert!(
+        again.is_ok(),
+        "an existing device of a disabled, keeping CA"
+    );
+    let newcomer = fleet.ca.issue("keep-new");
+    assert!(Client::connect(p.device_options(&newcomer, "keep-new"))
+        .await
+        .is_err());
+    let (s, _) = p.api("GET", "/api/v1/devices/keep-new", None).await;
+    assert_eq!(s, 404, "not provisioned");
+
+    // Without keeping, its devices are cut off.
+    let mut again = again.unwrap();
+    let (s, _) = p
+        .api(
+            "PATCH",
+            &format!("/api/v1/ca-certificates/{}", fleet.ca_id),
+            Some(json!({ "keep_devices_when_disabled": false })),
+        )
+        .await;
+    assert_eq!(s, 200);
+    again.closed().await;
+    assert!(Client::connect(p.device_options(&old, "keep-1"))
+        .await
+        .is_err());
+    p.stop().await;
+}
