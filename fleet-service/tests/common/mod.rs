@@ -207,6 +207,7 @@ pub async fn catalog(store: &Store, name: &str) -> Catalog {
     let ca = store
         .create_ca(NewCa {
             org_id: "default".into(),
+            keep_devices_when_disabled: false,
             cert: parse_ca_pem(&test_ca.pem()).unwrap(),
             description: Some(format!("{name} manufacturing")),
             enabled: true,
