@@ -213,6 +213,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
+    /// [`Conn::queue`] for a publish, returning the QoS and packet id it was written with.
+    pub fn queue_publish(&mut self, packet: Packet) -> Option<FrameInfo> {
+        let start = self.write.len();
+        self.queue(packet);
+        peek(&self.write[start..], usize::MAX)
+            .ok()
+            .flatten()
+            .map(|(info, _)| info)
+    }
+
     /// QoS and packet id of an outgoing publish (rumqttd keeps its fields private), by encoding
     /// it as MQTT 3.1.1 and reading the header: for the rare publish that is not sent.
     pub fn publish_header(packet: Packet) -> Option<FrameInfo> {

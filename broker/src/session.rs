@@ -462,6 +462,11 @@ struct Session<S> {
     acks: AckQueue,
     bus: FuturesUnordered<BusFuture>,
     wake_router: bool,
+    /// Services only: the QoS 1/2 deliveries the router is waiting on an acknowledgement for,
+    /// in the order it sent them (it refuses acknowledgements out of that order), each with
+    /// its acknowledgement once there is one. Deliveries the key may not see are acknowledged
+    /// here at once and never reach the client.
+    outgoing: VecDeque<(u16, Option<Packet>)>,
 }
 
 enum Step {
@@ -533,6 +538,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             acks: AckQueue::default(),
             bus: FuturesUnordered::new(),
             wake_router: false,
+            outgoing: VecDeque::new(),
         };
 
         if session.device.is_some() {
@@ -710,6 +716,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.conn.queue(Packet::PingResp(PingResp));
                 Step::Continue
             }
+            p @ (Packet::PubAck(..) | Packet::PubRec(..))
+                if matches!(self.principal, Principal::Service(_)) =>
+            {
+                let pkid = match &p {
+                    Packet::PubAck(a, _) => a.pkid,
+                    Packet::PubRec(a, _) => a.pkid,
+                    _ => unreachable!("matched above"),
+                };
+                match self
+                    .outgoing
+                    .iter_mut()
+                    .find(|(id, ack)| *id == pkid && ack.is_none())
+                {
+                    Some(slot) => slot.1 = Some(p),
+                    None => to_router.push(p),
+                }
+                self.release_outgoing(to_router);
+                Step::Continue
+            }
             p @ (Packet::PubAck(..)
             | Packet::PubRec(..)
             | Packet::PubRel(..)
@@ -857,8 +882,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let service = matches!(self.principal, Principal::Service(_));
         for mut filter in subscribe.filters {
             if acl::may_subscribe(&self.principal, &filter.path, &*self.ctx.control.registry) {
-                if service && acl::spans_owners(&filter.path) && filter.qos == QoS::ExactlyOnce {
-                    // What such a filter delivers is narrowed per message, and a QoS 2
+                if service && filter.qos == QoS::ExactlyOnce {
+                    // What a service filter delivers is narrowed per message, and a QoS 2
                     // delivery cannot be dropped halfway; QoS 1 ones are acknowledged to the
                     // router in the client's stead.
                     filter.qos = QoS::AtLeastOnce;
@@ -901,19 +926,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         while let Some(item) = next.take() {
             match item {
                 Ok(FromRouter::Forward(Packet::Publish(publish, props)))
-                    if !self.may_receive(&publish) =>
+                    if matches!(self.principal, Principal::Service(_)) =>
                 {
-                    // Matched a wildcard filter, but about a device or cohort this key does not
-                    // see: never delivered, and acknowledged to the router in its stead.
-                    let header = Conn::<S>::publish_header(Packet::Publish(publish, props));
-                    if let Some(h) = header.filter(|h| h.qos == 1) {
-                        acks_for_router.push(Packet::PubAck(
-                            PubAck {
+                    if self.may_receive(&publish) {
+                        let header = self.conn.queue_publish(Packet::Publish(publish, props));
+                        if let Some(h) = header.filter(|h| h.qos > 0) {
+                            self.outgoing.push_back((h.pkid, None));
+                        }
+                    } else {
+                        // About a device or cohort this key does not see: never delivered, and
+                        // acknowledged to the router in its stead, in turn (service filters are
+                        // granted at most QoS 1).
+                        let header = Conn::<S>::publish_header(Packet::Publish(publish, props));
+                        if let Some(h) = header.filter(|h| h.qos == 1) {
+                            let ack = PubAck {
                                 pkid: h.pkid,
                                 reason: PubAckReason::Success,
-                            },
-                            None,
-                        ));
+                            };
+                            self.outgoing
+                                .push_back((h.pkid, Some(Packet::PubAck(ack, None))));
+                        }
                     }
                 }
                 Ok(FromRouter::Forward(p)) => self.conn.queue(p),
@@ -947,6 +979,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             next = self.link.try_next();
         }
+        self.release_outgoing(&mut acks_for_router);
         if !acks_for_router.is_empty() && self.link.send(acks_for_router).await.is_err() {
             return Step::End(DisconnectReason::ServerShutdown);
         }
@@ -957,6 +990,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Step::End(DisconnectReason::Takeover);
         }
         Step::Continue
+    }
+
+    /// Moves the acknowledgements at the front of `outgoing` that are ready to `to_router`, in
+    /// the order the router sent the deliveries.
+    fn release_outgoing(&mut self, to_router: &mut Vec<Packet>) {
+        while self.outgoing.front().is_some_and(|(_, ack)| ack.is_some()) {
+            if let Some((_, Some(ack))) = self.outgoing.pop_front() {
+                to_router.push(ack);
+            }
+        }
     }
 
     /// Whether a publish the router forwards may reach this client (services see only their

@@ -781,11 +781,8 @@ async fn service_keys_follow_role_and_scope_over_mqtt(p: Platform) {
         );
     }
     assert!(matches!(acks[0], rumqttc::SubscribeReasonCode::Success(_)));
-    assert_eq!(
-        acks[1],
-        rumqttc::SubscribeReasonCode::Failure,
-        "another product's device"
-    );
+    // Granted (a refusal would tell that the device exists), and it delivers nothing.
+    assert!(matches!(acks[1], rumqttc::SubscribeReasonCode::Success(_)));
 
     for (c, id) in [
         (&d_theirs, "svc-theirs"),
