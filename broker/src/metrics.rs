@@ -41,10 +41,14 @@ pub enum Rejection {
     BadPayload,
     #[error("device is quarantined and its connections are refused")]
     Quarantined,
+    #[error("device is pinned to another certificate")]
+    PinMismatch,
+    #[error("certificate is revoked")]
+    CertificateRevoked,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 16] = [
+    pub const ALL: [Rejection; 18] = [
         Rejection::TlsHandshake,
         Rejection::BadCertificate,
         Rejection::UnknownCa,
@@ -61,6 +65,8 @@ impl Rejection {
         Rejection::ForbiddenTopic,
         Rejection::BadPayload,
         Rejection::Quarantined,
+        Rejection::PinMismatch,
+        Rejection::CertificateRevoked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +87,8 @@ impl Rejection {
             Rejection::ForbiddenTopic => "forbidden_topic",
             Rejection::BadPayload => "bad_payload",
             Rejection::Quarantined => "quarantined",
+            Rejection::PinMismatch => "pin_mismatch",
+            Rejection::CertificateRevoked => "certificate_revoked",
         }
     }
 }

@@ -54,8 +54,11 @@ pub struct JitpSettings {
 pub struct DeviceRecord {
     pub id: DeviceId,
     pub org_id: String,
-    /// The CA that issued its certificate; a certificate from any other CA is refused.
-    pub ca_id: String,
+    /// The CA that issued its certificate; a certificate from any other CA is refused. None
+    /// for a device registered before manufacturing: any CA of its organization will do.
+    pub ca_id: Option<String>,
+    /// When set, only the certificate with this fingerprint is admitted.
+    pub pinned_fingerprint: Option<String>,
     pub product_id: String,
     pub cohort_id: Option<CohortId>,
     /// The highest session epoch ever handed out; the next session gets a larger one.
@@ -113,6 +116,8 @@ pub struct Provisioned {
 #[derive(Debug, Clone)]
 pub struct DeviceIdentity {
     pub device: DeviceRecord,
+    /// The CA that issued the certificate of this connection.
+    pub ca_id: String,
     pub provisioned_now: bool,
     pub cert: CertFacts,
 }
@@ -153,6 +158,8 @@ impl QuarantineMode {
 
 pub struct Registry {
     cas: DashMap<String, CaRecord>,
+    /// Fingerprints of certificates never admitted again (revoked, or of deleted devices).
+    revoked: dashmap::DashSet<String>,
     cohorts: DashMap<CohortId, CohortRecord>,
     quarantined: DashMap<DeviceId, QuarantineMode>,
     ca_version: AtomicU64,
@@ -166,6 +173,7 @@ impl Registry {
     pub fn new(store: Arc<dyn RegistryStore>, metrics: Arc<Metrics>) -> Self {
         Self {
             cas: DashMap::new(),
+            revoked: dashmap::DashSet::new(),
             cohorts: DashMap::new(),
             quarantined: DashMap::new(),
             ca_version: AtomicU64::new(0),
@@ -212,6 +220,11 @@ impl Registry {
             .filter(|c| c.trusted())
             .map(|c| c.cert_der.clone())
             .collect()
+    }
+
+    /// Never admits the certificate with this fingerprint again.
+    pub fn revoke_certificate(&self, fingerprint: &str) {
+        self.revoked.insert(fingerprint.to_owned());
     }
 
     /// Quarantines a device (`Some`) or lifts it (`None`). Takes effect on its next connection;
@@ -343,6 +356,9 @@ impl Registry {
             not_before_ms: validity.not_before.timestamp() * 1000,
             not_after_ms: validity.not_after.timestamp() * 1000,
         };
+        if self.revoked.contains(&facts.fingerprint_sha256) {
+            return Err(Rejection::CertificateRevoked);
+        }
         if self.quarantine(&id) == Some(QuarantineMode::Refuse) {
             return Err(Rejection::Quarantined);
         }
@@ -404,11 +420,22 @@ impl Registry {
         cert: CertFacts,
         provisioned_now: bool,
     ) -> Result<DeviceIdentity, Rejection> {
-        if device.ca_id != ca.id {
-            return Err(Rejection::IdentityCollision);
+        match &device.ca_id {
+            Some(ca_id) if *ca_id != ca.id => return Err(Rejection::IdentityCollision),
+            // Registered before manufacturing: any CA of its own organization.
+            None if device.org_id != ca.org_id => return Err(Rejection::IdentityCollision),
+            _ => {}
+        }
+        if device
+            .pinned_fingerprint
+            .as_ref()
+            .is_some_and(|pin| *pin != cert.fingerprint_sha256)
+        {
+            return Err(Rejection::PinMismatch);
         }
         Ok(DeviceIdentity {
             device,
+            ca_id: ca.id.clone(),
             provisioned_now,
             cert,
         })

@@ -210,7 +210,7 @@ pub(crate) async fn serve_device<S: AsyncRead + AsyncWrite + Unpin + Send>(
         id.clone(),
         SessionHandle {
             epoch,
-            ca_id: identity.device.ca_id.clone(),
+            ca_id: identity.ca_id.clone(),
             kick: kick_tx,
             done: done_rx,
         },

@@ -82,6 +82,13 @@ impl App {
         for cohort in store.all_cohorts().await.context("loading cohorts")? {
             registry.upsert_cohort(cohort_record(&cohort)?);
         }
+        for fingerprint in store
+            .revoked_fingerprints()
+            .await
+            .context("loading revoked certificates")?
+        {
+            registry.revoke_certificate(&fingerprint);
+        }
         for (id, mode) in store
             .quarantined_devices()
             .await

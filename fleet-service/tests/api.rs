@@ -675,7 +675,7 @@ async fn jitp_through_the_registry(url: &str) {
         .await
         .expect("the registry admits the device");
     assert!(identity.provisioned_now);
-    assert_eq!(identity.device.ca_id, created["id"].as_str().unwrap());
+    assert_eq!(identity.device.ca_id.as_deref(), created["id"].as_str());
 
     let (s, d) = api.get("/devices/sensor-0042", Some(&api.viewer)).await;
     assert_eq!(s, StatusCode::OK, "{d}");

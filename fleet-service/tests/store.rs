@@ -81,7 +81,7 @@ async fn provisioning_is_idempotent(url: &str) {
     let first = store.provision(&new).await.unwrap();
     assert!(first.created);
     assert_eq!(first.device.id, new.id);
-    assert_eq!(first.device.ca_id, cat.ca.id);
+    assert_eq!(first.device.ca_id, Some(cat.ca.id.clone()));
     assert_eq!(first.device.product_id, cat.product.id);
     assert_eq!(
         first.device.cohort_id.as_ref().unwrap().as_str(),
@@ -194,7 +194,9 @@ async fn loaders_feed_the_registry(url: &str) {
     let devices = store.load_device_records().await.unwrap();
     let ids: Vec<_> = devices.iter().map(|d| d.id.as_str()).collect();
     assert_eq!(ids, ["dev-1", "dev-2"]);
-    assert!(devices.iter().all(|d| d.ca_id == cat.ca.id));
+    assert!(devices
+        .iter()
+        .all(|d| d.ca_id.as_deref() == Some(cat.ca.id.as_str())));
 }
 
 async fn presence_follows_the_epoch_rule(url: &str) {

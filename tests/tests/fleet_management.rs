@@ -16,6 +16,8 @@ on_both_databases!(
     service_keys_follow_role_and_scope_over_mqtt,
     ca_registration_needs_proof_of_possession,
     a_disabled_ca_may_keep_its_devices,
+    pre_provisioned_devices_and_certificate_pins,
+    revocation_and_deletion_reach_the_live_session,
 );
 
 /// Connects a device of `fleet` (provisioning it) and publishes one telemetry message.
@@ -527,6 +529,25 @@ async fn roles_and_scopes_on_every_endpoint(p: Platform) {
             None,
             [200, 200, 200, 403, 403],
         ),
+        (
+            "POST",
+            "/api/v1/devices",
+            Some(json!({"id": "{N}", "product_id": "{P}", "cohort_id": "{C}"})),
+            [403, 201, 201, 422, 403],
+        ),
+        // Destructive ones last.
+        (
+            "POST",
+            "/api/v1/devices/{D}/revoke-certificate",
+            None,
+            [403, 200, 200, 404, 403],
+        ),
+        (
+            "DELETE",
+            "/api/v1/devices/{D}",
+            None,
+            [403, 204, 404, 404, 403],
+        ),
     ];
     let fill = |s: &str, n: usize| {
         s.replace("{P}", &fleet.product_id)
@@ -1028,5 +1049,197 @@ async fn a_disabled_ca_may_keep_its_devices(p: Platform) {
     assert!(Client::connect(p.device_options(&old, "keep-1"))
         .await
         .is_err());
+    p.stop().await;
+}
+
+/// Hex SHA-256 of a PEM certificate's DER, as the platform pins and revokes them.
+fn x509_fingerprint(pem: &str) -> String {
+    let der = rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    broker::registry::fingerprint(&der)
+}
+
+async fn pre_provisioned_devices_and_certificate_pins(p: Platform) {
+    // A CA that provisions nobody: only registered devices may connect with its certificates.
+    let fleet = p.jitp_fleet(json!({})).await;
+    let (s, _) = p
+        .api(
+            "PATCH",
+            &format!("/api/v1/ca-certificates/{}", fleet.ca_id),
+            Some(json!({ "jitp": null })),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let genuine = fleet.ca.issue("pin-1");
+    let clone = fleet.ca.issue("pin-1");
+    let (s, body) = p
+        .api(
+            "POST",
+            "/api/v1/devices",
+            Some(json!({ "id": "pin-1", "product_id": fleet.product_id,
+                "cohort_id": fleet.cohort_id, "tags": { "line": "a" },
+                "certificate_pem": genuine.cert_pem })),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(body["state"], "registered");
+    // Taken ids, bad pins and bad references are refused with what was wrong.
+    let pid = fleet.product_id.clone();
+    for (body, status, code) in [
+        (json!({ "id": "pin-1", "product_id": pid }), 409, "conflict"),
+        (
+            json!({ "id": "bad id", "product_id": pid }),
+            422,
+            "invalid_device_id",
+        ),
+        (
+            json!({ "id": "pin-2", "product_id": "nope" }),
+            422,
+            "unknown_product",
+        ),
+        (
+            json!({ "id": "pin-2", "product_id": pid, "cohort_id": "nope" }),
+            422,
+            "unknown_cohort",
+        ),
+        (
+            json!({ "id": "pin-2", "product_id": pid, "certificate_pem": "junk" }),
+            422,
+            "invalid_certificate",
+        ),
+        (
+            json!({ "id": "pin-2", "product_id": pid, "certificate_fingerprint": "abc" }),
+            422,
+            "invalid_certificate",
+        ),
+        (
+            json!({ "id": "pin-2", "product_id": pid, "tags": { "k": 1 } }),
+            422,
+            "invalid_tags",
+        ),
+    ] {
+        let (s, answer) = p.api("POST", "/api/v1/devices", Some(body.clone())).await;
+        assert_eq!(
+            (s, answer["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {answer}"
+        );
+    }
+    let (s, _) = p.api("GET", "/api/v1/devices/pin-2", None).await;
+    assert_eq!(s, 404, "no refused request wrote anything");
+
+    // Another certificate for the pinned id, from the same CA, is refused.
+    assert!(Client::connect(p.device_options(&clone, "pin-1"))
+        .await
+        .is_err());
+    let (_, m) = p.api("GET", "/api/v1/broker/metrics", None).await;
+    assert!(m.to_string().contains("pin_mismatch"), "{m}");
+    let c = Client::connect(p.device_options(&genuine, "pin-1"))
+        .await
+        .unwrap();
+    eventually("pinned device online", || async {
+        let d = p.device("pin-1").await;
+        (d["state"] == "online").then_some(())
+    })
+    .await;
+    c.kill().await;
+
+    // Unpinned: any certificate of its organization's CAs, none of another organization's.
+    let (_, admin_b) = p.organization("pin-tenant").await;
+    let foreign = p.jitp_fleet_as(&admin_b, json!({})).await;
+    let (s, body) = p
+        .api(
+            "POST",
+            "/api/v1/devices",
+            Some(json!({ "id": "free-1", "product_id": fleet.product_id })),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    assert!(
+        Client::connect(p.device_options(&foreign.ca.issue("free-1"), "free-1"))
+            .await
+            .is_err()
+    );
+    let (s, _) = p
+        .api_as(&admin_b, "GET", "/api/v1/devices/free-1", None)
+        .await;
+    assert_eq!(s, 404, "the other organization's JITP did not take the id");
+    Client::connect(p.device_options(&fleet.ca.issue("free-1"), "free-1"))
+        .await
+        .unwrap();
+
+    // A fingerprint pin works like a PEM one, and survives a restart.
+    let other = fleet.ca.issue("pin-3");
+    let (s, body) = p
+        .api(
+            "POST",
+            "/api/v1/devices",
+            Some(json!({ "id": "pin-3", "product_id": fleet.product_id,
+                "certificate_fingerprint": x509_fingerprint(&other.cert_pem).to_uppercase() })),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let mut p = p;
+    p.restart().await;
+    assert!(
+        Client::connect(p.device_options(&fleet.ca.issue("pin-3"), "pin-3"))
+            .await
+            .is_err()
+    );
+    Client::connect(p.device_options(&other, "pin-3"))
+        .await
+        .unwrap();
+    p.stop().await;
+}
+
+async fn revocation_and_deletion_reach_the_live_session(p: Platform) {
+    let fleet = p.jitp_fleet(json!({})).await;
+    let cert = fleet.ca.issue("rev-1");
+    let mut live = Client::connect(p.device_options(&cert, "rev-1"))
+        .await
+        .unwrap();
+    let (s, body) = p
+        .api(
+            "POST",
+            "/api/v1/devices/rev-1/revoke-certificate",
+            Some(json!({ "reason": "key leaked" })),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["session_ended"], true);
+    assert_eq!(body["revoked"], json!([x509_fingerprint(&cert.cert_pem)]));
+    live.closed().await;
+    assert!(Client::connect(p.device_options(&cert, "rev-1"))
+        .await
+        .is_err());
+    let (_, m) = p.api("GET", "/api/v1/broker/metrics", None).await;
+    assert!(m.to_string().contains("certificate_revoked"), "{m}");
+
+    // Deleting a device ends its session and refuses its certificate, though its CA still
+    // provisions on first connection.
+    let cert2 = fleet.ca.issue("del-1");
+    let mut live = Client::connect(p.device_options(&cert2, "del-1"))
+        .await
+        .unwrap();
+    let (s, _) = p.api("DELETE", "/api/v1/devices/del-1", None).await;
+    assert_eq!(s, 204);
+    live.closed().await;
+    let (s, _) = p.api("GET", "/api/v1/devices/del-1", None).await;
+    assert_eq!(s, 404);
+    let (s, _) = p.api("DELETE", "/api/v1/devices/del-1", None).await;
+    assert_eq!(s, 404);
+    let mut p = p;
+    p.restart().await;
+    assert!(Client::connect(p.device_options(&cert2, "del-1"))
+        .await
+        .is_err());
+    let (s, _) = p.api("GET", "/api/v1/devices/del-1", None).await;
+    assert_eq!(s, 404, "not provisioned again");
+    // A new certificate for the id is a new identity: JITP takes it.
+    Client::connect(p.device_options(&fleet.ca.issue("del-1"), "del-1"))
+        .await
+        .unwrap();
     p.stop().await;
 }

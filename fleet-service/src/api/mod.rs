@@ -31,6 +31,7 @@ mod catalog;
 mod devices;
 mod error;
 mod keys;
+mod lifecycle;
 mod openapi;
 mod orgs;
 mod quarantine;
@@ -147,7 +148,18 @@ fn routes() -> Vec<Route> {
         route(M::GET, "/api/v1/ca-certificates/:ca_id", cas::get_ca),
         route(M::PATCH, "/api/v1/ca-certificates/:ca_id", cas::update_ca),
         route(M::GET, "/api/v1/devices", devices::list_devices),
+        route(M::POST, "/api/v1/devices", lifecycle::create_device),
         route(M::GET, "/api/v1/devices/:device_id", devices::get_device),
+        route(
+            M::DELETE,
+            "/api/v1/devices/:device_id",
+            lifecycle::delete_device,
+        ),
+        route(
+            M::POST,
+            "/api/v1/devices/:device_id/revoke-certificate",
+            lifecycle::revoke_certificate,
+        ),
         route(
             M::GET,
             "/api/v1/devices/:device_id/telemetry",

@@ -10,7 +10,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::store::{DeploymentKind, DeviceState, ExecutionStatus};
 
-use super::{cas, catalog, devices, error, keys, orgs, quarantine, updates};
+use super::{cas, catalog, devices, error, keys, lifecycle, orgs, quarantine, updates};
 
 /// The whole REST bridge. Every handler the router serves is listed here (a test checks it);
 /// schemas the operations name are collected from them.
@@ -47,7 +47,10 @@ use super::{cas, catalog, devices, error, keys, orgs, quarantine, updates};
         cas::get_ca,
         cas::update_ca,
         devices::list_devices,
+        lifecycle::create_device,
         devices::get_device,
+        lifecycle::delete_device,
+        lifecycle::revoke_certificate,
         devices::device_telemetry,
         quarantine::quarantine,
         quarantine::lift_quarantine,

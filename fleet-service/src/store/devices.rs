@@ -202,6 +202,7 @@ struct DeviceRecordRow {
     id: String,
     org_id: String,
     ca_id: Option<String>,
+    pinned_fingerprint: Option<String>,
     product_id: String,
     cohort_id: Option<String>,
     session_epoch: i64,
@@ -212,9 +213,8 @@ impl TryFrom<DeviceRecordRow> for DeviceRecord {
 
     fn try_from(r: DeviceRecordRow) -> Result<Self, StoreError> {
         Ok(DeviceRecord {
-            ca_id: r
-                .ca_id
-                .ok_or_else(|| StoreError::Corrupt(format!("device {} has no CA", r.id)))?,
+            ca_id: r.ca_id,
+            pinned_fingerprint: r.pinned_fingerprint,
             id: device_id(&r.id)?,
             org_id: r.org_id,
             product_id: r.product_id,
@@ -274,7 +274,7 @@ impl Store {
                 q.build().execute(&mut *tx).await?;
             }
             let row: DeviceRecordRow = sqlx::query_as(
-                "SELECT id, org_id, ca_id, product_id, cohort_id, session_epoch FROM devices \
+                "SELECT id, org_id, ca_id, pinned_fingerprint, product_id, cohort_id, session_epoch FROM devices \
                  WHERE id = $1",
             )
             .bind(new.id.as_str())
@@ -283,7 +283,7 @@ impl Store {
             tx.commit().await?;
             (created, row)
         });
-        if row.ca_id.as_deref() != Some(new.ca_id.as_str()) {
+        if row.ca_id.as_deref().is_some_and(|c| c != new.ca_id) || row.org_id != new.org_id {
             return Err(StoreError::Collision(new.id.clone()));
         }
         Ok(Provisioned {
@@ -292,12 +292,12 @@ impl Store {
         })
     }
 
-    /// Every device with a CA, as the broker's registry wants it, for loading at start.
+    /// Every device, as the broker's registry wants it, for loading at start.
     pub async fn load_device_records(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         let rows: Vec<DeviceRecordRow> = with_pool!(self, |pool| {
             sqlx::query_as(
-                "SELECT id, org_id, ca_id, product_id, cohort_id, session_epoch FROM devices \
-                 WHERE ca_id IS NOT NULL ORDER BY id",
+                "SELECT id, org_id, ca_id, pinned_fingerprint, product_id, cohort_id, session_epoch FROM devices \
+                 ORDER BY id",
             )
             .fetch_all(pool)
             .await

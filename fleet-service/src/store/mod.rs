@@ -12,6 +12,8 @@
 //! - `events`: the intake's batched writes (presence, telemetry, reported state) and telemetry
 //!   retention.
 //! - `orgs`: organizations, the boundary every other row sits inside.
+//! - `lifecycle`: devices registered before manufacturing (optionally pinned to one
+//!   certificate), deletion, and revoked certificates.
 //! - `quarantine`: setting devices apart, and lifting it.
 //! - `ca_proof`: verification codes for CA proof of possession.
 //! - `api_keys`: API key rows (hashes only), with their organization and scope.
@@ -65,6 +67,7 @@ pub mod cas;
 mod catalog;
 mod devices;
 mod events;
+mod lifecycle;
 mod orgs;
 mod quarantine;
 mod updates;
@@ -78,6 +81,7 @@ pub use events::{
     EventBatch, EventOutcome, LatestTelemetry, ReportedChange, TelemetryRecord, TelemetryRetention,
     TelemetryRow,
 };
+pub use lifecycle::NewRegisteredDevice;
 pub use orgs::Organization;
 pub use updates::{
     Deployment, DeploymentKind, Execution, ExecutionStatus, ExecutionSummary, NewDeployment,

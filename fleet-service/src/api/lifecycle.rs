@@ -1,0 +1,310 @@
+//! A device's life outside JITP: registered before manufacturing (optionally pinned to one
+//! certificate), its certificate revoked, or deleted. Revocation and deletion end a live
+//! session at once and refuse the certificate from then on.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use broker::auth::Place;
+use fleet_wire::payload::DisconnectReason;
+use fleet_wire::{CohortId, DeviceId};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::auth::Writer;
+use super::cas::valid_tags;
+use super::devices::{path_device, DeviceBody};
+use super::error::{ApiJson, ApiPath, ErrorBody};
+use super::updates::Optional;
+use super::{access, ApiError, ApiState};
+use crate::store::NewRegisteredDevice;
+
+/// A device to register before it first connects.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateDevice {
+    /// The device id: its certificate's CN and MQTT client id.
+    id: String,
+    product_id: String,
+    /// A cohort of `product_id`.
+    #[serde(default)]
+    cohort_id: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
+    tags: serde_json::Map<String, serde_json::Value>,
+    /// Pin the device to this certificate: only it is admitted for the id.
+    #[serde(default)]
+    certificate_pem: Option<String>,
+    /// Pin the device to the certificate with this SHA-256 fingerprint (64 hex digits of its
+    /// DER; colons allowed).
+    #[serde(default)]
+    certificate_fingerprint: Option<String>,
+}
+
+/// The pin a request asks for, as lower-case hex.
+fn pin_of(pem: Option<&str>, fingerprint: Option<&str>) -> Result<Option<String>, ApiError> {
+    let bad = |m: &str| ApiError::unprocessable("invalid_certificate", m.to_owned());
+    match (pem, fingerprint) {
+        (Some(_), Some(_)) => Err(bad(
+            "give certificate_pem or certificate_fingerprint, not both",
+        )),
+        (None, None) => Ok(None),
+        (Some(pem), None) => {
+            let items = rustls_pemfile::read_all(&mut pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| bad("certificate_pem is not PEM"))?;
+            match items.as_slice() {
+                [rustls_pemfile::Item::X509Certificate(der)] => {
+                    x509_parser::parse_x509_certificate(der)
+                        .map_err(|_| bad("certificate_pem does not parse as X.509"))?;
+                    Ok(Some(broker::registry::fingerprint(der)))
+                }
+                _ => Err(bad("certificate_pem must hold exactly one certificate")),
+            }
+        }
+        (None, Some(f)) => {
+            let hex: String = f
+                .chars()
+                .filter(|c| *c != ':')
+                .collect::<String>()
+                .to_lowercase();
+            if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(bad(
+                    "certificate_fingerprint must be 64 hex digits (SHA-256)",
+                ));
+            }
+            Ok(Some(hex))
+        }
+    }
+}
+
+/// Registers a device before manufacturing, in state `registered`. It may connect with any
+/// certificate its organization's CAs signed (even one without just-in-time provisioning),
+/// or, when pinned, only with that certificate.
+///
+/// Role: operator or admin, with a key that covers the product (or the cohort).
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices",
+    tag = "devices",
+    security(("api_key" = [])),
+    request_body = CreateDevice,
+    responses(
+        (status = 201, description = "Registered", body = DeviceBody),
+        (status = 400, description = "`malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key", body = ErrorBody),
+        (status = 409, description = "The device id is taken (device ids are unique across the installation)", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`invalid_device_id`, `unknown_product`, `unknown_cohort`, `invalid_tags` or `invalid_certificate`", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
+pub(super) async fn create_device(
+    Writer(by): Writer,
+    State(state): State<ApiState>,
+    ApiJson(body): ApiJson<CreateDevice>,
+) -> Result<(StatusCode, Json<DeviceBody>), ApiError> {
+    let id = DeviceId::parse(&body.id).map_err(|e| {
+        ApiError::unprocessable("invalid_device_id", format!("device id {:?}: {e}", body.id))
+    })?;
+    let product = access::product(&state, &by, &body.product_id)
+        .await
+        .map_err(|_| {
+            ApiError::unprocessable(
+                "unknown_product",
+                format!("product {:?} does not exist", body.product_id),
+            )
+        })?;
+    let cohort = match &body.cohort_id {
+        Some(c) => {
+            let unknown = || {
+                ApiError::unprocessable(
+                    "unknown_cohort",
+                    format!("cohort {c:?} does not exist in that product"),
+                )
+            };
+            let cohort = access::cohort(&state, &by, c)
+                .await
+                .map_err(|_| unknown())?;
+            if cohort.product_id != product.id {
+                return Err(unknown());
+            }
+            Some(CohortId::parse(&cohort.id).map_err(|_| unknown())?)
+        }
+        None => None,
+    };
+    // A cohort-scoped key registers devices in its cohort only.
+    if !by.sees(Place {
+        org_id: &product.org_id,
+        product_id: &product.id,
+        cohort_id: Some(cohort.as_ref().map_or("", |c| c.as_str())),
+    }) {
+        return Err(ApiError::forbidden(
+            "this key may register devices only in its own cohort",
+        ));
+    }
+    let tags = valid_tags(body.tags)?;
+    let pinned_fingerprint = pin_of(
+        body.certificate_pem.as_deref(),
+        body.certificate_fingerprint.as_deref(),
+    )?;
+    let new = NewRegisteredDevice {
+        id: id.clone(),
+        org_id: product.org_id.clone(),
+        product_id: product.id.clone(),
+        cohort_id: cohort.clone(),
+        tags,
+        pinned_fingerprint: pinned_fingerprint.clone(),
+    };
+    state
+        .store
+        .register_device(&new)
+        .await
+        .map_err(|e| match e {
+            crate::store::StoreError::Conflict(_) => ApiError::conflict(
+                "the device id is taken (device ids are unique across the installation)",
+            ),
+            other => other.into(),
+        })?;
+    // Stored first, then the broker learns it may admit the device.
+    state
+        .control
+        .registry()
+        .upsert_device(broker::registry::DeviceRecord {
+            id: id.clone(),
+            org_id: product.org_id,
+            ca_id: None,
+            pinned_fingerprint,
+            product_id: product.id,
+            cohort_id: cohort,
+            session_epoch: 0,
+        });
+    tracing::info!(device_id = %id, by = %by.key_id, "device registered before manufacturing");
+    let device = access::device(&state, &by, &id).await?;
+    Ok((StatusCode::CREATED, Json(device.into())))
+}
+
+/// Why a certificate is revoked; optional, and so is the body.
+#[derive(Deserialize, Default, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RevokeRequest {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct RevokedBody {
+    device_id: String,
+    /// The fingerprints that are never admitted again.
+    revoked: Vec<String>,
+    /// Whether a live session was ended by this request.
+    session_ended: bool,
+}
+
+/// Ends a device's live session and records its certificates as revoked.
+async fn cut_off(
+    state: &ApiState,
+    org_id: &str,
+    id: &DeviceId,
+    reason: &str,
+) -> Result<(Vec<String>, bool), ApiError> {
+    let fingerprints = state.store.device_fingerprints(id).await?;
+    state
+        .store
+        .revoke_certificates(org_id, id, &fingerprints, reason)
+        .await?;
+    for f in &fingerprints {
+        state.control.registry().revoke_certificate(f);
+    }
+    let ended = state
+        .control
+        .disconnect_device(id, DisconnectReason::Revoked);
+    Ok((fingerprints, ended))
+}
+
+/// Revokes a device's certificate (the one it was provisioned with, and its pin): its live
+/// session ends within a second, and that certificate is refused from then on.
+///
+/// Role: operator or admin.
+#[utoipa::path(
+    post,
+    path = "/api/v1/devices/{device_id}/revoke-certificate",
+    tag = "devices",
+    security(("api_key" = [])),
+    params(("device_id" = String, Path, description = "The device's id")),
+    request_body(content = Option<RevokeRequest>, description = "Optional: no body is the same as `{}`"),
+    responses(
+        (status = 200, description = "Revoked", body = RevokedBody),
+        (status = 400, description = "`invalid_path`, `malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+        (status = 409, description = "No certificate is known for the device yet", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
+pub(super) async fn revoke_certificate(
+    Writer(by): Writer,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    Optional(body): Optional<RevokeRequest>,
+) -> Result<Json<RevokedBody>, ApiError> {
+    let id = path_device(&id)?;
+    let device = access::device(&state, &by, &id).await?;
+    if state.store.device_fingerprints(&id).await?.is_empty() {
+        return Err(ApiError::conflict(
+            "no certificate is known for this device yet",
+        ));
+    }
+    let reason = body
+        .reason
+        .unwrap_or_else(|| "revoked by an operator".into());
+    if reason.chars().count() > 1000 {
+        return Err(ApiError::unprocessable(
+            "invalid_reason",
+            "reason must be at most 1000 characters",
+        ));
+    }
+    let (revoked, session_ended) = cut_off(&state, &device.org_id, &id, &reason).await?;
+    tracing::info!(device_id = %id, session_ended, by = %by.key_id, "device certificate revoked");
+    Ok(Json(RevokedBody {
+        device_id: id.to_string(),
+        revoked,
+        session_ended,
+    }))
+}
+
+/// Deletes a device and its history. Its live session ends within a second, and its
+/// certificate is refused from then on (so a CA with just-in-time provisioning cannot bring it
+/// back with that certificate).
+///
+/// Role: operator or admin.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/devices/{device_id}",
+    tag = "devices",
+    security(("api_key" = [])),
+    params(("device_id" = String, Path, description = "The device's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
+pub(super) async fn delete_device(
+    Writer(by): Writer,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = path_device(&id)?;
+    let device = access::device(&state, &by, &id).await?;
+    cut_off(&state, &device.org_id, &id, "device deleted").await?;
+    state.store.delete_device(&id).await?;
+    state.control.registry().remove_device(&id);
+    tracing::info!(device_id = %id, by = %by.key_id, "device deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
