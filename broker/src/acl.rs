@@ -30,43 +30,28 @@ pub enum Principal {
     Service(ServicePrincipal),
 }
 
-/// Where a device or cohort sits.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Owner {
-    pub org_id: String,
-    pub product_id: String,
-    pub cohort_id: Option<String>,
-}
-
-impl Owner {
-    fn place(&self) -> Place<'_> {
-        Place {
-            org_id: &self.org_id,
-            product_id: &self.product_id,
-            // A device outside every cohort is seen only by keys covering its whole product.
-            cohort_id: Some(self.cohort_id.as_deref().unwrap_or("")),
-        }
-    }
-}
-
-/// Looks up where devices and cohorts sit; the broker's registry answers from memory.
+/// Looks up where devices and cohorts sit; the broker's registry answers from memory,
+/// without allocating (the check runs on every delivery to a service).
 pub trait Places {
-    fn device_owner(&self, id: &DeviceId) -> Option<Owner>;
-    fn cohort_owner(&self, id: &CohortId) -> Option<Owner>;
+    /// `sees` applied to the device's place; false for an unknown device. A device outside
+    /// every cohort has cohort `""`, so only keys covering its whole product see it.
+    fn device_in(&self, id: &DeviceId, sees: &dyn Fn(Place<'_>) -> bool) -> bool;
+    /// `sees` applied to the cohort's place; false for an unknown cohort.
+    fn cohort_in(&self, id: &CohortId, sees: &dyn Fn(Place<'_>) -> bool) -> bool;
 }
 
 /// Whether a service key sees the device or cohort a topic is about. Unknown ones are not seen.
 fn service_sees(p: &ServicePrincipal, topic: &Topic, places: &dyn Places) -> bool {
-    let owner = match topic {
+    let sees = |place: Place<'_>| p.sees(place);
+    match topic {
         Topic::Telemetry(d)
         | Topic::State(d)
         | Topic::CommandAck(d)
         | Topic::UpdateStatus(d)
         | Topic::Presence(d)
-        | Topic::Commands(d) => places.device_owner(d),
-        Topic::CohortUpdates(c) | Topic::CohortCommands(c) => places.cohort_owner(c),
-    };
-    owner.is_some_and(|o| p.sees(o.place()))
+        | Topic::Commands(d) => places.device_in(d, &sees),
+        Topic::CohortUpdates(c) | Topic::CohortCommands(c) => places.cohort_in(c, &sees),
+    }
 }
 
 /// Whether `principal` may publish to the concrete topic name `topic`.
@@ -209,6 +194,24 @@ mod tests {
     use super::*;
     use crate::auth::{Scope, ServiceRole};
 
+    /// Where a device or cohort sits, in the test world.
+    #[derive(Debug, Clone)]
+    struct Owner {
+        org_id: String,
+        product_id: String,
+        cohort_id: Option<String>,
+    }
+
+    impl Owner {
+        fn place(&self) -> Place<'_> {
+            Place {
+                org_id: &self.org_id,
+                product_id: &self.product_id,
+                cohort_id: Some(self.cohort_id.as_deref().unwrap_or("")),
+            }
+        }
+    }
+
     /// Two organizations: `acme` with products p1 (cohorts c1, c2; devices d1 in c1, d2 in c2,
     /// d0 in none) and p2 (cohort c3, device d3); `other` with product q1 (cohort k1, device e1).
     struct World {
@@ -244,11 +247,15 @@ mod tests {
     }
 
     impl Places for World {
-        fn device_owner(&self, id: &DeviceId) -> Option<Owner> {
-            self.devices.get(id.as_str()).cloned()
+        fn device_in(&self, id: &DeviceId, sees: &dyn Fn(Place<'_>) -> bool) -> bool {
+            self.devices
+                .get(id.as_str())
+                .is_some_and(|o| sees(o.place()))
         }
-        fn cohort_owner(&self, id: &CohortId) -> Option<Owner> {
-            self.cohorts.get(id.as_str()).cloned()
+        fn cohort_in(&self, id: &CohortId, sees: &dyn Fn(Place<'_>) -> bool) -> bool {
+            self.cohorts
+                .get(id.as_str())
+                .is_some_and(|o| sees(o.place()))
         }
     }
 

@@ -443,19 +443,23 @@ impl Registry {
 }
 
 impl crate::acl::Places for Registry {
-    fn device_owner(&self, id: &DeviceId) -> Option<crate::acl::Owner> {
-        self.devices.get(id).map(|d| crate::acl::Owner {
-            org_id: d.org_id.clone(),
-            product_id: d.product_id.clone(),
-            cohort_id: d.cohort_id.as_ref().map(|c| c.as_str().to_owned()),
+    fn device_in(&self, id: &DeviceId, sees: &dyn Fn(crate::auth::Place<'_>) -> bool) -> bool {
+        self.devices.get(id).is_some_and(|d| {
+            sees(crate::auth::Place {
+                org_id: &d.org_id,
+                product_id: &d.product_id,
+                cohort_id: Some(d.cohort_id.as_ref().map_or("", |c| c.as_str())),
+            })
         })
     }
 
-    fn cohort_owner(&self, id: &CohortId) -> Option<crate::acl::Owner> {
-        self.cohorts.get(id).map(|c| crate::acl::Owner {
-            org_id: c.org_id.clone(),
-            product_id: c.product_id.clone(),
-            cohort_id: Some(c.id.as_str().to_owned()),
+    fn cohort_in(&self, id: &CohortId, sees: &dyn Fn(crate::auth::Place<'_>) -> bool) -> bool {
+        self.cohorts.get(id).is_some_and(|c| {
+            sees(crate::auth::Place {
+                org_id: &c.org_id,
+                product_id: &c.product_id,
+                cohort_id: Some(c.id.as_str()),
+            })
         })
     }
 }
