@@ -18,6 +18,7 @@ on_both_databases!(
     a_disabled_ca_may_keep_its_devices,
     pre_provisioned_devices_and_certificate_pins,
     revocation_and_deletion_reach_the_live_session,
+    device_queries_filter_and_page,
 );
 
 /// Connects a device of `fleet` (provisioning it) and publishes one telemetry message.
@@ -1241,5 +1242,148 @@ async fn revocation_and_deletion_reach_the_live_session(p: Platform) {
     Client::connect(p.device_options(&fleet.ca.issue("del-1"), "del-1"))
         .await
         .unwrap();
+    p.stop().await;
+}
+
+async fn device_queries_filter_and_page(p: Platform) {
+    let fleet = p.jitp_fleet(json!({ "site": "berlin" })).await;
+    let before = time::OffsetDateTime::now_utc() - time::Duration::seconds(5);
+    let now = time::OffsetDateTime::now_utc();
+    // (id, firmware, certificate lifetime in days)
+    let fleet_spec = [
+        ("qa-1", "1.0.0", 400),
+        ("qa-2", "1.0.0", 10),
+        ("qa-3", "2.0.0", 400),
+        ("qb-1", "2.0.0", 5),
+    ];
+    for (id, fw, days) in fleet_spec {
+        let cert = fleet.ca.issue_valid(
+            id,
+            now - time::Duration::hours(1),
+            now + time::Duration::days(days),
+        );
+        let mut c = Client::connect(p.device_options(&cert, id)).await.unwrap();
+        c.client
+            .publish(
+                format!("devices/{id}/state"),
+                QoS::AtLeastOnce,
+                true,
+                format!(r#"{{"firmware_version":"{fw}"}}"#),
+            )
+            .await
+            .unwrap();
+        c.wait_for(|pk| matches!(pk, rumqttc::Packet::PubAck(_)).then_some(()))
+            .await;
+        c.kill().await;
+    }
+    // One registered device that never connected.
+    let (s, _) = p
+        .api(
+            "POST",
+            "/api/v1/devices",
+            Some(json!({ "id": "qa-9", "product_id": fleet.product_id })),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let list = |query: String| {
+        let p = &p;
+        async move {
+            let (s, body) = p
+                .api("GET", &format!("/api/v1/devices?{query}"), None)
+                .await;
+            assert_eq!(s, 200, "{query}: {body}");
+            body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let fmt = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let pid = &fleet.product_id;
+    eventually("every device offline with its firmware", || async {
+        let v = list(format!(
+            "product_id={pid}&firmware_version=1.0.0&online=false"
+        ))
+        .await;
+        (v == ["qa-1", "qa-2"]).then_some(())
+    })
+    .await;
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            format!("product_id={pid}&firmware_version=2.0.0"),
+            vec!["qa-3", "qb-1"],
+        ),
+        (
+            format!("product_id={pid}&id_prefix=qa-"),
+            vec!["qa-1", "qa-2", "qa-3", "qa-9"],
+        ),
+        (
+            format!("product_id={pid}&id_prefix=qa-&state=registered"),
+            vec!["qa-9"],
+        ),
+        (
+            format!("product_id={pid}&last_seen_after={}", fmt(before)),
+            vec!["qa-1", "qa-2", "qa-3", "qb-1"],
+        ),
+        (
+            format!("product_id={pid}&last_seen_before={}", fmt(before)),
+            vec![],
+        ),
+        (
+            format!(
+                "product_id={pid}&cert_expires_before={}",
+                fmt(now + time::Duration::days(30))
+            ),
+            vec!["qa-2", "qb-1"],
+        ),
+        (
+            format!("product_id={pid}&tag=site:berlin&firmware_version=2.0.0&id_prefix=qb"),
+            vec!["qb-1"],
+        ),
+    ];
+    for (query, want) in cases {
+        assert_eq!(list(query.clone()).await, want, "{query}");
+    }
+    // Pages of two, by cursor, cover the prefix exactly once.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut q = format!("/api/v1/devices?product_id={pid}&id_prefix=qa-&limit=2");
+        if let Some(c) = &cursor {
+            q.push_str(&format!("&cursor={c}"));
+        }
+        let (_, body) = p.api("GET", &q, None).await;
+        seen.extend(
+            body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["id"].as_str().unwrap().to_owned()),
+        );
+        match body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["qa-1", "qa-2", "qa-3", "qa-9"]);
+    for bad in [
+        "id_prefix=a/b",
+        "id_prefix=",
+        "last_seen_after=yesterday",
+        "cert_expires_before=2026-13-01T00:00:00Z",
+        "firmware_version=1&firmware_version=2",
+    ] {
+        let (s, body) = p.api("GET", &format!("/api/v1/devices?{bad}"), None).await;
+        assert_eq!(
+            (s, body["error"]["code"].as_str()),
+            (400, Some("invalid_query")),
+            "{bad}"
+        );
+    }
     p.stop().await;
 }

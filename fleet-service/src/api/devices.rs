@@ -171,6 +171,19 @@ struct ListQuery {
     after: Option<DeviceId>,
 }
 
+/// An RFC 3339 query value as Unix milliseconds.
+fn parse_time(key: &str, value: &str) -> Result<i64, ApiError> {
+    use time::format_description::well_known::Rfc3339;
+    time::OffsetDateTime::parse(value, &Rfc3339)
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+        .map_err(|_| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("{key} must be an RFC 3339 time such as 2026-01-31T12:00:00Z"),
+            )
+        })
+}
+
 fn parse_list_query(pairs: Vec<(String, String)>) -> Result<ListQuery, ApiError> {
     let bad = |m: String| ApiError::bad_request("invalid_query", m);
     let mut q = ListQuery {
@@ -204,6 +217,26 @@ fn parse_list_query(pairs: Vec<(String, String)>) -> Result<ListQuery, ApiError>
                 }
                 _ => return Err(bad(format!("tag must be key:value, got {value:?}"))),
             },
+            "firmware_version" => q.filter.firmware_version = Some(value),
+            "last_seen_before" => q.filter.last_seen_before_ms = Some(parse_time(&key, &value)?),
+            "last_seen_after" => q.filter.last_seen_after_ms = Some(parse_time(&key, &value)?),
+            "cert_expires_before" => {
+                q.filter.cert_expires_before_ms = Some(parse_time(&key, &value)?)
+            }
+            "id_prefix" => {
+                if value.is_empty()
+                    || value.len() > 128
+                    || !value
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c))
+                {
+                    return Err(bad(
+                        "id_prefix must be 1 to 128 device-id characters (A-Z a-z 0-9 . _ : -)"
+                            .into(),
+                    ));
+                }
+                q.filter.id_prefix = Some(value);
+            }
             "limit" => q.limit = parse_limit(&value)?,
             "cursor" => {
                 q.after = Some(decode_cursor(&value).ok_or_else(|| bad("invalid cursor".into()))?);
@@ -254,6 +287,11 @@ pub(super) async fn get_device(
         ("cohort_id" = Option<String>, Query, description = "Only devices of this cohort"),
         ("product_id" = Option<String>, Query, description = "Only devices of this product"),
         ("online" = Option<bool>, Query, description = "Only online (`true`) or offline (`false`) devices"),
+        ("firmware_version" = Option<String>, Query, description = "Only devices reporting this firmware version"),
+        ("last_seen_before" = Option<String>, Query, description = "RFC 3339: only devices last seen before this"),
+        ("last_seen_after" = Option<String>, Query, description = "RFC 3339: only devices last seen at or after this"),
+        ("id_prefix" = Option<String>, Query, description = "Only ids starting with this"),
+        ("cert_expires_before" = Option<String>, Query, description = "RFC 3339: only devices whose certificate expires before this"),
         ("tag" = Option<Vec<String>>, Query, style = Form, explode,
             description = "`key:value`; may repeat, and every tag must match"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000,

@@ -103,6 +103,15 @@ pub struct DeviceFilter {
     pub online: Option<bool>,
     /// `(key, value)` pairs the device must all carry.
     pub tags: Vec<(String, String)>,
+    /// The version its reported state names.
+    pub firmware_version: Option<String>,
+    /// Last seen strictly before / at or after (Unix ms); a device never seen matches neither.
+    pub last_seen_before_ms: Option<i64>,
+    pub last_seen_after_ms: Option<i64>,
+    /// Ids starting with this (device-id characters only).
+    pub id_prefix: Option<String>,
+    /// Certificate `not_after` strictly before (Unix ms).
+    pub cert_expires_before_ms: Option<i64>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -352,6 +361,24 @@ impl Store {
                 .push(" AND t.value = ")
                 .push_bind(value.as_str())
                 .push(")");
+            }
+            if let Some(v) = &filter.firmware_version {
+                q.push(" AND firmware_version = ").push_bind(v.as_str());
+            }
+            if let Some(t) = filter.last_seen_before_ms {
+                q.push(" AND last_seen < ").push_bind(t);
+            }
+            if let Some(t) = filter.last_seen_after_ms {
+                q.push(" AND last_seen >= ").push_bind(t);
+            }
+            if let Some(t) = filter.cert_expires_before_ms {
+                q.push(" AND cert_not_after < ").push_bind(t);
+            }
+            if let Some(prefix) = &filter.id_prefix {
+                // A range, so the id index serves it; `~` sorts after every character a
+                // device id may contain.
+                q.push(" AND id >= ").push_bind(prefix.as_str());
+                q.push(" AND id < ").push_bind(format!("{prefix}~"));
             }
             if let Some(after) = after {
                 q.push(" AND id > ").push_bind(after.as_str());
