@@ -98,8 +98,7 @@ impl ServicePrincipal {
             }
     }
 
-    /// An org-wide key: what organization-level resources (CAs, keys, signing keys, the audit
-    /// log) need.
+    /// An org-wide key: what organization-level resources (CAs, keys, signing keys) need.
     pub fn org_wide(&self) -> bool {
         self.scope == Scope::Org
     }

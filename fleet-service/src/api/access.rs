@@ -4,8 +4,7 @@
 //! - A resource of another organization, or outside the key's product or cohort scope, is
 //!   answered exactly like one that does not exist (404 with the same message), so a key learns
 //!   nothing about what it cannot see.
-//! - Organization-level resources (CAs, API keys, signing keys, the audit log) need an unscoped
-//!   key; a scoped key is told so with a 403, which reveals nothing about other organizations.
+//! - Organization-level resources (CAs, API keys, signing keys) need an unscoped key; a scoped key is told so with a 403, which reveals nothing about other organizations.
 
 use broker::auth::{Place, ServicePrincipal};
 use fleet_wire::DeviceId;

@@ -26,7 +26,7 @@ use super::{cas, catalog, devices, error, keys, lifecycle, orgs, quarantine, upd
             is looked at. A key belongs to one organization and sees nothing of another: \
             another organization's resource is a 404, exactly like a missing one. A key may be \
             scoped to one product, or one cohort of it; organization-level resources (CAs, API \
-            keys, signing keys, the audit log) need an unscoped key. Every error, including unknown routes (404) and methods (405), has \
+            keys, signing keys) need an unscoped key. Every error, including unknown routes (404) and methods (405), has \
             the shape `{\"error\":{\"code\":\"...\",\"message\":\"...\"}}`.",
     ),
     paths(
