@@ -227,6 +227,11 @@ impl Registry {
         self.revoked.insert(fingerprint.to_owned());
     }
 
+    /// Whether the certificate with this fingerprint was revoked.
+    pub fn is_revoked(&self, fingerprint: &str) -> bool {
+        self.revoked.contains(fingerprint)
+    }
+
     /// Quarantines a device (`Some`) or lifts it (`None`). Takes effect on its next connection;
     /// [`crate::BrokerControl::quarantine`] also ends the live one.
     pub fn set_quarantine(&self, id: &DeviceId, mode: Option<QuarantineMode>) {

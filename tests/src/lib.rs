@@ -200,6 +200,31 @@ impl Platform {
         (status, value)
     }
 
+    /// A request with a raw body of `content_type`, as the admin.
+    pub async fn api_raw(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, Value) {
+        let url = format!("http://{}{}", self.app().http_addr(), path);
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let resp = self
+            .http
+            .request(method, url)
+            .bearer_auth(self.app().admin_token())
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("HTTP request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
     pub async fn device(&self, id: &str) -> Value {
         let (status, body) = self
             .api("GET", &format!("/api/v1/devices/{id}"), None)

@@ -19,6 +19,7 @@ on_both_databases!(
     pre_provisioned_devices_and_certificate_pins,
     revocation_and_deletion_reach_the_live_session,
     device_queries_filter_and_page,
+    bulk_import_reports_every_row,
 );
 
 /// Connects a device of `fleet` (provisioning it) and publishes one telemetry message.
@@ -535,6 +536,12 @@ async fn roles_and_scopes_on_every_endpoint(p: Platform) {
             "/api/v1/devices",
             Some(json!({"id": "{N}", "product_id": "{P}", "cohort_id": "{C}"})),
             [403, 201, 201, 422, 403],
+        ),
+        (
+            "POST",
+            "/api/v1/products/{P}/devices/import",
+            Some(json!([{"id": "{N}", "cohort_id": "{C}"}])),
+            [403, 200, 200, 404, 403],
         ),
         // Destructive ones last.
         (
@@ -1385,5 +1392,167 @@ async fn device_queries_filter_and_page(p: Platform) {
             "{bad}"
         );
     }
+    p.stop().await;
+}
+
+/// The outcome and error code of each row of an import report, in order.
+fn outcomes(report: &Value) -> Vec<(String, Option<String>)> {
+    report["results"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no results: {report}"))
+        .iter()
+        .map(|r| {
+            (
+                r["outcome"].as_str().unwrap().to_owned(),
+                r["error"]["code"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+async fn bulk_import_reports_every_row(p: Platform) {
+    let fleet = p.jitp_fleet(json!({})).await;
+    let (s, line_b) = p
+        .api(
+            "POST",
+            &format!("/api/v1/products/{}/cohorts", fleet.product_id),
+            Some(json!({ "name": "line-b" })),
+        )
+        .await;
+    assert_eq!(s, 201, "{line_b}");
+    let path = format!("/api/v1/products/{}/devices/import", fleet.product_id);
+    let pinned = fleet.ca.issue("imp-2");
+    let by_fingerprint = fleet.ca.issue("imp-3");
+    let junk_pem = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----";
+    // Line numbers: the PEM of imp-2 spans several lines, so the rows after it start later.
+    let csv = format!(
+        "id,cohort,tags,certificate\n\
+         imp-1,{cohort},site=a;line=1,\n\
+         imp-2,line-b,,\"{pem}\"\n\
+         imp-3,,k=v,{fp}\n\
+         imp-4,nope,,\n\
+         imp-5,,,\"{junk_pem}\"\n\
+         imp-1,,,\n\
+         imp-6,a,b,c,d\n\
+         bad id,,,\n\
+         imp-7,,notatag,\n",
+        cohort = fleet.cohort_id,
+        pem = pinned.cert_pem.trim(),
+        fp = x509_fingerprint(&by_fingerprint.cert_pem),
+    );
+    let expected_failures = [
+        ("imp-4", "unknown_cohort", Some("cohort")),
+        ("imp-5", "invalid_certificate", Some("certificate_pem")),
+        ("imp-1", "duplicate_id", Some("id")),
+        ("imp-6", "malformed_row", None),
+        ("bad id", "invalid_device_id", Some("id")),
+        ("imp-7", "invalid_tags", Some("tags")),
+    ];
+    let (s, report) = p.api_raw("POST", &path, "text/csv", csv.clone()).await;
+    assert_eq!(s, 200, "{report}");
+    assert_eq!(
+        (&report["created"], &report["skipped"], &report["failed"]),
+        (&json!(3), &json!(0), &json!(6)),
+        "{report}"
+    );
+    let results = report["results"].as_array().unwrap();
+    let pem_lines = pinned.cert_pem.trim().lines().count() as u64;
+    assert_eq!(results[0]["line"], 2);
+    assert_eq!(results[2]["line"], 3 + pem_lines);
+    for (r, (id, code, column)) in results[3..].iter().zip(expected_failures) {
+        assert_eq!(r["outcome"], "failed", "{r}");
+        assert_eq!(r["device_id"], id, "{r}");
+        assert_eq!(r["error"]["code"], code, "{r}");
+        assert_eq!(r["error"]["column"].as_str(), column, "{r}");
+        assert!(!r["error"]["message"].as_str().unwrap().is_empty());
+    }
+    // The good rows were written whole; the bad ones not at all.
+    let d = p.device("imp-1").await;
+    assert_eq!(
+        (&d["state"], &d["cohort_id"], &d["tags"]),
+        (
+            &json!("registered"),
+            &json!(fleet.cohort_id),
+            &json!({"site": "a", "line": "1"})
+        )
+    );
+    assert_eq!(p.device("imp-2").await["cohort_id"], line_b["id"]);
+    for id in ["imp-4", "imp-5", "imp-6", "imp-7"] {
+        let (s, _) = p.api("GET", &format!("/api/v1/devices/{id}"), None).await;
+        assert_eq!(s, 404, "{id}");
+    }
+
+    // The same file again: nothing new, every created row skipped, the same failures.
+    let (s, again) = p.api_raw("POST", &path, "text/csv", csv.clone()).await;
+    assert_eq!(s, 200, "{again}");
+    assert_eq!(
+        (&again["created"], &again["skipped"], &again["failed"]),
+        (&json!(0), &json!(3), &json!(6)),
+        "{again}"
+    );
+    assert_eq!(outcomes(&again)[..3], vec![("skipped".into(), Some("exists".into())); 3]);
+
+    // The imported pins hold: imp-2 is admitted with its certificate only.
+    assert!(Client::connect(p.device_options(&fleet.ca.issue("imp-2"), "imp-2"))
+        .await
+        .is_err());
+    let c = Client::connect(p.device_options(&pinned, "imp-2"))
+        .await
+        .unwrap();
+    c.kill().await;
+
+    // JSON: a device that differs from its stored self fails; elements that are not devices
+    // fail alone.
+    let (s, report) = p
+        .api(
+            "POST",
+            &path,
+            Some(json!([
+                { "id": "imp-8", "cohort_id": "line-b", "tags": { "k": "v" } },
+                { "id": "imp-1", "tags": { "site": "b" } },
+                { "id": "imp-9", "colour": "red" },
+                7,
+                { "id": "imp-10", "certificate_fingerprint": "abc" },
+            ])),
+        )
+        .await;
+    assert_eq!(s, 200, "{report}");
+    assert_eq!(
+        outcomes(&report),
+        vec![
+            ("created".into(), None),
+            ("failed".into(), Some("exists_differently".into())),
+            ("failed".into(), Some("malformed_row".into())),
+            ("failed".into(), Some("malformed_row".into())),
+            ("failed".into(), Some("invalid_certificate".into())),
+        ]
+    );
+    assert_eq!(report["results"][2]["error"]["column"], "colour");
+    assert_eq!(report["results"][1]["row"], 2);
+    assert_eq!(p.device("imp-1").await["tags"]["site"], "a", "not overwritten");
+
+    // Files that cannot be read at all are refused whole, saying why.
+    for (content_type, body, status, code) in [
+        ("text/csv", "id,colour\nx,red\n", 422, "invalid_file"),
+        ("text/csv", "cohort,tags\nc,\n", 422, "invalid_file"),
+        ("application/json", "[{\"id\": ", 400, "malformed_json"),
+        ("application/json", "{\"id\": \"x\"}", 400, "invalid_body"),
+        ("text/plain", "id\nx\n", 415, "unsupported_media_type"),
+    ] {
+        let (s, answer) = p.api_raw("POST", &path, content_type, body).await;
+        assert_eq!(
+            (s, answer["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {answer}"
+        );
+    }
+    // Another organization's key does not see the product.
+    let (_, admin_b) = p.organization("import-tenant").await;
+    let (s, _) = p
+        .api_as(&admin_b, "POST", &path, Some(json!([{ "id": "imp-11" }])))
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = p.api("GET", "/api/v1/devices/imp-11", None).await;
+    assert_eq!(s, 404);
     p.stop().await;
 }

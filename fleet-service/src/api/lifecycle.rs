@@ -42,7 +42,7 @@ pub(super) struct CreateDevice {
 }
 
 /// The pin a request asks for, as lower-case hex.
-fn pin_of(pem: Option<&str>, fingerprint: Option<&str>) -> Result<Option<String>, ApiError> {
+pub(super) fn pin_of(pem: Option<&str>, fingerprint: Option<&str>) -> Result<Option<String>, ApiError> {
     let bad = |m: &str| ApiError::unprocessable("invalid_certificate", m.to_owned());
     match (pem, fingerprint) {
         (Some(_), Some(_)) => Err(bad(

@@ -10,7 +10,9 @@ use utoipa::{Modify, OpenApi};
 
 use crate::store::{DeploymentKind, DeviceState, ExecutionStatus};
 
-use super::{cas, catalog, devices, error, keys, lifecycle, orgs, quarantine, updates};
+use super::{
+    cas, catalog, devices, error, import, keys, lifecycle, orgs, quarantine, updates,
+};
 
 /// The whole REST bridge. Every handler the router serves is listed here (a test checks it);
 /// schemas the operations name are collected from them.
@@ -48,6 +50,7 @@ use super::{cas, catalog, devices, error, keys, lifecycle, orgs, quarantine, upd
         cas::update_ca,
         devices::list_devices,
         lifecycle::create_device,
+        import::import_devices,
         devices::get_device,
         lifecycle::delete_device,
         lifecycle::revoke_certificate,

@@ -129,3 +129,160 @@ impl Store {
         Ok(done > 0)
     }
 }
+
+/// What became of one device of an import batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImportOutcome {
+    Created,
+    /// It exists already, exactly as the row describes it.
+    Unchanged,
+    /// It exists in this organization but differs; names what differs.
+    Differs(String),
+    /// The id belongs to a device of another organization.
+    Taken,
+}
+
+/// What an existing device is compared on.
+#[derive(sqlx::FromRow)]
+struct Existing {
+    id: String,
+    org_id: String,
+    product_id: String,
+    cohort_id: Option<String>,
+    pinned_fingerprint: Option<String>,
+    cert_fingerprint: Option<String>,
+}
+
+impl Store {
+    /// Imports one batch of devices in one transaction: creates those that do not exist (in
+    /// state `registered`) and compares the rest with what the row asks for. Returns one
+    /// outcome per device, in order. A device is written whole (row and tags) or not at all.
+    /// The ids of a batch must be distinct.
+    pub async fn import_devices(
+        &self,
+        batch: &[NewRegisteredDevice],
+    ) -> Result<Vec<ImportOutcome>, StoreError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        with_pool!(self, |pool, begin| {
+            let mut tx = pool.begin_with(begin).await?;
+            let mut q = sqlx::QueryBuilder::new(
+                "SELECT id, org_id, product_id, cohort_id, pinned_fingerprint, cert_fingerprint \
+                 FROM devices WHERE id IN (",
+            );
+            let mut ids = q.separated(", ");
+            for d in batch {
+                ids.push_bind(d.id.as_str());
+            }
+            q.push(")");
+            let existing: Vec<Existing> = q.build_query_as().fetch_all(&mut *tx).await?;
+            let existing: std::collections::HashMap<String, Existing> =
+                existing.into_iter().map(|e| (e.id.clone(), e)).collect();
+            let mut tags_of: std::collections::HashMap<String, BTreeMap<String, String>> =
+                std::collections::HashMap::new();
+            if !existing.is_empty() {
+                let mut q = sqlx::QueryBuilder::new(
+                    "SELECT device_id, key, value FROM device_tags WHERE device_id IN (",
+                );
+                let mut ids = q.separated(", ");
+                for id in existing.keys() {
+                    ids.push_bind(id.as_str());
+                }
+                q.push(")");
+                let rows: Vec<(String, String, String)> =
+                    q.build_query_as().fetch_all(&mut *tx).await?;
+                for (device, k, v) in rows {
+                    tags_of.entry(device).or_default().insert(k, v);
+                }
+            }
+            let fresh: Vec<&NewRegisteredDevice> = batch
+                .iter()
+                .filter(|d| !existing.contains_key(d.id.as_str()))
+                .collect();
+            let mut created = std::collections::HashSet::new();
+            if !fresh.is_empty() {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO devices (id, org_id, product_id, cohort_id, tags, state, \
+                     state_reason, state_changed_at, online, session_epoch, presence_rank, \
+                     pinned_fingerprint, created_at, updated_at) ",
+                );
+                q.push_values(&fresh, |mut b, d| {
+                    b.push_bind(d.id.as_str())
+                        .push_bind(&d.org_id)
+                        .push_bind(&d.product_id)
+                        .push_bind(d.cohort_id.as_ref().map(|c| c.as_str()))
+                        .push_bind(tags_to_json(&d.tags))
+                        .push_bind(DeviceState::Registered.as_str())
+                        .push_bind("registered: awaiting its first connection")
+                        .push_bind(now)
+                        .push("FALSE, 0, 1")
+                        .push_bind(&d.pinned_fingerprint)
+                        .push_bind(now)
+                        .push_bind(now);
+                });
+                // A device created meanwhile by another request is left alone, and reported
+                // as taken below.
+                q.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
+                let rows: Vec<(String,)> = q
+                    .build_query_as()
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(|e| super::constraint(e, "device", "the device's product or cohort"))?;
+                created = rows.into_iter().map(|(id,)| id).collect();
+                let tags: Vec<(&str, &String, &String)> = fresh
+                    .iter()
+                    .filter(|d| created.contains(d.id.as_str()))
+                    .flat_map(|d| d.tags.iter().map(|(k, v)| (d.id.as_str(), k, v)))
+                    .collect();
+                // Three binds a tag, well under either backend's limit per statement.
+                for chunk in tags.chunks(5000) {
+                    let mut q =
+                        sqlx::QueryBuilder::new("INSERT INTO device_tags (device_id, key, value) ");
+                    q.push_values(chunk, |mut b, (id, k, v)| {
+                        b.push_bind(*id).push_bind(*k).push_bind(*v);
+                    });
+                    q.build().execute(&mut *tx).await?;
+                }
+            }
+            tx.commit().await?;
+            let no_tags = BTreeMap::new();
+            Ok(batch
+                .iter()
+                .map(|d| {
+                    if created.contains(d.id.as_str()) {
+                        return ImportOutcome::Created;
+                    }
+                    let Some(e) = existing.get(d.id.as_str()) else {
+                        return ImportOutcome::Taken;
+                    };
+                    if e.org_id != d.org_id {
+                        return ImportOutcome::Taken;
+                    }
+                    let mut differs = Vec::new();
+                    if e.product_id != d.product_id {
+                        differs.push("product");
+                    }
+                    if e.cohort_id.as_deref() != d.cohort_id.as_ref().map(|c| c.as_str()) {
+                        differs.push("cohort");
+                    }
+                    if tags_of.get(&e.id).unwrap_or(&no_tags) != &d.tags {
+                        differs.push("tags");
+                    }
+                    if let Some(pin) = &d.pinned_fingerprint {
+                        let known = [&e.pinned_fingerprint, &e.cert_fingerprint];
+                        if !known.iter().any(|f| f.as_ref() == Some(pin)) {
+                            differs.push("certificate");
+                        }
+                    }
+                    if differs.is_empty() {
+                        ImportOutcome::Unchanged
+                    } else {
+                        ImportOutcome::Differs(differs.join(", "))
+                    }
+                })
+                .collect())
+        })
+    }
+}

@@ -81,7 +81,7 @@ pub use events::{
     EventBatch, EventOutcome, LatestTelemetry, ReportedChange, TelemetryRecord, TelemetryRetention,
     TelemetryRow,
 };
-pub use lifecycle::NewRegisteredDevice;
+pub use lifecycle::{ImportOutcome, NewRegisteredDevice};
 pub use orgs::Organization;
 pub use updates::{
     Deployment, DeploymentKind, Execution, ExecutionStatus, ExecutionSummary, NewDeployment,
