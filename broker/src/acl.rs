@@ -49,6 +49,7 @@ fn service_sees(p: &ServicePrincipal, topic: &Topic, places: &dyn Places) -> boo
         | Topic::CommandAck(d)
         | Topic::UpdateStatus(d)
         | Topic::Presence(d)
+        | Topic::Assignment(d)
         | Topic::Commands(d) => places.device_in(d, &sees),
         Topic::CohortUpdates(c) | Topic::CohortCommands(c) => places.cohort_in(c, &sees),
     }
@@ -73,6 +74,7 @@ pub fn may_publish_topic(principal: &Principal, parsed: &Topic, places: &dyn Pla
             | Topic::CommandAck(d)
             | Topic::UpdateStatus(d) => d == id,
             Topic::Presence(_)
+            | Topic::Assignment(_)
             | Topic::Commands(_)
             | Topic::CohortUpdates(_)
             | Topic::CohortCommands(_) => false,
@@ -105,6 +107,7 @@ pub fn may_subscribe(principal: &Principal, filter: &str, _places: &dyn Places) 
             let own = [
                 format!("devices/{id}/commands"),
                 format!("devices/{id}/commands/#"),
+                format!("devices/{id}/assignment"),
             ];
             if own.iter().any(|p| filter_within(filter, p)) {
                 return true;

@@ -119,6 +119,14 @@ impl BrokerControl {
         self.disconnect_device(id, DisconnectReason::Revoked)
     }
 
+    /// Moves a device to another cohort and ends its live session, so it reconnects with the
+    /// topic rights of the new one (its persistent subscriptions are dropped with the
+    /// session). Returns whether a session was ended.
+    pub fn reassign(&self, id: &DeviceId, cohort: Option<fleet_wire::CohortId>) -> bool {
+        self.registry.move_device(id, cohort);
+        self.disconnect_device(id, DisconnectReason::Reassigned)
+    }
+
     /// Whether a device has a live session here, and its epoch.
     pub fn session_epoch(&self, id: &DeviceId) -> Option<u64> {
         self.sessions.get(id).map(|s| s.epoch)

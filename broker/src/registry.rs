@@ -273,6 +273,14 @@ impl Registry {
         }
     }
 
+    /// Moves a known device to another cohort (`None`: none). Returns whether it is known.
+    pub fn move_device(&self, id: &DeviceId, cohort: Option<CohortId>) -> bool {
+        self.devices
+            .get_mut(id)
+            .map(|mut d| d.cohort_id = cohort)
+            .is_some()
+    }
+
     pub fn remove_device(&self, id: &DeviceId) -> Option<DeviceRecord> {
         self.devices.remove(id).map(|(_, d)| d)
     }

@@ -1106,7 +1106,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.conn.version() == Version::V5 {
             let code = match reason {
                 DisconnectReason::Takeover => Some(DisconnectReasonCode::SessionTakenOver),
-                DisconnectReason::Revoked => Some(DisconnectReasonCode::AdministrativeAction),
+                DisconnectReason::Revoked | DisconnectReason::Reassigned => {
+                    Some(DisconnectReasonCode::AdministrativeAction)
+                }
                 DisconnectReason::ServerShutdown | DisconnectReason::ServerRestart => {
                     Some(DisconnectReasonCode::ServerShuttingDown)
                 }
@@ -1139,14 +1141,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ..
         } = self;
         if let (Some((client_id, expiry)), false) = (persistent, router_dropped) {
+            // A session ended because its rights changed (revoked, quarantined, moved) takes
+            // its stored subscriptions with it, before this session counts as done (a new
+            // connection of the device waits for that): the device subscribes again, under
+            // the rights it has now.
             let router = ctx.router.clone();
             let generation = link.generation;
-            tokio::spawn(async move {
-                tokio::time::sleep(expiry).await;
+            drop(link);
+            if matches!(
+                reason,
+                DisconnectReason::Revoked | DisconnectReason::Reassigned
+            ) {
                 router.expire_session(client_id, generation).await;
-            });
+            } else {
+                tokio::spawn(async move {
+                    tokio::time::sleep(expiry).await;
+                    router.expire_session(client_id, generation).await;
+                });
+            }
+        } else {
+            drop(link);
         }
-        drop(link);
         conn.close(Duration::from_secs(1)).await;
         ctx.control.metrics.session_closed();
         info!(reason = reason.as_str(), "session ended");

@@ -117,7 +117,8 @@ pub struct AgentConfig {
     pub connect: ConnectOptions,
     /// Also subscribe to `cohorts/{cohort}/updates` (surfaced as [`AgentEvent::CohortUpdate`];
     /// [`crate::update::Updater`] acts on them) and `cohorts/{cohort}/commands` (handled like
-    /// the device's own commands).
+    /// the device's own commands). The cohort the platform assigns on
+    /// `devices/{id}/assignment` replaces this one.
     pub cohort: Option<CohortId>,
     /// Reported in the retained state on every connect.
     pub firmware_version: Option<String>,
@@ -207,6 +208,11 @@ pub enum AgentEvent {
     StateDelivered(ReportedState),
     /// The broker acknowledged an update progress report.
     UpdateReportDelivered(UpdateStatus),
+    /// The platform moved the device to another cohort (`None`: out of every cohort); the
+    /// agent now follows that cohort's topics.
+    Reassigned {
+        cohort: Option<CohortId>,
+    },
     Stopped,
 }
 
@@ -323,11 +329,7 @@ impl Agent {
         let (control_tx, control_rx) = mpsc::channel(64);
         let (status_tx, status_rx) = watch::channel(AgentStatus::default());
         let (cohort_update_tx, cohort_update_rx) = watch::channel(Value::Null);
-        let mut topics = vec![Topic::Commands(device_id.clone())];
-        if let Some(c) = &self.config.cohort {
-            topics.push(Topic::CohortUpdates(c.clone()));
-            topics.push(Topic::CohortCommands(c.clone()));
-        }
+        let topics = topics_of(&device_id, self.config.cohort.as_ref());
         let state = ReportedState {
             firmware_version: self.config.firmware_version.clone(),
             ..ReportedState::default()
@@ -371,6 +373,19 @@ impl Agent {
             task,
         })
     }
+}
+
+/// What a device subscribes to: its commands, its assignment, and its cohort's topics.
+fn topics_of(device_id: &DeviceId, cohort: Option<&CohortId>) -> Vec<Topic> {
+    let mut topics = vec![
+        Topic::Commands(device_id.clone()),
+        Topic::Assignment(device_id.clone()),
+    ];
+    if let Some(c) = cohort {
+        topics.push(Topic::CohortUpdates(c.clone()));
+        topics.push(Topic::CohortCommands(c.clone()));
+    }
+    topics
 }
 
 fn default_telemetry(seq: u64, started: Instant) -> Telemetry {
@@ -870,6 +885,7 @@ impl AgentTask {
     fn on_message(&mut self, topic: &str, payload: &[u8]) {
         match Topic::parse(topic) {
             Ok(Topic::Commands(id)) if id == self.device_id => self.on_command(payload),
+            Ok(Topic::Assignment(id)) if id == self.device_id => self.on_assignment(payload),
             Ok(Topic::CohortCommands(cohort)) if self.config.cohort.as_ref() == Some(&cohort) => {
                 self.on_command(payload)
             }
@@ -890,6 +906,40 @@ impl AgentTask {
             }
             _ => debug!(topic, "ignoring a message on an unexpected topic"),
         }
+    }
+
+    /// Follows the cohort the platform assigned. The broker ends the session of a moved
+    /// device, and the next one subscribes to the new cohort's topics; when the assignment
+    /// arrives on a session that already has the new rights, it subscribes at once.
+    fn on_assignment(&mut self, payload: &[u8]) {
+        if payload.is_empty() {
+            return;
+        }
+        let assignment: fleet_wire::payload::DeviceAssignment =
+            match serde_json::from_slice(payload) {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "assignment is not a DeviceAssignment; ignored");
+                    return;
+                }
+            };
+        if assignment.cohort_id == self.config.cohort {
+            return;
+        }
+        info!(from = ?self.config.cohort, to = ?assignment.cohort_id, "moved to another cohort");
+        self.config.cohort = assignment.cohort_id.clone();
+        self.topics = topics_of(&self.device_id, self.config.cohort.as_ref());
+        if self.status.connected {
+            let cohort_topics: Vec<Topic> = self.topics[2..].to_vec();
+            if !cohort_topics.is_empty() {
+                if let Err(e) = self.client.subscribe(&cohort_topics) {
+                    warn!(error = ?e, "could not queue the new cohort's subscriptions");
+                }
+            }
+        }
+        self.emit(AgentEvent::Reassigned {
+            cohort: assignment.cohort_id,
+        });
     }
 
     fn on_command(&mut self, payload: &[u8]) {

@@ -147,9 +147,12 @@ impl App {
         let api = crate::api::router(api_state);
         let http_stop = wait_stop(stopped.clone());
         let http_task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(http, api)
-                .with_graceful_shutdown(http_stop)
-                .await
+            if let Err(e) = axum::serve(
+                http,
+                api.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(http_stop)
+            .await
             {
                 warn!(error = %e, "HTTP server failed");
             }

@@ -266,7 +266,10 @@ fn decode(msg: &BusMessage) -> Result<(DeviceId, Event), String> {
             serde_json::from_slice(&msg.payload)
                 .map_err(|e| format!("invalid update status payload: {e}"))?,
         ),
-        Topic::Commands(_) | Topic::CohortUpdates(_) | Topic::CohortCommands(_) => {
+        Topic::Commands(_)
+        | Topic::Assignment(_)
+        | Topic::CohortUpdates(_)
+        | Topic::CohortCommands(_) => {
             return Err(format!("{} is not an event topic", msg.topic));
         }
     };

@@ -20,6 +20,8 @@ on_both_databases!(
     revocation_and_deletion_reach_the_live_session,
     device_queries_filter_and_page,
     bulk_import_reports_every_row,
+    moving_a_device_between_cohorts,
+    the_audit_log_records_who_did_what,
 );
 
 /// Connects a device of `fleet` (provisioning it) and publishes one telemetry message.
@@ -537,6 +539,13 @@ async fn roles_and_scopes_on_every_endpoint(p: Platform) {
             Some(json!({"id": "{N}", "product_id": "{P}", "cohort_id": "{C}"})),
             [403, 201, 201, 422, 403],
         ),
+        (
+            "PATCH",
+            "/api/v1/devices/{D}",
+            Some(json!({"tags": {"k": "v"}})),
+            [403, 200, 200, 404, 403],
+        ),
+        ("GET", "/api/v1/audit", None, [403, 403, 200, 403, 403]),
         (
             "POST",
             "/api/v1/products/{P}/devices/import",
@@ -1490,12 +1499,17 @@ async fn bulk_import_reports_every_row(p: Platform) {
         (&json!(0), &json!(3), &json!(6)),
         "{again}"
     );
-    assert_eq!(outcomes(&again)[..3], vec![("skipped".into(), Some("exists".into())); 3]);
+    assert_eq!(
+        outcomes(&again)[..3],
+        vec![("skipped".into(), Some("exists".into())); 3]
+    );
 
     // The imported pins hold: imp-2 is admitted with its certificate only.
-    assert!(Client::connect(p.device_options(&fleet.ca.issue("imp-2"), "imp-2"))
-        .await
-        .is_err());
+    assert!(
+        Client::connect(p.device_options(&fleet.ca.issue("imp-2"), "imp-2"))
+            .await
+            .is_err()
+    );
     let c = Client::connect(p.device_options(&pinned, "imp-2"))
         .await
         .unwrap();
@@ -1529,7 +1543,11 @@ async fn bulk_import_reports_every_row(p: Platform) {
     );
     assert_eq!(report["results"][2]["error"]["column"], "colour");
     assert_eq!(report["results"][1]["row"], 2);
-    assert_eq!(p.device("imp-1").await["tags"]["site"], "a", "not overwritten");
+    assert_eq!(
+        p.device("imp-1").await["tags"]["site"],
+        "a",
+        "not overwritten"
+    );
 
     // Files that cannot be read at all are refused whole, saying why.
     for (content_type, body, status, code) in [
@@ -1554,5 +1572,357 @@ async fn bulk_import_reports_every_row(p: Platform) {
     assert_eq!(s, 404);
     let (s, _) = p.api("GET", "/api/v1/devices/imp-11", None).await;
     assert_eq!(s, 404);
+    p.stop().await;
+}
+
+/// A device agent of `fleet` following `cohort`, whose commands arrive on the channel.
+fn cohort_agent(
+    p: &Platform,
+    fleet: &Fleet,
+    id: &str,
+    cohort: &str,
+) -> (
+    device_client::AgentHandle,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use device_client::{fleet_wire::payload::Command, TlsConfig};
+    use device_client::{Agent, AgentConfig, ClientIdentity, CommandOutcome, ConnectOptions};
+    let cert = fleet.ca.issue(id);
+    let tls = TlsConfig::from_ca_pem(p.server_ca_pem().as_bytes())
+        .unwrap()
+        .with_identity(
+            ClientIdentity::from_pem(cert.cert_pem.as_bytes(), cert.key_pem.as_bytes()).unwrap(),
+        );
+    let url = format!("mqtts://127.0.0.1:{}", p.app().mqtts_addr().port());
+    let mut config = AgentConfig::new(ConnectOptions::new(url.parse().unwrap()).with_tls(tls));
+    config.cohort = Some(device_client::fleet_wire::CohortId::parse(cohort).unwrap());
+    config.telemetry_interval = None;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let agent = Agent::new(config)
+        .on_command(move |c: Command| {
+            let _ = tx.send(c.id);
+            async { CommandOutcome::succeeded() }
+        })
+        .start()
+        .unwrap();
+    (agent, rx)
+}
+
+async fn cohort_command(ops: &Client, cohort: &str, id: &str) {
+    ops.client
+        .publish(
+            format!("cohorts/{cohort}/commands"),
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&json!({ "id": id, "name": "ping" })).unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
+async fn moving_a_device_between_cohorts(p: Platform) {
+    let fleet = p.jitp_fleet(json!({})).await;
+    let (s, b) = p
+        .api(
+            "POST",
+            &format!("/api/v1/products/{}/cohorts", fleet.product_id),
+            Some(json!({ "name": "line-b" })),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let cohort_b = b["id"].as_str().unwrap().to_owned();
+    let other = p.jitp_fleet(json!({})).await;
+    let (agent, mut commands) = cohort_agent(&p, &fleet, "mv-1", &fleet.cohort_id);
+    agent.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let ops = Client::connect(p.service_options("ops", p.app().admin_token()))
+        .await
+        .unwrap();
+    cohort_command(&ops, &fleet.cohort_id, "a1").await;
+    let got = tokio::time::timeout(Duration::from_secs(10), commands.recv()).await;
+    assert_eq!(got.unwrap().as_deref(), Some("a1"));
+
+    // Bad moves are refused, saying why, and change nothing.
+    let path = "/api/v1/devices/mv-1";
+    for (body, status, code) in [
+        (json!({ "cohort_id": "nope" }), 422, "unknown_cohort"),
+        (
+            json!({ "cohort_id": other.cohort_id }),
+            422,
+            "unknown_cohort",
+        ),
+        (json!({ "tags": { "k": 1 } }), 422, "invalid_tags"),
+        (json!({ "colour": "red" }), 400, "invalid_body"),
+    ] {
+        let (s, answer) = p.api("PATCH", path, Some(body.clone())).await;
+        assert_eq!(
+            (s, answer["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {answer}"
+        );
+    }
+    let cohort_viewer = p
+        .key_as(
+            p.app().admin_token(),
+            "operator",
+            json!({ "product_id": fleet.product_id, "cohort_id": fleet.cohort_id }),
+        )
+        .await;
+    let (s, _) = p
+        .api_as(
+            &cohort_viewer,
+            "PATCH",
+            path,
+            Some(json!({ "cohort_id": cohort_b })),
+        )
+        .await;
+    assert_eq!(
+        s, 422,
+        "a cohort-scoped key sees no other cohort to move a device to"
+    );
+    assert_eq!(p.device("mv-1").await["cohort_id"], json!(fleet.cohort_id));
+
+    // The move: the store, the device's topic rights and the agent all follow.
+    let mut events = agent.subscribe();
+    let (s, d) = p
+        .api(
+            "PATCH",
+            path,
+            Some(json!({ "cohort_id": cohort_b, "tags": { "line": "b" } })),
+        )
+        .await;
+    assert_eq!(s, 200, "{d}");
+    assert_eq!(
+        (&d["cohort_id"], &d["tags"]),
+        (&json!(cohort_b), &json!({ "line": "b" }))
+    );
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(device_client::AgentEvent::Reassigned { cohort }) = events.recv().await {
+                assert_eq!(cohort.map(|c| c.to_string()), Some(cohort_b.clone()));
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the agent learned its new cohort");
+    let mut status = agent.watch_status();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.connections >= 2 && s.connected && s.subscribed),
+    )
+    .await
+    .expect("the agent reconnected and subscribed to its new cohort")
+    .unwrap();
+    // The old cohort's commands no longer reach it; the new one's do.
+    cohort_command(&ops, &fleet.cohort_id, "a2").await;
+    cohort_command(&ops, &cohort_b, "b1").await;
+    let got = tokio::time::timeout(Duration::from_secs(10), commands.recv()).await;
+    assert_eq!(got.unwrap().as_deref(), Some("b1"));
+    let d = p.device("mv-1").await;
+    assert_eq!(d["cohort_id"], json!(cohort_b));
+
+    // Out of every cohort, and a tags-only change that keeps the session.
+    let (s, d) = p
+        .api("PATCH", path, Some(json!({ "cohort_id": null })))
+        .await;
+    assert_eq!((s, &d["cohort_id"]), (200, &Value::Null), "{d}");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.connections >= 3 && s.connected),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let epoch = p.device("mv-1").await["session_epoch"].clone();
+    let (s, d) = p.api("PATCH", path, Some(json!({ "tags": {} }))).await;
+    assert_eq!((s, &d["tags"]), (200, &json!({})), "{d}");
+    assert_eq!(p.device("mv-1").await["session_epoch"], epoch);
+    agent.shutdown().await.unwrap();
+    p.stop().await;
+}
+
+/// The audit entries of `query`, as the platform's admin.
+async fn audit(p: &Platform, token: &str, query: &str) -> Vec<Value> {
+    let (s, page) = p
+        .api_as(token, "GET", &format!("/api/v1/audit?{query}"), None)
+        .await;
+    assert_eq!(s, 200, "{page}");
+    page["items"].as_array().unwrap().clone()
+}
+
+async fn the_audit_log_records_who_did_what(p: Platform) {
+    let admin = p.app().admin_token().to_owned();
+    let http = reqwest::Client::new();
+    let url = |path: &str| format!("http://{}{path}", p.app().http_addr());
+    // A request id given by the client is kept, and answered.
+    let resp = http
+        .post(url("/api/v1/products"))
+        .bearer_auth(&admin)
+        .header("x-request-id", "req-audit-1")
+        .json(&json!({ "name": "audited" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    assert_eq!(resp.headers()["x-request-id"], "req-audit-1");
+    let product: Value = resp.json().await.unwrap();
+    // Without one, the platform makes one.
+    let resp = http.get(url("/api/v1/health")).send().await.unwrap();
+    assert!(!resp.headers()["x-request-id"].is_empty());
+
+    let entries = audit(&p, &admin, "request_id=req-audit-1").await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let e = &entries[0];
+    assert_eq!(
+        (
+            &e["action"],
+            &e["target_kind"],
+            &e["target_id"],
+            &e["outcome"],
+            &e["status"]
+        ),
+        (
+            &json!("product.create"),
+            &json!("product"),
+            &product["id"],
+            &json!("success"),
+            &json!(201)
+        ),
+        "{e}"
+    );
+    assert_eq!(e["detail"]["request"], json!({ "name": "audited" }));
+    assert_eq!(e["actor_kind"], "api_key");
+    assert!(
+        e["remote_addr"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{e}"
+    );
+
+    // A key made, used for a refused attempt, and revoked: three entries with their actors,
+    // and the secret nowhere in the log.
+    let (s, key) = p
+        .api(
+            "POST",
+            "/api/v1/api-keys",
+            Some(json!({ "name": "auditor", "role": "viewer" })),
+        )
+        .await;
+    assert_eq!(s, 201, "{key}");
+    let viewer = key["secret"].as_str().unwrap().to_owned();
+    let (s, _) = p
+        .api_as(
+            &viewer,
+            "POST",
+            "/api/v1/products",
+            Some(json!({ "name": "nope" })),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = p
+        .api(
+            "DELETE",
+            &format!("/api/v1/api-keys/{}", key["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    let refused = audit(&p, &admin, "outcome=failure").await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(
+        (
+            &refused[0]["actor"],
+            &refused[0]["action"],
+            &refused[0]["error_code"],
+            &refused[0]["status"]
+        ),
+        (
+            &key["id"],
+            &json!("product.create"),
+            &json!("forbidden"),
+            &json!(403)
+        )
+    );
+    let keys = audit(&p, &admin, "action=api_key.").await;
+    let actions: Vec<&str> = keys.iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(
+        actions,
+        ["api_key.revoke", "api_key.create"],
+        "newest first"
+    );
+    assert_eq!(keys[0]["target_id"], key["id"]);
+    assert_eq!(keys[1]["target_id"], key["id"]);
+    let all = audit(&p, &admin, "limit=1000").await;
+    assert!(
+        !serde_json::to_string(&all).unwrap().contains(&viewer),
+        "secret logged"
+    );
+    // Requests without a valid key name no organization, and are not recorded.
+    let before = all.len();
+    let resp = http
+        .post(url("/api/v1/products"))
+        .bearer_auth("nope")
+        .json(&json!({ "name": "x" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(audit(&p, &admin, "limit=1000").await.len(), before);
+
+    // Pages walk the log newest first, without gaps or repeats.
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let q = if cursor.is_empty() {
+            "limit=2".to_owned()
+        } else {
+            format!("limit=2&cursor={cursor}")
+        };
+        let (_, page) = p.api("GET", &format!("/api/v1/audit?{q}"), None).await;
+        seen.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["id"].clone()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_owned(),
+            None => break,
+        }
+    }
+    let ids: Vec<Value> = all.iter().map(|e| e["id"].clone()).collect();
+    assert_eq!(seen, ids);
+    for (q, code) in [
+        ("outcome=maybe", "invalid_query"),
+        ("colour=red", "invalid_query"),
+        ("cursor=x", "invalid_query"),
+    ] {
+        let (s, answer) = p.api("GET", &format!("/api/v1/audit?{q}"), None).await;
+        assert_eq!(
+            (s, answer["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{q}"
+        );
+    }
+
+    // Another organization's log holds only its own actions.
+    let (_, admin_b) = p.organization("audit-tenant").await;
+    assert!(audit(&p, &admin_b, "").await.is_empty());
+    let (s, _) = p
+        .api_as(
+            &admin_b,
+            "POST",
+            "/api/v1/products",
+            Some(json!({ "name": "b-product" })),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let theirs = audit(&p, &admin_b, "").await;
+    assert_eq!(theirs.len(), 1);
+    assert_eq!(theirs[0]["action"], "product.create");
+    assert_eq!(
+        audit(&p, &admin, "limit=1000").await.len(),
+        before + 1,
+        "only the org creation"
+    );
     p.stop().await;
 }

@@ -69,6 +69,9 @@ pub enum DisconnectReason {
     /// The device published where it may not, or sent a payload that breaks the topic's
     /// schema; MQTT 3.1.1 has no other answer than closing the connection.
     NotAuthorized,
+    /// An operator moved the device to another cohort; it reconnects with the rights of its
+    /// new one.
+    Reassigned,
 }
 
 impl DisconnectReason {
@@ -83,6 +86,7 @@ impl DisconnectReason {
             DisconnectReason::ConnectionLost => "connection_lost",
             DisconnectReason::ProtocolError => "protocol_error",
             DisconnectReason::NotAuthorized => "not_authorized",
+            DisconnectReason::Reassigned => "reassigned",
         }
     }
 }
@@ -95,6 +99,18 @@ pub struct ReportedState {
     pub firmware_version: Option<String>,
     #[serde(flatten)]
     pub other: Map<String, Value>,
+}
+
+/// `devices/{id}/assignment`: where the device belongs, retained, published by the platform
+/// when an operator moves the device. A device follows `cohorts/{cohort_id}/...` of the cohort
+/// named here over the one it was configured with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceAssignment {
+    pub product_id: String,
+    /// `None`: the device is in no cohort.
+    pub cohort_id: Option<crate::CohortId>,
+    /// Unix milliseconds of the move.
+    pub assigned_at_ms: i64,
 }
 
 /// `devices/{id}/telemetry`: any JSON object the device chooses.

@@ -115,6 +115,10 @@ pub enum Topic {
     CommandAck(DeviceId),
     /// `devices/{id}/updates`: device -> platform, QoS 1. [`crate::update::UpdateStatus`].
     UpdateStatus(DeviceId),
+    /// `devices/{id}/assignment`: platform -> device, QoS 1, retained.
+    /// [`crate::payload::DeviceAssignment`]: the device's product and cohort. Only the platform
+    /// publishes here, when an operator moves the device.
+    Assignment(DeviceId),
     /// `cohorts/{cohort_id}/updates`: platform -> cohort, QoS 1, retained.
     /// [`crate::update::UpdateCommand`]. Only the platform's rollout engine publishes here.
     CohortUpdates(CohortId),
@@ -137,6 +141,7 @@ impl Topic {
             [DEVICES, id, "commands"] => Topic::Commands(DeviceId::parse(id)?),
             [DEVICES, id, "commands", "ack"] => Topic::CommandAck(DeviceId::parse(id)?),
             [DEVICES, id, "updates"] => Topic::UpdateStatus(DeviceId::parse(id)?),
+            [DEVICES, id, "assignment"] => Topic::Assignment(DeviceId::parse(id)?),
             [COHORTS, id, "updates"] => Topic::CohortUpdates(CohortId::parse(id)?),
             [COHORTS, id, "commands"] => Topic::CohortCommands(CohortId::parse(id)?),
             _ => return Err(TopicError::Unknown),
@@ -151,7 +156,8 @@ impl Topic {
             | Topic::Presence(d)
             | Topic::Commands(d)
             | Topic::CommandAck(d)
-            | Topic::UpdateStatus(d) => Some(d),
+            | Topic::UpdateStatus(d)
+            | Topic::Assignment(d) => Some(d),
             Topic::CohortUpdates(_) | Topic::CohortCommands(_) => None,
         }
     }
@@ -160,7 +166,7 @@ impl Topic {
     pub fn retained(&self) -> bool {
         matches!(
             self,
-            Topic::State(_) | Topic::Presence(_) | Topic::CohortUpdates(_)
+            Topic::State(_) | Topic::Presence(_) | Topic::Assignment(_) | Topic::CohortUpdates(_)
         )
     }
 
@@ -187,6 +193,7 @@ impl fmt::Display for Topic {
             Topic::Commands(d) => write!(f, "{DEVICES}/{d}/commands"),
             Topic::CommandAck(d) => write!(f, "{DEVICES}/{d}/commands/ack"),
             Topic::UpdateStatus(d) => write!(f, "{DEVICES}/{d}/updates"),
+            Topic::Assignment(d) => write!(f, "{DEVICES}/{d}/assignment"),
             Topic::CohortUpdates(c) => write!(f, "{COHORTS}/{c}/updates"),
             Topic::CohortCommands(c) => write!(f, "{COHORTS}/{c}/commands"),
         }

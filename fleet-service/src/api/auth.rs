@@ -34,10 +34,15 @@ fn principal(parts: &Parts, state: &ApiState) -> Result<ServicePrincipal, ApiErr
         .map(|(_, token)| token.trim())
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::unauthorized("expected Authorization: Bearer <api key>"))?;
-    state
+    let p = state
         .keys
         .principal(token)
-        .ok_or_else(|| ApiError::unauthorized("unknown or revoked API key"))
+        .ok_or_else(|| ApiError::unauthorized("unknown or revoked API key"))?;
+    // The audit log records who made a mutating request, even one its role may not make.
+    if let Some(slot) = parts.extensions.get::<super::audit::AuditSlot>() {
+        slot.set(&p);
+    }
+    Ok(p)
 }
 
 #[axum::async_trait]

@@ -172,7 +172,7 @@ struct ListQuery {
 }
 
 /// An RFC 3339 query value as Unix milliseconds.
-fn parse_time(key: &str, value: &str) -> Result<i64, ApiError> {
+pub(super) fn parse_time(key: &str, value: &str) -> Result<i64, ApiError> {
     use time::format_description::well_known::Rfc3339;
     time::OffsetDateTime::parse(value, &Rfc3339)
         .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)

@@ -181,8 +181,8 @@ fn parse_csv(body: &[u8]) -> Result<Vec<Parsed>, ApiError> {
         .clone();
     let mut columns = Vec::with_capacity(header.len());
     for name in header.iter() {
-        let name = std::str::from_utf8(name)
-            .map_err(|_| invalid_file("the header line is not UTF-8"))?;
+        let name =
+            std::str::from_utf8(name).map_err(|_| invalid_file("the header line is not UTF-8"))?;
         let column = Column::parse(name).ok_or_else(|| {
             invalid_file(format!(
                 "unknown column {name:?} in the header line; the columns are {}",
@@ -369,7 +369,9 @@ impl Context<'_> {
                 RowError::new(
                     Some("cohort"),
                     "unknown_cohort",
-                    format!("cohort {c:?} is neither the id nor the name of a cohort of this product"),
+                    format!(
+                        "cohort {c:?} is neither the id nor the name of a cohort of this product"
+                    ),
                 )
             })?),
             None => None,
@@ -389,8 +391,8 @@ impl Context<'_> {
             .map(|c| CohortId::parse(&c.id))
             .transpose()
             .map_err(|_| RowError::new(Some("cohort"), "unknown_cohort", "corrupt cohort id"))?;
-        let tags = valid_tags(raw.tags.unwrap_or_default())
-            .map_err(|e| RowError::from_api("tags", e))?;
+        let tags =
+            valid_tags(raw.tags.unwrap_or_default()).map_err(|e| RowError::from_api("tags", e))?;
         let column = if raw.certificate_pem.is_some() {
             "certificate_pem"
         } else {
@@ -484,10 +486,7 @@ pub(super) async fn import_devices(
     if parsed.len() > MAX_ROWS {
         return Err(ApiError::unprocessable(
             "too_many_rows",
-            format!(
-                "{} rows; one import takes at most {MAX_ROWS}",
-                parsed.len()
-            ),
+            format!("{} rows; one import takes at most {MAX_ROWS}", parsed.len()),
         ));
     }
     let cohorts = state.store.cohorts_of(&product.id).await?;
@@ -510,23 +509,19 @@ pub(super) async fn import_devices(
     let mut valid: Vec<(usize, NewRegisteredDevice)> = Vec::new();
     let mut first_seen: HashMap<DeviceId, usize> = HashMap::new();
     for (n, Parsed { line, id, row }) in parsed.into_iter().enumerate() {
-        let checked = row.and_then(|r| ctx.check(r)).and_then(|d| {
-            match first_seen.get(&d.id) {
+        let checked = row
+            .and_then(|r| ctx.check(r))
+            .and_then(|d| match first_seen.get(&d.id) {
                 Some(&earlier) => Err(RowError::new(
                     Some("id"),
                     "duplicate_id",
-                    format!(
-                        "device id {} is on row {} already",
-                        d.id,
-                        earlier + 1
-                    ),
+                    format!("device id {} is on row {} already", d.id, earlier + 1),
                 )),
                 None => {
                     first_seen.insert(d.id.clone(), n);
                     Ok(d)
                 }
-            }
-        });
+            });
         let error = match checked {
             Ok(d) => {
                 valid.push((n, d));

@@ -42,7 +42,10 @@ pub(super) struct CreateDevice {
 }
 
 /// The pin a request asks for, as lower-case hex.
-pub(super) fn pin_of(pem: Option<&str>, fingerprint: Option<&str>) -> Result<Option<String>, ApiError> {
+pub(super) fn pin_of(
+    pem: Option<&str>,
+    fingerprint: Option<&str>,
+) -> Result<Option<String>, ApiError> {
     let bad = |m: &str| ApiError::unprocessable("invalid_certificate", m.to_owned());
     match (pem, fingerprint) {
         (Some(_), Some(_)) => Err(bad(
@@ -183,6 +186,131 @@ pub(super) async fn create_device(
     tracing::info!(device_id = %id, by = %by.key_id, "device registered before manufacturing");
     let device = access::device(&state, &by, &id).await?;
     Ok((StatusCode::CREATED, Json(device.into())))
+}
+
+/// Present (even as `null`) versus absent.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+/// What to change about a device; absent fields stay as they are.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PatchDevice {
+    /// Replaces every tag (`{}` removes them all).
+    #[serde(default)]
+    #[schema(value_type = Option<std::collections::BTreeMap<String, String>>)]
+    tags: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Moves the device to this cohort of its product; `null` takes it out of every cohort.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, nullable)]
+    cohort_id: Option<Option<String>>,
+}
+
+/// Changes a device's tags, or moves it to another cohort of its product. A moved device
+/// learns its new cohort on `devices/{id}/assignment` (retained), and its live session ends
+/// (reason `reassigned`) so that it reconnects with the topic rights of the new cohort; an
+/// agent does both on its own.
+///
+/// Role: operator or admin, with a key that sees the device where it is and where it goes.
+#[utoipa::path(
+    patch,
+    path = "/api/v1/devices/{device_id}",
+    tag = "devices",
+    security(("api_key" = [])),
+    params(("device_id" = String, Path, description = "The device's id")),
+    request_body = PatchDevice,
+    responses(
+        (status = 200, description = "The device as it is now", body = DeviceBody),
+        (status = 400, description = "`invalid_path`, `malformed_json` or `invalid_body`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key, or a cohort-scoped key moving the device out of its cohort", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "`unknown_cohort` or `invalid_tags`", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
+pub(super) async fn update_device(
+    Writer(by): Writer,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<PatchDevice>,
+) -> Result<Json<DeviceBody>, ApiError> {
+    let id = path_device(&id)?;
+    let device = access::device(&state, &by, &id).await?;
+    let tags = body.tags.map(valid_tags).transpose()?;
+    let cohort = match body.cohort_id {
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(c)) => {
+            let unknown = || {
+                ApiError::unprocessable(
+                    "unknown_cohort",
+                    format!("cohort {c:?} does not exist in the device's product"),
+                )
+            };
+            let cohort = access::cohort(&state, &by, &c)
+                .await
+                .map_err(|_| unknown())?;
+            if cohort.product_id != device.product_id {
+                return Err(unknown());
+            }
+            Some(Some(CohortId::parse(&cohort.id).map_err(|_| unknown())?))
+        }
+    };
+    if let Some(to) = &cohort {
+        if !by.sees(Place {
+            org_id: &device.org_id,
+            product_id: &device.product_id,
+            cohort_id: Some(to.as_ref().map_or("", |c| c.as_str())),
+        }) {
+            return Err(ApiError::forbidden(
+                "this key may not move devices out of its cohort",
+            ));
+        }
+    }
+    let moved = cohort
+        .as_ref()
+        .filter(|to| **to != device.cohort_id)
+        .cloned();
+    let update = crate::store::DeviceUpdate {
+        tags,
+        cohort_id: cohort,
+    };
+    if !state.store.update_device(&id, &update).await? {
+        return Err(ApiError::not_found("device"));
+    }
+    if let Some(to) = moved {
+        // The device is told where it now belongs (retained, so it also learns it when it
+        // next connects), then its session ends so it reconnects with the new rights.
+        let assignment = fleet_wire::payload::DeviceAssignment {
+            product_id: device.product_id.clone(),
+            cohort_id: to.clone(),
+            assigned_at_ms: crate::store::now_ms(),
+        };
+        let payload = serde_json::to_vec(&assignment).expect("an assignment serialises");
+        if let Err(e) = state
+            .control
+            .publish(
+                &fleet_wire::Topic::Assignment(id.clone()),
+                payload.into(),
+                true,
+            )
+            .await
+        {
+            tracing::warn!(device_id = %id, error = %e, "assignment not published");
+        }
+        let ended = state.control.reassign(&id, to.clone());
+        tracing::info!(device_id = %id, cohort = ?to, session_ended = ended, by = %by.key_id,
+            "device moved to another cohort");
+    }
+    let device = access::device(&state, &by, &id).await?;
+    Ok(Json(device.into()))
 }
 
 /// Why a certificate is revoked; optional, and so is the body.

@@ -12,6 +12,9 @@
 //! - `catalog`, `cas`, `devices`, `keys`: one module per resource.
 //! - `updates`: signing keys, releases, deployments (create, pause, resume, cancel, rollback,
 //!   promote) and per-device executions.
+//! - `audit`: request ids, the middleware that records every mutating request, and the
+//!   audit log's listing.
+//! - `import`: bulk import of devices from CSV or JSON.
 //! - `openapi`: the OpenAPI document, generated from the handlers' `#[utoipa::path]`
 //!   annotations and the bodies' `ToSchema` derives; served at `/api/v1/openapi.json` and
 //!   committed as `openapi.json` at the repository root.
@@ -25,6 +28,7 @@
 //!   and the committed `openapi.json` in step: a route cannot be served undocumented.
 
 mod access;
+mod audit;
 mod auth;
 mod cas;
 mod catalog;
@@ -158,6 +162,11 @@ fn routes() -> Vec<Route> {
         route(M::POST, "/api/v1/devices", lifecycle::create_device),
         route(M::GET, "/api/v1/devices/:device_id", devices::get_device),
         route(
+            M::PATCH,
+            "/api/v1/devices/:device_id",
+            lifecycle::update_device,
+        ),
+        route(
             M::DELETE,
             "/api/v1/devices/:device_id",
             lifecycle::delete_device,
@@ -235,6 +244,7 @@ fn routes() -> Vec<Route> {
             updates::list_executions,
         ),
         route(M::GET, "/api/v1/broker/metrics", broker_metrics),
+        route(M::GET, "/api/v1/audit", audit::list_audit),
         route(M::POST, "/api/v1/api-keys", keys::create_key),
         route(M::GET, "/api/v1/api-keys", keys::list_keys),
         route(M::DELETE, "/api/v1/api-keys/:key_id", keys::revoke_key),
@@ -243,12 +253,18 @@ fn routes() -> Vec<Route> {
 
 /// The REST bridge. Serve it with `axum::serve(listener, router(state))`.
 pub fn router(state: ApiState) -> Router {
-    // Routes of one path merge into one method router; the fallbacks answer the rest.
+    // Routes of one path merge into one method router; the fallbacks answer the rest. The
+    // audit layer sees matched routes only; every answer carries a request id.
     routes()
         .into_iter()
         .fold(Router::new(), |router, r| router.route(r.path, r.handler))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit::record,
+        ))
         .fallback(error::no_such_route)
         .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::middleware::from_fn(audit::request_id))
         .with_state(state)
 }
 

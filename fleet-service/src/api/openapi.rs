@@ -11,7 +11,7 @@ use utoipa::{Modify, OpenApi};
 use crate::store::{DeploymentKind, DeviceState, ExecutionStatus};
 
 use super::{
-    cas, catalog, devices, error, import, keys, lifecycle, orgs, quarantine, updates,
+    audit, cas, catalog, devices, error, import, keys, lifecycle, orgs, quarantine, updates,
 };
 
 /// The whole REST bridge. Every handler the router serves is listed here (a test checks it);
@@ -52,6 +52,7 @@ use super::{
         lifecycle::create_device,
         import::import_devices,
         devices::get_device,
+        lifecycle::update_device,
         lifecycle::delete_device,
         lifecycle::revoke_certificate,
         devices::device_telemetry,
@@ -77,6 +78,7 @@ use super::{
         keys::create_key,
         keys::list_keys,
         keys::revoke_key,
+        audit::list_audit,
     ),
     components(schemas(error::ErrorBody)),
     modifiers(&BearerKey),
@@ -88,6 +90,7 @@ use super::{
         (name = "devices", description = "Devices, their telemetry and update executions"),
         (name = "updates", description = "Signing keys, releases, deployments and executions"),
         (name = "api-keys", description = "API keys and their roles"),
+        (name = "audit", description = "Who did what, when, and how it ended"),
     ),
 )]
 pub struct ApiDoc;

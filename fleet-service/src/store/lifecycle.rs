@@ -225,11 +225,10 @@ impl Store {
                 // A device created meanwhile by another request is left alone, and reported
                 // as taken below.
                 q.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
-                let rows: Vec<(String,)> = q
-                    .build_query_as()
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(|e| super::constraint(e, "device", "the device's product or cohort"))?;
+                let rows: Vec<(String,)> =
+                    q.build_query_as().fetch_all(&mut *tx).await.map_err(|e| {
+                        super::constraint(e, "device", "the device's product or cohort")
+                    })?;
                 created = rows.into_iter().map(|(id,)| id).collect();
                 let tags: Vec<(&str, &String, &String)> = fresh
                     .iter()
@@ -284,5 +283,66 @@ impl Store {
                 })
                 .collect())
         })
+    }
+}
+
+/// What a device update changes; `None` fields stay.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceUpdate {
+    /// Replaces every tag.
+    pub tags: Option<BTreeMap<String, String>>,
+    /// Moves the device (`Some(None)`: out of every cohort).
+    pub cohort_id: Option<Option<CohortId>>,
+}
+
+impl Store {
+    /// Changes a device's tags and cohort in one transaction. Returns whether it exists.
+    pub async fn update_device(
+        &self,
+        id: &DeviceId,
+        update: &DeviceUpdate,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        with_pool!(self, |pool, begin| {
+            let mut tx = pool.begin_with(begin).await?;
+            let found = sqlx::query("UPDATE devices SET updated_at = $2 WHERE id = $1")
+                .bind(id.as_str())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if found == 0 {
+                return Ok(false);
+            }
+            if let Some(cohort) = &update.cohort_id {
+                sqlx::query("UPDATE devices SET cohort_id = $2 WHERE id = $1")
+                    .bind(id.as_str())
+                    .bind(cohort.as_ref().map(|c| c.as_str()))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| super::constraint(e, "device", "the cohort"))?;
+            }
+            if let Some(tags) = &update.tags {
+                sqlx::query("UPDATE devices SET tags = $2 WHERE id = $1")
+                    .bind(id.as_str())
+                    .bind(tags_to_json(tags))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DELETE FROM device_tags WHERE device_id = $1")
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                if !tags.is_empty() {
+                    let mut q =
+                        sqlx::QueryBuilder::new("INSERT INTO device_tags (device_id, key, value) ");
+                    q.push_values(tags, |mut b, (k, v)| {
+                        b.push_bind(id.as_str()).push_bind(k).push_bind(v);
+                    });
+                    q.build().execute(&mut *tx).await?;
+                }
+            }
+            tx.commit().await?;
+        });
+        Ok(true)
     }
 }

@@ -16,6 +16,7 @@
 //!   certificate), deletion, and revoked certificates.
 //! - `quarantine`: setting devices apart, and lifting it.
 //! - `ca_proof`: verification codes for CA proof of possession.
+//! - `audit`: the audit log, insert-only.
 //! - `api_keys`: API key rows (hashes only), with their organization and scope.
 //! - `updates`: signing keys, releases, deployments and their per-device executions, and the
 //!   intake's writes of device update reports.
@@ -62,6 +63,7 @@ macro_rules! with_pool {
 }
 
 mod api_keys;
+mod audit;
 mod ca_proof;
 pub mod cas;
 mod catalog;
@@ -73,6 +75,7 @@ mod quarantine;
 mod updates;
 
 pub use api_keys::ApiKeyRecord;
+pub use audit::{ActorKind, AuditEntry, AuditFilter, NewAuditEntry};
 pub use ca_proof::VerificationCode;
 pub use cas::{CaCertificate, CaUpdate, NewCa};
 pub use catalog::{Cohort, Product};
@@ -81,7 +84,7 @@ pub use events::{
     EventBatch, EventOutcome, LatestTelemetry, ReportedChange, TelemetryRecord, TelemetryRetention,
     TelemetryRow,
 };
-pub use lifecycle::{ImportOutcome, NewRegisteredDevice};
+pub use lifecycle::{DeviceUpdate, ImportOutcome, NewRegisteredDevice};
 pub use orgs::Organization;
 pub use updates::{
     Deployment, DeploymentKind, Execution, ExecutionStatus, ExecutionSummary, NewDeployment,
