@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::registry::Registry;
+use crate::rejections::RecentRejections;
 use crate::router::SystemPublisher;
 
 /// The broker's handle on one live device session.
@@ -37,6 +38,7 @@ pub struct BrokerControl {
     pub(crate) service_sessions: Arc<ServiceSessions>,
     /// The broker's own router link, once a [`crate::Broker`] was built on this control.
     pub(crate) system: Arc<OnceLock<SystemPublisher>>,
+    pub(crate) rejected: Arc<RecentRejections>,
 }
 
 /// The broker this control belongs to was never built, so nothing can be published.
@@ -52,7 +54,28 @@ impl BrokerControl {
             sessions: Arc::new(DashMap::new()),
             service_sessions: Arc::new(DashMap::new()),
             system: Arc::new(OnceLock::new()),
+            rejected: Arc::new(RecentRejections::new(4096)),
         }
+    }
+
+    /// Counts a refused connection and keeps it among the recent ones.
+    pub(crate) fn refused(
+        &self,
+        why: crate::metrics::Rejection,
+        device: Option<&DeviceId>,
+        peer: std::net::SocketAddr,
+    ) {
+        self.metrics.reject(why);
+        let org_id = device
+            .and_then(|d| self.registry.device(d))
+            .map(|d| d.org_id);
+        self.rejected
+            .record(device.cloned(), org_id, why, peer.to_string());
+    }
+
+    /// The most recent refused connections.
+    pub fn rejected(&self) -> &RecentRejections {
+        &self.rejected
     }
 
     /// Publishes a QoS 1 message as the platform itself, on the broker's own link (the same

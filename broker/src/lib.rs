@@ -13,6 +13,7 @@
 //! - [`bus`]: the seam to the fleet service (durable event intake).
 //! - [`auth`]: API keys on the service listener.
 //! - [`metrics`]: counters, rejections by reason.
+//! - [`rejections`]: the most recent refused connections, for operators.
 
 pub mod acl;
 pub mod auth;
@@ -21,6 +22,7 @@ pub mod control;
 pub mod metrics;
 mod mqtt;
 pub mod registry;
+pub mod rejections;
 mod router;
 mod server;
 mod session;

@@ -202,12 +202,12 @@ async fn device_connection(
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             let why = tls::classify_handshake_error(&e);
-            ctx.control.metrics.reject(why);
+            ctx.control.refused(why, None, peer);
             info!(%peer, reason = why.as_str(), error = %e, "TLS handshake refused");
             return;
         }
         Err(_) => {
-            ctx.control.metrics.reject(Rejection::TlsHandshake);
+            ctx.control.refused(Rejection::TlsHandshake, None, peer);
             debug!(%peer, "TLS handshake timed out");
             return;
         }
@@ -219,7 +219,7 @@ async fn device_connection(
         .and_then(|c| c.first())
         .map(|c| c.as_ref().to_vec());
     let Some(leaf) = leaf else {
-        ctx.control.metrics.reject(Rejection::BadCertificate);
+        ctx.control.refused(Rejection::BadCertificate, None, peer);
         return;
     };
     session::serve_device(ctx, tls, peer, leaf).await;

@@ -74,9 +74,10 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Ctx,
     mut conn: Conn<S>,
     why: Rejection,
+    device: Option<&DeviceId>,
     peer: SocketAddr,
 ) {
-    ctx.control.metrics.reject(why);
+    ctx.control.refused(why, device, peer);
     info!(%peer, reason = why.as_str(), "connection refused: {why}");
     let code = match (conn.version(), why) {
         (Version::V311, Rejection::ClientIdMismatch) => ConnectReturnCode::ClientIdentifierNotValid,
@@ -124,7 +125,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
         }),
         Ok(_) => None,
         Err(ReadError::UnsupportedVersion(level)) => {
-            ctx.control.metrics.reject(Rejection::BadConnect);
+            ctx.control.refused(Rejection::BadConnect, None, peer);
             info!(%peer, level, "connection refused: unsupported MQTT protocol level");
             conn.queue(Packet::ConnAck(
                 ConnAck {
@@ -137,7 +138,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
             None
         }
         Err(e) => {
-            ctx.control.metrics.reject(Rejection::BadConnect);
+            ctx.control.refused(Rejection::BadConnect, None, peer);
             debug!(%peer, error = %e, "no valid CONNECT");
             None
         }
@@ -158,20 +159,20 @@ pub(crate) async fn serve_device<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let registry = ctx.control.registry.clone();
     let id = match registry.device_id_of(&leaf) {
         Ok(id) => id,
-        Err(why) => return refuse(&ctx, conn, why, peer).await,
+        Err(why) => return refuse(&ctx, conn, why, None, peer).await,
     };
     let client_id = info.connect.client_id.as_str();
     let assigned = client_id.is_empty();
     if assigned && conn.version() == Version::V311 && !info.connect.clean_session {
         // MQTT 3.1.1 forbids a server-assigned id for a persistent session.
-        return refuse(&ctx, conn, Rejection::ClientIdMismatch, peer).await;
+        return refuse(&ctx, conn, Rejection::ClientIdMismatch, Some(&id), peer).await;
     }
     if !assigned && client_id != id.as_str() {
-        return refuse(&ctx, conn, Rejection::ClientIdMismatch, peer).await;
+        return refuse(&ctx, conn, Rejection::ClientIdMismatch, Some(&id), peer).await;
     }
     let identity = match registry.identify(&leaf).await {
         Ok(identity) => identity,
-        Err(why) => return refuse(&ctx, conn, why, peer).await,
+        Err(why) => return refuse(&ctx, conn, why, Some(&id), peer).await,
     };
     let principal = Principal::Device {
         id: id.clone(),
@@ -182,7 +183,7 @@ pub(crate) async fn serve_device<S: AsyncRead + AsyncWrite + Unpin + Send>(
         if !std::str::from_utf8(&will.topic)
             .is_ok_and(|t| acl::may_publish(&principal, t, &*registry))
         {
-            return refuse(&ctx, conn, Rejection::ForbiddenTopic, peer).await;
+            return refuse(&ctx, conn, Rejection::ForbiddenTopic, Some(&id), peer).await;
         }
     }
 
@@ -202,7 +203,7 @@ pub(crate) async fn serve_device<S: AsyncRead + AsyncWrite + Unpin + Send>(
     }
     let Some(epoch) = registry.next_epoch(&id) else {
         drop(setup);
-        return refuse(&ctx, conn, Rejection::NotProvisioned, peer).await;
+        return refuse(&ctx, conn, Rejection::NotProvisioned, Some(&id), peer).await;
     };
     let (kick_tx, kick_rx) = mpsc::unbounded_channel();
     let (done_tx, done_rx) = watch::channel(false);
@@ -264,7 +265,7 @@ pub(crate) async fn serve_service<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .and_then(|l| ctx.auth.authenticate(&l.password))
     {
         Some(p) => p,
-        None => return refuse(&ctx, conn, Rejection::BadCredentials, peer).await,
+        None => return refuse(&ctx, conn, Rejection::BadCredentials, None, peer).await,
     };
     let key_id = principal.key_id.clone();
     let principal = Principal::Service(principal);
@@ -272,12 +273,12 @@ pub(crate) async fn serve_service<S: AsyncRead + AsyncWrite + Unpin + Send>(
         if !std::str::from_utf8(&will.topic)
             .is_ok_and(|t| acl::may_publish(&principal, t, &*ctx.control.registry))
         {
-            return refuse(&ctx, conn, Rejection::ForbiddenTopic, peer).await;
+            return refuse(&ctx, conn, Rejection::ForbiddenTopic, None, peer).await;
         }
     }
     let client_id = info.connect.client_id.clone();
     if client_id.contains(['+', '#', '/', '$', '\0']) {
-        return refuse(&ctx, conn, Rejection::ClientIdMismatch, peer).await;
+        return refuse(&ctx, conn, Rejection::ClientIdMismatch, None, peer).await;
     }
     let (client_id, assigned) = if client_id.is_empty() {
         let n = ctx.service_ids.fetch_add(1, Ordering::Relaxed);

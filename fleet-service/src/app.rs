@@ -35,6 +35,7 @@ pub struct App {
     intake_task: JoinHandle<()>,
     http_task: JoinHandle<()>,
     pruner_task: JoinHandle<()>,
+    security_task: JoinHandle<()>,
     rollout_task: JoinHandle<()>,
 }
 
@@ -157,6 +158,13 @@ impl App {
                 warn!(error = %e, "HTTP server failed");
             }
         });
+        let security_task = tokio::spawn(crate::security::watch_rejections(
+            store.clone(),
+            control.clone(),
+            config.tuning.audit.rejected_burst_threshold.max(1),
+            Duration::from_secs(config.tuning.audit.rejected_burst_window_secs.max(1)),
+            stopped.clone(),
+        ));
         let pruner_task = tokio::spawn(prune_loop(
             store.clone(),
             config.tuning.telemetry.clone(),
@@ -177,6 +185,7 @@ impl App {
             intake_task,
             http_task,
             pruner_task,
+            security_task,
             rollout_task,
         })
     }
@@ -235,6 +244,8 @@ impl App {
         let _ = self.http_task.await;
         self.pruner_task.abort();
         let _ = self.pruner_task.await;
+        self.security_task.abort();
+        let _ = self.security_task.await;
         self.store.close().await;
         info!("fleet platform stopped");
         Ok(())

@@ -67,6 +67,26 @@ pub struct Tuning {
     pub rollout: RolloutTuning,
     pub ca: CaTuning,
     pub devices: DeviceTuning,
+    pub audit: AuditTuning,
+}
+
+/// Security events the platform records on its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditTuning {
+    /// This many refused connections of one organization within one window make a
+    /// `connection.rejected_burst` audit entry.
+    pub rejected_burst_threshold: usize,
+    pub rejected_burst_window_secs: u64,
+}
+
+impl Default for AuditTuning {
+    fn default() -> Self {
+        Self {
+            rejected_burst_threshold: 20,
+            rejected_burst_window_secs: 10,
+        }
+    }
 }
 
 /// Registering manufacturing CAs.
@@ -115,6 +135,7 @@ impl Default for Tuning {
             rollout: RolloutTuning::default(),
             ca: CaTuning::default(),
             devices: DeviceTuning::default(),
+            audit: AuditTuning::default(),
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use device_client::release::SigningKey;
-use e2e::{eventually, on_both_databases, Client, Client5, Fleet, Platform, TestCa};
+use e2e::{eventually, on_both_databases, Client, Client5, Db, Fleet, Platform, TestCa};
 use rumqttc::QoS;
 use serde_json::{json, Value};
 
@@ -1924,5 +1924,117 @@ async fn the_audit_log_records_who_did_what(p: Platform) {
         before + 1,
         "only the org creation"
     );
+    p.stop().await;
+}
+
+/// The platform with a burst threshold of three refused connections a second.
+async fn burst_platform(db: Db) -> Option<Platform> {
+    let mut tuning = fleet_service::config::Tuning::default();
+    tuning.audit.rejected_burst_threshold = 3;
+    tuning.audit.rejected_burst_window_secs = 1;
+    Platform::start_tuned(db, tuning).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_detail_and_refusal_bursts_sqlite() {
+    let p = burst_platform(Db::Sqlite).await.unwrap();
+    device_detail_and_refusal_bursts(p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_detail_and_refusal_bursts_postgres() {
+    let Some(p) = burst_platform(Db::Postgres).await else {
+        return;
+    };
+    device_detail_and_refusal_bursts(p).await;
+}
+
+async fn device_detail_and_refusal_bursts(p: Platform) {
+    let fleet = p.jitp_fleet(json!({})).await;
+    let genuine = fleet.ca.issue("diag-1");
+    let (s, body) = p
+        .api(
+            "POST",
+            "/api/v1/devices",
+            Some(json!({ "id": "diag-1", "product_id": fleet.product_id,
+                "certificate_pem": genuine.cert_pem })),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    // Two sessions: one lost, one ended by the device.
+    let c = Client::connect(p.device_options(&genuine, "diag-1"))
+        .await
+        .unwrap();
+    c.kill().await;
+    eventually("first session ended", || async {
+        (p.device("diag-1").await["online"] == json!(false)).then_some(())
+    })
+    .await;
+    let c = Client::connect(p.device_options(&genuine, "diag-1"))
+        .await
+        .unwrap();
+    c.client.disconnect().await.unwrap();
+    let d = eventually("two sessions in the history", || async {
+        let d = p.device("diag-1").await;
+        let sessions = d["sessions"].as_array().unwrap();
+        (sessions.len() == 2 && sessions.iter().all(|s| s["ended_at"].is_string())).then_some(d)
+    })
+    .await;
+    let sessions = d["sessions"].as_array().unwrap();
+    assert!(
+        sessions[0]["epoch"].as_i64() > sessions[1]["epoch"].as_i64(),
+        "newest first"
+    );
+    assert_eq!(sessions[0]["end_reason"], "client", "{d}");
+    assert_eq!(sessions[1]["end_reason"], "connection_lost", "{d}");
+    assert!(sessions[0]["remote_addr"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    assert!(d["rejected_attempts"].as_array().unwrap().is_empty());
+
+    // A clone of the pinned device knocks eight times: each refusal is in the device's detail,
+    // and together they are a burst in the organization's audit log (eight, so that however
+    // the one-second windows fall, one of them holds at least three).
+    let clone = fleet.ca.issue("diag-1");
+    for _ in 0..8 {
+        assert!(Client::connect(p.device_options(&clone, "diag-1"))
+            .await
+            .is_err());
+    }
+    let d = p.device("diag-1").await;
+    let refused = d["rejected_attempts"].as_array().unwrap();
+    assert_eq!(refused.len(), 8, "{d}");
+    assert!(refused.iter().all(|r| r["reason"] == "pin_mismatch"), "{d}");
+    assert!(
+        refused[0]["at"].as_str() >= refused[7]["at"].as_str(),
+        "newest first"
+    );
+    let burst = eventually("a burst in the audit log", || async {
+        let (_, page) = p
+            .api(
+                "GET",
+                "/api/v1/audit?action=connection.rejected_burst",
+                None,
+            )
+            .await;
+        page["items"].as_array().and_then(|i| i.first().cloned())
+    })
+    .await;
+    assert_eq!(
+        (&burst["actor_kind"], &burst["actor"], &burst["outcome"]),
+        (&json!("platform"), &json!("broker"), &json!("failure"))
+    );
+    assert!(
+        burst["detail"]["by_reason"]["pin_mismatch"].as_u64() >= Some(3),
+        "{burst}"
+    );
+    assert_eq!(burst["detail"]["device_ids"], json!(["diag-1"]));
+    // Another organization's log has no trace of it.
+    let (_, admin_b) = p.organization("diag-tenant").await;
+    let (_, page) = p
+        .api_as(&admin_b, "GET", "/api/v1/audit?action=connection.", None)
+        .await;
+    assert_eq!(page["items"], json!([]));
     p.stop().await;
 }

@@ -96,6 +96,47 @@ impl From<Device> for DeviceBody {
     }
 }
 
+/// One session of the device.
+#[derive(Serialize, ToSchema)]
+pub(super) struct SessionBody {
+    /// The session's epoch: it counts the device's sessions.
+    epoch: i64,
+    started_at: String,
+    /// None while the session is live (or its end is not known yet).
+    ended_at: Option<String>,
+    /// Why it ended: `client`, `keepalive_timeout`, `takeover`, `revoked`, `reassigned`, ...
+    end_reason: Option<String>,
+    remote_addr: Option<String>,
+    /// `mqtt3.1.1` or `mqtt5`.
+    protocol: Option<String>,
+}
+
+/// A connection attempt with the device's id that the broker refused.
+#[derive(Serialize, ToSchema)]
+pub(super) struct RejectedBody {
+    at: String,
+    /// Such as `pin_mismatch`, `certificate_revoked`, `quarantined`, `client_id_mismatch`.
+    reason: &'static str,
+    /// For people: what the reason means.
+    message: String,
+    remote_addr: String,
+}
+
+/// How many sessions and refused attempts a device's detail shows.
+const DETAIL_HISTORY: usize = 20;
+
+/// A device with its diagnostics.
+#[derive(Serialize, ToSchema)]
+pub(super) struct DeviceDetail {
+    #[serde(flatten)]
+    device: DeviceBody,
+    /// Its most recent sessions, newest first (up to 20).
+    sessions: Vec<SessionBody>,
+    /// Its most recent refused connection attempts, newest first (up to 20), as this broker
+    /// saw them since it started.
+    rejected_attempts: Vec<RejectedBody>,
+}
+
 /// One page of devices, by id.
 #[derive(Serialize, ToSchema)]
 pub(super) struct DevicePage {
@@ -247,7 +288,8 @@ fn parse_list_query(pairs: Vec<(String, String)>) -> Result<ListQuery, ApiError>
     Ok(q)
 }
 
-/// One device: identity, state, presence, reported state and last telemetry.
+/// One device: identity, state, presence, reported state and last telemetry, with its
+/// connection history and its recently refused connection attempts.
 ///
 /// Role: viewer (any valid API key).
 #[utoipa::path(
@@ -257,7 +299,7 @@ fn parse_list_query(pairs: Vec<(String, String)>) -> Result<ListQuery, ApiError>
     security(("api_key" = [])),
     params(("device_id" = String, Path, description = "The device's id")),
     responses(
-        (status = 200, description = "The device", body = DeviceBody),
+        (status = 200, description = "The device", body = DeviceDetail),
         (status = 400, description = "`invalid_path`", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
         (status = 404, description = "No such device (also for an id that cannot be valid)", body = ErrorBody),
@@ -268,10 +310,40 @@ pub(super) async fn get_device(
     Caller(by): Caller,
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
-) -> Result<Json<DeviceBody>, ApiError> {
+) -> Result<Json<DeviceDetail>, ApiError> {
     let id = path_device(&id)?;
     let device = access::device(&state, &by, &id).await?;
-    Ok(Json(device.into()))
+    let sessions = state
+        .store
+        .device_sessions(&id, DETAIL_HISTORY as u32)
+        .await?
+        .into_iter()
+        .map(|s| SessionBody {
+            epoch: s.epoch,
+            started_at: rfc3339(s.started_at_ms),
+            ended_at: rfc3339_opt(s.ended_at_ms),
+            end_reason: s.end_reason,
+            remote_addr: s.remote_addr,
+            protocol: s.protocol,
+        })
+        .collect();
+    let rejected_attempts = state
+        .control
+        .rejected()
+        .of_device(&id, DETAIL_HISTORY)
+        .into_iter()
+        .map(|a| RejectedBody {
+            at: rfc3339(a.at_ms),
+            reason: a.reason.as_str(),
+            message: a.reason.to_string(),
+            remote_addr: a.remote_addr,
+        })
+        .collect();
+    Ok(Json(DeviceDetail {
+        device: device.into(),
+        sessions,
+        rejected_attempts,
+    }))
 }
 
 /// Lists devices by id, filtered and paginated. Every filter but `tag` at most once.

@@ -154,6 +154,17 @@ const SEEN_UPDATE: &str = "UPDATE devices SET \
      last_seen = CASE WHEN last_seen IS NULL OR last_seen < $2 THEN $2 ELSE last_seen END \
      WHERE id = $1";
 
+/// One session's row of the connection history; a disconnect fills in its end, whichever
+/// event came first.
+const SESSION_UPSERT: &str = "INSERT INTO device_sessions \
+     (device_id, epoch, started_at, ended_at, end_reason, remote_addr, protocol, node_id) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+     ON CONFLICT (device_id, epoch) DO UPDATE SET \
+     ended_at = COALESCE(excluded.ended_at, device_sessions.ended_at), \
+     end_reason = COALESCE(excluded.end_reason, device_sessions.end_reason), \
+     remote_addr = COALESCE(device_sessions.remote_addr, excluded.remote_addr), \
+     protocol = COALESCE(device_sessions.protocol, excluded.protocol)";
+
 /// `(online, state, state_reason, presence_rank, node_id, connected_at, disconnect_reason)`
 /// for a presence event.
 type PresenceColumns = (
@@ -248,6 +259,25 @@ impl Store {
                 } else {
                     outcome.presence_stale += 1;
                 }
+                // The connection history takes every event, stale for the state or not.
+                let (ended_at, end_reason) = match p.event {
+                    PresenceEvent::Connected => (None, None),
+                    PresenceEvent::Disconnected => (
+                        Some(p.ts_ms),
+                        Some(p.reason.map_or("unknown", |r| r.as_str())),
+                    ),
+                };
+                sqlx::query(SESSION_UPSERT)
+                    .bind(p.device_id.as_str())
+                    .bind(to_i64(p.epoch))
+                    .bind(p.connected_at_ms)
+                    .bind(ended_at)
+                    .bind(end_reason)
+                    .bind(p.remote_addr.as_deref())
+                    .bind(p.protocol.as_deref())
+                    .bind(&batch.node_id)
+                    .execute(&mut *tx)
+                    .await?;
             }
 
             let rows: Vec<&TelemetryRow> = batch
@@ -373,6 +403,18 @@ impl Store {
                     .map(|done| done.rows_affected())
             })?;
         }
+        if let Some(max_age) = retention.max_age {
+            // The connection history ages out with the telemetry.
+            let cutoff =
+                now_ms().saturating_sub(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX));
+            deleted += with_pool!(self, |pool| {
+                sqlx::query("DELETE FROM device_sessions WHERE started_at < $1")
+                    .bind(cutoff)
+                    .execute(pool)
+                    .await
+                    .map(|done| done.rows_affected())
+            })?;
+        }
         if let Some(max_rows) = retention.max_rows_per_device {
             deleted += with_pool!(self, |pool| {
                 sqlx::query(
@@ -402,5 +444,39 @@ mod tests {
     fn presence_update_uses_the_presence_driven_states() {
         assert!(PRESENCE_UPDATE.contains(PRESENCE_DRIVEN));
         assert_eq!(PRESENCE_UPDATE.matches(PRESENCE_DRIVEN).count(), 3);
+    }
+}
+
+/// One session of a device, from the connection history.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SessionRecord {
+    pub epoch: i64,
+    #[sqlx(rename = "started_at")]
+    pub started_at_ms: i64,
+    #[sqlx(rename = "ended_at")]
+    pub ended_at_ms: Option<i64>,
+    pub end_reason: Option<String>,
+    pub remote_addr: Option<String>,
+    pub protocol: Option<String>,
+}
+
+impl Store {
+    /// A device's most recent sessions, newest first.
+    pub async fn device_sessions(
+        &self,
+        id: &DeviceId,
+        limit: u32,
+    ) -> Result<Vec<SessionRecord>, StoreError> {
+        let rows = with_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT epoch, started_at, ended_at, end_reason, remote_addr, protocol \
+                 FROM device_sessions WHERE device_id = $1 ORDER BY epoch DESC LIMIT $2",
+            )
+            .bind(id.as_str())
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows)
     }
 }

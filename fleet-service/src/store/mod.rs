@@ -81,8 +81,8 @@ pub use cas::{CaCertificate, CaUpdate, NewCa};
 pub use catalog::{Cohort, Product};
 pub use devices::{Device, DeviceCertificate, DeviceFilter, DeviceState};
 pub use events::{
-    EventBatch, EventOutcome, LatestTelemetry, ReportedChange, TelemetryRecord, TelemetryRetention,
-    TelemetryRow,
+    EventBatch, EventOutcome, LatestTelemetry, ReportedChange, SessionRecord, TelemetryRecord,
+    TelemetryRetention, TelemetryRow,
 };
 pub use lifecycle::{DeviceUpdate, ImportOutcome, NewRegisteredDevice};
 pub use orgs::Organization;
