@@ -22,6 +22,7 @@ on_both_databases!(
     bulk_import_reports_every_row,
     moving_a_device_between_cohorts,
     the_audit_log_records_who_did_what,
+    the_fleet_summary_counts_what_the_key_sees,
 );
 
 /// Connects a device of `fleet` (provisioning it) and publishes one telemetry message.
@@ -546,6 +547,7 @@ async fn roles_and_scopes_on_every_endpoint(p: Platform) {
             [403, 200, 200, 404, 403],
         ),
         ("GET", "/api/v1/audit", None, [403, 403, 200, 403, 403]),
+        ("GET", "/api/v1/fleet/summary", None, [200; 5]),
         (
             "POST",
             "/api/v1/products/{P}/devices/import",
@@ -2036,5 +2038,192 @@ async fn device_detail_and_refusal_bursts(p: Platform) {
         .api_as(&admin_b, "GET", "/api/v1/audit?action=connection.", None)
         .await;
     assert_eq!(page["items"], json!([]));
+    p.stop().await;
+}
+
+async fn the_fleet_summary_counts_what_the_key_sees(p: Platform) {
+    let fleet = p.jitp_fleet(json!({})).await;
+    let (_, c2) = p
+        .api(
+            "POST",
+            &format!("/api/v1/products/{}/cohorts", fleet.product_id),
+            Some(json!({ "name": "second" })),
+        )
+        .await;
+    let c2 = c2["id"].as_str().unwrap().to_owned();
+    // Five registered devices: two in the fleet's cohort, two in the second, one in none.
+    let rows = json!([
+        { "id": "sum-r1", "cohort_id": fleet.cohort_id },
+        { "id": "sum-r2", "cohort_id": fleet.cohort_id },
+        { "id": "sum-r3", "cohort_id": c2 },
+        { "id": "sum-r4", "cohort_id": c2 },
+        { "id": "sum-r5" },
+    ]);
+    let (s, report) = p
+        .api(
+            "POST",
+            &format!("/api/v1/products/{}/devices/import", fleet.product_id),
+            Some(rows),
+        )
+        .await;
+    assert_eq!((s, &report["created"]), (200, &json!(5)), "{report}");
+    // One device online that reports firmware 2.0.0, with a certificate expiring in two days.
+    let now = time::OffsetDateTime::now_utc();
+    let cert = fleet.ca.issue_valid(
+        "sum-on",
+        now - time::Duration::hours(1),
+        now + time::Duration::days(2),
+    );
+    let online = Client::connect(p.device_options(&cert, "sum-on"))
+        .await
+        .unwrap();
+    online
+        .client
+        .publish(
+            "devices/sum-on/state",
+            QoS::AtLeastOnce,
+            true,
+            r#"{"firmware_version":"2.0.0"}"#,
+        )
+        .await
+        .unwrap();
+    eventually("firmware reported", || async {
+        (p.device("sum-on").await["firmware_version"] == "2.0.0").then_some(())
+    })
+    .await;
+    let (s, _) = p
+        .api(
+            "POST",
+            "/api/v1/devices/sum-r5/quarantine",
+            Some(json!({ "reason": "summary" })),
+        )
+        .await;
+    assert_eq!(s, 200);
+
+    let (s, sum) = p
+        .api(
+            "GET",
+            &format!(
+                "/api/v1/fleet/summary?product_id={}&expiring_within_days=7",
+                fleet.product_id
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{sum}");
+    assert_eq!(
+        (
+            &sum["devices"],
+            &sum["online"],
+            &sum["offline"],
+            &sum["quarantined"]
+        ),
+        (&json!(6), &json!(1), &json!(5), &json!(1)),
+        "{sum}"
+    );
+    assert_eq!(sum["by_state"]["registered"], 4, "{sum}");
+    assert_eq!(sum["by_state"]["quarantined"], 1, "{sum}");
+    assert_eq!(sum["by_state"]["online"], 1, "{sum}");
+    assert_eq!(sum["by_state"]["failed"], 0, "every state is listed");
+    assert_eq!(
+        sum["firmware_versions"],
+        json!([{ "version": null, "devices": 5 }, { "version": "2.0.0", "devices": 1 }])
+    );
+    assert_eq!(sum["products"][0]["devices"], 6);
+    let cohorts: Vec<(Value, Value, Value)> = sum["cohorts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["cohort_id"].clone(),
+                c["devices"].clone(),
+                c["online"].clone(),
+            )
+        })
+        .collect();
+    assert!(
+        cohorts.contains(&(json!(fleet.cohort_id), json!(3), json!(1))),
+        "{sum}"
+    );
+    assert!(cohorts.contains(&(json!(c2), json!(2), json!(0))), "{sum}");
+    assert!(
+        cohorts.contains(&(Value::Null, json!(1), json!(0))),
+        "{sum}"
+    );
+    assert_eq!(
+        (
+            &sum["certificates"]["device_expiring"],
+            &sum["certificates"]["device_expired"]
+        ),
+        (&json!(1), &json!(0))
+    );
+    assert!(sum["certificates"]["ca_expiring"].is_number());
+    let (_, sum1) = p
+        .api(
+            "GET",
+            &format!(
+                "/api/v1/fleet/summary?product_id={}&expiring_within_days=1",
+                fleet.product_id
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(sum1["certificates"]["device_expiring"], 0);
+
+    // A cohort-scoped key's summary is its cohort's, without the organization's CAs.
+    let viewer = p
+        .key_as(
+            p.app().admin_token(),
+            "viewer",
+            json!({ "product_id": fleet.product_id, "cohort_id": c2 }),
+        )
+        .await;
+    let (s, mine) = p
+        .api_as(&viewer, "GET", "/api/v1/fleet/summary", None)
+        .await;
+    assert_eq!(s, 200, "{mine}");
+    assert_eq!((&mine["devices"], &mine["online"]), (&json!(2), &json!(0)));
+    assert_eq!(mine["certificates"]["ca_expiring"], Value::Null);
+    let (s, _) = p
+        .api_as(
+            &viewer,
+            "GET",
+            &format!("/api/v1/fleet/summary?cohort_id={}", fleet.cohort_id),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404, "a cohort outside the scope is not found");
+    for q in ["expiring_within_days=0", "colour=red"] {
+        let (s, _) = p
+            .api("GET", &format!("/api/v1/fleet/summary?{q}"), None)
+            .await;
+        assert_eq!(s, 400, "{q}");
+    }
+    // Another organization counts none of it.
+    let (_, admin_b) = p.organization("summary-tenant").await;
+    let (_, theirs) = p
+        .api_as(&admin_b, "GET", "/api/v1/fleet/summary", None)
+        .await;
+    assert_eq!(theirs["devices"], 0, "{theirs}");
+
+    // CA certificates by expiry.
+    let (_, soon) = p
+        .api(
+            "GET",
+            "/api/v1/ca-certificates?expires_before=2999-01-01T00:00:00Z",
+            None,
+        )
+        .await;
+    assert!(ids(&soon).contains(&fleet.ca_id), "{soon}");
+    let (_, none) = p
+        .api(
+            "GET",
+            "/api/v1/ca-certificates?expires_before=2000-01-01T00:00:00Z",
+            None,
+        )
+        .await;
+    assert!(!ids(&none).contains(&fleet.ca_id), "{none}");
+    online.kill().await;
     p.stop().await;
 }

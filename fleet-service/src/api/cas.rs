@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 
 use super::auth::{Caller, Writer};
 use super::catalog::Items;
-use super::error::{ApiJson, ApiPath, ErrorBody};
+use super::error::{ApiJson, ApiPath, ApiQuery, ErrorBody};
 use super::{access, rfc3339, ApiError, ApiState};
 use crate::store::cas::{parse_ca_pem, verify_possession};
 use crate::store::{CaCertificate, CaUpdate, NewCa};
@@ -337,16 +337,26 @@ pub(super) async fn create_ca(
     Ok((StatusCode::CREATED, Json(ca.into())))
 }
 
-/// Lists every CA certificate.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(super) struct CaListQuery {
+    /// RFC 3339: only CA certificates that expire before this (expired ones included).
+    expires_before: Option<String>,
+}
+
+/// Lists the organization's CA certificates, or those expiring before a time.
 ///
-/// Role: viewer (any valid API key).
+/// Role: viewer (any valid API key), without a scope.
 #[utoipa::path(
     get,
     path = "/api/v1/ca-certificates",
     tag = "ca-certificates",
     security(("api_key" = [])),
+    params(CaListQuery),
     responses(
-        (status = 200, description = "Every CA certificate", body = Items<CaBody>),
+        (status = 200, description = "The CA certificates", body = Items<CaBody>),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
         (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
     ),
@@ -354,11 +364,20 @@ pub(super) async fn create_ca(
 pub(super) async fn list_cas(
     Caller(by): Caller,
     State(state): State<ApiState>,
+    ApiQuery(q): ApiQuery<CaListQuery>,
 ) -> Result<Json<Items<CaBody>>, ApiError> {
     access::org_wide(&by)?;
+    let before = q
+        .expires_before
+        .map(|t| super::devices::parse_time("expires_before", &t))
+        .transpose()?;
     let items = state.store.cas(Some(&by.org_id)).await?;
     Ok(Json(Items {
-        items: items.into_iter().map(Into::into).collect(),
+        items: items
+            .into_iter()
+            .filter(|c| before.is_none_or(|t| c.not_after_ms < t))
+            .map(Into::into)
+            .collect(),
     }))
 }
 

@@ -40,6 +40,7 @@ mod lifecycle;
 mod openapi;
 mod orgs;
 mod quarantine;
+mod summary;
 mod updates;
 
 use axum::handler::Handler;
@@ -159,6 +160,7 @@ fn routes() -> Vec<Route> {
         route(M::GET, "/api/v1/ca-certificates/:ca_id", cas::get_ca),
         route(M::PATCH, "/api/v1/ca-certificates/:ca_id", cas::update_ca),
         route(M::GET, "/api/v1/devices", devices::list_devices),
+        route(M::GET, "/api/v1/fleet/summary", summary::fleet_summary),
         route(M::POST, "/api/v1/devices", lifecycle::create_device),
         route(M::GET, "/api/v1/devices/:device_id", devices::get_device),
         route(

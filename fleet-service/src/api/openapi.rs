@@ -11,7 +11,8 @@ use utoipa::{Modify, OpenApi};
 use crate::store::{DeploymentKind, DeviceState, ExecutionStatus};
 
 use super::{
-    audit, cas, catalog, devices, error, import, keys, lifecycle, orgs, quarantine, updates,
+    audit, cas, catalog, devices, error, import, keys, lifecycle, orgs, quarantine, summary,
+    updates,
 };
 
 /// The whole REST bridge. Every handler the router serves is listed here (a test checks it);
@@ -51,6 +52,7 @@ use super::{
         devices::list_devices,
         lifecycle::create_device,
         import::import_devices,
+        summary::fleet_summary,
         devices::get_device,
         lifecycle::update_device,
         lifecycle::delete_device,

@@ -15,6 +15,7 @@
 //! - `lifecycle`: devices registered before manufacturing (optionally pinned to one
 //!   certificate), deletion, and revoked certificates.
 //! - `quarantine`: setting devices apart, and lifting it.
+//! - `summary`: the fleet summary's grouped counts.
 //! - `ca_proof`: verification codes for CA proof of possession.
 //! - `audit`: the audit log, insert-only.
 //! - `api_keys`: API key rows (hashes only), with their organization and scope.
@@ -72,6 +73,7 @@ mod events;
 mod lifecycle;
 mod orgs;
 mod quarantine;
+mod summary;
 mod updates;
 
 pub use api_keys::ApiKeyRecord;
@@ -86,6 +88,7 @@ pub use events::{
 };
 pub use lifecycle::{DeviceUpdate, ImportOutcome, NewRegisteredDevice};
 pub use orgs::Organization;
+pub use summary::{FleetSummary, SummaryGroup, SummaryScope, FIRMWARE_VERSIONS};
 pub use updates::{
     Deployment, DeploymentKind, Execution, ExecutionStatus, ExecutionSummary, NewDeployment,
     Release, SigningKey, StateChange, UpdateReport,
