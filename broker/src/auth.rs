@@ -51,6 +51,20 @@ pub enum Scope {
     },
 }
 
+impl Scope {
+    /// The product and cohort the scope narrows to (none for the whole organization).
+    pub fn narrows_to(&self) -> (Option<&str>, Option<&str>) {
+        match self {
+            Scope::Org => (None, None),
+            Scope::Product { product_id } => (Some(product_id), None),
+            Scope::Cohort {
+                product_id,
+                cohort_id,
+            } => (Some(product_id), Some(cohort_id)),
+        }
+    }
+}
+
 /// Where a product-level resource sits: its organization, product and (for cohorts, devices and
 /// deployments) cohort. What [`ServicePrincipal::sees`] checks against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -779,7 +779,19 @@ async fn devices_filters_and_pages(url: &str) {
     let (s, d) = api.get("/devices/dev-0", Some(&api.viewer)).await;
     assert_eq!(s, StatusCode::OK, "{d}");
     let keys: BTreeSet<&str> = d.as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(keys, DEVICE_FIELDS.iter().copied().collect());
+    let detail: BTreeSet<&str> = DEVICE_FIELDS
+        .iter()
+        .copied()
+        .chain(["sessions", "rejected_attempts"])
+        .collect();
+    assert_eq!(
+        keys, detail,
+        "a device's detail is its list entry and its diagnostics"
+    );
+    // The presence event opened its session in the connection history.
+    assert_eq!(d["sessions"][0]["epoch"], 1, "{d}");
+    assert_eq!(d["sessions"][0]["ended_at"], Value::Null, "{d}");
+    assert_eq!(d["rejected_attempts"], serde_json::json!([]));
     assert_eq!(d["id"], "dev-0");
     assert_eq!(d["online"], true);
     assert_eq!(d["state"], "online");

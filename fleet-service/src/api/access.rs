@@ -130,12 +130,5 @@ pub(super) async fn deployment(
 /// The product and cohort a scoped key narrows a listing to: a listing's own filter is
 /// intersected with these (a filter outside the scope lists nothing).
 pub(super) fn scope_filter(p: &ServicePrincipal) -> (Option<&str>, Option<&str>) {
-    match &p.scope {
-        broker::auth::Scope::Org => (None, None),
-        broker::auth::Scope::Product { product_id } => (Some(product_id), None),
-        broker::auth::Scope::Cohort {
-            product_id,
-            cohort_id,
-        } => (Some(product_id), Some(cohort_id)),
-    }
+    p.scope.narrows_to()
 }

@@ -54,14 +54,8 @@ pub(super) struct KeyBody {
 
 impl From<ApiKeyRecord> for KeyBody {
     fn from(k: ApiKeyRecord) -> Self {
-        let (product_id, cohort_id) = match k.scope {
-            Scope::Org => (None, None),
-            Scope::Product { product_id } => (Some(product_id), None),
-            Scope::Cohort {
-                product_id,
-                cohort_id,
-            } => (Some(product_id), Some(cohort_id)),
-        };
+        let (product_id, cohort_id) = k.scope.narrows_to();
+        let (product_id, cohort_id) = (product_id.map(str::to_owned), cohort_id.map(str::to_owned));
         Self {
             id: k.id,
             org_id: k.org_id,

@@ -388,12 +388,7 @@ pub(super) async fn revoke_certificate(
     let reason = body
         .reason
         .unwrap_or_else(|| "revoked by an operator".into());
-    if reason.chars().count() > 1000 {
-        return Err(ApiError::unprocessable(
-            "invalid_reason",
-            "reason must be at most 1000 characters",
-        ));
-    }
+    let reason = super::quarantine::valid_reason(&reason)?.to_owned();
     let (revoked, session_ended) = cut_off(&state, &device.org_id, &id, &reason).await?;
     tracing::info!(device_id = %id, session_ended, by = %by.key_id, "device certificate revoked");
     Ok(Json(RevokedBody {

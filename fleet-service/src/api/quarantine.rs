@@ -56,7 +56,7 @@ pub(super) struct LiftRequest {
     reason: Option<String>,
 }
 
-fn valid_reason(reason: &str) -> Result<&str, ApiError> {
+pub(super) fn valid_reason(reason: &str) -> Result<&str, ApiError> {
     let r = reason.trim();
     if r.is_empty() || r.chars().count() > 1000 || r.chars().any(char::is_control) {
         return Err(ApiError::unprocessable(

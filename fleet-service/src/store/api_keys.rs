@@ -67,17 +67,6 @@ const KEY_COLUMNS: &str = "id, org_id, name, role, scope_product_id, scope_cohor
     secret_hash, created_at, revoked_at";
 
 /// The `(scope_product_id, scope_cohort_id)` columns of a scope.
-fn scope_columns(scope: &Scope) -> (Option<&str>, Option<&str>) {
-    match scope {
-        Scope::Org => (None, None),
-        Scope::Product { product_id } => (Some(product_id), None),
-        Scope::Cohort {
-            product_id,
-            cohort_id,
-        } => (Some(product_id), Some(cohort_id)),
-    }
-}
-
 impl Store {
     /// Fails with [`StoreError::Conflict`] when the id or the secret is taken.
     pub async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
@@ -94,8 +83,8 @@ impl Store {
             .bind(key.created_at_ms)
             .bind(key.revoked_at_ms)
             .bind(&key.org_id)
-            .bind(scope_columns(&key.scope).0)
-            .bind(scope_columns(&key.scope).1)
+            .bind(key.scope.narrows_to().0)
+            .bind(key.scope.narrows_to().1)
             .execute(pool)
             .await
             .map(|done| done.rows_affected())
@@ -124,8 +113,8 @@ impl Store {
             .bind(key.created_at_ms)
             .bind(key.revoked_at_ms)
             .bind(&key.org_id)
-            .bind(scope_columns(&key.scope).0)
-            .bind(scope_columns(&key.scope).1)
+            .bind(key.scope.narrows_to().0)
+            .bind(key.scope.narrows_to().1)
             .execute(pool)
             .await
             .map(|done| done.rows_affected())
