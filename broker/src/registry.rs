@@ -102,6 +102,14 @@ pub trait RegistryStore: Send + Sync + 'static {
     /// Inserts the device unless a row with its id exists, and returns the row as stored.
     /// Concurrent calls for one id must leave exactly one row.
     async fn provision_device(&self, new: &NewDevice) -> Result<Provisioned, StoreError>;
+    /// Records the CA and certificate of a device registered before manufacturing, on its
+    /// first connection. A device that already has a CA stays as it is.
+    async fn claim_device(
+        &self,
+        id: &DeviceId,
+        ca_id: &str,
+        cert: &CertFacts,
+    ) -> Result<(), StoreError>;
 }
 
 /// The outcome of [`RegistryStore::provision_device`].
@@ -376,7 +384,11 @@ impl Registry {
             return Err(Rejection::Quarantined);
         }
         if let Some(device) = self.device(&id) {
-            return self.known(device, &ca, facts, false);
+            let identity = self.known(device, &ca, facts, false)?;
+            if identity.device.ca_id.is_none() {
+                return self.claim(identity).await;
+            }
+            return Ok(identity);
         }
         if !ca.enabled {
             // Disabled, keeping only the devices it provisioned before.
@@ -424,6 +436,30 @@ impl Registry {
         drop(_guard);
         self.provisioning.remove(&id);
         result
+    }
+
+    /// The first connection of a device registered before manufacturing: from now on it
+    /// belongs to the CA that signed this certificate, and its certificate is on record
+    /// (written through before CONNACK, like JITP).
+    async fn claim(&self, mut identity: DeviceIdentity) -> Result<DeviceIdentity, Rejection> {
+        let id = identity.device.id.clone();
+        match self
+            .store
+            .claim_device(&id, &identity.ca_id, &identity.cert)
+            .await
+        {
+            Ok(()) => {
+                if let Some(mut d) = self.devices.get_mut(&id) {
+                    d.ca_id.get_or_insert_with(|| identity.ca_id.clone());
+                }
+                identity.device.ca_id = Some(identity.ca_id.clone());
+                Ok(identity)
+            }
+            Err(e) => {
+                tracing::error!(device_id = %id, error = %e, "recording a registered device's first certificate failed");
+                Err(Rejection::ProvisioningFailed)
+            }
+        }
     }
 
     fn known(

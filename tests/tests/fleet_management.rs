@@ -1158,11 +1158,18 @@ async fn pre_provisioned_devices_and_certificate_pins(p: Platform) {
     let c = Client::connect(p.device_options(&genuine, "pin-1"))
         .await
         .unwrap();
-    eventually("pinned device online", || async {
+    let d = eventually("pinned device online", || async {
         let d = p.device("pin-1").await;
-        (d["state"] == "online").then_some(())
+        (d["state"] == "online").then_some(d)
     })
     .await;
+    // Its first connection recorded its CA and certificate.
+    assert_eq!(d["ca_id"], json!(fleet.ca_id), "{d}");
+    assert_eq!(
+        d["certificate"]["fingerprint_sha256"],
+        json!(x509_fingerprint(&genuine.cert_pem)),
+        "{d}"
+    );
     c.kill().await;
 
     // Unpinned: any certificate of its organization's CAs, none of another organization's.
@@ -1188,6 +1195,15 @@ async fn pre_provisioned_devices_and_certificate_pins(p: Platform) {
     Client::connect(p.device_options(&fleet.ca.issue("free-1"), "free-1"))
         .await
         .unwrap();
+    // From its first connection on, it belongs to that CA: another CA of its own
+    // organization no longer speaks for it.
+    assert_eq!(p.device("free-1").await["ca_id"], json!(fleet.ca_id));
+    let sibling = p.jitp_fleet(json!({})).await;
+    assert!(
+        Client::connect(p.device_options(&sibling.ca.issue("free-1"), "free-1"))
+            .await
+            .is_err()
+    );
 
     // A fingerprint pin works like a PEM one, and survives a restart.
     let other = fleet.ca.issue("pin-3");
@@ -1367,6 +1383,55 @@ async fn device_queries_filter_and_page(p: Platform) {
     for (query, want) in cases {
         assert_eq!(list(query.clone()).await, want, "{query}");
     }
+    // Sorted by when each was last seen (they connected in id order; qa-9 never did).
+    assert_eq!(
+        list(format!("product_id={pid}&sort=-last_seen")).await,
+        ["qb-1", "qa-3", "qa-2", "qa-1", "qa-9"]
+    );
+    assert_eq!(
+        list(format!("product_id={pid}&sort=last_seen")).await,
+        ["qa-9", "qa-1", "qa-2", "qa-3", "qb-1"]
+    );
+    // Sorted pages of two resume their sort exactly; a cursor of another sort is refused.
+    for sort in ["-last_seen", "created_at", "-created_at"] {
+        let whole = list(format!("product_id={pid}&sort={sort}")).await;
+        let mut paged = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut q = format!("/api/v1/devices?product_id={pid}&sort={sort}&limit=2");
+            if let Some(c) = &cursor {
+                q.push_str(&format!("&cursor={c}"));
+            }
+            let (s, body) = p.api("GET", &q, None).await;
+            assert_eq!(s, 200, "{body}");
+            paged.extend(ids(&body));
+            match body["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!(paged, whole, "{sort}");
+        assert_eq!(whole.len(), 5, "{sort}");
+    }
+    let (_, first) = p
+        .api(
+            "GET",
+            &format!("/api/v1/devices?product_id={pid}&sort=-last_seen&limit=1"),
+            None,
+        )
+        .await;
+    let c = first["next_cursor"].as_str().unwrap();
+    let (s, answer) = p
+        .api(
+            "GET",
+            &format!("/api/v1/devices?product_id={pid}&sort=created_at&cursor={c}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, answer["error"]["code"].as_str()),
+        (400, Some("invalid_query"))
+    );
     // Pages of two, by cursor, cover the prefix exactly once.
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;

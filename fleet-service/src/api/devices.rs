@@ -13,7 +13,7 @@ use super::auth::Caller;
 use super::error::{ApiPath, ApiQuery, ErrorBody};
 use super::openapi::DeviceStateName;
 use super::{access, rfc3339, rfc3339_opt, ApiError, ApiState};
-use crate::store::{Device, DeviceFilter, DeviceState, TelemetryRecord};
+use crate::store::{Device, DeviceCursor, DeviceFilter, DeviceSort, DeviceState, TelemetryRecord};
 
 pub(super) const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
@@ -137,7 +137,7 @@ pub(super) struct DeviceDetail {
     rejected_attempts: Vec<RejectedBody>,
 }
 
-/// One page of devices, by id.
+/// One page of devices, in the order asked for.
 #[derive(Serialize, ToSchema)]
 pub(super) struct DevicePage {
     items: Vec<DeviceBody>,
@@ -209,7 +209,39 @@ pub(super) fn parse_limit(s: &str) -> Result<u32, ApiError> {
 struct ListQuery {
     filter: DeviceFilter,
     limit: u32,
-    after: Option<DeviceId>,
+    sort: DeviceSort,
+    after: Option<DeviceCursor>,
+}
+
+/// A cursor of a sorted listing: the sort it belongs to, the last row's sort key and id. The
+/// id order keeps its plain cursor (the id alone).
+fn encode_sorted_cursor(sort: DeviceSort, d: &Device) -> String {
+    match sort {
+        DeviceSort::Id => encode_cursor(&d.id),
+        _ => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+            "{}\n{}\n{}",
+            sort.as_str(),
+            sort.key_of(d),
+            d.id
+        )),
+    }
+}
+
+fn decode_sorted_cursor(sort: DeviceSort, cursor: &str) -> Option<DeviceCursor> {
+    if sort == DeviceSort::Id {
+        return decode_cursor(cursor).map(|id| DeviceCursor { key: 0, id });
+    }
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()?;
+    let text = std::str::from_utf8(&raw).ok()?;
+    let mut parts = text.splitn(3, '\n');
+    let (name, key, id) = (parts.next()?, parts.next()?, parts.next()?);
+    (name == sort.as_str()).then_some(())?;
+    Some(DeviceCursor {
+        key: key.parse().ok()?,
+        id: DeviceId::parse(id).ok()?,
+    })
 }
 
 /// An RFC 3339 query value as Unix milliseconds.
@@ -232,11 +264,18 @@ fn parse_list_query(pairs: Vec<(String, String)>) -> Result<ListQuery, ApiError>
         ..ListQuery::default()
     };
     let mut seen = std::collections::HashSet::new();
+    let mut cursor = None;
     for (key, value) in pairs {
         if key != "tag" && !seen.insert(key.clone()) {
             return Err(bad(format!("{key} may be given only once")));
         }
         match key.as_str() {
+            "sort" => {
+                q.sort = DeviceSort::parse(&value).ok_or_else(|| {
+                    let known: Vec<_> = DeviceSort::ALL.iter().map(|s| s.as_str()).collect();
+                    bad(format!("sort must be one of {}", known.join(", ")))
+                })?;
+            }
             "state" => {
                 q.filter.state = Some(DeviceState::parse(&value).ok_or_else(|| {
                     let known: Vec<_> = DeviceState::ALL.iter().map(|s| s.as_str()).collect();
@@ -279,11 +318,14 @@ fn parse_list_query(pairs: Vec<(String, String)>) -> Result<ListQuery, ApiError>
                 q.filter.id_prefix = Some(value);
             }
             "limit" => q.limit = parse_limit(&value)?,
-            "cursor" => {
-                q.after = Some(decode_cursor(&value).ok_or_else(|| bad("invalid cursor".into()))?);
-            }
+            "cursor" => cursor = Some(value),
             other => return Err(bad(format!("unknown query parameter {other:?}"))),
         }
+    }
+    if let Some(c) = cursor {
+        q.after = Some(decode_sorted_cursor(q.sort, &c).ok_or_else(|| {
+            bad("invalid cursor (a cursor resumes only the sort it came from)".into())
+        })?);
     }
     Ok(q)
 }
@@ -346,7 +388,8 @@ pub(super) async fn get_device(
     }))
 }
 
-/// Lists devices by id, filtered and paginated. Every filter but `tag` at most once.
+/// Lists devices, filtered, sorted (by id unless `sort` says otherwise) and paginated. Every
+/// parameter but `tag` at most once.
 ///
 /// Role: viewer (any valid API key).
 #[utoipa::path(
@@ -366,9 +409,10 @@ pub(super) async fn get_device(
         ("cert_expires_before" = Option<String>, Query, description = "RFC 3339: only devices whose certificate expires before this"),
         ("tag" = Option<Vec<String>>, Query, style = Form, explode,
             description = "`key:value`; may repeat, and every tag must match"),
+        ("sort" = Option<String>, Query, description = "`id` (default), `last_seen` (never seen first), `-last_seen` (most recently seen first), `created_at` or `-created_at`; ties in id order"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000,
             description = "Page size, 100 by default"),
-        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page, with the same `sort`"),
     ),
     responses(
         (status = 200, description = "One page of devices", body = DevicePage),
@@ -403,11 +447,11 @@ pub(super) async fn list_devices(
     }
     let mut devices = state
         .store
-        .devices(&q.filter, q.after.as_ref(), q.limit + 1)
+        .devices_sorted(&q.filter, q.sort, q.after.as_ref(), q.limit + 1)
         .await?;
     let next_cursor = if devices.len() > q.limit as usize {
         devices.truncate(q.limit as usize);
-        devices.last().map(|d| encode_cursor(&d.id))
+        devices.last().map(|d| encode_sorted_cursor(q.sort, d))
     } else {
         None
     };
@@ -500,9 +544,28 @@ mod tests {
 
         let cursor = encode_cursor(&DeviceId::parse("dev-9").unwrap());
         assert_eq!(
-            q(&[("cursor", &cursor)]).unwrap().after.unwrap().as_str(),
+            q(&[("cursor", &cursor)])
+                .unwrap()
+                .after
+                .unwrap()
+                .id
+                .as_str(),
             "dev-9"
         );
+        assert_eq!(
+            q(&[("sort", "-last_seen")]).unwrap().sort,
+            DeviceSort::LastSeenDesc
+        );
+        // A sorted cursor resumes its own sort only.
+        let sorted = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("-last_seen\n5\nd-1");
+        let after = q(&[("cursor", &sorted), ("sort", "-last_seen")])
+            .unwrap()
+            .after
+            .unwrap();
+        assert_eq!((after.key, after.id.as_str()), (5, "d-1"));
+        assert!(q(&[("sort", "created_at"), ("cursor", &sorted)]).is_err());
+        assert!(q(&[("cursor", &sorted)]).is_err(), "not an id cursor");
+        assert!(q(&[("sort", "colour")]).is_err());
 
         for bad in [
             vec![("limit", "0")],

@@ -114,6 +114,74 @@ pub struct DeviceFilter {
     pub cert_expires_before_ms: Option<i64>,
 }
 
+/// The order of a device listing. Every order ends with the id, so it is total and a cursor
+/// (the last row's sort key and id) resumes it exactly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DeviceSort {
+    #[default]
+    Id,
+    /// Least recently seen first; never seen before everything.
+    LastSeen,
+    /// Most recently seen first; never seen after everything.
+    LastSeenDesc,
+    CreatedAt,
+    CreatedAtDesc,
+}
+
+impl DeviceSort {
+    pub const ALL: [DeviceSort; 5] = [
+        DeviceSort::Id,
+        DeviceSort::LastSeen,
+        DeviceSort::LastSeenDesc,
+        DeviceSort::CreatedAt,
+        DeviceSort::CreatedAtDesc,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceSort::Id => "id",
+            DeviceSort::LastSeen => "last_seen",
+            DeviceSort::LastSeenDesc => "-last_seen",
+            DeviceSort::CreatedAt => "created_at",
+            DeviceSort::CreatedAtDesc => "-created_at",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+
+    /// The SQL expression sorted on before the id (an index of migration 0010 has it), or
+    /// none for the id order.
+    fn key(self) -> Option<&'static str> {
+        match self {
+            DeviceSort::Id => None,
+            DeviceSort::LastSeen | DeviceSort::LastSeenDesc => Some("COALESCE(last_seen, -1)"),
+            DeviceSort::CreatedAt | DeviceSort::CreatedAtDesc => Some("created_at"),
+        }
+    }
+
+    fn descending(self) -> bool {
+        matches!(self, DeviceSort::LastSeenDesc | DeviceSort::CreatedAtDesc)
+    }
+
+    /// The sort key of a device, as the cursor after it carries it.
+    pub fn key_of(self, d: &Device) -> i64 {
+        match self {
+            DeviceSort::Id => 0,
+            DeviceSort::LastSeen | DeviceSort::LastSeenDesc => d.last_seen_ms.unwrap_or(-1),
+            DeviceSort::CreatedAt | DeviceSort::CreatedAtDesc => d.created_at_ms,
+        }
+    }
+}
+
+/// Where a listing resumes: after the device with this sort key and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceCursor {
+    pub key: i64,
+    pub id: DeviceId,
+}
+
 #[derive(sqlx::FromRow)]
 struct DeviceRow {
     id: String,
@@ -233,6 +301,37 @@ impl TryFrom<DeviceRecordRow> for DeviceRecord {
     }
 }
 
+impl Store {
+    /// Gives a device registered before manufacturing its CA and certificate facts, unless it
+    /// has a CA already.
+    pub async fn claim(
+        &self,
+        id: &DeviceId,
+        ca_id: &str,
+        cert: &broker::registry::CertFacts,
+    ) -> Result<(), StoreError> {
+        with_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE devices SET ca_id = $2, cert_fingerprint = $3, cert_subject = $4, \
+                 cert_issuer = $5, cert_serial = $6, cert_not_after = $7, updated_at = $8 \
+                 WHERE id = $1 AND ca_id IS NULL",
+            )
+            .bind(id.as_str())
+            .bind(ca_id)
+            .bind(&cert.fingerprint_sha256)
+            .bind(&cert.subject)
+            .bind(&cert.issuer)
+            .bind(&cert.serial)
+            .bind(cert.not_after_ms)
+            .bind(now_ms())
+            .execute(pool)
+            .await
+            .map(|_| ())
+        })?;
+        Ok(())
+    }
+}
+
 /// Reason recorded on a device created by just-in-time provisioning.
 const PROVISIONED_REASON: &str = "provisioned: jitp";
 
@@ -333,6 +432,22 @@ impl Store {
         after: Option<&DeviceId>,
         limit: u32,
     ) -> Result<Vec<Device>, StoreError> {
+        let after = after.map(|id| DeviceCursor {
+            key: 0,
+            id: id.clone(),
+        });
+        self.devices_sorted(filter, DeviceSort::Id, after.as_ref(), limit)
+            .await
+    }
+
+    /// Up to `limit` devices matching `filter`, in `sort` order, starting after `after`.
+    pub async fn devices_sorted(
+        &self,
+        filter: &DeviceFilter,
+        sort: DeviceSort,
+        after: Option<&DeviceCursor>,
+        limit: u32,
+    ) -> Result<Vec<Device>, StoreError> {
         let rows: Vec<DeviceRow> = with_pool!(self, |pool| {
             let mut q = sqlx::QueryBuilder::new(format!(
                 "SELECT {DEVICE_COLUMNS} FROM devices WHERE 1 = 1"
@@ -380,10 +495,32 @@ impl Store {
                 q.push(" AND id >= ").push_bind(prefix.as_str());
                 q.push(" AND id < ").push_bind(format!("{prefix}~"));
             }
-            if let Some(after) = after {
-                q.push(" AND id > ").push_bind(after.as_str());
+            let (cmp, dir) = if sort.descending() {
+                ("<", "DESC")
+            } else {
+                (">", "ASC")
+            };
+            match (sort.key(), after) {
+                (None, Some(after)) => {
+                    q.push(format!(" AND id {cmp} "))
+                        .push_bind(after.id.as_str());
+                }
+                (Some(key), Some(after)) => {
+                    // A row comparison, which both backends serve from the (org_id, key, id)
+                    // index.
+                    q.push(format!(" AND ({key}, id) {cmp} ("))
+                        .push_bind(after.key)
+                        .push(", ")
+                        .push_bind(after.id.as_str())
+                        .push(")");
+                }
+                (_, None) => {}
             }
-            q.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
+            match sort.key() {
+                Some(key) => q.push(format!(" ORDER BY {key} {dir}, id {dir} LIMIT ")),
+                None => q.push(format!(" ORDER BY id {dir} LIMIT ")),
+            };
+            q.push_bind(i64::from(limit));
             q.build_query_as().fetch_all(pool).await
         })?;
         rows.into_iter().map(Device::try_from).collect()
@@ -431,5 +568,16 @@ impl RegistryStore for Store {
             StoreError::Collision(id) => RegistryError::Collision(id),
             other => RegistryError::Backend(other.to_string()),
         })
+    }
+
+    async fn claim_device(
+        &self,
+        id: &DeviceId,
+        ca_id: &str,
+        cert: &broker::registry::CertFacts,
+    ) -> Result<(), RegistryError> {
+        self.claim(id, ca_id, cert)
+            .await
+            .map_err(|e| RegistryError::Backend(e.to_string()))
     }
 }

@@ -81,7 +81,7 @@ pub use audit::{ActorKind, AuditEntry, AuditFilter, NewAuditEntry};
 pub use ca_proof::VerificationCode;
 pub use cas::{CaCertificate, CaUpdate, NewCa};
 pub use catalog::{Cohort, Product};
-pub use devices::{Device, DeviceCertificate, DeviceFilter, DeviceState};
+pub use devices::{Device, DeviceCertificate, DeviceCursor, DeviceFilter, DeviceSort, DeviceState};
 pub use events::{
     EventBatch, EventOutcome, LatestTelemetry, ReportedChange, SessionRecord, TelemetryRecord,
     TelemetryRetention, TelemetryRow,
