@@ -557,6 +557,18 @@ async fn roles_and_scopes_on_every_endpoint(p: Platform) {
         // Destructive ones last.
         (
             "POST",
+            "/api/v1/deployments/{DEP}/rollback",
+            Some(json!({"reason": "table"})),
+            [403, 422, 422, 404, 403],
+        ),
+        (
+            "POST",
+            "/api/v1/deployments/{DEP}/cancel",
+            Some(json!({"reason": "table"})),
+            [403, 200, 409, 404, 403],
+        ),
+        (
+            "POST",
             "/api/v1/devices/{D}/revoke-certificate",
             None,
             [403, 200, 200, 404, 403],
@@ -568,6 +580,31 @@ async fn roles_and_scopes_on_every_endpoint(p: Platform) {
             [403, 204, 404, 404, 403],
         ),
     ];
+    // The table covers every operation of the OpenAPI document (but the two without a key).
+    let (_, doc) = p.api("GET", "/api/v1/openapi.json", None).await;
+    let mut missing = Vec::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            let method = method.to_uppercase();
+            if path == "/api/v1/health" || path == "/api/v1/openapi.json" {
+                continue;
+            }
+            let covered = rows.iter().any(|(m, row_path, _, _)| {
+                let (a, b): (Vec<&str>, Vec<&str>) =
+                    (path.split('/').collect(), row_path.split('/').collect());
+                *m == method
+                    && a.len() == b.len()
+                    && a.iter().zip(&b).all(|(x, y)| x.starts_with('{') || x == y)
+            });
+            if !covered {
+                missing.push(format!("{method} {path}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not in the role and scope table: {missing:?}"
+    );
     let fill = |s: &str, n: usize| {
         s.replace("{P}", &fleet.product_id)
             .replace("{C}", &fleet.cohort_id)
