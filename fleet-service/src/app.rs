@@ -108,6 +108,12 @@ impl App {
             Arc::new(keys.clone()),
         )?;
 
+        // The broker's retained messages live in memory: a moved device that connects after
+        // a restart must still learn where it belongs.
+        for (id, product_id, cohort_id, at) in store.device_assignments().await? {
+            publish_assignment(&control, &id, product_id, cohort_id, at).await;
+        }
+
         let devices = bind(config.mqtts_listen, "MQTTS device").await?;
         let services = bind(config.service_listen, "service").await?;
         let http = bind(config.http_listen, "HTTP").await?;
@@ -249,6 +255,32 @@ impl App {
         self.store.close().await;
         info!("fleet platform stopped");
         Ok(())
+    }
+}
+
+/// Publishes, retained, where a device belongs (`devices/{id}/assignment`).
+pub(crate) async fn publish_assignment(
+    control: &BrokerControl,
+    id: &fleet_wire::DeviceId,
+    product_id: String,
+    cohort_id: Option<fleet_wire::CohortId>,
+    assigned_at_ms: i64,
+) {
+    let assignment = fleet_wire::payload::DeviceAssignment {
+        product_id,
+        cohort_id,
+        assigned_at_ms,
+    };
+    let payload = serde_json::to_vec(&assignment).expect("an assignment serialises");
+    if let Err(e) = control
+        .publish(
+            &fleet_wire::Topic::Assignment(id.clone()),
+            payload.into(),
+            true,
+        )
+        .await
+    {
+        warn!(device_id = %id, error = %e, "assignment not published");
     }
 }
 

@@ -1841,6 +1841,39 @@ async fn moving_a_device_between_cohorts(p: Platform) {
     let (s, d) = p.api("PATCH", path, Some(json!({ "tags": {} }))).await;
     assert_eq!((s, &d["tags"]), (200, &json!({})), "{d}");
     assert_eq!(p.device("mv-1").await["session_epoch"], epoch);
+
+    // Moved while offline, across a restart of the platform: a device still configured with
+    // its old cohort learns the new one when it connects.
+    agent.shutdown().await.unwrap();
+    let (s, _) = p
+        .api("PATCH", path, Some(json!({ "cohort_id": cohort_b })))
+        .await;
+    assert_eq!(s, 200);
+    let mut p = p;
+    p.restart().await;
+    let (agent, mut commands) = cohort_agent(&p, &fleet, "mv-1", &fleet.cohort_id);
+    let mut events = agent.subscribe();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(device_client::AgentEvent::Reassigned { cohort }) = events.recv().await {
+                assert_eq!(cohort.map(|c| c.to_string()), Some(cohort_b.clone()));
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the assignment survived the restart");
+    let mut status = agent.watch_status();
+    tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| s.subscribed))
+        .await
+        .unwrap()
+        .unwrap();
+    let ops = Client::connect(p.service_options("ops", p.app().admin_token()))
+        .await
+        .unwrap();
+    cohort_command(&ops, &cohort_b, "b2").await;
+    let got = tokio::time::timeout(Duration::from_secs(10), commands.recv()).await;
+    assert_eq!(got.unwrap().as_deref(), Some("b2"));
     agent.shutdown().await.unwrap();
     p.stop().await;
 }

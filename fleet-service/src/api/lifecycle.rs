@@ -288,23 +288,14 @@ pub(super) async fn update_device(
     if let Some(to) = moved {
         // The device is told where it now belongs (retained, so it also learns it when it
         // next connects), then its session ends so it reconnects with the new rights.
-        let assignment = fleet_wire::payload::DeviceAssignment {
-            product_id: device.product_id.clone(),
-            cohort_id: to.clone(),
-            assigned_at_ms: crate::store::now_ms(),
-        };
-        let payload = serde_json::to_vec(&assignment).expect("an assignment serialises");
-        if let Err(e) = state
-            .control
-            .publish(
-                &fleet_wire::Topic::Assignment(id.clone()),
-                payload.into(),
-                true,
-            )
-            .await
-        {
-            tracing::warn!(device_id = %id, error = %e, "assignment not published");
-        }
+        crate::app::publish_assignment(
+            &state.control,
+            &id,
+            device.product_id.clone(),
+            to.clone(),
+            crate::store::now_ms(),
+        )
+        .await;
         let ended = state.control.reassign(&id, to.clone());
         tracing::info!(device_id = %id, cohort = ?to, session_ended = ended, by = %by.key_id,
             "device moved to another cohort");

@@ -388,32 +388,26 @@ impl Store {
         Ok(n.max(0) as u64)
     }
 
-    /// Deletes telemetry history beyond `retention`; returns how many rows went. Meant to be
-    /// called periodically.
+    /// Deletes telemetry history (and connection history older than the age limit) beyond
+    /// `retention`; returns how many rows went. Meant to be called periodically.
     pub async fn prune_telemetry(&self, retention: &TelemetryRetention) -> Result<u64, StoreError> {
         let mut deleted = 0;
         if let Some(max_age) = retention.max_age {
             let cutoff =
                 now_ms().saturating_sub(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX));
-            deleted += with_pool!(self, |pool| {
-                sqlx::query("DELETE FROM telemetry WHERE received_at < $1")
-                    .bind(cutoff)
-                    .execute(pool)
-                    .await
-                    .map(|done| done.rows_affected())
-            })?;
-        }
-        if let Some(max_age) = retention.max_age {
             // The connection history ages out with the telemetry.
-            let cutoff =
-                now_ms().saturating_sub(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX));
-            deleted += with_pool!(self, |pool| {
-                sqlx::query("DELETE FROM device_sessions WHERE started_at < $1")
-                    .bind(cutoff)
-                    .execute(pool)
-                    .await
-                    .map(|done| done.rows_affected())
-            })?;
+            for sql in [
+                "DELETE FROM telemetry WHERE received_at < $1",
+                "DELETE FROM device_sessions WHERE started_at < $1",
+            ] {
+                deleted += with_pool!(self, |pool| {
+                    sqlx::query(sql)
+                        .bind(cutoff)
+                        .execute(pool)
+                        .await
+                        .map(|done| done.rows_affected())
+                })?;
+            }
         }
         if let Some(max_rows) = retention.max_rows_per_device {
             deleted += with_pool!(self, |pool| {

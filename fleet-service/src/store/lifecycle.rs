@@ -315,9 +315,10 @@ impl Store {
                 return Ok(false);
             }
             if let Some(cohort) = &update.cohort_id {
-                sqlx::query("UPDATE devices SET cohort_id = $2 WHERE id = $1")
+                sqlx::query("UPDATE devices SET cohort_id = $2, assigned_at = $3 WHERE id = $1")
                     .bind(id.as_str())
                     .bind(cohort.as_ref().map(|c| c.as_str()))
+                    .bind(now)
                     .execute(&mut *tx)
                     .await
                     .map_err(|e| super::constraint(e, "device", "the cohort"))?;
@@ -344,5 +345,35 @@ impl Store {
             tx.commit().await?;
         });
         Ok(true)
+    }
+}
+
+impl Store {
+    /// Every device an operator moved: `(id, product, cohort, when)`, for publishing their
+    /// assignments again on start.
+    pub async fn device_assignments(
+        &self,
+    ) -> Result<Vec<(DeviceId, String, Option<CohortId>, i64)>, StoreError> {
+        let rows: Vec<(String, String, Option<String>, i64)> = with_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT id, product_id, cohort_id, assigned_at FROM devices \
+                 WHERE assigned_at IS NOT NULL",
+            )
+            .fetch_all(pool)
+            .await
+        })?;
+        rows.into_iter()
+            .map(|(id, product, cohort, at)| {
+                let id = DeviceId::parse(&id)
+                    .map_err(|e| StoreError::Corrupt(format!("device id {id:?}: {e}")))?;
+                let cohort = cohort
+                    .map(|c| {
+                        CohortId::parse(&c)
+                            .map_err(|e| StoreError::Corrupt(format!("cohort id {c:?}: {e}")))
+                    })
+                    .transpose()?;
+                Ok((id, product, cohort, at))
+            })
+            .collect()
     }
 }
