@@ -295,6 +295,7 @@ mod tests {
             ("devices/dev-2/updates", false),
             ("devices/dev-1/presence", false),
             ("devices/dev-1/commands", false),
+            ("devices/dev-1/assignment", false),
             ("devices/dev-2/telemetry", false),
             ("devices/+/telemetry", false),
             ("devices/#", false),
@@ -317,6 +318,9 @@ mod tests {
             ("devices/dev-1/commands", true),
             ("devices/dev-1/commands/#", true),
             ("devices/dev-1/commands/+", true),
+            ("devices/dev-1/assignment", true),
+            ("devices/dev-2/assignment", false),
+            ("devices/+/assignment", false),
             ("cohorts/c1/updates", true),
             ("cohorts/c1/commands", true),
             ("cohorts/c1/#", true),
@@ -393,6 +397,11 @@ mod tests {
         assert!(may_subscribe(&viewer, "devices/+/updates", &w));
         assert!(!may_publish(&operator, "devices/d1/telemetry", &w));
         assert!(!may_publish(&operator, "devices/d1/presence", &w));
+        assert!(
+            !may_publish(&operator, "devices/d1/assignment", &w),
+            "where a device belongs changes only through the REST bridge"
+        );
+        assert!(may_subscribe(&viewer, "devices/+/assignment", &w));
         assert!(!may_publish(&operator, "devices/+/commands", &w));
     }
 

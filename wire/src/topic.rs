@@ -240,6 +240,7 @@ mod tests {
             Topic::Presence(d.clone()),
             Topic::Commands(d.clone()),
             Topic::CommandAck(d.clone()),
+            Topic::Assignment(d.clone()),
             Topic::UpdateStatus(d.clone()),
             Topic::CohortUpdates(c.clone()),
             Topic::CohortCommands(c),
