@@ -301,15 +301,16 @@ pub(super) async fn record(
     mut req: Request,
     next: Next,
 ) -> Response {
+    if !is_mutating(req.method()) {
+        return next.run(req).await;
+    }
     let method = req.method().clone();
     let template = req
         .extensions()
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_owned());
-    let Some((action, target_kind, target)) = template
-        .as_deref()
-        .filter(|_| is_mutating(&method))
-        .and_then(|t| action_of(&method, t))
+    let Some((action, target_kind, target)) =
+        template.as_deref().and_then(|t| action_of(&method, t))
     else {
         return next.run(req).await;
     };

@@ -228,7 +228,7 @@ pub(super) struct PatchDevice {
         (status = 200, description = "The device as it is now", body = DeviceBody),
         (status = 400, description = "`invalid_path`, `malformed_json` or `invalid_body`", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
-        (status = 403, description = "A viewer key, or a cohort-scoped key moving the device out of its cohort", body = ErrorBody),
+        (status = 403, description = "A viewer key, or a cohort-scoped key taking the device out of every cohort (a cohort it does not see is `unknown_cohort`)", body = ErrorBody),
         (status = 404, description = "No such device", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = ErrorBody),
         (status = 422, description = "`unknown_cohort` or `invalid_tags`", body = ErrorBody),
