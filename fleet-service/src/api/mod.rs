@@ -9,12 +9,15 @@
 //! # Layout
 //! - `error`: [`ApiError`], and the JSON/query/path extractors that answer in its shape.
 //! - `auth`: the bearer-token extractors.
-//! - `catalog`, `cas`, `devices`, `keys`: one module per resource.
+//! - `catalog`, `cas`, `devices`, `keys`, `orgs`, `quarantine`: one module per resource;
+//!   `access` loads what a key names, or answers 404.
 //! - `updates`: signing keys, releases, deployments (create, pause, resume, cancel, rollback,
 //!   promote) and per-device executions.
 //! - `audit`: request ids, the middleware that records every mutating request, and the
 //!   audit log's listing.
 //! - `import`: bulk import of devices from CSV or JSON.
+//! - `summary`: the fleet summary.
+//! - `lifecycle`: devices registered before manufacturing, moved, revoked, deleted.
 //! - `openapi`: the OpenAPI document, generated from the handlers' `#[utoipa::path]`
 //!   annotations and the bodies' `ToSchema` derives; served at `/api/v1/openapi.json` and
 //!   committed as `openapi.json` at the repository root.
