@@ -174,6 +174,7 @@ impl App {
         let pruner_task = tokio::spawn(prune_loop(
             store.clone(),
             config.tuning.telemetry.clone(),
+            config.tuning.audit.retention_days,
             stopped,
         ));
 
@@ -310,6 +311,7 @@ async fn wait_stop(mut stopped: watch::Receiver<bool>) {
 async fn prune_loop(
     store: Store,
     tuning: crate::config::TelemetryTuning,
+    audit_retention_days: u64,
     mut stopped: watch::Receiver<bool>,
 ) {
     let retention = TelemetryRetention {
@@ -326,6 +328,14 @@ async fn prune_loop(
             Ok(0) => {}
             Ok(n) => info!(rows = n, "pruned telemetry history"),
             Err(e) => warn!(error = %e, "telemetry pruning failed"),
+        }
+        if audit_retention_days > 0 {
+            let max_age = Duration::from_secs(audit_retention_days.saturating_mul(86_400));
+            match store.prune_audit(max_age).await {
+                Ok(0) => {}
+                Ok(n) => info!(rows = n, "pruned the audit log"),
+                Err(e) => warn!(error = %e, "audit log pruning failed"),
+            }
         }
     }
 }

@@ -78,6 +78,9 @@ pub struct AuditTuning {
     /// `connection.rejected_burst` audit entry.
     pub rejected_burst_threshold: usize,
     pub rejected_burst_window_secs: u64,
+    /// Entries older than this many days are deleted (with the telemetry pruning); 0 keeps
+    /// them forever.
+    pub retention_days: u64,
 }
 
 impl Default for AuditTuning {
@@ -85,6 +88,7 @@ impl Default for AuditTuning {
         Self {
             rejected_burst_threshold: 20,
             rejected_burst_window_secs: 10,
+            retention_days: 400,
         }
     }
 }

@@ -9,8 +9,8 @@ use broker::registry::{RegistryStore, StoreError as RegistryError};
 use common::{catalog, exec_sql, id, new_device, presence, presence_batch};
 use fleet_service::keys::{ensure_bootstrap_admin, ApiKeys, KeyError};
 use fleet_service::store::{
-    DeviceFilter, DeviceState, EventBatch, LatestTelemetry, ReportedChange, Store, StoreError,
-    TelemetryRetention, TelemetryRow,
+    ActorKind, AuditFilter, DeviceFilter, DeviceState, EventBatch, LatestTelemetry, NewAuditEntry,
+    ReportedChange, Store, StoreError, TelemetryRetention, TelemetryRow,
 };
 use fleet_wire::payload::{DisconnectReason, PresenceEvent};
 
@@ -30,6 +30,7 @@ on_both_databases!(
     telemetry_retention,
     device_filters_and_order,
     api_keys_cache,
+    audit_entries_filter_page_and_age_out,
 );
 
 async fn migrations_run_twice(url: &str) {
@@ -771,4 +772,90 @@ async fn a_missing_sqlite_file_is_created() {
         .await
         .unwrap();
     assert!(path.exists());
+}
+
+async fn audit_entries_filter_page_and_age_out(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let entry = |org: &str, action: &str, ok: bool| NewAuditEntry {
+        org_id: org.into(),
+        actor_kind: ActorKind::ApiKey,
+        actor: "key-1".into(),
+        action: action.into(),
+        target_kind: Some("device".into()),
+        target_id: Some("d-1".into()),
+        request_id: Some(format!("req-{action}")),
+        success: ok,
+        status: Some(if ok { 200 } else { 403 }),
+        error_code: (!ok).then(|| "forbidden".into()),
+        remote_addr: None,
+        detail: Some(serde_json::json!({ "request": { "reason": "x" } })),
+    };
+    for (org, action, ok) in [
+        ("default", "device.quarantine", true),
+        ("default", "device.delete", false),
+        ("default", "api_key.create", true),
+        ("other", "device.quarantine", true),
+    ] {
+        store.record_audit(&entry(org, action, ok)).await.unwrap();
+    }
+    let of = |f: AuditFilter| {
+        let store = store.clone();
+        async move {
+            store
+                .audit_entries(&f, None, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.action)
+                .collect::<Vec<_>>()
+        }
+    };
+    let org = |o: &str| AuditFilter {
+        org_id: o.into(),
+        ..AuditFilter::default()
+    };
+    assert_eq!(
+        of(org("default")).await,
+        ["api_key.create", "device.delete", "device.quarantine"],
+        "newest first, one organization"
+    );
+    assert_eq!(
+        of(AuditFilter {
+            action: Some("device.".into()),
+            ..org("default")
+        })
+        .await,
+        ["device.delete", "device.quarantine"]
+    );
+    assert_eq!(
+        of(AuditFilter {
+            outcome: Some("failure".into()),
+            ..org("default")
+        })
+        .await,
+        ["device.delete"]
+    );
+    let page = store.audit_entries(&org("default"), None, 1).await.unwrap();
+    let rest = store
+        .audit_entries(&org("default"), Some(page[0].id), 100)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 2);
+    assert!(rest.iter().all(|e| e.id < page[0].id));
+
+    // Age out: one entry made old by hand goes, the rest stay.
+    exec_sql(
+        url,
+        "UPDATE audit_log SET at = 0 WHERE action = 'device.delete'",
+    )
+    .await;
+    assert_eq!(
+        store
+            .prune_audit(Duration::from_secs(86_400))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(of(org("default")).await.len(), 2);
+    assert_eq!(of(org("other")).await.len(), 1);
 }

@@ -103,6 +103,20 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes entries older than `max_age`; returns how many went.
+    pub async fn prune_audit(&self, max_age: std::time::Duration) -> Result<u64, StoreError> {
+        let cutoff =
+            now_ms().saturating_sub(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX));
+        let done = with_pool!(self, |pool| {
+            sqlx::query("DELETE FROM audit_log WHERE at < $1")
+                .bind(cutoff)
+                .execute(pool)
+                .await
+                .map(|d| d.rows_affected())
+        })?;
+        Ok(done)
+    }
+
     /// Up to `limit` entries matching `filter`, newest first, older than the entry `before`.
     pub async fn audit_entries(
         &self,
