@@ -171,6 +171,8 @@ fn csv_tags(cell: &str) -> Result<serde_json::Map<String, serde_json::Value>, Ro
 /// The rows of a CSV file with a header line. A file whose header cannot be read is refused
 /// whole; a row that cannot be read fails alone.
 fn parse_csv(body: &[u8]) -> Result<Vec<Parsed>, ApiError> {
+    // Spreadsheets often save UTF-8 with a byte-order mark; it is not part of the first name.
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .trim(csv::Trim::All)
@@ -616,4 +618,80 @@ pub(super) async fn import_devices(
         failed,
         results,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok_rows(csv: &str) -> Vec<(Option<u64>, Option<String>, Result<RawRow, RowError>)> {
+        parse_csv(csv.as_bytes())
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.line, p.id, p.row))
+            .collect()
+    }
+
+    #[test]
+    fn csv_rows_lines_and_columns() {
+        let rows = ok_rows(
+            "\u{feff}ID, Cohort ,tags,certificate\n\
+             d-1,c,a=1; b = 2,\n\
+             d-2,,,\"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\"\n\
+             d-3,,,ab:cd\n\
+             d-4,too,many,fields,here\n\
+             d-5,,a=1;a=2,\n",
+        );
+        assert_eq!(rows.len(), 5);
+        let lines: Vec<_> = rows.iter().map(|r| r.0).collect();
+        assert_eq!(lines, [Some(2), Some(3), Some(6), Some(7), Some(8)]);
+        let d1 = rows[0].2.as_ref().unwrap();
+        assert_eq!(d1.cohort.as_deref(), Some("c"));
+        assert_eq!(
+            d1.tags.as_ref().unwrap(),
+            serde_json::json!({"a": "1", "b": "2"}).as_object().unwrap()
+        );
+        assert!(rows[1].2.as_ref().unwrap().certificate_pem.is_some());
+        assert_eq!(
+            rows[2]
+                .2
+                .as_ref()
+                .unwrap()
+                .certificate_fingerprint
+                .as_deref(),
+            Some("ab:cd")
+        );
+        let e = rows[3].2.as_ref().err().unwrap();
+        assert_eq!(
+            (e.code, rows[3].1.as_deref()),
+            ("malformed_row", Some("d-4"))
+        );
+        let e = rows[4].2.as_ref().err().unwrap();
+        assert_eq!(
+            (e.code, e.column.as_deref()),
+            ("invalid_tags", Some("tags"))
+        );
+    }
+
+    #[test]
+    fn unreadable_headers_refuse_the_file() {
+        for csv in ["", "cohort,tags\n", "id,colour\n", "id,id\n"] {
+            let e = parse_csv(csv.as_bytes()).err().unwrap();
+            assert_eq!(e.code, "invalid_file", "{csv:?}");
+        }
+    }
+
+    #[test]
+    fn json_rows_fail_alone() {
+        let rows = parse_json(br#"[{"id": "a"}, {"id": "b", "colour": 1}, 3]"#).unwrap();
+        assert!(rows[0].row.is_ok());
+        let e = rows[1].row.as_ref().err().unwrap();
+        assert_eq!(
+            (e.column.as_deref(), rows[1].id.as_deref()),
+            (Some("colour"), Some("b"))
+        );
+        assert!(rows[2].row.is_err());
+        assert_eq!(parse_json(b"{}").err().unwrap().code, "invalid_body");
+        assert_eq!(parse_json(b"[").err().unwrap().code, "malformed_json");
+    }
 }
