@@ -624,7 +624,9 @@ pub(super) async fn import_devices(
 mod tests {
     use super::*;
 
-    fn ok_rows(csv: &str) -> Vec<(Option<u64>, Option<String>, Result<RawRow, RowError>)> {
+    type Row = (Option<u64>, Option<String>, Result<RawRow, RowError>);
+
+    fn ok_rows(csv: &str) -> Vec<Row> {
         parse_csv(csv.as_bytes())
             .unwrap()
             .into_iter()
