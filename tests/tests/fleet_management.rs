@@ -2052,6 +2052,35 @@ async fn the_audit_log_records_who_did_what(p: Platform) {
         before + 1,
         "only the org creation"
     );
+
+    // The platform records what it does on its own: provisioning a device on its first
+    // connection, and a registered device's first connection.
+    let fleet = p.jitp_fleet(json!({})).await;
+    let _c = online_device(&p, &fleet, "aud-1").await;
+    let (s, _) = p
+        .api(
+            "POST",
+            "/api/v1/devices",
+            Some(json!({ "id": "aud-2", "product_id": fleet.product_id })),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let _c2 = Client::connect(p.device_options(&fleet.ca.issue("aud-2"), "aud-2"))
+        .await
+        .unwrap();
+    for (id, action) in [
+        ("aud-1", "device.provision"),
+        ("aud-2", "device.first_connection"),
+    ] {
+        let entries = audit(&p, &admin, &format!("target_id={id}&actor=broker")).await;
+        assert_eq!(entries.len(), 1, "{id}: {entries:?}");
+        let e = &entries[0];
+        assert_eq!(
+            (&e["action"], &e["actor_kind"]),
+            (&json!(action), &json!("platform"))
+        );
+        assert_eq!(e["detail"]["ca_id"], json!(fleet.ca_id));
+    }
     p.stop().await;
 }
 

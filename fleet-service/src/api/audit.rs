@@ -364,7 +364,9 @@ fn parse_audit_query(
 }
 
 /// The organization's audit log, newest first: every mutating request made with one of its
-/// keys (whatever the outcome) and the security events the platform noticed.
+/// keys (whatever the outcome), what the platform did on its own (`device.provision` by
+/// just-in-time provisioning, `device.first_connection` of a registered device) and the
+/// security events it noticed (`connection.rejected_burst`).
 ///
 /// Role: admin, without a scope.
 #[utoipa::path(

@@ -74,6 +74,12 @@ pub struct AuditFilter {
     pub until_ms: Option<i64>,
 }
 
+/// An event the platform records about a device on its own, in the transaction that made it:
+/// `$1` organization, `$2` time, `$3` action, `$4` device id, `$5` detail (JSON).
+pub(super) const DEVICE_EVENT: &str = "INSERT INTO audit_log \
+     (org_id, at, actor_kind, actor, action, target_kind, target_id, outcome, detail) \
+     VALUES ($1, $2, 'platform', 'broker', $3, 'device', $4, 'success', $5)";
+
 impl Store {
     pub async fn record_audit(&self, e: &NewAuditEntry) -> Result<(), StoreError> {
         let detail = e.detail.as_ref().map(|d| d.to_string());

@@ -310,11 +310,13 @@ impl Store {
         ca_id: &str,
         cert: &broker::registry::CertFacts,
     ) -> Result<(), StoreError> {
-        with_pool!(self, |pool| {
-            sqlx::query(
+        let now = now_ms();
+        with_pool!(self, |pool, begin| {
+            let mut tx = pool.begin_with(begin).await?;
+            let org: Option<(String,)> = sqlx::query_as(
                 "UPDATE devices SET ca_id = $2, cert_fingerprint = $3, cert_subject = $4, \
                  cert_issuer = $5, cert_serial = $6, cert_not_after = $7, updated_at = $8 \
-                 WHERE id = $1 AND ca_id IS NULL",
+                 WHERE id = $1 AND ca_id IS NULL RETURNING org_id",
             )
             .bind(id.as_str())
             .bind(ca_id)
@@ -323,11 +325,27 @@ impl Store {
             .bind(&cert.issuer)
             .bind(&cert.serial)
             .bind(cert.not_after_ms)
-            .bind(now_ms())
-            .execute(pool)
-            .await
-            .map(|_| ())
-        })?;
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some((org_id,)) = org {
+                sqlx::query(super::audit::DEVICE_EVENT)
+                    .bind(org_id)
+                    .bind(now)
+                    .bind("device.first_connection")
+                    .bind(id.as_str())
+                    .bind(
+                        serde_json::json!({
+                            "ca_id": ca_id,
+                            "certificate_fingerprint": cert.fingerprint_sha256,
+                        })
+                        .to_string(),
+                    )
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        });
         Ok(())
     }
 }
@@ -380,6 +398,24 @@ impl Store {
                     b.push_bind(new.id.as_str()).push_bind(k).push_bind(v);
                 });
                 q.build().execute(&mut *tx).await?;
+            }
+            if created {
+                sqlx::query(super::audit::DEVICE_EVENT)
+                    .bind(&new.org_id)
+                    .bind(now)
+                    .bind("device.provision")
+                    .bind(new.id.as_str())
+                    .bind(
+                        serde_json::json!({
+                            "ca_id": new.ca_id,
+                            "product_id": new.product_id,
+                            "cohort_id": new.cohort_id.as_str(),
+                            "certificate_fingerprint": new.cert.fingerprint_sha256,
+                        })
+                        .to_string(),
+                    )
+                    .execute(&mut *tx)
+                    .await?;
             }
             let row: DeviceRecordRow = sqlx::query_as(
                 "SELECT id, org_id, ca_id, pinned_fingerprint, product_id, cohort_id, session_epoch FROM devices \
