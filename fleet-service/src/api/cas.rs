@@ -86,7 +86,7 @@ pub(super) struct PatchCa {
 
 /// Deserializes a field that is present (possibly `null`) as `Some(..)`; an absent field stays
 /// `None` through `#[serde(default)]`.
-fn present<'de, T, D>(d: D) -> Result<Option<Option<T>>, D::Error>
+pub(super) fn present<'de, T, D>(d: D) -> Result<Option<Option<T>>, D::Error>
 where
     T: Deserialize<'de>,
     D: Deserializer<'de>,

@@ -188,15 +188,6 @@ pub(super) async fn create_device(
     Ok((StatusCode::CREATED, Json(device.into())))
 }
 
-/// Present (even as `null`) versus absent.
-fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    T::deserialize(d).map(Some)
-}
-
 /// What to change about a device; absent fields stay as they are.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -206,7 +197,7 @@ pub(super) struct PatchDevice {
     #[schema(value_type = Option<std::collections::BTreeMap<String, String>>)]
     tags: Option<serde_json::Map<String, serde_json::Value>>,
     /// Moves the device to this cohort of its product; `null` takes it out of every cohort.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "super::cas::present")]
     #[schema(value_type = Option<String>, nullable)]
     cohort_id: Option<Option<String>>,
 }
