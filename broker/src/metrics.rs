@@ -23,6 +23,10 @@ pub enum Rejection {
     CertificateNotYetValid,
     #[error("certificate CN is not a valid device id")]
     BadCommonName,
+    #[error("certificate subject names more than one CN, so it names no one device")]
+    AmbiguousCommonName,
+    #[error("certificate is signed by a key that CAs of several organizations hold")]
+    AmbiguousIssuer,
     #[error("MQTT client id does not match the certificate's device id")]
     ClientIdMismatch,
     #[error("device id is owned by a device of another CA")]
@@ -48,7 +52,7 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 18] = [
+    pub const ALL: [Rejection; 20] = [
         Rejection::TlsHandshake,
         Rejection::BadCertificate,
         Rejection::UnknownCa,
@@ -56,6 +60,8 @@ impl Rejection {
         Rejection::CertificateExpired,
         Rejection::CertificateNotYetValid,
         Rejection::BadCommonName,
+        Rejection::AmbiguousCommonName,
+        Rejection::AmbiguousIssuer,
         Rejection::ClientIdMismatch,
         Rejection::IdentityCollision,
         Rejection::NotProvisioned,
@@ -78,6 +84,8 @@ impl Rejection {
             Rejection::CertificateExpired => "certificate_expired",
             Rejection::CertificateNotYetValid => "certificate_not_yet_valid",
             Rejection::BadCommonName => "bad_common_name",
+            Rejection::AmbiguousCommonName => "ambiguous_common_name",
+            Rejection::AmbiguousIssuer => "ambiguous_issuer",
             Rejection::ClientIdMismatch => "client_id_mismatch",
             Rejection::IdentityCollision => "identity_collision",
             Rejection::NotProvisioned => "not_provisioned",

@@ -309,8 +309,19 @@ impl Registry {
         })
     }
 
-    /// Finds the CA that issued a verified certificate.
-    fn issuer_of(&self, cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<CaRecord> {
+    /// Finds the CA that issued a verified certificate: a registered CA whose subject is the
+    /// certificate's issuer and whose public key verifies the certificate's signature. Names
+    /// and key identifiers only narrow the search; they never decide it, because anyone may
+    /// register a CA whose subject (or key identifier) copies another organization's.
+    ///
+    /// Several CAs can pass only if they hold the same key (a CA certificate renewed with its
+    /// key, say). Then the device's own CA wins (`prefer`); otherwise they must all belong to
+    /// one organization (an enabled one is preferred), or the issuer is ambiguous.
+    fn issuer_of(
+        &self,
+        cert: &x509_parser::certificate::X509Certificate<'_>,
+        prefer: Option<&str>,
+    ) -> Result<CaRecord, Rejection> {
         let issuer = cert.issuer().as_raw();
         let aki = cert
             .extensions()
@@ -321,23 +332,31 @@ impl Registry {
                 }
                 _ => None,
             });
-        let mut best: Option<CaRecord> = None;
+        let mut signers: Vec<CaRecord> = Vec::new();
         for ca in self.cas.iter() {
             if ca.subject_der != issuer {
                 continue;
             }
-            match (&aki, &ca.key_id) {
-                (Some(a), Some(k)) if a == k => return Some(ca.clone()),
-                (Some(_), Some(_)) => continue,
-                _ => {
-                    // Without key identifiers, prefer an enabled CA of that name.
-                    if best.as_ref().is_none_or(|b| !b.enabled && ca.enabled) {
-                        best = Some(ca.clone());
-                    }
+            if let (Some(a), Some(k)) = (&aki, &ca.key_id) {
+                if a != k {
+                    continue;
                 }
             }
+            if signed_by(cert, &ca.cert_der) {
+                signers.push(ca.clone());
+            }
         }
-        best
+        if let Some(ca) = prefer.and_then(|p| signers.iter().find(|c| c.id == p)) {
+            return Ok(ca.clone());
+        }
+        let Some(first) = signers.first() else {
+            return Err(Rejection::UnknownCa);
+        };
+        if signers.iter().any(|c| c.org_id != first.org_id) {
+            return Err(Rejection::AmbiguousIssuer);
+        }
+        signers.sort_by(|a, b| b.enabled.cmp(&a.enabled).then_with(|| a.id.cmp(&b.id)));
+        Ok(signers.swap_remove(0))
     }
 
     /// The device id a certificate claims (its subject CN), if it is a valid one.
@@ -365,7 +384,8 @@ impl Registry {
         if validity.not_before.timestamp() > now {
             return Err(Rejection::CertificateNotYetValid);
         }
-        let ca = self.issuer_of(&cert).ok_or(Rejection::UnknownCa)?;
+        let known = self.device(&id);
+        let ca = self.issuer_of(&cert, known.as_ref().and_then(|d| d.ca_id.as_deref()))?;
         if !ca.trusted() {
             return Err(Rejection::DisabledCa);
         }
@@ -383,7 +403,7 @@ impl Registry {
         if self.quarantine(&id) == Some(QuarantineMode::Refuse) {
             return Err(Rejection::Quarantined);
         }
-        if let Some(device) = self.device(&id) {
+        if let Some(device) = known {
             let identity = self.known(device, &ca, facts, false)?;
             if identity.device.ca_id.is_none() {
                 return self.claim(identity).await;
@@ -523,17 +543,25 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-/// The device id a certificate's subject CN names, if it is a valid one.
+/// The device id a certificate's subject CN names, if it is a valid one. A subject with more
+/// than one CN names no one device: which one a reader takes is a matter of convention, and
+/// two readers that differ would see two identities in one certificate.
 fn common_name_id(
     cert: &x509_parser::certificate::X509Certificate<'_>,
 ) -> Result<DeviceId, Rejection> {
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .ok_or(Rejection::BadCommonName)?;
+    let mut names = cert.subject().iter_common_name();
+    let first = names.next().ok_or(Rejection::BadCommonName)?;
+    if names.next().is_some() {
+        return Err(Rejection::AmbiguousCommonName);
+    }
+    let cn = first.as_str().map_err(|_| Rejection::BadCommonName)?;
     DeviceId::parse(cn).map_err(|_| Rejection::BadCommonName)
+}
+
+/// Whether the public key of the CA certificate `ca_der` verifies `cert`'s signature.
+fn signed_by(cert: &x509_parser::certificate::X509Certificate<'_>, ca_der: &[u8]) -> bool {
+    x509_parser::parse_x509_certificate(ca_der)
+        .is_ok_and(|(_, ca)| cert.verify_signature(Some(ca.public_key())).is_ok())
 }
 
 /// Lower-case hex SHA-256 of a DER certificate.

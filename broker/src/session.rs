@@ -286,8 +286,11 @@ pub(crate) async fn serve_service<S: AsyncRead + AsyncWrite + Unpin + Send>(
     } else {
         (client_id, false)
     };
-    // A character no device id may contain keeps services out of the devices' client-id space.
-    let router_id = format!("~svc~{client_id}");
+    // A character no device id may contain keeps services out of the devices' client-id space,
+    // and the key's id makes the client id the key's own: a connection with another key (of
+    // another role, scope or organization) that names the same client id gets a session of its
+    // own instead of taking this one over. Key ids never contain `~`.
+    let router_id = format!("~svc~{key_id}~{client_id}");
     // Registered so that revoking the key ends this session.
     let (kick_tx, kick_rx) = mpsc::unbounded_channel();
     let handle = ctx.service_ids.fetch_add(1, Ordering::Relaxed);

@@ -240,6 +240,14 @@ impl Platform {
 
     /// [`Platform::jitp_fleet`] in the organization of the admin key `token`.
     pub async fn jitp_fleet_as(&self, token: &str, tags: Value) -> Fleet {
+        let n = uuid::Uuid::new_v4().simple();
+        self.jitp_fleet_with(token, TestCa::new(&format!("Manufacturing CA {n}")), tags)
+            .await
+    }
+
+    /// A product and a cohort in the organization of the admin key `token`, and `ca`
+    /// registered there to provision into them.
+    pub async fn jitp_fleet_with(&self, token: &str, ca: TestCa, tags: Value) -> Fleet {
         let n = uuid::Uuid::new_v4().simple().to_string();
         let (s, product) = self
             .api_as(
@@ -261,7 +269,6 @@ impl Platform {
             .await;
         assert_eq!(s, 201, "{cohort}");
         let cohort_id = cohort["id"].as_str().unwrap().to_owned();
-        let ca = TestCa::new(&format!("Manufacturing CA {n}"));
         let ca_id = self
             .register_ca_as(
                 token,
@@ -392,6 +399,19 @@ pub struct TestCa {
     key: KeyPair,
     cert: rcgen::Certificate,
     pub pem: String,
+    /// What a device certificate it issues is sent with: nothing for a root, the intermediate
+    /// itself for an intermediate.
+    chain_pem: String,
+}
+
+/// How a device certificate is shaped beyond its CN, for tests of what the broker refuses.
+#[derive(Debug, Clone, Default)]
+pub struct CertShape {
+    /// Leave out the Authority Key Identifier, so only the issuer's name and signature say
+    /// which CA signed it.
+    pub no_authority_key_id: bool,
+    /// A second CN attribute in the subject.
+    pub second_cn: Option<String>,
 }
 
 /// A device certificate and its key, PEM.
@@ -412,7 +432,32 @@ impl TestCa {
         let key = KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
         let pem = cert.pem();
-        TestCa { key, cert, pem }
+        TestCa {
+            key,
+            cert,
+            pem,
+            chain_pem: String::new(),
+        }
+    }
+
+    /// An intermediate CA named `cn`, signed by this one; the certificates it issues carry it
+    /// in their chain.
+    pub fn intermediate(&self, cn: &str) -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        let pem = cert.pem();
+        TestCa {
+            key,
+            cert,
+            chain_pem: pem.clone(),
+            pem,
+        }
     }
 
     /// A device certificate with subject CN `cn`, valid now.
@@ -431,17 +476,45 @@ impl TestCa {
         not_before: time::OffsetDateTime,
         not_after: time::OffsetDateTime,
     ) -> DeviceCert {
+        self.issue_shaped(cn, not_before, not_after, &CertShape::default())
+    }
+
+    /// A device certificate with subject CN `cn`, valid now, shaped as `shape` says.
+    pub fn issue_as(&self, cn: &str, shape: &CertShape) -> DeviceCert {
+        let now = time::OffsetDateTime::now_utc();
+        self.issue_shaped(
+            cn,
+            now - time::Duration::hours(1),
+            now + time::Duration::days(30),
+            shape,
+        )
+    }
+
+    fn issue_shaped(
+        &self,
+        cn: &str,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+        shape: &CertShape,
+    ) -> DeviceCert {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(second) = &shape.second_cn {
+            // rcgen keeps one value per attribute type; the CN's OID spelled as a custom type
+            // is a second CN attribute.
+            params
+                .distinguished_name
+                .push(DnType::CustomDnType(vec![2, 5, 4, 3]), second.as_str());
+        }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = not_before;
         params.not_after = not_after;
-        params.use_authority_key_identifier_extension = true;
+        params.use_authority_key_identifier_extension = !shape.no_authority_key_id;
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         DeviceCert {
-            cert_pem: cert.pem(),
+            cert_pem: format!("{}{}", cert.pem(), self.chain_pem),
             key_pem: key.serialize_pem(),
         }
     }
