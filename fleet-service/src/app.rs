@@ -69,7 +69,11 @@ impl App {
         }
 
         let metrics = Arc::new(Metrics::default());
-        let registry = Arc::new(Registry::new(Arc::new(store.clone()), metrics.clone()));
+        let writer = crate::provisioning::ProvisionWriter::start(
+            store.clone(),
+            config.tuning.devices.jitp_max_batch,
+        );
+        let registry = Arc::new(Registry::new(Arc::new(writer), metrics.clone()));
         for ca in store.load_ca_records().await.context("loading CAs")? {
             registry.upsert_ca(ca);
         }
@@ -114,9 +118,11 @@ impl App {
             publish_assignment(&control, &id, product_id, cohort_id, at).await;
         }
 
-        let devices = bind(config.mqtts_listen, "MQTTS device").await?;
-        let services = bind(config.service_listen, "service").await?;
-        let http = bind(config.http_listen, "HTTP").await?;
+        let backlog = config.tuning.listen.backlog;
+        let devices = bind(config.mqtts_listen, backlog, "MQTTS device")?;
+        let services = bind(config.service_listen, backlog, "service")?;
+        let http = bind(config.http_listen, backlog, "HTTP")?;
+        log_backlog(backlog);
         let mqtts_addr = devices.local_addr()?;
         let service_addr = services.local_addr()?;
         let http_addr = http.local_addr()?;
@@ -259,6 +265,23 @@ impl App {
     }
 }
 
+/// Says what listen backlog the listeners really have: the kernel silently caps the one asked
+/// for at `net.core.somaxconn`.
+fn log_backlog(asked: u32) {
+    let cap = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    match cap {
+        Some(cap) if cap < asked => warn!(
+            asked,
+            somaxconn = cap,
+            "listen backlog capped by net.core.somaxconn; raise it for connect storms"
+        ),
+        Some(cap) => info!(backlog = asked, somaxconn = cap, "listen backlog"),
+        None => info!(backlog = asked, "listen backlog"),
+    }
+}
+
 /// Publishes, retained, where a device belongs (`devices/{id}/assignment`).
 pub(crate) async fn publish_assignment(
     control: &BrokerControl,
@@ -298,10 +321,18 @@ pub(crate) fn cohort_record(
     })
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the {what} listener on {addr}"))
+fn bind(addr: SocketAddr, backlog: u32, what: &str) -> anyhow::Result<TcpListener> {
+    let bound = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(backlog)
+    };
+    bound().with_context(|| format!("binding the {what} listener on {addr}"))
 }
 
 async fn wait_stop(mut stopped: watch::Receiver<bool>) {

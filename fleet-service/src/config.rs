@@ -68,6 +68,22 @@ pub struct Tuning {
     pub ca: CaTuning,
     pub devices: DeviceTuning,
     pub audit: AuditTuning,
+    pub listen: ListenTuning,
+}
+
+/// The listening sockets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenTuning {
+    /// Connections the kernel queues before they are accepted (capped by the system's
+    /// `net.core.somaxconn`). A restarted node sees every device reconnect at once.
+    pub backlog: u32,
+}
+
+impl Default for ListenTuning {
+    fn default() -> Self {
+        Self { backlog: 4096 }
+    }
 }
 
 /// Security events the platform records on its own.
@@ -119,12 +135,15 @@ pub struct DeviceTuning {
     /// What a quarantined device may do when the request does not say: `commands_only` (it
     /// may connect to receive and acknowledge its commands) or `refuse`.
     pub quarantine_mode: String,
+    /// Most first connections provisioned in one database transaction (a group commit).
+    pub jitp_max_batch: usize,
 }
 
 impl Default for DeviceTuning {
     fn default() -> Self {
         Self {
             quarantine_mode: "commands_only".into(),
+            jitp_max_batch: 256,
         }
     }
 }
@@ -140,6 +159,7 @@ impl Default for Tuning {
             ca: CaTuning::default(),
             devices: DeviceTuning::default(),
             audit: AuditTuning::default(),
+            listen: ListenTuning::default(),
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - [`keys`]: API keys: hashing, the in-memory cache the REST and MQTT service paths read.
 //! - [`rollout`]: the rollout engine (staged waves, thresholds, rollback) and the pure policy
 //!   it follows; the only publisher of the cohorts' desired releases.
+//! - [`provisioning`]: the registry's writes on the connect path (JITP in group commits).
 //! - [`security`]: turns bursts of refused connections into audit entries.
 
 pub mod api;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod intake;
 pub mod keys;
 pub mod pki;
+pub mod provisioning;
 pub mod rollout;
 pub mod security;
 pub mod store;

@@ -20,6 +20,7 @@ on_both_databases!(
     provisioning_is_idempotent,
     provisioning_refuses_another_cas_device,
     concurrent_provisioning_leaves_one_row,
+    group_provisioning_isolates_a_bad_device,
     loaders_feed_the_registry,
     presence_follows_the_epoch_rule,
     presence_leaves_deliberate_states_alone,
@@ -162,6 +163,60 @@ async fn concurrent_provisioning_leaves_one_row(url: &str) {
         ..DeviceFilter::default()
     };
     assert_eq!(store.devices(&tagged, None, 100).await.unwrap().len(), 1);
+}
+
+/// A storm of first connections through the group-commit writer: every device gets its
+/// answer, one whose cohort does not exist (it fails the batch's transaction) costs only
+/// itself, a device of another CA is a collision, and repeats are not created twice.
+async fn group_provisioning_isolates_a_bad_device(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let cat = catalog(&store, "sensor").await;
+    let other = catalog(&store, "other").await;
+    store
+        .provision(&new_device(&other, "taken", &[]))
+        .await
+        .unwrap();
+    let writer = std::sync::Arc::new(fleet_service::provisioning::ProvisionWriter::start(
+        store.clone(),
+        16,
+    ));
+    let mut broken = new_device(&cat, "broken", &[]);
+    broken.cohort_id = fleet_wire::CohortId::parse("no-such-cohort").unwrap();
+    let mut batch: Vec<_> = (0..60)
+        .map(|n| new_device(&cat, &format!("storm-{}", n % 50), &[("wave", "1")]))
+        .collect();
+    batch.insert(17, broken);
+    batch.insert(33, new_device(&cat, "taken", &[]));
+    let calls = batch.into_iter().map(|new| {
+        let writer = writer.clone();
+        tokio::spawn(async move { (new.id.clone(), writer.provision_device(&new).await) })
+    });
+    let mut created = 0;
+    for r in futures::future::join_all(calls).await {
+        let (id, answer) = r.unwrap();
+        match id.as_str() {
+            "broken" => assert!(
+                matches!(answer, Err(RegistryError::Backend(_))),
+                "{answer:?}"
+            ),
+            "taken" => assert!(
+                matches!(answer, Err(RegistryError::Collision(_))),
+                "{answer:?}"
+            ),
+            _ => {
+                let p = answer.unwrap();
+                assert_eq!(p.device.id, id);
+                created += usize::from(p.created);
+            }
+        }
+    }
+    assert_eq!(created, 50, "each of the 50 ids is created once");
+    let waves = DeviceFilter {
+        tags: vec![("wave".into(), "1".into())],
+        ..DeviceFilter::default()
+    };
+    assert_eq!(store.devices(&waves, None, 100).await.unwrap().len(), 50);
+    assert!(store.device(&id("broken")).await.unwrap().is_none());
 }
 
 async fn loaders_feed_the_registry(url: &str) {

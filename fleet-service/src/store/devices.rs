@@ -355,85 +355,111 @@ const PROVISIONED_REASON: &str = "provisioned: jitp";
 
 impl Store {
     /// Inserts the device unless one with its id exists, and returns the row as stored with
-    /// whether this call created it. Safe under concurrency: one row per id, whoever wins.
-    /// A row owned by another CA is [`StoreError::Collision`].
+    /// whether this call created it: [`Store::provision_many`] of one. Safe under concurrency:
+    /// one row per id, whoever wins. A row owned by another CA is [`StoreError::Collision`].
     pub async fn provision(&self, new: &NewDevice) -> Result<Provisioned, StoreError> {
+        self.provision_many(std::slice::from_ref(new))
+            .await?
+            .pop()
+            .expect("one answer per device")
+    }
+
+    /// Creates each device unless a row with its id exists, all in one transaction (a group
+    /// commit: a storm of first connections costs one commit per batch, not per device), and
+    /// answers each with its row as stored, or a collision when the id belongs to another CA
+    /// or organization. Err when the transaction failed: nothing was written, and the caller
+    /// may retry the devices one by one so that one bad device costs only itself.
+    pub async fn provision_many(
+        &self,
+        batch: &[NewDevice],
+    ) -> Result<Vec<Result<Provisioned, StoreError>>, StoreError> {
         let now = now_ms();
-        let tags_json = tags_to_json(&new.tags);
-        let (created, row): (bool, DeviceRecordRow) = with_pool!(self, |pool, begin| {
+        let rows: Vec<(bool, DeviceRecordRow)> = with_pool!(self, |pool, begin| {
             let mut tx = pool.begin_with(begin).await?;
-            let inserted: Option<(String,)> = sqlx::query_as(
-                "INSERT INTO devices (id, product_id, cohort_id, ca_id, tags, state, state_reason, \
-                 state_changed_at, online, session_epoch, presence_rank, cert_fingerprint, \
-                 cert_subject, cert_issuer, cert_serial, cert_not_after, created_at, updated_at, \
-                 org_id) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, FALSE, 0, 1, $9, $10, $11, $12, $13, \
-                 $8, $8, $14) \
-                 ON CONFLICT (id) DO NOTHING RETURNING id",
-            )
-            .bind(new.id.as_str())
-            .bind(&new.product_id)
-            .bind(new.cohort_id.as_str())
-            .bind(&new.ca_id)
-            .bind(&tags_json)
-            .bind(DeviceState::Registered.as_str())
-            .bind(PROVISIONED_REASON)
-            .bind(now)
-            .bind(&new.cert.fingerprint_sha256)
-            .bind(&new.cert.subject)
-            .bind(&new.cert.issuer)
-            .bind(&new.cert.serial)
-            .bind(new.cert.not_after_ms)
-            .bind(&new.org_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| {
-                super::constraint(e, "device", "the device's product, cohort or CA")
-            })?;
-            let created = inserted.is_some();
-            if created && !new.tags.is_empty() {
-                let mut q =
-                    sqlx::QueryBuilder::new("INSERT INTO device_tags (device_id, key, value) ");
-                q.push_values(&new.tags, |mut b, (k, v)| {
-                    b.push_bind(new.id.as_str()).push_bind(k).push_bind(v);
-                });
-                q.build().execute(&mut *tx).await?;
+            let mut rows = Vec::with_capacity(batch.len());
+            for new in batch {
+                let tags_json = tags_to_json(&new.tags);
+                let inserted: Option<(String,)> = sqlx::query_as(
+                    "INSERT INTO devices (id, product_id, cohort_id, ca_id, tags, state, state_reason, \
+                     state_changed_at, online, session_epoch, presence_rank, cert_fingerprint, \
+                     cert_subject, cert_issuer, cert_serial, cert_not_after, created_at, updated_at, \
+                     org_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, FALSE, 0, 1, $9, $10, $11, $12, $13, \
+                     $8, $8, $14) \
+                     ON CONFLICT (id) DO NOTHING RETURNING id",
+                )
+                .bind(new.id.as_str())
+                .bind(&new.product_id)
+                .bind(new.cohort_id.as_str())
+                .bind(&new.ca_id)
+                .bind(&tags_json)
+                .bind(DeviceState::Registered.as_str())
+                .bind(PROVISIONED_REASON)
+                .bind(now)
+                .bind(&new.cert.fingerprint_sha256)
+                .bind(&new.cert.subject)
+                .bind(&new.cert.issuer)
+                .bind(&new.cert.serial)
+                .bind(new.cert.not_after_ms)
+                .bind(&new.org_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| {
+                    super::constraint(e, "device", "the device's product, cohort or CA")
+                })?;
+                let created = inserted.is_some();
+                if created && !new.tags.is_empty() {
+                    let mut q =
+                        sqlx::QueryBuilder::new("INSERT INTO device_tags (device_id, key, value) ");
+                    q.push_values(&new.tags, |mut b, (k, v)| {
+                        b.push_bind(new.id.as_str()).push_bind(k).push_bind(v);
+                    });
+                    q.build().execute(&mut *tx).await?;
+                }
+                if created {
+                    sqlx::query(super::audit::DEVICE_EVENT)
+                        .bind(&new.org_id)
+                        .bind(now)
+                        .bind("device.provision")
+                        .bind(new.id.as_str())
+                        .bind(
+                            serde_json::json!({
+                                "ca_id": new.ca_id,
+                                "product_id": new.product_id,
+                                "cohort_id": new.cohort_id.as_str(),
+                                "certificate_fingerprint": new.cert.fingerprint_sha256,
+                            })
+                            .to_string(),
+                        )
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let row: DeviceRecordRow = sqlx::query_as(
+                    "SELECT id, org_id, ca_id, pinned_fingerprint, product_id, cohort_id, session_epoch FROM devices \
+                     WHERE id = $1",
+                )
+                .bind(new.id.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+                rows.push((created, row));
             }
-            if created {
-                sqlx::query(super::audit::DEVICE_EVENT)
-                    .bind(&new.org_id)
-                    .bind(now)
-                    .bind("device.provision")
-                    .bind(new.id.as_str())
-                    .bind(
-                        serde_json::json!({
-                            "ca_id": new.ca_id,
-                            "product_id": new.product_id,
-                            "cohort_id": new.cohort_id.as_str(),
-                            "certificate_fingerprint": new.cert.fingerprint_sha256,
-                        })
-                        .to_string(),
-                    )
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            let row: DeviceRecordRow = sqlx::query_as(
-                "SELECT id, org_id, ca_id, pinned_fingerprint, product_id, cohort_id, session_epoch FROM devices \
-                 WHERE id = $1",
-            )
-            .bind(new.id.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
             tx.commit().await?;
-            (created, row)
+            rows
         });
-        if row.ca_id.as_deref().is_some_and(|c| c != new.ca_id) || row.org_id != new.org_id {
-            return Err(StoreError::Collision(new.id.clone()));
-        }
-        Ok(Provisioned {
-            device: row.try_into()?,
-            created,
-        })
+        Ok(batch
+            .iter()
+            .zip(rows)
+            .map(|(new, (created, row))| {
+                if row.ca_id.as_deref().is_some_and(|c| c != new.ca_id) || row.org_id != new.org_id
+                {
+                    return Err(StoreError::Collision(new.id.clone()));
+                }
+                Ok(Provisioned {
+                    device: row.try_into()?,
+                    created,
+                })
+            })
+            .collect())
     }
 
     /// Every device, as the broker's registry wants it, for loading at start.
@@ -597,13 +623,19 @@ impl Store {
     }
 }
 
+impl From<StoreError> for RegistryError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Collision(id) => RegistryError::Collision(id),
+            other => RegistryError::Backend(other.to_string()),
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl RegistryStore for Store {
     async fn provision_device(&self, new: &NewDevice) -> Result<Provisioned, RegistryError> {
-        self.provision(new).await.map_err(|e| match e {
-            StoreError::Collision(id) => RegistryError::Collision(id),
-            other => RegistryError::Backend(other.to_string()),
-        })
+        Ok(self.provision(new).await?)
     }
 
     async fn claim_device(
