@@ -17,6 +17,8 @@ pub enum Rejection {
     UnknownCa,
     #[error("certificate's CA is disabled")]
     DisabledCa,
+    #[error("certificate's CA has expired and provisions no new devices")]
+    CaExpired,
     #[error("certificate has expired")]
     CertificateExpired,
     #[error("certificate is not valid yet")]
@@ -52,11 +54,12 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 20] = [
+    pub const ALL: [Rejection; 21] = [
         Rejection::TlsHandshake,
         Rejection::BadCertificate,
         Rejection::UnknownCa,
         Rejection::DisabledCa,
+        Rejection::CaExpired,
         Rejection::CertificateExpired,
         Rejection::CertificateNotYetValid,
         Rejection::BadCommonName,
@@ -81,6 +84,7 @@ impl Rejection {
             Rejection::BadCertificate => "bad_certificate",
             Rejection::UnknownCa => "unknown_ca",
             Rejection::DisabledCa => "disabled_ca",
+            Rejection::CaExpired => "ca_expired",
             Rejection::CertificateExpired => "certificate_expired",
             Rejection::CertificateNotYetValid => "certificate_not_yet_valid",
             Rejection::BadCommonName => "bad_common_name",

@@ -32,6 +32,9 @@ pub struct CaRecord {
     /// never provisions new ones.
     pub keep_devices_when_disabled: bool,
     pub jitp: Option<JitpSettings>,
+    /// When the CA certificate expires (Unix ms). Past it, the CA provisions no new device;
+    /// those it provisioned before keep connecting while their own certificates are valid.
+    pub not_after_ms: i64,
 }
 
 impl CaRecord {
@@ -413,6 +416,10 @@ impl Registry {
         if !ca.enabled {
             // Disabled, keeping only the devices it provisioned before.
             return Err(Rejection::DisabledCa);
+        }
+        if ca.not_after_ms < now.saturating_mul(1000) {
+            // TLS trust anchors carry no validity of their own: the date is checked here.
+            return Err(Rejection::CaExpired);
         }
         let jitp = ca.jitp.clone().ok_or(Rejection::NotProvisioned)?;
 

@@ -423,12 +423,26 @@ pub struct DeviceCert {
 
 impl TestCa {
     pub fn new(cn: &str) -> TestCa {
+        let now = time::OffsetDateTime::now_utc();
+        Self::new_valid(
+            cn,
+            now - time::Duration::days(1),
+            now + time::Duration::days(365),
+        )
+    }
+
+    /// A root CA whose own certificate is valid from `not_before` to `not_after`.
+    pub fn new_valid(
+        cn: &str,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
-        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(365);
+        params.not_before = not_before;
+        params.not_after = not_after;
         let key = KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
         let pem = cert.pem();
@@ -516,6 +530,14 @@ impl TestCa {
         DeviceCert {
             cert_pem: format!("{}{}", cert.pem(), self.chain_pem),
             key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// This CA's own certificate and key, presented as if it were a device's.
+    pub fn as_device_cert(&self) -> DeviceCert {
+        DeviceCert {
+            cert_pem: self.pem.clone(),
+            key_pem: self.key.serialize_pem(),
         }
     }
 

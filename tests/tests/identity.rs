@@ -241,3 +241,43 @@ async fn service_client_ids_belong_to_their_key() {
     }
     p.stop().await;
 }
+
+/// A CA past its expiry date provisions no new device (TLS trust anchors carry no validity of
+/// their own, so the handshake alone would let it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_ca_provisions_no_new_devices() {
+    let p = Platform::sqlite().await;
+    let now = time::OffsetDateTime::now_utc();
+    let expired = TestCa::new_valid(
+        "Expired Factory CA",
+        now - time::Duration::days(400),
+        now - time::Duration::days(1),
+    );
+    let fleet = p
+        .jitp_fleet_with(p.app().admin_token(), expired, json!({}))
+        .await;
+    let e = refused(Client::connect(p.device_options(&fleet.ca.issue("late-1"), "late-1")).await);
+    assert!(not_authorized(&e), "{e:?}");
+    assert_eq!(p.app().control().metrics().rejections["ca_expired"], 1);
+    let (s, _) = p.api("GET", "/api/v1/devices/late-1", None).await;
+    assert_eq!(s, 404);
+    p.stop().await;
+}
+
+/// A CA certificate is no device identity, even one a registered CA signed whose CN is a valid
+/// device id: refused in the handshake, and nothing is provisioned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_certificate_is_not_a_device() {
+    let p = Platform::sqlite().await;
+    let fleet = p.jitp_fleet(json!({})).await;
+    let sub_ca = fleet.ca.intermediate("ca-shaped-1");
+    let e =
+        refused(Client::connect(p.device_options(&sub_ca.as_device_cert(), "ca-shaped-1")).await);
+    assert!(
+        format!("{e:?}").contains("AlertReceived(CertificateUnknown)"),
+        "refused in the handshake: {e:?}"
+    );
+    let (s, _) = p.api("GET", "/api/v1/devices/ca-shaped-1", None).await;
+    assert_eq!(s, 404);
+    p.stop().await;
+}

@@ -180,6 +180,7 @@ impl CaCertificate {
             enabled: self.enabled,
             keep_devices_when_disabled: self.keep_devices_when_disabled,
             jitp: self.jitp.clone(),
+            not_after_ms: self.not_after_ms,
         })
     }
 }
