@@ -281,3 +281,36 @@ async fn a_ca_certificate_is_not_a_device() {
     assert_eq!(s, 404);
     p.stop().await;
 }
+
+/// The proof of possession names its code in exactly one CN: a second one is refused, and the
+/// code stays usable for a proper proof.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proof_of_possession_with_two_common_names_is_refused() {
+    let p = Platform::sqlite().await;
+    let ca = TestCa::new("Two Names Factory CA");
+    let (s, code) = p
+        .api("POST", "/api/v1/ca-certificates/verification-code", None)
+        .await;
+    assert_eq!(s, 201, "{code}");
+    let code = code["code"].as_str().unwrap();
+    let proof = ca.issue_as(
+        code,
+        &CertShape {
+            second_cn: Some("something-else".into()),
+            ..CertShape::default()
+        },
+    );
+    let (s, body) = p
+        .api(
+            "POST",
+            "/api/v1/ca-certificates",
+            Some(json!({ "certificate_pem": ca.pem, "verification_certificate_pem": proof.cert_pem })),
+        )
+        .await;
+    assert_eq!(s, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_proof", "{body}");
+    let (s, list) = p.api("GET", "/api/v1/ca-certificates", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(0), "{list}");
+    p.stop().await;
+}

@@ -61,7 +61,9 @@ pub fn parse_ca_pem(pem: &str) -> Result<ParsedCa, CaPemError> {
 pub enum ProofError {
     #[error("the verification certificate is not one PEM certificate")]
     NotACertificate,
-    #[error("the verification certificate's subject has no CN (it must be the verification code)")]
+    #[error(
+        "the verification certificate's subject must have exactly one CN: the verification code"
+    )]
     NoCommonName,
     #[error("the verification certificate is not signed by the CA's key")]
     BadSignature,
@@ -88,14 +90,14 @@ pub fn verify_possession(ca: &ParsedCa, verification_pem: &str) -> Result<String
     if !cert.validity().is_valid() {
         return Err(ProofError::NotValidNow);
     }
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_owned)
-        .ok_or(ProofError::NoCommonName);
-    cn
+    let mut names = cert.subject().iter_common_name();
+    match (names.next(), names.next()) {
+        (Some(cn), None) => cn
+            .as_str()
+            .map(str::to_owned)
+            .map_err(|_| ProofError::NoCommonName),
+        _ => Err(ProofError::NoCommonName),
+    }
 }
 
 fn parse_ca_der(der: Vec<u8>) -> Result<ParsedCa, CaPemError> {
