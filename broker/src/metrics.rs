@@ -45,10 +45,14 @@ pub enum Rejection {
     PinMismatch,
     #[error("certificate is revoked")]
     CertificateRevoked,
+    #[error("malformed packet or protocol violation")]
+    MalformedPacket,
+    #[error("over a per-client limit (packet size, properties, Receive Maximum)")]
+    OverLimit,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 18] = [
+    pub const ALL: [Rejection; 20] = [
         Rejection::TlsHandshake,
         Rejection::BadCertificate,
         Rejection::UnknownCa,
@@ -67,6 +71,8 @@ impl Rejection {
         Rejection::Quarantined,
         Rejection::PinMismatch,
         Rejection::CertificateRevoked,
+        Rejection::MalformedPacket,
+        Rejection::OverLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +95,8 @@ impl Rejection {
             Rejection::Quarantined => "quarantined",
             Rejection::PinMismatch => "pin_mismatch",
             Rejection::CertificateRevoked => "certificate_revoked",
+            Rejection::MalformedPacket => "malformed_packet",
+            Rejection::OverLimit => "over_limit",
         }
     }
 }
