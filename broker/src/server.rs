@@ -42,6 +42,8 @@ pub struct BrokerConfig {
     pub max_user_properties: usize,
     /// Bytes of MQTT 5 properties one packet may carry.
     pub max_property_bytes: usize,
+    /// Topic filters one connection may hold; a SUBSCRIBE beyond is refused per filter.
+    pub max_subscriptions: usize,
     /// How long a new connection waits for the session it takes over to finish.
     pub takeover_wait_ms: u64,
     /// Longest a disconnected persistent session is kept, seconds (MQTT 3.1.1 sessions have
@@ -63,6 +65,7 @@ impl Default for BrokerConfig {
             receive_maximum: 64,
             max_user_properties: 32,
             max_property_bytes: 8 * 1024,
+            max_subscriptions: 1_000,
             takeover_wait_ms: 5_000,
             max_session_expiry_secs: 7 * 24 * 3600,
             bus_timeout_ms: 10_000,
@@ -120,6 +123,7 @@ impl Broker {
                     max_user_properties: config.max_user_properties,
                     max_property_bytes: config.max_property_bytes,
                 },
+                max_subscriptions: config.max_subscriptions,
                 takeover_wait: Duration::from_millis(config.takeover_wait_ms),
                 max_session_expiry: Duration::from_secs(config.max_session_expiry_secs),
                 bus_timeout: Duration::from_millis(config.bus_timeout_ms),

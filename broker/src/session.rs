@@ -48,6 +48,8 @@ pub(crate) struct SessionSettings {
     pub receive_maximum: usize,
     /// Bounds on what one packet may carry besides topic and payload.
     pub limits: Limits,
+    /// Topic filters one connection may hold.
+    pub max_subscriptions: usize,
     /// How long a new connection waits for the session it replaces to finish.
     pub takeover_wait: Duration,
     /// Longest a disconnected persistent session is kept (MQTT 3.1.1 has no expiry of its own;
@@ -593,6 +595,10 @@ struct Session<S> {
     unreleased: PacketIds,
     /// A DISCONNECT saying why is already queued; [`Session::finish`] adds none.
     disconnect_sent: bool,
+    /// The filters this connection subscribed (a hash each, so a long filter costs no more),
+    /// bounded by `max_subscriptions`.
+    subscriptions: std::collections::HashSet<u64>,
+    filter_hasher: std::hash::RandomState,
 }
 
 enum Step {
@@ -667,6 +673,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             outgoing: VecDeque::new(),
             unreleased: PacketIds::default(),
             disconnect_sent: false,
+            subscriptions: Default::default(),
+            filter_hasher: Default::default(),
         };
 
         if session.device.is_some() {
@@ -815,6 +823,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Step::End(DisconnectReason::ProtocolError)
     }
 
+    /// What [`Session::subscriptions`] keeps of a filter.
+    fn filter_key(&self, filter: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.filter_hasher.hash_one(filter)
+    }
+
     /// Inbound QoS 1 publishes not acknowledged and QoS 2 ones not released: what Receive
     /// Maximum bounds.
     fn in_flight(&self) -> usize {
@@ -856,6 +870,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 // Every filter goes to the router. It answers one UNSUBACK per removed filter
                 // and none for unknown ones; the client gets exactly one, from here.
+                for f in &unsubscribe.filters {
+                    let key = self.filter_key(f);
+                    self.subscriptions.remove(&key);
+                }
                 let reasons = vec![UnsubAckReason::Success; unsubscribe.filters.len()];
                 to_router.push(Packet::Unsubscribe(unsubscribe, props));
                 let ack = Packet::UnsubAck(UnsubAck { pkid, reasons }, None);
@@ -1065,8 +1083,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut allowed = Vec::new();
         let service = matches!(self.principal, Principal::Service(_));
+        let full = match self.conn.version() {
+            Version::V311 => SubscribeReasonCode::Failure,
+            Version::V5 => SubscribeReasonCode::QuotaExceeded,
+        };
         for mut filter in subscribe.filters {
             if acl::may_subscribe(&self.principal, &filter.path, &*self.ctx.control.registry) {
+                let key = self.filter_key(&filter.path);
+                if !self.subscriptions.contains(&key)
+                    && self.subscriptions.len() >= self.ctx.settings.max_subscriptions
+                {
+                    self.ctx.control.metrics.reject(Rejection::OverLimit);
+                    info!(filter = %filter.path, "subscription refused: too many subscriptions");
+                    codes.push(Some(full));
+                    continue;
+                }
+                self.subscriptions.insert(key);
                 if service && filter.qos == QoS::ExactlyOnce {
                     // What a service filter delivers is narrowed per message, and a QoS 2
                     // delivery cannot be dropped halfway; QoS 1 ones are acknowledged to the

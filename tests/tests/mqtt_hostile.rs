@@ -669,6 +669,11 @@ async fn pubrel_for_an_unknown_id_is_answered_and_the_session_goes_on() {
 async fn short_v5_disconnects_are_normal() {
     let p = Platform::sqlite().await;
     let fleet = p.jitp_fleet(json!({})).await;
+    let mut watcher = service_v311(&p, "will-watch").await;
+    watcher
+        .send(&subscribe(0x82, "devices/+/state", 0, false))
+        .await;
+    watcher.expect(9).await;
     for (id, disconnect) in [("short-1", vec![0xe0, 1, 0]), ("short-0", vec![0xe0, 0])] {
         let cert = fleet.ca.issue(id);
         let mut dev = Raw::device(&p, &cert).await;
@@ -686,6 +691,21 @@ async fn short_v5_disconnects_are_normal() {
         })
         .await;
         assert_eq!(d["disconnect_reason"], "client", "{id}: {d}");
+        // No will: the next state message the watcher sees is the device's own marker.
+        let mut dev = Raw::device(&p, &cert).await;
+        dev.connect(&Connect::v5(id).bytes()).await;
+        let marker = br#"{"firmware_version":"marker"}"#;
+        dev.send(&publish(
+            0x32,
+            will_topic.as_bytes(),
+            Some(1),
+            Some(&[]),
+            marker,
+        ))
+        .await;
+        dev.expect(4).await;
+        let (_, state) = watcher.expect(3).await;
+        assert!(state.ends_with(marker), "{id}: the will was published");
     }
     p.stop().await;
 }
@@ -957,6 +977,42 @@ async fn huge_client_ids_are_refused() {
         Some(0x85),
         "5: client identifier not valid"
     );
+    still_healthy(&p).await;
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_per_connection_are_bounded() {
+    let mut tuning = fleet_service::config::Tuning::default();
+    tuning.broker.max_subscriptions = 20;
+    let p = Platform::start_tuned(e2e::Db::Sqlite, tuning)
+        .await
+        .unwrap();
+    let mut raw = service_v5(&p, "many-subs").await;
+    // One SUBSCRIBE of 25 filters: 20 granted, the rest refused, the session goes on.
+    let mut body = vec![0, 1, 0];
+    for i in 0..25 {
+        string(format!("devices/d{i}/telemetry").as_bytes(), &mut body);
+        body.push(1);
+    }
+    raw.send(&frame(0x82, &body)).await;
+    let (_, ack) = raw.expect(9).await;
+    let codes = &ack[3..];
+    assert_eq!(codes.len(), 25);
+    assert!(codes[..20].iter().all(|c| *c == 1), "{codes:02x?}");
+    assert!(codes[20..].iter().all(|c| *c == 0x97), "{codes:02x?}");
+    // Subscribing again to a held filter is no new one; unsubscribing frees a place.
+    raw.send(&subscribe(0x82, "devices/d0/telemetry", 1, true))
+        .await;
+    assert_eq!(raw.expect(9).await.1[3..], [1]);
+    let mut unsub = vec![0, 2, 0];
+    string(b"devices/d0/telemetry", &mut unsub);
+    raw.send(&frame(0xa2, &unsub)).await;
+    raw.expect(11).await;
+    raw.send(&subscribe(0x82, "devices/d99/telemetry", 1, true))
+        .await;
+    assert_eq!(raw.expect(9).await.1[3..], [1]);
+    raw.ping().await;
     still_healthy(&p).await;
     p.stop().await;
 }
