@@ -131,6 +131,7 @@ impl Broker {
             shutdown,
             service_ids: AtomicU64::new(1),
             connect_gates: dashmap::DashMap::new(),
+            unreleased_qos2: dashmap::DashMap::new(),
         });
         Ok(Self {
             ctx,

@@ -70,6 +70,10 @@ pub(crate) struct Ctx {
     pub service_ids: AtomicU64,
     /// Per device: held while one of its connections is being set up.
     pub connect_gates: dashmap::DashMap<DeviceId, Arc<tokio::sync::Mutex<()>>>,
+    /// Per router client id of a disconnected persistent session: the packet ids of its QoS 2
+    /// publishes still awaiting PUBREL, so a resend after reconnecting is not delivered twice.
+    /// Dropped when the session expires.
+    pub unreleased_qos2: dashmap::DashMap<String, Vec<u16>>,
 }
 
 fn now_ms() -> i64 {
@@ -566,6 +570,18 @@ impl PacketIds {
     fn len(&self) -> usize {
         self.len
     }
+
+    fn ids(&self) -> Vec<u16> {
+        (0..=u16::MAX).filter(|id| self.contains(*id)).collect()
+    }
+
+    fn from_ids(ids: &[u16]) -> Self {
+        let mut set = Self::default();
+        for id in ids {
+            set.insert(*id);
+        }
+        set
+    }
 }
 
 type BusFuture = futures::future::BoxFuture<'static, (u64, Result<(), BusError>)>;
@@ -646,6 +662,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 expiry.min(ctx.settings.max_session_expiry),
             )
         });
+        let stored_qos2 = ctx
+            .unreleased_qos2
+            .remove(&router_client_id)
+            .map(|(_, ids)| ids);
         let link = match ctx.router.connect(router_client_id, opts).await {
             Ok(link) => link,
             Err(e) => {
@@ -654,6 +674,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 conn.close(Duration::from_secs(1)).await;
                 return None;
             }
+        };
+        // A resumed session resumes its QoS 2 exchanges too.
+        let unreleased = match (link.session_present, stored_qos2) {
+            (true, Some(ids)) => PacketIds::from_ids(&ids),
+            _ => PacketIds::default(),
         };
         let mut session = Session {
             keepalive: (info.connect.keep_alive > 0)
@@ -671,7 +696,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             bus: FuturesUnordered::new(),
             wake_router: false,
             outgoing: VecDeque::new(),
-            unreleased: PacketIds::default(),
+            unreleased,
             disconnect_sent: false,
             subscriptions: Default::default(),
             filter_hasher: Default::default(),
@@ -1362,6 +1387,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             session_expiry,
             persistent,
             link,
+            unreleased,
             ..
         } = self;
         if let (Some((client_id, expiry)), false) = (persistent, router_dropped) {
@@ -1378,9 +1404,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ) {
                 router.expire_session(client_id, generation).await;
             } else {
+                if unreleased.len() > 0 {
+                    ctx.unreleased_qos2
+                        .insert(client_id.clone(), unreleased.ids());
+                }
+                let ctx = ctx.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(expiry).await;
-                    router.expire_session(client_id, generation).await;
+                    if router.expire_session(client_id.clone(), generation).await {
+                        ctx.unreleased_qos2.remove(&client_id);
+                    }
                 });
             }
         } else {

@@ -510,6 +510,43 @@ async fn resent_qos2_publish_is_stored_once() {
     p.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resent_qos2_publish_after_reconnecting_is_stored_once() {
+    let p = Platform::sqlite().await;
+    let fleet = p.jitp_fleet(json!({})).await;
+    let cert = fleet.ca.issue("dup-q2p");
+    let persistent = Connect {
+        flags: 0,
+        ..Connect::v311("dup-q2p")
+    };
+    let topic = b"devices/dup-q2p/telemetry";
+    let mut raw = Raw::device(&p, &cert).await;
+    raw.connect(&persistent.bytes()).await;
+    raw.send(&publish(0x34, topic, Some(5), None, br#"{"n":1}"#))
+        .await;
+    raw.expect(5).await;
+    // The connection drops before the client saw the PUBREC: it resends on its next one.
+    drop(raw);
+    let mut raw = e2e::eventually("reconnected with the session", || async {
+        let mut raw = Raw::device(&p, &cert).await;
+        raw.send(&persistent.bytes()).await;
+        match raw.next().await {
+            Got::Packet(0x20, body) if body == [1, 0] => Some(raw),
+            _ => None,
+        }
+    })
+    .await;
+    raw.send(&publish(0x3c, topic, Some(5), None, br#"{"n":1}"#))
+        .await;
+    assert_eq!(raw.expect(5).await.1, [0, 5]);
+    raw.send(&frame(0x62, &[0, 5])).await;
+    assert_eq!(raw.expect(7).await.1, [0, 5]);
+    raw.ping().await;
+    let id = fleet_wire::DeviceId::parse("dup-q2p").unwrap();
+    assert_eq!(p.app().store().telemetry_count(&id).await.unwrap(), 1);
+    p.stop().await;
+}
+
 // ---- Finding 10: the maximum packet size counts the whole packet ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
