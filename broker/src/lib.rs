@@ -7,6 +7,8 @@
 //!   changes at run time.
 //! - `session`: one MQTT 3.1.1/5 session per connection, driving a rumqttd local link, enforcing
 //!   topic rights, holding PUBACKs until the event bus has the event, publishing presence.
+//! - `mqtt`: framing and codec choice per connection; `mqtt::validate` checks every frame
+//!   (flags, reserved bits, MQTT 5 property rules and bounds) before the codec decodes it.
 //! - `router`: the only module that names rumqttd.
 //! - [`acl`]: topic rights for devices and backend services.
 //! - [`registry`]: the in-memory CA and device cache the connect path reads, and JITP.

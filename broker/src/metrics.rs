@@ -51,10 +51,14 @@ pub enum Rejection {
     PinMismatch,
     #[error("certificate is revoked")]
     CertificateRevoked,
+    #[error("malformed packet or protocol violation")]
+    MalformedPacket,
+    #[error("over a per-client limit (packet size, properties, Receive Maximum)")]
+    OverLimit,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 21] = [
+    pub const ALL: [Rejection; 23] = [
         Rejection::TlsHandshake,
         Rejection::BadCertificate,
         Rejection::UnknownCa,
@@ -76,6 +80,8 @@ impl Rejection {
         Rejection::Quarantined,
         Rejection::PinMismatch,
         Rejection::CertificateRevoked,
+        Rejection::MalformedPacket,
+        Rejection::OverLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -101,6 +107,8 @@ impl Rejection {
             Rejection::Quarantined => "quarantined",
             Rejection::PinMismatch => "pin_mismatch",
             Rejection::CertificateRevoked => "certificate_revoked",
+            Rejection::MalformedPacket => "malformed_packet",
+            Rejection::OverLimit => "over_limit",
         }
     }
 }

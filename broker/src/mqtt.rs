@@ -1,14 +1,21 @@
 //! One connection's bytes: framing, the choice of MQTT 3.1.1 or 5 codec from the CONNECT
-//! packet, and a peek at each frame's header for what rumqttd's packet types keep private
-//! (a PUBLISH's QoS and packet id).
+//! packet, a peek at each frame's header for what rumqttd's packet types keep private
+//! (a PUBLISH's QoS and packet id), and [`validate`]'s checks of each frame before the codec
+//! decodes it.
+
+mod validate;
 
 use std::io;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::router::proto::{CodecError, Packet, Protocol, V4, V5};
+use crate::router::proto::{
+    CodecError, Disconnect, DisconnectReasonCode, Packet, Protocol, V4, V5,
+};
+
+pub(crate) use validate::{Limits, Violation};
 
 /// How long one write may wait for a peer that does not read.
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,6 +52,8 @@ pub(crate) enum ReadError {
     Io(#[from] io::Error),
     #[error("malformed packet: {0}")]
     Malformed(CodecError),
+    #[error("{0}")]
+    Invalid(Violation),
     #[error("packet of {0} bytes is larger than allowed")]
     TooLarge(usize),
     #[error("unsupported protocol level {0}")]
@@ -67,16 +76,18 @@ fn fixed_header(buf: &[u8]) -> Option<Result<(u8, usize, usize), CodecError>> {
     Some(Err(CodecError::MalformedRemainingLength))
 }
 
-/// Header facts of the complete frame at the start of `buf`, if there is one.
-fn peek(buf: &[u8], max: usize) -> Result<Option<(FrameInfo, usize)>, ReadError> {
+/// Header facts of the complete frame at the start of `buf`, if there is one, with the
+/// length of its fixed header and its whole length. A frame longer than `max` (fixed header
+/// included, as MQTT 5's Maximum Packet Size counts it) is refused once its header is read.
+fn peek(buf: &[u8], max: usize) -> Result<Option<(FrameInfo, usize, usize)>, ReadError> {
     let Some(header) = fixed_header(buf) else {
         return Ok(None);
     };
     let (first, header_len, remaining) = header.map_err(ReadError::Malformed)?;
-    if remaining > max {
-        return Err(ReadError::TooLarge(remaining));
-    }
     let frame_len = header_len + remaining;
+    if frame_len > max {
+        return Err(ReadError::TooLarge(frame_len));
+    }
     if buf.len() < frame_len {
         return Ok(None);
     }
@@ -98,6 +109,7 @@ fn peek(buf: &[u8], max: usize) -> Result<Option<(FrameInfo, usize)>, ReadError>
             qos,
             pkid,
         },
+        header_len,
         frame_len,
     )))
 }
@@ -128,18 +140,25 @@ pub(crate) struct Conn<S> {
     read: BytesMut,
     write: BytesMut,
     max_packet: usize,
+    limits: Limits,
     version: Version,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// A connection with the default [`Limits`]; [`Conn::set_limits`] changes them.
     pub fn new(io: S, max_packet: usize) -> Self {
         Self {
             io,
             read: BytesMut::with_capacity(4096),
             write: BytesMut::with_capacity(4096),
             max_packet,
+            limits: Limits::default(),
             version: Version::V311,
         }
+    }
+
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
     }
 
     pub fn version(&self) -> Version {
@@ -150,13 +169,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub async fn read_connect(&mut self, within: Duration) -> Result<Packet, ReadError> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            if let Some((_, len)) = peek(&self.read, self.max_packet)? {
+            if let Some((_, header_len, len)) = peek(&self.read, self.max_packet)? {
                 let level = connect_level(&self.read[..len])?;
                 self.version = match level {
                     4 => Version::V311,
                     5 => Version::V5,
                     other => return Err(ReadError::UnsupportedVersion(other)),
                 };
+                validate::check_connect(&self.read[..len], header_len, self.version, &self.limits)
+                    .map_err(ReadError::Invalid)?;
                 let packet = self.decode()?;
                 return match packet {
                     p @ Packet::Connect(..) => Ok(p),
@@ -185,9 +206,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// The next complete packet already buffered, with its header facts.
     pub fn next_packet(&mut self) -> Result<Option<(FrameInfo, Packet)>, ReadError> {
-        let Some((info, _)) = peek(&self.read, self.max_packet)? else {
+        let Some((info, header_len, len)) = peek(&self.read, self.max_packet)? else {
             return Ok(None);
         };
+        validate::check_packet(&self.read[..len], header_len, self.version, &self.limits)
+            .map_err(ReadError::Invalid)?;
+        if self.version == Version::V5 && info.packet_type == 14 && len - header_len <= 1 {
+            // MQTT 5 lets a DISCONNECT end after its reason code (or have none: 0x00);
+            // rumqttd insists on a property length.
+            let reason_code = match self.read.get(header_len) {
+                Some(0x04) => DisconnectReasonCode::DisconnectWithWillMessage,
+                _ => DisconnectReasonCode::NormalDisconnection,
+            };
+            self.read.advance(len);
+            return Ok(Some((
+                info,
+                Packet::Disconnect(Disconnect { reason_code }, None),
+            )));
+        }
         Ok(Some((info, self.decode()?)))
     }
 
@@ -220,7 +256,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         peek(&self.write[start..], usize::MAX)
             .ok()
             .flatten()
-            .map(|(info, _)| info)
+            .map(|(info, _, _)| info)
     }
 
     /// QoS and packet id of an outgoing publish (rumqttd keeps its fields private), by encoding
@@ -228,7 +264,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub fn publish_header(packet: Packet) -> Option<FrameInfo> {
         let mut buf = bytes::BytesMut::new();
         V4.write(packet, &mut buf).ok()?;
-        peek(&buf, usize::MAX).ok().flatten().map(|(info, _)| info)
+        peek(&buf, usize::MAX)
+            .ok()
+            .flatten()
+            .map(|(info, _, _)| info)
     }
 
     pub fn has_queued(&self) -> bool {
@@ -275,7 +314,8 @@ mod tests {
     fn peeks_publish_qos_and_packet_id() {
         // PUBLISH QoS 1, topic "a/b", pkid 0x1234, payload "x"
         let frame = [0x32, 8, 0, 3, b'a', b'/', b'b', 0x12, 0x34, b'x'];
-        let (info, len) = peek(&frame, 1024).unwrap().unwrap();
+        let (info, header_len, len) = peek(&frame, 1024).unwrap().unwrap();
+        assert_eq!(header_len, 2);
         assert_eq!(len, frame.len());
         assert_eq!(
             info,
@@ -286,7 +326,10 @@ mod tests {
             }
         );
         assert!(peek(&frame[..5], 1024).unwrap().is_none());
-        assert!(matches!(peek(&frame, 4), Err(ReadError::TooLarge(8))));
+        assert!(matches!(peek(&frame, 4), Err(ReadError::TooLarge(10))));
+        // The maximum counts the fixed header too.
+        assert!(peek(&frame, 10).unwrap().is_some());
+        assert!(matches!(peek(&frame, 9), Err(ReadError::TooLarge(10))));
     }
 
     #[test]

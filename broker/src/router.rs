@@ -18,9 +18,9 @@ pub(crate) mod proto {
     pub use rumqttd::protocol::{
         ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, Disconnect,
         DisconnectReasonCode, Error as CodecError, Filter, LastWill, LastWillProperties, Login,
-        Packet, PingResp, Protocol, PubAck, PubAckReason, PubRec, PubRecReason, Publish,
-        PublishProperties, QoS, RetainForwardRule, SubAck, Subscribe, SubscribeProperties,
-        SubscribeReasonCode, UnsubAck, UnsubAckReason,
+        Packet, PingResp, Protocol, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
+        PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule,
+        SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,
     };
 }
 
@@ -144,12 +144,12 @@ impl RouterHandle {
 
     /// Ends a persistent session the router keeps for a disconnected client (rumqttd never
     /// expires them on its own): linking once with a clean session discards the saved state.
-    /// Does nothing if the client linked again since `generation`.
-    pub async fn expire_session(&self, client_id: String, generation: u64) {
+    /// Does nothing if the client linked again since `generation`; returns whether it expired.
+    pub async fn expire_session(&self, client_id: String, generation: u64) -> bool {
         let lock = self.generation_lock(&client_id);
         let current = lock.lock().await;
         if *current != generation {
-            return;
+            return false;
         }
         let this = self.clone();
         let id = client_id.clone();
@@ -173,6 +173,7 @@ impl RouterHandle {
         drop(current);
         self.generations
             .remove_if(&client_id, |_, l| Arc::strong_count(l) == 1);
+        true
     }
 }
 

@@ -30,11 +30,20 @@ pub struct BrokerConfig {
     pub handshake_timeout_ms: u64,
     /// A client that sends no CONNECT within this time after the handshake is dropped.
     pub connect_timeout_ms: u64,
-    /// Largest MQTT packet accepted, bytes.
+    /// Largest MQTT packet accepted, bytes, fixed header included (MQTT 5 Maximum Packet Size).
     pub max_packet_size: usize,
-    /// Unanswered QoS 1/2 publishes per session before the broker stops reading from it
-    /// (advertised to MQTT 5 clients as Receive Maximum).
-    pub max_pending_acks: usize,
+    /// Receive Maximum: inbound QoS 1 publishes not yet acknowledged plus QoS 2 ones not yet
+    /// released a client may have. Advertised to MQTT 5 clients, who are disconnected (0x93)
+    /// beyond it; a session of either version stops reading while this many packets wait for
+    /// an answer. (`max_pending_acks` is its former name.)
+    #[serde(alias = "max_pending_acks")]
+    pub receive_maximum: u16,
+    /// User properties one MQTT 5 packet may carry (a CONNECT's and its will's together).
+    pub max_user_properties: usize,
+    /// Bytes of MQTT 5 properties one packet may carry.
+    pub max_property_bytes: usize,
+    /// Topic filters one connection may hold; a SUBSCRIBE beyond is refused per filter.
+    pub max_subscriptions: usize,
     /// How long a new connection waits for the session it takes over to finish.
     pub takeover_wait_ms: u64,
     /// Longest a disconnected persistent session is kept, seconds (MQTT 3.1.1 sessions have
@@ -53,7 +62,10 @@ impl Default for BrokerConfig {
             handshake_timeout_ms: 10_000,
             connect_timeout_ms: 10_000,
             max_packet_size: 256 * 1024,
-            max_pending_acks: 256,
+            receive_maximum: 64,
+            max_user_properties: 32,
+            max_property_bytes: 8 * 1024,
+            max_subscriptions: 1_000,
             takeover_wait_ms: 5_000,
             max_session_expiry_secs: 7 * 24 * 3600,
             bus_timeout_ms: 10_000,
@@ -106,7 +118,12 @@ impl Broker {
             settings: SessionSettings {
                 connect_timeout: Duration::from_millis(config.connect_timeout_ms),
                 max_packet_size: config.max_packet_size,
-                max_pending_acks: config.max_pending_acks.max(1),
+                receive_maximum: config.receive_maximum.max(1) as usize,
+                limits: crate::mqtt::Limits {
+                    max_user_properties: config.max_user_properties,
+                    max_property_bytes: config.max_property_bytes,
+                },
+                max_subscriptions: config.max_subscriptions,
                 takeover_wait: Duration::from_millis(config.takeover_wait_ms),
                 max_session_expiry: Duration::from_secs(config.max_session_expiry_secs),
                 bus_timeout: Duration::from_millis(config.bus_timeout_ms),
@@ -114,6 +131,7 @@ impl Broker {
             shutdown,
             service_ids: AtomicU64::new(1),
             connect_gates: dashmap::DashMap::new(),
+            unreleased_qos2: dashmap::DashMap::new(),
         });
         Ok(Self {
             ctx,

@@ -4,6 +4,10 @@
 //! - Identity comes only from the verified certificate (devices) or an API key (services).
 //! - Every PUBLISH and SUBSCRIBE is checked against [`crate::acl`] before the router sees it.
 //! - A QoS 1/2 publish on a durable topic is acknowledged only after the event bus accepted it.
+//! - An inbound QoS 2 publish goes to the router (and the bus) once: a resend before its PUBREL
+//!   is only answered PUBREC again; what the session keeps until PUBREL is its packet id.
+//! - An MQTT 5 client never has more inbound QoS 1/2 publishes in flight than the Receive
+//!   Maximum the CONNACK advertised.
 //! - Acknowledgements reach the client in the order of the packets they answer, whether the
 //!   router or this session produced them ([`AckQueue`]).
 //! - Every session that sent CONNACK publishes exactly one `connected` and one `disconnected`
@@ -29,7 +33,7 @@ use crate::auth::ServiceAuth;
 use crate::bus::{BusError, BusMessage, EventBus};
 use crate::control::{BrokerControl, SessionHandle};
 use crate::metrics::Rejection;
-use crate::mqtt::{Conn, FrameInfo, ReadError, Version};
+use crate::mqtt::{Conn, FrameInfo, Limits, ReadError, Version, Violation};
 use crate::router::proto::*;
 use crate::router::{FromRouter, Link, LinkOptions, RouterHandle, SystemPublisher};
 
@@ -38,8 +42,14 @@ use crate::router::{FromRouter, Link, LinkOptions, RouterHandle, SystemPublisher
 pub(crate) struct SessionSettings {
     pub connect_timeout: Duration,
     pub max_packet_size: usize,
-    /// Unanswered QoS 1/2 publishes and subscribes before the session stops reading.
-    pub max_pending_acks: usize,
+    /// Receive Maximum: inbound QoS 1 publishes not yet acknowledged plus QoS 2 ones not yet
+    /// released that an MQTT 5 client may have; also the unanswered packets before a session
+    /// stops reading.
+    pub receive_maximum: usize,
+    /// Bounds on what one packet may carry besides topic and payload.
+    pub limits: Limits,
+    /// Topic filters one connection may hold.
+    pub max_subscriptions: usize,
     /// How long a new connection waits for the session it replaces to finish.
     pub takeover_wait: Duration,
     /// Longest a disconnected persistent session is kept (MQTT 3.1.1 has no expiry of its own;
@@ -60,6 +70,10 @@ pub(crate) struct Ctx {
     pub service_ids: AtomicU64,
     /// Per device: held while one of its connections is being set up.
     pub connect_gates: dashmap::DashMap<DeviceId, Arc<tokio::sync::Mutex<()>>>,
+    /// Per router client id of a disconnected persistent session: the packet ids of its QoS 2
+    /// publishes still awaiting PUBREL, so a resend after reconnecting is not delivered twice.
+    /// Dropped when the session expires.
+    pub unreleased_qos2: dashmap::DashMap<String, Vec<u16>>,
 }
 
 fn now_ms() -> i64 {
@@ -116,6 +130,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     peer: SocketAddr,
 ) -> Option<ConnectInfo> {
+    conn.set_limits(ctx.settings.limits);
     match conn.read_connect(ctx.settings.connect_timeout).await {
         Ok(Packet::Connect(connect, props, will, will_props, login)) => Some(ConnectInfo {
             connect,
@@ -137,11 +152,64 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
             let _ = conn.flush().await;
             None
         }
+        Err(ReadError::Invalid(v)) => {
+            ctx.control.refused(Rejection::BadConnect, None, peer);
+            info!(%peer, error = %v, "connection refused: invalid CONNECT");
+            // MQTT 3.1.1 closes on a malformed CONNECT without answering; it has a code only
+            // for the client id.
+            let code = match (conn.version(), v) {
+                (Version::V311, Violation::ClientId) => {
+                    Some(ConnectReturnCode::ClientIdentifierNotValid)
+                }
+                (Version::V311, _) => None,
+                (Version::V5, v) => Some(connack_code(v)),
+            };
+            if let Some(code) = code {
+                let props = (conn.version() == Version::V5).then(|| ConnAckProperties {
+                    reason_string: Some(v.to_string()),
+                    ..Default::default()
+                });
+                conn.queue(Packet::ConnAck(
+                    ConnAck {
+                        session_present: false,
+                        code,
+                    },
+                    props,
+                ));
+                let _ = conn.flush().await;
+            }
+            None
+        }
         Err(e) => {
             ctx.control.refused(Rejection::BadConnect, None, peer);
             debug!(%peer, error = %e, "no valid CONNECT");
             None
         }
+    }
+}
+
+/// The MQTT 5 CONNACK code for a CONNECT that broke a rule.
+fn connack_code(v: Violation) -> ConnectReturnCode {
+    match v {
+        Violation::Malformed(_) => ConnectReturnCode::MalformedPacket,
+        Violation::Protocol(_) | Violation::TopicAlias => ConnectReturnCode::ProtocolError,
+        Violation::OverLimit(_) => ConnectReturnCode::ImplementationSpecificError,
+        Violation::ClientId => ConnectReturnCode::ClientIdentifierNotValid,
+        Violation::AuthMethod => ConnectReturnCode::BadAuthenticationMethod,
+        Violation::TopicName(_) => ConnectReturnCode::TopicNameInvalid,
+    }
+}
+
+/// The MQTT 5 DISCONNECT code for a packet that broke a rule.
+fn disconnect_code(v: Violation) -> DisconnectReasonCode {
+    match v {
+        Violation::Malformed(_) => DisconnectReasonCode::MalformedPacket,
+        Violation::Protocol(_) | Violation::ClientId | Violation::AuthMethod => {
+            DisconnectReasonCode::ProtocolError
+        }
+        Violation::OverLimit(_) => DisconnectReasonCode::ImplementationSpecificError,
+        Violation::TopicName(_) => DisconnectReasonCode::TopicNameInvalid,
+        Violation::TopicAlias => DisconnectReasonCode::TopicAliasInvalid,
     }
 }
 
@@ -335,6 +403,7 @@ struct DeviceSession {
 enum AckKind {
     PubAck,
     PubRec,
+    PubComp,
     SubAck,
 }
 
@@ -357,11 +426,17 @@ struct Slot {
 struct AckQueue {
     slots: VecDeque<Slot>,
     next_id: u64,
+    /// QoS 1 publishes of the client not acknowledged yet.
+    pubacks: usize,
 }
 
 impl AckQueue {
     fn len(&self) -> usize {
         self.slots.len()
+    }
+
+    fn unacknowledged_qos1(&self) -> usize {
+        self.pubacks
     }
 
     fn push(&mut self, kind: AckKind, pkid: u16, packet: Option<Packet>, bus_pending: bool) -> u64 {
@@ -377,6 +452,9 @@ impl AckQueue {
         sub_codes: Vec<Option<SubscribeReasonCode>>,
     ) -> u64 {
         self.next_id += 1;
+        if kind == AckKind::PubAck {
+            self.pubacks += 1;
+        }
         self.slots.push_back(Slot {
             id: self.next_id,
             kind,
@@ -395,6 +473,9 @@ impl AckQueue {
         self.push(kind, pkid, None, false);
         if let Some(slot) = self.slots.back_mut() {
             slot.swallow = true;
+        }
+        if kind == AckKind::PubAck {
+            self.pubacks -= 1;
         }
     }
 
@@ -440,11 +521,69 @@ impl AckQueue {
 
     fn pop_ready(&mut self) -> Option<Slot> {
         let front = self.slots.front()?;
-        if front.packet.is_some() && !front.bus_pending {
-            self.slots.pop_front()
-        } else {
-            None
+        if front.packet.is_none() || front.bus_pending {
+            return None;
         }
+        let slot = self.slots.pop_front()?;
+        if slot.kind == AckKind::PubAck && !slot.swallow {
+            self.pubacks -= 1;
+        }
+        Some(slot)
+    }
+}
+
+/// Packet ids of the client's QoS 2 publishes that are delivered and answered PUBREC but not
+/// released (PUBREL) yet: one bit each, so what a client can make the session hold is bounded
+/// by the packet-id space (8 KiB), whatever it sends.
+#[derive(Default)]
+struct PacketIds {
+    bits: Option<Box<[u64; 1024]>>,
+    len: usize,
+}
+
+impl PacketIds {
+    fn contains(&self, id: u16) -> bool {
+        self.bits
+            .as_ref()
+            .is_some_and(|b| b[id as usize / 64] & (1 << (id % 64)) != 0)
+    }
+
+    fn insert(&mut self, id: u16) {
+        let bits = self.bits.get_or_insert_with(|| Box::new([0; 1024]));
+        let word = &mut bits[id as usize / 64];
+        if *word & (1 << (id % 64)) == 0 {
+            *word |= 1 << (id % 64);
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, id: u16) -> bool {
+        let Some(bits) = self.bits.as_mut() else {
+            return false;
+        };
+        let word = &mut bits[id as usize / 64];
+        let present = *word & (1 << (id % 64)) != 0;
+        if present {
+            *word &= !(1 << (id % 64));
+            self.len -= 1;
+        }
+        present
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn ids(&self) -> Vec<u16> {
+        (0..=u16::MAX).filter(|id| self.contains(*id)).collect()
+    }
+
+    fn from_ids(ids: &[u16]) -> Self {
+        let mut set = Self::default();
+        for id in ids {
+            set.insert(*id);
+        }
+        set
     }
 }
 
@@ -471,6 +610,14 @@ struct Session<S> {
     /// its acknowledgement once there is one. Deliveries the key may not see are acknowledged
     /// here at once and never reach the client.
     outgoing: VecDeque<(u16, Option<Packet>)>,
+    /// The client's QoS 2 publishes awaiting its PUBREL (see [`PacketIds`]).
+    unreleased: PacketIds,
+    /// A DISCONNECT saying why is already queued; [`Session::finish`] adds none.
+    disconnect_sent: bool,
+    /// The filters this connection subscribed (a hash each, so a long filter costs no more),
+    /// bounded by `max_subscriptions`.
+    subscriptions: std::collections::HashSet<u64>,
+    filter_hasher: std::hash::RandomState,
 }
 
 enum Step {
@@ -518,6 +665,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 expiry.min(ctx.settings.max_session_expiry),
             )
         });
+        let stored_qos2 = ctx
+            .unreleased_qos2
+            .remove(&router_client_id)
+            .map(|(_, ids)| ids);
         let link = match ctx.router.connect(router_client_id, opts).await {
             Ok(link) => link,
             Err(e) => {
@@ -526,6 +677,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 conn.close(Duration::from_secs(1)).await;
                 return None;
             }
+        };
+        // A resumed session resumes its QoS 2 exchanges too.
+        let unreleased = match (link.session_present, stored_qos2) {
+            (true, Some(ids)) => PacketIds::from_ids(&ids),
+            _ => PacketIds::default(),
         };
         let mut session = Session {
             keepalive: (info.connect.keep_alive > 0)
@@ -543,6 +699,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             bus: FuturesUnordered::new(),
             wake_router: false,
             outgoing: VecDeque::new(),
+            unreleased,
+            disconnect_sent: false,
+            subscriptions: Default::default(),
+            filter_hasher: Default::default(),
         };
 
         if session.device.is_some() {
@@ -557,7 +717,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let props = (version == Version::V5).then(|| ConnAckProperties {
             assigned_client_identifier: assigned_client_id,
-            receive_max: Some(session.ctx.settings.max_pending_acks.min(u16::MAX as usize) as u16),
+            receive_max: Some(session.ctx.settings.receive_maximum as u16),
             max_packet_size: Some(session.ctx.settings.max_packet_size as u32),
             retain_available: Some(1),
             shared_subscription_available: Some(
@@ -589,7 +749,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     async fn run(mut self) {
         let mut shutdown = self.ctx.shutdown.clone();
         let mut last_read = tokio::time::Instant::now();
-        let max_pending = self.ctx.settings.max_pending_acks;
+        let max_pending = self.ctx.settings.receive_maximum;
         let (reason, router_dropped) = loop {
             let can_read = self.acks.len() < max_pending && self.bus.len() < max_pending;
             let keepalive_deadline = self.keepalive.map(|k| last_read + k);
@@ -653,15 +813,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Ok(None) => break,
                 Err(e) => {
                     info!(error = %e, "malformed input; closing");
-                    if self.conn.version() == Version::V5 {
-                        let code = match e {
-                            ReadError::TooLarge(_) => DisconnectReasonCode::PacketTooLarge,
-                            _ => DisconnectReasonCode::MalformedPacket,
-                        };
-                        self.conn
-                            .queue(Packet::Disconnect(Disconnect { reason_code: code }, None));
-                    }
-                    step = Step::End(DisconnectReason::ProtocolError);
+                    let (code, why) = match e {
+                        ReadError::TooLarge(_) => {
+                            (DisconnectReasonCode::PacketTooLarge, Rejection::OverLimit)
+                        }
+                        ReadError::Invalid(v @ Violation::OverLimit(_)) => {
+                            (disconnect_code(v), Rejection::OverLimit)
+                        }
+                        ReadError::Invalid(v) => (disconnect_code(v), Rejection::MalformedPacket),
+                        _ => (
+                            DisconnectReasonCode::MalformedPacket,
+                            Rejection::MalformedPacket,
+                        ),
+                    };
+                    step = self.violation(code, why);
                     break;
                 }
             }
@@ -673,6 +838,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Step::End(reason);
         }
         step
+    }
+
+    /// Ends the session for a protocol violation, telling an MQTT 5 client why.
+    fn violation(&mut self, code: DisconnectReasonCode, why: Rejection) -> Step {
+        self.ctx.control.metrics.reject(why);
+        if self.conn.version() == Version::V5 {
+            self.conn
+                .queue(Packet::Disconnect(Disconnect { reason_code: code }, None));
+            self.disconnect_sent = true;
+        }
+        Step::End(DisconnectReason::ProtocolError)
+    }
+
+    /// What [`Session::subscriptions`] keeps of a filter.
+    fn filter_key(&self, filter: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.filter_hasher.hash_one(filter)
+    }
+
+    /// Inbound QoS 1 publishes not acknowledged and QoS 2 ones not released: what Receive
+    /// Maximum bounds.
+    fn in_flight(&self) -> usize {
+        self.acks.unacknowledged_qos1() + self.unreleased.len()
     }
 
     fn on_packet(&mut self, info: FrameInfo, packet: Packet, to_router: &mut Vec<Packet>) -> Step {
@@ -710,6 +898,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 // Every filter goes to the router. It answers one UNSUBACK per removed filter
                 // and none for unknown ones; the client gets exactly one, from here.
+                for f in &unsubscribe.filters {
+                    let key = self.filter_key(f);
+                    self.subscriptions.remove(&key);
+                }
                 let reasons = vec![UnsubAckReason::Success; unsubscribe.filters.len()];
                 to_router.push(Packet::Unsubscribe(unsubscribe, props));
                 let ack = Packet::UnsubAck(UnsubAck { pkid, reasons }, None);
@@ -739,10 +931,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.release_outgoing(to_router);
                 Step::Continue
             }
-            p @ (Packet::PubAck(..)
-            | Packet::PubRec(..)
-            | Packet::PubRel(..)
-            | Packet::PubComp(..)) => {
+            Packet::PubRel(rel, _) => {
+                // The publish went to the router when it arrived; what remains is its id.
+                let reason = match self.unreleased.remove(rel.pkid) {
+                    true => PubCompReason::Success,
+                    false => PubCompReason::PacketIdentifierNotFound,
+                };
+                let comp = Packet::PubComp(
+                    PubComp {
+                        pkid: rel.pkid,
+                        reason,
+                    },
+                    None,
+                );
+                self.acks
+                    .push(AckKind::PubComp, rel.pkid, Some(comp), false);
+                Step::Continue
+            }
+            p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
                 to_router.push(p);
                 Step::Continue
             }
@@ -767,17 +973,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         to_router: &mut Vec<Packet>,
     ) -> Step {
         let v5 = self.conn.version() == Version::V5;
-        if props.as_ref().is_some_and(|p| p.topic_alias.is_some()) {
-            // CONNACK offered no topic aliases.
-            if v5 {
-                self.conn.queue(Packet::Disconnect(
-                    Disconnect {
-                        reason_code: DisconnectReasonCode::TopicAliasInvalid,
-                    },
-                    None,
-                ));
-            }
-            return Step::End(DisconnectReason::ProtocolError);
+        if info.qos == 2 && self.unreleased.contains(info.pkid) {
+            // A resend of a QoS 2 publish not released yet: it was delivered (and made
+            // durable) when it first came; only its PUBREC is repeated.
+            let rec = Packet::PubRec(
+                PubRec {
+                    pkid: info.pkid,
+                    reason: PubRecReason::Success,
+                },
+                None,
+            );
+            self.acks.push(AckKind::PubRec, info.pkid, Some(rec), false);
+            return Step::Continue;
+        }
+        if info.qos > 0 && v5 && self.in_flight() >= self.ctx.settings.receive_maximum {
+            info!("publish refused: Receive Maximum exceeded");
+            return self.violation(
+                DisconnectReasonCode::ReceiveMaximumExceeded,
+                Rejection::OverLimit,
+            );
         }
         let topic = std::str::from_utf8(&publish.topic).unwrap_or("");
         let parsed = Topic::parse(topic).ok();
@@ -830,6 +1044,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.bus.push(fut.map(move |r| (id, r)).boxed());
         }
         to_router.push(Packet::Publish(publish, props));
+        if info.qos == 2 {
+            // Delivered now, not on PUBREL (the specification's second method): the router
+            // keeps no copy while the client takes its time, and the session only the id.
+            self.unreleased.insert(info.pkid);
+            to_router.push(Packet::PubRel(
+                PubRel {
+                    pkid: info.pkid,
+                    reason: PubRelReason::Success,
+                },
+                None,
+            ));
+            self.acks.push_swallowed(AckKind::PubComp, info.pkid);
+        }
         Step::Continue
     }
 
@@ -884,8 +1111,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut allowed = Vec::new();
         let service = matches!(self.principal, Principal::Service(_));
+        let full = match self.conn.version() {
+            Version::V311 => SubscribeReasonCode::Failure,
+            Version::V5 => SubscribeReasonCode::QuotaExceeded,
+        };
         for mut filter in subscribe.filters {
             if acl::may_subscribe(&self.principal, &filter.path, &*self.ctx.control.registry) {
+                let key = self.filter_key(&filter.path);
+                if !self.subscriptions.contains(&key)
+                    && self.subscriptions.len() >= self.ctx.settings.max_subscriptions
+                {
+                    self.ctx.control.metrics.reject(Rejection::OverLimit);
+                    info!(filter = %filter.path, "subscription refused: too many subscriptions");
+                    codes.push(Some(full));
+                    continue;
+                }
+                self.subscriptions.insert(key);
                 if service && filter.qos == QoS::ExactlyOnce {
                     // What a service filter delivers is narrowed per message, and a QoS 2
                     // delivery cannot be dropped halfway; QoS 1 ones are acknowledged to the
@@ -964,6 +1205,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         Packet::SubAck(a, _) => {
                             self.acks.router_ack(AckKind::SubAck, a.pkid, p.clone())
                         }
+                        Packet::PubComp(a, _) => {
+                            self.acks.router_ack(AckKind::PubComp, a.pkid, p.clone())
+                        }
                         // Answered by the session itself.
                         Packet::UnsubAck(..) | Packet::PingResp(..) => None,
                         _ => Some(p.clone()),
@@ -1024,6 +1268,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             let mut packet = slot.packet.expect("ready slot has a packet");
             if let Some(err) = slot.bus_error {
+                if slot.kind == AckKind::PubRec {
+                    // Refused: the exchange ends here and the id is free again.
+                    self.unreleased.remove(slot.pkid);
+                }
                 if self.conn.version() == Version::V311 {
                     // Never acknowledge what was not accepted; the client will resend it.
                     return Step::End(match err {
@@ -1107,7 +1355,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !router_dropped {
             let _ = self.link.send(vec![disconnect_packet()]).await;
         }
-        if self.conn.version() == Version::V5 {
+        if self.conn.version() == Version::V5 && !self.disconnect_sent {
             let code = match reason {
                 DisconnectReason::Takeover => Some(DisconnectReasonCode::SessionTakenOver),
                 DisconnectReason::Revoked | DisconnectReason::Reassigned => {
@@ -1142,6 +1390,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             session_expiry,
             persistent,
             link,
+            unreleased,
             ..
         } = self;
         if let (Some((client_id, expiry)), false) = (persistent, router_dropped) {
@@ -1158,9 +1407,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ) {
                 router.expire_session(client_id, generation).await;
             } else {
+                if unreleased.len() > 0 {
+                    ctx.unreleased_qos2
+                        .insert(client_id.clone(), unreleased.ids());
+                }
+                let ctx = ctx.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(expiry).await;
-                    router.expire_session(client_id, generation).await;
+                    if router.expire_session(client_id.clone(), generation).await {
+                        ctx.unreleased_qos2.remove(&client_id);
+                    }
                 });
             }
         } else {

@@ -289,6 +289,12 @@ mod tests {
     }
 
     #[test]
+    fn receive_maximum_keeps_its_former_name() {
+        let t = parse_tuning("[broker]\nmax_pending_acks = 100\n").unwrap();
+        assert_eq!(t.broker.receive_maximum, 100);
+    }
+
+    #[test]
     fn typos_fail_loudly() {
         let err = parse_tuning("[broker]\nmax_pakcet_size = 5\n").unwrap_err();
         assert!(format!("{err:#}").contains("max_pakcet_size"), "{err:#}");

@@ -25,7 +25,55 @@ async fn mosquitto_pub_publishes_as_a_device() {
     std::fs::write(&key_path, &cert.key_pem).unwrap();
     let port = p.app().mqtts_addr().port().to_string();
 
-    for (version, n) in [("mqttv311", 1), ("mqttv5", 2)] {
+    // The last run is QoS 2 with the MQTT 5 properties mosquitto sends when asked, which the
+    // broker's frame checks must accept.
+    let v5_props: &[&str] = &[
+        "-D",
+        "connect",
+        "receive-maximum",
+        "10",
+        "-D",
+        "connect",
+        "session-expiry-interval",
+        "60",
+        "-D",
+        "connect",
+        "request-problem-information",
+        "1",
+        "-D",
+        "connect",
+        "user-property",
+        "k",
+        "v",
+        "-D",
+        "publish",
+        "payload-format-indicator",
+        "1",
+        "-D",
+        "publish",
+        "message-expiry-interval",
+        "30",
+        "-D",
+        "publish",
+        "content-type",
+        "application/json",
+        "-D",
+        "publish",
+        "user-property",
+        "a",
+        "b",
+        "-D",
+        "publish",
+        "user-property",
+        "c",
+        "d",
+    ];
+    let runs: [(&str, u64, &str, &[&str]); 3] = [
+        ("mqttv311", 1, "1", &[]),
+        ("mqttv5", 2, "1", &[]),
+        ("mqttv5", 3, "2", v5_props),
+    ];
+    for (version, n, qos, extra) in runs {
         let payload = json!({ "via": "mosquitto", "n": n }).to_string();
         let out = tokio::task::spawn_blocking({
             let (cert_path, key_path) = (cert_path.clone(), key_path.clone());
@@ -33,7 +81,8 @@ async fn mosquitto_pub_publishes_as_a_device() {
             let port = port.clone();
             move || {
                 Command::new("mosquitto_pub")
-                    .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", "1"])
+                    .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", qos])
+                    .args(extra)
                     .args([
                         "-i",
                         "mosq-dev",
