@@ -28,6 +28,11 @@ use crate::tls::{self, ServerIdentity};
 pub struct BrokerConfig {
     /// A TLS handshake that takes longer is dropped.
     pub handshake_timeout_ms: u64,
+    /// TLS handshakes doing their work at once. A connect storm waits for a turn here (and in
+    /// the listen backlog) instead of in the runtime's run queue, where every connected
+    /// session's next packet would wait behind thousands of handshakes. A handshake gives its
+    /// turn up after [`HANDSHAKE_TURN`] even if unfinished (a slow or silent client holds none).
+    pub max_concurrent_handshakes: usize,
     /// A client that sends no CONNECT within this time after the handshake is dropped.
     pub connect_timeout_ms: u64,
     /// Largest MQTT packet accepted, bytes, fixed header included (MQTT 5 Maximum Packet Size).
@@ -60,6 +65,7 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             handshake_timeout_ms: 10_000,
+            max_concurrent_handshakes: 32,
             connect_timeout_ms: 10_000,
             max_packet_size: 256 * 1024,
             receive_maximum: 64,
@@ -75,6 +81,11 @@ impl Default for BrokerConfig {
     }
 }
 
+/// Longest a handshake keeps its turn among [`BrokerConfig::max_concurrent_handshakes`]: far
+/// more than the CPU a handshake needs, and short enough that clients who stall mid-handshake
+/// cannot hold every turn for long.
+pub const HANDSHAKE_TURN: Duration = Duration::from_millis(250);
+
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("TLS configuration: {0}")]
@@ -89,6 +100,7 @@ pub struct Broker {
     shutdown_tx: watch::Sender<bool>,
     device_tls: TlsAcceptor,
     handshake_timeout: Duration,
+    handshake_turns: Arc<tokio::sync::Semaphore>,
     grace: Duration,
 }
 
@@ -138,6 +150,9 @@ impl Broker {
             shutdown_tx,
             device_tls,
             handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
+            handshake_turns: Arc::new(tokio::sync::Semaphore::new(
+                config.max_concurrent_handshakes.max(1),
+            )),
             grace: Duration::from_millis(config.shutdown_grace_ms),
         })
     }
@@ -159,10 +174,12 @@ impl Broker {
             let ctx = self.ctx.clone();
             let acceptor = self.device_tls.clone();
             let timeout = self.handshake_timeout;
+            let turns = self.handshake_turns.clone();
             move |stream, peer| {
                 let ctx = ctx.clone();
                 let acceptor = acceptor.clone();
-                async move { device_connection(ctx, acceptor, timeout, stream, peer).await }
+                let turns = turns.clone();
+                async move { device_connection(ctx, acceptor, turns, timeout, stream, peer).await }
             }
         });
         let service_loop = accept_loop(services, tracker.clone(), {
@@ -209,14 +226,39 @@ where
     }
 }
 
+/// The TLS handshake, within `timeout` in all, during a turn among `turns` (see
+/// [`BrokerConfig::max_concurrent_handshakes`]).
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    turns: &tokio::sync::Semaphore,
+    timeout: Duration,
+    stream: TcpStream,
+) -> Result<std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>, tokio::time::error::Elapsed>
+{
+    tokio::time::timeout(timeout, async {
+        let turn = turns.acquire().await;
+        let accept = acceptor.accept(stream);
+        tokio::pin!(accept);
+        tokio::select! {
+            done = &mut accept => done,
+            _ = tokio::time::sleep(HANDSHAKE_TURN) => {
+                drop(turn);
+                accept.await
+            }
+        }
+    })
+    .await
+}
+
 async fn device_connection(
     ctx: Arc<Ctx>,
     acceptor: TlsAcceptor,
+    turns: Arc<tokio::sync::Semaphore>,
     timeout: Duration,
     stream: TcpStream,
     peer: SocketAddr,
 ) {
-    let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+    let tls = match handshake(&acceptor, &turns, timeout, stream).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             let why = tls::classify_handshake_error(&e);
