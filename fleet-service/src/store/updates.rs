@@ -2,7 +2,8 @@
 //! intake's writes of device progress reports.
 //!
 //! # Invariants
-//! - At most one deployment per cohort is `active` or `paused` (checked in the transaction
+//! - At most one deployment per cohort is `active` or `paused` (a partial unique index,
+//!   `deployments_one_live`, migration 0012; and checked in the transaction
 //!   that creates one).
 //! - `admit_below` of a deployment only grows, and an execution is admitted exactly when its
 //!   rank is below it: admission raises both in one transaction.
@@ -705,7 +706,15 @@ impl Store {
             .bind(&new.rollback_of)
             .fetch_one(&mut *tx)
             .await
-            .map_err(|e| constraint(e, "deployment", "the cohort or release of this product"))?;
+            // The partial unique index `deployments_one_live` refuses a second live
+            // deployment that a concurrent create slipped past the check above.
+            .map_err(|e| {
+                constraint(
+                    e,
+                    "an active or paused deployment for this cohort",
+                    "the cohort or release of this product",
+                )
+            })?;
             let devices: Vec<(String, Option<String>)> = sqlx::query_as(
                 "SELECT id, firmware_version FROM devices WHERE cohort_id = $1 ORDER BY id",
             )
