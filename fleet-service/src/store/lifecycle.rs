@@ -310,6 +310,33 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Refreshes the planner's statistics of the device tables, after a write large enough to
+    /// make them stale (a bulk import): without it PostgreSQL plans the device list for the
+    /// table as it was (an empty table's plan on a full one is ten times slower) until
+    /// autovacuum gets to it. On SQLite the analysis is bounded (`analysis_limit`).
+    pub async fn refresh_device_statistics(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            super::Backend::Postgres(pool) => {
+                sqlx::query("ANALYZE devices, device_tags")
+                    .execute(pool)
+                    .await?;
+            }
+            super::Backend::Sqlite(pool) => {
+                let mut conn = pool.acquire().await?;
+                for statement in [
+                    "PRAGMA analysis_limit = 1000",
+                    "ANALYZE devices",
+                    "ANALYZE device_tags",
+                ] {
+                    sqlx::query(statement).execute(&mut *conn).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a device update changes; `None` fields stay.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceUpdate {
