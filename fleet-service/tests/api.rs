@@ -366,7 +366,7 @@ async fn products_and_cohorts(url: &str) {
     );
     let other = api.product("lamp").await;
     let (_, list) = api.get("/products", Some(ADMIN)).await;
-    assert_eq!(list, json!({"items": [p, other]}));
+    assert_eq!(list, json!({"items": [p, other], "next_cursor": null}));
 
     let c = api.cohort(&pid, "beta").await;
     let cid = c["id"].as_str().unwrap().to_owned();
@@ -408,7 +408,7 @@ async fn products_and_cohorts(url: &str) {
     let (_, list) = api
         .get(&format!("/products/{pid}/cohorts"), Some(ADMIN))
         .await;
-    assert_eq!(list, json!({"items": [c]}));
+    assert_eq!(list, json!({"items": [c], "next_cursor": null}));
     assert_error(
         &api.get("/cohorts/nope", Some(ADMIN)).await,
         StatusCode::NOT_FOUND,

@@ -10,13 +10,13 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::auth::Caller;
-use super::error::{ApiPath, ApiQuery, ErrorBody};
+use super::error::ErrorBody;
+use super::extract::{ApiPath, ApiQuery};
 use super::openapi::DeviceStateName;
+use super::paging::{decode_cursor, encode_cursor, parse_limit, DEFAULT_LIMIT};
+use super::validate::{parse_time, path_device};
 use super::{access, rfc3339, rfc3339_opt, ApiError, ApiState};
 use crate::store::{Device, DeviceCursor, DeviceFilter, DeviceSort, DeviceState, TelemetryRecord};
-
-pub(super) const DEFAULT_LIMIT: u32 = 100;
-const MAX_LIMIT: u32 = 1000;
 
 /// The device's client certificate.
 #[derive(Serialize, ToSchema)]
@@ -175,34 +175,6 @@ pub(super) struct TelemetryPage {
     items: Vec<TelemetryBody>,
 }
 
-/// A device id in a path; one that cannot be valid names no device.
-pub(super) fn path_device(id: &str) -> Result<DeviceId, ApiError> {
-    DeviceId::parse(id).map_err(|_| ApiError::not_found("device"))
-}
-
-pub(super) fn encode_cursor(id: &DeviceId) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_str())
-}
-
-pub(super) fn decode_cursor(cursor: &str) -> Option<DeviceId> {
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(cursor)
-        .ok()?;
-    DeviceId::parse(std::str::from_utf8(&raw).ok()?).ok()
-}
-
-pub(super) fn parse_limit(s: &str) -> Result<u32, ApiError> {
-    s.parse::<u32>()
-        .ok()
-        .filter(|n| (1..=MAX_LIMIT).contains(n))
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_query",
-                format!("limit must be an integer from 1 to {MAX_LIMIT}"),
-            )
-        })
-}
-
 /// The device list's query: `state`, `cohort_id`, `product_id`, `online`, `limit`, `cursor`
 /// at most once each, and `tag=key:value` any number of times (all must match).
 #[derive(Debug, Default, PartialEq)]
@@ -217,7 +189,7 @@ struct ListQuery {
 /// id order keeps its plain cursor (the id alone).
 fn encode_sorted_cursor(sort: DeviceSort, d: &Device) -> String {
     match sort {
-        DeviceSort::Id => encode_cursor(&d.id),
+        DeviceSort::Id => encode_cursor(d.id.as_str()),
         _ => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
             "{}\n{}\n{}",
             sort.as_str(),
@@ -229,7 +201,9 @@ fn encode_sorted_cursor(sort: DeviceSort, d: &Device) -> String {
 
 fn decode_sorted_cursor(sort: DeviceSort, cursor: &str) -> Option<DeviceCursor> {
     if sort == DeviceSort::Id {
-        return decode_cursor(cursor).map(|id| DeviceCursor { key: 0, id });
+        return decode_cursor(cursor)
+            .and_then(|id| DeviceId::parse(&id).ok())
+            .map(|id| DeviceCursor { key: 0, id });
     }
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(cursor)
@@ -242,19 +216,6 @@ fn decode_sorted_cursor(sort: DeviceSort, cursor: &str) -> Option<DeviceCursor> 
         key: key.parse().ok()?,
         id: DeviceId::parse(id).ok()?,
     })
-}
-
-/// An RFC 3339 query value as Unix milliseconds.
-pub(super) fn parse_time(key: &str, value: &str) -> Result<i64, ApiError> {
-    use time::format_description::well_known::Rfc3339;
-    time::OffsetDateTime::parse(value, &Rfc3339)
-        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
-        .map_err(|_| {
-            ApiError::bad_request(
-                "invalid_query",
-                format!("{key} must be an RFC 3339 time such as 2026-01-31T12:00:00Z"),
-            )
-        })
 }
 
 fn parse_list_query(pairs: Vec<(String, String)>) -> Result<ListQuery, ApiError> {
@@ -542,7 +503,7 @@ mod tests {
         assert_eq!(ok.limit, 5);
         assert_eq!(q(&[]).unwrap().limit, DEFAULT_LIMIT);
 
-        let cursor = encode_cursor(&DeviceId::parse("dev-9").unwrap());
+        let cursor = encode_cursor("dev-9");
         assert_eq!(
             q(&[("cursor", &cursor)])
                 .unwrap()
