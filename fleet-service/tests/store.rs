@@ -38,7 +38,14 @@ async fn migrations_run_twice(url: &str) {
     store.create_product("default", "p").await.unwrap();
     store.close().await;
     let again = Store::connect(url).await.unwrap();
-    assert_eq!(again.products("default", None, &fleet_service::store::PageRequest::ALL).await.unwrap().len(), 1);
+    assert_eq!(
+        again
+            .products("default", None, &fleet_service::store::PageRequest::ALL)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 async fn catalog_constraints(url: &str) {
@@ -71,7 +78,14 @@ async fn catalog_constraints(url: &str) {
     assert_eq!(store.cohorts_of(&p.id).await.unwrap(), vec![c.clone()]);
     assert_eq!(store.cohort(&c.id).await.unwrap(), Some(c));
     assert_eq!(store.product(&p.id).await.unwrap(), Some(p));
-    assert_eq!(store.products("default", None, &fleet_service::store::PageRequest::ALL).await.unwrap().len(), 2);
+    assert_eq!(
+        store
+            .products("default", None, &fleet_service::store::PageRequest::ALL)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 async fn provisioning_is_idempotent(url: &str) {
@@ -712,7 +726,10 @@ async fn api_keys_cache(url: &str) {
         ServiceRole::Viewer
     );
     // Only the hash is stored.
-    let stored = store.api_keys(None, &fleet_service::store::PageRequest::ALL).await.unwrap();
+    let stored = store
+        .api_keys(None, &fleet_service::store::PageRequest::ALL)
+        .await
+        .unwrap();
     assert!(stored.iter().all(|k| k.secret_hash != viewer.secret));
 
     // A fresh cache (another start) sees the same keys.
@@ -749,7 +766,14 @@ async fn in_memory_sqlite_keeps_one_database() {
     store.create_product("default", "p").await.unwrap();
     // Several calls in a row see the same (single-connection) database.
     for _ in 0..3 {
-        assert_eq!(store.products("default", None, &fleet_service::store::PageRequest::ALL).await.unwrap().len(), 1);
+        assert_eq!(
+            store
+                .products("default", None, &fleet_service::store::PageRequest::ALL)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }
 
