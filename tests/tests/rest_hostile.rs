@@ -409,29 +409,79 @@ async fn over_limit_bodies_are_json_413(p: Platform) {
         "/api/v1/products",
         "/api/v1/organizations",
         "/api/v1/deployments",
+        "/api/v1/deployments/x/pause",
     ] {
-        let (s, body) = p
-            .api_raw("POST", path, "application/json", big.clone())
-            .await;
+        let (s, body) = post_unread(&p, path, "application/json", big.clone().into_bytes()).await;
         assert_eq!(s, 413, "{path}: {body}");
         assert_eq!(body["error"]["code"], "payload_too_large", "{path}: {body}");
     }
-    let (s, body) = p
-        .api_raw(
-            "POST",
-            "/api/v1/deployments/x/pause",
-            "application/json",
-            big.clone(),
-        )
-        .await;
-    assert_eq!(
-        (s, body["error"]["code"].as_str()),
-        (413, Some("payload_too_large"))
-    );
-    // The import route reads its body through the same extractor (ApiBytes) under a 64 MiB
-    // limit; a 64 MiB upload is not sent here because the server answers before the client
-    // has finished writing, and the client then sees the connection reset.
+    // The import route's own, larger limit (64 MiB).
+    let pid = product(&p, p.app().admin_token()).await;
+    let (s, body) = post_unread(
+        &p,
+        &format!("/api/v1/products/{pid}/devices/import"),
+        "text/csv",
+        vec![b' '; 64 * 1024 * 1024 + 1],
+    )
+    .await;
+    assert_eq!(s, 413, "{body}");
+    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
     p.stop().await;
+}
+
+/// POSTs `body` over a bare connection, reading the answer while still writing: a server
+/// that refuses a body answers before reading it all and closes, which an HTTP client sees
+/// as a failed write and reports as an error instead of the answer.
+async fn post_unread(p: &Platform, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(p.app().http_addr())
+        .await
+        .unwrap();
+    let (mut rx, mut tx) = stream.into_split();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: fleet\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        p.app().admin_token(),
+        body.len()
+    );
+    let writer = tokio::spawn(async move {
+        // The server may stop reading (and reset the connection) part way.
+        let _ = tx.write_all(head.as_bytes()).await;
+        let _ = tx.write_all(&body).await;
+        // Kept open: hyper ends a connection whose client half-closes before the answer.
+        tx
+    });
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match rx.read(&mut buf).await {
+            Ok(0) => break,
+            Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+        if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if length.is_some_and(|n| answer.len() >= end + 4 + n) {
+                break;
+            }
+        }
+    }
+    writer.abort();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{path}: no HTTP answer: {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())),
+    )
 }
 
 /// Finding 6: the import read every row of the document before counting them. A document

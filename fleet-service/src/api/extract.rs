@@ -72,24 +72,47 @@ fn unsupported_media_type(message: &str) -> ApiError {
     )
 }
 
-/// The body's bytes, up to the route's limit.
-pub(super) struct ApiBytes(pub Bytes);
+/// The largest body a route reads unless it says otherwise.
+pub(super) const BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// How much of an over-limit body is read and thrown away before the 413 leaves: a server
+/// that closes a connection with unread data resets it, and the client then loses the answer.
+const DRAIN_LIMIT: usize = 128 * 1024 * 1024;
+
+/// The body's bytes, up to `LIMIT`; over it, a 413 `payload_too_large`.
+pub(super) struct ApiBytes<const LIMIT: usize = BODY_LIMIT>(pub Bytes);
 
 #[axum::async_trait]
-impl<S: Send + Sync> FromRequest<S> for ApiBytes {
+impl<S: Send + Sync, const LIMIT: usize> FromRequest<S> for ApiBytes<LIMIT> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        Bytes::from_request(req, state)
-            .await
-            .map(ApiBytes)
-            .map_err(|e| {
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    too_large()
-                } else {
-                    ApiError::bad_request("invalid_body", "the request body could not be read")
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        use futures::StreamExt;
+        let mut stream = req.into_body().into_data_stream();
+        let mut body = bytes::BytesMut::new();
+        let mut over = None;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| {
+                ApiError::bad_request("invalid_body", "the request body could not be read")
+            })?;
+            match &mut over {
+                Some(drained) => {
+                    *drained += chunk.len();
+                    if *drained > DRAIN_LIMIT {
+                        break;
+                    }
                 }
-            })
+                None if body.len() + chunk.len() > LIMIT => {
+                    body = bytes::BytesMut::new();
+                    over = Some(chunk.len());
+                }
+                None => body.extend_from_slice(&chunk),
+            }
+        }
+        if over.is_some() {
+            return Err(too_large());
+        }
+        Ok(ApiBytes(body.freeze()))
     }
 }
 
@@ -125,7 +148,7 @@ where
                 "expected a request with Content-Type: application/json",
             ));
         }
-        let ApiBytes(bytes) = ApiBytes::from_request(req, state).await?;
+        let ApiBytes(bytes) = ApiBytes::<BODY_LIMIT>::from_request(req, state).await?;
         parse_object(&bytes).map(ApiJson)
     }
 }
@@ -143,7 +166,7 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let json = is_json(req.headers());
-        let ApiBytes(bytes) = ApiBytes::from_request(req, state).await?;
+        let ApiBytes(bytes) = ApiBytes::<BODY_LIMIT>::from_request(req, state).await?;
         let text = bytes.trim_ascii();
         if text.is_empty() || (json && text == b"null") {
             return Ok(Optional(T::default()));

@@ -517,7 +517,7 @@ pub(super) async fn import_devices(
     State(state): State<ApiState>,
     ApiPath(product_id): ApiPath<String>,
     headers: HeaderMap,
-    ApiBytes(body): ApiBytes,
+    ApiBytes(body): ApiBytes<MAX_BODY>,
 ) -> Result<Json<ImportReport>, ApiError> {
     let content_type = media_type(&headers);
     let product = access::product(&state, &by, &product_id).await?;

@@ -155,12 +155,11 @@ fn routes() -> Vec<Route> {
             catalog::list_cohorts,
         ),
         route(M::GET, "/api/v1/cohorts/:cohort_id", catalog::get_cohort),
-        Route {
-            method: M::POST,
-            path: "/api/v1/products/:product_id/devices/import",
-            handler: axum::routing::post(import::import_devices)
-                .layer(axum::extract::DefaultBodyLimit::max(import::MAX_BODY)),
-        },
+        route(
+            M::POST,
+            "/api/v1/products/:product_id/devices/import",
+            import::import_devices,
+        ),
         route(M::POST, "/api/v1/ca-certificates", cas::create_ca),
         route(
             M::POST,
