@@ -173,6 +173,8 @@ impl From<TelemetryRecord> for TelemetryBody {
 #[derive(Serialize, ToSchema)]
 pub(super) struct TelemetryPage {
     items: Vec<TelemetryBody>,
+    /// Pass as `cursor` for the next (older) page; none on the last page.
+    next_cursor: Option<String>,
 }
 
 /// The device list's query: `state`, `cohort_id`, `product_id`, `online`, `limit`, `cursor`
@@ -434,9 +436,10 @@ pub(super) async fn list_devices(
         ("device_id" = String, Path, description = "The device's id"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000,
             description = "How many, 100 by default"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
     ),
     responses(
-        (status = 200, description = "The newest messages", body = TelemetryPage),
+        (status = 200, description = "The newest messages, one page", body = TelemetryPage),
         (status = 400, description = "`invalid_path`, or `invalid_query`: an unknown parameter or a bad limit", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
         (status = 404, description = "No such device", body = ErrorBody),
@@ -450,9 +453,19 @@ pub(super) async fn device_telemetry(
     ApiQuery(pairs): ApiQuery<Vec<(String, String)>>,
 ) -> Result<Json<TelemetryPage>, ApiError> {
     let mut limit = DEFAULT_LIMIT;
+    let mut before = None;
+    let bad_cursor = || ApiError::bad_request("invalid_query", "invalid cursor");
     for (key, value) in pairs {
         match key.as_str() {
             "limit" => limit = parse_limit(&value)?,
+            "cursor" => {
+                let raw = decode_cursor(&value).ok_or_else(bad_cursor)?;
+                let (epoch, seq) = raw.split_once('.').ok_or_else(bad_cursor)?;
+                before = Some((
+                    epoch.parse().map_err(|_| bad_cursor())?,
+                    seq.parse().map_err(|_| bad_cursor())?,
+                ));
+            }
             other => {
                 return Err(ApiError::bad_request(
                     "invalid_query",
@@ -463,9 +476,18 @@ pub(super) async fn device_telemetry(
     }
     let id = path_device(&id)?;
     access::device(&state, &by, &id).await?;
-    let items = state.store.telemetry(&id, limit).await?;
+    let mut items = state.store.telemetry_before(&id, before, limit + 1).await?;
+    let next_cursor = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items
+            .last()
+            .map(|t| encode_cursor(&format!("{}.{}", t.epoch, t.seq)))
+    } else {
+        None
+    };
     Ok(Json(TelemetryPage {
         items: items.into_iter().map(Into::into).collect(),
+        next_cursor,
     }))
 }
 
