@@ -19,6 +19,7 @@ on_both_databases!(
     statistics_are_fresh_after_an_import,
     hostile_bodies_get_clear_errors,
     racing_creates_and_deletes,
+    racing_rollbacks_and_state_changes,
 );
 
 /// An error answer in the API's shape, with a code.
@@ -941,5 +942,71 @@ async fn racing_creates_and_deletes(p: Platform) {
     );
     let (s, _) = p.api("GET", "/api/v1/devices/raced", None).await;
     assert_eq!(s, 404);
+    p.stop().await;
+}
+
+/// Our own races on one deployment: twenty rollbacks at once make one rollback deployment;
+/// twenty pauses, resumes and cancels at once leave it in one state; never a 500.
+async fn racing_rollbacks_and_state_changes(p: Platform) {
+    let admin = p.app().admin_token().to_owned();
+    let pid = product(&p, &admin).await;
+    let cid = cohort(&p, &admin, &pid, "c").await;
+    let releases = Releases::new(&p, &admin, &pid).await;
+    let old = releases.release(&p, "1.0.0").await;
+    let new = releases.release(&p, "2.0.0").await;
+    let (s, d) = deploy(&p, &new, &cid).await;
+    assert_eq!(s, 201, "{d}");
+    let id = d["id"].as_str().unwrap().to_owned();
+    let rollback = format!("/api/v1/deployments/{id}/rollback");
+    let answers = futures_join_all(
+        (0..20)
+            .map(|_| p.api("POST", &rollback, Some(json!({ "release_id": old }))))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    for (s, b) in &answers {
+        assert_clean("racing rollback", *s, b);
+    }
+    assert_eq!(
+        answers.iter().filter(|(s, _)| *s == 201).count(),
+        1,
+        "{answers:?}"
+    );
+    let (_, live) = p
+        .api(
+            "GET",
+            &format!("/api/v1/deployments?cohort_id={cid}&state=active"),
+            None,
+        )
+        .await;
+    assert_eq!(live["items"].as_array().unwrap().len(), 1, "{live}");
+    let rollback_id = live["items"][0]["id"].as_str().unwrap().to_owned();
+    let (_, original) = p
+        .api("GET", &format!("/api/v1/deployments/{id}"), None)
+        .await;
+    assert_eq!(original["state"], "rolled_back");
+    assert_eq!(
+        original["rolled_back_by"],
+        rollback_id.as_str(),
+        "{original}"
+    );
+
+    let paths: Vec<String> = ["pause", "resume", "cancel"]
+        .iter()
+        .cycle()
+        .take(21)
+        .map(|action| format!("/api/v1/deployments/{rollback_id}/{action}"))
+        .collect();
+    let answers = futures_join_all(
+        paths
+            .iter()
+            .map(|path| p.api("POST", path, None))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    for (s, b) in &answers {
+        assert_clean("racing state change", *s, b);
+        assert!(*s == 200 || *s == 409, "{s}: {b}");
+    }
     p.stop().await;
 }
