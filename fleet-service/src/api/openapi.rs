@@ -89,7 +89,7 @@ use super::{
         audit::list_audit,
     ),
     components(schemas(error::ErrorBody)),
-    modifiers(&BearerKey),
+    modifiers(&BearerKey, &TagLimits),
     tags(
         (name = "service", description = "Health, this document, broker counters"),
         (name = "organizations", description = "Organizations: the boundary of everything else"),
@@ -144,6 +144,26 @@ impl Modify for BearerKey {
                     .build(),
             ),
         );
+    }
+}
+
+/// States the cap on tags per device (`validate::MAX_TAGS`) on every schema's `tags` object
+/// (utoipa has no field attribute for `maxProperties`).
+struct TagLimits;
+
+impl Modify for TagLimits {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let Some(components) = openapi.components.as_mut() else {
+            return;
+        };
+        for schema in components.schemas.values_mut() {
+            let RefOr::T(Schema::Object(body)) = schema else {
+                continue;
+            };
+            if let Some(RefOr::T(Schema::Object(tags))) = body.properties.get_mut("tags") {
+                tags.max_properties = Some(super::validate::MAX_TAGS);
+            }
+        }
     }
 }
 
