@@ -20,8 +20,7 @@ use utoipa::ToSchema;
 use super::auth::Writer;
 use super::error::ErrorBody;
 use super::extract::{media_type, ApiBytes, ApiPath};
-use super::lifecycle::pin_of;
-use super::validate::valid_tags;
+use super::validate::{pin_of, valid_tags};
 use super::{access, ApiError, ApiState};
 use crate::store::{Cohort, ImportOutcome, NewRegisteredDevice, Product};
 

@@ -14,9 +14,8 @@ use utoipa::ToSchema;
 use super::auth::Writer;
 use super::devices::DeviceBody;
 use super::error::ErrorBody;
-use super::extract::Optional;
-use super::extract::{ApiJson, ApiPath};
-use super::validate::{path_device, valid_tags};
+use super::extract::{ApiJson, ApiPath, Optional};
+use super::validate::{path_device, pin_of, valid_tags};
 use super::{access, ApiError, ApiState};
 use crate::store::NewRegisteredDevice;
 
@@ -47,46 +46,6 @@ pub(super) struct CreateDevice {
     /// DER; colons allowed).
     #[serde(default)]
     certificate_fingerprint: Option<String>,
-}
-
-/// The pin a request asks for, as lower-case hex.
-pub(super) fn pin_of(
-    pem: Option<&str>,
-    fingerprint: Option<&str>,
-) -> Result<Option<String>, ApiError> {
-    let bad = |m: &str| ApiError::unprocessable("invalid_certificate", m.to_owned());
-    match (pem, fingerprint) {
-        (Some(_), Some(_)) => Err(bad(
-            "give certificate_pem or certificate_fingerprint, not both",
-        )),
-        (None, None) => Ok(None),
-        (Some(pem), None) => {
-            let items = rustls_pemfile::read_all(&mut pem.as_bytes())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| bad("certificate_pem is not PEM"))?;
-            match items.as_slice() {
-                [rustls_pemfile::Item::X509Certificate(der)] => {
-                    x509_parser::parse_x509_certificate(der)
-                        .map_err(|_| bad("certificate_pem does not parse as X.509"))?;
-                    Ok(Some(broker::registry::fingerprint(der)))
-                }
-                _ => Err(bad("certificate_pem must hold exactly one certificate")),
-            }
-        }
-        (None, Some(f)) => {
-            let hex: String = f
-                .chars()
-                .filter(|c| *c != ':')
-                .collect::<String>()
-                .to_lowercase();
-            if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(bad(
-                    "certificate_fingerprint must be 64 hex digits (SHA-256)",
-                ));
-            }
-            Ok(Some(hex))
-        }
-    }
 }
 
 /// Registers a device before manufacturing, in state `registered`. It may connect with any

@@ -1,4 +1,5 @@
-//! Checks of values every resource shares: names, tags, device ids in paths, times in queries.
+//! Checks of values several resources share: names, tags, device ids in paths, certificate
+//! pins, times in queries.
 
 use std::collections::BTreeMap;
 
@@ -85,6 +86,46 @@ pub(super) fn parse_time(key: &str, value: &str) -> Result<i64, ApiError> {
                 format!("{key} must be an RFC 3339 time such as 2026-01-31T12:00:00Z"),
             )
         })
+}
+
+/// The pin a request asks for, as lower-case hex.
+pub(super) fn pin_of(
+    pem: Option<&str>,
+    fingerprint: Option<&str>,
+) -> Result<Option<String>, ApiError> {
+    let bad = |m: &str| ApiError::unprocessable("invalid_certificate", m.to_owned());
+    match (pem, fingerprint) {
+        (Some(_), Some(_)) => Err(bad(
+            "give certificate_pem or certificate_fingerprint, not both",
+        )),
+        (None, None) => Ok(None),
+        (Some(pem), None) => {
+            let items = rustls_pemfile::read_all(&mut pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| bad("certificate_pem is not PEM"))?;
+            match items.as_slice() {
+                [rustls_pemfile::Item::X509Certificate(der)] => {
+                    x509_parser::parse_x509_certificate(der)
+                        .map_err(|_| bad("certificate_pem does not parse as X.509"))?;
+                    Ok(Some(broker::registry::fingerprint(der)))
+                }
+                _ => Err(bad("certificate_pem must hold exactly one certificate")),
+            }
+        }
+        (None, Some(f)) => {
+            let hex: String = f
+                .chars()
+                .filter(|c| *c != ':')
+                .collect::<String>()
+                .to_lowercase();
+            if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(bad(
+                    "certificate_fingerprint must be 64 hex digits (SHA-256)",
+                ));
+            }
+            Ok(Some(hex))
+        }
+    }
 }
 
 #[cfg(test)]
