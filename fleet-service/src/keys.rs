@@ -110,7 +110,7 @@ impl ApiKeys {
     pub async fn reload(&self) -> Result<(), StoreError> {
         let active: Vec<ApiKeyRecord> = self
             .store
-            .api_keys(None)
+            .api_keys(None, &crate::store::PageRequest::ALL)
             .await?
             .into_iter()
             .filter(|k| k.revoked_at_ms.is_none())
@@ -165,9 +165,13 @@ impl ApiKeys {
         Ok(revoked)
     }
 
-    /// Every key of an organization, revoked ones included.
-    pub async fn list(&self, org_id: &str) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        self.store.api_keys(Some(org_id)).await
+    /// One page of an organization's keys, revoked ones included.
+    pub async fn list(
+        &self,
+        org_id: &str,
+        page: &crate::store::PageRequest,
+    ) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.store.api_keys(Some(org_id), page).await
     }
 
     /// Who holds `secret`, if it is an active key.

@@ -366,7 +366,7 @@ async fn products_and_cohorts(url: &str) {
     );
     let other = api.product("lamp").await;
     let (_, list) = api.get("/products", Some(ADMIN)).await;
-    assert_eq!(list, json!({"items": [p, other]}));
+    assert_eq!(list, json!({"items": [p, other], "next_cursor": null}));
 
     let c = api.cohort(&pid, "beta").await;
     let cid = c["id"].as_str().unwrap().to_owned();
@@ -408,7 +408,7 @@ async fn products_and_cohorts(url: &str) {
     let (_, list) = api
         .get(&format!("/products/{pid}/cohorts"), Some(ADMIN))
         .await;
-    assert_eq!(list, json!({"items": [c]}));
+    assert_eq!(list, json!({"items": [c], "next_cursor": null}));
     assert_error(
         &api.get("/cohorts/nope", Some(ADMIN)).await,
         StatusCode::NOT_FOUND,
@@ -954,8 +954,35 @@ async fn telemetry_metrics_and_keys(url: &str) {
         json!({"items": [
             {"epoch": 1, "seq": 4, "received_at": "2023-11-14T22:13:20.004Z", "payload": {"seq": 4}},
             {"epoch": 1, "seq": 3, "received_at": "2023-11-14T22:13:20.003Z", "payload": {"seq": 3}},
-        ]})
+        ], "next_cursor": t["next_cursor"]})
     );
+    // The next page goes on from the cursor, and the last page has none.
+    let cursor = t["next_cursor"].as_str().unwrap().to_owned();
+    let (s, older) = api
+        .get(
+            &format!("/devices/tele/telemetry?limit=2&cursor={cursor}"),
+            Some(&api.viewer),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{older}");
+    let seqs: Vec<u64> = older["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [2, 1]);
+    let (_, last) = api
+        .get(
+            &format!(
+                "/devices/tele/telemetry?limit=2&cursor={}",
+                older["next_cursor"].as_str().unwrap()
+            ),
+            Some(&api.viewer),
+        )
+        .await;
+    assert_eq!(last["items"].as_array().unwrap().len(), 1, "{last}");
+    assert_eq!(last["next_cursor"], Value::Null);
     let (_, t) = api.get("/devices/tele/telemetry", Some(ADMIN)).await;
     assert_eq!(t["items"].as_array().unwrap().len(), 5);
     let (_, d) = api.get("/devices/tele", Some(ADMIN)).await;

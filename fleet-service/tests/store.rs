@@ -32,6 +32,7 @@ on_both_databases!(
     device_filters_and_order,
     api_keys_cache,
     audit_entries_filter_page_and_age_out,
+    one_live_deployment_per_cohort,
 );
 
 async fn migrations_run_twice(url: &str) {
@@ -39,7 +40,14 @@ async fn migrations_run_twice(url: &str) {
     store.create_product("default", "p").await.unwrap();
     store.close().await;
     let again = Store::connect(url).await.unwrap();
-    assert_eq!(again.products("default").await.unwrap().len(), 1);
+    assert_eq!(
+        again
+            .products("default", None, &fleet_service::store::PageRequest::ALL)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 async fn catalog_constraints(url: &str) {
@@ -72,7 +80,14 @@ async fn catalog_constraints(url: &str) {
     assert_eq!(store.cohorts_of(&p.id).await.unwrap(), vec![c.clone()]);
     assert_eq!(store.cohort(&c.id).await.unwrap(), Some(c));
     assert_eq!(store.product(&p.id).await.unwrap(), Some(p));
-    assert_eq!(store.products("default").await.unwrap().len(), 2);
+    assert_eq!(
+        store
+            .products("default", None, &fleet_service::store::PageRequest::ALL)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 async fn provisioning_is_idempotent(url: &str) {
@@ -767,7 +782,10 @@ async fn api_keys_cache(url: &str) {
         ServiceRole::Viewer
     );
     // Only the hash is stored.
-    let stored = store.api_keys(None).await.unwrap();
+    let stored = store
+        .api_keys(None, &fleet_service::store::PageRequest::ALL)
+        .await
+        .unwrap();
     assert!(stored.iter().all(|k| k.secret_hash != viewer.secret));
 
     // A fresh cache (another start) sees the same keys.
@@ -804,7 +822,14 @@ async fn in_memory_sqlite_keeps_one_database() {
     store.create_product("default", "p").await.unwrap();
     // Several calls in a row see the same (single-connection) database.
     for _ in 0..3 {
-        assert_eq!(store.products("default").await.unwrap().len(), 1);
+        assert_eq!(
+            store
+                .products("default", None, &fleet_service::store::PageRequest::ALL)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }
 
@@ -913,4 +938,80 @@ async fn audit_entries_filter_page_and_age_out(url: &str) {
     );
     assert_eq!(of(org("default")).await.len(), 2);
     assert_eq!(of(org("other")).await.len(), 1);
+}
+
+/// Finding 14 of issue 11: the partial unique index holds at most one active or paused
+/// deployment per cohort, and migration 0012 ends the duplicates an earlier race left (the
+/// newest stays) before creating it.
+async fn one_live_deployment_per_cohort(url: &str) {
+    use fleet_service::store::{DeploymentKind, NewDeployment, PageRequest};
+    use fleet_wire::update::{DeploymentState, ReleaseManifest};
+    use fleet_wire::CohortId;
+
+    let store = Store::connect(url).await.unwrap();
+    let cat = catalog(&store, "live").await;
+    store
+        .create_signing_key("default", "k1", "key", "AAAA")
+        .await
+        .unwrap();
+    let manifest = ReleaseManifest {
+        product_id: cat.product.id.clone(),
+        version: "1.0.0".into(),
+        url: "http://127.0.0.1/fw".into(),
+        size: 1,
+        sha256: "00".repeat(32),
+    };
+    let release = store
+        .create_release(&manifest, "sig", "k1", None)
+        .await
+        .unwrap();
+    let new = NewDeployment {
+        release,
+        cohort_id: CohortId::parse(&cat.cohort.id).unwrap(),
+        kind: DeploymentKind::Rollout,
+        policy: fleet_service::rollout::policy::RolloutPolicy::default()
+            .validated()
+            .unwrap(),
+        reason: "test".into(),
+        rollback_of: None,
+    };
+    let first = store.create_deployment(&new).await.unwrap();
+    assert!(matches!(
+        store.create_deployment(&new).await,
+        Err(StoreError::Conflict(_))
+    ));
+
+    // What a race before the index could leave: two live deployments of one cohort.
+    exec_sql(url, "DROP INDEX deployments_one_live").await;
+    exec_sql(
+        url,
+        "INSERT INTO deployments (id, product_id, cohort_id, release_id, kind, state, \
+         state_reason, policy, current_wave, admit_below, revision, rate_base, created_at, \
+         updated_at) SELECT 'zz-duplicate', product_id, cohort_id, release_id, kind, state, \
+         state_reason, policy, current_wave, admit_below, revision, rate_base, created_at, \
+         updated_at FROM deployments",
+    )
+    .await;
+    exec_sql(url, "DELETE FROM _sqlx_migrations WHERE version = 12").await;
+    store.close().await;
+
+    let store = Store::connect(url).await.unwrap();
+    let live = store
+        .deployments(
+            "default",
+            None,
+            Some(&cat.cohort.id),
+            Some(DeploymentState::Active),
+            &PageRequest::ALL,
+        )
+        .await
+        .unwrap();
+    let ids: Vec<&str> = live.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["zz-duplicate"], "the newest stays live");
+    let ended = store.deployment(&first.id).await.unwrap().unwrap();
+    assert_eq!(ended.state, DeploymentState::Canceled);
+    assert!(matches!(
+        store.create_deployment(&new).await,
+        Err(StoreError::Conflict(_))
+    ));
 }

@@ -162,6 +162,11 @@ impl Platform {
         self.app.as_ref().expect("platform running")
     }
 
+    /// The database the platform runs on (a fresh file or PostgreSQL database per test).
+    pub fn database_url(&self) -> &str {
+        &self.database_url
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().to_path_buf()
     }

@@ -25,15 +25,16 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::auth::Admin;
-use super::devices::parse_limit;
-use super::error::{ApiQuery, ErrorBody};
+use super::error::ErrorBody;
+use super::extract::ApiQuery;
+use super::paging::{parse_limit, DEFAULT_LIMIT};
+use super::validate::parse_time;
 use super::{access, rfc3339, ApiError, ApiState};
 use crate::store::{ActorKind, AuditEntry, AuditFilter, NewAuditEntry};
 
 pub(super) const REQUEST_ID: &str = "x-request-id";
 /// Request bodies up to this size are kept in the entry's detail.
 const MAX_DETAIL_BODY: usize = 16 * 1024;
-const DEFAULT_LIMIT: u32 = 100;
 
 /// The request's id: the client's `X-Request-Id` when it is sane, else a new UUID.
 #[derive(Clone, Debug)]
@@ -347,8 +348,8 @@ fn parse_audit_query(
                 "success" | "failure" => filter.outcome = Some(value),
                 _ => return Err(bad("outcome must be success or failure".into())),
             },
-            "since" => filter.since_ms = Some(super::devices::parse_time(&key, &value)?),
-            "until" => filter.until_ms = Some(super::devices::parse_time(&key, &value)?),
+            "since" => filter.since_ms = Some(parse_time(&key, &value)?),
+            "until" => filter.until_ms = Some(parse_time(&key, &value)?),
             "limit" => limit = parse_limit(&value)?,
             "cursor" => {
                 before = Some(

@@ -7,21 +7,20 @@ use axum::http::StatusCode;
 use axum::Json;
 use broker::registry::JitpSettings;
 use fleet_wire::CohortId;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::{Caller, Writer};
-use super::catalog::Items;
-use super::error::{ApiJson, ApiPath, ApiQuery, ErrorBody};
+use super::error::ErrorBody;
+use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::paging::{page_request, Page};
+use super::validate::valid_tags;
 use super::{access, rfc3339, ApiError, ApiState};
 use crate::store::cas::{parse_ca_pem, verify_possession};
 use crate::store::{CaCertificate, CaUpdate, NewCa};
 
 /// Longest description accepted.
 const MAX_DESCRIPTION: usize = 1000;
-/// Longest tag key and value accepted.
-const MAX_TAG_KEY: usize = 128;
-const MAX_TAG_VALUE: usize = 256;
 
 /// Just-in-time provisioning: devices whose certificate this CA signed are created on first
 /// connect, in this product and cohort, with these tags.
@@ -31,8 +30,8 @@ pub(super) struct JitpBody {
     product_id: String,
     /// A cohort of `product_id`.
     cohort_id: String,
-    /// Keys of 1 to 128 characters without `:`; string values of 1 to 256 characters; no
-    /// control characters.
+    /// At most 64 tags: keys of 1 to 128 characters without `:`; string values of 1 to 256
+    /// characters; no control characters.
     #[serde(default)]
     #[schema(value_type = BTreeMap<String, String>)]
     tags: serde_json::Map<String, serde_json::Value>,
@@ -46,6 +45,7 @@ pub(super) struct CreateCa {
     certificate_pem: String,
     /// At most 1000 characters.
     #[serde(default)]
+    #[schema(max_length = 1000)]
     description: Option<String>,
     /// Whether devices it signed may connect; true by default.
     #[serde(default)]
@@ -75,23 +75,13 @@ pub(super) struct PatchCa {
     #[serde(default)]
     keep_devices_when_disabled: Option<bool>,
     /// Absent: unchanged; `null`: removed.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "super::extract::present")]
     #[schema(value_type = Option<String>)]
     description: Option<Option<String>>,
     /// Absent: unchanged; `null`: provisioning turned off.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "super::extract::present")]
     #[schema(value_type = Option<JitpBody>)]
     jitp: Option<Option<JitpBody>>,
-}
-
-/// Deserializes a field that is present (possibly `null`) as `Some(..)`; an absent field stays
-/// `None` through `#[serde(default)]`.
-pub(super) fn present<'de, T, D>(d: D) -> Result<Option<Option<T>>, D::Error>
-where
-    T: Deserialize<'de>,
-    D: Deserializer<'de>,
-{
-    Option::<T>::deserialize(d).map(Some)
 }
 
 #[derive(Serialize, ToSchema)]
@@ -154,44 +144,6 @@ fn valid_description(d: Option<String>) -> Result<Option<String>, ApiError> {
         )),
         other => Ok(other),
     }
-}
-
-/// Checks tags: string keys and values, non-empty, bounded, no control characters, and no `:`
-/// in keys (the device list filters on `tag=key:value`).
-pub(super) fn valid_tags(
-    tags: serde_json::Map<String, serde_json::Value>,
-) -> Result<BTreeMap<String, String>, ApiError> {
-    let bad = |message: String| ApiError::unprocessable("invalid_tags", message);
-    let mut out = BTreeMap::new();
-    for (key, value) in tags {
-        if key.is_empty()
-            || key.chars().count() > MAX_TAG_KEY
-            || key.contains(':')
-            || key.chars().any(char::is_control)
-        {
-            return Err(bad(format!(
-                "tag key {key:?} must be 1 to {MAX_TAG_KEY} characters, without ':' or control \
-                 characters"
-            )));
-        }
-        let value = match value {
-            serde_json::Value::String(v)
-                if !v.is_empty()
-                    && v.chars().count() <= MAX_TAG_VALUE
-                    && !v.chars().any(char::is_control) =>
-            {
-                v
-            }
-            _ => {
-                return Err(bad(format!(
-                    "tag {key:?} must have a string value of 1 to {MAX_TAG_VALUE} characters \
-                     without control characters"
-                )))
-            }
-        };
-        out.insert(key, value);
-    }
-    Ok(out)
 }
 
 /// Checks that the provisioning target exists in the CA's organization and hangs together. A
@@ -342,7 +294,15 @@ pub(super) async fn create_ca(
 #[into_params(parameter_in = Query)]
 pub(super) struct CaListQuery {
     /// RFC 3339: only CA certificates that expire before this (expired ones included).
+    #[serde(default)]
     expires_before: Option<String>,
+    /// Page size, 100 by default.
+    #[param(minimum = 1, maximum = 1000)]
+    #[serde(default)]
+    limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    #[serde(default)]
+    cursor: Option<String>,
 }
 
 /// Lists the organization's CA certificates, or those expiring before a time.
@@ -355,7 +315,7 @@ pub(super) struct CaListQuery {
     security(("api_key" = [])),
     params(CaListQuery),
     responses(
-        (status = 200, description = "The CA certificates", body = Items<CaBody>),
+        (status = 200, description = "One page of CA certificates, by id", body = Page<CaBody>),
         (status = 400, description = "`invalid_query`", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
         (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
@@ -365,20 +325,15 @@ pub(super) async fn list_cas(
     Caller(by): Caller,
     State(state): State<ApiState>,
     ApiQuery(q): ApiQuery<CaListQuery>,
-) -> Result<Json<Items<CaBody>>, ApiError> {
+) -> Result<Json<Page<CaBody>>, ApiError> {
     access::org_wide(&by)?;
+    let page = page_request(q.limit, q.cursor.as_deref())?;
     let before = q
         .expires_before
-        .map(|t| super::devices::parse_time("expires_before", &t))
+        .map(|t| super::validate::parse_time("expires_before", &t))
         .transpose()?;
-    let items = state.store.cas(Some(&by.org_id)).await?;
-    Ok(Json(Items {
-        items: items
-            .into_iter()
-            .filter(|c| before.is_none_or(|t| c.not_after_ms < t))
-            .map(Into::into)
-            .collect(),
-    }))
+    let rows = state.store.cas(Some(&by.org_id), before, &page).await?;
+    Ok(Json(Page::of(rows, &page, |c| &c.id, Into::into)))
 }
 
 /// One CA certificate.

@@ -7,8 +7,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::{Caller, Writer};
-use super::error::{ApiJson, ApiPath, ErrorBody};
-use super::{access, rfc3339, valid_name, ApiError, ApiState};
+use super::error::ErrorBody;
+use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::paging::{Page, PageParams};
+use super::validate::valid_name;
+use super::{access, rfc3339, ApiError, ApiState};
 use crate::store::{Cohort, Product};
 
 /// A product or cohort to create.
@@ -16,7 +19,7 @@ use crate::store::{Cohort, Product};
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateNamed {
     /// 1 to 200 characters after trimming, no control characters.
-    #[schema(example = "thermostat")]
+    #[schema(example = "thermostat", min_length = 1, max_length = 200)]
     name: String,
 }
 
@@ -56,12 +59,6 @@ impl From<Cohort> for CohortBody {
             created_at: rfc3339(c.created_at_ms),
         }
     }
-}
-
-/// A whole list, unpaginated.
-#[derive(Serialize, ToSchema)]
-pub(super) struct Items<T> {
-    pub(super) items: Vec<T>,
 }
 
 /// Creates a product.
@@ -105,8 +102,10 @@ pub(super) async fn create_product(
     path = "/api/v1/products",
     tag = "catalog",
     security(("api_key" = [])),
+    params(PageParams),
     responses(
-        (status = 200, description = "Every product", body = Items<ProductBody>),
+        (status = 200, description = "One page of products, by id", body = Page<ProductBody>),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
         (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
     ),
@@ -114,16 +113,15 @@ pub(super) async fn create_product(
 pub(super) async fn list_products(
     Caller(by): Caller,
     State(state): State<ApiState>,
-) -> Result<Json<Items<ProductBody>>, ApiError> {
+    ApiQuery(q): ApiQuery<PageParams>,
+) -> Result<Json<Page<ProductBody>>, ApiError> {
+    let page = q.request()?;
     let (scope_product, _) = access::scope_filter(&by);
-    let items = state.store.products(&by.org_id).await?;
-    Ok(Json(Items {
-        items: items
-            .into_iter()
-            .filter(|p| scope_product.is_none_or(|s| s == p.id))
-            .map(Into::into)
-            .collect(),
-    }))
+    let rows = state
+        .store
+        .products(&by.org_id, scope_product, &page)
+        .await?;
+    Ok(Json(Page::of(rows, &page, |p| &p.id, Into::into)))
 }
 
 /// One product.
@@ -205,10 +203,10 @@ pub(super) async fn create_cohort(
     path = "/api/v1/products/{product_id}/cohorts",
     tag = "catalog",
     security(("api_key" = [])),
-    params(("product_id" = String, Path, description = "The product's id")),
+    params(("product_id" = String, Path, description = "The product's id"), PageParams),
     responses(
-        (status = 200, description = "The product's cohorts", body = Items<CohortBody>),
-        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 200, description = "One page of the product's cohorts, oldest first", body = Page<CohortBody>),
+        (status = 400, description = "`invalid_path` or `invalid_query`", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
         (status = 404, description = "No such product", body = ErrorBody),
         (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
@@ -218,17 +216,16 @@ pub(super) async fn list_cohorts(
     Caller(by): Caller,
     State(state): State<ApiState>,
     ApiPath(product_id): ApiPath<String>,
-) -> Result<Json<Items<CohortBody>>, ApiError> {
+    ApiQuery(q): ApiQuery<PageParams>,
+) -> Result<Json<Page<CohortBody>>, ApiError> {
+    let page = q.request()?;
     access::product(&state, &by, &product_id).await?;
     let (_, scope_cohort) = access::scope_filter(&by);
-    let items = state.store.cohorts_of(&product_id).await?;
-    Ok(Json(Items {
-        items: items
-            .into_iter()
-            .filter(|c| scope_cohort.is_none_or(|s| s == c.id))
-            .map(Into::into)
-            .collect(),
-    }))
+    let rows = state
+        .store
+        .cohorts_page(&product_id, scope_cohort, &page)
+        .await?;
+    Ok(Json(Page::of(rows, &page, |c| &c.id, Into::into)))
 }
 
 /// One cohort.

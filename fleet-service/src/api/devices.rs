@@ -10,13 +10,13 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::auth::Caller;
-use super::error::{ApiPath, ApiQuery, ErrorBody};
+use super::error::ErrorBody;
+use super::extract::{ApiPath, ApiQuery};
 use super::openapi::DeviceStateName;
+use super::paging::{decode_cursor, encode_cursor, parse_limit, DEFAULT_LIMIT};
+use super::validate::{parse_time, path_device};
 use super::{access, rfc3339, rfc3339_opt, ApiError, ApiState};
 use crate::store::{Device, DeviceCursor, DeviceFilter, DeviceSort, DeviceState, TelemetryRecord};
-
-pub(super) const DEFAULT_LIMIT: u32 = 100;
-const MAX_LIMIT: u32 = 1000;
 
 /// The device's client certificate.
 #[derive(Serialize, ToSchema)]
@@ -173,34 +173,8 @@ impl From<TelemetryRecord> for TelemetryBody {
 #[derive(Serialize, ToSchema)]
 pub(super) struct TelemetryPage {
     items: Vec<TelemetryBody>,
-}
-
-/// A device id in a path; one that cannot be valid names no device.
-pub(super) fn path_device(id: &str) -> Result<DeviceId, ApiError> {
-    DeviceId::parse(id).map_err(|_| ApiError::not_found("device"))
-}
-
-pub(super) fn encode_cursor(id: &DeviceId) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_str())
-}
-
-pub(super) fn decode_cursor(cursor: &str) -> Option<DeviceId> {
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(cursor)
-        .ok()?;
-    DeviceId::parse(std::str::from_utf8(&raw).ok()?).ok()
-}
-
-pub(super) fn parse_limit(s: &str) -> Result<u32, ApiError> {
-    s.parse::<u32>()
-        .ok()
-        .filter(|n| (1..=MAX_LIMIT).contains(n))
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_query",
-                format!("limit must be an integer from 1 to {MAX_LIMIT}"),
-            )
-        })
+    /// Pass as `cursor` for the next (older) page; none on the last page.
+    next_cursor: Option<String>,
 }
 
 /// The device list's query: `state`, `cohort_id`, `product_id`, `online`, `limit`, `cursor`
@@ -217,7 +191,7 @@ struct ListQuery {
 /// id order keeps its plain cursor (the id alone).
 fn encode_sorted_cursor(sort: DeviceSort, d: &Device) -> String {
     match sort {
-        DeviceSort::Id => encode_cursor(&d.id),
+        DeviceSort::Id => encode_cursor(d.id.as_str()),
         _ => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
             "{}\n{}\n{}",
             sort.as_str(),
@@ -229,7 +203,9 @@ fn encode_sorted_cursor(sort: DeviceSort, d: &Device) -> String {
 
 fn decode_sorted_cursor(sort: DeviceSort, cursor: &str) -> Option<DeviceCursor> {
     if sort == DeviceSort::Id {
-        return decode_cursor(cursor).map(|id| DeviceCursor { key: 0, id });
+        return decode_cursor(cursor)
+            .and_then(|id| DeviceId::parse(&id).ok())
+            .map(|id| DeviceCursor { key: 0, id });
     }
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(cursor)
@@ -242,19 +218,6 @@ fn decode_sorted_cursor(sort: DeviceSort, cursor: &str) -> Option<DeviceCursor> 
         key: key.parse().ok()?,
         id: DeviceId::parse(id).ok()?,
     })
-}
-
-/// An RFC 3339 query value as Unix milliseconds.
-pub(super) fn parse_time(key: &str, value: &str) -> Result<i64, ApiError> {
-    use time::format_description::well_known::Rfc3339;
-    time::OffsetDateTime::parse(value, &Rfc3339)
-        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
-        .map_err(|_| {
-            ApiError::bad_request(
-                "invalid_query",
-                format!("{key} must be an RFC 3339 time such as 2026-01-31T12:00:00Z"),
-            )
-        })
 }
 
 fn parse_list_query(pairs: Vec<(String, String)>) -> Result<ListQuery, ApiError> {
@@ -473,9 +436,10 @@ pub(super) async fn list_devices(
         ("device_id" = String, Path, description = "The device's id"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000,
             description = "How many, 100 by default"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
     ),
     responses(
-        (status = 200, description = "The newest messages", body = TelemetryPage),
+        (status = 200, description = "The newest messages, one page", body = TelemetryPage),
         (status = 400, description = "`invalid_path`, or `invalid_query`: an unknown parameter or a bad limit", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
         (status = 404, description = "No such device", body = ErrorBody),
@@ -489,9 +453,19 @@ pub(super) async fn device_telemetry(
     ApiQuery(pairs): ApiQuery<Vec<(String, String)>>,
 ) -> Result<Json<TelemetryPage>, ApiError> {
     let mut limit = DEFAULT_LIMIT;
+    let mut before = None;
+    let bad_cursor = || ApiError::bad_request("invalid_query", "invalid cursor");
     for (key, value) in pairs {
         match key.as_str() {
             "limit" => limit = parse_limit(&value)?,
+            "cursor" => {
+                let raw = decode_cursor(&value).ok_or_else(bad_cursor)?;
+                let (epoch, seq) = raw.split_once('.').ok_or_else(bad_cursor)?;
+                before = Some((
+                    epoch.parse().map_err(|_| bad_cursor())?,
+                    seq.parse().map_err(|_| bad_cursor())?,
+                ));
+            }
             other => {
                 return Err(ApiError::bad_request(
                     "invalid_query",
@@ -502,9 +476,18 @@ pub(super) async fn device_telemetry(
     }
     let id = path_device(&id)?;
     access::device(&state, &by, &id).await?;
-    let items = state.store.telemetry(&id, limit).await?;
+    let mut items = state.store.telemetry_before(&id, before, limit + 1).await?;
+    let next_cursor = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items
+            .last()
+            .map(|t| encode_cursor(&format!("{}.{}", t.epoch, t.seq)))
+    } else {
+        None
+    };
     Ok(Json(TelemetryPage {
         items: items.into_iter().map(Into::into).collect(),
+        next_cursor,
     }))
 }
 
@@ -542,7 +525,7 @@ mod tests {
         assert_eq!(ok.limit, 5);
         assert_eq!(q(&[]).unwrap().limit, DEFAULT_LIMIT);
 
-        let cursor = encode_cursor(&DeviceId::parse("dev-9").unwrap());
+        let cursor = encode_cursor("dev-9");
         assert_eq!(
             q(&[("cursor", &cursor)])
                 .unwrap()

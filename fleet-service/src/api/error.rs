@@ -1,12 +1,8 @@
-//! The one error shape of the REST bridge, and extractors whose rejections use it.
+//! The one error shape of the REST bridge.
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -126,76 +122,6 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// `axum::Json`, answering malformed bodies in the API's error shape.
-pub struct ApiJson<T>(pub T);
-
-#[axum::async_trait]
-impl<T, S> FromRequest<S> for ApiJson<T>
-where
-    T: DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) => Err(match rejection {
-                JsonRejection::JsonSyntaxError(e) => {
-                    ApiError::bad_request("malformed_json", e.body_text())
-                }
-                JsonRejection::JsonDataError(e) => {
-                    ApiError::bad_request("invalid_body", e.body_text())
-                }
-                JsonRejection::MissingJsonContentType(e) => ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    e.body_text(),
-                ),
-                other => ApiError::bad_request("invalid_body", other.body_text()),
-            }),
-        }
-    }
-}
-
-/// `axum::extract::Query`, answering malformed query strings in the API's error shape.
-pub struct ApiQuery<T>(pub T);
-
-#[axum::async_trait]
-impl<T, S> FromRequestParts<S> for ApiQuery<T>
-where
-    T: DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|q| ApiQuery(q.0))
-            .map_err(|e: QueryRejection| ApiError::bad_request("invalid_query", e.body_text()))
-    }
-}
-
-/// `axum::extract::Path`, answering bad path parameters in the API's error shape.
-pub struct ApiPath<T>(pub T);
-
-#[axum::async_trait]
-impl<T, S> FromRequestParts<S> for ApiPath<T>
-where
-    T: DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        axum::extract::Path::<T>::from_request_parts(parts, state)
-            .await
-            .map(|p| ApiPath(p.0))
-            .map_err(|e: PathRejection| ApiError::bad_request("invalid_path", e.body_text()))
-    }
-}
-
 pub(super) async fn no_such_route() -> ApiError {
     ApiError::not_found("route")
 }
@@ -206,4 +132,42 @@ pub(super) async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "this route does not support the method",
     )
+}
+
+/// Middleware: an error answer that is not JSON (a rejection from outside our extractors, such
+/// as a body limit hit before a handler ran) is rewritten into the error shape.
+pub(super) async fn json_error_bodies(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (code, message) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "payload_too_large",
+            "the request body is larger than this route accepts",
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            "unsupported_media_type",
+            "the body's content type is not accepted",
+        ),
+        StatusCode::NOT_FOUND => ("not_found", "no such resource"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "this route does not support the method",
+        ),
+        s if s.is_server_error() => ("internal", "internal error; see the service log"),
+        _ => ("bad_request", "the request could not be read"),
+    };
+    let mut answer = ApiError::new(status, code, message).into_response();
+    for (name, value) in response.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    answer
 }

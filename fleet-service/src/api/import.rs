@@ -9,9 +9,8 @@
 
 use std::collections::HashMap;
 
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use broker::auth::{Place, ServicePrincipal};
 use fleet_wire::{CohortId, DeviceId};
@@ -19,9 +18,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::Writer;
-use super::cas::valid_tags;
-use super::error::{ApiPath, ErrorBody};
-use super::lifecycle::pin_of;
+use super::error::ErrorBody;
+use super::extract::{media_type, ApiBytes, ApiPath};
+use super::validate::{pin_of, valid_tags};
 use super::{access, ApiError, ApiState};
 use crate::store::{Cohort, ImportOutcome, NewRegisteredDevice, Product};
 
@@ -29,6 +28,8 @@ use crate::store::{Cohort, ImportOutcome, NewRegisteredDevice, Product};
 pub(super) const BATCH: usize = 500;
 /// Rows one request may carry.
 const MAX_ROWS: usize = 100_000;
+/// An import that created at least this many devices refreshes the planner's statistics.
+const ANALYZE_AFTER: usize = 1000;
 /// The largest body the import route reads (10,000 rows with certificates are about 10 MiB).
 pub(super) const MAX_BODY: usize = 64 * 1024 * 1024;
 
@@ -210,6 +211,9 @@ fn parse_csv(body: &[u8]) -> Result<Vec<Parsed>, ApiError> {
         .collect();
     let mut rows = Vec::new();
     for record in reader.byte_records() {
+        if rows.len() == MAX_ROWS {
+            return Err(too_many_rows());
+        }
         let record = match record {
             Ok(r) => r,
             Err(e) => {
@@ -303,46 +307,93 @@ struct JsonRow {
     certificate_fingerprint: Option<String>,
 }
 
+/// 422 `too_many_rows`: refused as soon as the row after the limit is seen.
+fn too_many_rows() -> ApiError {
+    ApiError::unprocessable(
+        "too_many_rows",
+        format!("over {MAX_ROWS} rows; one import takes at most {MAX_ROWS}"),
+    )
+}
+
+/// One element of the JSON array, read into a row as soon as it is parsed.
+fn json_element(item: serde_json::Value) -> Parsed {
+    let id = item.get("id").and_then(|v| v.as_str()).map(str::to_owned);
+    let row = serde_json::from_value::<JsonRow>(item)
+        .map(|r| RawRow {
+            id: Some(r.id),
+            cohort: r.cohort_id,
+            tags: r.tags,
+            certificate_pem: r.certificate_pem,
+            certificate_fingerprint: r.certificate_fingerprint,
+        })
+        .map_err(|e| {
+            let message = super::extract::plain(&e.to_string());
+            let column = message
+                .split('`')
+                .nth(1)
+                .filter(|_| message.contains("field"))
+                .map(str::to_owned);
+            let mut err = RowError::new(None, "malformed_row", message);
+            err.column = column;
+            err
+        });
+    Parsed {
+        line: None,
+        id,
+        row,
+    }
+}
+
+/// Reads a JSON array element by element, keeping rows rather than the whole document, and
+/// stops at the row after [`MAX_ROWS`].
+struct JsonRows;
+
+/// Why reading the array stopped: too many rows, or a JSON error.
+const TOO_MANY_ROWS: &str = "\u{0}too_many_rows";
+
+impl<'de> serde::de::Visitor<'de> for JsonRows {
+    type Value = Vec<Parsed>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array of device objects")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Parsed>, A::Error> {
+        let mut rows = Vec::new();
+        while let Some(item) = seq.next_element::<serde_json::Value>()? {
+            if rows.len() == MAX_ROWS {
+                return Err(serde::de::Error::custom(TOO_MANY_ROWS));
+            }
+            rows.push(json_element(item));
+        }
+        Ok(rows)
+    }
+}
+
 /// The rows of a JSON array of objects. A body that is not an array is refused whole; an
 /// element that is not a device object fails alone.
 fn parse_json(body: &[u8]) -> Result<Vec<Parsed>, ApiError> {
-    let items: Vec<serde_json::Value> = serde_json::from_slice(body).map_err(|e| {
-        if e.is_data() {
-            ApiError::bad_request("invalid_body", format!("expected a JSON array: {e}"))
-        } else {
-            ApiError::bad_request("malformed_json", e.to_string())
-        }
-    })?;
-    Ok(items
-        .into_iter()
-        .map(|item| {
-            let id = item.get("id").and_then(|v| v.as_str()).map(str::to_owned);
-            let row = serde_json::from_value::<JsonRow>(item)
-                .map(|r| RawRow {
-                    id: Some(r.id),
-                    cohort: r.cohort_id,
-                    tags: r.tags,
-                    certificate_pem: r.certificate_pem,
-                    certificate_fingerprint: r.certificate_fingerprint,
-                })
-                .map_err(|e| {
-                    let message = e.to_string();
-                    let column = message
-                        .split('`')
-                        .nth(1)
-                        .filter(|_| message.contains("field"))
-                        .map(str::to_owned);
-                    let mut err = RowError::new(None, "malformed_row", message);
-                    err.column = column;
-                    err
-                });
-            Parsed {
-                line: None,
-                id,
-                row,
+    use serde::Deserializer as _;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let rows = de
+        .deserialize_seq(JsonRows)
+        .and_then(|rows| de.end().map(|()| rows))
+        .map_err(|e| {
+            if e.to_string().starts_with(TOO_MANY_ROWS) {
+                too_many_rows()
+            } else if e.is_data() {
+                ApiError::bad_request(
+                    "invalid_body",
+                    format!(
+                        "expected a JSON array: {}",
+                        super::extract::plain(&e.to_string())
+                    ),
+                )
+            } else {
+                ApiError::bad_request("malformed_json", e.to_string())
             }
-        })
-        .collect())
+        })?;
+    Ok(rows)
 }
 
 /// What every row is checked against.
@@ -465,14 +516,9 @@ pub(super) async fn import_devices(
     State(state): State<ApiState>,
     ApiPath(product_id): ApiPath<String>,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes<MAX_BODY>,
 ) -> Result<Json<ImportReport>, ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase())
-        .unwrap_or_default();
+    let content_type = media_type(&headers);
     let product = access::product(&state, &by, &product_id).await?;
     let (format, parsed) = match content_type.as_str() {
         "text/csv" => ("csv", parse_csv(&body)?),
@@ -485,12 +531,6 @@ pub(super) async fn import_devices(
             ))
         }
     };
-    if parsed.len() > MAX_ROWS {
-        return Err(ApiError::unprocessable(
-            "too_many_rows",
-            format!("{} rows; one import takes at most {MAX_ROWS}", parsed.len()),
-        ));
-    }
     let cohorts = state.store.cohorts_of(&product.id).await?;
     let mut by_key: HashMap<&str, &Cohort> = HashMap::new();
     for c in &cohorts {
@@ -605,6 +645,12 @@ pub(super) async fn import_devices(
     }
     let count = |o: &str| results.iter().filter(|r| r.outcome == o).count();
     let (created, skipped, failed) = (count("created"), count("skipped"), count("failed"));
+    if created >= ANALYZE_AFTER {
+        // Stale statistics only cost speed: a failure is logged, and the import stands.
+        if let Err(e) = state.store.refresh_device_statistics().await {
+            tracing::warn!(error = %e, "device statistics not refreshed after an import");
+        }
+    }
     tracing::info!(
         product_id = %product.id, created, skipped, failed, by = %by.key_id,
         "devices imported"

@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::Admin;
-use super::catalog::Items;
-use super::error::{ApiJson, ApiPath, ErrorBody};
+use super::error::ErrorBody;
+use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::paging::{Page, PageParams};
 use super::{access, rfc3339, rfc3339_opt, ApiError, ApiState};
 use crate::keys::KeyError;
 use crate::store::ApiKeyRecord;
@@ -20,6 +21,7 @@ use crate::store::ApiKeyRecord;
 #[schema(as = CreateApiKey)]
 pub(super) struct CreateKey {
     /// 1 to 200 characters after trimming, no control characters.
+    #[schema(min_length = 1, max_length = 200)]
     name: String,
     #[schema(value_type = super::openapi::ApiKeyRole)]
     role: String,
@@ -122,8 +124,10 @@ pub(super) async fn create_key(
     path = "/api/v1/api-keys",
     tag = "api-keys",
     security(("api_key" = [])),
+    params(PageParams),
     responses(
-        (status = 200, description = "Every API key", body = Items<KeyBody>),
+        (status = 200, description = "One page of API keys, by id", body = Page<KeyBody>),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
         (status = 403, description = "Not an admin key", body = ErrorBody),
         (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
@@ -132,12 +136,12 @@ pub(super) async fn create_key(
 pub(super) async fn list_keys(
     Admin(admin): Admin,
     State(state): State<ApiState>,
-) -> Result<Json<Items<KeyBody>>, ApiError> {
+    ApiQuery(q): ApiQuery<PageParams>,
+) -> Result<Json<Page<KeyBody>>, ApiError> {
     access::org_wide(&admin)?;
-    let items = state.keys.list(&admin.org_id).await?;
-    Ok(Json(Items {
-        items: items.into_iter().map(Into::into).collect(),
-    }))
+    let page = q.request()?;
+    let rows = state.keys.list(&admin.org_id, &page).await?;
+    Ok(Json(Page::of(rows, &page, |k| &k.id, Into::into)))
 }
 
 /// Revokes an API key; requests with it are refused from now on, and its live MQTT service

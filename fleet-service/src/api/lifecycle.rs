@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::Writer;
-use super::cas::valid_tags;
-use super::devices::{path_device, DeviceBody};
-use super::error::{ApiJson, ApiPath, ErrorBody};
-use super::updates::Optional;
+use super::devices::DeviceBody;
+use super::error::ErrorBody;
+use super::extract::{ApiJson, ApiPath, Optional};
+use super::validate::{path_device, pin_of, valid_tags};
 use super::{access, ApiError, ApiState};
 use crate::store::NewRegisteredDevice;
 
@@ -24,11 +24,18 @@ use crate::store::NewRegisteredDevice;
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateDevice {
     /// The device id: its certificate's CN and MQTT client id.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+    )]
     id: String,
     product_id: String,
     /// A cohort of `product_id`.
     #[serde(default)]
     cohort_id: Option<String>,
+    /// At most 64 tags: keys of 1 to 128 characters without `:`, string values of 1 to 256
+    /// characters, no control characters.
     #[serde(default)]
     #[schema(value_type = std::collections::BTreeMap<String, String>)]
     tags: serde_json::Map<String, serde_json::Value>,
@@ -39,46 +46,6 @@ pub(super) struct CreateDevice {
     /// DER; colons allowed).
     #[serde(default)]
     certificate_fingerprint: Option<String>,
-}
-
-/// The pin a request asks for, as lower-case hex.
-pub(super) fn pin_of(
-    pem: Option<&str>,
-    fingerprint: Option<&str>,
-) -> Result<Option<String>, ApiError> {
-    let bad = |m: &str| ApiError::unprocessable("invalid_certificate", m.to_owned());
-    match (pem, fingerprint) {
-        (Some(_), Some(_)) => Err(bad(
-            "give certificate_pem or certificate_fingerprint, not both",
-        )),
-        (None, None) => Ok(None),
-        (Some(pem), None) => {
-            let items = rustls_pemfile::read_all(&mut pem.as_bytes())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| bad("certificate_pem is not PEM"))?;
-            match items.as_slice() {
-                [rustls_pemfile::Item::X509Certificate(der)] => {
-                    x509_parser::parse_x509_certificate(der)
-                        .map_err(|_| bad("certificate_pem does not parse as X.509"))?;
-                    Ok(Some(broker::registry::fingerprint(der)))
-                }
-                _ => Err(bad("certificate_pem must hold exactly one certificate")),
-            }
-        }
-        (None, Some(f)) => {
-            let hex: String = f
-                .chars()
-                .filter(|c| *c != ':')
-                .collect::<String>()
-                .to_lowercase();
-            if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(bad(
-                    "certificate_fingerprint must be 64 hex digits (SHA-256)",
-                ));
-            }
-            Ok(Some(hex))
-        }
-    }
 }
 
 /// Registers a device before manufacturing, in state `registered`. It may connect with any
@@ -192,12 +159,12 @@ pub(super) async fn create_device(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PatchDevice {
-    /// Replaces every tag (`{}` removes them all).
+    /// Replaces every tag (`{}` removes them all); at most 64.
     #[serde(default)]
     #[schema(value_type = Option<std::collections::BTreeMap<String, String>>)]
     tags: Option<serde_json::Map<String, serde_json::Value>>,
     /// Moves the device to this cohort of its product; `null` takes it out of every cohort.
-    #[serde(default, deserialize_with = "super::cas::present")]
+    #[serde(default, deserialize_with = "super::extract::present")]
     #[schema(value_type = Option<String>, nullable)]
     cohort_id: Option<Option<String>>,
 }
@@ -343,7 +310,7 @@ async fn cut_off(
     tag = "devices",
     security(("api_key" = [])),
     params(("device_id" = String, Path, description = "The device's id")),
-    request_body(content = Option<RevokeRequest>, description = "Optional: no body is the same as `{}`"),
+    request_body(content = Option<RevokeRequest>, description = "Optional: no body, an empty body or `null` is the same as `{}`"),
     responses(
         (status = 200, description = "Revoked", body = RevokedBody),
         (status = 400, description = "`invalid_path`, `malformed_json` or `invalid_body`", body = ErrorBody),
@@ -408,7 +375,10 @@ pub(super) async fn delete_device(
     let id = path_device(&id)?;
     let device = access::device(&state, &by, &id).await?;
     cut_off(&state, &device.org_id, &id, "device deleted").await?;
-    state.store.delete_device(&id).await?;
+    // Of concurrent deletes of one device, one deletes it; the others are told it is gone.
+    if !state.store.delete_device(&id).await? {
+        return Err(ApiError::not_found("device"));
+    }
     state.control.registry().remove_device(&id);
     tracing::info!(device_id = %id, by = %by.key_id, "device deleted");
     Ok(StatusCode::NO_CONTENT)

@@ -30,7 +30,13 @@ use super::{
             another organization's resource is a 404, exactly like a missing one. A key may be \
             scoped to one product, or one cohort of it; organization-level resources (CAs, API \
             keys, signing keys) need an unscoped key. Every error, including unknown routes (404) and methods (405), has \
-            the shape `{\"error\":{\"code\":\"...\",\"message\":\"...\"}}`.",
+            the shape `{\"error\":{\"code\":\"...\",\"message\":\"...\"}}`.\n\n\
+            A JSON body is exactly one JSON object (nothing after it, no key twice, no NUL \
+            character); a whole number may be written `5.0`. A body over 2 MiB (64 MiB for the \
+            device import) is a 413 `payload_too_large`; a path or query with a control \
+            character (such as `%00`) is a 400 `invalid_path` or `invalid_query`. Every list \
+            pages the same way: `limit` (1 to 1000, 100 by default) and `cursor` (the previous \
+            page's `next_cursor`).",
     ),
     paths(
         super::health,
@@ -83,7 +89,7 @@ use super::{
         audit::list_audit,
     ),
     components(schemas(error::ErrorBody)),
-    modifiers(&BearerKey),
+    modifiers(&BearerKey, &TagLimits),
     tags(
         (name = "service", description = "Health, this document, broker counters"),
         (name = "organizations", description = "Organizations: the boundary of everything else"),
@@ -138,6 +144,26 @@ impl Modify for BearerKey {
                     .build(),
             ),
         );
+    }
+}
+
+/// States the cap on tags per device (`validate::MAX_TAGS`) on every schema's `tags` object
+/// (utoipa has no field attribute for `maxProperties`).
+struct TagLimits;
+
+impl Modify for TagLimits {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let Some(components) = openapi.components.as_mut() else {
+            return;
+        };
+        for schema in components.schemas.values_mut() {
+            let RefOr::T(Schema::Object(body)) = schema else {
+                continue;
+            };
+            if let Some(RefOr::T(Schema::Object(tags))) = body.properties.get_mut("tags") {
+                tags.max_properties = Some(super::validate::MAX_TAGS);
+            }
+        }
     }
 }
 

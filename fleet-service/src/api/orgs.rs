@@ -10,10 +10,12 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::{Admin, Caller};
-use super::catalog::Items;
-use super::error::{ApiJson, ApiPath, ErrorBody};
+use super::error::ErrorBody;
+use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::keys::KeyBody;
-use super::{rfc3339, valid_name, ApiError, ApiState};
+use super::paging::{Page, PageParams};
+use super::validate::valid_name;
+use super::{rfc3339, ApiError, ApiState};
 use crate::keys::KeyError;
 use crate::store::Organization;
 
@@ -49,6 +51,7 @@ pub(super) struct CreatedOrg {
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateOrg {
     /// 1 to 200 characters after trimming, no control characters; unique.
+    #[schema(min_length = 1, max_length = 200)]
     name: String,
 }
 
@@ -114,8 +117,10 @@ pub(super) async fn create_org(
     path = "/api/v1/organizations",
     tag = "organizations",
     security(("api_key" = [])),
+    params(PageParams),
     responses(
-        (status = 200, description = "The organizations the key may see", body = Items<OrgBody>),
+        (status = 200, description = "One page of the organizations the key may see, by id", body = Page<OrgBody>),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
         (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
     ),
@@ -123,15 +128,12 @@ pub(super) async fn create_org(
 pub(super) async fn list_orgs(
     Caller(by): Caller,
     State(state): State<ApiState>,
-) -> Result<Json<Items<OrgBody>>, ApiError> {
-    let items = if by.platform_admin() {
-        state.store.orgs().await?
-    } else {
-        state.store.org(&by.org_id).await?.into_iter().collect()
-    };
-    Ok(Json(Items {
-        items: items.into_iter().map(Into::into).collect(),
-    }))
+    ApiQuery(q): ApiQuery<PageParams>,
+) -> Result<Json<Page<OrgBody>>, ApiError> {
+    let page = q.request()?;
+    let only = (!by.platform_admin()).then_some(by.org_id.as_str());
+    let rows = state.store.orgs(only, &page).await?;
+    Ok(Json(Page::of(rows, &page, |o| &o.id, Into::into)))
 }
 
 /// One organization: the key's own, or any for the platform admin.

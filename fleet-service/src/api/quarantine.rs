@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::Writer;
-use super::devices::path_device;
-use super::error::{ApiJson, ApiPath, ErrorBody};
-use super::updates::Optional;
+use super::error::ErrorBody;
+use super::extract::Optional;
+use super::extract::{ApiJson, ApiPath};
+use super::validate::path_device;
 use super::{access, ApiError, ApiState};
 
 /// Why, and how strictly.
@@ -19,6 +20,7 @@ use super::{access, ApiError, ApiState};
 #[serde(deny_unknown_fields)]
 pub(super) struct QuarantineRequest {
     /// 1 to 1000 characters; recorded as the device's `state_reason`.
+    #[schema(min_length = 1, max_length = 1000)]
     reason: String,
     /// `commands_only` (connect only to receive and acknowledge commands) or `refuse`; the
     /// service's `[devices] quarantine_mode` when absent.
@@ -134,7 +136,7 @@ pub(super) async fn quarantine(
     tag = "devices",
     security(("api_key" = [])),
     params(("device_id" = String, Path, description = "The device's id")),
-    request_body(content = Option<LiftRequest>, description = "Optional: no body is the same as `{}`"),
+    request_body(content = Option<LiftRequest>, description = "Optional: no body, an empty body or `null` is the same as `{}`"),
     responses(
         (status = 200, description = "Lifted", body = QuarantineBody),
         (status = 400, description = "`invalid_path`, `malformed_json` or `invalid_body`", body = ErrorBody),

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Caller;
-use super::error::{ApiQuery, ErrorBody};
+use super::error::ErrorBody;
+use super::extract::ApiQuery;
 use super::{access, ApiError, ApiState};
 use crate::store::{DeviceState, SummaryScope, FIRMWARE_VERSIONS};
 
@@ -70,7 +71,7 @@ pub(super) struct CertificateCounts {
 
 /// Counts over the devices the key sees (or the product or cohort asked for).
 #[derive(Serialize, ToSchema)]
-pub(super) struct SummaryBody {
+pub(super) struct FleetSummaryBody {
     devices: i64,
     online: i64,
     offline: i64,
@@ -97,7 +98,7 @@ pub(super) struct SummaryBody {
     security(("api_key" = [])),
     params(SummaryQuery),
     responses(
-        (status = 200, description = "The counts", body = SummaryBody),
+        (status = 200, description = "The counts", body = FleetSummaryBody),
         (status = 400, description = "`invalid_query`", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
         (status = 404, description = "No such product or cohort", body = ErrorBody),
@@ -108,7 +109,7 @@ pub(super) async fn fleet_summary(
     Caller(by): Caller,
     State(state): State<ApiState>,
     ApiQuery(q): ApiQuery<SummaryQuery>,
-) -> Result<Json<SummaryBody>, ApiError> {
+) -> Result<Json<FleetSummaryBody>, ApiError> {
     let window_days = q.expiring_within_days.unwrap_or(DEFAULT_WINDOW_DAYS);
     if !(1..=MAX_WINDOW_DAYS).contains(&window_days) {
         return Err(ApiError::bad_request(
@@ -165,7 +166,7 @@ pub(super) async fn fleet_summary(
     }
     let product_names: HashMap<String, String> = state
         .store
-        .products(&by.org_id)
+        .products(&by.org_id, None, &crate::store::PageRequest::ALL)
         .await?
         .into_iter()
         .map(|p| (p.id, p.name))
@@ -212,7 +213,10 @@ pub(super) async fn fleet_summary(
         devices - firmware_versions.iter().map(|f| f.devices).sum::<i64>();
 
     let (ca_expired, ca_expiring) = if by.org_wide() {
-        let cas = state.store.cas(Some(&by.org_id)).await?;
+        let cas = state
+            .store
+            .cas(Some(&by.org_id), None, &crate::store::PageRequest::ALL)
+            .await?;
         let expired = cas.iter().filter(|c| c.not_after_ms < now).count() as i64;
         let expiring = cas
             .iter()
@@ -222,7 +226,7 @@ pub(super) async fn fleet_summary(
     } else {
         (None, None)
     };
-    Ok(Json(SummaryBody {
+    Ok(Json(FleetSummaryBody {
         devices,
         online,
         offline: devices - online,

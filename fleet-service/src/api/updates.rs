@@ -17,11 +17,14 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Admin, Caller, Writer};
-use super::catalog::Items;
-use super::devices::{decode_cursor, encode_cursor, parse_limit, path_device, DEFAULT_LIMIT};
-use super::error::{ApiJson, ApiPath, ApiQuery, ErrorBody};
+use super::error::ErrorBody;
+use super::extract::{ApiJson, ApiPath, ApiQuery, Optional};
 use super::openapi::{DeploymentKindName, DeploymentStateName, ExecutionStatusName};
-use super::{access, rfc3339, rfc3339_opt, valid_name, ApiError, ApiState};
+use super::paging::{
+    decode_cursor, encode_cursor, page_request, parse_limit, Items, Page, PageParams, DEFAULT_LIMIT,
+};
+use super::validate::{path_device, valid_name};
+use super::{access, rfc3339, rfc3339_opt, ApiError, ApiState};
 use crate::rollout::policy::{PolicyError, RolloutPolicy};
 use crate::rollout::RollbackError;
 use crate::store::{
@@ -37,6 +40,7 @@ use crate::store::{
 #[schema(as = CreateSigningKey)]
 pub(super) struct CreateKey {
     /// 1 to 200 characters after trimming, no control characters.
+    #[schema(min_length = 1, max_length = 200)]
     name: String,
     /// Base64 of the 32-byte Ed25519 key, or a PEM `PUBLIC KEY`.
     public_key: String,
@@ -113,8 +117,10 @@ pub(super) async fn create_signing_key(
     path = "/api/v1/signing-keys",
     tag = "updates",
     security(("api_key" = [])),
+    params(PageParams),
     responses(
-        (status = 200, description = "Every signing key", body = Items<SigningKeyBody>),
+        (status = 200, description = "One page of signing keys, by id", body = Page<SigningKeyBody>),
+        (status = 400, description = "`invalid_query`", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
         (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
     ),
@@ -122,12 +128,12 @@ pub(super) async fn create_signing_key(
 pub(super) async fn list_signing_keys(
     Caller(by): Caller,
     State(state): State<ApiState>,
-) -> Result<Json<Items<SigningKeyBody>>, ApiError> {
+    ApiQuery(q): ApiQuery<PageParams>,
+) -> Result<Json<Page<SigningKeyBody>>, ApiError> {
     access::org_wide(&by)?;
-    let items = state.store.signing_keys(&by.org_id).await?;
-    Ok(Json(Items {
-        items: items.into_iter().map(Into::into).collect(),
-    }))
+    let page = q.request()?;
+    let rows = state.store.signing_keys_page(&by.org_id, &page).await?;
+    Ok(Json(Page::of(rows, &page, |k| &k.id, Into::into)))
 }
 
 /// Revokes a signing key: releases it signed stay; new ones must use another key.
@@ -174,10 +180,12 @@ pub(super) struct CreateRelease {
     /// A semantic version such as `1.4.2`.
     version: String,
     /// The artifact: `http://` or `https://`, at most 2048 characters.
+    #[schema(max_length = 2048, pattern = "^https?://")]
     url: String,
     /// The artifact's size in bytes.
     size: u64,
     /// Hex SHA-256 of the artifact.
+    #[schema(pattern = "^[0-9a-fA-F]{64}$")]
     sha256: String,
     /// Base64 Ed25519 signature over the canonical manifest.
     signature: String,
@@ -186,6 +194,7 @@ pub(super) struct CreateRelease {
     key_id: Option<String>,
     /// At most 10000 characters.
     #[serde(default)]
+    #[schema(max_length = 10000)]
     notes: Option<String>,
 }
 
@@ -348,6 +357,13 @@ pub(super) struct ReleaseQuery {
     /// Only releases of this product.
     #[serde(default)]
     product_id: Option<String>,
+    /// Page size, 100 by default.
+    #[param(minimum = 1, maximum = 1000)]
+    #[serde(default)]
+    limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    #[serde(default)]
+    cursor: Option<String>,
 }
 
 /// Lists releases, newest first.
@@ -360,7 +376,7 @@ pub(super) struct ReleaseQuery {
     security(("api_key" = [])),
     params(ReleaseQuery),
     responses(
-        (status = 200, description = "The releases", body = Items<ReleaseBody>),
+        (status = 200, description = "One page of releases, newest first", body = Page<ReleaseBody>),
         (status = 400, description = "`invalid_query`", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
         (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
@@ -370,16 +386,15 @@ pub(super) async fn list_releases(
     Caller(by): Caller,
     State(state): State<ApiState>,
     ApiQuery(q): ApiQuery<ReleaseQuery>,
-) -> Result<Json<Items<ReleaseBody>>, ApiError> {
+) -> Result<Json<Page<ReleaseBody>>, ApiError> {
+    let page = page_request(q.limit, q.cursor.as_deref())?;
     let (scope_product, _) = access::scope_filter(&by);
     if scope_product.is_some_and(|s| q.product_id.as_deref().is_some_and(|p| p != s)) {
-        return Ok(Json(Items { items: Vec::new() }));
+        return Ok(Json(Page::empty()));
     }
     let product = scope_product.or(q.product_id.as_deref());
-    let items = state.store.releases(&by.org_id, product).await?;
-    Ok(Json(Items {
-        items: items.into_iter().map(Into::into).collect(),
-    }))
+    let rows = state.store.releases(&by.org_id, product, &page).await?;
+    Ok(Json(Page::of(rows, &page, |r| &r.id, Into::into)))
 }
 
 /// One release.
@@ -423,7 +438,7 @@ pub(super) struct CreateDeployment {
 
 /// Execution counts of one deployment.
 #[derive(Serialize, ToSchema)]
-pub(super) struct SummaryBody {
+pub(super) struct DeploymentSummary {
     /// Devices with an execution (the cohort's devices since the deployment began).
     total: u64,
     /// Devices told to install.
@@ -441,7 +456,7 @@ pub(super) struct SummaryBody {
     failure_rate_percent: f64,
 }
 
-impl From<ExecutionSummary> for SummaryBody {
+impl From<ExecutionSummary> for DeploymentSummary {
     fn from(s: ExecutionSummary) -> Self {
         let c = s.counts;
         let pct = |part: u64, whole: u64| {
@@ -498,7 +513,7 @@ pub(super) struct DeploymentBody {
     created_at: String,
     updated_at: String,
     finished_at: Option<String>,
-    summary: SummaryBody,
+    summary: DeploymentSummary,
 }
 
 async fn deployment_body(state: &ApiState, d: Deployment) -> Result<DeploymentBody, ApiError> {
@@ -626,9 +641,16 @@ pub(super) struct DeploymentQuery {
     #[serde(default)]
     #[param(value_type = Option<DeploymentStateName>)]
     state: Option<String>,
+    /// Page size, 100 by default.
+    #[param(minimum = 1, maximum = 1000)]
+    #[serde(default)]
+    limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    #[serde(default)]
+    cursor: Option<String>,
 }
 
-/// Lists deployments.
+/// Lists deployments, newest first.
 ///
 /// Role: viewer (any valid API key).
 #[utoipa::path(
@@ -638,7 +660,7 @@ pub(super) struct DeploymentQuery {
     security(("api_key" = [])),
     params(DeploymentQuery),
     responses(
-        (status = 200, description = "The deployments, with their summaries", body = Items<DeploymentBody>),
+        (status = 200, description = "One page of deployments, newest first, with their summaries", body = Page<DeploymentBody>),
         (status = 400, description = "`invalid_query`", body = ErrorBody),
         (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
         (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
@@ -648,7 +670,8 @@ pub(super) async fn list_deployments(
     Caller(by): Caller,
     State(state): State<ApiState>,
     ApiQuery(q): ApiQuery<DeploymentQuery>,
-) -> Result<Json<Items<DeploymentBody>>, ApiError> {
+) -> Result<Json<Page<DeploymentBody>>, ApiError> {
+    let page = page_request(q.limit, q.cursor.as_deref())?;
     let st = match q.state.as_deref() {
         Some(s) => Some(DeploymentState::parse(s).ok_or_else(|| {
             ApiError::bad_request(
@@ -658,20 +681,24 @@ pub(super) async fn list_deployments(
         })?),
         None => None,
     };
-    let mut items = Vec::new();
     let (scope_product, scope_cohort) = access::scope_filter(&by);
     if scope_cohort.is_some_and(|s| q.cohort_id.as_deref().is_some_and(|c| c != s)) {
-        return Ok(Json(Items { items }));
+        return Ok(Json(Page::empty()));
     }
     let cohort = scope_cohort.or(q.cohort_id.as_deref());
-    for d in state
+    let rows = state
         .store
-        .deployments(&by.org_id, scope_product, cohort, st)
-        .await?
-    {
-        items.push(deployment_body(&state, d).await?);
+        .deployments(&by.org_id, scope_product, cohort, st, &page)
+        .await?;
+    let Page { items, next_cursor } = Page::of(rows, &page, |d| &d.id, |d| d);
+    let mut bodies = Vec::with_capacity(items.len());
+    for d in items {
+        bodies.push(deployment_body(&state, d).await?);
     }
-    Ok(Json(Items { items }))
+    Ok(Json(Page {
+        items: bodies,
+        next_cursor,
+    }))
 }
 
 async fn load(state: &ApiState, by: &ServicePrincipal, id: &str) -> Result<Deployment, ApiError> {
@@ -710,35 +737,8 @@ pub(super) async fn get_deployment(
 pub(super) struct ReasonBody {
     /// At most 1000 characters; recorded as the deployment's `state_reason`.
     #[serde(default)]
+    #[schema(max_length = 1000)]
     reason: Option<String>,
-}
-
-/// An optional JSON body: none at all is the same as `{}`.
-pub(super) struct Optional<T>(pub(super) T);
-
-#[axum::async_trait]
-impl<T, S> axum::extract::FromRequest<S> for Optional<T>
-where
-    T: serde::de::DeserializeOwned + Default,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        let has_body = req
-            .headers()
-            .get(axum::http::header::CONTENT_LENGTH)
-            .is_some_and(|l| l != "0")
-            || req
-                .headers()
-                .contains_key(axum::http::header::TRANSFER_ENCODING);
-        if !has_body {
-            return Ok(Optional(T::default()));
-        }
-        ApiJson::<T>::from_request(req, state)
-            .await
-            .map(|ApiJson(v)| Optional(v))
-    }
 }
 
 async fn change_state(
@@ -788,7 +788,7 @@ async fn change_state(
     tag = "updates",
     security(("api_key" = [])),
     params(("deployment_id" = String, Path, description = "The deployment's id")),
-    request_body(content = Option<ReasonBody>, description = "Optional: no body is the same as `{}`"),
+    request_body(content = Option<ReasonBody>, description = "Optional: no body, an empty body or `null` is the same as `{}`"),
     responses(
         (status = 200, description = "The changed deployment", body = DeploymentBody),
         (status = 400, description = "`invalid_path`, `malformed_json` or `invalid_body`", body = ErrorBody),
@@ -831,7 +831,7 @@ pub(super) async fn pause_deployment(
     tag = "updates",
     security(("api_key" = [])),
     params(("deployment_id" = String, Path, description = "The deployment's id")),
-    request_body(content = Option<ReasonBody>, description = "Optional: no body is the same as `{}`"),
+    request_body(content = Option<ReasonBody>, description = "Optional: no body, an empty body or `null` is the same as `{}`"),
     responses(
         (status = 200, description = "The changed deployment", body = DeploymentBody),
         (status = 400, description = "`invalid_path`, `malformed_json` or `invalid_body`", body = ErrorBody),
@@ -874,7 +874,7 @@ pub(super) async fn resume_deployment(
     tag = "updates",
     security(("api_key" = [])),
     params(("deployment_id" = String, Path, description = "The deployment's id")),
-    request_body(content = Option<ReasonBody>, description = "Optional: no body is the same as `{}`"),
+    request_body(content = Option<ReasonBody>, description = "Optional: no body, an empty body or `null` is the same as `{}`"),
     responses(
         (status = 200, description = "The changed deployment", body = DeploymentBody),
         (status = 400, description = "`invalid_path`, `malformed_json` or `invalid_body`", body = ErrorBody),
@@ -930,7 +930,7 @@ pub(super) struct RollbackBody {
     tag = "updates",
     security(("api_key" = [])),
     params(("deployment_id" = String, Path, description = "The deployment's id")),
-    request_body(content = Option<RollbackBody>, description = "Optional: no body is the same as `{}`"),
+    request_body(content = Option<RollbackBody>, description = "Optional: no body, an empty body or `null` is the same as `{}`"),
     responses(
         (status = 201, description = "The rollback deployment", body = DeploymentBody),
         (status = 400, description = "`invalid_path`, `malformed_json` or `invalid_body`", body = ErrorBody),
@@ -950,6 +950,16 @@ pub(super) async fn rollback_deployment(
     Optional(body): Optional<RollbackBody>,
 ) -> Result<(StatusCode, Json<DeploymentBody>), ApiError> {
     let d = load(&state, &by, &id).await?;
+    // A release the key cannot see is answered exactly like one that does not exist, so a
+    // rollback never tells another organization which release ids exist.
+    if let Some(target) = &body.release_id {
+        if access::release(&state, &by, target).await.is_err() {
+            return Err(ApiError::unprocessable(
+                "invalid_rollback",
+                RollbackError::UnknownRelease(target.clone()).to_string(),
+            ));
+        }
+    }
     let reason = body
         .reason
         .unwrap_or_else(|| "rolled back by an operator".into());
@@ -1126,6 +1136,7 @@ pub(super) async fn list_executions(
             "cursor" => {
                 after = Some(
                     decode_cursor(&value)
+                        .and_then(|id| fleet_wire::DeviceId::parse(&id).ok())
                         .ok_or_else(|| ApiError::bad_request("invalid_query", "invalid cursor"))?,
                 )
             }
@@ -1143,7 +1154,7 @@ pub(super) async fn list_executions(
         .await?;
     let next_cursor = if items.len() > limit as usize {
         items.truncate(limit as usize);
-        items.last().map(|e| encode_cursor(&e.device_id))
+        items.last().map(|e| encode_cursor(e.device_id.as_str()))
     } else {
         None
     };

@@ -123,13 +123,21 @@ impl Store {
         Ok(())
     }
 
-    /// Every key of one organization, or of all (`None`), revoked ones included, by id.
-    pub async fn api_keys(&self, org_id: Option<&str>) -> Result<Vec<ApiKeyRecord>, StoreError> {
+    /// One page of the keys of one organization, or of all (`None`), revoked ones included,
+    /// by id.
+    pub async fn api_keys(
+        &self,
+        org_id: Option<&str>,
+        page: &super::PageRequest,
+    ) -> Result<Vec<ApiKeyRecord>, StoreError> {
         let rows: Vec<ApiKeyRow> = with_pool!(self, |pool| {
             sqlx::query_as(&format!(
-                "SELECT {KEY_COLUMNS} FROM api_keys WHERE ($1 IS NULL OR org_id = $1) ORDER BY id"
+                "SELECT {KEY_COLUMNS} FROM api_keys WHERE ($1 IS NULL OR org_id = $1) \
+                 AND ($2 IS NULL OR id > $2) ORDER BY id LIMIT $3"
             ))
             .bind(org_id)
+            .bind(page.after.as_deref())
+            .bind(page.fetch())
             .fetch_all(pool)
             .await
         })?;

@@ -342,14 +342,24 @@ impl Store {
         row.map(CaCertificate::try_from).transpose()
     }
 
-    /// The CAs of one organization, or of all (`None`), by id.
-    pub async fn cas(&self, org_id: Option<&str>) -> Result<Vec<CaCertificate>, StoreError> {
+    /// One page of the CAs of one organization, or of all (`None`), by id; only those that
+    /// expire before `expires_before_ms` when it is given.
+    pub async fn cas(
+        &self,
+        org_id: Option<&str>,
+        expires_before_ms: Option<i64>,
+        page: &super::PageRequest,
+    ) -> Result<Vec<CaCertificate>, StoreError> {
         let rows: Vec<CaRow> = with_pool!(self, |pool| {
             sqlx::query_as(&format!(
                 "SELECT {CA_COLUMNS} FROM ca_certificates \
-                 WHERE ($1 IS NULL OR org_id = $1) ORDER BY id"
+                 WHERE ($1 IS NULL OR org_id = $1) AND ($2 IS NULL OR id > $2) \
+                 AND ($4 IS NULL OR not_after < $4) ORDER BY id LIMIT $3"
             ))
             .bind(org_id)
+            .bind(page.after.as_deref())
+            .bind(page.fetch())
+            .bind(expires_before_ms)
             .fetch_all(pool)
             .await
         })?;
@@ -395,7 +405,7 @@ impl Store {
 
     /// Every CA as the broker's registry wants it, for loading at start.
     pub async fn load_ca_records(&self) -> Result<Vec<CaRecord>, StoreError> {
-        self.cas(None)
+        self.cas(None, None, &super::PageRequest::ALL)
             .await?
             .iter()
             .map(|c| c.to_record())

@@ -59,13 +59,22 @@ impl Store {
         })?)
     }
 
-    /// Every product of an organization, by id.
-    pub async fn products(&self, org_id: &str) -> Result<Vec<Product>, StoreError> {
+    /// One page of an organization's products, by id; only `only` when it is given.
+    pub async fn products(
+        &self,
+        org_id: &str,
+        only: Option<&str>,
+        page: &super::PageRequest,
+    ) -> Result<Vec<Product>, StoreError> {
         Ok(with_pool!(self, |pool| {
             sqlx::query_as(
-                "SELECT id, org_id, name, created_at FROM products WHERE org_id = $1 ORDER BY id",
+                "SELECT id, org_id, name, created_at FROM products WHERE org_id = $1 \
+                 AND ($2 IS NULL OR id = $2) AND ($3 IS NULL OR id > $3) ORDER BY id LIMIT $4",
             )
             .bind(org_id)
+            .bind(only)
+            .bind(page.after.as_deref())
+            .bind(page.fetch())
             .fetch_all(pool)
             .await
         })?)
@@ -112,6 +121,27 @@ impl Store {
                 .bind(id)
                 .fetch_optional(pool)
                 .await
+        })?)
+    }
+
+    /// One page of a product's cohorts, oldest first; only `only` when it is given.
+    pub async fn cohorts_page(
+        &self,
+        product_id: &str,
+        only: Option<&str>,
+        page: &super::PageRequest,
+    ) -> Result<Vec<Cohort>, StoreError> {
+        Ok(with_pool!(self, |pool| {
+            sqlx::query_as(&format!(
+                "{COHORT_SELECT} WHERE c.product_id = $1 AND ($2 IS NULL OR c.id = $2) \
+                 AND ($3 IS NULL OR c.id > $3) ORDER BY c.id LIMIT $4"
+            ))
+            .bind(product_id)
+            .bind(only)
+            .bind(page.after.as_deref())
+            .bind(page.fetch())
+            .fetch_all(pool)
+            .await
         })?)
     }
 

@@ -354,13 +354,30 @@ impl Store {
         device_id: &DeviceId,
         limit: u32,
     ) -> Result<Vec<TelemetryRecord>, StoreError> {
+        self.telemetry_before(device_id, None, limit).await
+    }
+
+    /// Like [`Store::telemetry`], but only messages older than `(epoch, seq)` when given: the
+    /// next page of a listing.
+    pub async fn telemetry_before(
+        &self,
+        device_id: &DeviceId,
+        before: Option<(u64, u64)>,
+        limit: u32,
+    ) -> Result<Vec<TelemetryRecord>, StoreError> {
+        let (epoch, seq) = before
+            .map(|(e, s)| (Some(e as i64), Some(s as i64)))
+            .unwrap_or_default();
         let rows: Vec<(i64, i64, i64, String)> = with_pool!(self, |pool| {
             sqlx::query_as(
                 "SELECT epoch, seq, received_at, payload FROM telemetry WHERE device_id = $1 \
+                 AND ($3 IS NULL OR epoch < $3 OR (epoch = $3 AND seq < $4)) \
                  ORDER BY epoch DESC, seq DESC LIMIT $2",
             )
             .bind(device_id.as_str())
             .bind(i64::from(limit))
+            .bind(epoch)
+            .bind(seq)
             .fetch_all(pool)
             .await
         })?;

@@ -153,6 +153,44 @@ struct Existing {
     cert_fingerprint: Option<String>,
 }
 
+/// Reads the devices among `$ids` that exist, and their tags, into `$existing` (by id) and
+/// `$tags_of`, within transaction `$tx`.
+macro_rules! read_existing {
+    ($tx:ident, $ids:expr, $existing:ident, $tags_of:ident) => {{
+        let mut q = sqlx::QueryBuilder::new(
+            "SELECT id, org_id, product_id, cohort_id, pinned_fingerprint, cert_fingerprint \
+             FROM devices WHERE id IN (",
+        );
+        let mut list = q.separated(", ");
+        for id in $ids {
+            list.push_bind(*id);
+        }
+        q.push(")");
+        let found: Vec<Existing> = q.build_query_as().fetch_all(&mut *$tx).await?;
+        if !found.is_empty() {
+            let mut q = sqlx::QueryBuilder::new(
+                "SELECT device_id, key, value FROM device_tags WHERE device_id IN (",
+            );
+            let mut list = q.separated(", ");
+            for e in &found {
+                list.push_bind(e.id.clone());
+            }
+            q.push(")");
+            let rows: Vec<(String, String, String)> =
+                q.build_query_as().fetch_all(&mut *$tx).await?;
+            for (device, k, v) in rows {
+                $tags_of
+                    .entry(device)
+                    .or_insert_with(BTreeMap::<String, String>::new)
+                    .insert(k, v);
+            }
+        }
+        for e in found {
+            $existing.insert(e.id.clone(), e);
+        }
+    }};
+}
+
 impl Store {
     /// Imports one batch of devices in one transaction: creates those that do not exist (in
     /// state `registered`) and compares the rest with what the row asks for. Returns one
@@ -168,35 +206,10 @@ impl Store {
         let now = now_ms();
         with_pool!(self, |pool, begin| {
             let mut tx = pool.begin_with(begin).await?;
-            let mut q = sqlx::QueryBuilder::new(
-                "SELECT id, org_id, product_id, cohort_id, pinned_fingerprint, cert_fingerprint \
-                 FROM devices WHERE id IN (",
-            );
-            let mut ids = q.separated(", ");
-            for d in batch {
-                ids.push_bind(d.id.as_str());
-            }
-            q.push(")");
-            let existing: Vec<Existing> = q.build_query_as().fetch_all(&mut *tx).await?;
-            let existing: std::collections::HashMap<String, Existing> =
-                existing.into_iter().map(|e| (e.id.clone(), e)).collect();
-            let mut tags_of: std::collections::HashMap<String, BTreeMap<String, String>> =
-                std::collections::HashMap::new();
-            if !existing.is_empty() {
-                let mut q = sqlx::QueryBuilder::new(
-                    "SELECT device_id, key, value FROM device_tags WHERE device_id IN (",
-                );
-                let mut ids = q.separated(", ");
-                for id in existing.keys() {
-                    ids.push_bind(id.as_str());
-                }
-                q.push(")");
-                let rows: Vec<(String, String, String)> =
-                    q.build_query_as().fetch_all(&mut *tx).await?;
-                for (device, k, v) in rows {
-                    tags_of.entry(device).or_default().insert(k, v);
-                }
-            }
+            let mut existing = std::collections::HashMap::new();
+            let mut tags_of = std::collections::HashMap::new();
+            let ids: Vec<&str> = batch.iter().map(|d| d.id.as_str()).collect();
+            read_existing!(tx, &ids, existing, tags_of);
             let fresh: Vec<&NewRegisteredDevice> = batch
                 .iter()
                 .filter(|d| !existing.contains_key(d.id.as_str()))
@@ -244,6 +257,17 @@ impl Store {
                     });
                     q.build().execute(&mut *tx).await?;
                 }
+                // An id another import created meanwhile (its transaction committed before
+                // our insert gave up on it) is compared like any existing device, so
+                // concurrent uploads of one file answer `skipped`, not `conflict`.
+                let lost: Vec<&str> = fresh
+                    .iter()
+                    .map(|d| d.id.as_str())
+                    .filter(|id| !created.contains(*id))
+                    .collect();
+                if !lost.is_empty() {
+                    read_existing!(tx, &lost, existing, tags_of);
+                }
             }
             tx.commit().await?;
             let no_tags = BTreeMap::new();
@@ -283,6 +307,33 @@ impl Store {
                 })
                 .collect())
         })
+    }
+}
+
+impl Store {
+    /// Refreshes the planner's statistics of the device tables, after a write large enough to
+    /// make them stale (a bulk import): without it PostgreSQL plans the device list for the
+    /// table as it was (an empty table's plan on a full one is ten times slower) until
+    /// autovacuum gets to it. On SQLite the analysis is bounded (`analysis_limit`).
+    pub async fn refresh_device_statistics(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            super::Backend::Postgres(pool) => {
+                sqlx::query("ANALYZE devices, device_tags")
+                    .execute(pool)
+                    .await?;
+            }
+            super::Backend::Sqlite(pool) => {
+                let mut conn = pool.acquire().await?;
+                for statement in [
+                    "PRAGMA analysis_limit = 1000",
+                    "ANALYZE devices",
+                    "ANALYZE device_tags",
+                ] {
+                    sqlx::query(statement).execute(&mut *conn).await?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

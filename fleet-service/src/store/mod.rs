@@ -307,3 +307,24 @@ fn json_from_text(s: Option<String>, what: &str) -> Result<Option<serde_json::Va
         .transpose()
         .map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
+
+/// One page of a listing ordered by id: the rows after `after` (before it, for newest-first
+/// listings), and one more than `limit`, so the caller sees whether another page follows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageRequest {
+    pub after: Option<String>,
+    pub limit: u32,
+}
+
+impl PageRequest {
+    /// Every row at once, for callers that need the whole list (start-up loads, summaries).
+    pub const ALL: PageRequest = PageRequest {
+        after: None,
+        limit: u32::MAX - 1,
+    };
+
+    /// The `LIMIT` to ask for: one row more than the page holds.
+    pub(crate) fn fetch(&self) -> i64 {
+        i64::from(self.limit) + 1
+    }
+}

@@ -40,12 +40,22 @@ impl Store {
         })?)
     }
 
-    /// Every organization, by id.
-    pub async fn orgs(&self) -> Result<Vec<Organization>, StoreError> {
+    /// One page of organizations, by id; only `only` when it is given.
+    pub async fn orgs(
+        &self,
+        only: Option<&str>,
+        page: &super::PageRequest,
+    ) -> Result<Vec<Organization>, StoreError> {
         Ok(with_pool!(self, |pool| {
-            sqlx::query_as("SELECT id, name, created_at FROM organizations ORDER BY id")
-                .fetch_all(pool)
-                .await
+            sqlx::query_as(
+                "SELECT id, name, created_at FROM organizations \
+                 WHERE ($1 IS NULL OR id = $1) AND ($2 IS NULL OR id > $2) ORDER BY id LIMIT $3",
+            )
+            .bind(only)
+            .bind(page.after.as_deref())
+            .bind(page.fetch())
+            .fetch_all(pool)
+            .await
         })?)
     }
 }

@@ -2,7 +2,8 @@
 //! intake's writes of device progress reports.
 //!
 //! # Invariants
-//! - At most one deployment per cohort is `active` or `paused` (checked in the transaction
+//! - At most one deployment per cohort is `active` or `paused` (a partial unique index,
+//!   `deployments_one_live`, migration 0012; and checked in the transaction
 //!   that creates one).
 //! - `admit_below` of a deployment only grows, and an execution is admitted exactly when its
 //!   rank is below it: admission raises both in one transaction.
@@ -523,12 +524,24 @@ impl Store {
 
     /// The signing keys of an organization, by id.
     pub async fn signing_keys(&self, org_id: &str) -> Result<Vec<SigningKey>, StoreError> {
+        self.signing_keys_page(org_id, &super::PageRequest::ALL)
+            .await
+    }
+
+    /// One page of an organization's signing keys, by id.
+    pub async fn signing_keys_page(
+        &self,
+        org_id: &str,
+        page: &super::PageRequest,
+    ) -> Result<Vec<SigningKey>, StoreError> {
         Ok(with_pool!(self, |pool| {
             sqlx::query_as(
                 "SELECT id, org_id, name, public_key, created_at, revoked_at FROM signing_keys \
-                 WHERE org_id = $1 ORDER BY id",
+                 WHERE org_id = $1 AND ($2 IS NULL OR id > $2) ORDER BY id LIMIT $3",
             )
             .bind(org_id)
+            .bind(page.after.as_deref())
+            .bind(page.fetch())
             .fetch_all(pool)
             .await
         })?)
@@ -622,11 +635,13 @@ impl Store {
         Ok(row.map(Release::from))
     }
 
-    /// Releases, newest first, of one organization's products, optionally of one product.
+    /// One page of releases, newest first, of one organization's products, optionally of one
+    /// product.
     pub async fn releases(
         &self,
         org_id: &str,
         product_id: Option<&str>,
+        page: &super::PageRequest,
     ) -> Result<Vec<Release>, StoreError> {
         let rows: Vec<ReleaseRow> = with_pool!(self, |pool| {
             let mut q = sqlx::QueryBuilder::new(format!(
@@ -637,7 +652,10 @@ impl Store {
             if let Some(p) = product_id {
                 q.push(" AND product_id = ").push_bind(p);
             }
-            q.push(" ORDER BY id DESC");
+            if let Some(after) = &page.after {
+                q.push(" AND id < ").push_bind(after.as_str());
+            }
+            q.push(" ORDER BY id DESC LIMIT ").push_bind(page.fetch());
             q.build_query_as().fetch_all(pool).await
         })?;
         Ok(rows.into_iter().map(Release::from).collect())
@@ -705,7 +723,15 @@ impl Store {
             .bind(&new.rollback_of)
             .fetch_one(&mut *tx)
             .await
-            .map_err(|e| constraint(e, "deployment", "the cohort or release of this product"))?;
+            // The partial unique index `deployments_one_live` refuses a second live
+            // deployment that a concurrent create slipped past the check above.
+            .map_err(|e| {
+                constraint(
+                    e,
+                    "an active or paused deployment for this cohort",
+                    "the cohort or release of this product",
+                )
+            })?;
             let devices: Vec<(String, Option<String>)> = sqlx::query_as(
                 "SELECT id, firmware_version FROM devices WHERE cohort_id = $1 ORDER BY id",
             )
@@ -731,14 +757,15 @@ impl Store {
         row.map(Deployment::try_from).transpose()
     }
 
-    /// Deployments of one organization's products, newest first, optionally of one product,
-    /// one cohort or in one state.
+    /// One page of deployments of one organization's products, newest first, optionally of
+    /// one product, one cohort or in one state.
     pub async fn deployments(
         &self,
         org_id: &str,
         product_id: Option<&str>,
         cohort_id: Option<&str>,
         state: Option<DeploymentState>,
+        page: &super::PageRequest,
     ) -> Result<Vec<Deployment>, StoreError> {
         let rows: Vec<DeploymentRow> = with_pool!(self, |pool| {
             let mut q = sqlx::QueryBuilder::new(format!(
@@ -755,7 +782,10 @@ impl Store {
             if let Some(s) = state {
                 q.push(" AND state = ").push_bind(s.as_str());
             }
-            q.push(" ORDER BY id DESC");
+            if let Some(after) = &page.after {
+                q.push(" AND id < ").push_bind(after.as_str());
+            }
+            q.push(" ORDER BY id DESC LIMIT ").push_bind(page.fetch());
             q.build_query_as().fetch_all(pool).await
         })?;
         rows.into_iter().map(Deployment::try_from).collect()
