@@ -116,8 +116,15 @@ struct UpdateArgs {
 #[derive(Args)]
 struct SimArgs {
     /// mqtts://host:port (TLS) or mqtt://host:port (plain TCP). Nothing else is contacted.
-    #[arg(long)]
-    url: BrokerUrl,
+    /// Repeat it (or give a comma list) to spread the fleet over broker nodes: device i (its
+    /// index in the whole fleet) connects to the (i mod count)-th URL.
+    #[arg(long = "url", required = true, value_delimiter = ',')]
+    urls: Vec<BrokerUrl>,
+    /// Simulate only part K of N of the fleet (K/N, e.g. 2/4): the contiguous block of
+    /// device indices (K-1)*devices/N .. K*devices/N; --devices stays the fleet's total. Merge
+    /// the shards' --json reports with `simulate merge`.
+    #[arg(long, default_value = "1/1", value_parser = parse_shard)]
+    shard: sim::Shard,
     /// CA certificate(s) that signed the broker's certificate (PEM); required for mqtts://.
     #[arg(long)]
     server_ca: Option<PathBuf>,
@@ -165,7 +172,9 @@ struct SimArgs {
 
 impl SimArgs {
     fn config(&self) -> Result<SimConfig> {
-        let mut c = SimConfig::new(self.url.clone());
+        let mut c = SimConfig::new(self.urls[0].clone());
+        c.urls = self.urls.clone();
+        c.shard = self.shard;
         if let Some(path) = &self.server_ca {
             c.server_ca_pem = Some(
                 std::fs::read(path)
@@ -691,7 +700,28 @@ async fn simulate_update(a: UpdateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Raises the open-file soft limit to the hard limit (one socket per simulated device) and
+/// says how many devices that allows, unless the output is JSON.
+fn raise_open_files_limit(json: bool) {
+    match sim::raise_open_files_limit() {
+        Ok(limit) if !json => eprintln!(
+            "open-file limit {limit}: room for {} devices in this process",
+            sim::devices_allowed(limit)
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
 async fn simulate(cmd: SimCmd) -> Result<()> {
+    let json = match &cmd {
+        SimCmd::ConnectStorm(a) => a.sim.json,
+        SimCmd::Telemetry(a) => a.sim.json,
+        SimCmd::Fanout(a) => a.sim.json,
+        SimCmd::Soak(a) => a.sim.json,
+        SimCmd::Update(a) => a.sim.json,
+    };
+    raise_open_files_limit(json);
     let (args, scenario) = match cmd {
         SimCmd::Update(a) => return simulate_update(a).await,
         SimCmd::ConnectStorm(a) => {
@@ -817,6 +847,11 @@ fn progress_printer() -> sim::ProgressFn {
             eprintln!("{line}");
         }
     })
+}
+
+/// `K/N`, 1 <= K <= N.
+fn parse_shard(s: &str) -> Result<sim::Shard, String> {
+    s.parse().map_err(|e: sim::SimError| e.to_string())
 }
 
 /// `200`, `200/s` or `12.5/s`: a positive number per second.
@@ -1169,6 +1204,49 @@ mod tests {
         assert_eq!((a.devices, a.concurrency, a.rate), (1000, 50, Some(200.0)));
         assert!(a.hold && a.repeat == 1 && !a.sim.json);
         assert_eq!(a.sim.max_duration, Duration::from_secs(300));
+        assert_eq!(a.sim.shard, sim::Shard::WHOLE);
+        assert_eq!(a.sim.urls.len(), 1);
+
+        // Several broker URLs, repeated or comma-separated, and a shard.
+        let cli = Cli::try_parse_from([
+            "device-client",
+            "simulate",
+            "connect-storm",
+            "--url",
+            "mqtt://10.0.0.1:1883,mqtt://10.0.0.2:1883",
+            "--url",
+            "mqtt://10.0.0.3:1883",
+            "--shard",
+            "2/3",
+            "--devices",
+            "30000",
+        ])
+        .unwrap();
+        let Cmd::Simulate(SimCmd::ConnectStorm(a)) = cli.command else {
+            panic!("not connect-storm");
+        };
+        let urls: Vec<String> = a.sim.urls.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            urls,
+            [
+                "mqtt://10.0.0.1:1883",
+                "mqtt://10.0.0.2:1883",
+                "mqtt://10.0.0.3:1883"
+            ]
+        );
+        assert_eq!(a.sim.shard, sim::Shard::new(2, 3).unwrap());
+        for bad in ["0/3", "4/3", "3"] {
+            let e = Cli::try_parse_from([
+                "device-client",
+                "simulate",
+                "connect-storm",
+                "--url",
+                "mqtt://10.0.0.1:1883",
+                "--shard",
+                bad,
+            ]);
+            assert!(e.is_err(), "{bad}");
+        }
 
         let cli = Cli::try_parse_from([
             "device-client",

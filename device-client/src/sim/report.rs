@@ -7,13 +7,18 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::hist::Percentiles;
-use super::{Qos, Scenario, SimConfig, Soak};
+use super::{Qos, Scenario, Shard, SimConfig, Soak};
 
 /// Everything a run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub scenario: String,
+    /// The broker URLs, comma-separated.
     pub url: String,
+    /// The part of the fleet this run simulated (`1/1`: all of it).
+    pub shard: Shard,
+    /// The fleet indices of its devices: `[first, end)`.
+    pub devices_range: [usize; 2],
     pub parameters: Value,
     pub identities: IdentityReport,
     /// One row per round of connects (`telemetry` has one: its connect phase).
@@ -272,7 +277,7 @@ pub struct ProcessReport {
 /// The parameters of the run, for the JSON document.
 pub(crate) fn parameters(config: &SimConfig, scenario: &Scenario) -> Value {
     let mut p = json!({
-        "url": config.url.to_string(),
+        "url": super::shard::join_urls(&config.urls),
         "id_prefix": config.id_prefix,
         "topic_prefix": config.topic_prefix,
         "client_certificates": config.device_ca.is_some(),
