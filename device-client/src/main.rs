@@ -72,6 +72,21 @@ enum SimCmd {
     /// failures injected at given rates: per deployment, how long until every device finished
     /// and how each ended. Create the deployment (REST) while it runs.
     Update(UpdateArgs),
+    /// Merge the --json reports of the shards (--shard K/N) of one run into the report of the
+    /// whole fleet: counts summed, latency percentiles from the merged histograms, interval
+    /// rows summed, process figures per shard and summed. Refuses reports of different
+    /// scenarios or parameters, and a shard given twice or missing.
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// The shards' JSON reports, in any order.
+    #[arg(required = true)]
+    reports: Vec<PathBuf>,
+    /// Print the merged JSON document instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -713,17 +728,48 @@ fn raise_open_files_limit(json: bool) {
     }
 }
 
+fn simulate_merge(a: MergeArgs) -> Result<()> {
+    let reports = a
+        .reports
+        .iter()
+        .map(|path| {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("cannot read report {}", path.display()))?;
+            serde_json::from_slice::<sim::Report>(&bytes).with_context(|| {
+                format!(
+                    "{} is not the --json report of a simulate run",
+                    path.display()
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let merged = sim::merge::merge(&reports).context("cannot merge these reports")?;
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        serde_json::to_writer_pretty(&mut out, &merged)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", merged.to_table())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 async fn simulate(cmd: SimCmd) -> Result<()> {
     let json = match &cmd {
+        SimCmd::Merge(_) => true,
         SimCmd::ConnectStorm(a) => a.sim.json,
         SimCmd::Telemetry(a) => a.sim.json,
         SimCmd::Fanout(a) => a.sim.json,
         SimCmd::Soak(a) => a.sim.json,
         SimCmd::Update(a) => a.sim.json,
     };
-    raise_open_files_limit(json);
+    if !matches!(cmd, SimCmd::Merge(_)) {
+        raise_open_files_limit(json);
+    }
     let (args, scenario) = match cmd {
         SimCmd::Update(a) => return simulate_update(a).await,
+        SimCmd::Merge(a) => return simulate_merge(a),
         SimCmd::ConnectStorm(a) => {
             let s = ConnectStorm {
                 devices: a.devices,

@@ -146,6 +146,18 @@ async fn two_shards_connect_the_whole_fleet_once() {
         assert_all_connected(report, 10);
         assert_eq!(report.parameters["devices"], 20, "the fleet's total");
     }
+    // Their JSON reports merge into the fleet's.
+    let json: Vec<Report> = reports
+        .iter()
+        .map(|r| serde_json::from_value(serde_json::to_value(r).unwrap()).unwrap())
+        .collect();
+    let merged = sim::merge::merge(&json).unwrap();
+    assert_all_connected(&merged, 20);
+    assert_eq!(merged.identities.devices, 20);
+    assert_eq!(merged.shards.len(), 2);
+    assert_eq!(merged.devices_range, [0, 20]);
+    let e = sim::merge::merge(&json[1..]).unwrap_err().to_string();
+    assert!(e.contains("missing: 1/2"), "{e}");
     let metrics = p.app().control().metrics();
     assert_eq!(
         metrics.jitp_provisioned, 20,

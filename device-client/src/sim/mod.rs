@@ -18,6 +18,7 @@
 //! - `stats`: failure reasons, sequence tracking (loss, duplicates), `/proc/self` readings,
 //!   the open-file limit.
 //! - [`report`]: the result as a serializable document and a human table.
+//! - [`merge`]: the reports of the shards of one run merged into one.
 //!
 //! Every scenario is bounded by its own count or duration and by
 //! [`SimConfig::max_duration`]; it connects only to the addresses it is given.
@@ -25,6 +26,7 @@
 mod fanout;
 pub mod hist;
 mod identities;
+pub mod merge;
 pub mod report;
 mod session;
 pub mod shard;
@@ -760,7 +762,14 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
     let outcome = match scenario {
         Scenario::ConnectStorm(s) => storm::run(&ctx, s).await,
         Scenario::Telemetry(t) => telemetry::run(&ctx, t, None).await,
-        Scenario::Soak(s) => telemetry::run(&ctx, &s.load, Some(&s.churn)).await,
+        Scenario::Soak(s) => {
+            // The churn is the fleet's: a shard drops its share.
+            let churn = Churn {
+                per_min: s.churn.per_min * n as f64 / fleet as f64,
+                ..s.churn.clone()
+            };
+            telemetry::run(&ctx, &s.load, Some(&churn)).await
+        }
         Scenario::Fanout(f) => fanout::run(&ctx, f).await,
     };
     if let Some(p) = progress {
@@ -803,6 +812,7 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
         fanout: outcome.fanout,
         churn: outcome.churn,
         process,
+        shards: Vec::new(),
         elapsed_s: started.elapsed().as_secs_f64(),
         truncated: outcome.truncated,
     })
