@@ -45,7 +45,9 @@ enum Cmd {
     /// POST /api/v1/releases.
     #[command(subcommand)]
     Release(ReleaseCmd),
-    /// Simulate a fleet: many devices in this process against one broker (load generator).
+    /// Simulate a fleet: many devices in this process against one or more brokers (load
+    /// generator); --shard K/N splits one fleet over several processes, `merge` joins their
+    /// reports.
     ///
     /// Prints a table at the end (or one JSON document with --json) and, unless --json, a
     /// progress line on stderr every second. Bounded by the scenario and --max-duration.
