@@ -45,7 +45,9 @@ enum Cmd {
     /// POST /api/v1/releases.
     #[command(subcommand)]
     Release(ReleaseCmd),
-    /// Simulate a fleet: many devices in this process against one broker (load generator).
+    /// Simulate a fleet: many devices in this process against one or more brokers (load
+    /// generator); --shard K/N splits one fleet over several processes, `merge` joins their
+    /// reports.
     ///
     /// Prints a table at the end (or one JSON document with --json) and, unless --json, a
     /// progress line on stderr every second. Bounded by the scenario and --max-duration.
@@ -72,6 +74,21 @@ enum SimCmd {
     /// failures injected at given rates: per deployment, how long until every device finished
     /// and how each ended. Create the deployment (REST) while it runs.
     Update(UpdateArgs),
+    /// Merge the --json reports of the shards (--shard K/N) of one run into the report of the
+    /// whole fleet: counts summed, latency percentiles from the merged histograms, interval
+    /// rows summed, process figures per shard and summed. Refuses reports of different
+    /// scenarios or parameters, and a shard given twice or missing.
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// The shards' JSON reports, in any order.
+    #[arg(required = true)]
+    reports: Vec<PathBuf>,
+    /// Print the merged JSON document instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -116,8 +133,15 @@ struct UpdateArgs {
 #[derive(Args)]
 struct SimArgs {
     /// mqtts://host:port (TLS) or mqtt://host:port (plain TCP). Nothing else is contacted.
-    #[arg(long)]
-    url: BrokerUrl,
+    /// Repeat it (or give a comma list) to spread the fleet over broker nodes: device i (its
+    /// index in the whole fleet) connects to the (i mod count)-th URL.
+    #[arg(long = "url", required = true, value_delimiter = ',')]
+    urls: Vec<BrokerUrl>,
+    /// Simulate only part K of N of the fleet (K/N, e.g. 2/4): the contiguous block of
+    /// device indices (K-1)*devices/N .. K*devices/N; --devices stays the fleet's total. Merge
+    /// the shards' --json reports with `simulate merge`.
+    #[arg(long, default_value = "1/1", value_parser = parse_shard)]
+    shard: sim::Shard,
     /// CA certificate(s) that signed the broker's certificate (PEM); required for mqtts://.
     #[arg(long)]
     server_ca: Option<PathBuf>,
@@ -165,7 +189,9 @@ struct SimArgs {
 
 impl SimArgs {
     fn config(&self) -> Result<SimConfig> {
-        let mut c = SimConfig::new(self.url.clone());
+        let mut c = SimConfig::new(self.urls[0].clone());
+        c.urls = self.urls.clone();
+        c.shard = self.shard;
         if let Some(path) = &self.server_ca {
             c.server_ca_pem = Some(
                 std::fs::read(path)
@@ -691,9 +717,61 @@ async fn simulate_update(a: UpdateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Raises the open-file soft limit to the hard limit (one socket per simulated device) and
+/// says how many devices that allows, unless the output is JSON.
+fn raise_open_files_limit(json: bool) {
+    match sim::raise_open_files_limit() {
+        Ok(limit) if !json => eprintln!(
+            "open-file limit {limit}: room for {} devices in this process",
+            sim::devices_allowed(limit)
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
+fn simulate_merge(a: MergeArgs) -> Result<()> {
+    let reports = a
+        .reports
+        .iter()
+        .map(|path| {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("cannot read report {}", path.display()))?;
+            serde_json::from_slice::<sim::Report>(&bytes).with_context(|| {
+                format!(
+                    "{} is not the --json report of a simulate run",
+                    path.display()
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let merged = sim::merge::merge(&reports).context("cannot merge these reports")?;
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        serde_json::to_writer_pretty(&mut out, &merged)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", merged.to_table())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 async fn simulate(cmd: SimCmd) -> Result<()> {
+    let json = match &cmd {
+        SimCmd::Merge(_) => true,
+        SimCmd::ConnectStorm(a) => a.sim.json,
+        SimCmd::Telemetry(a) => a.sim.json,
+        SimCmd::Fanout(a) => a.sim.json,
+        SimCmd::Soak(a) => a.sim.json,
+        SimCmd::Update(a) => a.sim.json,
+    };
+    if !matches!(cmd, SimCmd::Merge(_)) {
+        raise_open_files_limit(json);
+    }
     let (args, scenario) = match cmd {
         SimCmd::Update(a) => return simulate_update(a).await,
+        SimCmd::Merge(a) => return simulate_merge(a),
         SimCmd::ConnectStorm(a) => {
             let s = ConnectStorm {
                 devices: a.devices,
@@ -817,6 +895,11 @@ fn progress_printer() -> sim::ProgressFn {
             eprintln!("{line}");
         }
     })
+}
+
+/// `K/N`, 1 <= K <= N.
+fn parse_shard(s: &str) -> Result<sim::Shard, String> {
+    s.parse().map_err(|e: sim::SimError| e.to_string())
 }
 
 /// `200`, `200/s` or `12.5/s`: a positive number per second.
@@ -1169,6 +1252,49 @@ mod tests {
         assert_eq!((a.devices, a.concurrency, a.rate), (1000, 50, Some(200.0)));
         assert!(a.hold && a.repeat == 1 && !a.sim.json);
         assert_eq!(a.sim.max_duration, Duration::from_secs(300));
+        assert_eq!(a.sim.shard, sim::Shard::WHOLE);
+        assert_eq!(a.sim.urls.len(), 1);
+
+        // Several broker URLs, repeated or comma-separated, and a shard.
+        let cli = Cli::try_parse_from([
+            "device-client",
+            "simulate",
+            "connect-storm",
+            "--url",
+            "mqtt://10.0.0.1:1883,mqtt://10.0.0.2:1883",
+            "--url",
+            "mqtt://10.0.0.3:1883",
+            "--shard",
+            "2/3",
+            "--devices",
+            "30000",
+        ])
+        .unwrap();
+        let Cmd::Simulate(SimCmd::ConnectStorm(a)) = cli.command else {
+            panic!("not connect-storm");
+        };
+        let urls: Vec<String> = a.sim.urls.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            urls,
+            [
+                "mqtt://10.0.0.1:1883",
+                "mqtt://10.0.0.2:1883",
+                "mqtt://10.0.0.3:1883"
+            ]
+        );
+        assert_eq!(a.sim.shard, sim::Shard::new(2, 3).unwrap());
+        for bad in ["0/3", "4/3", "3"] {
+            let e = Cli::try_parse_from([
+                "device-client",
+                "simulate",
+                "connect-storm",
+                "--url",
+                "mqtt://10.0.0.1:1883",
+                "--shard",
+                bad,
+            ]);
+            assert!(e.is_err(), "{bad}");
+        }
 
         let cli = Cli::try_parse_from([
             "device-client",

@@ -112,11 +112,23 @@ impl MqttClient {
 }
 
 /// Delivery guarantee of a publish or subscription; serialized as 0 or 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(into = "u8")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(into = "u8", try_from = "u8")]
 pub enum Qos {
     AtMostOnce,
     AtLeastOnce,
+}
+
+impl TryFrom<u8> for Qos {
+    type Error = String;
+
+    fn try_from(q: u8) -> Result<Qos, String> {
+        match q {
+            0 => Ok(Qos::AtMostOnce),
+            1 => Ok(Qos::AtLeastOnce),
+            _ => Err(format!("QoS {q}: 0 or 1 expected")),
+        }
+    }
 }
 
 impl From<Qos> for u8 {

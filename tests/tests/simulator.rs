@@ -9,7 +9,7 @@ use std::time::Duration;
 use device_client::fleet_wire::{DeviceId, Topic};
 use device_client::pki::{Ca, CaOptions, DeviceCertOptions, KeyAlgorithm};
 use device_client::sim::{
-    self, Churn, ConnectStorm, DropMode, Fanout, Observe, Publisher, Qos, Report, Scenario,
+    self, Churn, ConnectStorm, DropMode, Fanout, Observe, Publisher, Qos, Report, Scenario, Shard,
     SimConfig, Soak, TelemetryLoad,
 };
 use device_client::{publish_once, ClientIdentity, ConnectOptions, Credentials, TlsConfig};
@@ -107,6 +107,74 @@ async fn connect_storm_provisions_every_device_then_reconnects_from_the_cache() 
     assert_eq!(doc["scenario"], "connect-storm");
     assert_eq!(doc["parameters"]["devices"], 50);
     assert_eq!(doc["rounds"][1]["connected"], 50);
+    p.stop().await;
+}
+
+/// Two shards of one 20-device fleet, run side by side over two URLs of the same device
+/// listener (by address and by name), connect every device of the fleet exactly once, with the
+/// ids and certificates of the unsharded run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_shards_connect_the_whole_fleet_once() {
+    let p = Platform::sqlite().await;
+    let fleet: Fleet = p.jitp_fleet(json!({ "load": "shards" })).await;
+    let dir = tempfile::tempdir().unwrap();
+    let base = platform_config(&p, &fleet.ca, dir.path(), "shard-");
+    let port = p.app().mqtts_addr().port();
+    let storm = Scenario::ConnectStorm(ConnectStorm {
+        devices: 20,
+        concurrency: 5,
+        rate: None,
+        hold: true,
+        repeat: 0,
+    });
+    let shard = |k| {
+        let mut c = base.clone();
+        c.urls = vec![
+            format!("mqtts://127.0.0.1:{port}").parse().unwrap(),
+            format!("mqtts://localhost:{port}").parse().unwrap(),
+        ];
+        c.shard = Shard::new(k, 2).unwrap();
+        c
+    };
+    let (one, two) = (shard(1), shard(2));
+    let (one, two) = tokio::join!(sim::run(&one, &storm), sim::run(&two, &storm));
+    let reports = [one.unwrap(), two.unwrap()];
+    for (k, (report, range)) in reports.iter().zip([[0, 10], [10, 20]]).enumerate() {
+        assert_eq!(report.shard, Shard::new(k + 1, 2).unwrap());
+        assert_eq!(report.devices_range, range);
+        assert_eq!(report.identities.devices, 10);
+        assert_all_connected(report, 10);
+        assert_eq!(report.parameters["devices"], 20, "the fleet's total");
+    }
+    // Their JSON reports merge into the fleet's.
+    let json: Vec<Report> = reports
+        .iter()
+        .map(|r| serde_json::from_value(serde_json::to_value(r).unwrap()).unwrap())
+        .collect();
+    let merged = sim::merge::merge(&json).unwrap();
+    assert_all_connected(&merged, 20);
+    assert_eq!(merged.identities.devices, 20);
+    assert_eq!(merged.shards.len(), 2);
+    assert_eq!(merged.devices_range, [0, 20]);
+    let e = sim::merge::merge(&json[1..]).unwrap_err().to_string();
+    assert!(e.contains("missing: 1/2"), "{e}");
+    let metrics = p.app().control().metrics();
+    assert_eq!(
+        metrics.jitp_provisioned, 20,
+        "every device provisioned once"
+    );
+    assert_eq!(metrics.connects, 20, "every device connected once");
+    for i in 0..20 {
+        let d = p.device(&format!("shard-{i:05}")).await;
+        assert_eq!(d["tags"], json!({ "load": "shards" }), "{d}");
+    }
+
+    // A shard refuses more shards than devices, and a shard number beyond its count.
+    let mut bad = base.clone();
+    bad.shard = Shard::new(3, 30).unwrap();
+    let e = sim::run(&bad, &storm).await.unwrap_err().to_string();
+    assert!(e.contains("at most --devices"), "{e}");
+    assert!(Shard::new(3, 2).is_err());
     p.stop().await;
 }
 

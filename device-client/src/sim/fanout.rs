@@ -214,7 +214,7 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, f: &Fanout) -> Result<Outcome, SimError>
         (true, None) => return Err(crate::error::ConfigError::TlsRequired.into()),
         (false, _) => None,
     };
-    let client_id = format!("{}publisher-{}", ctx.config.id_prefix, std::process::id());
+    let client_id = ctx.helper_client_id("publisher");
     let (publisher, mut event_loop) = mqtt::open_session(SessionSpec {
         url: &p.url,
         client_id: &client_id,

@@ -2,11 +2,15 @@
 //! HdrHistogram: values below 128 are counted exactly; above, each power of two is split into
 //! 128 linear buckets, so a reported percentile is within 1/128 (< 0.8 %) of the true value.
 //! The count, minimum, maximum and sum are exact.
+//!
+//! A report carries each histogram in a compact, mergeable form ([`HistogramData`]: the
+//! non-empty buckets as `[index, count]` pairs), so the reports of a sharded run merge into
+//! exactly the histogram one process would have recorded.
 
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Linear buckets per power of two: 2^SUB_BITS.
 const SUB_BITS: u32 = 7;
@@ -22,6 +26,9 @@ pub struct Histogram {
     max: u64,
     sum: u128,
 }
+
+/// One past the largest bucket index (that of `u64::MAX`).
+const BUCKETS: usize = ((64 - SUB_BITS as usize) + 1) * SUB as usize;
 
 /// The bucket a value falls in.
 fn bucket(v: u64) -> usize {
@@ -123,7 +130,8 @@ impl Histogram {
         Some(self.max)
     }
 
-    /// p50, p90, p99, max and mean, in milliseconds of the microsecond values recorded.
+    /// p50, p90, p99, max and mean, in milliseconds of the microsecond values recorded, and
+    /// the histogram itself in its mergeable form.
     pub fn summary_ms(&self) -> Percentiles {
         let ms = |v: Option<u64>| v.map(|us| us as f64 / 1000.0);
         Percentiles {
@@ -133,12 +141,68 @@ impl Histogram {
             p99_ms: ms(self.quantile(0.99)),
             max_ms: ms(self.max()),
             mean_ms: self.mean().map(|us| us / 1000.0),
+            histogram: (self.count > 0).then(|| self.to_data()),
         }
+    }
+
+    /// The compact form: the non-empty buckets, minimum, maximum and sum.
+    pub fn to_data(&self) -> HistogramData {
+        HistogramData {
+            min: self.min,
+            max: self.max,
+            sum: self.sum,
+            buckets: self
+                .counts
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c > 0)
+                .map(|(i, c)| [i as u64, *c])
+                .collect(),
+        }
+    }
+
+    /// Back from the compact form; refuses data no histogram could have produced.
+    pub fn from_data(data: &HistogramData) -> Result<Histogram, String> {
+        let mut h = Histogram::new();
+        for &[i, c] in &data.buckets {
+            let i = usize::try_from(i).ok().filter(|i| *i < BUCKETS);
+            let Some(i) = i else {
+                return Err("a histogram bucket index out of range".into());
+            };
+            if i >= h.counts.len() {
+                h.counts.resize(i + 1, 0);
+            }
+            h.counts[i] += c;
+            h.count += c;
+        }
+        if h.count == 0 {
+            return Ok(Histogram::new());
+        }
+        if data.min > data.max
+            || h.counts[bucket(data.min)] == 0
+            || bucket(data.max) + 1 != h.counts.len()
+        {
+            return Err("a histogram whose minimum or maximum is not in its buckets".into());
+        }
+        h.min = data.min;
+        h.max = data.max;
+        h.sum = data.sum;
+        Ok(h)
     }
 }
 
+/// A [`Histogram`] as a report carries it (microseconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistogramData {
+    pub min: u64,
+    pub max: u64,
+    pub sum: u128,
+    /// `[bucket index, count]` for every non-empty bucket, in index order.
+    pub buckets: Vec<[u64; 2]>,
+}
+
 /// Latency percentiles as reported; `None` when nothing was measured.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Percentiles {
     pub count: u64,
     pub p50_ms: Option<f64>,
@@ -146,6 +210,34 @@ pub struct Percentiles {
     pub p99_ms: Option<f64>,
     pub max_ms: Option<f64>,
     pub mean_ms: Option<f64>,
+    /// The values (µs) the percentiles come from, so reports can be merged exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub histogram: Option<HistogramData>,
+}
+
+impl Percentiles {
+    /// The percentiles of the values of both, recomputed from their merged histograms.
+    pub fn merge(&self, other: &Percentiles) -> Result<Percentiles, String> {
+        let mut h = self.to_histogram()?;
+        h.merge(&other.to_histogram()?);
+        Ok(h.summary_ms())
+    }
+
+    fn to_histogram(&self) -> Result<Histogram, String> {
+        match &self.histogram {
+            None if self.count == 0 => Ok(Histogram::new()),
+            None => {
+                Err("latencies without their histogram (a report from an older version)".into())
+            }
+            Some(data) => {
+                let h = Histogram::from_data(data)?;
+                if h.count() != self.count {
+                    return Err("a histogram whose buckets do not add up to its count".into());
+                }
+                Ok(h)
+            }
+        }
+    }
 }
 
 /// A histogram many tasks record into: a few shards behind short locks, merged on read.
@@ -294,6 +386,46 @@ mod tests {
             direct.record(v + 1_000_000);
         }
         assert_eq!(m, direct);
+    }
+
+    #[test]
+    fn reported_histograms_merge_into_the_histogram_of_all_samples() {
+        // Three shards' samples, spread over exact and bucketed ranges.
+        let samples: Vec<u64> = (0..3000u64).map(|i| (i * 7919) % 5_000_000).collect();
+        let mut all = Histogram::new();
+        let mut merged = Percentiles::default();
+        for part in samples.chunks(1000) {
+            let mut h = Histogram::new();
+            for v in part {
+                h.record(*v);
+                all.record(*v);
+            }
+            // Through JSON, as a shard's report carries it.
+            let json = serde_json::to_string(&h.summary_ms()).unwrap();
+            let back: Percentiles = serde_json::from_str(&json).unwrap();
+            merged = merged.merge(&back).unwrap();
+        }
+        assert_eq!(merged, all.summary_ms());
+        let data = merged.histogram.as_ref().unwrap();
+        assert_eq!(Histogram::from_data(data).unwrap(), all);
+        let json = serde_json::to_string(data).unwrap();
+        assert!(json.contains(r#""buckets":[[0,1],"#), "{json}");
+
+        // Empty ones merge to empty; bad data is refused.
+        let empty = Percentiles::default();
+        assert_eq!(empty.merge(&empty).unwrap(), empty);
+        let mut no_hist = all.summary_ms();
+        no_hist.histogram = None;
+        assert!(no_hist.merge(&empty).is_err());
+        let mut bad = all.summary_ms();
+        bad.count += 1;
+        assert!(bad.merge(&empty).is_err());
+        let mut bad = all.to_data();
+        bad.buckets.push([BUCKETS as u64, 1]);
+        assert!(Histogram::from_data(&bad).is_err());
+        let mut bad = all.to_data();
+        bad.max += 1_000_000;
+        assert!(Histogram::from_data(&bad).is_err());
     }
 
     #[test]

@@ -7,14 +7,18 @@
 //! - this module: settings ([`SimConfig`], [`Scenario`]), [`run`], the live progress line.
 //! - [`hist`]: the latency histogram (bounded memory, < 1 % error) and its percentiles.
 //! - `identities`: device ids and certificates, minted in parallel and cached on disk.
+//! - [`shard`]: which part of the fleet this process simulates (`--shard K/N`) and which
+//!   broker URL each device connects to.
 //! - `session`: one device's session: connect, measure CONNACK latency, then disconnect, hold,
 //!   or publish; and one round of connects at a given concurrency and rate.
 //! - `storm`, `telemetry`, `fanout`: the scenarios; `soak` is `telemetry` while `soak`'s
 //!   churn drops devices at random and they reconnect.
 //! - [`update`]: the `update` scenario: real agents with real updaters, failures injected at
 //!   given rates, following the cohort's deployments (its own report).
-//! - `stats`: failure reasons, sequence tracking (loss, duplicates), `/proc/self` readings.
+//! - `stats`: failure reasons, sequence tracking (loss, duplicates), `/proc/self` readings,
+//!   the open-file limit.
 //! - [`report`]: the result as a serializable document and a human table.
+//! - [`merge`]: the reports of the shards of one run merged into one.
 //!
 //! Every scenario is bounded by its own count or duration and by
 //! [`SimConfig::max_duration`]; it connects only to the addresses it is given.
@@ -22,8 +26,10 @@
 mod fanout;
 pub mod hist;
 mod identities;
+pub mod merge;
 pub mod report;
 mod session;
+pub mod shard;
 mod soak;
 mod stats;
 mod storm;
@@ -51,6 +57,8 @@ pub use report::{
     ChurnReport, ConnectRound, FanoutReport, IdentityReport, IntervalRow, ObserverReport,
     ProcessReport, Report, TelemetryReport,
 };
+pub use shard::Shard;
+pub use stats::{devices_allowed, raise_open_files_limit};
 
 /// Receives the live progress line, about once per second.
 pub type ProgressFn = Arc<dyn Fn(&str) + Send + Sync>;
@@ -82,7 +90,12 @@ impl From<ConnectError> for SimError {
 /// Where the simulated fleet connects and who its devices are.
 #[derive(Clone)]
 pub struct SimConfig {
-    pub url: BrokerUrl,
+    /// Device `i` (its index in the whole fleet) connects to `urls[i % urls.len()]`; all
+    /// `mqtts://` or all `mqtt://`.
+    pub urls: Vec<BrokerUrl>,
+    /// The part of the fleet this process simulates; the scenario's `devices` is the whole
+    /// fleet's.
+    pub shard: Shard,
     /// CA certificate(s) (PEM) that signed the broker's certificate; required for `mqtts://`.
     pub server_ca_pem: Option<Vec<u8>>,
     /// Signs one certificate per device (CN = device id); `mqtts://` only. Without it devices
@@ -112,7 +125,8 @@ pub struct SimConfig {
 impl SimConfig {
     pub fn new(url: BrokerUrl) -> Self {
         Self {
-            url,
+            urls: vec![url],
+            shard: Shard::WHOLE,
             server_ca_pem: None,
             device_ca: None,
             id_prefix: "sim-".into(),
@@ -128,7 +142,8 @@ impl SimConfig {
     }
 
     fn validate(&self) -> Result<(), SimError> {
-        match (self.url.is_tls(), &self.server_ca_pem, &self.device_ca) {
+        shard::check_urls(&self.urls)?;
+        match (self.urls[0].is_tls(), &self.server_ca_pem, &self.device_ca) {
             (true, None, _) => return Err(ConfigError::TlsRequired.into()),
             (false, Some(_), _) | (false, _, Some(_)) => {
                 return Err(SimError::Invalid(
@@ -576,7 +591,9 @@ pub(crate) struct SimDevice {
 /// What the scenarios share.
 pub(crate) struct Ctx {
     pub config: SimConfig,
+    /// This shard's devices; `devices[i]` is device `first + i` of the fleet.
     pub devices: Vec<SimDevice>,
+    pub first: usize,
     /// The run ends here, whatever remains to do.
     pub deadline: Instant,
     pub live: Arc<Live>,
@@ -593,7 +610,7 @@ impl Ctx {
     ) -> (MqttClient, MqttLoop) {
         let device = &self.devices[index];
         mqtt::open_session(SessionSpec {
-            url: &self.config.url,
+            url: shard::url_for(&self.config.urls, self.first + index),
             client_id: device.id.as_str(),
             tls: device.tls.clone(),
             credentials: self.config.credentials.as_ref(),
@@ -618,6 +635,24 @@ impl Ctx {
     fn topic(&self, topic: Topic) -> String {
         format!("{}{topic}", self.config.topic_prefix)
     }
+
+    /// This shard's index of a device of the fleet, if it is one of its devices.
+    pub(crate) fn local_index(&self, fleet_index: usize) -> Option<usize> {
+        fleet_index
+            .checked_sub(self.first)
+            .filter(|i| *i < self.devices.len())
+    }
+
+    /// The client id of a helper session (`observer`, `publisher`): unique per process and
+    /// shard.
+    pub(crate) fn helper_client_id(&self, role: &str) -> String {
+        let shard = self.config.shard;
+        let mut id = format!("{}{role}-{}", self.config.id_prefix, std::process::id());
+        if !shard.is_whole() {
+            id.push_str(&format!("-{}", shard.index()));
+        }
+        id
+    }
 }
 
 /// Runs `scenario` to its end (or [`SimConfig::max_duration`]) and reports what happened.
@@ -629,19 +664,15 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
     let usage_start = stats::Usage::now();
     let live = Arc::new(Live::default());
     live.sample_rss();
-    let n = scenario.devices();
-    if let Some(limit) = stats::open_files_limit() {
-        if (n as u64) + 64 > limit {
-            tracing::warn!(
-                devices = n,
-                open_files_limit = limit,
-                "fewer open files allowed than devices; raise it with `ulimit -n`"
-            );
-        }
-    }
+    let fleet = scenario.devices();
+    config.shard.check(fleet)?;
+    let range = config.shard.range(fleet);
+    let first = range.start;
+    let n = range.len();
+    stats::check_open_files(n)?;
 
-    let ids = (0..n)
-        .map(|i| identities::device_id(&config.id_prefix, i, n))
+    let ids = range
+        .map(|i| identities::device_id(&config.id_prefix, i, fleet))
         .collect::<Result<Vec<_>, _>>()?;
     let (tls_configs, identity_report) = match (&config.server_ca_pem, &config.device_ca) {
         (Some(server_ca), ca) => {
@@ -687,6 +718,7 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
     let ctx = Arc::new(Ctx {
         config: config.clone(),
         devices,
+        first,
         deadline,
         live: live.clone(),
     });
@@ -730,7 +762,14 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
     let outcome = match scenario {
         Scenario::ConnectStorm(s) => storm::run(&ctx, s).await,
         Scenario::Telemetry(t) => telemetry::run(&ctx, t, None).await,
-        Scenario::Soak(s) => telemetry::run(&ctx, &s.load, Some(&s.churn)).await,
+        Scenario::Soak(s) => {
+            // The churn is the fleet's: a shard drops its share.
+            let churn = Churn {
+                per_min: s.churn.per_min * n as f64 / fleet as f64,
+                ..s.churn.clone()
+            };
+            telemetry::run(&ctx, &s.load, Some(&churn)).await
+        }
         Scenario::Fanout(f) => fanout::run(&ctx, f).await,
     };
     if let Some(p) = progress {
@@ -763,7 +802,9 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
     };
     Ok(Report {
         scenario: scenario.name().into(),
-        url: config.url.to_string(),
+        url: shard::join_urls(&config.urls),
+        shard: config.shard,
+        devices_range: [first, first + n],
         parameters: report::parameters(config, scenario),
         identities: identity_report,
         rounds: outcome.rounds,
@@ -771,6 +812,7 @@ pub async fn run(config: &SimConfig, scenario: &Scenario) -> Result<Report, SimE
         fanout: outcome.fanout,
         churn: outcome.churn,
         process,
+        shards: Vec::new(),
         elapsed_s: started.elapsed().as_secs_f64(),
         truncated: outcome.truncated,
     })

@@ -3,17 +3,22 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::hist::Percentiles;
-use super::{Qos, Scenario, SimConfig, Soak};
+use super::{Qos, Scenario, Shard, SimConfig, Soak};
 
 /// Everything a run measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub scenario: String,
+    /// The broker URLs, comma-separated.
     pub url: String,
+    /// The part of the fleet this run simulated (`1/1`: all of it).
+    pub shard: Shard,
+    /// The fleet indices of its devices: `[first, end)`.
+    pub devices_range: [usize; 2],
     pub parameters: Value,
     pub identities: IdentityReport,
     /// One row per round of connects (`telemetry` has one: its connect phase).
@@ -26,12 +31,24 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub churn: Option<ChurnReport>,
     pub process: ProcessReport,
+    /// A merged report: each shard's process figures (`process` is their sum).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardProcess>,
     pub elapsed_s: f64,
     /// The max duration ended the run before the scenario's own end.
     pub truncated: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// One shard of a merged report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardProcess {
+    pub shard: Shard,
+    pub devices_range: [usize; 2],
+    pub process: ProcessReport,
+    pub elapsed_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IdentityReport {
     pub devices: usize,
     /// Each device presents its own client certificate.
@@ -55,7 +72,7 @@ impl IdentityReport {
 }
 
 /// One round of connects.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnectRound {
     pub round: u32,
     /// `first`, `repeat` or `connect`.
@@ -82,7 +99,7 @@ pub struct ConnectRound {
     pub cpu_s: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TelemetryReport {
     pub qos: Qos,
     pub payload_bytes: usize,
@@ -121,7 +138,7 @@ pub struct TelemetryReport {
 
 /// Each device subscribed to `devices/{id}/commands` (QoS 1) after its CONNACK; only the
 /// devices whose subscription was granted publish.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CommandsSubscriptionReport {
     pub granted: u64,
     pub refused: u64,
@@ -132,7 +149,7 @@ pub struct CommandsSubscriptionReport {
 }
 
 /// One interval of a telemetry run or soak; counts are for the interval unless noted.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IntervalRow {
     /// Seconds after publishing began.
     pub end_s: f64,
@@ -155,7 +172,7 @@ pub struct IntervalRow {
     pub cpu_s: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ObserverReport {
     pub url: String,
     pub filter: String,
@@ -178,7 +195,7 @@ pub struct ObserverReport {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FanoutReport {
     /// As subscribed, with the topic prefix; `{id}` stands for each device's id.
     pub topic: String,
@@ -215,7 +232,7 @@ pub struct FanoutReport {
 /// A soak's churn: sessions ended on purpose, lost by themselves, and the reconnects.
 /// Every drop and every lost session is followed by a reconnect, or the device was still
 /// offline at the end: `drops + lost_sessions == reconnects + offline_at_end`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChurnReport {
     /// Configured drops per minute over the fleet.
     pub drops_per_min: f64,
@@ -252,7 +269,7 @@ pub struct ChurnReport {
     pub offline_time: Percentiles,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProcessReport {
     pub rss_start_bytes: u64,
     /// With the most devices connected (sampled).
@@ -272,7 +289,7 @@ pub struct ProcessReport {
 /// The parameters of the run, for the JSON document.
 pub(crate) fn parameters(config: &SimConfig, scenario: &Scenario) -> Value {
     let mut p = json!({
-        "url": config.url.to_string(),
+        "url": super::shard::join_urls(&config.urls),
         "id_prefix": config.id_prefix,
         "topic_prefix": config.topic_prefix,
         "client_certificates": config.device_ca.is_some(),
@@ -363,6 +380,16 @@ impl Report {
                 ""
             }
         );
+        if !self.shard.is_whole() {
+            let _ = writeln!(
+                out,
+                "shard {}: devices {}..{} of the fleet",
+                self.shard, self.devices_range[0], self.devices_range[1]
+            );
+        }
+        if !self.shards.is_empty() {
+            let _ = writeln!(out, "merged from {} shards", self.shards.len());
+        }
         let _ = writeln!(out, "parameters: {p}");
         let id = &self.identities;
         if id.certificates {
@@ -655,6 +682,21 @@ impl Report {
             let _ = write!(out, " ({c:.1} µs/message)");
         }
         let _ = writeln!(out);
+        for s in &self.shards {
+            let pr = &s.process;
+            let _ = writeln!(
+                out,
+                "  shard {} (devices {}..{}): RSS {} connected, peak {}; CPU {:.2} s scenario, {:.2} s total; elapsed {:.2} s",
+                s.shard,
+                s.devices_range[0],
+                s.devices_range[1],
+                mib(pr.rss_connected_bytes),
+                mib(pr.rss_peak_bytes),
+                pr.cpu_scenario_s,
+                pr.cpu_total_s,
+                s.elapsed_s
+            );
+        }
         let _ = writeln!(out, "elapsed {:.2} s", self.elapsed_s);
         out
     }

@@ -177,6 +177,38 @@ fn stat_cpu(stat: &str) -> Option<Duration> {
 }
 
 /// The soft limit on open files (`Max open files` of `/proc/self/limits`).
+/// Open files kept for everything but the devices' sockets: standard streams, the runtime,
+/// certificate files, observer and publisher sessions, DNS.
+const RESERVED_FILES: u64 = 64;
+
+/// How many simulated devices (one socket each) an open-file limit of `limit` allows.
+pub fn devices_allowed(limit: u64) -> u64 {
+    limit.saturating_sub(RESERVED_FILES)
+}
+
+/// Raises this process's open-file soft limit to its hard limit and returns the limit now in
+/// force (it may stay lower where the system refuses to raise it).
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
+}
+
+/// Refuses, before anything connects, to run more devices than the open-file limit allows
+/// (they would fail midway with `too many open files`).
+pub(crate) fn check_open_files(devices: usize) -> Result<(), super::SimError> {
+    let Some(limit) = open_files_limit() else {
+        return Ok(());
+    };
+    let allowed = devices_allowed(limit);
+    if devices as u64 > allowed {
+        return Err(super::SimError::Invalid(format!(
+            "{devices} devices in this process, but its open-file limit of {limit} allows at \
+             most {allowed}: split the fleet with --shard K/N over more processes, or raise \
+             the hard limit"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
@@ -275,6 +307,17 @@ mod tests {
         assert_eq!(other.count_not_in(&s), 1);
         assert_eq!(s.count_not_in(&s), 0);
         assert_eq!(SeqSet::default().count_not_in(&s), 0);
+    }
+
+    #[test]
+    fn devices_beyond_the_open_file_limit_are_refused_up_front() {
+        assert_eq!(devices_allowed(20_000), 19_936);
+        assert_eq!(devices_allowed(10), 0);
+        if let Some(limit) = open_files_limit() {
+            assert!(check_open_files(devices_allowed(limit) as usize).is_ok());
+            let e = check_open_files(devices_allowed(limit) as usize + 1).unwrap_err();
+            assert!(e.to_string().contains("--shard K/N"), "{e}");
+        }
     }
 
     #[test]

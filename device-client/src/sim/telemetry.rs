@@ -512,7 +512,8 @@ impl Seen {
             .and_then(|t| Topic::parse(t).ok())
             .and_then(|t| match t {
                 Topic::Telemetry(id) => device_index(&ctx.config.id_prefix, id.as_str())
-                    .filter(|i| ctx.devices.get(*i).is_some_and(|d| d.id == id)),
+                    .and_then(|i| ctx.local_index(i))
+                    .filter(|i| ctx.devices[*i].id == id),
                 _ => None,
             });
         let probe = serde_json::from_slice::<Probe>(body)
@@ -559,7 +560,7 @@ impl Observer {
             .filter
             .clone()
             .unwrap_or_else(|| format!("{}devices/+/telemetry", ctx.config.topic_prefix));
-        let client_id = format!("{}observer-{}", ctx.config.id_prefix, std::process::id());
+        let client_id = ctx.helper_client_id("observer");
         let (client, mut event_loop) = mqtt::open_session(SessionSpec {
             url: &o.url,
             client_id: &client_id,

@@ -357,6 +357,13 @@ impl Tracker {
 pub async fn run(config: &SimConfig, load: &UpdateLoad) -> Result<UpdateRunReport, SimError> {
     config.validate()?;
     load.validate()?;
+    if !config.shard.is_whole() {
+        return Err(SimError::Invalid(
+            "the update scenario runs as one process (no --shard); give it several --url to \
+             spread it over broker nodes"
+                .into(),
+        ));
+    }
     let started = Instant::now();
     let deadline = started + config.max_duration;
     let usage_start = Usage::now();
@@ -367,6 +374,7 @@ pub async fn run(config: &SimConfig, load: &UpdateLoad) -> Result<UpdateRunRepor
         ));
     };
     let n = load.devices;
+    super::stats::check_open_files(n)?;
     let ids = (0..n)
         .map(|i| identities::device_id(&config.id_prefix, i, n))
         .collect::<Result<Vec<DeviceId>, _>>()?;
@@ -396,7 +404,8 @@ pub async fn run(config: &SimConfig, load: &UpdateLoad) -> Result<UpdateRunRepor
         let mut started_batch = Vec::with_capacity(batch.len());
         for (i, identity) in batch {
             let tls = TlsConfig::from_ca_pem(server_ca)?.with_identity(identity.clone());
-            let mut connect = ConnectOptions::new(config.url.clone()).with_tls(tls);
+            let mut connect =
+                ConnectOptions::new(super::shard::url_for(&config.urls, *i).clone()).with_tls(tls);
             connect.keep_alive = config.keep_alive;
             let mut agent_config = AgentConfig::new(connect);
             agent_config.cohort = Some(load.cohort.clone());
