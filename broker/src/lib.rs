@@ -1,6 +1,7 @@
 //! The broker: the platform's MQTT edge.
 //!
 //! # Layout
+//! - [`admission`]: the node's connection and connection-rate budgets.
 //! - [`server`]: binds nothing itself; takes listeners, accepts, runs the TLS handshake of each
 //!   connection on its own task with a timeout, and hands the stream to a session.
 //! - `tls`: the rustls server config and the client-certificate verifier over a CA set that
@@ -18,6 +19,7 @@
 //! - [`rejections`]: the most recent refused connections, for operators.
 
 pub mod acl;
+pub mod admission;
 pub mod auth;
 pub mod bus;
 pub mod control;

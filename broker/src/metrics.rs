@@ -51,6 +51,10 @@ pub enum Rejection {
     PinMismatch,
     #[error("certificate is revoked")]
     CertificateRevoked,
+    #[error("the node holds as many connections as it is configured to; try again later")]
+    ConnectionLimit,
+    #[error("the node takes no more new connections this second; try again later")]
+    ConnectRateExceeded,
     #[error("malformed packet or protocol violation")]
     MalformedPacket,
     #[error("over a per-client limit (packet size, properties, Receive Maximum)")]
@@ -58,7 +62,7 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 23] = [
+    pub const ALL: [Rejection; 25] = [
         Rejection::TlsHandshake,
         Rejection::BadCertificate,
         Rejection::UnknownCa,
@@ -82,6 +86,8 @@ impl Rejection {
         Rejection::CertificateRevoked,
         Rejection::MalformedPacket,
         Rejection::OverLimit,
+        Rejection::ConnectionLimit,
+        Rejection::ConnectRateExceeded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -107,6 +113,8 @@ impl Rejection {
             Rejection::Quarantined => "quarantined",
             Rejection::PinMismatch => "pin_mismatch",
             Rejection::CertificateRevoked => "certificate_revoked",
+            Rejection::ConnectionLimit => "connection_limit",
+            Rejection::ConnectRateExceeded => "connect_rate_exceeded",
             Rejection::MalformedPacket => "malformed_packet",
             Rejection::OverLimit => "over_limit",
         }

@@ -14,6 +14,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::admission::Admission;
 use crate::auth::ServiceAuth;
 use crate::bus::EventBus;
 use crate::control::BrokerControl;
@@ -28,6 +29,16 @@ use crate::tls::{self, ServerIdentity};
 pub struct BrokerConfig {
     /// A TLS handshake that takes longer is dropped.
     pub handshake_timeout_ms: u64,
+    /// Connections the node holds at most (devices and services); beyond it a client is
+    /// answered CONNACK "quota exceeded" (MQTT 5) or "server unavailable" (3.1.1). 0: what the
+    /// open-file limit allows, less the files the process keeps for itself.
+    pub max_connections: usize,
+    /// New connections per second on average (a token bucket; 0: no limit), with bursts of
+    /// `connect_burst`. Beyond it a client is answered CONNACK "server busy" (MQTT 5) or
+    /// "server unavailable" (3.1.1) and retries after its backoff, so a restart's reconnect
+    /// storm cannot flood the database with first connections.
+    pub connect_rate_per_s: f64,
+    pub connect_burst: f64,
     /// TLS handshakes doing their work at once. A connect storm waits for a turn here (and in
     /// the listen backlog) instead of in the runtime's run queue, where every connected
     /// session's next packet would wait behind thousands of handshakes. A handshake gives its
@@ -65,6 +76,9 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             handshake_timeout_ms: 10_000,
+            max_connections: 0,
+            connect_rate_per_s: 1000.0,
+            connect_burst: 2000.0,
             max_concurrent_handshakes: 32,
             connect_timeout_ms: 10_000,
             max_packet_size: 256 * 1024,
@@ -121,7 +135,19 @@ impl Broker {
         // A control serves one broker; a second `Broker::new` on it keeps the first link.
         let _ = control.system.set(system.clone());
         let (shutdown_tx, shutdown) = watch::channel(false);
+        let admission = Admission::new(
+            config.max_connections,
+            config.connect_rate_per_s,
+            config.connect_burst,
+        );
+        info!(
+            max_connections = admission.max_connections(),
+            connect_rate_per_s = config.connect_rate_per_s,
+            connect_burst = config.connect_burst,
+            "connection budgets"
+        );
         let ctx = Arc::new(Ctx {
+            admission,
             router,
             system,
             control,
@@ -170,7 +196,7 @@ impl Broker {
         shutdown: impl Future<Output = ()>,
     ) {
         let tracker = TaskTracker::new();
-        let device_loop = accept_loop(devices, tracker.clone(), {
+        let device_loop = accept_loop(devices, &self.ctx, tracker.clone(), {
             let ctx = self.ctx.clone();
             let acceptor = self.device_tls.clone();
             let timeout = self.handshake_timeout;
@@ -182,7 +208,7 @@ impl Broker {
                 async move { device_connection(ctx, acceptor, turns, timeout, stream, peer).await }
             }
         });
-        let service_loop = accept_loop(services, tracker.clone(), {
+        let service_loop = accept_loop(services, &self.ctx, tracker.clone(), {
             let ctx = self.ctx.clone();
             move |stream, peer| session::serve_service(ctx.clone(), stream, peer)
         });
@@ -206,7 +232,9 @@ impl Broker {
     }
 }
 
-async fn accept_loop<F, Fut>(listener: TcpListener, tracker: TaskTracker, serve: F)
+/// Accepts connections and serves each on its own task, counted by the node's
+/// [`Admission`] for as long as it lives.
+async fn accept_loop<F, Fut>(listener: TcpListener, ctx: &Ctx, tracker: TaskTracker, serve: F)
 where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
@@ -215,7 +243,12 @@ where
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tracker.spawn(serve(stream, peer));
+                let held = ctx.admission.hold();
+                let served = serve(stream, peer);
+                tracker.spawn(async move {
+                    served.await;
+                    drop(held);
+                });
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.

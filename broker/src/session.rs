@@ -60,6 +60,7 @@ pub(crate) struct SessionSettings {
 }
 
 pub(crate) struct Ctx {
+    pub admission: crate::admission::Admission,
     pub router: RouterHandle,
     pub system: SystemPublisher,
     pub control: BrokerControl,
@@ -83,10 +84,22 @@ fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
-/// Refuses a connection with the CONNACK code each MQTT version has for `why`.
+/// Refuses a connection with the CONNACK code each MQTT version has for `why`, and closes it.
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Ctx,
     mut conn: Conn<S>,
+    why: Rejection,
+    device: Option<&DeviceId>,
+    peer: SocketAddr,
+) {
+    queue_refusal(ctx, &mut conn, why, device, peer);
+    conn.close(Duration::from_secs(1)).await;
+}
+
+/// Counts and logs a refusal, and queues its CONNACK.
+fn queue_refusal<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &Ctx,
+    conn: &mut Conn<S>,
     why: Rejection,
     device: Option<&DeviceId>,
     peer: SocketAddr,
@@ -96,11 +109,18 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     let code = match (conn.version(), why) {
         (Version::V311, Rejection::ClientIdMismatch) => ConnectReturnCode::ClientIdentifierNotValid,
         (Version::V311, Rejection::BadCredentials) => ConnectReturnCode::BadUserNamePassword,
-        (Version::V311, Rejection::ProvisioningFailed) => ConnectReturnCode::ServiceUnavailable,
+        (
+            Version::V311,
+            Rejection::ProvisioningFailed
+            | Rejection::ConnectionLimit
+            | Rejection::ConnectRateExceeded,
+        ) => ConnectReturnCode::ServiceUnavailable,
         (Version::V311, _) => ConnectReturnCode::NotAuthorized,
         (Version::V5, Rejection::ClientIdMismatch) => ConnectReturnCode::ClientIdentifierNotValid,
         (Version::V5, Rejection::BadCredentials) => ConnectReturnCode::BadUserNamePassword,
         (Version::V5, Rejection::ProvisioningFailed) => ConnectReturnCode::ServerUnavailable,
+        (Version::V5, Rejection::ConnectionLimit) => ConnectReturnCode::QuotaExceeded,
+        (Version::V5, Rejection::ConnectRateExceeded) => ConnectReturnCode::ServerBusy,
         (Version::V5, Rejection::BadConnect) => ConnectReturnCode::ProtocolError,
         (Version::V5, _) => ConnectReturnCode::NotAuthorized,
     };
@@ -115,7 +135,6 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
         },
         props,
     ));
-    conn.close(Duration::from_secs(1)).await;
 }
 
 struct ConnectInfo {
@@ -125,6 +144,8 @@ struct ConnectInfo {
     login: Option<Login>,
 }
 
+/// Reads a valid CONNECT, and answers it with a refusal (returning `None`) when the node is
+/// over its connection budgets ([`crate::admission`]).
 async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Ctx,
     conn: &mut Conn<S>,
@@ -132,12 +153,19 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Option<ConnectInfo> {
     conn.set_limits(ctx.settings.limits);
     match conn.read_connect(ctx.settings.connect_timeout).await {
-        Ok(Packet::Connect(connect, props, will, will_props, login)) => Some(ConnectInfo {
-            connect,
-            props,
-            will: will.map(|w| (w, will_props)),
-            login,
-        }),
+        Ok(Packet::Connect(connect, props, will, will_props, login)) => {
+            if let Err(why) = ctx.admission.admit() {
+                queue_refusal(ctx, conn, why, None, peer);
+                let _ = conn.flush().await;
+                return None;
+            }
+            Some(ConnectInfo {
+                connect,
+                props,
+                will: will.map(|w| (w, will_props)),
+                login,
+            })
+        }
         Ok(_) => None,
         Err(ReadError::UnsupportedVersion(level)) => {
             ctx.control.refused(Rejection::BadConnect, None, peer);

@@ -68,6 +68,7 @@ impl App {
             );
         }
 
+        raise_open_file_limit();
         let metrics = Arc::new(Metrics::default());
         let writer = crate::provisioning::ProvisionWriter::start(
             store.clone(),
@@ -262,6 +263,15 @@ impl App {
         self.store.close().await;
         info!("fleet platform stopped");
         Ok(())
+    }
+}
+
+/// Every connection is an open file: raises the process's soft limit to the hard one (the
+/// broker's default connection limit is derived from it).
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => info!(open_files = limit, "open-file limit raised to the hard limit"),
+        Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
     }
 }
 

@@ -15,7 +15,6 @@ async fn main() -> std::process::ExitCode {
         Command::Serve(args) => args,
     };
     install_logging();
-    raise_open_file_limit();
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -41,23 +40,6 @@ fn install_logging() {
         )
         .init();
 }
-
-/// Every connection is an open file: raises the soft limit to the hard one and says how many
-/// connections that leaves room for.
-fn raise_open_file_limit() {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => tracing::info!(
-            open_files = limit,
-            connections = limit.saturating_sub(RESERVED_FILES),
-            "open-file limit raised to the hard limit; connections it allows (less files the \
-             process needs for itself)"
-        ),
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
-    }
-}
-
-/// Open files kept for the database, logs, listeners and the runtime.
-const RESERVED_FILES: u64 = 256;
 
 async fn run(args: fleet_service::config::ServeArgs) -> anyhow::Result<()> {
     let config = Config::from_args(args)?;
