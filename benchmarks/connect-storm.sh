@@ -10,28 +10,12 @@
 #   N=2000 CONCURRENCY=2000 benchmarks/connect-storm.sh
 #   DB=postgres://postgres@127.0.0.1:5432/storm N=2000 benchmarks/connect-storm.sh
 set -u
-ROOT=$(cd "$(dirname "$0")/.." && pwd); B=$ROOT/target/release; DC=$B/device-client
+HERE=$(cd "$(dirname "$0")" && pwd)
 N=${N:-2000}; CONCURRENCY=${CONCURRENCY:-$N}; LIVE=${LIVE:-100}
 D=${D:-/tmp/storm-bench}; rm -rf "$D/run"; mkdir -p "$D/run"; cd "$D/run"
-ulimit -n 20000 2>/dev/null || true
-cpu_s() { awk '{printf "%.2f\n", ($14 + $15) / 100}' /proc/$1/stat; }
 overflows() { nstat -az TcpExtListenOverflows 2>/dev/null | awk '/ListenOverflows/{print $2}'; }
-DBARG=(); [ -n "${DB:-}" ] && DBARG=(--database-url "$DB")
-$B/fleet-service serve --data-dir data "${DBARG[@]}" --mqtts-listen 127.0.0.1:8883 \
-  --service-listen 127.0.0.1:8884 --http-listen 127.0.0.1:8080 > serve.log 2>&1 &
-PID=$!
+. "$HERE/platform.sh"
 trap 'kill $PID ${LIVE_PID:-} 2>/dev/null' EXIT
-until curl -sf http://127.0.0.1:8080/api/v1/health > /dev/null; do sleep 0.2; done
-H="Authorization: Bearer $(cat data/admin-token)"; J='content-type: application/json'; API=http://127.0.0.1:8080/api/v1
-PRODUCT=$(curl -s -H "$H" -H "$J" -d '{"name":"thermostat"}' $API/products | jq -r .id)
-COHORT=$(curl -s -H "$H" -H "$J" -d '{"name":"fleet"}' $API/products/$PRODUCT/cohorts | jq -r .id)
-$DC pki ca --out-cert mfg-ca.pem --out-key mfg-ca.key --cn "Bench CA" 2> /dev/null
-CODE=$(curl -s -X POST -H "$H" $API/ca-certificates/verification-code | jq -r .code)
-$DC pki device --ca-cert mfg-ca.pem --ca-key mfg-ca.key --id "$CODE" \
-  --out-cert verify.pem --out-key verify.key --force 2> /dev/null
-jq -n --rawfile pem mfg-ca.pem --rawfile proof verify.pem --arg p "$PRODUCT" --arg c "$COHORT" \
-  '{certificate_pem: $pem, verification_certificate_pem: $proof, jitp: {product_id: $p, cohort_id: $c, tags: {}}}' \
-  | curl -s -H "$H" -H "$J" --data @- $API/ca-certificates > /dev/null
 TLS=(--server-ca data/pki/server-ca.pem --ca-cert mfg-ca.pem --ca-key mfg-ca.key --cert-cache certs)
 URL=(--url mqtts://127.0.0.1:8883)
 # Mint the storm's certificates first, so the storm measures connecting, not minting.

@@ -13,27 +13,11 @@
 #
 # BASELINE=1 first deploys release 1.0.0 (what the devices run), so a rollback has a target.
 set -u
-ROOT=$(cd "$(dirname "$0")/.." && pwd); B=$ROOT/target/release; DC=$B/device-client
+HERE=$(cd "$(dirname "$0")" && pwd)
 POLICY=${POLICY:-'{"waves": [{"percent": 10}, {"percent": 50}]}'}
 N=${N:-5000}; D=${D:-/tmp/rollout-bench}; rm -rf "$D/run"; mkdir -p "$D/run"; cd "$D/run"
-ulimit -n 20000 2>/dev/null || true
-cpu_s() { awk '{printf "%.2f\n", ($14 + $15) / 100}' /proc/$1/stat; }
-$B/fleet-service serve --data-dir data --mqtts-listen 127.0.0.1:8883 --service-listen 127.0.0.1:8884 \
-  --http-listen 127.0.0.1:8080 > serve.log 2>&1 &
-PID=$!
+. "$HERE/platform.sh"
 trap 'kill $PID ${HTTP:-} ${SIM:-} 2>/dev/null' EXIT
-until curl -sf http://127.0.0.1:8080/api/v1/health > /dev/null; do sleep 0.2; done
-H="Authorization: Bearer $(cat data/admin-token)"; J='content-type: application/json'; API=http://127.0.0.1:8080/api/v1
-PRODUCT=$(curl -s -H "$H" -H "$J" -d '{"name":"thermostat"}' $API/products | jq -r .id)
-COHORT=$(curl -s -H "$H" -H "$J" -d '{"name":"fleet"}' $API/products/$PRODUCT/cohorts | jq -r .id)
-$DC pki ca --out-cert mfg-ca.pem --out-key mfg-ca.key --cn "Bench CA" 2> /dev/null
-# Proof of possession: the CA signs a certificate whose CN is a fresh verification code.
-CODE=$(curl -s -X POST -H "$H" $API/ca-certificates/verification-code | jq -r .code)
-$DC pki device --ca-cert mfg-ca.pem --ca-key mfg-ca.key --id "$CODE" \
-  --out-cert verify.pem --out-key verify.key --force 2> /dev/null
-jq -n --rawfile pem mfg-ca.pem --rawfile proof verify.pem --arg p "$PRODUCT" --arg c "$COHORT" \
-  '{certificate_pem: $pem, verification_certificate_pem: $proof, jitp: {product_id: $p, cohort_id: $c, tags: {}}}' \
-  | curl -s -H "$H" -H "$J" --data @- $API/ca-certificates > /dev/null
 $DC release keygen --out-key release.key --out-pub release.pub > /dev/null
 jq -n --rawfile k release.pub '{name: "bench", public_key: ($k | rtrimstr("\n"))}' \
   | curl -s -H "$H" -H "$J" --data @- $API/signing-keys > /dev/null
