@@ -270,7 +270,10 @@ impl App {
 /// broker's default connection limit is derived from it).
 fn raise_open_file_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => info!(open_files = limit, "open-file limit raised to the hard limit"),
+        Ok(limit) => info!(
+            open_files = limit,
+            "open-file limit raised to the hard limit"
+        ),
         Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
     }
 }
