@@ -573,6 +573,13 @@ async fn mark_node_offline_after_restart(url: &str) {
     assert!(a1.last_seen_ms.unwrap() > 1_000);
     assert!(store.device(&id("b1")).await.unwrap().unwrap().online);
     assert!(store.mark_node_offline("node-a").await.unwrap().is_empty());
+    // The connection history ends the crashed run's sessions, and only that node's.
+    let sessions = store.device_sessions(&id("a1"), 10).await.unwrap();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].end_reason.as_deref(), Some("server_restart"));
+    assert!(sessions[0].ended_at_ms.is_some_and(|t| t > 1_000));
+    let other = store.device_sessions(&id("b1"), 10).await.unwrap();
+    assert_eq!(other[0].end_reason, None);
 
     // The session's own disconnect arriving late changes nothing; the next session applies.
     let out = store

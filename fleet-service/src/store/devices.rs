@@ -588,14 +588,16 @@ impl Store {
         rows.into_iter().map(Device::try_from).collect()
     }
 
-    /// Marks every device this node held online as offline, because the node restarted and
-    /// their sessions are gone; returns their ids. Session epochs stay, so a late presence
+    /// Marks every device this node held online as offline, and ends the sessions of its
+    /// connection history that this node left open, because the node restarted and those
+    /// sessions are gone (`server_restart`); returns the devices' ids. Session epochs stay, so a late presence
     /// event from one of those sessions is still recognised as stale.
     pub async fn mark_node_offline(&self, node_id: &str) -> Result<Vec<DeviceId>, StoreError> {
         let now = now_ms();
         let reason = fleet_wire::payload::DisconnectReason::ServerRestart.as_str();
-        let ids: Vec<(String,)> = with_pool!(self, |pool| {
-            sqlx::query_as(&format!(
+        let ids: Vec<(String,)> = with_pool!(self, |pool, begin| {
+            let mut tx = pool.begin_with(begin).await?;
+            let ids: Vec<(String,)> = sqlx::query_as(&format!(
                 "UPDATE devices SET online = FALSE, \
                  state = CASE WHEN {PRESENCE_DRIVEN} THEN $2 ELSE state END, \
                  state_reason = CASE WHEN {PRESENCE_DRIVEN} THEN $3 ELSE state_reason END, \
@@ -611,9 +613,21 @@ impl Store {
             .bind(format!("disconnected: {reason}"))
             .bind(now)
             .bind(reason)
-            .fetch_all(pool)
-            .await
-        })?;
+            .fetch_all(&mut *tx)
+            .await?;
+            // The connection history ends the sessions the crashed run held, too.
+            sqlx::query(
+                "UPDATE device_sessions SET ended_at = $2, end_reason = $3 \
+                 WHERE node_id = $1 AND ended_at IS NULL",
+            )
+            .bind(node_id)
+            .bind(now)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            ids
+        });
         let mut ids = ids
             .into_iter()
             .map(|(id,)| device_id(&id))
