@@ -244,8 +244,14 @@ impl Config {
             }
             None => Tuning::default(),
         };
-        if args.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
-            anyhow::bail!("FLEET_ADMIN_TOKEN must be at least 16 characters");
+        if let Some(token) = args.admin_token.as_deref().filter(|t| t.len() < 16) {
+            // Name what the user gave: the flag, or the environment variable behind it.
+            let given = if std::env::var("FLEET_ADMIN_TOKEN").ok().as_deref() == Some(token) {
+                "FLEET_ADMIN_TOKEN"
+            } else {
+                "--admin-token"
+            };
+            anyhow::bail!("{given} must be at least 16 characters");
         }
         let database_url = args
             .database_url
@@ -292,6 +298,21 @@ mod tests {
     fn receive_maximum_keeps_its_former_name() {
         let t = parse_tuning("[broker]\nmax_pending_acks = 100\n").unwrap();
         assert_eq!(t.broker.receive_maximum, 100);
+    }
+
+    #[test]
+    fn a_short_admin_token_is_refused_naming_the_flag() {
+        let args = ServeArgs {
+            data_dir: "./data".into(),
+            database_url: None,
+            mqtts_listen: "127.0.0.1:0".parse().unwrap(),
+            service_listen: "127.0.0.1:0".parse().unwrap(),
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            admin_token: Some("short".into()),
+            config: None,
+        };
+        let err = Config::from_args(args).unwrap_err().to_string();
+        assert_eq!(err, "--admin-token must be at least 16 characters");
     }
 
     #[test]
