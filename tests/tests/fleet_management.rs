@@ -1288,6 +1288,37 @@ async fn revocation_and_deletion_reach_the_live_session(p: Platform) {
         .is_err());
     let (_, m) = p.api("GET", "/api/v1/broker/metrics", None).await;
     assert!(m.to_string().contains("certificate_revoked"), "{m}");
+    // The device's detail says its certificate is revoked, when and why.
+    let d = p.device("rev-1").await;
+    assert_eq!(d["certificate_revoked"], true, "{d}");
+    assert_eq!(
+        d["revoked_certificates"][0]["fingerprint_sha256"],
+        x509_fingerprint(&cert.cert_pem)
+    );
+    assert_eq!(d["revoked_certificates"][0]["reason"], "key leaked");
+    assert!(
+        d["revoked_certificates"][0]["revoked_at"].is_string(),
+        "{d}"
+    );
+
+    // Revoked while offline: the detail says so before the device ever tries again.
+    let offline = fleet.ca.issue("rev-2");
+    Client::connect(p.device_options(&offline, "rev-2"))
+        .await
+        .unwrap()
+        .kill()
+        .await;
+    assert_eq!(p.device("rev-2").await["certificate_revoked"], false);
+    let (s, body) = p
+        .api("POST", "/api/v1/devices/rev-2/revoke-certificate", None)
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let d = p.device("rev-2").await;
+    assert_eq!(d["certificate_revoked"], true, "{d}");
+    assert_eq!(
+        d["revoked_certificates"][0]["reason"],
+        "revoked by an operator"
+    );
 
     // Deleting a device ends its session and refuses its certificate, though its CA still
     // provisions on first connection.

@@ -125,11 +125,26 @@ pub(super) struct RejectedBody {
 /// How many sessions and refused attempts a device's detail shows.
 const DETAIL_HISTORY: usize = 20;
 
+/// A certificate of the device that is refused from now on.
+#[derive(Serialize, ToSchema)]
+pub(super) struct RevokedCertificateBody {
+    /// Hex SHA-256 of the certificate's DER.
+    fingerprint_sha256: String,
+    /// Why, as the operator said (or `revoked by an operator`).
+    reason: String,
+    /// RFC 3339, UTC.
+    revoked_at: String,
+}
+
 /// A device with its diagnostics.
 #[derive(Serialize, ToSchema)]
 pub(super) struct DeviceDetail {
     #[serde(flatten)]
     device: DeviceBody,
+    /// Whether the device's certificate (`certificate`) is revoked: it can no longer connect.
+    certificate_revoked: bool,
+    /// The device's revoked certificates (its certificate, its pin), newest first.
+    revoked_certificates: Vec<RevokedCertificateBody>,
     /// Its most recent sessions, newest first (up to 20).
     sessions: Vec<SessionBody>,
     /// Its most recent refused connection attempts, newest first (up to 20), as this broker
@@ -344,8 +359,26 @@ pub(super) async fn get_device(
             remote_addr: a.remote_addr,
         })
         .collect();
+    let revoked_certificates: Vec<RevokedCertificateBody> = state
+        .store
+        .revoked_certificates_of(&id)
+        .await?
+        .into_iter()
+        .map(|(fingerprint_sha256, reason, at)| RevokedCertificateBody {
+            fingerprint_sha256,
+            reason,
+            revoked_at: rfc3339(at),
+        })
+        .collect();
+    let certificate_revoked = device.certificate.as_ref().is_some_and(|c| {
+        revoked_certificates
+            .iter()
+            .any(|r| r.fingerprint_sha256 == c.fingerprint_sha256)
+    });
     Ok(Json(DeviceDetail {
         device: device.into(),
+        certificate_revoked,
+        revoked_certificates,
         sessions,
         rejected_attempts,
     }))

@@ -92,6 +92,22 @@ impl Store {
         Ok(())
     }
 
+    /// A device's revoked certificates, newest first: fingerprint, reason, when (Unix ms).
+    pub async fn revoked_certificates_of(
+        &self,
+        id: &DeviceId,
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
+        Ok(with_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT fingerprint_sha256, reason, revoked_at FROM revoked_certificates \
+                 WHERE device_id = $1 ORDER BY revoked_at DESC, fingerprint_sha256",
+            )
+            .bind(id.as_str())
+            .fetch_all(pool)
+            .await
+        })?)
+    }
+
     /// Every revoked certificate's fingerprint, for loading the broker's registry at start.
     pub async fn revoked_fingerprints(&self) -> Result<Vec<String>, StoreError> {
         let rows: Vec<(String,)> = with_pool!(self, |pool| {
