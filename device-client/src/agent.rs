@@ -566,6 +566,8 @@ async fn drive(
     let mut backoff = Backoff::new(backoff);
     let mut rng = StdRng::from_entropy();
     let mut connected_at: Option<Instant> = None;
+    // Since when the broker has been unreachable: the first failure after a connection.
+    let mut unreachable_since: Option<Instant> = None;
     loop {
         let polled = if connected_at.is_some() {
             // Never cancelled while a session is up: the agent ends it with a DISCONNECT.
@@ -586,6 +588,7 @@ async fn drive(
                 let done = event == MqttEvent::DisconnectSent;
                 if matches!(event, MqttEvent::Connected { .. }) {
                     connected_at = Some(Instant::now());
+                    unreachable_since = None;
                 }
                 if tx.send(DriverEvent::Mqtt(event)).await.is_err() || done {
                     return;
@@ -610,10 +613,13 @@ async fn drive(
                     _ = &mut stop => return,
                 }
                 event_loop.discard_pending();
-                let delay = backoff.next_delay(&mut rng);
-                debug!(
+                let down = unreachable_since.get_or_insert_with(Instant::now).elapsed();
+                let delay = backoff.next_delay_after(&mut rng, down);
+                info!(
                     delay_ms = delay.as_millis() as u64,
-                    "reconnecting after backoff"
+                    unreachable_ms = down.as_millis() as u64,
+                    "reconnecting in {:.1} s",
+                    delay.as_secs_f64()
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

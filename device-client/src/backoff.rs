@@ -52,6 +52,22 @@ impl Backoff {
         Duration::from_nanos(rng.gen_range(0..=ceiling))
     }
 
+    /// The next delay, as [`Backoff::next_delay`], but with its ceiling never above how long
+    /// the broker has been unreachable so far (nor below `base`): after a short outage a
+    /// device is back within about as long again, while a long one still backs off to `cap`.
+    /// Fast failures (a refused connection answers at once) would otherwise climb to long
+    /// ceilings within a second or two of an outage.
+    pub(crate) fn next_delay_after(
+        &mut self,
+        rng: &mut impl Rng,
+        unreachable_for: Duration,
+    ) -> Duration {
+        let bound = unreachable_for.max(self.config.base);
+        let ceiling = u64::try_from(self.ceiling().min(bound).as_nanos()).unwrap_or(u64::MAX);
+        self.attempt = self.attempt.saturating_add(1);
+        Duration::from_nanos(rng.gen_range(0..=ceiling))
+    }
+
     /// Records that a connection which lasted `lasted` was lost.
     pub(crate) fn connection_lost(&mut self, lasted: Duration) {
         if lasted >= self.config.reset_after {
@@ -142,6 +158,28 @@ mod tests {
             low && high,
             "delays should cover the whole [0, ceiling] range"
         );
+    }
+
+    #[test]
+    fn delays_never_exceed_how_long_the_broker_has_been_unreachable() {
+        // (attempts already made, unreachable for ms, largest delay allowed ms)
+        let cases: &[(u32, u64, u64)] = &[
+            (0, 0, 500),
+            (10, 0, 500),
+            (10, 1_400, 1_400),
+            (3, 1_400, 1_400),
+            (1, 1_400, 1_000),
+            (10, 600_000, 60_000),
+        ];
+        let mut rng = StdRng::seed_from_u64(5);
+        for (attempts, down, max) in cases {
+            for _ in 0..200 {
+                let mut b = backoff(500, 60_000);
+                b.attempt = *attempts;
+                let d = b.next_delay_after(&mut rng, MS(*down));
+                assert!(d <= MS(*max), "{attempts} attempts, {down} ms down: {d:?}");
+            }
+        }
     }
 
     #[test]
