@@ -92,6 +92,50 @@ impl KeyAlgorithm {
     }
 }
 
+/// Reads an unencrypted private key in any of the common PEM forms: PKCS#8 (`BEGIN PRIVATE
+/// KEY`), SEC1 (`BEGIN EC PRIVATE KEY`, P-256 or P-384, as `openssl ecparam -genkey` writes
+/// it) or PKCS#1 (`BEGIN RSA PRIVATE KEY`). The last two are converted to PKCS#8, the form ring
+/// signs with.
+fn key_from_pem(pem: &str) -> Result<KeyPair, String> {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    const FORMS: &str = "expected an unencrypted PEM private key: PKCS#8 (BEGIN PRIVATE KEY), \
+                         SEC1 (BEGIN EC PRIVATE KEY) or PKCS#1 (BEGIN RSA PRIVATE KEY)";
+    let key = rustls_pemfile::private_key(&mut pem.as_bytes())
+        .map_err(|e| format!("{e}; {FORMS}"))?
+        .ok_or_else(|| format!("no private key found; {FORMS}"))?;
+    let pkcs8 = |der: Vec<u8>, alg: &'static rcgen::SignatureAlgorithm| {
+        KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(der), alg)
+            .map_err(|e| e.to_string())
+    };
+    match key {
+        PrivateKeyDer::Pkcs8(der) => KeyPair::try_from(der.secret_pkcs8_der())
+            .or_else(|_| pkcs8(der.secret_pkcs8_der().to_vec(), &rcgen::PKCS_RSA_SHA256))
+            .map_err(|e| format!("{e}; {FORMS}")),
+        PrivateKeyDer::Sec1(der) => {
+            use p256::pkcs8::EncodePrivateKey;
+            let sec1 = der.secret_sec1_der();
+            if let Ok(k) = p256::SecretKey::from_sec1_der(sec1) {
+                let der = k.to_pkcs8_der().map_err(|e| e.to_string())?;
+                return pkcs8(der.as_bytes().to_vec(), &rcgen::PKCS_ECDSA_P256_SHA256);
+            }
+            if let Ok(k) = p384::SecretKey::from_sec1_der(sec1) {
+                let der = k.to_pkcs8_der().map_err(|e| e.to_string())?;
+                return pkcs8(der.as_bytes().to_vec(), &rcgen::PKCS_ECDSA_P384_SHA384);
+            }
+            Err("an EC key on a curve other than P-256 or P-384".into())
+        }
+        PrivateKeyDer::Pkcs1(der) => {
+            use rsa::pkcs1::DecodeRsaPrivateKey;
+            use rsa::pkcs8::EncodePrivateKey;
+            let key = rsa::RsaPrivateKey::from_pkcs1_der(der.secret_pkcs1_der())
+                .map_err(|e| format!("not a valid PKCS#1 RSA key: {e}"))?;
+            let der = key.to_pkcs8_der().map_err(|e| e.to_string())?;
+            pkcs8(der.as_bytes().to_vec(), &rcgen::PKCS_RSA_SHA256)
+        }
+        _ => Err(FORMS.into()),
+    }
+}
+
 /// Settings of a new manufacturing CA.
 #[derive(Debug, Clone)]
 pub struct CaOptions {
@@ -261,12 +305,7 @@ impl Ca {
             what: what.to_owned(),
             reason,
         };
-        let key = KeyPair::from_pem(key_pem).map_err(|e| {
-            pem_err(
-                key_what,
-                format!("{e}; expected an unencrypted PKCS#8 PEM key (BEGIN PRIVATE KEY)"),
-            )
-        })?;
+        let key = key_from_pem(key_pem).map_err(|e| pem_err(key_what, e))?;
         let (_, block) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
             .map_err(|e| pem_err(cert_what, format!("no PEM CERTIFICATE block found: {e}")))?;
         let cert = block

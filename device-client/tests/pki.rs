@@ -324,3 +324,87 @@ fn generated_rsa_ca_signs_p256_and_rsa_devices() {
         .verify_client_cert(&der(&dev.cert_pem), &[], UnixTime::now())
         .expect("RSA device under a P-256 CA verifies");
 }
+
+/// A CA whose key openssl wrote in the traditional forms (SEC1 `EC PRIVATE KEY` from
+/// `openssl ecparam -genkey`, PKCS#1 `RSA PRIVATE KEY` from `openssl genrsa -traditional`)
+/// loads and signs devices like a PKCS#8 one.
+#[test]
+fn ca_keys_in_sec1_and_pkcs1_forms_load() {
+    let forms: &[(&str, &[&str], &str)] = &[
+        (
+            "p256-sec1",
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "{key}",
+            ],
+            "BEGIN EC PRIVATE KEY",
+        ),
+        (
+            "p384-sec1",
+            &[
+                "ecparam",
+                "-name",
+                "secp384r1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "{key}",
+            ],
+            "BEGIN EC PRIVATE KEY",
+        ),
+        (
+            "rsa-pkcs1",
+            &["genrsa", "-traditional", "-out", "{key}", "2048"],
+            "BEGIN RSA PRIVATE KEY",
+        ),
+    ];
+    let dir = TempDir::new("pki-forms");
+    for (name, genkey, label) in forms {
+        let (cert, key) = (
+            dir.path(&format!("{name}.pem")),
+            dir.path(&format!("{name}.key")),
+        );
+        let key_path = key.to_str().unwrap();
+        let made = std::process::Command::new("openssl")
+            .args(
+                genkey
+                    .iter()
+                    .map(|a| if *a == "{key}" { key_path } else { a }),
+            )
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+            && std::process::Command::new("openssl")
+                .args(["req", "-x509", "-new", "-days", "30", "-subj"])
+                .arg(format!("/CN={name} CA"))
+                .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+                .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+                .arg("-key")
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+        if !made {
+            println!("skipped {name}: openssl cannot make it here");
+            continue;
+        }
+        let text = std::fs::read_to_string(&key).unwrap();
+        assert!(text.contains(label), "{name}: openssl wrote {text:.40}");
+        let ca = Ca::from_files(&cert, &key).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let dev = ca
+            .issue_device(&DeviceCertOptions::new(
+                DeviceId::parse("dev-form").unwrap(),
+            ))
+            .unwrap();
+        client_verifier(ca.cert_pem())
+            .verify_client_cert(&der(&dev.cert_pem), &[], UnixTime::now())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
