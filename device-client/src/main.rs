@@ -95,6 +95,7 @@ struct MergeArgs {
 struct UpdateArgs {
     #[command(flatten)]
     sim: SimArgs,
+    /// Devices (each a real agent) in the simulated fleet.
     #[arg(long, default_value_t = 100)]
     devices: usize,
     /// Agents connecting at a time while the fleet comes up.
@@ -106,6 +107,7 @@ struct UpdateArgs {
     /// Trusted release signing key (base64 or PEM PUBLIC KEY file); repeat for more.
     #[arg(long = "update-key", required = true)]
     update_keys: Vec<PathBuf>,
+    /// The firmware version the simulated devices run when they start.
     #[arg(long, default_value = "1.0.0")]
     firmware_version: String,
     /// Share of devices (0..1) whose download fails.
@@ -162,8 +164,12 @@ struct SimArgs {
     /// (use --cert-cache for repeated runs).
     #[arg(long, value_enum, default_value_t = Algorithm::P256)]
     key_algorithm: Algorithm,
+    /// MQTT user name (with --password). On the platform's service listener any name goes, with an
+    /// API key as the password.
     #[arg(long, requires = "password")]
     username: Option<String>,
+    /// MQTT password (with --username), or the DEVICE_CLIENT_PASSWORD environment variable.
+    /// On the platform's service listener: an API key.
     #[arg(
         long,
         env = "DEVICE_CLIENT_PASSWORD",
@@ -174,6 +180,7 @@ struct SimArgs {
     /// Put before every topic (default none: topics exactly as in topics.md).
     #[arg(long, default_value = "")]
     topic_prefix: String,
+    /// MQTT keep-alive of every simulated device, e.g. 30s (0 turns it off).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     keep_alive: Duration,
     /// TCP connect + TLS handshake + CONNACK, per attempt.
@@ -220,6 +227,8 @@ impl SimArgs {
 struct StormArgs {
     #[command(flatten)]
     sim: SimArgs,
+    /// Devices in the simulated fleet, all shards together (ids are the prefix and a zero-padded
+    /// index).
     #[arg(long, default_value_t = 100)]
     devices: usize,
     /// Connection attempts (TCP + TLS + CONNECT) in flight at once.
@@ -240,6 +249,8 @@ struct StormArgs {
 struct FanoutArgs {
     #[command(flatten)]
     sim: SimArgs,
+    /// Devices in the simulated fleet, all shards together (ids are the prefix and a zero-padded
+    /// index).
     #[arg(long, default_value_t = 100)]
     devices: usize,
     /// Connection attempts in flight at once while the devices connect.
@@ -249,19 +260,24 @@ struct FanoutArgs {
     /// message), otherwise one publish reaches all, e.g. cohorts/<cohort id>/updates.
     #[arg(long, default_value = "devices/{id}/commands")]
     topic: String,
+    /// How many messages the publisher sends.
     #[arg(long, default_value_t = 10)]
     messages: u32,
     /// Time between messages.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     interval: Duration,
+    /// QoS of the publisher's messages and of the devices' subscriptions (0 or 1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     qos: u8,
+    /// Payload bytes per message.
     #[arg(long, default_value_t = 128)]
     payload_size: usize,
     /// Where the publisher connects, e.g. mqtt://127.0.0.1:8884 (the platform's service
     /// listener; username any, password an operator or admin API key).
     #[arg(long)]
     publisher_url: BrokerUrl,
+    /// User name of the publisher's connection (any on the platform's service listener; the API key
+    /// goes in --publisher-password).
     #[arg(long, requires = "publisher_password")]
     publisher_username: Option<String>,
     /// Used only with --publisher-username, so an exported variable does not stand in the way
@@ -274,6 +290,8 @@ struct FanoutArgs {
 struct TelemetryArgs {
     #[command(flatten)]
     sim: SimArgs,
+    /// Devices in the simulated fleet, all shards together (ids are the prefix and a zero-padded
+    /// index).
     #[arg(long, default_value_t = 100)]
     devices: usize,
     /// Connection attempts in flight at once while the devices connect.
@@ -282,6 +300,7 @@ struct TelemetryArgs {
     /// Messages per second per device, e.g. 1 or 0.2.
     #[arg(long, default_value_t = 1.0)]
     rate: f64,
+    /// QoS of the devices' publishes (0 or 1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     qos: u8,
     /// Approximate JSON payload size in bytes.
@@ -308,6 +327,8 @@ struct TelemetryArgs {
 struct SoakArgs {
     #[command(flatten)]
     sim: SimArgs,
+    /// Devices in the simulated fleet, all shards together (ids are the prefix and a zero-padded
+    /// index).
     #[arg(long, default_value_t = 100)]
     devices: usize,
     /// Connection attempts in flight at once while the devices connect.
@@ -316,8 +337,10 @@ struct SoakArgs {
     /// Messages per second per device.
     #[arg(long, default_value_t = 0.1)]
     rate: f64,
+    /// QoS of the devices' publishes (0 or 1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     qos: u8,
+    /// Payload bytes per message.
     #[arg(long, default_value_t = 128)]
     payload_size: usize,
     /// How long the devices stay and publish, e.g. 1h (raise --max-duration above it).
@@ -326,6 +349,7 @@ struct SoakArgs {
     /// One report row per interval.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     report_every: Duration,
+    /// Unacknowledged QoS 1 publishes each device may have at once.
     #[arg(long, default_value_t = 10)]
     inflight: u16,
     /// Every device subscribes to its devices/{id}/commands (QoS 1) after each CONNACK, as the
@@ -398,6 +422,8 @@ struct ObserveArgs {
     /// listener; username any, password an API key).
     #[arg(long)]
     observe_url: Option<BrokerUrl>,
+    /// User name of the observer's connection (any on the platform's service listener; the API key
+    /// goes in --observe-password).
     #[arg(long, requires = "observe_url", requires = "observe_password")]
     observe_username: Option<String>,
     /// Used only with --observe-username, so an exported variable does not stand in the way of
@@ -438,8 +464,12 @@ struct ConnArgs {
     /// MQTT client id (= device id); defaults to the certificate CN.
     #[arg(long)]
     client_id: Option<DeviceId>,
+    /// MQTT user name (with --password). On the platform's service listener any name goes, with an
+    /// API key as the password.
     #[arg(long, requires = "password")]
     username: Option<String>,
+    /// MQTT password (with --username), or the DEVICE_CLIENT_PASSWORD environment variable.
+    /// On the platform's service listener: an API key.
     #[arg(
         long,
         env = "DEVICE_CLIENT_PASSWORD",
@@ -519,24 +549,31 @@ enum ReleaseCmd {
     /// Create an Ed25519 signing key pair: the private key (PEM, keep it secret) and the
     /// public key (base64, for POST /api/v1/signing-keys and the devices' --update-key).
     Keygen {
+        /// Where to write the private signing key (PEM; keep it secret).
         #[arg(long)]
         out_key: PathBuf,
+        /// Where to write the public key (base64, for POST /api/v1/signing-keys and --update-key).
         #[arg(long)]
         out_pub: PathBuf,
+        /// Replace existing output files.
         #[arg(long)]
         force: bool,
     },
     /// Sign an artifact's manifest; prints the JSON body for POST /api/v1/releases.
     Sign {
+        /// The private signing key (PEM) from `release keygen`.
         #[arg(long)]
         key: PathBuf,
+        /// The product's id (from POST /api/v1/products): the release is for its devices only.
         #[arg(long)]
         product_id: String,
+        /// The release's version (semver), e.g. 2.0.0.
         #[arg(long)]
         version: String,
         /// Where devices will download the artifact.
         #[arg(long)]
         url: String,
+        /// The artifact file: its size and SHA-256 are what gets signed.
         #[arg(long)]
         artifact: PathBuf,
     },
@@ -554,6 +591,7 @@ enum TopicKind {
 struct PublishArgs {
     #[command(flatten)]
     conn: ConnArgs,
+    /// Which of the device's topics to publish on.
     #[arg(long, value_enum)]
     topic_kind: TopicKind,
     /// JSON object.
@@ -568,14 +606,19 @@ struct PublishArgs {
 enum PkiCmd {
     /// Create a self-signed manufacturing CA.
     Ca {
+        /// Where to write the certificate (PEM).
         #[arg(long)]
         out_cert: PathBuf,
+        /// Where to write the private key (PEM, PKCS#8).
         #[arg(long)]
         out_key: PathBuf,
+        /// The CA's common name (CN).
         #[arg(long, default_value = "Acme Manufacturing CA")]
         cn: String,
+        /// The CA's organization (O), if any.
         #[arg(long)]
         org: Option<String>,
+        /// How many days the certificate is valid from now.
         #[arg(long, default_value_t = 3650)]
         days: u32,
         /// The CA's key (RSA-2048 takes much longer to generate).
@@ -589,17 +632,22 @@ enum PkiCmd {
     Device {
         #[command(flatten)]
         ca: CaFiles,
+        /// The device id: the certificate's CN, which is also the device's MQTT client id.
         #[arg(long)]
         id: DeviceId,
+        /// Where to write the certificate (PEM).
         #[arg(long)]
         out_cert: PathBuf,
+        /// Where to write the private key (PEM, PKCS#8).
         #[arg(long)]
         out_key: PathBuf,
+        /// How many days the certificate is valid from now.
         #[arg(long, default_value_t = 365)]
         days: u32,
         /// The device's key (RSA-2048 takes much longer to generate).
         #[arg(long, value_enum, default_value_t = Algorithm::P256)]
         algorithm: Algorithm,
+        /// Replace existing output files.
         #[arg(long)]
         force: bool,
     },
@@ -610,12 +658,16 @@ enum PkiCmd {
         /// DNS name or IP address; repeat for more.
         #[arg(long = "name", required = true)]
         names: Vec<String>,
+        /// Where to write the certificate (PEM).
         #[arg(long)]
         out_cert: PathBuf,
+        /// Where to write the private key (PEM, PKCS#8).
         #[arg(long)]
         out_key: PathBuf,
+        /// How many days the certificate is valid from now.
         #[arg(long, default_value_t = 365)]
         days: u32,
+        /// Replace existing output files.
         #[arg(long)]
         force: bool,
     },
@@ -623,8 +675,10 @@ enum PkiCmd {
 
 #[derive(Args)]
 struct CaFiles {
+    /// The manufacturing CA's certificate (PEM).
     #[arg(long)]
     ca_cert: PathBuf,
+    /// The manufacturing CA's private key (PEM: PKCS#8, SEC1 or PKCS#1).
     #[arg(long)]
     ca_key: PathBuf,
 }
@@ -1165,6 +1219,33 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 mod tests {
+
+    /// Every flag of every command says what it is (`--help` is the only manual many read).
+    #[test]
+    fn every_flag_has_help() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} --{}", arg.get_long().unwrap_or(id)));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "device-client", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "flags without help:\n{}",
+            missing.join("\n")
+        );
+    }
     use super::*;
 
     #[test]
