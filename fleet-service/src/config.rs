@@ -315,6 +315,23 @@ mod tests {
         assert_eq!(err, "--admin-token must be at least 16 characters");
     }
 
+    /// Every flag says what it is.
+    #[test]
+    fn every_flag_has_help() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{} --{id}", sub.get_name()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "flags without help: {missing:?}");
+    }
+
     #[test]
     fn typos_fail_loudly() {
         let err = parse_tuning("[broker]\nmax_pakcet_size = 5\n").unwrap_err();
