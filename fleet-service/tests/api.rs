@@ -782,7 +782,12 @@ async fn devices_filters_and_pages(url: &str) {
     let detail: BTreeSet<&str> = DEVICE_FIELDS
         .iter()
         .copied()
-        .chain(["sessions", "rejected_attempts"])
+        .chain([
+            "sessions",
+            "rejected_attempts",
+            "certificate_revoked",
+            "revoked_certificates",
+        ])
         .collect();
     assert_eq!(
         keys, detail,

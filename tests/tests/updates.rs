@@ -283,6 +283,7 @@ macro_rules! on_both_databases_fast {
 }
 
 on_both_databases_fast!(
+    canceling_ends_what_had_not_started,
     canary_deployment_reaches_every_device,
     offline_device_converges_on_reconnect,
     waves_advance_only_when_the_wave_succeeded,
@@ -1212,5 +1213,43 @@ async fn a_simulated_fleet_with_injected_failures_is_rolled_back() {
     let stored = s.deployment(&dep).await;
     assert_eq!(stored["summary"]["by_status"]["failed"], 6, "{stored:#}");
     assert_eq!(stored["summary"]["by_status"]["rejected"], 2, "{stored:#}");
+    s.p.stop().await;
+}
+
+/// Devices registered in the cohort that never connect stay `pending` while the deployment
+/// lives; canceling it ends them `canceled`, so nothing waits for ever.
+async fn canceling_ends_what_had_not_started(p: Platform) {
+    let s = Setup::new(p).await;
+    let v2 = s.release("2.0.0", b"firmware two").await;
+    for i in 0..3 {
+        let (st, body) =
+            s.p.api(
+                "POST",
+                "/api/v1/devices",
+                Some(
+                    json!({ "id": format!("never-{i}"), "product_id": s.fleet.product_id,
+                    "cohort_id": s.fleet.cohort_id }),
+                ),
+            )
+            .await;
+        assert_eq!(st, 201, "{body}");
+    }
+    let dep = s.deploy(&v2, json!({})).await;
+    let pending = |d: &Value| d["summary"]["by_status"]["pending"] == 3;
+    s.wait_deployment(&dep, "3 pending executions", pending)
+        .await;
+    let (st, body) =
+        s.p.api("POST", &format!("/api/v1/deployments/{dep}/cancel"), None)
+            .await;
+    assert_eq!(st, 200, "{body}");
+    let executions = s.executions(&dep).await;
+    assert_eq!(executions.len(), 3, "{executions:#?}");
+    for e in &executions {
+        assert_eq!(e["status"], "canceled", "{e}");
+        assert!(e["finished_at"].is_string(), "{e}");
+    }
+    let d = s.deployment(&dep).await;
+    assert_eq!(d["summary"]["by_status"]["pending"], 0, "{d}");
+    assert_eq!(d["summary"]["by_status"]["canceled"], 3, "{d}");
     s.p.stop().await;
 }

@@ -194,7 +194,8 @@ impl TryFrom<DeploymentRow> for Deployment {
 }
 
 /// Where one device is with one deployment: `pending` until it reports, then what it
-/// reported, or `timed_out` (set by the rollout engine).
+/// reported, or `timed_out` (set by the rollout engine), or `canceled` (its deployment was
+/// canceled before the device started on it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ExecutionStatus {
     Pending,
@@ -207,10 +208,11 @@ pub enum ExecutionStatus {
     Failed,
     Rejected,
     TimedOut,
+    Canceled,
 }
 
 impl ExecutionStatus {
-    pub const ALL: [ExecutionStatus; 10] = [
+    pub const ALL: [ExecutionStatus; 11] = [
         ExecutionStatus::Pending,
         ExecutionStatus::Queued,
         ExecutionStatus::Downloading,
@@ -221,12 +223,14 @@ impl ExecutionStatus {
         ExecutionStatus::Failed,
         ExecutionStatus::Rejected,
         ExecutionStatus::TimedOut,
+        ExecutionStatus::Canceled,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             ExecutionStatus::Pending => "pending",
             ExecutionStatus::TimedOut => "timed_out",
+            ExecutionStatus::Canceled => "canceled",
             ExecutionStatus::Queued => UpdateStatusKind::Queued.as_str(),
             ExecutionStatus::Downloading => UpdateStatusKind::Downloading.as_str(),
             ExecutionStatus::Verifying => UpdateStatusKind::Verifying.as_str(),
@@ -244,7 +248,7 @@ impl ExecutionStatus {
 }
 
 /// The SQL list of statuses that are final.
-const FINISHED: &str = "('succeeded', 'failed', 'rejected', 'timed_out')";
+const FINISHED: &str = "('succeeded', 'failed', 'rejected', 'timed_out', 'canceled')";
 
 /// One device's execution of one deployment.
 #[derive(Debug, Clone, PartialEq)]
@@ -842,6 +846,21 @@ impl Store {
             }
             q.push(format!(") RETURNING {DEPLOYMENT_COLUMNS}"));
             let row: Option<DeploymentRow> = q.build_query_as().fetch_optional(&mut *tx).await?;
+            if row.is_some() && change.to == DeploymentState::Canceled {
+                // What had not started never will: it ends with its deployment. A device
+                // already downloading or installing still reports how that ended.
+                sqlx::query(
+                    "UPDATE deployment_executions SET status = $2, finished_at = $3, \
+                     updated_at = $3 WHERE deployment_id = $1 AND status IN ($4, $5)",
+                )
+                .bind(id)
+                .bind(ExecutionStatus::Canceled.as_str())
+                .bind(now)
+                .bind(ExecutionStatus::Pending.as_str())
+                .bind(ExecutionStatus::Queued.as_str())
+                .execute(&mut *tx)
+                .await?;
+            }
             if row.is_some() && change.to == DeploymentState::Active {
                 sqlx::query(&format!(
                     "UPDATE deployment_executions SET notified_at = $2, updated_at = $2 \
