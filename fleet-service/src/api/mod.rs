@@ -54,12 +54,14 @@ mod summary;
 mod updates;
 mod validate;
 
+use axum::extract::State;
 use axum::handler::Handler;
-use axum::http::Method;
+use axum::http::{Method, StatusCode};
 use axum::routing::{MethodFilter, MethodRouter};
 use axum::{Json, Router};
 use broker::BrokerControl;
 use serde::Serialize;
+use std::time::Duration;
 use utoipa::ToSchema;
 
 pub use error::ApiError;
@@ -137,6 +139,8 @@ fn routes() -> Vec<Route> {
     use Method as M;
     vec![
         route(M::GET, "/api/v1/health", health),
+        route(M::GET, "/healthz", healthz),
+        route(M::GET, "/readyz", ready),
         route(M::GET, "/api/v1/openapi.json", openapi::serve),
         route(M::POST, "/api/v1/organizations", orgs::create_org),
         route(M::GET, "/api/v1/organizations", orgs::list_orgs),
@@ -301,6 +305,47 @@ struct Health {
 )]
 async fn health() -> Json<Health> {
     Json(Health { status: "ok" })
+}
+
+/// Whether the process answers (liveness), at the root where probes look for it.
+///
+/// No API key needed.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "service",
+    responses((status = 200, description = "The process is up", body = Health)),
+)]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// Whether the service can do its work now: its database answers within 2 s. For load
+/// balancers and orchestrators (`/healthz` says only that the process answers).
+///
+/// No API key needed.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "service",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "Not ready: the database does not answer", body = Health),
+    ),
+)]
+async fn ready(State(state): State<ApiState>) -> (StatusCode, Json<Health>) {
+    match state.store.ping(Duration::from_secs(2)).await {
+        Ok(()) => (StatusCode::OK, Json(Health { status: "ready" })),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready: the database does not answer");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(Health {
+                    status: "database unavailable",
+                }),
+            )
+        }
+    }
 }
 
 /// The broker's counters: sessions, connects, provisioning, publishes, rejections.

@@ -40,6 +40,8 @@ use super::{
     ),
     paths(
         super::health,
+        super::healthz,
+        super::ready,
         serve,
         orgs::create_org,
         orgs::list_orgs,
@@ -375,7 +377,12 @@ mod tests {
     #[test]
     fn openapi_operations_are_secured_except_the_open_ones() {
         let doc = ApiDoc::openapi();
-        let open = ["/api/v1/health", "/api/v1/openapi.json"];
+        let open = [
+            "/api/v1/health",
+            "/api/v1/openapi.json",
+            "/healthz",
+            "/readyz",
+        ];
         for (path, item) in &doc.paths.paths {
             for op in [&item.get, &item.post, &item.put, &item.delete, &item.patch]
                 .into_iter()

@@ -274,6 +274,21 @@ impl Store {
         }
     }
 
+    /// Whether the database answers a trivial query within `within`.
+    pub async fn ping(&self, within: Duration) -> Result<(), StoreError> {
+        let ping = async {
+            with_pool!(self, |pool| sqlx::query("SELECT 1")
+                .execute(pool)
+                .await
+                .map(drop))?;
+            Ok(())
+        };
+        match tokio::time::timeout(within, ping).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Database(sqlx::Error::PoolTimedOut)),
+        }
+    }
+
     /// Closes every connection; later calls fail with a closed-pool error.
     pub async fn close(&self) {
         with_pool!(self, |pool| pool.close().await)
