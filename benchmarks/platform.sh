@@ -2,9 +2,8 @@
 # current directory on 127.0.0.1 (devices on MQTTS_PORT, services on SERVICE_PORT, REST on
 # HTTP_PORT: 8883, 8884, 8080 unless set; DB names a database URL, SQLite under ./data
 # otherwise; SERVE_ENV adds environment variables, e.g. MALLOC_ARENA_MAX=2), waits until it
-# answers, and sets up what every run
-# needs: a product and a cohort, and a manufacturing CA (mfg-ca.pem/.key) registered with
-# proof of possession to provision into them. Sets ROOT, B, DC, PID, H, J, API, PRODUCT,
+# answers, and sets up what every run needs: a product and a cohort, and a manufacturing CA
+# (mfg-ca.pem/.key) registered with proof of possession to provision into them. Sets ROOT, B, DC, PID, H, J, API, PRODUCT,
 # COHORT, and cpu_s PID (the server's CPU seconds so far).
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd); B=$ROOT/target/release; DC=$B/device-client
 ulimit -n 20000 2>/dev/null || true
