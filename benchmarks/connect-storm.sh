@@ -17,7 +17,7 @@ overflows() { nstat -az TcpExtListenOverflows 2>/dev/null | awk '/ListenOverflow
 . "$HERE/platform.sh"
 trap 'kill $PID ${LIVE_PID:-} 2>/dev/null' EXIT
 TLS=(--server-ca data/pki/server-ca.pem --ca-cert mfg-ca.pem --ca-key mfg-ca.key --cert-cache certs)
-URL=(--url mqtts://127.0.0.1:8883)
+URL=(--url mqtts://127.0.0.1:$MQTTS_PORT)
 # Mint the storm's certificates first, so the storm measures connecting, not minting.
 $DC simulate connect-storm "${TLS[@]}" --id-prefix storm- --devices $N --concurrency 1 \
   --url mqtts://127.0.0.1:1 --connect-timeout 1s --max-duration 120s > /dev/null 2>&1

@@ -34,7 +34,7 @@ release() {
     | curl -s -H "$H" -H "$J" --data @- $API/releases | jq -r .id
 }
 V1=$(release 1.0.0); V2=$(release 2.0.0)
-$DC simulate update --url mqtts://127.0.0.1:8883 --server-ca data/pki/server-ca.pem \
+$DC simulate update --url mqtts://127.0.0.1:$MQTTS_PORT --server-ca data/pki/server-ca.pem \
   --ca-cert mfg-ca.pem --ca-key mfg-ca.key --cert-cache "$D/certs" --devices $N --concurrency 50 \
   --cohort $COHORT --update-key release.pub --settle 3s --max-duration 900 ${FAIL:-} > sim.out 2> sim.err &
 SIM=$!

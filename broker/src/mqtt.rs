@@ -134,6 +134,13 @@ fn connect_level(frame: &[u8]) -> Result<u8, ReadError> {
         .ok_or(ReadError::Malformed(CodecError::MalformedPacket))
 }
 
+/// Bytes the read buffer starts with and grows by. MQTT packets of a device are small; a larger
+/// packet grows the buffer as far as it needs.
+const READ_CHUNK: usize = 2048;
+/// A buffer larger than this is freed once it is empty, so one large packet does not leave
+/// an idle connection holding its size for the rest of its life.
+const KEEP_IDLE: usize = 8 * 1024;
+
 /// A connection after its CONNECT: socket, buffers and the codec of its version.
 pub(crate) struct Conn<S> {
     io: S,
@@ -149,8 +156,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub fn new(io: S, max_packet: usize) -> Self {
         Self {
             io,
-            read: BytesMut::with_capacity(4096),
-            write: BytesMut::with_capacity(4096),
+            read: BytesMut::with_capacity(READ_CHUNK),
+            // Grows on the first packet queued; most connections write little.
+            write: BytesMut::new(),
             max_packet,
             limits: Limits::default(),
             version: Version::V311,
@@ -195,8 +203,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Waits for more bytes. Cancel safe.
     pub async fn fill(&mut self) -> Result<(), ReadError> {
-        if self.read.capacity() - self.read.len() < 1024 {
-            self.read.reserve(4096);
+        if self.read.is_empty() && self.read.capacity() > KEEP_IDLE {
+            self.read = BytesMut::with_capacity(READ_CHUNK);
+        } else if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
+            self.read.reserve(READ_CHUNK);
         }
         match self.io.read_buf(&mut self.read).await? {
             0 => Err(ReadError::Closed),
@@ -286,7 +296,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         };
         match tokio::time::timeout(WRITE_TIMEOUT, write).await {
             Ok(result) => {
-                self.write.clear();
+                if self.write.capacity() > KEEP_IDLE {
+                    self.write = BytesMut::new();
+                } else {
+                    self.write.clear();
+                }
                 result
             }
             Err(_) => Err(io::Error::new(

@@ -63,6 +63,9 @@ pub enum RouterError {
 type BuildFn =
     dyn Fn(&str, &LinkOptions) -> Result<(LinkTx, LinkRx, Notification), RouterError> + Send + Sync;
 
+/// Packets a link's empty send buffer keeps room for (see [`Link::send`]).
+const LINK_BUFFER_IDLE: usize = 8;
+
 /// A handle on the running router. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct RouterHandle {
@@ -117,6 +120,7 @@ impl RouterHandle {
     /// blocking pool ([`RouterHandle::connect`] does).
     fn connect_blocking(&self, client_id: &str, opts: &LinkOptions) -> Result<Link, RouterError> {
         let (tx, rx, ack) = (self.build)(client_id, opts)?;
+        tx.buffer().shrink_to(LINK_BUFFER_IDLE);
         let connack = Option::<Packet>::from(ack);
         let session_present =
             matches!(&connack, Some(Packet::ConnAck(ack, _)) if ack.session_present);
@@ -205,8 +209,15 @@ impl Link {
         let Some(last) = packets.pop() else {
             return Ok(());
         };
-        if !packets.is_empty() {
-            self.tx.buffer().extend(packets);
+        {
+            let mut buffer = self.tx.buffer();
+            // rumqttd gives every link a buffer for 200 packets (tens of KiB) and swaps it
+            // with the router's scratch buffer on every read; keeping ours small when it is
+            // empty keeps both small (they grow as far as a burst needs).
+            if buffer.is_empty() && buffer.capacity() > LINK_BUFFER_IDLE {
+                buffer.shrink_to(LINK_BUFFER_IDLE);
+            }
+            buffer.extend(packets);
         }
         if !(self.is_full)() {
             return self

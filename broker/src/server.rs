@@ -315,5 +315,7 @@ async fn device_connection(
         ctx.control.refused(Rejection::BadCertificate, None, peer);
         return;
     };
-    session::serve_device(ctx, tls, peer, leaf).await;
+    // Boxed: the task keeps only the handshake's state and a pointer, and the session's own
+    // state is as large as it needs to be (see ARCHITECTURE.md, memory per connection).
+    Box::pin(session::serve_device(ctx, tls, peer, leaf)).await;
 }

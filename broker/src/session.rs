@@ -314,24 +314,28 @@ pub(crate) async fn serve_device<S: AsyncRead + AsyncWrite + Unpin + Send>(
     );
 
     let span = tracing::info_span!("device", device_id = %id, epoch);
-    let session = Session::start(
-        ctx.clone(),
-        conn,
-        info,
-        principal,
-        id.as_str().to_owned(),
-        Some(DeviceSession {
-            id: id.clone(),
-            epoch,
-            connected_at_ms: now_ms(),
-            remote_addr: peer.to_string(),
-            seq: 0,
-        }),
-        assigned.then(|| id.as_str().to_owned()),
-        kick_rx,
-        identity.provisioned_now,
+    // Boxed: connecting (router link, presence, CONNACK) needs far more future state than
+    // serving does, and that state is freed once connected instead of kept by the task.
+    let session = Box::pin(
+        Session::start(
+            ctx.clone(),
+            conn,
+            info,
+            principal,
+            id.as_str().to_owned(),
+            Some(DeviceSession {
+                id: id.clone(),
+                epoch,
+                connected_at_ms: now_ms(),
+                remote_addr: peer.to_string(),
+                seq: 0,
+            }),
+            assigned.then(|| id.as_str().to_owned()),
+            kick_rx,
+            identity.provisioned_now,
+        )
+        .instrument_in(span.clone()),
     )
-    .instrument_in(span.clone())
     .await;
     drop(setup);
     ctx.connect_gates
@@ -393,18 +397,20 @@ pub(crate) async fn serve_service<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let control = ctx.control.clone();
     control.service_sessions.insert(handle, (key_id, kick_tx));
     let span = tracing::info_span!("service", client_id = %client_id, %peer);
-    let session = Session::start(
-        ctx,
-        conn,
-        info,
-        principal,
-        router_id,
-        None,
-        assigned.then_some(client_id),
-        kick_rx,
-        false,
+    let session = Box::pin(
+        Session::start(
+            ctx,
+            conn,
+            info,
+            principal,
+            router_id,
+            None,
+            assigned.then_some(client_id),
+            kick_rx,
+            false,
+        )
+        .instrument_in(span.clone()),
     )
-    .instrument_in(span.clone())
     .await;
     if let Some(session) = session {
         session.run().instrument_in(span).await;
@@ -823,7 +829,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         };
-        self.finish(reason, router_dropped).await;
+        // Boxed: ending a session is rare and its state would otherwise be part of every
+        // connected session's task.
+        Box::pin(self.finish(reason, router_dropped)).await;
     }
 
     /// Decodes and handles every complete packet in the read buffer.
