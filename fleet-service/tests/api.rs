@@ -203,7 +203,11 @@ async fn openapi_document_over_http() {
             .map(|seg| if seg.starts_with('{') { "x" } else { seg })
             .collect::<Vec<_>>()
             .join("/");
-        let url = format!("{}{}", api.base, concrete.trim_start_matches("/api/v1"));
+        // Probes live at the root, everything else under /api/v1 (where `base` ends).
+        let url = match concrete.strip_prefix("/api/v1") {
+            Some(rest) => format!("{}{rest}", api.base),
+            None => format!("{}{concrete}", api.base.trim_end_matches("/api/v1")),
+        };
         for method in [
             reqwest::Method::GET,
             reqwest::Method::POST,
