@@ -250,9 +250,8 @@ impl Platform {
             .await
     }
 
-    /// A product and a cohort in the organization of the admin key `token`, and `ca`
-    /// registered there to provision into them.
-    pub async fn jitp_fleet_with(&self, token: &str, ca: TestCa, tags: Value) -> Fleet {
+    /// A product (with a unique name) in the organization of the admin key `token`; its id.
+    pub async fn product_as(&self, token: &str) -> String {
         let n = uuid::Uuid::new_v4().simple().to_string();
         let (s, product) = self
             .api_as(
@@ -263,17 +262,28 @@ impl Platform {
             )
             .await;
         assert_eq!(s, 201, "{product}");
-        let product_id = product["id"].as_str().unwrap().to_owned();
+        product["id"].as_str().unwrap().to_owned()
+    }
+
+    /// A cohort named `name` of `product_id`, with the key `token`; its id.
+    pub async fn cohort_as(&self, token: &str, product_id: &str, name: &str) -> String {
         let (s, cohort) = self
             .api_as(
                 token,
                 "POST",
                 &format!("/api/v1/products/{product_id}/cohorts"),
-                Some(json!({ "name": "canary" })),
+                Some(json!({ "name": name })),
             )
             .await;
         assert_eq!(s, 201, "{cohort}");
-        let cohort_id = cohort["id"].as_str().unwrap().to_owned();
+        cohort["id"].as_str().unwrap().to_owned()
+    }
+
+    /// A product and a cohort in the organization of the admin key `token`, and `ca`
+    /// registered there to provision into them.
+    pub async fn jitp_fleet_with(&self, token: &str, ca: TestCa, tags: Value) -> Fleet {
+        let product_id = self.product_as(token).await;
+        let cohort_id = self.cohort_as(token, &product_id, "canary").await;
         let ca_id = self
             .register_ca_as(
                 token,

@@ -47,33 +47,6 @@ fn assert_clean(what: &str, status: u16, body: &Value) {
     }
 }
 
-async fn product(p: &Platform, token: &str) -> String {
-    let n = uuid::Uuid::new_v4().simple().to_string();
-    let (s, body) = p
-        .api_as(
-            token,
-            "POST",
-            "/api/v1/products",
-            Some(json!({ "name": format!("p-{n}") })),
-        )
-        .await;
-    assert_eq!(s, 201, "{body}");
-    body["id"].as_str().unwrap().to_owned()
-}
-
-async fn cohort(p: &Platform, token: &str, product_id: &str, name: &str) -> String {
-    let (s, body) = p
-        .api_as(
-            token,
-            "POST",
-            &format!("/api/v1/products/{product_id}/cohorts"),
-            Some(json!({ "name": name })),
-        )
-        .await;
-    assert_eq!(s, 201, "{body}");
-    body["id"].as_str().unwrap().to_owned()
-}
-
 /// Registers a signing key with `token` and signs releases of `product_id` with it.
 struct Releases {
     key: SigningKey,
@@ -134,7 +107,7 @@ async fn deploy(p: &Platform, release_id: &str, cohort_id: &str) -> (u16, Value)
 
 /// Finding 13: PostgreSQL refuses NUL in text, so a NUL that reached a query was a 500.
 async fn nul_bytes_in_ids_filters_and_bodies_are_refused(p: Platform) {
-    let pid = product(&p, p.app().admin_token()).await;
+    let pid = p.product_as(p.app().admin_token()).await;
     let gets = [
         "/api/v1/organizations/%00",
         "/api/v1/products/%00",
@@ -313,8 +286,8 @@ async fn nul_bytes_in_ids_filters_and_bodies_are_refused(p: Platform) {
 /// Finding 14: concurrent creates for one cohort each saw no live deployment.
 async fn concurrent_deployments_leave_one_live(p: Platform) {
     let admin = p.app().admin_token().to_owned();
-    let pid = product(&p, &admin).await;
-    let cid = cohort(&p, &admin, &pid, "c").await;
+    let pid = p.product_as(&admin).await;
+    let cid = p.cohort_as(&admin, &pid, "c").await;
     let releases = Releases::new(&p, &admin, &pid).await;
     let release = releases.release(&p, "1.0.0").await;
     let answers = futures_join_all(
@@ -377,7 +350,7 @@ async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Out
 /// upload created meanwhile.
 async fn concurrent_identical_imports_skip(p: Platform) {
     let admin = p.app().admin_token().to_owned();
-    let pid = product(&p, &admin).await;
+    let pid = p.product_as(&admin).await;
     let mut csv = String::from("id,tags\n");
     for i in 0..300 {
         csv.push_str(&format!("race-{i:04},site=eu;n={i}\n"));
@@ -417,7 +390,7 @@ async fn over_limit_bodies_are_json_413(p: Platform) {
         assert_eq!(body["error"]["code"], "payload_too_large", "{path}: {body}");
     }
     // The import route's own, larger limit (64 MiB).
-    let pid = product(&p, p.app().admin_token()).await;
+    let pid = p.product_as(p.app().admin_token()).await;
     let (s, body) = post_unread(
         &p,
         &format!("/api/v1/products/{pid}/devices/import"),
@@ -489,7 +462,7 @@ async fn post_unread(p: &Platform, path: &str, content_type: &str, body: Vec<u8>
 /// whose row 100,001 is followed by broken JSON is refused for its size, which shows the
 /// parser stopped at the limit instead of reading on.
 async fn import_row_limit_is_refused_early(p: Platform) {
-    let pid = product(&p, p.app().admin_token()).await;
+    let pid = p.product_as(p.app().admin_token()).await;
     let path = format!("/api/v1/products/{pid}/devices/import");
     let mut doc = String::from("[");
     for i in 0..100_001 {
@@ -523,8 +496,8 @@ async fn import_row_limit_is_refused_early(p: Platform) {
 /// product", to a missing one "does not exist".
 async fn rollback_hides_other_organizations_releases(p: Platform) {
     let admin = p.app().admin_token().to_owned();
-    let pid = product(&p, &admin).await;
-    let cid = cohort(&p, &admin, &pid, "c").await;
+    let pid = p.product_as(&admin).await;
+    let cid = p.cohort_as(&admin, &pid, "c").await;
     let ours = Releases::new(&p, &admin, &pid).await;
     let release = ours.release(&p, "1.0.0").await;
     let (s, d) = deploy(&p, &release, &cid).await;
@@ -532,7 +505,7 @@ async fn rollback_hides_other_organizations_releases(p: Platform) {
     let deployment = d["id"].as_str().unwrap().to_owned();
 
     let (_, other_admin) = p.organization("other").await;
-    let other_pid = product(&p, &other_admin).await;
+    let other_pid = p.product_as(&other_admin).await;
     let theirs = Releases::new(&p, &other_admin, &other_pid).await;
     let foreign = theirs.release(&p, "9.9.9").await;
     let missing = "0190a4c0-0000-7000-8000-000000000000";
@@ -586,19 +559,19 @@ async fn walk(p: &Platform, token: &str, path: &str, limit: u32) -> Vec<String> 
 /// Finding 18: `GET /deployments` refused `limit` and answered every deployment at once.
 async fn every_list_pages_with_limit_and_cursor(p: Platform) {
     let admin = p.app().admin_token().to_owned();
-    let pid = product(&p, &admin).await;
+    let pid = p.product_as(&admin).await;
     let releases = Releases::new(&p, &admin, &pid).await;
     let release = releases.release(&p, "1.0.0").await;
     releases.release(&p, "1.0.1").await;
     releases.release(&p, "1.0.2").await;
     let mut deployments = Vec::new();
     for name in ["a", "b", "c"] {
-        let cid = cohort(&p, &admin, &pid, name).await;
+        let cid = p.cohort_as(&admin, &pid, name).await;
         let (s, d) = deploy(&p, &release, &cid).await;
         assert_eq!(s, 201, "{d}");
         deployments.push(d["id"].as_str().unwrap().to_owned());
     }
-    product(&p, &admin).await;
+    p.product_as(&admin).await;
     p.key_as(&admin, "viewer", json!({})).await;
     Releases::new(&p, &admin, &pid).await;
 
@@ -646,8 +619,8 @@ async fn every_list_pages_with_limit_and_cursor(p: Platform) {
 /// ignored; `5276.0` was not a whole number; tags had no cap; messages named Rust types.
 async fn json_bodies_are_strict(p: Platform) {
     let admin = p.app().admin_token().to_owned();
-    let pid = product(&p, &admin).await;
-    let cid = cohort(&p, &admin, &pid, "c").await;
+    let pid = p.product_as(&admin).await;
+    let cid = p.cohort_as(&admin, &pid, "c").await;
     let releases = Releases::new(&p, &admin, &pid).await;
     let release = releases.release(&p, "1.0.0").await;
     let (s, d) = p
@@ -760,7 +733,7 @@ async fn json_bodies_are_strict(p: Platform) {
 
 /// Finding 17: after a bulk import PostgreSQL kept estimating the device table as empty.
 async fn statistics_are_fresh_after_an_import(p: Platform) {
-    let pid = product(&p, p.app().admin_token()).await;
+    let pid = p.product_as(p.app().admin_token()).await;
     let mut csv = String::from("id,tags\n");
     for i in 0..3000 {
         csv.push_str(&format!("stat-{i:05},site=s{}\n", i % 7));
@@ -814,7 +787,7 @@ async fn statistics_are_fresh_after_an_import(p: Platform) {
 /// characters, unknown fields, wrong content types. Every answer is clean and in the shape.
 async fn hostile_bodies_get_clear_errors(p: Platform) {
     let admin = p.app().admin_token().to_owned();
-    let pid = product(&p, &admin).await;
+    let pid = p.product_as(&admin).await;
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let deep_object = format!(
         "{{\"name\": {}{}}}",
@@ -906,7 +879,7 @@ async fn hostile_bodies_get_clear_errors(p: Platform) {
 /// Our own races: one device id created by twenty requests at once, then deleted by twenty.
 async fn racing_creates_and_deletes(p: Platform) {
     let admin = p.app().admin_token().to_owned();
-    let pid = product(&p, &admin).await;
+    let pid = p.product_as(&admin).await;
     let body = json!({ "id": "raced", "product_id": pid, "tags": { "a": "1" } });
     let answers = futures_join_all(
         (0..20)
@@ -949,8 +922,8 @@ async fn racing_creates_and_deletes(p: Platform) {
 /// twenty pauses, resumes and cancels at once leave it in one state; never a 500.
 async fn racing_rollbacks_and_state_changes(p: Platform) {
     let admin = p.app().admin_token().to_owned();
-    let pid = product(&p, &admin).await;
-    let cid = cohort(&p, &admin, &pid, "c").await;
+    let pid = p.product_as(&admin).await;
+    let cid = p.cohort_as(&admin, &pid, "c").await;
     let releases = Releases::new(&p, &admin, &pid).await;
     let old = releases.release(&p, "1.0.0").await;
     let new = releases.release(&p, "2.0.0").await;
