@@ -124,8 +124,17 @@ fn queue_refusal<S: AsyncRead + AsyncWrite + Unpin>(
         (Version::V5, Rejection::BadConnect) => ConnectReturnCode::ProtocolError,
         (Version::V5, _) => ConnectReturnCode::NotAuthorized,
     };
+    queue_connack(conn, code, &why);
+}
+
+/// Queues a refusing CONNACK with `code`, and on MQTT 5 `reason` as its reason string.
+fn queue_connack<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    code: ConnectReturnCode,
+    reason: &dyn std::fmt::Display,
+) {
     let props = (conn.version() == Version::V5).then(|| ConnAckProperties {
-        reason_string: Some(why.to_string()),
+        reason_string: Some(reason.to_string()),
         ..Default::default()
     });
     conn.queue(Packet::ConnAck(
@@ -193,17 +202,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
                 (Version::V5, v) => Some(connack_code(v)),
             };
             if let Some(code) = code {
-                let props = (conn.version() == Version::V5).then(|| ConnAckProperties {
-                    reason_string: Some(v.to_string()),
-                    ..Default::default()
-                });
-                conn.queue(Packet::ConnAck(
-                    ConnAck {
-                        session_present: false,
-                        code,
-                    },
-                    props,
-                ));
+                queue_connack(conn, code, &v);
                 let _ = conn.flush().await;
             }
             None
