@@ -10,10 +10,11 @@ use fleet_wire::payload::DisconnectReason;
 use fleet_wire::{DeviceId, Topic};
 use tokio::sync::mpsc;
 
+use crate::local::Local;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::registry::Registry;
 use crate::rejections::RecentRejections;
-use crate::router::SystemPublisher;
+use crate::router::{RouterHandle, SystemPublisher};
 
 /// The broker's handle on one live device session.
 #[derive(Debug, Clone)]
@@ -36,9 +37,17 @@ pub struct BrokerControl {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) service_sessions: Arc<ServiceSessions>,
-    /// The broker's own router link, once a [`crate::Broker`] was built on this control.
-    pub(crate) system: Arc<OnceLock<SystemPublisher>>,
+    /// The running broker's delivery parts, once a [`crate::Broker`] was built on this control.
+    pub(crate) node: Arc<OnceLock<Node>>,
     pub(crate) rejected: Arc<RecentRejections>,
+}
+
+/// What a running broker delivers through: its own router link, the router, and what the node
+/// delivers itself (retained messages, device inboxes).
+pub(crate) struct Node {
+    pub(crate) system: SystemPublisher,
+    pub(crate) router: RouterHandle,
+    pub(crate) local: Arc<Local>,
 }
 
 /// The broker this control belongs to was never built, so nothing can be published.
@@ -53,7 +62,7 @@ impl BrokerControl {
             metrics,
             sessions: Arc::new(DashMap::new()),
             service_sessions: Arc::new(DashMap::new()),
-            system: Arc::new(OnceLock::new()),
+            node: Arc::new(OnceLock::new()),
             rejected: Arc::new(RecentRejections::new(4096)),
         }
     }
@@ -88,8 +97,10 @@ impl BrokerControl {
         payload: Bytes,
         retain: bool,
     ) -> Result<(), NotRunning> {
-        let system = self.system.get().ok_or(NotRunning)?;
-        system.publish(topic.to_string(), payload, 1, retain).await;
+        let node = self.node.get().ok_or(NotRunning)?;
+        node.system
+            .publish(topic.to_string(), payload, 1, retain)
+            .await;
         Ok(())
     }
 
@@ -98,7 +109,16 @@ impl BrokerControl {
     }
 
     pub fn metrics(&self) -> MetricsSnapshot {
-        self.metrics.snapshot()
+        let mut snapshot = self.metrics.snapshot();
+        if let Some(node) = self.node.get() {
+            let inboxes = node.local.inboxes.snapshot();
+            snapshot.router_filters = node.router.filter_count() as u64;
+            snapshot.retained_messages = node.local.retained.len() as u64;
+            snapshot.device_inboxes = inboxes.inboxes;
+            snapshot.inbox_messages = inboxes.queued;
+            snapshot.inbox_dropped = inboxes.dropped;
+        }
+        snapshot
     }
 
     /// Enables or disables a CA. Disabling also ends the live sessions of its devices, unless

@@ -11,6 +11,8 @@
 //! - `mqtt`: framing and codec choice per connection; `mqtt::validate` checks every frame
 //!   (flags, reserved bits, MQTT 5 property rules and bounds) before the codec decodes it.
 //! - `router`: the only module that names rumqttd.
+//! - `local`: what the node delivers itself, beside the router: `retained` messages (a topic
+//!   trie) and `inbox`es of messages addressed to one device.
 //! - [`acl`]: topic rights for devices and backend services.
 //! - [`registry`]: the in-memory CA and device cache the connect path reads, and JITP.
 //! - [`bus`]: the seam to the fleet service (durable event intake).
@@ -23,10 +25,13 @@ pub mod admission;
 pub mod auth;
 pub mod bus;
 pub mod control;
+mod inbox;
+mod local;
 pub mod metrics;
 mod mqtt;
 pub mod registry;
 pub mod rejections;
+mod retained;
 mod router;
 mod server;
 mod session;

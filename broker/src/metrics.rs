@@ -148,6 +148,19 @@ pub struct MetricsSnapshot {
     /// [`crate::RouterLossLayer`] installed). The fleet service's own intake never reads from
     /// the router, so this concerns backend MQTT subscribers only.
     pub router_subscriber_skips: u64,
+    /// Distinct topic filters the router holds: every publish is matched against these. Only
+    /// filters many devices share (a cohort's) and services' filters; it does not grow as
+    /// devices connect.
+    pub router_filters: u64,
+    /// Retained messages the node holds (presence, state, assignments, cohort updates).
+    pub retained_messages: u64,
+    /// Devices with an inbox (messages addressed to one device): connected, or away with a
+    /// persistent session.
+    pub device_inboxes: u64,
+    /// Messages queued to device inboxes since start.
+    pub inbox_messages: u64,
+    /// Messages dropped because a device's inbox was full (`max_queued_messages`).
+    pub inbox_dropped: u64,
     pub rejections: std::collections::BTreeMap<&'static str, u64>,
 }
 
@@ -194,6 +207,11 @@ impl Metrics {
             bus_failures: self.bus_failures.load(Ordering::Relaxed),
             takeovers: self.takeovers.load(Ordering::Relaxed),
             router_subscriber_skips: crate::router::subscriber_skips(),
+            router_filters: 0,
+            retained_messages: 0,
+            device_inboxes: 0,
+            inbox_messages: 0,
+            inbox_dropped: 0,
             rejections: Rejection::ALL
                 .iter()
                 .map(|r| (r.as_str(), self.rejections(*r)))

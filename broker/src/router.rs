@@ -26,6 +26,8 @@ pub(crate) mod proto {
 
 use proto::{Packet, Publish};
 
+use crate::local::Local;
+
 /// The router's own limits. They bound memory; see ARCHITECTURE.md for what each one costs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -71,9 +73,43 @@ const LINK_BUFFER_IDLE: usize = 8;
 pub(crate) struct RouterHandle {
     build: Arc<BuildFn>,
     is_full: Arc<dyn Fn() -> bool + Send + Sync>,
-    /// Per router client id: how many links it has had. Linking and expiring take the lock, so
-    /// an expiry never purges a session that linked again meanwhile.
+    /// Per router client id with a link or a kept session: the generation of its latest link
+    /// (unique over the router's life, so an entry can be dropped and made again without a
+    /// stale expiry ever matching). Linking and expiring take the lock, so an expiry never
+    /// purges a session that linked again meanwhile.
     generations: Arc<dashmap::DashMap<String, Arc<tokio::sync::Mutex<u64>>>>,
+    next_generation: Arc<std::sync::atomic::AtomicU64>,
+    filters: Arc<RouterFilters>,
+}
+
+/// The distinct filters ever subscribed in the router. rumqttd creates a filter (and its commit
+/// log) on the first SUBSCRIBE of a filter string and never removes it, so this is the number
+/// of filters every publish is matched against. Kept as hashes: a long filter costs no more.
+#[derive(Default)]
+pub(crate) struct RouterFilters(std::sync::Mutex<std::collections::HashSet<u64>>);
+
+impl RouterFilters {
+    fn note(&self, packet: &Packet) {
+        let Packet::Subscribe(subscribe, _) = packet else {
+            return;
+        };
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for f in &subscribe.filters {
+            // The router files a shared subscription under its inner filter.
+            let inner = f
+                .path
+                .strip_prefix("$share/")
+                .and_then(|rest| rest.split_once('/'))
+                .map_or(f.path.as_str(), |(_, inner)| inner);
+            use std::hash::{BuildHasher, BuildHasherDefault};
+            let hash = BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(inner);
+            set.insert(hash);
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
 }
 
 /// How a session's link is set up.
@@ -106,7 +142,14 @@ impl RouterHandle {
             build: Arc::new(build),
             is_full: Arc::new(move || probe.is_full()),
             generations: Arc::new(dashmap::DashMap::new()),
+            next_generation: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            filters: Arc::default(),
         }
+    }
+
+    /// How many filters the router holds (see [`RouterFilters`]).
+    pub fn filter_count(&self) -> usize {
+        self.filters.count()
     }
 
     fn generation_lock(&self, client_id: &str) -> Arc<tokio::sync::Mutex<u64>> {
@@ -130,6 +173,7 @@ impl RouterHandle {
             session_present,
             is_full: self.is_full.clone(),
             generation: 0,
+            filters: self.filters.clone(),
         })
     }
 
@@ -141,9 +185,18 @@ impl RouterHandle {
             tokio::task::spawn_blocking(move || this.connect_blocking(&client_id, &opts))
                 .await
                 .map_err(|_| RouterError::Gone)??;
-        *generation += 1;
+        *generation = self
+            .next_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         link.generation = *generation;
         Ok(link)
+    }
+
+    /// A clean session of `client_id` ended: the router keeps nothing of it, so neither do we
+    /// (unless another link of the id is being made).
+    pub fn forget(&self, client_id: &str) {
+        self.generations
+            .remove_if(client_id, |_, l| Arc::strong_count(l) == 1);
     }
 
     /// Ends a persistent session the router keeps for a disconnected client (rumqttd never
@@ -201,11 +254,15 @@ pub(crate) struct Link {
     is_full: Arc<dyn Fn() -> bool + Send + Sync>,
     /// Which link of this client id this is (see [`RouterHandle::expire_session`]).
     pub generation: u64,
+    filters: Arc<RouterFilters>,
 }
 
 impl Link {
     /// Hands packets to the router in one notification.
     pub async fn send(&mut self, mut packets: Vec<Packet>) -> Result<(), RouterError> {
+        for p in &packets {
+            self.filters.note(p);
+        }
         let Some(last) = packets.pop() else {
             return Ok(());
         };
@@ -306,18 +363,19 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RouterLossLayer {
     }
 }
 
-/// Builds a PUBLISH with the given QoS and packet id. rumqttd keeps those fields crate-private
-/// and offers only its own serialisation as a way in, so this writes that (internal, not MQTT)
-/// layout: header byte, packet id, topic length, topic, payload.
+/// Builds a PUBLISH with the given QoS, packet id and flags. rumqttd keeps those fields
+/// crate-private and offers only its own serialisation as a way in, so this writes that
+/// (internal, not MQTT) layout: header byte, packet id, topic length, topic, payload.
 pub(crate) fn publish_with_qos(
     topic: &str,
     payload: &[u8],
     qos: u8,
     pkid: u16,
     retain: bool,
+    dup: bool,
 ) -> Publish {
     let mut o = BytesMut::with_capacity(5 + topic.len() + payload.len());
-    o.put_u8(0b0011_0000 | (retain as u8) | ((qos & 0b11) << 1));
+    o.put_u8(0b0011_0000 | ((dup as u8) << 3) | (retain as u8) | ((qos & 0b11) << 1));
     o.put_u16(pkid);
     o.put_u16(topic.len() as u16);
     o.extend_from_slice(topic.as_bytes());
@@ -327,21 +385,22 @@ pub(crate) fn publish_with_qos(
 
 /// The broker's own link, used to publish presence into the router (retained, QoS 1) so
 /// backend subscribers see it live. Runs on two small threads: one feeds the router (its sends
-/// may block), one drains the router's acks.
+/// may block), one drains the router's acks. What it publishes passes through
+/// [`Local::publish`] first (retained store, device inboxes).
 #[derive(Clone)]
 pub(crate) struct SystemPublisher {
     tx: flume::Sender<SystemMessage>,
+    local: Arc<Local>,
 }
 
 struct SystemMessage {
     topic: String,
     payload: Bytes,
     qos: u8,
-    retain: bool,
 }
 
 impl SystemPublisher {
-    pub fn start(router: &RouterHandle) -> Result<Self, RouterError> {
+    pub fn start(router: &RouterHandle, local: Arc<Local>) -> Result<Self, RouterError> {
         let link = router.connect_blocking(
             "~broker~",
             &LinkOptions {
@@ -359,7 +418,8 @@ impl SystemPublisher {
                     pkid = pkid.checked_add(1).unwrap_or(1);
                     let qos = m.qos.min(1);
                     let pkid = if qos == 0 { 0 } else { pkid };
-                    let publish = publish_with_qos(&m.topic, &m.payload, qos, pkid, m.retain);
+                    // Retained copies are the node's own (`crate::retained`), never the router's.
+                    let publish = publish_with_qos(&m.topic, &m.payload, qos, pkid, false, false);
                     if futures::executor::block_on(tx.send(Packet::Publish(publish, None))).is_err()
                     {
                         break;
@@ -371,16 +431,25 @@ impl SystemPublisher {
             .name("broker-system-acks".into())
             .spawn(move || while rx.recv().is_ok() {})
             .map_err(|e| RouterError::Link(e.to_string()))?;
-        Ok(Self { tx: queue })
+        Ok(Self { tx: queue, local })
     }
 
     /// Queues a publish (QoS 2 is sent as QoS 1). Waits only if 10,000 are already queued.
     pub async fn publish(&self, topic: String, payload: Bytes, qos: u8, retain: bool) {
+        let parsed = fleet_wire::Topic::parse(&topic).ok();
+        self.local.publish(
+            &topic,
+            parsed.as_ref(),
+            &payload,
+            qos.min(1),
+            retain,
+            None,
+            None,
+        );
         let m = SystemMessage {
             topic,
             payload,
             qos,
-            retain,
         };
         if self.tx.send_async(m).await.is_err() {
             tracing::error!("the broker's system link is gone; presence not published to MQTT");

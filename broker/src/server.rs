@@ -18,6 +18,7 @@ use crate::admission::Admission;
 use crate::auth::ServiceAuth;
 use crate::bus::EventBus;
 use crate::control::BrokerControl;
+use crate::local::Local;
 use crate::metrics::Rejection;
 use crate::router::{RouterHandle, RouterSettings, SystemPublisher};
 use crate::session::{self, Ctx, SessionSettings};
@@ -60,6 +61,10 @@ pub struct BrokerConfig {
     pub max_property_bytes: usize,
     /// Topic filters one connection may hold; a SUBSCRIBE beyond is refused per filter.
     pub max_subscriptions: usize,
+    /// Messages addressed to one device (its commands, its assignment) queued for it while it
+    /// is away with a persistent session or reads slowly; beyond, new ones are dropped and
+    /// counted (`inbox_dropped`).
+    pub max_queued_messages: usize,
     /// How long a new connection waits for the session it takes over to finish.
     pub takeover_wait_ms: u64,
     /// Longest a disconnected persistent session is kept, seconds (MQTT 3.1.1 sessions have
@@ -86,6 +91,7 @@ impl Default for BrokerConfig {
             max_user_properties: 32,
             max_property_bytes: 8 * 1024,
             max_subscriptions: 1_000,
+            max_queued_messages: 1_000,
             takeover_wait_ms: 5_000,
             max_session_expiry_secs: 7 * 24 * 3600,
             bus_timeout_ms: 10_000,
@@ -131,9 +137,14 @@ impl Broker {
             control.registry.clone(),
         )?);
         let router = RouterHandle::spawn(&config.router);
-        let system = SystemPublisher::start(&router)?;
+        let local = Arc::new(Local::new(config.max_queued_messages));
+        let system = SystemPublisher::start(&router, local.clone())?;
         // A control serves one broker; a second `Broker::new` on it keeps the first link.
-        let _ = control.system.set(system.clone());
+        let _ = control.node.set(crate::control::Node {
+            system: system.clone(),
+            router: router.clone(),
+            local: local.clone(),
+        });
         let (shutdown_tx, shutdown) = watch::channel(false);
         let admission = Admission::new(
             config.max_connections,
@@ -150,6 +161,7 @@ impl Broker {
             admission,
             router,
             system,
+            local,
             control,
             bus,
             auth,

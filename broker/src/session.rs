@@ -32,10 +32,14 @@ use crate::acl::{self, Principal};
 use crate::auth::ServiceAuth;
 use crate::bus::{BusError, BusMessage, EventBus};
 use crate::control::{BrokerControl, SessionHandle};
+use crate::inbox::Delivery;
+use crate::local::Local;
 use crate::metrics::Rejection;
 use crate::mqtt::{Conn, FrameInfo, Limits, ReadError, Version, Violation};
 use crate::router::proto::*;
-use crate::router::{FromRouter, Link, LinkOptions, RouterHandle, SystemPublisher};
+use crate::router::{
+    publish_with_qos, FromRouter, Link, LinkOptions, RouterHandle, SystemPublisher,
+};
 
 /// Limits of one session.
 #[derive(Debug, Clone)]
@@ -63,6 +67,8 @@ pub(crate) struct Ctx {
     pub admission: crate::admission::Admission,
     pub router: RouterHandle,
     pub system: SystemPublisher,
+    /// Retained messages and device inboxes: what the node delivers without the router.
+    pub local: Arc<Local>,
     pub control: BrokerControl,
     pub bus: Arc<dyn EventBus>,
     pub auth: Arc<dyn ServiceAuth>,
@@ -452,6 +458,8 @@ struct Slot {
     sub_codes: Vec<Option<SubscribeReasonCode>>,
     /// An acknowledgement of something the session sent on its own; never reaches the client.
     swallow: bool,
+    /// For a SUBACK: the retained messages its filters match, sent right after it.
+    then: Vec<Delivery>,
 }
 
 /// Acknowledgements in the order of the packets they answer.
@@ -497,6 +505,7 @@ impl AckQueue {
             bus_error: None,
             sub_codes,
             swallow: false,
+            then: Vec::new(),
         });
         self.next_id
     }
@@ -543,6 +552,13 @@ impl AckQueue {
             (p, _) => p,
         });
         None
+    }
+
+    /// Retained messages to send once the SUBACK of slot `id` has gone out.
+    fn then_send(&mut self, id: u64, deliveries: Vec<Delivery>) {
+        if let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) {
+            slot.then = deliveries;
+        }
     }
 
     fn bus_done(&mut self, id: u64, result: Result<(), BusError>) {
@@ -620,6 +636,76 @@ impl PacketIds {
     }
 }
 
+/// Packet ids of the deliveries a session makes itself start here: the router numbers its own
+/// from 1 to 100 (rumqttd's in-flight window), so the two never collide on one connection.
+const OWN_PKID_FIRST: u16 = 1024;
+
+/// Most QoS 1 deliveries of the session's own in flight (further bounded by the client's
+/// Receive Maximum).
+const OWN_WINDOW: usize = 32;
+
+/// Deliveries the session makes itself rather than the router: messages from the device's
+/// inbox ([`crate::inbox`]) and retained messages matched by a SUBSCRIBE ([`crate::retained`]).
+struct OwnDeliveries {
+    /// Retained messages waiting for room in the window, in order.
+    waiting: VecDeque<Delivery>,
+    /// QoS 1 deliveries sent and not acknowledged yet, in the order sent.
+    inflight: Vec<(u16, Delivery)>,
+    last_pkid: u16,
+    window: usize,
+}
+
+impl OwnDeliveries {
+    fn new(window: usize) -> Self {
+        Self {
+            waiting: VecDeque::new(),
+            inflight: Vec::new(),
+            last_pkid: 0,
+            window: window.clamp(1, OWN_WINDOW),
+        }
+    }
+
+    fn room(&self) -> usize {
+        self.window.saturating_sub(self.inflight.len())
+    }
+
+    /// Files a QoS 1 delivery as in flight; returns its packet id.
+    fn track(&mut self, delivery: Delivery) -> u16 {
+        loop {
+            self.last_pkid = match self.last_pkid {
+                p if p < OWN_PKID_FIRST || p == u16::MAX => OWN_PKID_FIRST,
+                p => p + 1,
+            };
+            if !self.inflight.iter().any(|(p, _)| *p == self.last_pkid) {
+                break;
+            }
+        }
+        self.inflight.push((self.last_pkid, delivery));
+        self.last_pkid
+    }
+
+    /// The client acknowledged `pkid`; returns whether it was one of ours.
+    fn acked(&mut self, pkid: u16) -> bool {
+        match self.inflight.iter().position(|(p, _)| *p == pkid) {
+            Some(i) => {
+                self.inflight.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The inbox messages sent and not acknowledged, in the order sent (retained ones are sent
+    /// again by the next SUBSCRIBE, not kept).
+    fn unacknowledged(self) -> Vec<Delivery> {
+        self.inflight
+            .into_iter()
+            .map(|(_, d)| d)
+            .filter(|d| !d.retained)
+            .collect()
+    }
+}
+
 type BusFuture = futures::future::BoxFuture<'static, (u64, Result<(), BusError>)>;
 
 struct Session<S> {
@@ -633,6 +719,8 @@ struct Session<S> {
     /// For a persistent session: its router client id and how long the router keeps it once
     /// disconnected.
     persistent: Option<(String, Duration)>,
+    /// The router's client id of this session.
+    router_id: String,
     keepalive: Option<Duration>,
     kick: mpsc::UnboundedReceiver<DisconnectReason>,
     acks: AckQueue,
@@ -651,6 +739,9 @@ struct Session<S> {
     /// bounded by `max_subscriptions`.
     subscriptions: std::collections::HashSet<u64>,
     filter_hasher: std::hash::RandomState,
+    own: OwnDeliveries,
+    /// A device's inbox wakes its session through this (see [`crate::inbox`]).
+    inbox_wake: Option<mpsc::Receiver<()>>,
 }
 
 enum Step {
@@ -698,11 +789,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 expiry.min(ctx.settings.max_session_expiry),
             )
         });
+        let client_receive_max = info
+            .props
+            .as_ref()
+            .and_then(|p| p.receive_maximum)
+            .map_or(OWN_WINDOW, usize::from);
+        let clean_session = info.connect.clean_session;
         let stored_qos2 = ctx
             .unreleased_qos2
             .remove(&router_client_id)
             .map(|(_, ids)| ids);
-        let link = match ctx.router.connect(router_client_id, opts).await {
+        let link = match ctx.router.connect(router_client_id.clone(), opts).await {
             Ok(link) => link,
             Err(e) => {
                 warn!(error = %e, "router refused the link");
@@ -736,6 +833,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             disconnect_sent: false,
             subscriptions: Default::default(),
             filter_hasher: Default::default(),
+            own: OwnDeliveries::new(client_receive_max),
+            router_id: router_client_id,
+            inbox_wake: None,
         };
 
         if session.device.is_some() {
@@ -747,6 +847,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 session.conn.close(Duration::from_secs(1)).await;
                 return None;
             }
+        }
+        if let Some(d) = &session.device {
+            // Its inbox: resumed with the router's session, or fresh.
+            let clean = clean_session || !session.link.session_present;
+            let attached = session.ctx.local.inboxes.attach(&d.id, d.epoch, clean);
+            session.inbox_wake = Some(attached.wake);
         }
         let props = (version == Version::V5).then(|| ConnAckProperties {
             assigned_client_identifier: assigned_client_id,
@@ -813,6 +919,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                     Err(_) => break (DisconnectReason::Takeover, true),
                 },
+                Some(()) = recv_opt(&mut self.inbox_wake), if self.own.room() > 0 => {
+                    self.pull_own();
+                    if self.conn.has_queued() && self.conn.flush().await.is_err() {
+                        break (DisconnectReason::ConnectionLost, false);
+                    }
+                }
                 Some((slot, result)) = self.bus.next(), if !self.bus.is_empty() => {
                     self.ctx.control.metrics.bus_event(result.is_ok());
                     if let Err(e) = &result {
@@ -905,8 +1017,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.on_subscribe(subscribe, props, to_router);
                 Step::Continue
             }
-            Packet::Unsubscribe(unsubscribe, props) => {
+            Packet::Unsubscribe(mut unsubscribe, props) => {
                 let pkid = unsubscribe.pkid;
+                for f in &unsubscribe.filters {
+                    let key = self.filter_key(f);
+                    self.subscriptions.remove(&key);
+                }
+                let reasons = vec![UnsubAckReason::Success; unsubscribe.filters.len()];
+                // A device's own filters live in its inbox; only the others are the router's.
+                if let Some(d) = &self.device {
+                    let inboxes = &self.ctx.local.inboxes;
+                    unsubscribe.filters.retain(|f| {
+                        let direct = is_direct(f);
+                        if direct {
+                            inboxes.unsubscribe(&d.id, d.epoch, f);
+                        }
+                        !direct
+                    });
+                }
                 if self.link.session_present {
                     // rumqttd restores a resumed session's subscriptions without indexing them
                     // under the new connection, so its UNSUBSCRIBE would remove nothing.
@@ -931,20 +1059,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         self.acks.push_swallowed(AckKind::SubAck, pkid);
                     }
                 }
-                // Every filter goes to the router. It answers one UNSUBACK per removed filter
-                // and none for unknown ones; the client gets exactly one, from here.
-                for f in &unsubscribe.filters {
-                    let key = self.filter_key(f);
-                    self.subscriptions.remove(&key);
+                // The router answers one UNSUBACK per removed filter and none for unknown
+                // ones; the client gets exactly one, from here.
+                if !unsubscribe.filters.is_empty() {
+                    to_router.push(Packet::Unsubscribe(unsubscribe, props));
                 }
-                let reasons = vec![UnsubAckReason::Success; unsubscribe.filters.len()];
-                to_router.push(Packet::Unsubscribe(unsubscribe, props));
                 let ack = Packet::UnsubAck(UnsubAck { pkid, reasons }, None);
                 self.acks.push(AckKind::SubAck, pkid, Some(ack), false);
                 Step::Continue
             }
             Packet::PingReq(_) => {
                 self.conn.queue(Packet::PingResp(PingResp));
+                Step::Continue
+            }
+            Packet::PubAck(ack, _) if ack.pkid >= OWN_PKID_FIRST => {
+                if !self.own.acked(ack.pkid) {
+                    debug!(pkid = ack.pkid, "PUBACK for nothing in flight; ignored");
+                }
+                self.pull_own();
                 Step::Continue
             }
             p @ (Packet::PubAck(..) | Packet::PubRec(..))
@@ -1003,7 +1135,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn on_publish(
         &mut self,
         info: FrameInfo,
-        publish: Publish,
+        mut publish: Publish,
         props: Option<PublishProperties>,
         to_router: &mut Vec<Packet>,
     ) -> Step {
@@ -1056,6 +1188,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         }
+        // Retained copies and messages for one device's own subscriptions are the node's
+        // (`crate::local`); the router gets the publish without its retain flag.
+        self.ctx.local.publish(
+            topic,
+            parsed.as_ref(),
+            &publish.payload,
+            info.qos,
+            publish.retain,
+            props.as_ref(),
+            self.device.as_ref().map(|d| &d.id),
+        );
         let bus_slot = durable.then(|| {
             let device = self.device.as_mut().expect("durable implies device");
             device.seq += 1;
@@ -1078,6 +1221,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let id = slot.unwrap_or(0);
             self.bus.push(fut.map(move |r| (id, r)).boxed());
         }
+        publish.retain = false;
         to_router.push(Packet::Publish(publish, props));
         if info.qos == 2 {
             // Delivered now, not on PUBREL (the specification's second method): the router
@@ -1145,38 +1289,82 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let pkid = subscribe.pkid;
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut allowed = Vec::new();
+        let mut retained = Vec::new();
         let service = matches!(self.principal, Principal::Service(_));
         let full = match self.conn.version() {
             Version::V311 => SubscribeReasonCode::Failure,
             Version::V5 => SubscribeReasonCode::QuotaExceeded,
         };
         for mut filter in subscribe.filters {
-            if acl::may_subscribe(&self.principal, &filter.path, &*self.ctx.control.registry) {
-                let key = self.filter_key(&filter.path);
-                if !self.subscriptions.contains(&key)
-                    && self.subscriptions.len() >= self.ctx.settings.max_subscriptions
-                {
-                    self.ctx.control.metrics.reject(Rejection::OverLimit);
-                    info!(filter = %filter.path, "subscription refused: too many subscriptions");
-                    codes.push(Some(full));
-                    continue;
-                }
-                self.subscriptions.insert(key);
-                if service && filter.qos == QoS::ExactlyOnce {
-                    // What a service filter delivers is narrowed per message, and a QoS 2
-                    // delivery cannot be dropped halfway; QoS 1 ones are acknowledged to the
-                    // router in the client's stead.
-                    filter.qos = QoS::AtLeastOnce;
-                }
-                codes.push(None);
-                allowed.push(filter);
-            } else {
+            if !acl::may_subscribe(&self.principal, &filter.path, &*self.ctx.control.registry) {
                 self.ctx.control.metrics.reject(Rejection::ForbiddenTopic);
                 info!(filter = %filter.path, "subscription refused: filter is forbidden for this client");
                 codes.push(Some(denied));
+                continue;
+            }
+            let key = self.filter_key(&filter.path);
+            let new = !self.subscriptions.contains(&key);
+            if new && self.subscriptions.len() >= self.ctx.settings.max_subscriptions {
+                self.ctx.control.metrics.reject(Rejection::OverLimit);
+                info!(filter = %filter.path, "subscription refused: too many subscriptions");
+                codes.push(Some(full));
+                continue;
+            }
+            self.subscriptions.insert(key);
+            if service && filter.qos == QoS::ExactlyOnce {
+                // What a service filter delivers is narrowed per message, and a QoS 2
+                // delivery cannot be dropped halfway; QoS 1 ones are acknowledged to the
+                // router in the client's stead.
+                filter.qos = QoS::AtLeastOnce;
+            }
+            let granted = match &self.device {
+                // A device's own topics are delivered from its inbox, not the router.
+                Some(d) if is_direct(&filter.path) => {
+                    let qos = self.ctx.local.inboxes.subscribe(
+                        &d.id,
+                        d.epoch,
+                        &filter.path,
+                        filter.qos as u8,
+                        filter.nolocal,
+                    );
+                    codes.push(Some(SubscribeReasonCode::Success(qos_of(qos))));
+                    qos
+                }
+                _ => {
+                    codes.push(None);
+                    filter.qos as u8
+                }
+            };
+            let replay = match filter.retain_forward_rule {
+                RetainForwardRule::OnEverySubscribe => true,
+                RetainForwardRule::OnNewSubscribe => new,
+                RetainForwardRule::Never => false,
+            };
+            // Shared subscriptions get no retained messages.
+            if replay && !filter.path.starts_with("$share/") {
+                for message in self.ctx.local.retained.matching(&filter.path) {
+                    if service
+                        && !acl::may_receive(
+                            &self.principal,
+                            &message.topic,
+                            &*self.ctx.control.registry,
+                        )
+                    {
+                        continue;
+                    }
+                    retained.push(Delivery {
+                        qos: message.qos.min(granted).min(1),
+                        message,
+                        dup: false,
+                        retained: true,
+                    });
+                }
+            }
+            if codes.last().is_some_and(Option::is_none) {
+                allowed.push(filter);
             }
         }
-        if allowed.is_empty() {
+        let slot = if allowed.is_empty() {
             let codes = codes.into_iter().map(|c| c.unwrap_or(denied)).collect();
             let ack = Packet::SubAck(
                 SubAck {
@@ -1185,18 +1373,56 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 },
                 None,
             );
-            self.acks.push(AckKind::SubAck, pkid, Some(ack), false);
+            self.acks.push(AckKind::SubAck, pkid, Some(ack), false)
+        } else {
+            to_router.push(Packet::Subscribe(
+                Subscribe {
+                    pkid,
+                    filters: allowed,
+                },
+                props,
+            ));
+            self.acks
+                .push_sub(AckKind::SubAck, pkid, None, false, codes)
+        };
+        if !retained.is_empty() {
+            self.acks.then_send(slot, retained);
+        }
+    }
+
+    /// Sends what the session delivers itself, as far as its window allows: retained messages
+    /// a SUBSCRIBE matched first, then the device's inbox. Queues; the caller writes.
+    fn pull_own(&mut self) {
+        let mut room = self.own.room();
+        while room > 0 {
+            let Some(d) = self.own.waiting.pop_front() else {
+                break;
+            };
+            self.send_own(d);
+            room -= 1;
+        }
+        if room == 0 {
             return;
         }
-        self.acks
-            .push_sub(AckKind::SubAck, pkid, None, false, codes);
-        to_router.push(Packet::Subscribe(
-            Subscribe {
-                pkid,
-                filters: allowed,
-            },
-            props,
-        ));
+        if let Some(dev) = &self.device {
+            for d in self.ctx.local.inboxes.take(&dev.id, dev.epoch, room) {
+                self.send_own(d);
+            }
+        }
+    }
+
+    fn send_own(&mut self, d: Delivery) {
+        let pkid = match d.qos {
+            0 => 0,
+            _ => self.own.track(d.clone()),
+        };
+        let m = &d.message;
+        let publish = publish_with_qos(&m.topic, &m.payload, d.qos, pkid, d.retained, d.dup);
+        let props = match self.conn.version() {
+            Version::V5 => m.props.clone(),
+            Version::V311 => None,
+        };
+        self.conn.queue(Packet::Publish(publish, props));
     }
 
     /// Handles what the router sent, and whatever else it has ready, then writes.
@@ -1297,9 +1523,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Moves every acknowledgement that is ready, in order, to the socket, and writes.
     async fn flush_acks(&mut self) -> Step {
-        while let Some(slot) = self.acks.pop_ready() {
+        while let Some(mut slot) = self.acks.pop_ready() {
             if slot.swallow {
                 continue;
+            }
+            if !slot.then.is_empty() {
+                self.own.waiting.extend(std::mem::take(&mut slot.then));
             }
             let mut packet = slot.packet.expect("ready slot has a packet");
             if let Some(err) = slot.bus_error {
@@ -1342,7 +1571,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     p => p,
                 };
             }
+            let then = !self.own.waiting.is_empty();
             self.conn.queue(packet);
+            if then {
+                self.pull_own();
+            }
         }
         if self.conn.has_queued() && self.conn.flush().await.is_err() {
             return Step::End(DisconnectReason::ConnectionLost);
@@ -1426,8 +1659,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             persistent,
             link,
             unreleased,
+            own,
+            router_id,
             ..
         } = self;
+        let rights_changed = matches!(
+            reason,
+            DisconnectReason::Revoked | DisconnectReason::Reassigned
+        );
+        if let Some(d) = &device {
+            let keep = persistent.is_some() && !rights_changed;
+            ctx.local
+                .inboxes
+                .detach(&d.id, d.epoch, own.unacknowledged(), keep);
+        }
         if let (Some((client_id, expiry)), false) = (persistent, router_dropped) {
             // A session ended because its rights changed (revoked, quarantined, moved) takes
             // its stored subscriptions with it, before this session counts as done (a new
@@ -1436,10 +1681,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let router = ctx.router.clone();
             let generation = link.generation;
             drop(link);
-            if matches!(
-                reason,
-                DisconnectReason::Revoked | DisconnectReason::Reassigned
-            ) {
+            if rights_changed {
                 router.expire_session(client_id, generation).await;
             } else {
                 if unreleased.len() > 0 {
@@ -1447,14 +1689,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         .insert(client_id.clone(), unreleased.ids());
                 }
                 let ctx = ctx.clone();
+                let inbox = device.as_ref().map(|d| (d.id.clone(), d.epoch));
                 tokio::spawn(async move {
                     tokio::time::sleep(expiry).await;
                     if router.expire_session(client_id.clone(), generation).await {
                         ctx.unreleased_qos2.remove(&client_id);
+                        if let Some((id, epoch)) = inbox {
+                            ctx.local.inboxes.expire(&id, epoch);
+                        }
                     }
                 });
             }
         } else {
+            if !router_dropped {
+                ctx.router.forget(&router_id);
+            }
             drop(link);
         }
         conn.close(Duration::from_secs(1)).await;
@@ -1529,6 +1778,28 @@ fn disconnect_packet() -> Packet {
         },
         None,
     )
+}
+
+/// Whether a device's filter is one of its own topics (`devices/{id}/...`, the only ones under
+/// `devices/` its rights allow), delivered from its inbox instead of the router.
+fn is_direct(filter: &str) -> bool {
+    filter.starts_with("devices/")
+}
+
+fn qos_of(qos: u8) -> QoS {
+    match qos {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// The next wake-up of an inbox, or never without one.
+async fn recv_opt(rx: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves once the flag is true (or its sender is gone), holding no borrow of the value.
