@@ -159,7 +159,7 @@ impl BrokerControl {
     /// reconnects with the rights that go with it. Returns whether a session was ended.
     pub fn quarantine(&self, id: &DeviceId, mode: Option<crate::registry::QuarantineMode>) -> bool {
         self.registry.set_quarantine(id, mode);
-        self.disconnect_device(id, DisconnectReason::Revoked)
+        self.rights_changed(id, DisconnectReason::Revoked)
     }
 
     /// Moves a device to another cohort and ends its live session, so it reconnects with the
@@ -167,7 +167,19 @@ impl BrokerControl {
     /// session). Returns whether a session was ended.
     pub fn reassign(&self, id: &DeviceId, cohort: Option<fleet_wire::CohortId>) -> bool {
         self.registry.move_device(id, cohort);
-        self.disconnect_device(id, DisconnectReason::Reassigned)
+        self.rights_changed(id, DisconnectReason::Reassigned)
+    }
+
+    /// Ends the device's live session (which then drops what it subscribed), or drops the
+    /// persistent session it left behind, so it subscribes again under its new rights.
+    fn rights_changed(&self, id: &DeviceId, reason: DisconnectReason) -> bool {
+        let ended = self.disconnect_device(id, reason);
+        if !ended {
+            if let Some(node) = self.node.get() {
+                node.local.inboxes.forget(id);
+            }
+        }
+        ended
     }
 
     /// Whether a device has a live session here, and its epoch.

@@ -1,13 +1,14 @@
-//! Messages addressed to one device, delivered without the router.
+//! What devices receive, delivered without the router.
 //!
-//! rumqttd matches every publish against every filter it holds and keeps a commit log per
-//! filter, so a filter per device (`devices/{id}/commands`) made every publish and every
-//! device cost more as the fleet grew. Instead, what a device subscribes under its own
-//! `devices/{id}/` (its commands, their acks, its assignment) is kept here, in the device's
-//! inbox, and never reaches the router. A publish on a device-addressed topic is offered to
-//! that one inbox (one map lookup, whatever the fleet's size) and queued there; the device's
-//! session takes from the queue as its in-flight window allows. The router holds only filters
-//! many devices share (a cohort's topics) and services' filters.
+//! rumqttd matches every publish against every filter it holds, keeps a commit log per filter
+//! and tens of KiB of buffers per link, so a router link and a filter per device
+//! (`devices/{id}/commands`) made every publish and every device cost more as the fleet grew.
+//! Instead a device's subscriptions are kept here, in its inbox, and devices have no router
+//! link at all. A publish on a topic addressed to one device is offered to that one inbox (one
+//! map lookup, whatever the fleet's size); one on a cohort's topic to the inboxes of the
+//! devices that subscribed under that cohort (an index by cohort), which is the fan-out the
+//! message asks for and nothing more. The device's session takes from its queue as its
+//! in-flight window allows. The router serves backend services only.
 //!
 //! An inbox outlives its connection only for a persistent session: then QoS 1 messages queue
 //! while the device is away, and those it had not acknowledged go back to the front of the
@@ -24,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use fleet_wire::DeviceId;
+use fleet_wire::{CohortId, DeviceId};
 use tokio::sync::mpsc;
 
 use crate::retained::Message;
@@ -61,20 +62,26 @@ struct Inbox {
 /// Every device inbox of this node.
 pub(crate) struct Inboxes {
     boxes: DashMap<DeviceId, Inbox>,
+    /// Per cohort: the devices with a filter under `cohorts/{id}/`. Locked only after a
+    /// device's inbox guard is released, never the other way round.
+    by_cohort: DashMap<CohortId, std::collections::HashSet<DeviceId>>,
     max_queued: usize,
     queued: AtomicU64,
     dropped: AtomicU64,
 }
 
-/// What [`Inboxes::attach`] gives the session: its wake-up signal.
+/// What [`Inboxes::attach`] gives the session.
 pub(crate) struct Attached {
     pub wake: mpsc::Receiver<()>,
+    /// A persistent session was resumed (MQTT `session_present`).
+    pub resumed: bool,
 }
 
 impl Inboxes {
     pub fn new(max_queued: usize) -> Self {
         Self {
             boxes: DashMap::new(),
+            by_cohort: DashMap::new(),
             max_queued: max_queued.max(1),
             queued: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -85,22 +92,33 @@ impl Inboxes {
     /// one resumes the filters and queue its predecessor left (if it has not expired).
     pub fn attach(&self, id: &DeviceId, epoch: u64, clean: bool) -> Attached {
         let (tx, rx) = mpsc::channel(1);
-        let mut inbox = self.boxes.entry(id.clone()).or_insert_with(|| Inbox {
-            owner: epoch,
-            filters: Vec::new(),
-            queue: VecDeque::new(),
-            wake: None,
+        let mut resumed = true;
+        let mut inbox = self.boxes.entry(id.clone()).or_insert_with(|| {
+            resumed = false;
+            Inbox {
+                owner: epoch,
+                filters: Vec::new(),
+                queue: VecDeque::new(),
+                wake: None,
+            }
         });
-        if clean {
-            inbox.filters.clear();
+        let dropped = if clean {
             inbox.queue.clear();
-        }
+            std::mem::take(&mut inbox.filters)
+        } else {
+            Vec::new()
+        };
         inbox.owner = epoch;
         if !inbox.queue.is_empty() {
             let _ = tx.try_send(());
         }
         inbox.wake = Some(tx);
-        Attached { wake: rx }
+        drop(inbox);
+        self.unindex(id, &dropped);
+        Attached {
+            wake: rx,
+            resumed: resumed && !clean,
+        }
     }
 
     /// Adds or replaces one of session `epoch`'s filters; returns the QoS granted.
@@ -113,23 +131,52 @@ impl Inboxes {
         no_local: bool,
     ) -> u8 {
         let qos = qos.min(1);
-        if let Some(mut inbox) = self.boxes.get_mut(id).filter(|b| b.owner == epoch) {
-            let f = DirectFilter {
-                filter: filter.to_owned(),
-                qos,
-                no_local,
-            };
-            match inbox.filters.iter_mut().find(|x| x.filter == filter) {
-                Some(existing) => *existing = f,
-                None => inbox.filters.push(f),
-            }
+        let Some(mut inbox) = self.boxes.get_mut(id).filter(|b| b.owner == epoch) else {
+            return qos;
+        };
+        let f = DirectFilter {
+            filter: filter.to_owned(),
+            qos,
+            no_local,
+        };
+        match inbox.filters.iter_mut().find(|x| x.filter == filter) {
+            Some(existing) => *existing = f,
+            None => inbox.filters.push(f),
+        }
+        drop(inbox);
+        if let Some(cohort) = cohort_of(filter) {
+            self.by_cohort.entry(cohort).or_default().insert(id.clone());
         }
         qos
     }
 
     pub fn unsubscribe(&self, id: &DeviceId, epoch: u64, filter: &str) {
-        if let Some(mut inbox) = self.boxes.get_mut(id).filter(|b| b.owner == epoch) {
-            inbox.filters.retain(|f| f.filter != filter);
+        let Some(mut inbox) = self.boxes.get_mut(id).filter(|b| b.owner == epoch) else {
+            return;
+        };
+        let before = inbox.filters.len();
+        inbox.filters.retain(|f| f.filter != filter);
+        let removed = inbox.filters.len() < before;
+        let cohort = cohort_of(filter);
+        let still = cohort.as_ref().is_some_and(|c| {
+            inbox
+                .filters
+                .iter()
+                .any(|f| cohort_of(&f.filter).as_ref() == Some(c))
+        });
+        drop(inbox);
+        if let (true, Some(c), false) = (removed, cohort, still) {
+            self.remove_from_cohort(&c, id);
+        }
+    }
+
+    /// Offers a message published on a cohort's topic to the devices subscribed under it.
+    pub fn deliver_cohort(&self, cohort: &CohortId, message: &Arc<Message>) {
+        let Some(devices) = self.by_cohort.get(cohort) else {
+            return;
+        };
+        for id in devices.iter() {
+            self.deliver(id, message, None);
         }
     }
 
@@ -187,7 +234,7 @@ impl Inboxes {
     /// it had sent but not seen acknowledged back at the front; any other loses it.
     pub fn detach(&self, id: &DeviceId, epoch: u64, unacknowledged: Vec<Delivery>, keep: bool) {
         if !keep {
-            self.boxes.remove_if(id, |_, b| b.owner == epoch);
+            self.remove_where(id, |b| b.owner == epoch);
             return;
         }
         if let Some(mut inbox) = self.boxes.get_mut(id).filter(|b| b.owner == epoch) {
@@ -199,10 +246,40 @@ impl Inboxes {
         }
     }
 
-    /// The persistent session `epoch` expired: its inbox goes, unless a session took it since.
-    pub fn expire(&self, id: &DeviceId, epoch: u64) {
-        self.boxes
-            .remove_if(id, |_, b| b.owner == epoch && b.wake.is_none());
+    /// The persistent session `epoch` expired: its inbox goes, unless a session took it
+    /// since. Returns whether it went.
+    pub fn expire(&self, id: &DeviceId, epoch: u64) -> bool {
+        self.remove_where(id, |b| b.owner == epoch && b.wake.is_none())
+    }
+
+    /// The device's rights changed (moved, quarantined): a session it left behind goes, so
+    /// the next one subscribes again under its new rights. A live session ends on its own.
+    pub fn forget(&self, id: &DeviceId) -> bool {
+        self.remove_where(id, |b| b.wake.is_none())
+    }
+
+    fn remove_where(&self, id: &DeviceId, pred: impl FnOnce(&Inbox) -> bool) -> bool {
+        match self.boxes.remove_if(id, |_, b| pred(b)) {
+            Some((_, inbox)) => {
+                self.unindex(id, &inbox.filters);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes `id` off the cohorts of `filters`.
+    fn unindex(&self, id: &DeviceId, filters: &[DirectFilter]) {
+        for c in filters.iter().filter_map(|f| cohort_of(&f.filter)) {
+            self.remove_from_cohort(&c, id);
+        }
+    }
+
+    fn remove_from_cohort(&self, cohort: &CohortId, id: &DeviceId) {
+        if let Some(mut set) = self.by_cohort.get_mut(cohort) {
+            set.remove(id);
+        }
+        self.by_cohort.remove_if(cohort, |_, set| set.is_empty());
     }
 
     pub fn snapshot(&self) -> InboxCounts {
@@ -212,6 +289,13 @@ impl Inboxes {
             dropped: self.dropped.load(Ordering::Relaxed),
         }
     }
+}
+
+/// The cohort a filter lies under (`cohorts/{id}/...`), if any.
+fn cohort_of(filter: &str) -> Option<CohortId> {
+    let rest = filter.strip_prefix("cohorts/")?;
+    let (id, _) = rest.split_once('/')?;
+    CohortId::parse(id).ok()
 }
 
 /// Counters of [`Inboxes`].
@@ -330,5 +414,32 @@ mod tests {
         }
         assert_eq!(boxes.take(&a, 1, 10).len(), 2);
         assert_eq!(boxes.snapshot().dropped, 1);
+    }
+
+    #[test]
+    fn a_cohort_message_reaches_its_subscribers_only() {
+        let boxes = Inboxes::new(10);
+        let (a, b, c) = (id("a"), id("b"), id("c"));
+        let cohort = "01a23b34-2036-7505-9a04-5048e8a58c21";
+        let other = "01a23b34-2036-7505-9a04-5048e8a58c22";
+        for d in [&a, &b, &c] {
+            let _ = boxes.attach(d, 1, false);
+        }
+        boxes.subscribe(&a, 1, &format!("cohorts/{cohort}/#"), 1, false);
+        boxes.subscribe(&b, 1, &format!("cohorts/{cohort}/updates"), 1, false);
+        boxes.subscribe(&c, 1, &format!("cohorts/{other}/updates"), 1, false);
+        let cohort_id = CohortId::parse(cohort).unwrap();
+        boxes.deliver_cohort(&cohort_id, &msg(&format!("cohorts/{cohort}/commands"), 1));
+        assert_eq!(boxes.take(&a, 1, 10).len(), 1);
+        assert!(
+            boxes.take(&b, 1, 10).is_empty(),
+            "b's filter does not match"
+        );
+        assert!(boxes.take(&c, 1, 10).is_empty(), "c is in another cohort");
+        // Unsubscribing, a dropped session, or a forgotten one leaves the index.
+        boxes.unsubscribe(&a, 1, &format!("cohorts/{cohort}/#"));
+        boxes.detach(&b, 1, Vec::new(), true);
+        assert!(boxes.forget(&b));
+        assert!(boxes.by_cohort.get(&cohort_id).is_none());
     }
 }

@@ -1,12 +1,12 @@
 //! What the node delivers itself, beside the router: retained messages ([`Retained`]) and
-//! messages addressed to one device ([`Inboxes`]). Every publish that enters the broker (a
-//! client's, a will, or the platform's own on the system link) passes through
-//! [`Local::publish`] once, before the router sees it without its retain flag.
+//! everything devices receive ([`Inboxes`]). Every publish that enters the broker (a client's,
+//! a will, or the platform's own) passes through [`Local::publish`] once, before the router
+//! (which serves backend services) sees it without its retain flag.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fleet_wire::{DeviceId, Topic};
+use fleet_wire::{CohortId, DeviceId, Topic};
 
 use crate::inbox::Inboxes;
 use crate::retained::{Message, Retained};
@@ -26,7 +26,8 @@ impl Local {
     }
 
     /// Records a publish the broker accepted: as its topic's retained message if `retain`, and
-    /// in the inbox of the device the topic is addressed to. `from` is the publishing device.
+    /// in the inboxes of the devices that subscribed to it (the one device its topic is
+    /// addressed to, or a cohort's). `from` is the publishing device.
     #[allow(clippy::too_many_arguments)]
     pub fn publish(
         &self,
@@ -38,8 +39,8 @@ impl Local {
         props: Option<&PublishProperties>,
         from: Option<&DeviceId>,
     ) {
-        let addressed = parsed.and_then(addressed_device);
-        if !retain && addressed.is_none() {
+        let to = parsed.and_then(recipients);
+        if !retain && to.is_none() {
             return;
         }
         let message = Arc::new(Message {
@@ -51,19 +52,29 @@ impl Local {
         if retain {
             self.retained.set(message.clone());
         }
-        if let Some(id) = addressed {
-            // An empty retained payload clears the retained message and still reaches the
-            // subscribers of the moment, as any publish does.
-            self.inboxes.deliver(id, &message, from);
+        // An empty retained payload clears the retained message and still reaches the
+        // subscribers of the moment, as any publish does.
+        match to {
+            Some(Recipients::Device(id)) => self.inboxes.deliver(id, &message, from),
+            Some(Recipients::Cohort(id)) => self.inboxes.deliver_cohort(id, &message),
+            None => {}
         }
     }
 }
 
-/// The device whose own subscriptions a topic can match: what lies under `devices/{id}/` and
-/// a device may subscribe to (see `acl::may_subscribe`).
-fn addressed_device(topic: &Topic) -> Option<&DeviceId> {
+enum Recipients<'a> {
+    Device(&'a DeviceId),
+    Cohort(&'a CohortId),
+}
+
+/// Whose subscriptions a topic can match among devices (see `acl::may_subscribe`): what lies
+/// under one device's own `devices/{id}/`, or under a cohort's `cohorts/{id}/`.
+fn recipients(topic: &Topic) -> Option<Recipients<'_>> {
     match topic {
-        Topic::Commands(id) | Topic::CommandAck(id) | Topic::Assignment(id) => Some(id),
+        Topic::Commands(id) | Topic::CommandAck(id) | Topic::Assignment(id) => {
+            Some(Recipients::Device(id))
+        }
+        Topic::CohortUpdates(id) | Topic::CohortCommands(id) => Some(Recipients::Cohort(id)),
         _ => None,
     }
 }

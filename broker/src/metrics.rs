@@ -149,15 +149,15 @@ pub struct MetricsSnapshot {
     /// the router, so this concerns backend MQTT subscribers only.
     pub router_subscriber_skips: u64,
     /// Distinct topic filters the router holds: every publish is matched against these. Only
-    /// filters many devices share (a cohort's) and services' filters; it does not grow as
-    /// devices connect.
+    /// backend services' filters (devices' subscriptions are served by the node, not the
+    /// router), so it does not grow as devices connect.
     pub router_filters: u64,
     /// Retained messages the node holds (presence, state, assignments, cohort updates).
     pub retained_messages: u64,
-    /// Devices with an inbox (messages addressed to one device): connected, or away with a
-    /// persistent session.
+    /// Devices with an inbox (what they subscribed, and messages queued for them): connected,
+    /// or away with a persistent session.
     pub device_inboxes: u64,
-    /// Messages queued to device inboxes since start.
+    /// Messages queued to device inboxes since start (each device a message reached counts).
     pub inbox_messages: u64,
     /// Messages dropped because a device's inbox was full (`max_queued_messages`).
     pub inbox_dropped: u64,

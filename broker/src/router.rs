@@ -383,10 +383,12 @@ pub(crate) fn publish_with_qos(
     Publish::deserialize(o.freeze())
 }
 
-/// The broker's own link, used to publish presence into the router (retained, QoS 1) so
-/// backend subscribers see it live. Runs on two small threads: one feeds the router (its sends
-/// may block), one drains the router's acks. What it publishes passes through
-/// [`Local::publish`] first (retained store, device inboxes).
+/// The broker's own link into the router, through which everything devices publish (and the
+/// platform's own messages: presence, wills, cohort updates) reaches backend subscribers.
+/// Devices have no link of their own: a link costs tens of KiB of router buffers, and their
+/// subscriptions are served by [`Local`]. Runs on two small threads: one feeds the router in
+/// batches (its sends may block), one drains the router's acks (the router's ack means only
+/// "appended in memory"; a device's PUBACK waits for the event bus instead).
 #[derive(Clone)]
 pub(crate) struct SystemPublisher {
     tx: flume::Sender<SystemMessage>,
@@ -394,10 +396,14 @@ pub(crate) struct SystemPublisher {
 }
 
 struct SystemMessage {
-    topic: String,
+    topic: Bytes,
     payload: Bytes,
     qos: u8,
+    props: Option<proto::PublishProperties>,
 }
+
+/// Publishes the feeding thread hands the router in one notification, at most.
+const SYSTEM_BATCH: usize = 256;
 
 impl SystemPublisher {
     pub fn start(router: &RouterHandle, local: Arc<Local>) -> Result<Self, RouterError> {
@@ -408,20 +414,38 @@ impl SystemPublisher {
                 topic_alias_max: 0,
             },
         )?;
-        let Link { mut tx, mut rx, .. } = link;
+        let Link {
+            mut tx,
+            mut rx,
+            filters,
+            ..
+        } = link;
+        drop(filters);
         let (queue, inbox) = flume::bounded::<SystemMessage>(10_000);
         std::thread::Builder::new()
             .name("broker-system-link".into())
             .spawn(move || {
                 let mut pkid: u16 = 0;
-                while let Ok(m) = inbox.recv() {
-                    pkid = pkid.checked_add(1).unwrap_or(1);
-                    let qos = m.qos.min(1);
-                    let pkid = if qos == 0 { 0 } else { pkid };
-                    // Retained copies are the node's own (`crate::retained`), never the router's.
-                    let publish = publish_with_qos(&m.topic, &m.payload, qos, pkid, false, false);
-                    if futures::executor::block_on(tx.send(Packet::Publish(publish, None))).is_err()
-                    {
+                let mut batch = Vec::with_capacity(SYSTEM_BATCH);
+                while let Ok(first) = inbox.recv() {
+                    batch.push(first);
+                    batch.extend(inbox.try_iter().take(SYSTEM_BATCH - 1));
+                    let mut packets: Vec<Packet> = batch
+                        .drain(..)
+                        .map(|m| {
+                            pkid = pkid.checked_add(1).unwrap_or(1);
+                            let qos = m.qos.min(1);
+                            let pkid = if qos == 0 { 0 } else { pkid };
+                            let topic = std::str::from_utf8(&m.topic).unwrap_or_default();
+                            // Retained copies are the node's own (`crate::retained`).
+                            let publish =
+                                publish_with_qos(topic, &m.payload, qos, pkid, false, false);
+                            Packet::Publish(publish, m.props)
+                        })
+                        .collect();
+                    let last = packets.pop().expect("a batch has a first message");
+                    tx.buffer().extend(packets);
+                    if futures::executor::block_on(tx.send(last)).is_err() {
                         break;
                     }
                 }
@@ -429,12 +453,20 @@ impl SystemPublisher {
             .map_err(|e| RouterError::Link(e.to_string()))?;
         std::thread::Builder::new()
             .name("broker-system-acks".into())
-            .spawn(move || while rx.recv().is_ok() {})
+            .spawn(move || {
+                while let Ok(n) = rx.recv() {
+                    // The router pauses a link whose buffer filled; this one always reads on.
+                    if matches!(n, Some(Notification::Unschedule)) && rx.ready().is_err() {
+                        break;
+                    }
+                }
+            })
             .map_err(|e| RouterError::Link(e.to_string()))?;
         Ok(Self { tx: queue, local })
     }
 
-    /// Queues a publish (QoS 2 is sent as QoS 1). Waits only if 10,000 are already queued.
+    /// Publishes as the platform itself: recorded by [`Local`] (retained, device inboxes), then
+    /// queued for the router (QoS 2 is sent as QoS 1). Waits only if 10,000 are queued.
     pub async fn publish(&self, topic: String, payload: Bytes, qos: u8, retain: bool) {
         let parsed = fleet_wire::Topic::parse(&topic).ok();
         self.local.publish(
@@ -446,13 +478,26 @@ impl SystemPublisher {
             None,
             None,
         );
+        self.forward(Bytes::from(topic), payload, qos, None).await;
+    }
+
+    /// Queues a publish [`Local`] has already seen for the router's subscribers (backend
+    /// services). Waits only if 10,000 are queued.
+    pub async fn forward(
+        &self,
+        topic: Bytes,
+        payload: Bytes,
+        qos: u8,
+        props: Option<proto::PublishProperties>,
+    ) {
         let m = SystemMessage {
             topic,
             payload,
             qos,
+            props,
         };
         if self.tx.send_async(m).await.is_err() {
-            tracing::error!("the broker's system link is gone; presence not published to MQTT");
+            tracing::error!("the broker's system link is gone; a publish did not reach the router");
         }
     }
 }

@@ -38,7 +38,7 @@ use crate::metrics::Rejection;
 use crate::mqtt::{Conn, FrameInfo, Limits, ReadError, Version, Violation};
 use crate::router::proto::*;
 use crate::router::{
-    publish_with_qos, FromRouter, Link, LinkOptions, RouterHandle, SystemPublisher,
+    publish_with_qos, FromRouter, Link, LinkOptions, RouterError, RouterHandle, SystemPublisher,
 };
 
 /// Limits of one session.
@@ -711,7 +711,10 @@ type BusFuture = futures::future::BoxFuture<'static, (u64, Result<(), BusError>)
 struct Session<S> {
     ctx: Arc<Ctx>,
     conn: Conn<S>,
-    link: Link,
+    /// Services' link into the router; devices have none.
+    link: Option<Link>,
+    /// What CONNACK said: a persistent session was resumed.
+    session_present: bool,
     principal: Principal,
     device: Option<DeviceSession>,
     will: Option<(LastWill, Option<LastWillProperties>)>,
@@ -740,6 +743,9 @@ struct Session<S> {
     subscriptions: std::collections::HashSet<u64>,
     filter_hasher: std::hash::RandomState,
     own: OwnDeliveries,
+    /// A device's publishes for the router's subscribers, sent on the broker's link after the
+    /// packets that carried them are handled.
+    forward: Vec<(Bytes, Bytes, u8, Option<PublishProperties>)>,
     /// A device's inbox wakes its session through this (see [`crate::inbox`]).
     inbox_wake: Option<mpsc::Receiver<()>>,
 }
@@ -799,19 +805,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .unreleased_qos2
             .remove(&router_client_id)
             .map(|(_, ids)| ids);
-        let link = match ctx.router.connect(router_client_id.clone(), opts).await {
-            Ok(link) => link,
-            Err(e) => {
-                warn!(error = %e, "router refused the link");
-                conn.queue(unavailable(version));
-                conn.close(Duration::from_secs(1)).await;
-                return None;
-            }
-        };
-        // A resumed session resumes its QoS 2 exchanges too.
-        let unreleased = match (link.session_present, stored_qos2) {
-            (true, Some(ids)) => PacketIds::from_ids(&ids),
-            _ => PacketIds::default(),
+        // Services link into the router; devices have no link (their subscriptions are the
+        // node's, `crate::inbox`, and what they publish goes through the broker's own link).
+        let link = match device {
+            Some(_) => None,
+            None => match ctx.router.connect(router_client_id.clone(), opts).await {
+                Ok(link) => Some(link),
+                Err(e) => {
+                    warn!(error = %e, "router refused the link");
+                    conn.queue(unavailable(version));
+                    conn.close(Duration::from_secs(1)).await;
+                    return None;
+                }
+            },
         };
         let mut session = Session {
             keepalive: (info.connect.keep_alive > 0)
@@ -829,11 +835,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             bus: FuturesUnordered::new(),
             wake_router: false,
             outgoing: VecDeque::new(),
-            unreleased,
+            unreleased: PacketIds::default(),
+            session_present: false,
             disconnect_sent: false,
             subscriptions: Default::default(),
             filter_hasher: Default::default(),
             own: OwnDeliveries::new(client_receive_max),
+            forward: Vec::new(),
             router_id: router_client_id,
             inbox_wake: None,
         };
@@ -843,16 +851,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if let Err(e) = session.presence(PresenceEvent::Connected, None).await {
                 warn!(error = %e, "presence not accepted by the event bus; refusing");
                 session.conn.queue(unavailable(version));
-                let _ = session.link.send(vec![disconnect_packet()]).await;
                 session.conn.close(Duration::from_secs(1)).await;
                 return None;
             }
         }
-        if let Some(d) = &session.device {
-            // Its inbox: resumed with the router's session, or fresh.
-            let clean = clean_session || !session.link.session_present;
-            let attached = session.ctx.local.inboxes.attach(&d.id, d.epoch, clean);
-            session.inbox_wake = Some(attached.wake);
+        session.session_present = match (&session.link, &session.device) {
+            (Some(link), _) => link.session_present,
+            (None, Some(d)) => {
+                // The device's inbox: resumed if its persistent session was kept, or fresh.
+                let attached = session
+                    .ctx
+                    .local
+                    .inboxes
+                    .attach(&d.id, d.epoch, clean_session);
+                session.inbox_wake = Some(attached.wake);
+                attached.resumed
+            }
+            (None, None) => false,
+        };
+        // A resumed session resumes its QoS 2 exchanges too.
+        if let (true, Some(ids)) = (session.session_present, stored_qos2) {
+            session.unreleased = PacketIds::from_ids(&ids);
         }
         let props = (version == Version::V5).then(|| ConnAckProperties {
             assigned_client_identifier: assigned_client_id,
@@ -866,7 +885,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         });
         session.conn.queue(Packet::ConnAck(
             ConnAck {
-                session_present: session.link.session_present,
+                session_present: session.session_present,
                 code: ConnectReturnCode::Success,
             },
             props,
@@ -911,7 +930,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         break (reason, false);
                     }
                 }
-                out = self.link.next() => match out {
+                out = next_from(&mut self.link) => match out {
                     Ok(first) => {
                         if let Step::End(reason) = self.on_router(first).await {
                             break (reason, true);
@@ -978,13 +997,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         }
-        if !to_router.is_empty() && self.link.send(to_router).await.is_err() {
+        if self.send_to_router(to_router).await.is_err() {
             return Step::End(DisconnectReason::ServerShutdown);
         }
         if let Step::End(reason) = self.flush_acks().await {
             return Step::End(reason);
         }
         step
+    }
+
+    /// Hands packets to the router: on a service's own link, or for a device's publishes
+    /// (queued by [`Session::on_publish`]) on the broker's link.
+    async fn send_to_router(&mut self, packets: Vec<Packet>) -> Result<(), RouterError> {
+        for (topic, payload, qos, props) in std::mem::take(&mut self.forward) {
+            self.ctx.system.forward(topic, payload, qos, props).await;
+        }
+        match &mut self.link {
+            Some(link) if !packets.is_empty() => link.send(packets).await,
+            _ => Ok(()),
+        }
     }
 
     /// Ends the session for a protocol violation, telling an MQTT 5 client why.
@@ -1024,18 +1055,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.subscriptions.remove(&key);
                 }
                 let reasons = vec![UnsubAckReason::Success; unsubscribe.filters.len()];
-                // A device's own filters live in its inbox; only the others are the router's.
+                // A device's filters live in its inbox, a service's in the router.
                 if let Some(d) = &self.device {
-                    let inboxes = &self.ctx.local.inboxes;
-                    unsubscribe.filters.retain(|f| {
-                        let direct = is_direct(f);
-                        if direct {
-                            inboxes.unsubscribe(&d.id, d.epoch, f);
-                        }
-                        !direct
-                    });
+                    for f in unsubscribe.filters.drain(..) {
+                        self.ctx.local.inboxes.unsubscribe(&d.id, d.epoch, &f);
+                    }
                 }
-                if self.link.session_present {
+                if self.link.as_ref().is_some_and(|l| l.session_present) {
                     // rumqttd restores a resumed session's subscriptions without indexing them
                     // under the new connection, so its UNSUBSCRIBE would remove nothing.
                     // Subscribing again re-indexes them (no new data request, no retained
@@ -1215,18 +1241,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             2 => Some(AckKind::PubRec),
             _ => None,
         };
-        let slot = kind.map(|k| self.acks.push(k, info.pkid, None, bus_slot.is_some()));
+        // A service's publish is acknowledged by the router on its link. A device's goes on
+        // the broker's link, whose acknowledgement would say no more than "queued in memory":
+        // the session answers it, once the bus has the event.
+        let own_ack = self.link.is_none().then(|| match info.qos {
+            2 => Packet::PubRec(
+                PubRec {
+                    pkid: info.pkid,
+                    reason: PubRecReason::Success,
+                },
+                None,
+            ),
+            _ => Packet::PubAck(
+                PubAck {
+                    pkid: info.pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            ),
+        });
+        let slot = kind.map(|k| self.acks.push(k, info.pkid, own_ack, bus_slot.is_some()));
         if let Some(msg) = bus_slot {
             let fut = self.ctx.bus.publish(msg);
             let id = slot.unwrap_or(0);
             self.bus.push(fut.map(move |r| (id, r)).boxed());
         }
+        if info.qos == 2 {
+            // Delivered now, not on PUBREL (the specification's second method): nothing keeps
+            // a copy while the client takes its time, and the session only the id.
+            self.unreleased.insert(info.pkid);
+        }
+        if self.link.is_none() {
+            self.forward
+                .push((publish.topic, publish.payload, info.qos, props));
+            return Step::Continue;
+        }
         publish.retain = false;
         to_router.push(Packet::Publish(publish, props));
         if info.qos == 2 {
-            // Delivered now, not on PUBREL (the specification's second method): the router
-            // keeps no copy while the client takes its time, and the session only the id.
-            self.unreleased.insert(info.pkid);
             to_router.push(Packet::PubRel(
                 PubRel {
                     pkid: info.pkid,
@@ -1318,8 +1370,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 filter.qos = QoS::AtLeastOnce;
             }
             let granted = match &self.device {
-                // A device's own topics are delivered from its inbox, not the router.
-                Some(d) if is_direct(&filter.path) => {
+                // What a device subscribes is served from its inbox; it has no router link.
+                Some(d) => {
                     let qos = self.ctx.local.inboxes.subscribe(
                         &d.id,
                         d.epoch,
@@ -1486,17 +1538,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 Err(_) => return Step::End(DisconnectReason::Takeover),
             }
-            next = self.link.try_next();
+            next = self.link.as_mut().and_then(Link::try_next);
         }
         self.release_outgoing(&mut acks_for_router);
-        if !acks_for_router.is_empty() && self.link.send(acks_for_router).await.is_err() {
+        if self.send_to_router(acks_for_router).await.is_err() {
             return Step::End(DisconnectReason::ServerShutdown);
         }
         if let Step::End(reason) = self.flush_acks().await {
             return Step::End(reason);
         }
-        if std::mem::take(&mut self.wake_router) && self.link.wake().await.is_err() {
-            return Step::End(DisconnectReason::Takeover);
+        if std::mem::take(&mut self.wake_router) {
+            if let Some(link) = &self.link {
+                if link.wake().await.is_err() {
+                    return Step::End(DisconnectReason::Takeover);
+                }
+            }
         }
         Step::Continue
     }
@@ -1620,8 +1676,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn finish(mut self, reason: DisconnectReason, router_dropped: bool) {
-        if !router_dropped {
-            let _ = self.link.send(vec![disconnect_packet()]).await;
+        if let (Some(link), false) = (&mut self.link, router_dropped) {
+            let _ = link.send(vec![disconnect_packet()]).await;
         }
         if self.conn.version() == Version::V5 && !self.disconnect_sent {
             let code = match reason {
@@ -1673,38 +1729,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .inboxes
                 .detach(&d.id, d.epoch, own.unacknowledged(), keep);
         }
-        if let (Some((client_id, expiry)), false) = (persistent, router_dropped) {
+        match (persistent, link) {
             // A session ended because its rights changed (revoked, quarantined, moved) takes
             // its stored subscriptions with it, before this session counts as done (a new
             // connection of the device waits for that): the device subscribes again, under
             // the rights it has now.
-            let router = ctx.router.clone();
-            let generation = link.generation;
-            drop(link);
-            if rights_changed {
-                router.expire_session(client_id, generation).await;
-            } else {
+            (Some(_), Some(link)) if rights_changed && !router_dropped => {
+                ctx.router.expire_session(router_id, link.generation).await;
+            }
+            (Some(_), _) if rights_changed => {}
+            (Some(_), Some(_)) if router_dropped => {}
+            (Some((client_id, expiry)), link) => {
                 if unreleased.len() > 0 {
                     ctx.unreleased_qos2
                         .insert(client_id.clone(), unreleased.ids());
                 }
-                let ctx = ctx.clone();
+                let generation = link.map(|l| l.generation);
                 let inbox = device.as_ref().map(|d| (d.id.clone(), d.epoch));
+                let ctx = ctx.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(expiry).await;
-                    if router.expire_session(client_id.clone(), generation).await {
-                        ctx.unreleased_qos2.remove(&client_id);
-                        if let Some((id, epoch)) = inbox {
-                            ctx.local.inboxes.expire(&id, epoch);
+                    let expired = match (generation, inbox) {
+                        (Some(generation), _) => {
+                            ctx.router
+                                .expire_session(client_id.clone(), generation)
+                                .await
                         }
+                        (None, Some((id, epoch))) => ctx.local.inboxes.expire(&id, epoch),
+                        (None, None) => false,
+                    };
+                    if expired {
+                        ctx.unreleased_qos2.remove(&client_id);
                     }
                 });
             }
-        } else {
-            if !router_dropped {
-                ctx.router.forget(&router_id);
-            }
-            drop(link);
+            (None, Some(_)) if !router_dropped => ctx.router.forget(&router_id),
+            (None, _) => {}
         }
         conn.close(Duration::from_secs(1)).await;
         ctx.control.metrics.session_closed();
@@ -1780,17 +1840,19 @@ fn disconnect_packet() -> Packet {
     )
 }
 
-/// Whether a device's filter is one of its own topics (`devices/{id}/...`, the only ones under
-/// `devices/` its rights allow), delivered from its inbox instead of the router.
-fn is_direct(filter: &str) -> bool {
-    filter.starts_with("devices/")
-}
-
 fn qos_of(qos: u8) -> QoS {
     match qos {
         0 => QoS::AtMostOnce,
         1 => QoS::AtLeastOnce,
         _ => QoS::ExactlyOnce,
+    }
+}
+
+/// The router's next message for a service, or never for a device (it has no link).
+async fn next_from(link: &mut Option<Link>) -> Result<FromRouter, RouterError> {
+    match link {
+        Some(link) => link.next().await,
+        None => std::future::pending().await,
     }
 }
 
