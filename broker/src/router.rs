@@ -48,8 +48,8 @@ impl Default for RouterSettings {
         Self {
             max_connections: 100_000,
             max_outgoing_packet_count: 200,
-            max_segment_size: 16 * 1024 * 1024,
-            max_segment_count: 8,
+            max_segment_size: 8 * 1024 * 1024,
+            max_segment_count: 4,
         }
     }
 }
