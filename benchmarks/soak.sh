@@ -79,7 +79,9 @@ jq -r '.telemetry.intervals[] | [.end_s, .sent, .acked, .delivered, .drops, .rec
       c0 = ""; c1 = ""; rss = ""
       for (i = 1; i <= n; i++) { if (t[i] <= w0 + prev) c0 = c[i]; if (t[i] <= end) { c1 = c[i]; rss = r[i] } }
       cpu = (c0 == "" || c1 == "") ? "-" : sprintf("%.2f", (c1 - c0) / clk)
-      printf "| %d | %.1f | %s | %d | %d | %d | %d | %d | %d | %.1f / %.1f | %.1f |\n", m, rss / 1024, cpu, $2, $3, $4, $5, $6, $7, $8, $9, $10
+      # The simulator adds a shorter last row for what came after the last full interval.
+      label = ($1 - prev < 59) ? sprintf("last %.1f s", $1 - prev) : m
+      printf "| %s | %.1f | %s | %d | %d | %d | %d | %d | %d | %.1f / %.1f | %.1f |\n", label, rss / 1024, cpu, $2, $3, $4, $5, $6, $7, $8, $9, $10
       prev = $1
     }' server.samples -
 echo
