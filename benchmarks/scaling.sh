@@ -58,7 +58,8 @@ if [ "$BROKER" = platform ]; then
   DEV_PORT=$MQTTS_PORT; SERVER_CA=data/pki/server-ca.pem
   OBS=(--observe-url mqtt://127.0.0.1:$SERVICE_PORT --observe-username svc)
   export DEVICE_CLIENT_OBSERVE_PASSWORD; DEVICE_CLIENT_OBSERVE_PASSWORD=$(cat data/admin-token)
-  VERSION="fleet-service $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- broker fleet-service wire || echo +changes)"
+  # The last commit that changed the server, and whether the tree differs from it.
+  VERSION="fleet-service $(git -C "$ROOT" log -1 --format=%h -- broker fleet-service wire Cargo.lock)$(git -C "$ROOT" diff --quiet HEAD -- broker fleet-service wire Cargo.lock || echo +changes)"
 else
   DEV_PORT=${MOSQ_TLS_PORT:-18883}; PLAIN_PORT=${MOSQ_PLAIN_PORT:-18884}
   for p in $DEV_PORT $PLAIN_PORT; do port_free $p || { echo "port $p is in use"; exit 1; }; done
