@@ -163,9 +163,9 @@ CPU_TICKS=$(awk -v a="$W0" -v b="$W1" '{ t[NR] = $1; c[NR] = $2 }
   END { c0 = (a > t[1]) ? at(a) : ""; c1 = at(b); print ((c0 == "" || c1 == "") ? "" : c1 - c0) }' server.samples)
 
 # n: a latency or figure (2 significant decimals below 10); c: a count with thousands commas.
-fmt='def n: if . == null then "-" elif . >= 100 then (round | tostring)
-    elif . >= 10 then ((. * 10 | round) / 10 | tostring) else ((. * 100 | round) / 100 | tostring) end;
-  def c: tostring | if length <= 3 then . else (.[:-3] | c) + "," + .[-3:] end;'
+fmt='def c: tostring | if length <= 3 then . else (.[:-3] | c) + "," + .[-3:] end;
+  def n: if . == null then "-" elif . >= 100 then (round | c)
+    elif . >= 10 then ((. * 10 | round) / 10 | tostring) else ((. * 100 | round) / 100 | tostring) end;'
 jq -r --arg broker "$([ "$BROKER" = platform ] && echo ours || echo Mosquitto)" --argjson n "$N" \
   --arg rss_start "$RSS_START" --arg rss_max "$RSS_MAX" --arg ticks "$CPU_TICKS" --arg clk "$CLK" \
   --slurpfile storm storm.json "$fmt"'
