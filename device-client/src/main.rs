@@ -13,8 +13,8 @@ use device_client::fleet_wire::payload::Command;
 use device_client::fleet_wire::{CohortId, DeviceId, Topic};
 use device_client::pki::{Ca, CaOptions, DeviceCertOptions, KeyAlgorithm};
 use device_client::sim::{
-    self, Churn, ConnectStorm, DropMode, Fanout, Observe, Publisher, Qos, Scenario, SimConfig,
-    Soak, TelemetryLoad,
+    self, Churn, ConnectStorm, DropMode, Fanout, Observe, Probes, Publisher, Qos, Scenario,
+    SimConfig, Soak, TelemetryLoad,
 };
 use device_client::{
     publish_once, Agent, AgentConfig, BrokerUrl, ClientIdentity, CommandOutcome, ConnectOptions,
@@ -319,6 +319,29 @@ struct TelemetryArgs {
     /// publishes only once the SUBACK granted it, as the device agent does.
     #[arg(long)]
     subscribe_commands: bool,
+    /// A further filter every device subscribes to (QoS 1) in the same SUBSCRIBE, {id} for its
+    /// device id, e.g. cohorts/<cohort id>/updates; repeat for more. The device publishes only
+    /// once all are granted.
+    #[arg(long = "subscribe", value_name = "FILTER")]
+    subscribe: Vec<String>,
+    /// After publishing, send one command on this topic from the observer's session and time
+    /// it until every device that subscribed had it, e.g. cohorts/<cohort id>/commands (the
+    /// devices must subscribe to it with --subscribe).
+    #[arg(long, requires = "observe_url", value_name = "TOPIC")]
+    probe_fanout: Option<String>,
+    /// After publishing (and the --probe-fanout), send a command to this many devices picked at
+    /// random, one at a time, from the observer's session to their devices/{id}/commands, each
+    /// timed until that device had it. Needs --subscribe-commands.
+    #[arg(
+        long,
+        requires = "observe_url",
+        requires = "subscribe_commands",
+        value_name = "N"
+    )]
+    probe_commands: Option<usize>,
+    /// How long each probe may take to arrive.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    probe_timeout: Duration,
     #[command(flatten)]
     observe: ObserveArgs,
 }
@@ -848,6 +871,12 @@ async fn simulate(cmd: SimCmd) -> Result<()> {
                 observe: a.observe.observe(),
                 report_every: a.report_every,
                 subscribe_commands: a.subscribe_commands,
+                subscribe: a.subscribe,
+                probes: (a.probe_fanout.is_some() || a.probe_commands.is_some()).then(|| Probes {
+                    fanout_topic: a.probe_fanout,
+                    commands: a.probe_commands.unwrap_or(0),
+                    timeout: a.probe_timeout,
+                }),
             };
             (a.sim, Scenario::Telemetry(t))
         }
@@ -874,6 +903,8 @@ async fn simulate(cmd: SimCmd) -> Result<()> {
                 observe: a.observe.observe(),
                 report_every: Some(a.report_every),
                 subscribe_commands: a.subscribe_commands,
+                subscribe: Vec::new(),
+                probes: None,
             };
             (a.sim, Scenario::Soak(Soak { load, churn }))
         }
@@ -1398,6 +1429,50 @@ mod tests {
         };
         assert_eq!((t.qos, t.duration), (0, Duration::from_secs(2)));
         assert!(t.sim.json && t.observe.observe_url.is_some() && t.subscribe_commands);
+        assert!(t.subscribe.is_empty() && t.probe_fanout.is_none() && t.probe_commands.is_none());
+        let telemetry = |extra: &[&str]| {
+            let mut args = vec![
+                "device-client",
+                "simulate",
+                "telemetry",
+                "--url",
+                "mqtt://127.0.0.1:1883",
+            ];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        let cli = telemetry(&[
+            "--subscribe-commands",
+            "--subscribe",
+            "cohorts/c1/updates",
+            "--subscribe",
+            "cohorts/c1/commands",
+            "--observe-url",
+            "mqtt://127.0.0.1:1883",
+            "--probe-fanout",
+            "cohorts/c1/commands",
+            "--probe-commands",
+            "50",
+        ])
+        .unwrap();
+        let Cmd::Simulate(SimCmd::Telemetry(t)) = cli.command else {
+            panic!("not telemetry");
+        };
+        assert_eq!(t.subscribe, ["cohorts/c1/updates", "cohorts/c1/commands"]);
+        assert_eq!(t.probe_fanout.as_deref(), Some("cohorts/c1/commands"));
+        assert_eq!(
+            (t.probe_commands, t.probe_timeout),
+            (Some(50), Duration::from_secs(10))
+        );
+        // Probes are sent from the observer's session; single commands need the subscription.
+        assert!(telemetry(&["--probe-fanout", "cohorts/c1/commands"]).is_err());
+        assert!(telemetry(&[
+            "--observe-url",
+            "mqtt://127.0.0.1:1883",
+            "--probe-commands",
+            "5"
+        ])
+        .is_err());
         let cli = Cli::try_parse_from([
             "device-client",
             "simulate",

@@ -109,6 +109,18 @@ impl MqttClient {
     pub(crate) fn subscribe_to(&self, filter: String, qos: Qos) -> Result<(), SubmitError> {
         self.0.try_subscribe(filter, qos.into()).map_err(submit_err)
     }
+
+    /// Queues one SUBSCRIBE for several filters given as text, all at `qos`.
+    pub(crate) fn subscribe_many_to(
+        &self,
+        filters: Vec<String>,
+        qos: Qos,
+    ) -> Result<(), SubmitError> {
+        let filters = filters
+            .into_iter()
+            .map(|f| SubscribeFilter::new(f, qos.into()));
+        self.0.try_subscribe_many(filters).map_err(submit_err)
+    }
 }
 
 /// Delivery guarantee of a publish or subscription; serialized as 0 or 1.

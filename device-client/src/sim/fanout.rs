@@ -107,9 +107,7 @@ impl SessionRole for Receiving {
                 self.refused.fetch_add(1, Ordering::Relaxed);
             }
             MqttEvent::Message { payload, .. } => {
-                let probe = serde_json::from_slice::<Probe>(&payload)
-                    .ok()
-                    .map(|p| p.params)
+                let probe = probe_params(&payload)
                     .filter(|p| p.run == self.run && p.seq < u64::from(self.messages));
                 let Some(p) = probe else {
                     self.foreign.fetch_add(1, Ordering::Relaxed);
@@ -138,14 +136,21 @@ struct Probe {
     params: ProbeParams,
 }
 
-#[derive(Deserialize)]
-struct ProbeParams {
-    run: u64,
-    seq: u64,
-    ts_us: u64,
+/// What a message of [`payload`] carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub(crate) struct ProbeParams {
+    pub run: u64,
+    pub seq: u64,
+    pub ts_us: u64,
 }
 
-fn now_us() -> u64 {
+/// The run, message number and send time of a message of [`payload`]; `None` for anything
+/// else.
+pub(crate) fn probe_params(body: &[u8]) -> Option<ProbeParams> {
+    serde_json::from_slice::<Probe>(body).ok().map(|p| p.params)
+}
+
+pub(crate) fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)

@@ -2,7 +2,9 @@
 //! the whole fleet: counts and rates summed, latencies recomputed from the merged histograms,
 //! per-interval rows summed by interval index, process figures summed and kept per shard.
 //! Durations are the longest shard's. Each shard's observer counts its own devices' messages
-//! and the others' as foreign, so delivered and lost add up to the fleet's.
+//! and the others' as foreign, so delivered and lost add up to the fleet's. Each shard sends
+//! its own probes to its own devices: the fan-out probe's time until all received is the
+//! slowest shard's.
 //!
 //! **Invariant**: only the shards `1/N ..= N/N` of one run merge: the same scenario and
 //! parameters, each shard exactly once.
@@ -11,8 +13,9 @@ use std::collections::BTreeMap;
 
 use super::hist::Percentiles;
 use super::report::{
-    ChurnReport, CommandsSubscriptionReport, ConnectRound, FanoutReport, IdentityReport,
-    IntervalRow, ObserverReport, ProcessReport, Report, ShardProcess, TelemetryReport,
+    ChurnReport, CommandProbeReport, CommandsSubscriptionReport, ConnectRound, FanoutProbeReport,
+    FanoutReport, IdentityReport, IntervalRow, ObserverReport, ProbeReport, ProcessReport, Report,
+    ShardProcess, TelemetryReport,
 };
 use super::Shard;
 
@@ -269,6 +272,78 @@ fn add_telemetry(a: &mut TelemetryReport, b: &TelemetryReport) -> Result<(), Str
             None => a.intervals.push(row.clone()),
         }
     }
+    a.window_unix_s = match (a.window_unix_s, b.window_unix_s) {
+        (Some(x), Some(y)) => Some([x[0].min(y[0]), x[1].max(y[1])]),
+        (x, y) => x.or(y),
+    };
+    a.probes = match (a.probes.take(), &b.probes) {
+        (Some(mut x), Some(y)) => {
+            add_probes(&mut x, y)?;
+            Some(x)
+        }
+        (None, None) => None,
+        _ => return Err("probes in some shards only".into()),
+    };
+    Ok(())
+}
+
+fn add_probes(a: &mut ProbeReport, b: &ProbeReport) -> Result<(), String> {
+    a.fanout = match (a.fanout.take(), &b.fanout) {
+        (Some(mut x), Some(y)) => {
+            add_fanout_probe(&mut x, y)?;
+            Some(x)
+        }
+        (None, None) => None,
+        _ => return Err("a fan-out probe in some shards only".into()),
+    };
+    a.commands = match (a.commands.take(), &b.commands) {
+        (Some(mut x), Some(y)) => {
+            add_command_probe(&mut x, y)?;
+            Some(x)
+        }
+        (None, None) => None,
+        _ => return Err("command probes in some shards only".into()),
+    };
+    a.duplicates += b.duplicates;
+    a.foreign += b.foreign;
+    a.error = join_errors(a.error.take(), &b.error);
+    Ok(())
+}
+
+fn max_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn add_fanout_probe(a: &mut FanoutProbeReport, b: &FanoutProbeReport) -> Result<(), String> {
+    if a.topic != b.topic {
+        return Err(format!(
+            "a fan-out probe on {} where the others used {}",
+            b.topic, a.topic
+        ));
+    }
+    a.expected += b.expected;
+    a.received += b.received;
+    // All received only when every shard's devices all received theirs.
+    a.all_received_ms = a
+        .all_received_ms
+        .zip(b.all_received_ms)
+        .map(|(x, y)| x.max(y));
+    a.last_received_ms = max_opt(a.last_received_ms, b.last_received_ms);
+    a.delivery_latency = a.delivery_latency.merge(&b.delivery_latency)?;
+    Ok(())
+}
+
+fn add_command_probe(a: &mut CommandProbeReport, b: &CommandProbeReport) -> Result<(), String> {
+    a.sampled += b.sampled;
+    a.sent += b.sent;
+    a.delivered += b.delivered;
+    a.timed_out += b.timed_out;
+    a.skipped += b.skipped;
+    a.misdelivered += b.misdelivered;
+    a.latency = a.latency.merge(&b.latency)?;
     Ok(())
 }
 
@@ -482,6 +557,64 @@ mod tests {
         // A merged report does not merge again.
         let e = merge(&[m]).unwrap_err().to_string();
         assert!(e.contains("already a merged report"), "{e}");
+    }
+
+    #[test]
+    fn probes_merge_with_the_slowest_shard_for_all_received() {
+        let latencies = |values: &[u64]| {
+            let mut h = Histogram::new();
+            for v in values {
+                h.record(*v);
+            }
+            h.summary_ms()
+        };
+        let shard = |expected, received, all: Option<f64>, last, commands: &[u64]| ProbeReport {
+            fanout: Some(FanoutProbeReport {
+                topic: "cohorts/c/commands".into(),
+                expected,
+                received,
+                all_received_ms: all,
+                last_received_ms: Some(last),
+                delivery_latency: latencies(&[1_000, 2_000]),
+            }),
+            commands: Some(CommandProbeReport {
+                sampled: 3,
+                sent: 3,
+                delivered: commands.len() as u64,
+                timed_out: 3 - commands.len() as u64,
+                latency: latencies(commands),
+                ..CommandProbeReport::default()
+            }),
+            duplicates: 0,
+            foreign: 1,
+            error: None,
+        };
+        let mut a = shard(5, 5, Some(40.0), 40.0, &[500, 600, 700]);
+        add_probes(&mut a, &shard(5, 5, Some(90.0), 90.0, &[800, 900])).unwrap();
+        let f = a.fanout.as_ref().unwrap();
+        assert_eq!((f.expected, f.received), (10, 10));
+        assert_eq!(
+            (f.all_received_ms, f.last_received_ms),
+            (Some(90.0), Some(90.0))
+        );
+        assert_eq!(f.delivery_latency.count, 4);
+        let c = a.commands.as_ref().unwrap();
+        assert_eq!((c.sampled, c.delivered, c.timed_out), (6, 5, 1));
+        assert_eq!(c.latency, latencies(&[500, 600, 700, 800, 900]));
+        assert_eq!(a.foreign, 2);
+        // One shard's devices did not all receive theirs: neither did the fleet's.
+        add_probes(&mut a, &shard(5, 4, None, 120.0, &[])).unwrap();
+        let f = a.fanout.as_ref().unwrap();
+        assert_eq!((f.expected, f.received), (15, 14));
+        assert_eq!((f.all_received_ms, f.last_received_ms), (None, Some(120.0)));
+        let mut other = shard(5, 5, None, 1.0, &[]);
+        other.fanout.as_mut().unwrap().topic = "cohorts/d/commands".into();
+        assert!(add_probes(&mut a, &other).is_err());
+        let none = ProbeReport {
+            fanout: None,
+            ..ProbeReport::default()
+        };
+        assert!(add_probes(&mut a, &none).is_err());
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //!   or publish; and one round of connects at a given concurrency and rate.
 //! - `storm`, `telemetry`, `fanout`: the scenarios; `soak` is `telemetry` while `soak`'s
 //!   churn drops devices at random and they reconnect.
+//! - `probe`: `telemetry`'s delivery probes after publishing: one message to every device,
+//!   then commands to single devices, each timed until it arrived.
 //! - [`update`]: the `update` scenario: real agents with real updaters, failures injected at
 //!   given rates, following the cohort's deployments (its own report).
 //! - `stats`: failure reasons, sequence tracking (loss, duplicates), `/proc/self` readings,
@@ -27,6 +29,7 @@ mod fanout;
 pub mod hist;
 mod identities;
 pub mod merge;
+mod probe;
 pub mod report;
 mod session;
 pub mod shard;
@@ -55,7 +58,7 @@ use crate::url::BrokerUrl;
 pub use crate::mqtt::Qos;
 pub use report::{
     ChurnReport, ConnectRound, FanoutReport, IdentityReport, IntervalRow, ObserverReport,
-    ProcessReport, Report, TelemetryReport,
+    ProbeReport, ProcessReport, Report, TelemetryReport,
 };
 pub use shard::Shard;
 pub use stats::{devices_allowed, raise_open_files_limit};
@@ -225,6 +228,12 @@ pub struct TelemetryLoad {
     /// granted. On the platform this puts one filter per device in the router, which every
     /// new topic is matched against.
     pub subscribe_commands: bool,
+    /// More filters each device subscribes to (QoS 1), in the same SUBSCRIBE as its command
+    /// topic, after the topic prefix; `{id}` stands for the device id (e.g.
+    /// `cohorts/<cohort id>/commands`). The device publishes only once all are granted.
+    pub subscribe: Vec<String>,
+    /// Messages sent to the devices after publishing; needs `observe`.
+    pub probes: Option<Probes>,
 }
 
 impl Default for TelemetryLoad {
@@ -240,6 +249,33 @@ impl Default for TelemetryLoad {
             observe: None,
             report_every: None,
             subscribe_commands: false,
+            subscribe: Vec::new(),
+            probes: None,
+        }
+    }
+}
+
+/// `telemetry`'s delivery probes, once publishing is over and acknowledged: commands sent from
+/// the observer's session (a backend service), first one on `fanout_topic`, timed until every
+/// device that subscribed had it, then one at a time to `commands` devices picked at random
+/// (their `devices/{id}/commands`), each timed until that device had it.
+#[derive(Debug, Clone)]
+pub struct Probes {
+    /// After the topic prefix, e.g. `cohorts/<cohort id>/commands`; every device must have
+    /// subscribed to it (see [`TelemetryLoad::subscribe`]).
+    pub fanout_topic: Option<String>,
+    /// Devices that get a command of their own; needs [`TelemetryLoad::subscribe_commands`].
+    pub commands: usize,
+    /// How long each probe may take to arrive.
+    pub timeout: Duration,
+}
+
+impl Default for Probes {
+    fn default() -> Self {
+        Self {
+            fanout_topic: None,
+            commands: 0,
+            timeout: Duration::from_secs(10),
         }
     }
 }
@@ -450,6 +486,30 @@ impl Scenario {
                 }
                 if t.payload_size > 128 * 1024 {
                     return bad("the payload size must be at most 131072 bytes");
+                }
+                if t.subscribe.iter().any(|f| f.is_empty() || f.contains('\0')) {
+                    return bad("a subscription filter must not be empty or contain NUL");
+                }
+                if let Some(p) = &t.probes {
+                    if matches!(self, Scenario::Soak(_)) {
+                        return bad("a soak sends no probes");
+                    }
+                    if t.observe.is_none() {
+                        return bad("probes are sent from the observer's session: add an observer");
+                    }
+                    if p.commands > 0 && !t.subscribe_commands {
+                        return bad("command probes need the devices subscribed to their commands");
+                    }
+                    if p.fanout_topic.as_ref().is_some_and(|f| {
+                        f.is_empty() || f.contains(['+', '#', '\0']) || f.contains("{id}")
+                    }) {
+                        return bad(
+                            "the fan-out probe topic must be one topic name, without wildcards",
+                        );
+                    }
+                    if p.timeout.is_zero() || p.timeout > Duration::from_secs(600) {
+                        return bad("the probe timeout must be above 0 and at most 600 s");
+                    }
                 }
             }
             Scenario::Fanout(f) => {
@@ -952,5 +1012,71 @@ mod tests {
             ..Fanout::default()
         });
         assert!(wildcard.validate().is_err());
+
+        let observe = Observe {
+            url: "mqtt://127.0.0.1:8884".parse().unwrap(),
+            credentials: None,
+            server_ca_pem: None,
+            filter: None,
+        };
+        let probing = |probes: Probes, observed: bool, commands: bool| TelemetryLoad {
+            observe: observed.then(|| observe.clone()),
+            subscribe_commands: commands,
+            subscribe: vec!["cohorts/c1/commands".into()],
+            probes: Some(probes),
+            ..load.clone()
+        };
+        let both = Probes {
+            fanout_topic: Some("cohorts/c1/commands".into()),
+            commands: 5,
+            ..Probes::default()
+        };
+        assert!(Scenario::Telemetry(probing(both.clone(), true, true))
+            .validate()
+            .is_ok());
+        let fanout_only = Probes {
+            commands: 0,
+            ..both.clone()
+        };
+        assert!(Scenario::Telemetry(probing(fanout_only, true, false))
+            .validate()
+            .is_ok());
+        let bad = [
+            ("no observer", probing(both.clone(), false, true)),
+            (
+                "no command subscription",
+                probing(both.clone(), true, false),
+            ),
+            (
+                "wildcard",
+                probing(
+                    Probes {
+                        fanout_topic: Some("cohorts/+/commands".into()),
+                        ..both.clone()
+                    },
+                    true,
+                    true,
+                ),
+            ),
+            (
+                "no timeout",
+                probing(
+                    Probes {
+                        timeout: Duration::ZERO,
+                        ..both.clone()
+                    },
+                    true,
+                    true,
+                ),
+            ),
+        ];
+        for (what, t) in bad {
+            assert!(Scenario::Telemetry(t).validate().is_err(), "{what}");
+        }
+        let soak = Scenario::Soak(Soak {
+            load: probing(both, true, true),
+            churn: Churn::default(),
+        });
+        assert!(soak.validate().is_err(), "a soak with probes");
     }
 }

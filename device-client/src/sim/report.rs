@@ -129,17 +129,75 @@ pub struct TelemetryReport {
     pub first_puback_latency: Option<Percentiles>,
     /// The same for every publish after a device's first (QoS 1).
     pub later_puback_latency: Option<Percentiles>,
-    /// With `--subscribe-commands`: the devices' subscriptions to their command topics.
+    /// With `--subscribe-commands` or `--subscribe`: the devices' subscriptions before
+    /// publishing.
     pub commands_subscription: Option<CommandsSubscriptionReport>,
     pub observer: Option<ObserverReport>,
     /// With an interval: what happened in each.
     pub intervals: Vec<IntervalRow>,
+    /// Unix time (s) when publishing began and when every publish was acknowledged (or the
+    /// wait for them gave up), before any probe: the window to read a server's CPU time over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_unix_s: Option<[f64; 2]>,
+    /// With probes: what the devices received of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<ProbeReport>,
 }
 
-/// Each device subscribed to `devices/{id}/commands` (QoS 1) after its CONNACK; only the
-/// devices whose subscription was granted publish.
+/// Messages sent to the devices after publishing, from the observer's session.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProbeReport {
+    pub fanout: Option<FanoutProbeReport>,
+    pub commands: Option<CommandProbeReport>,
+    /// A probe a device received more than once.
+    pub duplicates: u64,
+    /// Messages the devices received that were not this run's probes (another shard's
+    /// fan-out probe on a shared topic, retained messages).
+    pub foreign: u64,
+    pub error: Option<String>,
+}
+
+/// One message on a topic every device subscribed to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FanoutProbeReport {
+    /// With the topic prefix.
+    pub topic: String,
+    /// Devices whose subscriptions were granted and whose session was up.
+    pub expected: u64,
+    pub received: u64,
+    /// From the publish to the last device's receipt, when every expected device had it.
+    pub all_received_ms: Option<f64>,
+    /// From the publish to the latest receipt, whether or not all had it.
+    pub last_received_ms: Option<f64>,
+    /// From the publish to each device's receipt.
+    pub delivery_latency: Percentiles,
+}
+
+/// Commands to single devices (`devices/{id}/commands`), one at a time.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CommandProbeReport {
+    /// Devices picked at random among those subscribed.
+    pub sampled: u64,
+    pub sent: u64,
+    pub delivered: u64,
+    /// Sent and not received within the probe timeout.
+    pub timed_out: u64,
+    /// Not sent: the max duration was reached, the publisher failed, or three in a row timed
+    /// out.
+    pub skipped: u64,
+    /// Received by a device they were not for.
+    pub misdelivered: u64,
+    /// From the publish to the device's receipt.
+    pub latency: Percentiles,
+}
+
+/// Each device subscribed (QoS 1) after its CONNACK, in one SUBSCRIBE, to `devices/{id}/commands`
+/// and/or further filters; only the devices whose subscription was granted publish.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CommandsSubscriptionReport {
+    /// The filters, with the topic prefix; `{id}` stands for each device's id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<String>,
     pub granted: u64,
     pub refused: u64,
     /// Without a SUBACK when publishing began.
@@ -318,6 +376,12 @@ pub(crate) fn parameters(config: &SimConfig, scenario: &Scenario) -> Value {
             "inflight": t.inflight,
             "report_every_s": t.report_every.map(|d| d.as_secs_f64()),
             "subscribe_commands": t.subscribe_commands,
+            "subscribe": t.subscribe,
+            "probes": t.probes.as_ref().map(|p| json!({
+                "fanout_topic": p.fanout_topic,
+                "commands": p.commands,
+                "timeout_s": p.timeout.as_secs_f64(),
+            })),
             "observe": t.observe.as_ref().map(|o| json!({
                 "url": o.url.to_string(),
                 "username": o.credentials.as_ref().map(|c| c.username.clone()),
@@ -353,6 +417,52 @@ pub(crate) fn parameters(config: &SimConfig, scenario: &Scenario) -> Value {
         );
     }
     p
+}
+
+impl ProbeReport {
+    fn write_table(&self, out: &mut String) {
+        if let Some(f) = &self.fanout {
+            let l = &f.delivery_latency;
+            let _ = writeln!(
+                out,
+                "  probe to all on {}: received {} of {}  until all received ms {}  (latest {})  per device ms: p50 {}  p99 {}",
+                f.topic,
+                f.received,
+                f.expected,
+                ms(f.all_received_ms),
+                ms(f.last_received_ms),
+                ms(l.p50_ms),
+                ms(l.p99_ms),
+            );
+        }
+        if let Some(c) = &self.commands {
+            let l = &c.latency;
+            let _ = writeln!(
+                out,
+                "  probe commands to single devices: {} sampled, {} sent, {} delivered, {} timed out, {} skipped, {} misdelivered  ms: p50 {}  p90 {}  p99 {}  max {}",
+                c.sampled,
+                c.sent,
+                c.delivered,
+                c.timed_out,
+                c.skipped,
+                c.misdelivered,
+                ms(l.p50_ms),
+                ms(l.p90_ms),
+                ms(l.p99_ms),
+                ms(l.max_ms),
+            );
+        }
+        if self.duplicates > 0 || self.foreign > 0 {
+            let _ = writeln!(
+                out,
+                "  probes: {} duplicates, {} foreign messages at the devices",
+                self.duplicates, self.foreign
+            );
+        }
+        if let Some(e) = &self.error {
+            let _ = writeln!(out, "  probe error: {e}");
+        }
+    }
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -480,6 +590,9 @@ impl Report {
             );
             if let Some(c) = &t.commands_subscription {
                 let l = &c.suback_latency;
+                if !c.filters.is_empty() {
+                    let _ = writeln!(out, "  subscribed first to: {}", c.filters.join(", "));
+                }
                 let _ = writeln!(
                     out,
                     "  commands subscribed first: granted {}  refused {}  unanswered {}  SUBACK ms: p50 {}  p90 {}  p99 {}  max {}",
@@ -574,6 +687,9 @@ impl Report {
                 if let Some(e) = &o.error {
                     let _ = writeln!(out, "  observer error: {e}");
                 }
+            }
+            if let Some(p) = &t.probes {
+                p.write_table(&mut out);
             }
         }
         if let Some(f) = &self.fanout {

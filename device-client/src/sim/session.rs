@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use super::fanout::Receiving;
 use super::hist::SharedHistogram;
+use super::probe::Inbox;
 use super::report::ConnectRound;
 use super::soak::Churning;
 use super::stats::{failure_reason, per_second, Reasons, SeqSet, Usage};
@@ -79,9 +80,14 @@ pub(crate) struct DevicePublishes {
     pub commands_granted: AtomicBool,
 }
 
-/// The devices' subscriptions to their command topics (`--subscribe-commands`).
+/// The devices' subscriptions before publishing: their command topics (`--subscribe-commands`)
+/// and further filters (`--subscribe`), in one SUBSCRIBE per device.
 #[derive(Debug)]
 pub(crate) struct CommandSubscriptions {
+    /// Each device's own `devices/{id}/commands`.
+    pub commands: bool,
+    /// With the topic prefix; `{id}` stands for the device id.
+    pub filters: Vec<String>,
     pub granted: AtomicU64,
     /// Refused by the broker, or not queued because the session was gone.
     pub refused: AtomicU64,
@@ -104,12 +110,22 @@ pub(crate) struct Publishing {
     /// When the last acknowledgement arrived, µs after `started`.
     pub last_ack_us: AtomicU64,
     pub started: StdInstant,
-    /// Set when each device subscribes to its command topic before publishing.
+    /// Set when each device subscribes before publishing.
     pub commands: Option<CommandSubscriptions>,
+    /// Set when the run sends probes to the devices.
+    pub inbox: Option<Inbox>,
 }
 
 impl Publishing {
-    pub(crate) fn new(devices: usize, qos: Qos, subscribe_commands: bool) -> Self {
+    /// `filters` (with the topic prefix, `{id}` for the device id) are subscribed together
+    /// with the command topic.
+    pub(crate) fn new(
+        devices: usize,
+        qos: Qos,
+        subscribe_commands: bool,
+        filters: Vec<String>,
+    ) -> Self {
+        let subscribes = subscribe_commands || !filters.is_empty();
         Self {
             qos,
             devices: (0..devices).map(|_| DevicePublishes::default()).collect(),
@@ -119,15 +135,19 @@ impl Publishing {
             interval_latency: SharedHistogram::new(SHARDS),
             last_ack_us: AtomicU64::new(0),
             started: StdInstant::now(),
-            commands: subscribe_commands.then(|| CommandSubscriptions {
+            commands: subscribes.then(|| CommandSubscriptions {
+                commands: subscribe_commands,
+                filters,
                 granted: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
                 suback_latency: SharedHistogram::new(SHARDS),
             }),
+            inbox: None,
         }
     }
 
-    /// Queues device `index`'s SUBSCRIBE to its command topic, if the run wants one.
+    /// Queues device `index`'s SUBSCRIBE to its command topic and further filters, if the run
+    /// wants one.
     pub(crate) fn subscribe_commands(&self, ctx: &Ctx, index: usize, client: &MqttClient) {
         let Some(commands) = &self.commands else {
             return;
@@ -136,10 +156,14 @@ impl Publishing {
         self.devices[index]
             .subscribed_at_us
             .store(at, Ordering::Relaxed);
-        if client
-            .subscribe_to(ctx.commands_topic(index), Qos::AtLeastOnce)
-            .is_err()
-        {
+        let id = ctx.devices[index].id.as_str();
+        let filters = commands
+            .commands
+            .then(|| ctx.commands_topic(index))
+            .into_iter()
+            .chain(commands.filters.iter().map(|f| f.replace("{id}", id)))
+            .collect();
+        if client.subscribe_many_to(filters, Qos::AtLeastOnce).is_err() {
             commands.refused.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -362,6 +386,11 @@ impl SessionRole for Publishing {
                     live.acked.fetch_add(1, Ordering::Relaxed);
                     let us = self.started.elapsed().as_micros() as u64;
                     self.last_ack_us.fetch_max(us, Ordering::Relaxed);
+                }
+            }
+            MqttEvent::Message { payload, .. } => {
+                if let Some(inbox) = &self.inbox {
+                    inbox.on_message(index, &payload);
                 }
             }
             MqttEvent::SubAck { refused } => {

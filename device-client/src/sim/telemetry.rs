@@ -5,7 +5,9 @@
 //!
 //! QoS 1 PUBACK latency is also reported apart for each device's first publish, whose topic is
 //! new to the broker. With `subscribe_commands` every device first subscribes to its command
-//! topic, as the device agent does, and publishes only once that is granted.
+//! topic (and with `subscribe` to further filters), as the device agent does, and publishes
+//! only once that is granted. With probes, the observer's session then sends messages to the
+//! devices and times them (`probe`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use tokio::time::Instant;
 
 use super::hist::Histogram;
 use super::identities::device_index;
+use super::probe::{self, Inbox};
 use super::report::{CommandsSubscriptionReport, IntervalRow, ObserverReport, TelemetryReport};
 use super::session::{
     connect_round, end_sessions, join_sessions, AfterConnect, Publishing, RoundSpec,
@@ -65,7 +68,14 @@ pub(crate) async fn run(
         None => None,
     };
 
-    let publishing = Arc::new(Publishing::new(n, t.qos, t.subscribe_commands));
+    let filters = t
+        .subscribe
+        .iter()
+        .map(|f| format!("{}{f}", ctx.config.topic_prefix))
+        .collect();
+    let mut publishing = Publishing::new(n, t.qos, t.subscribe_commands, filters);
+    publishing.inbox = t.probes.as_ref().map(|p| Inbox::new(n, p.commands));
+    let publishing = Arc::new(publishing);
     let offered = Arc::new(Offered::default());
     let spec = RoundSpec {
         round: 1,
@@ -108,6 +118,7 @@ pub(crate) async fn run(
     let period = Duration::from_secs_f64(1.0 / t.rate);
     let start = Instant::now();
     let start_std = StdInstant::now();
+    let start_unix = unix_s();
     let end = (start + t.duration).min(ctx.deadline);
     truncated |= start + t.duration > ctx.deadline;
     // Taken before any device can publish, so the rows add up to the totals.
@@ -137,7 +148,7 @@ pub(crate) async fn run(
                 .commands_granted
                 .load(Ordering::Relaxed)
         };
-        if !round.connected[index] || (t.subscribe_commands && !granted()) {
+        if !round.connected[index] || (publishing.commands.is_some() && !granted()) {
             continue;
         }
         let offset = period.mul_f64(index as f64 / n as f64);
@@ -176,6 +187,25 @@ pub(crate) async fn run(
     while !drained(live, t.qos) && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let window_unix_s = Some([start_unix, unix_s()]);
+    let probes = match (&t.probes, &observer, &publishing.inbox) {
+        (Some(_), _, _) if Instant::now() >= ctx.deadline => {
+            truncated = true;
+            None
+        }
+        (Some(p), Some(o), Some(inbox)) if churning.is_none() => {
+            let subscribed: Vec<usize> = (0..n)
+                .filter(|i| {
+                    let d = &publishing.devices[*i];
+                    round.connected[*i]
+                        && d.commands_granted.load(Ordering::Relaxed)
+                        && !d.ended.load(Ordering::Relaxed)
+                })
+                .collect();
+            Some(probe::run(ctx, &o.client, inbox, p, &subscribed).await)
+        }
+        _ => None,
+    };
     let grace = ctx.deadline.max(Instant::now()) + GRACE;
     if let Some(c) = &churning {
         // Ended before the last row, so the rows count every drop and reconnect: a clean drop
@@ -217,6 +247,12 @@ pub(crate) async fn run(
     let commands_subscription = publishing.commands.as_ref().map(|c| {
         let (granted, refused) = (get(&c.granted), get(&c.refused));
         CommandsSubscriptionReport {
+            filters: c
+                .commands
+                .then(|| format!("{}devices/{{id}}/commands", ctx.config.topic_prefix))
+                .into_iter()
+                .chain(c.filters.iter().cloned())
+                .collect(),
             granted,
             refused,
             unanswered: round.row.connected.saturating_sub(granted + refused),
@@ -245,6 +281,8 @@ pub(crate) async fn run(
         commands_subscription,
         observer,
         intervals,
+        window_unix_s,
+        probes,
     };
     Ok(Outcome {
         rounds: vec![round.row],
@@ -489,6 +527,10 @@ fn now_us() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+fn unix_s() -> f64 {
+    now_us() as f64 / 1e6
 }
 
 /// What the observer saw.
