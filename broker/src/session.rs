@@ -910,6 +910,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let max_pending = self.ctx.settings.receive_maximum;
         let (reason, router_dropped) = loop {
             let can_read = self.acks.len() < max_pending && self.bus.len() < max_pending;
+            if !can_read {
+                // Not reading is the broker's doing (answers wait for the bus): the client's
+                // keepalive counts from when the session reads again.
+                last_read = tokio::time::Instant::now();
+            }
             let keepalive_deadline = self.keepalive.map(|k| last_read + k);
             tokio::select! {
                 reason = self.kick.recv() => {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use device_client::fleet_wire::{DeviceId, Topic};
 use device_client::pki::{Ca, CaOptions, DeviceCertOptions, KeyAlgorithm};
 use device_client::sim::{
-    self, Churn, ConnectStorm, DropMode, Fanout, Observe, Publisher, Qos, Report, Scenario, Shard,
-    SimConfig, Soak, TelemetryLoad,
+    self, Churn, ConnectStorm, DropMode, Fanout, Observe, Probes, Publisher, Qos, Report, Scenario,
+    Shard, SimConfig, Soak, TelemetryLoad,
 };
 use device_client::{publish_once, ClientIdentity, ConnectOptions, Credentials, TlsConfig};
 use e2e::{Fleet, Platform, TestCa};
@@ -226,6 +226,14 @@ async fn telemetry_is_acknowledged_stored_and_delivered_without_loss() {
         }),
         report_every: None,
         subscribe_commands: true,
+        // The scaling table's row in small: a cohort topic beside the commands, one message
+        // to the whole cohort and one command each to five devices after publishing.
+        subscribe: vec![format!("cohorts/{}/commands", fleet.cohort_id)],
+        probes: Some(Probes {
+            fanout_topic: Some(format!("cohorts/{}/commands", fleet.cohort_id)),
+            commands: 5,
+            timeout: Duration::from_secs(5),
+        }),
     });
     let report = sim::run(&config, &load).await.unwrap();
     assert_all_connected(&report, 20);
@@ -256,6 +264,22 @@ async fn telemetry_is_acknowledged_stored_and_delivered_without_loss() {
     );
     assert_eq!(o.latency.count, 200);
     assert!(o.error.is_none(), "{o:?}");
+    let probes = t.probes.as_ref().expect("probe results");
+    let fanout = probes.fanout.as_ref().expect("fan-out probe");
+    assert_eq!((fanout.expected, fanout.received), (20, 20), "{probes:?}");
+    assert!(fanout.all_received_ms.is_some(), "{probes:?}");
+    let commands = probes.commands.as_ref().expect("command probes");
+    assert_eq!(
+        (
+            commands.sampled,
+            commands.sent,
+            commands.delivered,
+            commands.timed_out
+        ),
+        (5, 5, 5, 0),
+        "{probes:?}"
+    );
+    assert_eq!(probes.duplicates, 0, "{probes:?}");
 
     // PUBACK means committed: the platform stored every message.
     for id in ["tele-00000", "tele-00019"] {
@@ -326,6 +350,8 @@ async fn plain_mqtt_against_mosquitto() {
         }),
         report_every: None,
         subscribe_commands: false,
+        subscribe: Vec::new(),
+        probes: None,
     });
     let report = sim::run(&config, &load).await.unwrap();
     let t = report.telemetry.as_ref().unwrap();
@@ -497,6 +523,8 @@ async fn soak_with_churn_drops_and_reconnects_without_losing_acknowledged_teleme
             }),
             report_every: Some(Duration::from_secs(2)),
             subscribe_commands: false,
+            subscribe: Vec::new(),
+            probes: None,
         },
         churn: Churn {
             per_min: 120.0,
