@@ -17,8 +17,9 @@
 //!
 //! **Invariants**: an inbox belongs to one session epoch at a time: a session acts on it only
 //! while it owns it, so a late end of a replaced session never touches its successor's inbox;
-//! a queue holds at most `max_queued` messages (beyond, new ones are dropped and counted, as
-//! Mosquitto does); no lock is held across an `.await`.
+//! a queue holds at most `max_queued` messages and `max_queued_bytes` of topics and payloads
+//! (beyond, new ones are dropped and counted, as Mosquitto does), so what a publisher sends to
+//! an absent device stays bounded; no lock is held across an `.await`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +56,8 @@ struct Inbox {
     owner: u64,
     filters: Vec<DirectFilter>,
     queue: VecDeque<Delivery>,
+    /// Topic and payload bytes in `queue`.
+    queued_bytes: usize,
     /// Wakes the owning session while it is connected.
     wake: Option<mpsc::Sender<()>>,
 }
@@ -66,6 +69,7 @@ pub(crate) struct Inboxes {
     /// device's inbox guard is released, never the other way round.
     by_cohort: DashMap<CohortId, std::collections::HashSet<DeviceId>>,
     max_queued: usize,
+    max_queued_bytes: usize,
     queued: AtomicU64,
     dropped: AtomicU64,
 }
@@ -78,11 +82,12 @@ pub(crate) struct Attached {
 }
 
 impl Inboxes {
-    pub fn new(max_queued: usize) -> Self {
+    pub fn new(max_queued: usize, max_queued_bytes: usize) -> Self {
         Self {
             boxes: DashMap::new(),
             by_cohort: DashMap::new(),
             max_queued: max_queued.max(1),
+            max_queued_bytes: max_queued_bytes.max(1),
             queued: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         }
@@ -99,11 +104,13 @@ impl Inboxes {
                 owner: epoch,
                 filters: Vec::new(),
                 queue: VecDeque::new(),
+                queued_bytes: 0,
                 wake: None,
             }
         });
         let dropped = if clean {
             inbox.queue.clear();
+            inbox.queued_bytes = 0;
             std::mem::take(&mut inbox.filters)
         } else {
             Vec::new()
@@ -202,11 +209,14 @@ impl Inboxes {
         if qos == 0 && inbox.wake.is_none() {
             return;
         }
-        if inbox.queue.len() >= self.max_queued {
+        let size = size_of(message);
+        if inbox.queue.len() >= self.max_queued || inbox.queued_bytes + size > self.max_queued_bytes
+        {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(device_id = %id, "inbox full; message dropped");
             return;
         }
+        inbox.queued_bytes += size;
         inbox.queue.push_back(Delivery {
             message: message.clone(),
             qos,
@@ -224,7 +234,10 @@ impl Inboxes {
         match self.boxes.get_mut(id).filter(|b| b.owner == epoch) {
             Some(mut inbox) => {
                 let n = n.min(inbox.queue.len());
-                inbox.queue.drain(..n).collect()
+                let taken: Vec<Delivery> = inbox.queue.drain(..n).collect();
+                let bytes: usize = taken.iter().map(|d| size_of(&d.message)).sum();
+                inbox.queued_bytes = inbox.queued_bytes.saturating_sub(bytes);
+                taken
             }
             None => Vec::new(),
         }
@@ -241,6 +254,7 @@ impl Inboxes {
             inbox.wake = None;
             for mut d in unacknowledged.into_iter().rev() {
                 d.dup = true;
+                inbox.queued_bytes += size_of(&d.message);
                 inbox.queue.push_front(d);
             }
         }
@@ -291,6 +305,11 @@ impl Inboxes {
     }
 }
 
+/// What a queued message counts against `max_queued_bytes`.
+fn size_of(message: &Message) -> usize {
+    message.topic.len() + message.payload.len()
+}
+
 /// The cohort a filter lies under (`cohorts/{id}/...`), if any.
 fn cohort_of(filter: &str) -> Option<CohortId> {
     let rest = filter.strip_prefix("cohorts/")?;
@@ -325,7 +344,7 @@ mod tests {
 
     #[test]
     fn only_the_addressed_device_with_a_matching_filter_gets_it() {
-        let boxes = Inboxes::new(10);
+        let boxes = Inboxes::new(10, usize::MAX);
         let (a, b) = (id("a"), id("b"));
         let _wa = boxes.attach(&a, 1, true);
         let _wb = boxes.attach(&b, 1, true);
@@ -339,7 +358,7 @@ mod tests {
 
     #[test]
     fn qos_is_the_lower_of_message_and_grant_and_no_local_holds() {
-        let boxes = Inboxes::new(10);
+        let boxes = Inboxes::new(10, usize::MAX);
         let a = id("a");
         let _w = boxes.attach(&a, 1, true);
         assert_eq!(boxes.subscribe(&a, 1, "devices/a/commands/#", 2, true), 1);
@@ -352,7 +371,7 @@ mod tests {
 
     #[test]
     fn persistent_session_queues_while_away_and_resends_unacknowledged() {
-        let boxes = Inboxes::new(10);
+        let boxes = Inboxes::new(10, usize::MAX);
         let a = id("a");
         let _w = boxes.attach(&a, 1, false);
         boxes.subscribe(&a, 1, "devices/a/commands", 1, false);
@@ -373,7 +392,7 @@ mod tests {
 
     #[test]
     fn a_replaced_session_cannot_touch_its_successor() {
-        let boxes = Inboxes::new(10);
+        let boxes = Inboxes::new(10, usize::MAX);
         let a = id("a");
         let _old = boxes.attach(&a, 1, false);
         let _new = boxes.attach(&a, 2, false);
@@ -387,7 +406,7 @@ mod tests {
 
     #[test]
     fn clean_session_and_expiry_forget() {
-        let boxes = Inboxes::new(10);
+        let boxes = Inboxes::new(10, usize::MAX);
         let a = id("a");
         let _w = boxes.attach(&a, 1, false);
         boxes.subscribe(&a, 1, "devices/a/commands", 1, false);
@@ -404,8 +423,25 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_full_of_bytes_drops_too() {
+        // 18 bytes of topic + 2 of payload each: two fit in 45 bytes, a third does not.
+        let boxes = Inboxes::new(10, 45);
+        let a = id("a");
+        let _w = boxes.attach(&a, 1, true);
+        boxes.subscribe(&a, 1, "devices/a/commands", 1, false);
+        for _ in 0..3 {
+            boxes.deliver(&a, &msg("devices/a/commands", 1), None);
+        }
+        assert_eq!(boxes.snapshot().dropped, 1);
+        assert_eq!(boxes.take(&a, 1, 10).len(), 2);
+        // Taken messages free their bytes.
+        boxes.deliver(&a, &msg("devices/a/commands", 1), None);
+        assert_eq!(boxes.take(&a, 1, 10).len(), 1);
+    }
+
+    #[test]
     fn a_full_queue_drops_and_counts() {
-        let boxes = Inboxes::new(2);
+        let boxes = Inboxes::new(2, usize::MAX);
         let a = id("a");
         let _w = boxes.attach(&a, 1, true);
         boxes.subscribe(&a, 1, "devices/a/commands", 1, false);
@@ -418,7 +454,7 @@ mod tests {
 
     #[test]
     fn a_cohort_message_reaches_its_subscribers_only() {
-        let boxes = Inboxes::new(10);
+        let boxes = Inboxes::new(10, usize::MAX);
         let (a, b, c) = (id("a"), id("b"), id("c"));
         let cohort = "01a23b34-2036-7505-9a04-5048e8a58c21";
         let other = "01a23b34-2036-7505-9a04-5048e8a58c22";

@@ -18,10 +18,10 @@ pub(crate) struct Local {
 }
 
 impl Local {
-    pub fn new(max_queued: usize) -> Self {
+    pub fn new(max_queued: usize, max_queued_bytes: usize) -> Self {
         Self {
             retained: Retained::default(),
-            inboxes: Inboxes::new(max_queued),
+            inboxes: Inboxes::new(max_queued, max_queued_bytes),
         }
     }
 

@@ -159,7 +159,8 @@ pub struct MetricsSnapshot {
     pub device_inboxes: u64,
     /// Messages queued to device inboxes since start (each device a message reached counts).
     pub inbox_messages: u64,
-    /// Messages dropped because a device's inbox was full (`max_queued_messages`).
+    /// Messages dropped because a device's inbox was full (`max_queued_messages`,
+    /// `max_queued_bytes`).
     pub inbox_dropped: u64,
     pub rejections: std::collections::BTreeMap<&'static str, u64>,
 }

@@ -65,6 +65,8 @@ pub struct BrokerConfig {
     /// is away with a persistent session or reads slowly; beyond, new ones are dropped and
     /// counted (`inbox_dropped`).
     pub max_queued_messages: usize,
+    /// Bytes (topics and payloads) queued for one device, the same way.
+    pub max_queued_bytes: usize,
     /// How long a new connection waits for the session it takes over to finish.
     pub takeover_wait_ms: u64,
     /// Longest a disconnected persistent session is kept, seconds (MQTT 3.1.1 sessions have
@@ -92,6 +94,7 @@ impl Default for BrokerConfig {
             max_property_bytes: 8 * 1024,
             max_subscriptions: 1_000,
             max_queued_messages: 1_000,
+            max_queued_bytes: 1024 * 1024,
             takeover_wait_ms: 5_000,
             max_session_expiry_secs: 7 * 24 * 3600,
             bus_timeout_ms: 10_000,
@@ -137,7 +140,10 @@ impl Broker {
             control.registry.clone(),
         )?);
         let router = RouterHandle::spawn(&config.router);
-        let local = Arc::new(Local::new(config.max_queued_messages));
+        let local = Arc::new(Local::new(
+            config.max_queued_messages,
+            config.max_queued_bytes,
+        ));
         let system = SystemPublisher::start(&router, local.clone())?;
         // A control serves one broker; a second `Broker::new` on it keeps the first link.
         let _ = control.node.set(crate::control::Node {
