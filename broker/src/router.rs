@@ -414,13 +414,7 @@ impl SystemPublisher {
                 topic_alias_max: 0,
             },
         )?;
-        let Link {
-            mut tx,
-            mut rx,
-            filters,
-            ..
-        } = link;
-        drop(filters);
+        let Link { mut tx, mut rx, .. } = link;
         let (queue, inbox) = flume::bounded::<SystemMessage>(10_000);
         std::thread::Builder::new()
             .name("broker-system-link".into())

@@ -640,6 +640,9 @@ impl PacketIds {
 /// from 1 to 100 (rumqttd's in-flight window), so the two never collide on one connection.
 const OWN_PKID_FIRST: u16 = 1024;
 
+/// Most retained messages waiting to be sent to one client (a few per device of a full node).
+const MAX_WAITING_RETAINED: usize = 100_000;
+
 /// Most QoS 1 deliveries of the session's own in flight (further bounded by the client's
 /// Receive Maximum).
 const OWN_WINDOW: usize = 32;
@@ -719,9 +722,8 @@ struct Session<S> {
     device: Option<DeviceSession>,
     will: Option<(LastWill, Option<LastWillProperties>)>,
     session_expiry: u32,
-    /// For a persistent session: its router client id and how long the router keeps it once
-    /// disconnected.
-    persistent: Option<(String, Duration)>,
+    /// For a persistent session: how long it is kept once disconnected.
+    persistent: Option<Duration>,
     /// The router's client id of this session.
     router_id: String,
     keepalive: Option<Duration>,
@@ -790,10 +792,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Version::V5 => Duration::from_secs(session_expiry as u64),
                 Version::V311 => ctx.settings.max_session_expiry,
             };
-            (
-                router_client_id.clone(),
-                expiry.min(ctx.settings.max_session_expiry),
-            )
+            expiry.min(ctx.settings.max_session_expiry)
         });
         let client_receive_max = info
             .props
@@ -1589,7 +1588,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 continue;
             }
             if !slot.then.is_empty() {
-                self.own.waiting.extend(std::mem::take(&mut slot.then));
+                // A client that subscribes again and again without acknowledging cannot make
+                // the session hold more replays than this.
+                let room = MAX_WAITING_RETAINED.saturating_sub(self.own.waiting.len());
+                if slot.then.len() > room {
+                    warn!(
+                        dropped = slot.then.len() - room,
+                        "retained messages not sent: too many already waiting for this client"
+                    );
+                }
+                let then = std::mem::take(&mut slot.then);
+                self.own.waiting.extend(then.into_iter().take(room));
             }
             let mut packet = slot.packet.expect("ready slot has a packet");
             if let Some(err) = slot.bus_error {
@@ -1744,7 +1753,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             (Some(_), _) if rights_changed => {}
             (Some(_), Some(_)) if router_dropped => {}
-            (Some((client_id, expiry)), link) => {
+            (Some(expiry), link) => {
+                let client_id = router_id;
                 if unreleased.len() > 0 {
                     ctx.unreleased_qos2
                         .insert(client_id.clone(), unreleased.ids());
