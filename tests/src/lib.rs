@@ -16,6 +16,8 @@ use rcgen::{
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+pub mod nats;
+
 pub const WAIT: Duration = Duration::from_secs(10);
 
 /// Declares `sqlite::NAME` and `postgres::NAME` tests for each `async fn NAME(Platform)` given,
