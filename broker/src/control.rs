@@ -40,6 +40,12 @@ pub struct BrokerControl {
     /// The running broker's delivery parts, once a [`crate::Broker`] was built on this control.
     pub(crate) node: Arc<OnceLock<Node>>,
     pub(crate) rejected: Arc<RecentRejections>,
+    /// Whether the node takes new connections (a cluster node that cannot renew its lease
+    /// stops: another process is about to declare its devices lost).
+    accepting: Arc<std::sync::atomic::AtomicBool>,
+    /// Where the platform's own publishes go on a process with no broker of its own (a
+    /// fleet-service replica in a cluster): straight to the other nodes.
+    pub(crate) remote: Arc<OnceLock<crate::cluster::Egress>>,
 }
 
 /// What a running broker delivers through: its own router link, the router, and what the node
@@ -64,6 +70,8 @@ impl BrokerControl {
             service_sessions: Arc::new(DashMap::new()),
             node: Arc::new(OnceLock::new()),
             rejected: Arc::new(RecentRejections::new(4096)),
+            accepting: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            remote: Arc::new(OnceLock::new()),
         }
     }
 
@@ -97,11 +105,31 @@ impl BrokerControl {
         payload: Bytes,
         retain: bool,
     ) -> Result<(), NotRunning> {
-        let node = self.node.get().ok_or(NotRunning)?;
-        node.system
-            .publish(topic.to_string(), payload, 1, retain)
-            .await;
+        match (self.node.get(), self.remote.get()) {
+            (Some(node), _) => {
+                node.system
+                    .publish(topic.to_string(), payload, 1, retain)
+                    .await
+            }
+            (None, Some(remote)) => remote.send(&topic.to_string(), &payload, 1, retain),
+            (None, None) => return Err(NotRunning),
+        }
         Ok(())
+    }
+
+    /// Whether the node takes new device and service connections.
+    pub fn accepting(&self) -> bool {
+        self.accepting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops (false) or resumes (true) taking new connections; live sessions go on.
+    pub fn set_accepting(&self, accepting: bool) {
+        let was = self
+            .accepting
+            .swap(accepting, std::sync::atomic::Ordering::Relaxed);
+        if was != accepting {
+            tracing::warn!(accepting, "node admission changed");
+        }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {

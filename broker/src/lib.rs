@@ -16,6 +16,8 @@
 //! - [`acl`]: topic rights for devices and backend services.
 //! - [`registry`]: the in-memory CA and device cache the connect path reads, and JITP.
 //! - [`bus`]: the seam to the fleet service (durable event intake).
+//! - [`cluster`]: a node's link to the other broker nodes over NATS (live messages, retained
+//!   messages, takeovers across nodes).
 //! - [`auth`]: API keys on the service listener.
 //! - [`metrics`]: counters, rejections by reason.
 //! - [`rejections`]: the most recent refused connections, for operators.
@@ -24,6 +26,7 @@ pub mod acl;
 pub mod admission;
 pub mod auth;
 pub mod bus;
+pub mod cluster;
 pub mod control;
 mod inbox;
 mod local;

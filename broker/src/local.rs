@@ -15,6 +15,8 @@ use crate::router::proto::PublishProperties;
 pub(crate) struct Local {
     pub retained: Retained,
     pub inboxes: Inboxes,
+    /// On a cluster node: where what this node accepted leaves for the other nodes.
+    pub cluster: std::sync::OnceLock<crate::cluster::Egress>,
 }
 
 impl Local {
@@ -22,6 +24,7 @@ impl Local {
         Self {
             retained: Retained::default(),
             inboxes: Inboxes::new(max_queued, max_queued_bytes),
+            cluster: std::sync::OnceLock::new(),
         }
     }
 
@@ -39,6 +42,9 @@ impl Local {
         props: Option<&PublishProperties>,
         from: Option<&DeviceId>,
     ) {
+        if let Some(cluster) = self.cluster.get() {
+            cluster.send(topic, payload, qos, retain);
+        }
         let to = parsed.and_then(recipients);
         if !retain && to.is_none() {
             return;
@@ -54,11 +60,51 @@ impl Local {
         }
         // An empty retained payload clears the retained message and still reaches the
         // subscribers of the moment, as any publish does.
+        Self::offer(&self.inboxes, to, &message, from);
+    }
+
+    /// Delivers a publish another node accepted to the devices here that subscribed to it.
+    /// Its retained copy, if any, arrives through the cluster's retained stream instead.
+    pub fn deliver(
+        &self,
+        topic: &str,
+        parsed: Option<&Topic>,
+        payload: &Bytes,
+        qos: u8,
+        props: Option<&PublishProperties>,
+        from: Option<&DeviceId>,
+    ) {
+        let Some(to) = parsed.and_then(recipients) else {
+            return;
+        };
+        let message = Arc::new(Message {
+            topic: topic.to_owned(),
+            payload: payload.clone(),
+            qos,
+            props: props.cloned(),
+        });
+        Self::offer(&self.inboxes, Some(to), &message, from);
+    }
+
+    fn offer(
+        inboxes: &Inboxes,
+        to: Option<Recipients<'_>>,
+        message: &Arc<Message>,
+        from: Option<&DeviceId>,
+    ) {
         match to {
-            Some(Recipients::Device(id)) => self.inboxes.deliver(id, &message, from),
-            Some(Recipients::Cohort(id)) => self.inboxes.deliver_cohort(id, &message),
+            Some(Recipients::Device(id)) => inboxes.deliver(id, message, from),
+            Some(Recipients::Cohort(id)) => inboxes.deliver_cohort(id, message),
             None => {}
         }
+    }
+
+    /// The epoch of the presence retained at `topic`, if any.
+    pub fn retained_presence_epoch(&self, topic: &str) -> Option<u64> {
+        let current = self.retained.matching(topic).pop()?;
+        serde_json::from_slice::<fleet_wire::payload::Presence>(&current.payload)
+            .ok()
+            .map(|p| p.epoch)
     }
 }
 

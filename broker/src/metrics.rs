@@ -55,6 +55,10 @@ pub enum Rejection {
     ConnectionLimit,
     #[error("the node takes no more new connections this second; try again later")]
     ConnectRateExceeded,
+    #[error(
+        "the node lost its place in the cluster and takes no devices; connect to another node"
+    )]
+    NodeFenced,
     #[error("malformed packet or protocol violation")]
     MalformedPacket,
     #[error("over a per-client limit (packet size, properties, Receive Maximum)")]
@@ -62,7 +66,7 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 25] = [
+    pub const ALL: [Rejection; 26] = [
         Rejection::TlsHandshake,
         Rejection::BadCertificate,
         Rejection::UnknownCa,
@@ -88,6 +92,7 @@ impl Rejection {
         Rejection::OverLimit,
         Rejection::ConnectionLimit,
         Rejection::ConnectRateExceeded,
+        Rejection::NodeFenced,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -115,6 +120,7 @@ impl Rejection {
             Rejection::CertificateRevoked => "certificate_revoked",
             Rejection::ConnectionLimit => "connection_limit",
             Rejection::ConnectRateExceeded => "connect_rate_exceeded",
+            Rejection::NodeFenced => "node_fenced",
             Rejection::MalformedPacket => "malformed_packet",
             Rejection::OverLimit => "over_limit",
         }

@@ -178,6 +178,8 @@ pub struct Registry {
     provisioning: DashMap<DeviceId, Arc<tokio::sync::Mutex<()>>>,
     store: Arc<dyn RegistryStore>,
     metrics: Arc<Metrics>,
+    /// Epochs follow the clock (cluster nodes); see [`Registry::next_epoch`].
+    epoch_clock: std::sync::atomic::AtomicBool,
 }
 
 impl Registry {
@@ -192,6 +194,7 @@ impl Registry {
             provisioning: DashMap::new(),
             store,
             metrics,
+            epoch_clock: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -304,10 +307,32 @@ impl Registry {
         self.devices.len()
     }
 
-    /// Hands out the next session epoch for a device: strictly larger than any before it.
+    /// Hands out the next session epoch for a device: strictly larger than any before it
+    /// (handed out here, loaded, or seen from another node). In a cluster it is also at least
+    /// the clock in microseconds, so a node that has not yet heard of a session another node
+    /// opened a moment ago still hands out a larger epoch.
     pub fn next_epoch(&self, id: &DeviceId) -> Option<u64> {
+        let clock = self.epoch_clock.load(Ordering::Relaxed).then(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64)
+        });
         self.devices.get_mut(id).map(|mut d| {
-            d.session_epoch += 1;
+            d.session_epoch = (d.session_epoch + 1).max(clock.unwrap_or(0));
+            d.session_epoch
+        })
+    }
+
+    /// Makes epochs follow the clock (see [`Registry::next_epoch`]); set on cluster nodes.
+    pub fn use_clock_epochs(&self) {
+        self.epoch_clock.store(true, Ordering::Relaxed);
+    }
+
+    /// Records that a session with `epoch` exists elsewhere (another node), so the next one
+    /// here gets a larger epoch. Returns the device's highest epoch known here.
+    pub fn observe_epoch(&self, id: &DeviceId, epoch: u64) -> Option<u64> {
+        self.devices.get_mut(id).map(|mut d| {
+            d.session_epoch = d.session_epoch.max(epoch);
             d.session_epoch
         })
     }

@@ -86,14 +86,19 @@ pub(crate) struct RouterHandle {
 /// log) on the first SUBSCRIBE of a filter string and never removes it, so this is the number
 /// of filters every publish is matched against. Kept as hashes: a long filter costs no more.
 #[derive(Default)]
-pub(crate) struct RouterFilters(std::sync::Mutex<std::collections::HashSet<u64>>);
+pub(crate) struct RouterFilters {
+    seen: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// On a cluster node: told each filter the first time it appears, so the node subscribes
+    /// to what it matches on the backbone.
+    pub(crate) announce: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
+}
 
 impl RouterFilters {
     fn note(&self, packet: &Packet) {
         let Packet::Subscribe(subscribe, _) = packet else {
             return;
         };
-        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut set = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         for f in &subscribe.filters {
             // The router files a shared subscription under its inner filter.
             let inner = f
@@ -103,12 +108,16 @@ impl RouterFilters {
                 .map_or(f.path.as_str(), |(_, inner)| inner);
             use std::hash::{BuildHasher, BuildHasherDefault};
             let hash = BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(inner);
-            set.insert(hash);
+            if set.insert(hash) {
+                if let Some(announce) = self.announce.get() {
+                    let _ = announce.send(inner.to_owned());
+                }
+            }
         }
     }
 
     pub fn count(&self) -> usize {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
@@ -145,6 +154,14 @@ impl RouterHandle {
             next_generation: Arc::new(std::sync::atomic::AtomicU64::new(1)),
             filters: Arc::default(),
         }
+    }
+
+    /// Every filter the router holds from now on (see [`RouterFilters`]); filters it already
+    /// holds are not replayed, so call this before serving.
+    pub fn announce_filters(&self) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let _ = self.filters.announce.set(tx);
+        rx
     }
 
     /// How many filters the router holds (see [`RouterFilters`]).

@@ -205,6 +205,24 @@ impl Broker {
         self.ctx.control.clone()
     }
 
+    /// Makes this broker a node of a cluster (see [`crate::cluster`]): what it accepts reaches
+    /// the other nodes, what they accept reaches its subscribers, retained messages are the
+    /// cluster's. Call before [`Broker::serve`].
+    pub async fn join_cluster(
+        &self,
+        config: crate::cluster::ClusterConfig,
+    ) -> Result<crate::cluster::ClusterLink, async_nats::Error> {
+        let filters = self.ctx.router.announce_filters();
+        crate::cluster::join(
+            config,
+            self.ctx.control.clone(),
+            self.ctx.local.clone(),
+            self.ctx.system.clone(),
+            filters,
+        )
+        .await
+    }
+
     /// Serves devices (mTLS) and backend services (API key) until `shutdown` resolves, then
     /// ends every session (reason `server_shutdown`) and waits for them, up to the grace period.
     pub async fn serve(

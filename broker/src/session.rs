@@ -119,12 +119,15 @@ fn queue_refusal<S: AsyncRead + AsyncWrite + Unpin>(
             Version::V311,
             Rejection::ProvisioningFailed
             | Rejection::ConnectionLimit
-            | Rejection::ConnectRateExceeded,
+            | Rejection::ConnectRateExceeded
+            | Rejection::NodeFenced,
         ) => ConnectReturnCode::ServiceUnavailable,
         (Version::V311, _) => ConnectReturnCode::NotAuthorized,
         (Version::V5, Rejection::ClientIdMismatch) => ConnectReturnCode::ClientIdentifierNotValid,
         (Version::V5, Rejection::BadCredentials) => ConnectReturnCode::BadUserNamePassword,
-        (Version::V5, Rejection::ProvisioningFailed) => ConnectReturnCode::ServerUnavailable,
+        (Version::V5, Rejection::ProvisioningFailed | Rejection::NodeFenced) => {
+            ConnectReturnCode::ServerUnavailable
+        }
         (Version::V5, Rejection::ConnectionLimit) => ConnectReturnCode::QuotaExceeded,
         (Version::V5, Rejection::ConnectRateExceeded) => ConnectReturnCode::ServerBusy,
         (Version::V5, Rejection::BadConnect) => ConnectReturnCode::ProtocolError,
@@ -169,7 +172,12 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
     conn.set_limits(ctx.settings.limits);
     match conn.read_connect(ctx.settings.connect_timeout).await {
         Ok(Packet::Connect(connect, props, will, will_props, login)) => {
-            if let Err(why) = ctx.admission.admit() {
+            let admitted = if ctx.control.accepting() {
+                ctx.admission.admit()
+            } else {
+                Err(Rejection::NodeFenced)
+            };
+            if let Err(why) = admitted {
                 queue_refusal(ctx, conn, why, None, peer);
                 let _ = conn.flush().await;
                 return None;

@@ -27,8 +27,35 @@ pub struct Cli {
 pub enum Command {
     /// Run the whole platform: broker, fleet service and REST bridge.
     Serve(ServeArgs),
+    /// Run a broker node of a cluster: the device and service listeners, sessions and router;
+    /// events go to NATS JetStream, live messages to the other nodes (needs --nats-url and a
+    /// PostgreSQL --database-url).
+    Broker(ServeArgs),
+    /// Run a fleet-service replica of a cluster: event intake from NATS JetStream, the rollout
+    /// engine and the REST bridge (needs --nats-url and a PostgreSQL --database-url).
+    Api(ServeArgs),
     /// Print the commented default tuning file.
     PrintConfig,
+}
+
+/// Which parts of the platform a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything in one process (`serve`).
+    All,
+    /// A broker node (`broker`).
+    Broker,
+    /// A fleet-service replica (`api`).
+    Api,
+}
+
+impl Role {
+    pub fn runs_broker(self) -> bool {
+        matches!(self, Role::All | Role::Broker)
+    }
+    pub fn runs_api(self) -> bool {
+        matches!(self, Role::All | Role::Api)
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -51,9 +78,17 @@ pub struct ServeArgs {
     /// Bootstrap admin API key. Generated, stored in <data-dir>/admin-token and printed when unset.
     #[arg(long, env = "FLEET_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Tuning file (see config/fleet.toml).
+    /// Tuning file (see config/fleet.toml; config/cluster.toml for a cluster).
     #[arg(long, env = "FLEET_CONFIG")]
     pub config: Option<PathBuf>,
+    /// NATS server with JetStream (`nats://host:4222`), the cluster's backbone. Required by
+    /// `broker` and `api`; with `serve` it puts the single process on the backbone too.
+    #[arg(long, env = "FLEET_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// This process's name in the cluster (unique per broker node; it marks the sessions the
+    /// node holds). Overrides `node_id` in the tuning file.
+    #[arg(long, env = "FLEET_NODE_ID")]
+    pub node_id: Option<String>,
 }
 
 /// Tuning that rarely changes; the TOML file's shape.
@@ -69,6 +104,45 @@ pub struct Tuning {
     pub devices: DeviceTuning,
     pub audit: AuditTuning,
     pub listen: ListenTuning,
+    pub cluster: ClusterTuning,
+}
+
+/// Running as a cluster (`broker` / `api`); ignored by `serve` without `--nats-url`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterTuning {
+    /// Namespace of the cluster's NATS subjects and streams, so several installations can
+    /// share one NATS.
+    pub prefix: String,
+    /// A broker node renews its lease this often.
+    pub node_lease_renew_ms: u64,
+    /// A node whose lease is this old is declared lost: its devices go offline (`node_lost`).
+    pub node_lease_ttl_ms: u64,
+    /// A node that could not renew its lease for this long stops taking connections.
+    pub node_fence_after_ms: u64,
+    /// The rollout engine and the pruners run on one replica, which holds a lease this long.
+    pub leader_lease_ttl_ms: u64,
+    /// JetStream: the events stream refuses (and PUBACKs wait) beyond this many bytes.
+    pub events_max_bytes: i64,
+    /// JetStream: a publish repeated within this window (same message id) is stored once.
+    pub duplicate_window_secs: u64,
+    /// JetStream: an event a replica took but did not acknowledge goes to another after this.
+    pub ack_wait_secs: u64,
+}
+
+impl Default for ClusterTuning {
+    fn default() -> Self {
+        Self {
+            prefix: "fleet".into(),
+            node_lease_renew_ms: 2000,
+            node_lease_ttl_ms: 10_000,
+            node_fence_after_ms: 5000,
+            leader_lease_ttl_ms: 6000,
+            events_max_bytes: 1 << 30,
+            duplicate_window_secs: 120,
+            ack_wait_secs: 30,
+        }
+    }
 }
 
 /// The listening sockets.
@@ -160,6 +234,7 @@ impl Default for Tuning {
             devices: DeviceTuning::default(),
             audit: AuditTuning::default(),
             listen: ListenTuning::default(),
+            cluster: ClusterTuning::default(),
         }
     }
 }
@@ -218,6 +293,9 @@ pub struct Config {
     pub http_listen: SocketAddr,
     pub admin_token: Option<String>,
     pub tuning: Tuning,
+    pub role: Role,
+    /// The cluster's NATS; None: the embedded bus, one process.
+    pub nats_url: Option<String>,
 }
 
 impl Config {
@@ -232,11 +310,18 @@ impl Config {
             http_listen: any,
             admin_token: None,
             tuning: Tuning::default(),
+            role: Role::All,
+            nats_url: None,
         }
     }
 
     pub fn from_args(args: ServeArgs) -> anyhow::Result<Self> {
-        let tuning = match &args.config {
+        Self::for_role(args, Role::All)
+    }
+
+    /// Settings of a process that runs `role`; `broker` and `api` need NATS and PostgreSQL.
+    pub fn for_role(args: ServeArgs, role: Role) -> anyhow::Result<Self> {
+        let mut tuning = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading {}", path.display()))?;
@@ -259,6 +344,27 @@ impl Config {
         if !(database_url.starts_with("sqlite:") || database_url.starts_with("postgres")) {
             anyhow::bail!("--database-url must start with sqlite:// or postgres://");
         }
+        if let Some(node_id) = args.node_id {
+            if node_id.is_empty() || node_id.contains(|c: char| c.is_whitespace() || c == '.') {
+                anyhow::bail!("--node-id must be non-empty, without spaces or dots");
+            }
+            tuning.node_id = node_id;
+        }
+        if role != Role::All {
+            let what = if role == Role::Broker {
+                "broker"
+            } else {
+                "api"
+            };
+            if args.nats_url.is_none() {
+                anyhow::bail!(
+                    "`fleet-service {what}` runs in a cluster: give --nats-url (or FLEET_NATS_URL)"
+                );
+            }
+            if !database_url.starts_with("postgres") {
+                anyhow::bail!("`fleet-service {what}` runs in a cluster, whose processes share one PostgreSQL: give a postgres:// --database-url");
+            }
+        }
         Ok(Self {
             data_dir: args.data_dir,
             database_url,
@@ -267,6 +373,8 @@ impl Config {
             http_listen: args.http_listen,
             admin_token: args.admin_token,
             tuning,
+            role,
+            nats_url: args.nats_url,
         })
     }
 }
@@ -310,6 +418,8 @@ mod tests {
             http_listen: "127.0.0.1:0".parse().unwrap(),
             admin_token: Some("short".into()),
             config: None,
+            nats_url: None,
+            node_id: None,
         };
         let err = Config::from_args(args).unwrap_err().to_string();
         assert_eq!(err, "--admin-token must be at least 16 characters");

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use fleet_service::app::App;
-use fleet_service::config::{Cli, Command, Config, DEFAULT_TUNING};
+use fleet_service::config::{Cli, Command, Config, Role, DEFAULT_TUNING};
 
 /// jemalloc instead of glibc's malloc: about 13 KiB less RSS per idle device connection, and
 /// freed memory goes back to the system over time (benchmarks/README.md, memory per connection).
@@ -13,15 +13,17 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let args = match cli.command {
+    let (args, role) = match cli.command {
         Command::PrintConfig => {
             print!("{DEFAULT_TUNING}");
             return std::process::ExitCode::SUCCESS;
         }
-        Command::Serve(args) => args,
+        Command::Serve(args) => (args, Role::All),
+        Command::Broker(args) => (args, Role::Broker),
+        Command::Api(args) => (args, Role::Api),
     };
     install_logging();
-    match run(args).await {
+    match run(args, role).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fleet-service: {e:#}");
@@ -49,8 +51,8 @@ fn install_logging() {
         .init();
 }
 
-async fn run(args: fleet_service::config::ServeArgs) -> anyhow::Result<()> {
-    let config = Config::from_args(args)?;
+async fn run(args: fleet_service::config::ServeArgs, role: Role) -> anyhow::Result<()> {
+    let config = Config::for_role(args, role)?;
     let app = App::start(config).await?;
     println!("{}", app.banner());
     shutdown_signal().await;
