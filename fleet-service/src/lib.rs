@@ -9,6 +9,9 @@
 //! - [`intake`]: consumes the broker's event bus in batches and commits device state.
 //! - [`api`]: the REST bridge for operators (axum).
 //! - [`keys`]: API keys: hashing, the in-memory cache the REST and MQTT service paths read.
+//! - [`leader`]: singleton tasks across replicas, each run while its lease is held.
+//! - [`nodes`]: broker node liveness: the node lease a broker renews (and the self-fencing
+//!   signal when it cannot), and the reaper that declares dead nodes' devices offline.
 //! - [`rollout`]: the rollout engine (staged waves, thresholds, rollback) and the pure policy
 //!   it follows; the only publisher of the cohorts' desired releases.
 //! - [`provisioning`]: the registry's writes on the connect path (JITP in group commits).
@@ -19,6 +22,8 @@ pub mod app;
 pub mod config;
 pub mod intake;
 pub mod keys;
+pub mod leader;
+pub mod nodes;
 pub mod pki;
 pub mod provisioning;
 pub mod rollout;

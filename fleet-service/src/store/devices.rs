@@ -1,5 +1,5 @@
 //! Devices: provisioning, the start-up loader, lookups and listing, and the clean-up of
-//! presence after a node restart.
+//! presence after a node restarted or was lost.
 
 use std::collections::BTreeMap;
 
@@ -9,6 +9,28 @@ use broker::registry::{
 use fleet_wire::{CohortId, DeviceId};
 
 use super::{json_from_text, now_ms, tags_from_json, tags_to_json, Store, StoreError};
+
+/// Why a broker node's sessions ended without the node reporting each disconnect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NodeGone {
+    /// The node started again: what it held online belongs to its previous run
+    /// (`server_restart`).
+    Restarted,
+    /// The node's lease expired: it died, stalled or lost the database (`node_lost`).
+    Lost,
+}
+
+impl NodeGone {
+    /// The disconnect reason stored on the devices and their sessions.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeGone::Restarted => fleet_wire::payload::DisconnectReason::ServerRestart.as_str(),
+            // `fleet_wire::payload::DisconnectReason` has no `NodeLost` yet: adding it needs an
+            // arm in the broker's exhaustive match on reasons (`session.rs::finish`).
+            NodeGone::Lost => "node_lost",
+        }
+    }
+}
 
 /// Where a device is in its life. Only `registered`, `online` and `offline` follow presence;
 /// the others are set deliberately and presence leaves them alone.
@@ -590,50 +612,101 @@ impl Store {
 
     /// Marks every device this node held online as offline, and ends the sessions of its
     /// connection history that this node left open, because the node restarted and those
-    /// sessions are gone (`server_restart`); returns the devices' ids. Session epochs stay, so a late presence
-    /// event from one of those sessions is still recognised as stale.
+    /// sessions are gone (`server_restart`); returns the devices' ids, sorted. Session epochs
+    /// stay, so a late presence event from one of those sessions is still recognised as stale.
     pub async fn mark_node_offline(&self, node_id: &str) -> Result<Vec<DeviceId>, StoreError> {
+        let marked = self
+            .mark_node_offline_as(node_id, NodeGone::Restarted)
+            .await?;
+        Ok(marked.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// Marks every device `node_id` held online as offline with `reason`, and ends the open
+    /// sessions of its connection history; returns each device with its session epoch (the
+    /// epoch an offline presence for it must carry), sorted by id. Conditional on `online AND
+    /// node_id`, so each device is marked once however many callers race.
+    pub async fn mark_node_offline_as(
+        &self,
+        node_id: &str,
+        reason: NodeGone,
+    ) -> Result<Vec<(DeviceId, u64)>, StoreError> {
+        Ok(self
+            .end_node_sessions(node_id, reason, None)
+            .await?
+            .unwrap_or_default())
+    }
+
+    /// [`Store::mark_node_offline_as`], in one transaction with deleting the lease term
+    /// `(name, holder, token)` when `lease` is given: `None` (and nothing changed) if that term
+    /// is gone, because another caller reaped it or the node renewed it.
+    pub(super) async fn end_node_sessions(
+        &self,
+        node_id: &str,
+        reason: NodeGone,
+        lease: Option<(&str, &str, i64)>,
+    ) -> Result<Option<Vec<(DeviceId, u64)>>, StoreError> {
         let now = now_ms();
-        let reason = fleet_wire::payload::DisconnectReason::ServerRestart.as_str();
-        let ids: Vec<(String,)> = with_pool!(self, |pool, begin| {
+        let reason = reason.as_str();
+        let rows: Option<Vec<(String, i64)>> = with_pool!(self, |pool, begin| {
             let mut tx = pool.begin_with(begin).await?;
-            let ids: Vec<(String,)> = sqlx::query_as(&format!(
-                "UPDATE devices SET online = FALSE, \
-                 state = CASE WHEN {PRESENCE_DRIVEN} THEN $2 ELSE state END, \
-                 state_reason = CASE WHEN {PRESENCE_DRIVEN} THEN $3 ELSE state_reason END, \
-                 state_changed_at = CASE WHEN {PRESENCE_DRIVEN} AND state <> $2 \
-                     THEN $4 ELSE state_changed_at END, \
-                 disconnect_reason = $5, last_seen = $4, presence_rank = 1, node_id = NULL, \
-                 updated_at = $4 \
-                 WHERE online = TRUE AND node_id = $1 \
-                 RETURNING id"
-            ))
-            .bind(node_id)
-            .bind(DeviceState::Offline.as_str())
-            .bind(format!("disconnected: {reason}"))
-            .bind(now)
-            .bind(reason)
-            .fetch_all(&mut *tx)
-            .await?;
-            // The connection history ends the sessions the crashed run held, too.
-            sqlx::query(
-                "UPDATE device_sessions SET ended_at = $2, end_reason = $3 \
-                 WHERE node_id = $1 AND ended_at IS NULL",
-            )
-            .bind(node_id)
-            .bind(now)
-            .bind(reason)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            ids
+            let held = match lease {
+                Some((name, holder, token)) => {
+                    sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2 AND token = $3")
+                        .bind(name)
+                        .bind(holder)
+                        .bind(token)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 1
+                }
+                None => true,
+            };
+            if held {
+                let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+                    "UPDATE devices SET online = FALSE, \
+                     state = CASE WHEN {PRESENCE_DRIVEN} THEN $2 ELSE state END, \
+                     state_reason = CASE WHEN {PRESENCE_DRIVEN} THEN $3 ELSE state_reason END, \
+                     state_changed_at = CASE WHEN {PRESENCE_DRIVEN} AND state <> $2 \
+                         THEN $4 ELSE state_changed_at END, \
+                     disconnect_reason = $5, last_seen = $4, presence_rank = 1, node_id = NULL, \
+                     updated_at = $4 \
+                     WHERE online = TRUE AND node_id = $1 \
+                     RETURNING id, session_epoch"
+                ))
+                .bind(node_id)
+                .bind(DeviceState::Offline.as_str())
+                .bind(format!("disconnected: {reason}"))
+                .bind(now)
+                .bind(reason)
+                .fetch_all(&mut *tx)
+                .await?;
+                // The connection history ends the sessions the lost run held, too.
+                sqlx::query(
+                    "UPDATE device_sessions SET ended_at = $2, end_reason = $3 \
+                     WHERE node_id = $1 AND ended_at IS NULL",
+                )
+                .bind(node_id)
+                .bind(now)
+                .bind(reason)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Some(rows)
+            } else {
+                tx.rollback().await?;
+                None
+            }
         });
-        let mut ids = ids
+        let Some(rows) = rows else {
+            return Ok(None);
+        };
+        let mut marked = rows
             .into_iter()
-            .map(|(id,)| device_id(&id))
-            .collect::<Result<Vec<_>, _>>()?;
-        ids.sort();
-        Ok(ids)
+            .map(|(id, epoch)| Ok((device_id(&id)?, epoch.max(0) as u64)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        marked.sort();
+        Ok(Some(marked))
     }
 }
 

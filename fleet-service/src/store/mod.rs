@@ -8,9 +8,11 @@
 //! - `catalog`: products and cohorts.
 //! - [`cas`]: manufacturing CA certificates, and the PEM checks every CA goes through.
 //! - `devices`: device rows, just-in-time provisioning ([`broker::registry::RegistryStore`]),
-//!   the start-up loaders, listing and presence clean-up after a restart.
+//!   the start-up loaders, listing and presence clean-up after a node restarted or was lost.
 //! - `events`: the intake's batched writes (presence, telemetry, reported state) and telemetry
 //!   retention.
+//! - `leases`: named, expiring leases with fencing tokens (singletons across replicas, broker
+//!   node liveness), judged on the database's clock.
 //! - `orgs`: organizations, the boundary every other row sits inside.
 //! - `lifecycle`: devices registered before manufacturing (optionally pinned to one
 //!   certificate), deletion, and revoked certificates.
@@ -70,6 +72,7 @@ pub mod cas;
 mod catalog;
 mod devices;
 mod events;
+mod leases;
 mod lifecycle;
 mod orgs;
 mod quarantine;
@@ -81,11 +84,14 @@ pub use audit::{ActorKind, AuditEntry, AuditFilter, NewAuditEntry};
 pub use ca_proof::VerificationCode;
 pub use cas::{CaCertificate, CaUpdate, NewCa};
 pub use catalog::{Cohort, Product};
-pub use devices::{Device, DeviceCertificate, DeviceCursor, DeviceFilter, DeviceSort, DeviceState};
+pub use devices::{
+    Device, DeviceCertificate, DeviceCursor, DeviceFilter, DeviceSort, DeviceState, NodeGone,
+};
 pub use events::{
     EventBatch, EventOutcome, LatestTelemetry, ReportedChange, SessionRecord, TelemetryRecord,
     TelemetryRetention, TelemetryRow,
 };
+pub use leases::{ExpiredLease, Lease, LeaseRecord};
 pub use lifecycle::{DeviceUpdate, ImportOutcome, NewRegisteredDevice};
 pub use orgs::Organization;
 pub use summary::{FleetSummary, SummaryGroup, SummaryScope, FIRMWARE_VERSIONS};
