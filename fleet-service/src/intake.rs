@@ -403,6 +403,7 @@ mod tests {
             epoch,
             seq,
             received_at_ms: at,
+            ..Default::default()
         }
     }
 
