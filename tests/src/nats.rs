@@ -75,7 +75,14 @@ impl NatsServer {
             .ok_or_else(|| anyhow::anyhow!("no nats-server binary (set FLEET_TEST_NATS_SERVER)"))?;
         let log = self.dir.path().join("nats-server.log");
         let child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(self.dir.path().join("js"))
             .arg("-l")
             .arg(&log)
