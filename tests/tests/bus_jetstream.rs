@@ -244,13 +244,13 @@ async fn two_replicas_share_the_work_and_no_event_goes_to_both() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_mid_flight_loses_nothing_and_acks_nothing_early() {
-    const N: u64 = 600;
+    const N: u64 = 3000;
     let mut server = NatsServer::start().unwrap();
     let cfg = config();
     let (bus, metrics) = bus(&server, &cfg).await;
 
-    // Publishers at a steady pace, so some resolve before the kill, some are in flight at it,
-    // and some start while the server is down.
+    // Publishers at a steady pace, then a burst the kill cuts through, then more at a steady
+    // pace while the server is down.
     let resolved: Arc<parking_lot::Mutex<Vec<(u64, Instant)>>> = Default::default();
     let mut tasks = Vec::new();
     for seq in 1..=N {
@@ -261,10 +261,13 @@ async fn a_server_killed_mid_flight_loses_nothing_and_acks_nothing_early() {
             resolved.lock().push((seq, Instant::now()));
             r
         }));
-        if seq % 20 == 0 {
+        let burst = 200..2200;
+        if seq % 20 == 0 && !burst.contains(&seq) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if seq == N / 3 {
+        if seq == burst.end {
+            // A burst of 2,000 on the wire: the kill catches some stored and unanswered.
+            tokio::task::yield_now().await;
             server.kill();
         }
     }
