@@ -329,6 +329,30 @@ async fn a_server_killed_mid_flight_loses_nothing_and_acks_nothing_early() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_keeps_pulling_across_a_server_restart() {
+    let mut server = NatsServer::start().unwrap();
+    let cfg = config();
+    let (bus, _) = bus(&server, &cfg).await;
+    let mut source = source(&server, &cfg).await;
+    for seq in 1..=10 {
+        bus.publish(event(1, seq)).await.unwrap();
+    }
+    take(&mut source, 10, true).await;
+    server.kill();
+    let later: Vec<_> = (11..=20)
+        .map(|seq| tokio::spawn(bus.publish(event(1, seq))))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.restart().unwrap();
+    let got = take(&mut source, 10, true).await;
+    let seqs: HashSet<u64> = got.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (11..=20).collect());
+    for p in later {
+        p.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_stream_holds_publishes_back_until_the_consumer_drains_it() {
     const N: u64 = 40;
     let server = NatsServer::start().unwrap();

@@ -293,6 +293,8 @@ struct BusInner {
     /// For ids of events published without one: this bus's start and a counter.
     nonce: u128,
     counter: AtomicU64,
+    /// When a failing publish last set the stream up again.
+    last_ensure: Mutex<Option<Instant>>,
 }
 
 impl JetStreamBus {
@@ -317,6 +319,7 @@ impl JetStreamBus {
                 .map(|d| d.as_nanos())
                 .unwrap_or_default(),
             counter: AtomicU64::new(0),
+            last_ensure: Mutex::new(None),
         });
         tokio::spawn(watch_connection(client, Arc::downgrade(&inner)));
         Ok(Self { inner })
@@ -377,7 +380,7 @@ impl BusInner {
                     return Ok(());
                 }
                 Ok(Err(e)) => {
-                    if e.kind() == PublishErrorKind::StreamNotFound {
+                    if e.kind() == PublishErrorKind::StreamNotFound && self.may_ensure_stream() {
                         // No responders: the server is still starting JetStream, or someone
                         // deleted the stream. Setting it up again is harmless in either case.
                         if let Err(e) = ensure_stream(&self.js, &self.config).await {
@@ -398,6 +401,16 @@ impl BusInner {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(self.config.retry_max);
         }
+    }
+
+    /// One publish of all those failing together sets the stream up again, once a second.
+    fn may_ensure_stream(&self) -> bool {
+        let mut last = self.last_ensure.lock();
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 
     fn headers(&self, msg: &BusMessage) -> HeaderMap {
