@@ -1,5 +1,6 @@
-//! Counters the broker keeps about itself: rejections by reason, sessions, provisioning, and
-//! what the router may have lost. Plain atomics: cheap enough for every connect and publish.
+//! Counters the broker keeps about itself: rejections by reason, sessions, provisioning, the
+//! event bus (accepted, pending, retried, backbone unavailable), and what the router may have
+//! lost. Plain atomics: cheap enough for every connect and publish.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
@@ -136,6 +137,10 @@ pub struct Metrics {
     publishes_in: AtomicU64,
     bus_events: AtomicU64,
     bus_failures: AtomicU64,
+    bus_pending: AtomicI64,
+    bus_publish_retries: AtomicU64,
+    /// Unix milliseconds since when the bus backbone is unavailable; 0 while it is available.
+    bus_unavailable_since_ms: AtomicI64,
     takeovers: AtomicU64,
 }
 
@@ -149,6 +154,16 @@ pub struct MetricsSnapshot {
     pub publishes_in: u64,
     pub bus_events: u64,
     pub bus_failures: u64,
+    /// Events handed to the bus and not yet accepted by it (waiting for room, or retrying):
+    /// their PUBACKs are held back. Always 0 on the embedded bus.
+    pub bus_pending: i64,
+    /// Publish attempts to the bus backbone that failed and were retried (unreachable, timed
+    /// out, stream full).
+    pub bus_publish_retries: u64,
+    /// The bus backbone is unreachable or refuses events; publishes wait and retry meanwhile.
+    pub bus_unavailable: bool,
+    /// Since when (Unix milliseconds) it is unavailable, when it is.
+    pub bus_unavailable_since_ms: Option<i64>,
     pub takeovers: u64,
     /// Times the router skipped a slow MQTT subscriber past messages it had not read (needs
     /// [`crate::RouterLossLayer`] installed). The fleet service's own intake never reads from
@@ -200,11 +215,38 @@ impl Metrics {
             self.bus_failures.fetch_add(1, Ordering::Relaxed);
         }
     }
+    /// An event entered (`+1`) or left (`-1`) the bus's publish path.
+    pub fn bus_pending_add(&self, n: i64) {
+        self.bus_pending.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn bus_pending(&self) -> i64 {
+        self.bus_pending.load(Ordering::Relaxed)
+    }
+    pub fn bus_publish_retry(&self) {
+        self.bus_publish_retries.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Marks the bus backbone unavailable from `now_ms` on; true if it was available until now.
+    pub fn bus_unavailable(&self, now_ms: i64) -> bool {
+        self.bus_unavailable_since_ms
+            .compare_exchange(0, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+    /// Marks the bus backbone available; returns since when it was not, if it was not.
+    pub fn bus_available(&self) -> Option<i64> {
+        if self.bus_unavailable_since_ms.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        match self.bus_unavailable_since_ms.swap(0, Ordering::Relaxed) {
+            0 => None,
+            since => Some(since),
+        }
+    }
     pub fn takeover(&self) {
         self.takeovers.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> MetricsSnapshot {
+        let unavailable_since = self.bus_unavailable_since_ms.load(Ordering::Relaxed);
         MetricsSnapshot {
             sessions_open: self.sessions_open.load(Ordering::Relaxed),
             connects: self.connects.load(Ordering::Relaxed),
@@ -212,6 +254,10 @@ impl Metrics {
             publishes_in: self.publishes_in.load(Ordering::Relaxed),
             bus_events: self.bus_events.load(Ordering::Relaxed),
             bus_failures: self.bus_failures.load(Ordering::Relaxed),
+            bus_pending: self.bus_pending.load(Ordering::Relaxed),
+            bus_publish_retries: self.bus_publish_retries.load(Ordering::Relaxed),
+            bus_unavailable: unavailable_since != 0,
+            bus_unavailable_since_ms: (unavailable_since != 0).then_some(unavailable_since),
             takeovers: self.takeovers.load(Ordering::Relaxed),
             router_subscriber_skips: crate::router::subscriber_skips(),
             router_filters: 0,

@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::acl::{self, Principal};
 use crate::auth::ServiceAuth;
-use crate::bus::{BusError, BusMessage, EventBus};
+use crate::bus::{event_id, BusError, BusMessage, EventBus};
 use crate::control::{BrokerControl, SessionHandle};
 use crate::inbox::Delivery;
 use crate::local::Local;
@@ -1240,12 +1240,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let bus_slot = durable.then(|| {
             let device = self.device.as_mut().expect("durable implies device");
             device.seq += 1;
+            // A QoS 1/2 publish is named by what the device repeats when it resends it (to
+            // this node or, after a crash, another), a QoS 0 one by this session.
+            let id = match info.qos {
+                0 => event_id::unacknowledged(device.id.as_str(), device.epoch, device.seq),
+                _ => event_id::publish(device.id.as_str(), info.pkid, &publish.payload),
+            };
             BusMessage {
                 topic: topic.to_owned(),
                 payload: publish.payload.clone(),
                 epoch: device.epoch,
                 seq: device.seq,
                 received_at_ms: now_ms(),
+                // The bus stamps the node it runs on.
+                node: Default::default(),
+                id,
             }
         });
         let kind = match info.qos {
@@ -1687,6 +1696,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             epoch: d.epoch,
             seq: 0,
             received_at_ms: presence.ts_ms,
+            node: Default::default(),
+            id: event_id::presence(d.id.as_str(), d.epoch, event == PresenceEvent::Connected),
         };
         let accepted =
             tokio::time::timeout(self.ctx.settings.bus_timeout, self.ctx.bus.publish(msg))
@@ -1821,13 +1832,15 @@ fn publish_will(
         }
         let topic = String::from_utf8_lossy(&will.topic).into_owned();
         let durable = device.is_some() && Topic::parse(&topic).is_ok_and(|t| t.is_durable_event());
-        if let (true, Some((_, epoch))) = (durable, &device) {
+        if let (true, Some((id, epoch))) = (durable, &device) {
             let msg = BusMessage {
                 topic: topic.clone(),
                 payload: will.message.clone(),
                 epoch: *epoch,
                 seq: u64::MAX,
                 received_at_ms: now_ms(),
+                node: Default::default(),
+                id: event_id::will(id.as_str(), *epoch),
             };
             if let Err(e) = ctx.bus.publish(msg).await {
                 warn!(error = %e, "will not accepted by the event bus");

@@ -13,6 +13,9 @@
 //!   newest-wins state), so a redelivered or retried event changes nothing twice.
 //! - A presence event older than the stored `(session_epoch, presence_rank)` changes nothing,
 //!   and is acked: it was seen and deliberately ignored.
+//! - A session is recorded as held by the broker node that received the event
+//!   ([`BusMessage::node`]), or by [`IntakeOptions::node_id`] when the event names none. A
+//!   batch mixing presence events of several nodes is written as one transaction per node.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -31,8 +34,9 @@ use crate::store::{
 /// How the intake runs.
 #[derive(Debug, Clone)]
 pub struct IntakeOptions {
-    /// The node whose broker produces these events; recorded as the holder of the sessions
-    /// that `connected` presence events announce, and later used by
+    /// The node whose broker produces these events, for events that do not name their node
+    /// ([`BusMessage::node`] empty, as on the embedded bus); recorded as the holder of the
+    /// sessions that `connected` presence events announce, and later used by
     /// [`Store::mark_node_offline`].
     pub node_id: String,
     /// Most deliveries taken into one transaction.
@@ -150,10 +154,16 @@ impl Intake {
                 }
             }
         }
-        if pending.is_empty() {
-            return Ok(());
+        for (node, part) in split_by_node(pending, &self.opts.node_id) {
+            self.write(part, &node).await?;
         }
-        let batch = group(&pending, &self.opts.node_id);
+        Ok(())
+    }
+
+    /// Writes decoded events whose presence events all come from broker node `node`, in one
+    /// transaction, and acks them.
+    async fn write(&mut self, pending: Vec<Pending>, node: &str) -> Result<(), IntakeError> {
+        let batch = group(&pending, node);
         match self.commit(&batch).await {
             Ok(outcome) => {
                 self.settle(pending, &outcome);
@@ -166,7 +176,7 @@ impl Intake {
                 tracing::error!(error = %e, events = pending.len(),
                     "event batch failed permanently; writing its events one by one");
                 for p in pending {
-                    let single = group(std::slice::from_ref(&p), &self.opts.node_id);
+                    let single = group(std::slice::from_ref(&p), node);
                     match self.commit(&single).await {
                         Ok(outcome) => self.settle(vec![p], &outcome),
                         Err(e) if e.is_closed() => return Err(IntakeError::StoreClosed),
@@ -282,6 +292,30 @@ fn decode(msg: &BusMessage) -> Result<(DeviceId, Event), String> {
 
 fn utf8(msg: &BusMessage) -> Result<String, String> {
     String::from_utf8(msg.payload.to_vec()).map_err(|_| "payload is not UTF-8".to_owned())
+}
+
+/// Splits a batch so that each part's presence events come from one broker node (the node
+/// a `connected` event names as the session's holder): the message's own node, or
+/// `default_node` when the bus did not say. Other events go with the first part, so a batch
+/// from one node stays one transaction.
+fn split_by_node(pending: Vec<Pending>, default_node: &str) -> Vec<(String, Vec<Pending>)> {
+    let mut parts: Vec<(String, Vec<Pending>)> = Vec::new();
+    for p in pending {
+        let node = match &*p.delivery.msg.node {
+            "" => default_node,
+            node => node,
+        };
+        let at = if matches!(p.event, Event::Presence(_)) {
+            parts.iter().position(|(n, _)| n == node)
+        } else {
+            (!parts.is_empty()).then_some(0)
+        };
+        match at {
+            Some(i) => parts[i].1.push(p),
+            None => parts.push((node.to_owned(), vec![p])),
+        }
+    }
+    parts
 }
 
 /// When the broker received a message; a producer that did not say gets "now".
@@ -403,6 +437,7 @@ mod tests {
             epoch,
             seq,
             received_at_ms: at,
+            ..Default::default()
         }
     }
 
@@ -449,6 +484,60 @@ mod tests {
             let got = decode(&msg(topic, payload, 1, 1, 1));
             assert_eq!(got.is_ok(), *ok, "{topic} {payload}: {got:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_batch_splits_by_the_node_of_its_presence_events() {
+        let presence = |node: &str| BusMessage {
+            node: node.into(),
+            ..msg(
+                "devices/d1/presence",
+                r#"{"device_id":"d1","event":"connected","epoch":1,"ts_ms":5,"connected_at_ms":5}"#,
+                1,
+                0,
+                1,
+            )
+        };
+        let sent = vec![
+            BusMessage {
+                node: "node-b".into(),
+                ..msg("devices/d1/telemetry", r#"{"t":1}"#, 1, 1, 1)
+            },
+            presence("node-b"),
+            presence("node-c"),
+            presence(""),
+            msg("devices/d1/telemetry", r#"{"t":2}"#, 1, 2, 1),
+            presence("local"),
+        ];
+        let n = sent.len();
+        let (bus, mut source) = broker::bus::embedded(n);
+        for m in sent {
+            // One poll queues the delivery, in order; nobody waits for its ack.
+            let queued = futures::FutureExt::now_or_never(broker::bus::EventBus::publish(&bus, m));
+            assert!(queued.is_none());
+        }
+        let mut deliveries = Vec::new();
+        while deliveries.len() < n {
+            deliveries.extend(source.recv_batch(n).await.unwrap());
+        }
+        let pending = deliveries
+            .into_iter()
+            .map(|delivery| {
+                let (device, event) = decode(&delivery.msg).unwrap();
+                Pending {
+                    delivery,
+                    device,
+                    event,
+                }
+            })
+            .collect();
+        let parts: Vec<(String, usize)> = split_by_node(pending, "local")
+            .into_iter()
+            .map(|(node, part)| (node, part.len()))
+            .collect();
+        let want = [("node-b", 3), ("node-c", 1), ("local", 2)];
+        let want: Vec<(String, usize)> = want.iter().map(|(n, c)| (n.to_string(), *c)).collect();
+        assert_eq!(parts, want);
     }
 
     #[test]

@@ -24,6 +24,7 @@ fn msg(topic: &str, payload: &str, epoch: u64, seq: u64) -> BusMessage {
         epoch,
         seq,
         received_at_ms: 1_700_000_000_000 + seq as i64,
+        ..Default::default()
     }
 }
 

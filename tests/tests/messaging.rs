@@ -302,6 +302,7 @@ async fn replay_presence(p: &Platform, presence: Value) {
         epoch: presence["epoch"].as_u64().unwrap(),
         seq: 0,
         received_at_ms: 1,
+        ..Default::default()
     })
     .await
     .expect("intake accepted the event");
