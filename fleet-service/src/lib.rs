@@ -8,6 +8,9 @@
 //! - [`store`]: the only module that writes SQL (sqlx; SQLite or PostgreSQL).
 //! - [`intake`]: consumes the broker's event bus in batches and commits device state.
 //! - [`api`]: the REST bridge for operators (axum).
+//! - [`ops`]: fleet operations, one method per change (store write, then a [`ops::Change`]
+//!   every process applies by re-reading the database); the only writer of fleet state
+//!   outside the connect path and the intake.
 //! - [`keys`]: API keys: hashing, the in-memory cache the REST and MQTT service paths read.
 //! - [`rollout`]: the rollout engine (staged waves, thresholds, rollback) and the pure policy
 //!   it follows; the only publisher of the cohorts' desired releases.
@@ -19,6 +22,7 @@ pub mod app;
 pub mod config;
 pub mod intake;
 pub mod keys;
+pub mod ops;
 pub mod pki;
 pub mod provisioning;
 pub mod rollout;
