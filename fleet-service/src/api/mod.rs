@@ -12,7 +12,8 @@
 //!   that refuses control characters in paths and queries.
 //! - `auth`: the bearer-token extractors.
 //! - `paging`: `limit` and `cursor`, the one way every list pages; `validate`: checks of
-//!   names, tags, device ids in paths and times in queries that several resources share.
+//!   names, tags, device ids in paths, times in queries and operators' reasons that several
+//!   resources share; `bodies`: the device and API key bodies several resources render.
 //!   Resource modules import these, never each other's helpers.
 //! - `catalog`, `cas`, `devices`, `keys`, `orgs`, `quarantine`: one module per resource;
 //!   `access` loads what a key names, or answers 404.
