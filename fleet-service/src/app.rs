@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::keys::ApiKeys;
+use crate::ops::{Applier, Ops};
 use crate::pki::DevPki;
 use crate::store::{Store, TelemetryRetention};
 
@@ -30,6 +31,8 @@ pub struct App {
     pki: DevPki,
     store: Store,
     control: BrokerControl,
+    keys: ApiKeys,
+    ops: Ops,
     stop: watch::Sender<bool>,
     broker_task: JoinHandle<()>,
     intake_task: JoinHandle<()>,
@@ -75,34 +78,18 @@ impl App {
             config.tuning.devices.jitp_max_batch,
         );
         let registry = Arc::new(Registry::new(Arc::new(writer), metrics.clone()));
-        for ca in store.load_ca_records().await.context("loading CAs")? {
-            registry.upsert_ca(ca);
-        }
-        for device in store
-            .load_device_records()
+        let control = BrokerControl::new(registry, metrics);
+        Applier::new(store.clone(), control.clone(), keys.clone())
+            .load_registry()
             .await
-            .context("loading devices")?
-        {
-            registry.upsert_device(device);
-        }
-        for cohort in store.all_cohorts().await.context("loading cohorts")? {
-            registry.upsert_cohort(cohort_record(&cohort)?);
-        }
-        for fingerprint in store
-            .revoked_fingerprints()
-            .await
-            .context("loading revoked certificates")?
-        {
-            registry.revoke_certificate(&fingerprint);
-        }
-        for (id, mode) in store
-            .quarantined_devices()
-            .await
-            .context("loading quarantines")?
-        {
-            registry.set_quarantine(&id, Some(mode));
-        }
-        let control = BrokerControl::new(registry.clone(), metrics);
+            .context("loading the registry (CAs, devices, cohorts, revocations, quarantines)")?;
+        let rollouts = crate::rollout::Rollouts::new();
+        let ops = Ops::local(
+            store.clone(),
+            keys.clone(),
+            control.clone(),
+            rollouts.clone(),
+        );
 
         let (bus, source) = broker::bus::embedded(config.tuning.intake.bus_capacity);
         let broker = Broker::new(
@@ -115,9 +102,9 @@ impl App {
 
         // The broker's retained messages live in memory: a moved device that connects after
         // a restart must still learn where it belongs.
-        for (id, product_id, cohort_id, at) in store.device_assignments().await? {
-            publish_assignment(&control, &id, product_id, cohort_id, at).await;
-        }
+        ops.republish_assignments()
+            .await
+            .context("publishing the devices' assignments")?;
 
         let backlog = config.tuning.listen.backlog;
         let devices = bind(config.mqtts_listen, backlog, "MQTTS device")?;
@@ -139,19 +126,17 @@ impl App {
             },
         ));
         let broker_task = tokio::spawn(broker.serve(devices, services, wait_stop(stopped.clone())));
-        let rollouts = crate::rollout::Rollouts::new();
         let rollout_task = tokio::spawn(crate::rollout::run(
             store.clone(),
-            control.clone(),
-            rollouts.clone(),
+            ops.clone(),
+            rollouts,
             Duration::from_millis(config.tuning.rollout.tick_ms),
             stopped.clone(),
         ));
         let default_quarantine =
             broker::registry::QuarantineMode::parse(&config.tuning.devices.quarantine_mode)
                 .context("[devices] quarantine_mode must be \"commands_only\" or \"refuse\"")?;
-        let mut api_state =
-            crate::api::ApiState::new(store.clone(), keys, control.clone(), rollouts);
+        let mut api_state = crate::api::ApiState::with_ops(store.clone(), ops.clone());
         api_state.settings = crate::api::ApiSettings {
             require_ca_proof: config.tuning.ca.require_proof_of_possession,
             verification_code_ttl_ms: (config.tuning.ca.verification_code_ttl_secs as i64)
@@ -194,6 +179,8 @@ impl App {
             pki,
             store,
             control,
+            keys,
+            ops,
             stop,
             broker_task,
             intake_task,
@@ -225,6 +212,14 @@ impl App {
     }
     pub fn control(&self) -> &BrokerControl {
         &self.control
+    }
+    /// The operations that change the fleet, as the REST bridge calls them.
+    pub fn ops(&self) -> &Ops {
+        &self.ops
+    }
+    /// What applies a [`crate::ops::Change`] to this process (a feed's follower calls it).
+    pub fn applier(&self) -> Applier {
+        Applier::new(self.store.clone(), self.control.clone(), self.keys.clone())
     }
 
     /// What `fleet-service serve` prints on start.
@@ -293,45 +288,6 @@ fn log_backlog(asked: u32) {
         Some(cap) => info!(backlog = asked, somaxconn = cap, "listen backlog"),
         None => info!(backlog = asked, "listen backlog"),
     }
-}
-
-/// Publishes, retained, where a device belongs (`devices/{id}/assignment`).
-pub(crate) async fn publish_assignment(
-    control: &BrokerControl,
-    id: &fleet_wire::DeviceId,
-    product_id: String,
-    cohort_id: Option<fleet_wire::CohortId>,
-    assigned_at_ms: i64,
-) {
-    let assignment = fleet_wire::payload::DeviceAssignment {
-        product_id,
-        cohort_id,
-        assigned_at_ms,
-    };
-    let payload = serde_json::to_vec(&assignment).expect("an assignment serialises");
-    if let Err(e) = control
-        .publish(
-            &fleet_wire::Topic::Assignment(id.clone()),
-            payload.into(),
-            true,
-        )
-        .await
-    {
-        warn!(device_id = %id, error = %e, "assignment not published");
-    }
-}
-
-/// What the broker's registry keeps of a cohort (for the topic rights of scoped keys).
-pub(crate) fn cohort_record(
-    cohort: &crate::store::Cohort,
-) -> Result<broker::registry::CohortRecord, crate::store::StoreError> {
-    Ok(broker::registry::CohortRecord {
-        id: fleet_wire::CohortId::parse(&cohort.id).map_err(|e| {
-            crate::store::StoreError::Corrupt(format!("cohort id {:?}: {e}", cohort.id))
-        })?,
-        org_id: cohort.org_id.clone(),
-        product_id: cohort.product_id.clone(),
-    })
 }
 
 fn bind(addr: SocketAddr, backlog: u32, what: &str) -> anyhow::Result<TcpListener> {

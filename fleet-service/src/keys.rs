@@ -2,12 +2,14 @@
 //!
 //! A secret is `fk_` followed by 32 random bytes in unpadded base64url. Only its SHA-256 (hex)
 //! is stored. [`ApiKeys`] answers "who is this key?" from memory (the MQTT service listener
-//! asks on every connect, the REST bridge on every request) and keeps that cache in step with
-//! the store on create and revoke.
+//! asks on every connect, the REST bridge on every request). Keys are created and revoked by
+//! [`crate::ops::Ops`], which stores the change and then has every process refresh its cache
+//! from the store.
 //!
 //! # Invariants
 //! - A secret is shown once, when it is created, and never stored or logged.
-//! - A revoked key stops authenticating on this node as soon as [`ApiKeys::revoke`] returns.
+//! - A revoked key stops authenticating on this node as soon as
+//!   [`crate::ops::Ops::revoke_api_key`] returns.
 
 use std::sync::Arc;
 
@@ -95,6 +97,34 @@ pub struct CreatedKey {
     pub secret: String,
 }
 
+impl CreatedKey {
+    /// A new key with a fresh secret, not stored yet. The caller checked that the scope's
+    /// product and cohort belong to `org_id`.
+    pub fn new(
+        org_id: &str,
+        name: &str,
+        role: ServiceRole,
+        scope: Scope,
+    ) -> Result<CreatedKey, KeyError> {
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+            return Err(KeyError::BadName);
+        }
+        let secret = generate_secret();
+        let record = ApiKeyRecord {
+            id: crate::store::new_id(),
+            org_id: org_id.to_owned(),
+            name: name.to_owned(),
+            role,
+            scope,
+            secret_hash: hash_secret(&secret),
+            created_at_ms: now_ms(),
+            revoked_at_ms: None,
+        };
+        Ok(CreatedKey { record, secret })
+    }
+}
+
 impl ApiKeys {
     /// Loads every active key from the store.
     pub async fn load(store: &Store) -> Result<Self, StoreError> {
@@ -123,46 +153,13 @@ impl ApiKeys {
         Ok(())
     }
 
-    /// Creates a key with a fresh secret. The caller checked that the scope's product and
-    /// cohort belong to `org_id`.
-    pub async fn create(
-        &self,
-        org_id: &str,
-        name: &str,
-        role: ServiceRole,
-        scope: Scope,
-    ) -> Result<CreatedKey, KeyError> {
-        let name = name.trim();
-        if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
-            return Err(KeyError::BadName);
+    /// Makes the cache hold what the store holds of key `id`: `Some` an active key, `None`
+    /// one revoked or deleted.
+    pub(crate) fn refresh(&self, id: &str, active: Option<&ApiKeyRecord>) {
+        self.by_hash.retain(|_, p| p.key_id != id);
+        if let Some(k) = active {
+            self.by_hash.insert(k.secret_hash.clone(), principal_of(k));
         }
-        let secret = generate_secret();
-        let record = ApiKeyRecord {
-            id: crate::store::new_id(),
-            org_id: org_id.to_owned(),
-            name: name.to_owned(),
-            role,
-            scope,
-            secret_hash: hash_secret(&secret),
-            created_at_ms: now_ms(),
-            revoked_at_ms: None,
-        };
-        self.store.create_api_key(&record).await?;
-        self.by_hash
-            .insert(record.secret_hash.clone(), principal_of(&record));
-        tracing::info!(key_id = %record.id, org_id, role = role.as_str(), "API key created");
-        Ok(CreatedKey { record, secret })
-    }
-
-    /// Revokes a key of an organization; `None` when it has no such key. Revoking twice is
-    /// harmless.
-    pub async fn revoke(&self, org_id: &str, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
-        let revoked = self.store.revoke_api_key(org_id, id, now_ms()).await?;
-        if let Some(k) = &revoked {
-            self.by_hash.remove(&k.secret_hash);
-            tracing::info!(key_id = %k.id, "API key revoked");
-        }
-        Ok(revoked)
     }
 
     /// One page of an organization's keys, revoked ones included.

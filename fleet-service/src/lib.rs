@@ -8,6 +8,9 @@
 //! - [`store`]: the only module that writes SQL (sqlx; SQLite or PostgreSQL).
 //! - [`intake`]: consumes the broker's event bus in batches and commits device state.
 //! - [`api`]: the REST bridge for operators (axum).
+//! - [`ops`]: fleet operations, one method per change (store write, then a [`ops::Change`]
+//!   every process applies by re-reading the database); the only writer of fleet state
+//!   outside the connect path and the intake.
 //! - [`keys`]: API keys: hashing, the in-memory cache the REST and MQTT service paths read.
 //! - [`leader`]: singleton tasks across replicas, each run while its lease is held.
 //! - [`nodes`]: broker node liveness: the node lease a broker renews (and the self-fencing
@@ -24,6 +27,7 @@ pub mod intake;
 pub mod keys;
 pub mod leader;
 pub mod nodes;
+pub mod ops;
 pub mod pki;
 pub mod provisioning;
 pub mod rollout;

@@ -13,6 +13,7 @@ use broker::BrokerControl;
 use common::{id, presence, presence_batch, TestCa};
 use fleet_service::api::{router, ApiState};
 use fleet_service::keys::{ensure_bootstrap_admin, ApiKeys};
+use fleet_service::ops::Ops;
 use fleet_service::store::{EventBatch, LatestTelemetry, Store, TelemetryRow};
 use fleet_wire::payload::PresenceEvent;
 use reqwest::StatusCode;
@@ -42,8 +43,17 @@ async fn start(url: &str) -> Api {
     let store = Store::connect(url).await.unwrap();
     ensure_bootstrap_admin(&store, ADMIN).await.unwrap();
     let keys = ApiKeys::load(&store).await.unwrap();
-    let viewer = keys
-        .create(
+    let metrics = Arc::new(Metrics::default());
+    let registry = Arc::new(Registry::new(Arc::new(store.clone()), metrics.clone()));
+    let control = BrokerControl::new(registry, metrics);
+    let ops = Ops::local(
+        store.clone(),
+        keys,
+        control.clone(),
+        fleet_service::rollout::Rollouts::new(),
+    );
+    let viewer = ops
+        .create_api_key(
             "default",
             "viewer",
             ServiceRole::Viewer,
@@ -51,8 +61,8 @@ async fn start(url: &str) -> Api {
         )
         .await
         .unwrap();
-    let operator = keys
-        .create(
+    let operator = ops
+        .create_api_key(
             "default",
             "operator",
             ServiceRole::Operator,
@@ -60,15 +70,7 @@ async fn start(url: &str) -> Api {
         )
         .await
         .unwrap();
-    let metrics = Arc::new(Metrics::default());
-    let registry = Arc::new(Registry::new(Arc::new(store.clone()), metrics.clone()));
-    let control = BrokerControl::new(registry, metrics);
-    let mut state = ApiState::new(
-        store.clone(),
-        keys,
-        control.clone(),
-        fleet_service::rollout::Rollouts::new(),
-    );
+    let mut state = ApiState::with_ops(store.clone(), ops);
     // These tests check the CA body's validation; proof of possession is tested end to end
     // (tests/tests/fleet_management.rs).
     state.settings.require_ca_proof = false;

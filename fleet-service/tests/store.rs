@@ -769,13 +769,14 @@ async fn api_keys_cache(url: &str) {
         .await
         .unwrap();
     let keys = ApiKeys::load(&store).await.unwrap();
+    let ops = ops_on(&store, &keys);
     let admin = keys.authenticate("first-admin-token-0123456789").unwrap();
     assert_eq!(admin.key_id, "bootstrap-admin");
     assert_eq!(admin.role, ServiceRole::Admin);
     assert!(keys.authenticate("fk_nope").is_none());
 
-    let viewer = keys
-        .create(
+    let viewer = ops
+        .create_api_key(
             "default",
             "dashboards",
             ServiceRole::Viewer,
@@ -799,15 +800,15 @@ async fn api_keys_cache(url: &str) {
     let reloaded = ApiKeys::load(&store).await.unwrap();
     assert!(reloaded.authenticate(&viewer.secret).is_some());
 
-    let revoked = keys
-        .revoke("default", &viewer.record.id)
+    let (revoked, _) = ops
+        .revoke_api_key("default", &viewer.record.id)
         .await
         .unwrap()
         .unwrap();
     assert!(revoked.revoked_at_ms.is_some());
     assert!(keys.authenticate(&viewer.secret).is_none());
-    assert!(keys
-        .revoke("default", "no-such-key")
+    assert!(ops
+        .revoke_api_key("default", "no-such-key")
         .await
         .unwrap()
         .is_none());
@@ -821,6 +822,21 @@ async fn api_keys_cache(url: &str) {
     keys.reload().await.unwrap();
     assert!(keys.authenticate("first-admin-token-0123456789").is_none());
     assert!(keys.authenticate("second-admin-token-0123456789").is_some());
+}
+
+/// Operations on `store` that apply their changes to `keys` at once (no broker runs).
+fn ops_on(store: &Store, keys: &ApiKeys) -> fleet_service::ops::Ops {
+    let metrics = std::sync::Arc::new(broker::metrics::Metrics::default());
+    let registry = std::sync::Arc::new(broker::registry::Registry::new(
+        std::sync::Arc::new(store.clone()),
+        metrics.clone(),
+    ));
+    fleet_service::ops::Ops::local(
+        store.clone(),
+        keys.clone(),
+        broker::BrokerControl::new(registry, metrics),
+        fleet_service::rollout::Rollouts::new(),
+    )
 }
 
 #[tokio::test]

@@ -35,7 +35,8 @@ fn principal(parts: &Parts, state: &ApiState) -> Result<ServicePrincipal, ApiErr
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::unauthorized("expected Authorization: Bearer <api key>"))?;
     let p = state
-        .keys
+        .ops
+        .keys()
         .principal(token)
         .ok_or_else(|| ApiError::unauthorized("unknown or revoked API key"))?;
     // The audit log records who made a mutating request, even one its role may not make.

@@ -188,15 +188,6 @@ async fn valid_jitp(
     })
 }
 
-/// Makes the running broker's view of a CA match the stored one.
-fn push_to_broker(state: &ApiState, ca: &CaCertificate) -> Result<(), ApiError> {
-    let record = ca.to_record()?;
-    state.control.registry().upsert_ca(record);
-    // Also ends live sessions of the CA's devices when it is disabled.
-    state.control.set_ca_enabled(&ca.id, ca.enabled);
-    Ok(())
-}
-
 /// Registers a manufacturing CA certificate, and makes the running broker trust it.
 ///
 /// The registrant proves it holds the CA's key (as AWS IoT and Peridio ask): get a code from
@@ -249,41 +240,30 @@ pub(super) async fn create_ca(
                  the CA whose CN is a code from POST /api/v1/ca-certificates/verification-code",
             ))
         }
-        (Some(pem), _) => {
-            let code = verify_possession(&cert, pem)
-                .map_err(|e| ApiError::unprocessable("invalid_proof", e.to_string()))?;
-            if !state
-                .store
-                .take_verification_code(&by.org_id, &code)
-                .await?
-            {
-                return Err(ApiError::unprocessable(
-                    "invalid_proof",
-                    "the verification certificate's CN is not an unused, unexpired \
-                     verification code of this organization",
-                ));
-            }
-            Some(code)
-        }
+        (Some(pem), _) => Some(
+            verify_possession(&cert, pem)
+                .map_err(|e| ApiError::unprocessable("invalid_proof", e.to_string()))?,
+        ),
     };
-    let created = state
-        .store
-        .create_ca(NewCa {
-            org_id: by.org_id.clone(),
-            cert,
-            description,
-            enabled: body.enabled.unwrap_or(true),
-            keep_devices_when_disabled: body.keep_devices_when_disabled.unwrap_or(false),
-            jitp,
-        })
-        .await;
-    if let Some(code) = &code {
-        // A failed registration gives its code back; a successful one records it.
-        let ca_id = created.as_ref().ok().map(|c| c.id.as_str());
-        state.store.settle_verification_code(code, ca_id).await?;
-    }
-    let ca = created?;
-    push_to_broker(&state, &ca)?;
+    let new = NewCa {
+        org_id: by.org_id.clone(),
+        cert,
+        description,
+        enabled: body.enabled.unwrap_or(true),
+        keep_devices_when_disabled: body.keep_devices_when_disabled.unwrap_or(false),
+        jitp,
+    };
+    let ca = state
+        .ops
+        .register_ca(new, code.as_deref())
+        .await?
+        .ok_or_else(|| {
+            ApiError::unprocessable(
+                "invalid_proof",
+                "the verification certificate's CN is not an unused, unexpired \
+                 verification code of this organization",
+            )
+        })?;
     tracing::info!(ca_id = %ca.id, fingerprint = %ca.fingerprint_sha256, subject = %ca.subject,
         by = %by.key_id, "CA certificate registered");
     Ok((StatusCode::CREATED, Json(ca.into())))
@@ -404,11 +384,10 @@ pub(super) async fn update_ca(
         jitp,
     };
     let ca = state
-        .store
+        .ops
         .update_ca(&id, &update)
         .await?
         .ok_or_else(|| ApiError::not_found("CA certificate"))?;
-    push_to_broker(&state, &ca)?;
     tracing::info!(ca_id = %ca.id, enabled = ca.enabled, by = %by.key_id,
         "CA certificate updated");
     Ok(Json(ca.into()))
@@ -471,15 +450,9 @@ pub(super) async fn verification_code(
     State(state): State<ApiState>,
 ) -> Result<(StatusCode, Json<VerificationCodeBody>), ApiError> {
     access::org_wide(&by)?;
-    let mut bytes = [0u8; 16];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
     let code = state
-        .store
-        .create_verification_code(
-            &by.org_id,
-            &hex::encode(bytes),
-            state.settings.verification_code_ttl_ms,
-        )
+        .ops
+        .issue_verification_code(&by.org_id, state.settings.verification_code_ttl_ms)
         .await?;
     Ok((
         StatusCode::CREATED,

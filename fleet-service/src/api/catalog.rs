@@ -88,7 +88,7 @@ pub(super) async fn create_product(
 ) -> Result<(StatusCode, Json<ProductBody>), ApiError> {
     access::org_wide(&by)?;
     let name = valid_name(&body.name)?;
-    let product = state.store.create_product(&by.org_id, name).await?;
+    let product = state.ops.create_product(&by.org_id, name).await?;
     tracing::info!(product_id = %product.id, name = %product.name, by = %by.key_id,
         "product created");
     Ok((StatusCode::CREATED, Json(product.into())))
@@ -185,11 +185,7 @@ pub(super) async fn create_cohort(
         ));
     }
     let name = valid_name(&body.name)?;
-    let cohort = state.store.create_cohort(&product, name).await?;
-    state
-        .control
-        .registry()
-        .upsert_cohort(crate::app::cohort_record(&cohort)?);
+    let cohort = state.ops.create_cohort(&product, name).await?;
     tracing::info!(cohort_id = %cohort.id, product_id = %product_id, name = %cohort.name,
         by = %by.key_id, "cohort created");
     Ok((StatusCode::CREATED, Json(cohort.into())))

@@ -122,6 +122,22 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::ops::OpsError> for ApiError {
+    fn from(e: crate::ops::OpsError) -> Self {
+        match e {
+            crate::ops::OpsError::Store(e) => e.into(),
+            crate::ops::OpsError::Key(crate::keys::KeyError::Store(e)) => e.into(),
+            crate::ops::OpsError::Key(e @ crate::keys::KeyError::BadName) => {
+                ApiError::unprocessable("invalid_name", e.to_string())
+            }
+            other => {
+                tracing::error!(error = %other, "operation failed in the REST bridge");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
 pub(super) async fn no_such_route() -> ApiError {
     ApiError::not_found("route")
 }

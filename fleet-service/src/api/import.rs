@@ -457,7 +457,7 @@ impl Context<'_> {
         )
         .map_err(|e| RowError::from_api(column, e))?;
         if let Some(f) = &pin {
-            if self.state.control.registry().is_revoked(f) {
+            if self.state.ops.is_revoked(f) {
                 return Err(RowError::new(
                     Some(column),
                     "certificate_revoked",
@@ -582,7 +582,7 @@ pub(super) async fn import_devices(
 
     for batch in valid.chunks(BATCH) {
         let devices: Vec<NewRegisteredDevice> = batch.iter().map(|(_, d)| d.clone()).collect();
-        let outcomes = match state.store.import_devices(&devices).await {
+        let outcomes = match state.ops.import_devices(&devices).await {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, rows = batch.len(), "device import batch failed");
@@ -598,20 +598,7 @@ pub(super) async fn import_devices(
         for ((n, device), outcome) in batch.iter().zip(outcomes) {
             let result = &mut results[*n];
             match outcome {
-                ImportOutcome::Created => {
-                    state
-                        .control
-                        .registry()
-                        .upsert_device(broker::registry::DeviceRecord {
-                            id: device.id.clone(),
-                            org_id: device.org_id.clone(),
-                            ca_id: None,
-                            pinned_fingerprint: device.pinned_fingerprint.clone(),
-                            product_id: device.product_id.clone(),
-                            cohort_id: device.cohort_id.clone(),
-                            session_epoch: 0,
-                        });
-                }
+                ImportOutcome::Created => {}
                 ImportOutcome::Unchanged => {
                     result.outcome = "skipped";
                     result.error = Some(RowError::new(
@@ -647,9 +634,7 @@ pub(super) async fn import_devices(
     let (created, skipped, failed) = (count("created"), count("skipped"), count("failed"));
     if created >= ANALYZE_AFTER {
         // Stale statistics only cost speed: a failure is logged, and the import stands.
-        if let Err(e) = state.store.refresh_device_statistics().await {
-            tracing::warn!(error = %e, "device statistics not refreshed after an import");
-        }
+        state.ops.refresh_device_statistics().await;
     }
     tracing::info!(
         product_id = %product.id, created, skipped, failed, by = %by.key_id,

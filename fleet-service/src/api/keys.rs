@@ -4,16 +4,15 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use broker::auth::{Scope, ServiceRole};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::auth::Admin;
+use super::bodies::KeyBody;
 use super::error::ErrorBody;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::paging::{Page, PageParams};
-use super::{access, rfc3339, rfc3339_opt, ApiError, ApiState};
-use crate::keys::KeyError;
-use crate::store::ApiKeyRecord;
+use super::{access, ApiError, ApiState};
 
 /// An API key to issue.
 #[derive(Deserialize, ToSchema)]
@@ -31,45 +30,6 @@ pub(super) struct CreateKey {
     /// Narrows the key further, to one cohort of `product_id` (which is then required).
     #[serde(default)]
     cohort_id: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-#[schema(as = ApiKeyBody)]
-pub(super) struct KeyBody {
-    id: String,
-    org_id: String,
-    name: String,
-    #[schema(value_type = super::openapi::ApiKeyRole)]
-    role: &'static str,
-    /// The product the key is scoped to; none for a key of the whole organization.
-    product_id: Option<String>,
-    /// The cohort the key is scoped to, within `product_id`.
-    cohort_id: Option<String>,
-    /// RFC 3339, UTC.
-    created_at: String,
-    /// RFC 3339, UTC; none while the key is valid.
-    revoked_at: Option<String>,
-    /// Only in the answer to the create call.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) secret: Option<String>,
-}
-
-impl From<ApiKeyRecord> for KeyBody {
-    fn from(k: ApiKeyRecord) -> Self {
-        let (product_id, cohort_id) = k.scope.narrows_to();
-        let (product_id, cohort_id) = (product_id.map(str::to_owned), cohort_id.map(str::to_owned));
-        Self {
-            id: k.id,
-            org_id: k.org_id,
-            name: k.name,
-            role: k.role.as_str(),
-            product_id,
-            cohort_id,
-            created_at: rfc3339(k.created_at_ms),
-            revoked_at: rfc3339_opt(k.revoked_at_ms),
-            secret: None,
-        }
-    }
 }
 
 /// Issues an API key. Its secret is in this answer only; the service keeps a hash.
@@ -103,13 +63,9 @@ pub(super) async fn create_key(
     })?;
     let scope = key_scope(&state, &admin.org_id, body.product_id, body.cohort_id).await?;
     let created = state
-        .keys
-        .create(&admin.org_id, &body.name, role, scope)
-        .await
-        .map_err(|e| match e {
-            KeyError::Store(e) => ApiError::from(e),
-            other => ApiError::unprocessable("invalid_name", other.to_string()),
-        })?;
+        .ops
+        .create_api_key(&admin.org_id, &body.name, role, scope)
+        .await?;
     tracing::info!(key_id = %created.record.id, by = %admin.key_id, "API key issued over REST");
     let mut out = KeyBody::from(created.record);
     out.secret = Some(created.secret);
@@ -140,7 +96,7 @@ pub(super) async fn list_keys(
 ) -> Result<Json<Page<KeyBody>>, ApiError> {
     access::org_wide(&admin)?;
     let page = q.request()?;
-    let rows = state.keys.list(&admin.org_id, &page).await?;
+    let rows = state.ops.keys().list(&admin.org_id, &page).await?;
     Ok(Json(Page::of(rows, &page, |k| &k.id, Into::into)))
 }
 
@@ -169,14 +125,12 @@ pub(super) async fn revoke_key(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<KeyBody>, ApiError> {
     access::org_wide(&admin)?;
-    let key = state
-        .keys
-        .revoke(&admin.org_id, &id)
+    let (key, applied) = state
+        .ops
+        .revoke_api_key(&admin.org_id, &id)
         .await?
         .ok_or_else(|| ApiError::not_found("API key"))?;
-    // Its live MQTT service sessions end now, not at their next connect.
-    let ended = state.control.disconnect_key(&key.id);
-    tracing::info!(key_id = %key.id, by = %admin.key_id, sessions_ended = ended,
+    tracing::info!(key_id = %key.id, by = %admin.key_id, sessions_ended = ?applied.sessions_ended,
         "API key revoked over REST");
     Ok(Json(key.into()))
 }

@@ -6,18 +6,18 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use broker::auth::Place;
-use fleet_wire::payload::DisconnectReason;
 use fleet_wire::{CohortId, DeviceId};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::Writer;
-use super::devices::DeviceBody;
+use super::bodies::DeviceBody;
 use super::error::ErrorBody;
 use super::extract::{ApiJson, ApiPath, Optional};
 use super::validate::{path_device, pin_of, valid_tags};
 use super::{access, ApiError, ApiState};
-use crate::store::NewRegisteredDevice;
+use crate::ops::OpsError;
+use crate::store::{NewRegisteredDevice, StoreError};
 
 /// A device to register before it first connects.
 #[derive(Deserialize, ToSchema)]
@@ -123,33 +123,16 @@ pub(super) async fn create_device(
         id: id.clone(),
         org_id: product.org_id.clone(),
         product_id: product.id.clone(),
-        cohort_id: cohort.clone(),
+        cohort_id: cohort,
         tags,
-        pinned_fingerprint: pinned_fingerprint.clone(),
+        pinned_fingerprint,
     };
-    state
-        .store
-        .register_device(&new)
-        .await
-        .map_err(|e| match e {
-            crate::store::StoreError::Conflict(_) => ApiError::conflict(
-                "the device id is taken (device ids are unique across the installation)",
-            ),
-            other => other.into(),
-        })?;
-    // Stored first, then the broker learns it may admit the device.
-    state
-        .control
-        .registry()
-        .upsert_device(broker::registry::DeviceRecord {
-            id: id.clone(),
-            org_id: product.org_id,
-            ca_id: None,
-            pinned_fingerprint,
-            product_id: product.id,
-            cohort_id: cohort,
-            session_epoch: 0,
-        });
+    state.ops.create_device(&new).await.map_err(|e| match e {
+        OpsError::Store(StoreError::Conflict(_)) => ApiError::conflict(
+            "the device id is taken (device ids are unique across the installation)",
+        ),
+        other => other.into(),
+    })?;
     tracing::info!(device_id = %id, by = %by.key_id, "device registered before manufacturing");
     let device = access::device(&state, &by, &id).await?;
     Ok((StatusCode::CREATED, Json(device.into())))
@@ -232,31 +215,12 @@ pub(super) async fn update_device(
             ));
         }
     }
-    let moved = cohort
-        .as_ref()
-        .filter(|to| **to != device.cohort_id)
-        .cloned();
     let update = crate::store::DeviceUpdate {
         tags,
         cohort_id: cohort,
     };
-    if !state.store.update_device(&id, &update).await? {
+    if !state.ops.update_device(&device, update).await? {
         return Err(ApiError::not_found("device"));
-    }
-    if let Some(to) = moved {
-        // The device is told where it now belongs (retained, so it also learns it when it
-        // next connects), then its session ends so it reconnects with the new rights.
-        crate::app::publish_assignment(
-            &state.control,
-            &id,
-            device.product_id.clone(),
-            to.clone(),
-            crate::store::now_ms(),
-        )
-        .await;
-        let ended = state.control.reassign(&id, to.clone());
-        tracing::info!(device_id = %id, cohort = ?to, session_ended = ended, by = %by.key_id,
-            "device moved to another cohort");
     }
     let device = access::device(&state, &by, &id).await?;
     Ok(Json(device.into()))
@@ -277,27 +241,6 @@ pub(super) struct RevokedBody {
     revoked: Vec<String>,
     /// Whether a live session was ended by this request.
     session_ended: bool,
-}
-
-/// Ends a device's live session and records its certificates as revoked.
-async fn cut_off(
-    state: &ApiState,
-    org_id: &str,
-    id: &DeviceId,
-    reason: &str,
-) -> Result<(Vec<String>, bool), ApiError> {
-    let fingerprints = state.store.device_fingerprints(id).await?;
-    state
-        .store
-        .revoke_certificates(org_id, id, &fingerprints, reason)
-        .await?;
-    for f in &fingerprints {
-        state.control.registry().revoke_certificate(f);
-    }
-    let ended = state
-        .control
-        .disconnect_device(id, DisconnectReason::Revoked);
-    Ok((fingerprints, ended))
 }
 
 /// Revokes a device's certificate (the one it was provisioned with, and its pin): its live
@@ -329,21 +272,25 @@ pub(super) async fn revoke_certificate(
 ) -> Result<Json<RevokedBody>, ApiError> {
     let id = path_device(&id)?;
     let device = access::device(&state, &by, &id).await?;
+    let no_certificate = || ApiError::conflict("no certificate is known for this device yet");
     if state.store.device_fingerprints(&id).await?.is_empty() {
-        return Err(ApiError::conflict(
-            "no certificate is known for this device yet",
-        ));
+        return Err(no_certificate());
     }
     let reason = body
         .reason
         .unwrap_or_else(|| "revoked by an operator".into());
-    let reason = super::quarantine::valid_reason(&reason)?.to_owned();
-    let (revoked, session_ended) = cut_off(&state, &device.org_id, &id, &reason).await?;
-    tracing::info!(device_id = %id, session_ended, by = %by.key_id, "device certificate revoked");
+    let reason = super::validate::valid_reason(&reason)?.to_owned();
+    let revoked = state
+        .ops
+        .revoke_certificate(&device.org_id, &id, &reason)
+        .await?
+        .ok_or_else(no_certificate)?;
+    tracing::info!(device_id = %id, session_ended = revoked.session_ended, by = %by.key_id,
+        "device certificate revoked");
     Ok(Json(RevokedBody {
         device_id: id.to_string(),
-        revoked,
-        session_ended,
+        revoked: revoked.fingerprints,
+        session_ended: revoked.session_ended,
     }))
 }
 
@@ -374,12 +321,10 @@ pub(super) async fn delete_device(
 ) -> Result<StatusCode, ApiError> {
     let id = path_device(&id)?;
     let device = access::device(&state, &by, &id).await?;
-    cut_off(&state, &device.org_id, &id, "device deleted").await?;
     // Of concurrent deletes of one device, one deletes it; the others are told it is gone.
-    if !state.store.delete_device(&id).await? {
+    if !state.ops.delete_device(&device.org_id, &id).await? {
         return Err(ApiError::not_found("device"));
     }
-    state.control.registry().remove_device(&id);
     tracing::info!(device_id = %id, by = %by.key_id, "device deleted");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -12,7 +12,8 @@
 //!   that refuses control characters in paths and queries.
 //! - `auth`: the bearer-token extractors.
 //! - `paging`: `limit` and `cursor`, the one way every list pages; `validate`: checks of
-//!   names, tags, device ids in paths and times in queries that several resources share.
+//!   names, tags, device ids in paths, times in queries and operators' reasons that several
+//!   resources share; `bodies`: the device and API key bodies several resources render.
 //!   Resource modules import these, never each other's helpers.
 //! - `catalog`, `cas`, `devices`, `keys`, `orgs`, `quarantine`: one module per resource;
 //!   `access` loads what a key names, or answers 404.
@@ -30,14 +31,17 @@
 //! # Invariants
 //! - Database error text never reaches a client: it is logged, and the client gets a 500 with
 //!   code `internal`.
-//! - A change to a CA is written to the store first, then pushed to the running broker, so the
-//!   broker never trusts something the database does not hold.
+//! - Handlers authenticate, parse, call and render: every change goes through
+//!   [`crate::ops::Ops`], which commits it and then announces it to the brokers, so a broker
+//!   never holds something the database does not. Handlers read the store, never write it
+//!   (the audit middleware's entries aside).
 //! - The router is built from [`routes`] alone, and tests hold that table, the OpenAPI document
 //!   and the committed `openapi.json` in step: a route cannot be served undocumented.
 
 mod access;
 mod audit;
 mod auth;
+mod bodies;
 mod cas;
 mod catalog;
 mod devices;
@@ -59,24 +63,20 @@ use axum::handler::Handler;
 use axum::http::{Method, StatusCode};
 use axum::routing::{MethodFilter, MethodRouter};
 use axum::{Json, Router};
-use broker::BrokerControl;
 use serde::Serialize;
 use std::time::Duration;
 use utoipa::ToSchema;
 
 pub use error::ApiError;
 
-use crate::keys::ApiKeys;
-use crate::rollout::Rollouts;
+use crate::ops::Ops;
 use crate::store::Store;
 
-/// What every handler gets.
+/// What every handler gets: the store to read, and the operations that change the fleet.
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Store,
-    pub keys: ApiKeys,
-    pub control: BrokerControl,
-    pub rollouts: Rollouts,
+    pub ops: Ops,
     pub settings: ApiSettings,
 }
 
@@ -101,12 +101,10 @@ impl Default for ApiSettings {
 }
 
 impl ApiState {
-    pub fn new(store: Store, keys: ApiKeys, control: BrokerControl, rollouts: Rollouts) -> Self {
+    pub fn with_ops(store: Store, ops: Ops) -> Self {
         Self {
             store,
-            keys,
-            control,
-            rollouts,
+            ops,
             settings: ApiSettings::default(),
         }
     }
@@ -374,7 +372,7 @@ async fn broker_metrics(
              default organization read them",
         ));
     }
-    Ok(Json(state.control.metrics()))
+    Ok(Json(state.ops.broker_metrics()))
 }
 
 /// RFC 3339 (UTC) text of a Unix-milliseconds timestamp.

@@ -5,18 +5,16 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use broker::auth::{Scope, ServiceRole};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::{Admin, Caller};
+use super::bodies::KeyBody;
 use super::error::ErrorBody;
 use super::extract::{ApiJson, ApiPath, ApiQuery};
-use super::keys::KeyBody;
 use super::paging::{Page, PageParams};
 use super::validate::valid_name;
 use super::{rfc3339, ApiError, ApiState};
-use crate::keys::KeyError;
 use crate::store::Organization;
 
 #[derive(Serialize, ToSchema)]
@@ -88,15 +86,7 @@ pub(super) async fn create_org(
         ));
     }
     let name = valid_name(&body.name)?;
-    let org = state.store.create_org(name).await?;
-    let created = state
-        .keys
-        .create(&org.id, "first admin", ServiceRole::Admin, Scope::Org)
-        .await
-        .map_err(|e| match e {
-            KeyError::Store(e) => ApiError::from(e),
-            _ => ApiError::internal(),
-        })?;
+    let (org, created) = state.ops.create_org(name).await?;
     tracing::info!(org_id = %org.id, name = %org.name, by = %by.key_id, "organization created");
     let mut admin_key = KeyBody::from(created.record);
     admin_key.secret = Some(created.secret);

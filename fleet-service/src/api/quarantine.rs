@@ -12,7 +12,7 @@ use super::auth::Writer;
 use super::error::ErrorBody;
 use super::extract::Optional;
 use super::extract::{ApiJson, ApiPath};
-use super::validate::path_device;
+use super::validate::{path_device, valid_reason};
 use super::{access, ApiError, ApiState};
 
 /// Why, and how strictly.
@@ -58,17 +58,6 @@ pub(super) struct LiftRequest {
     reason: Option<String>,
 }
 
-pub(super) fn valid_reason(reason: &str) -> Result<&str, ApiError> {
-    let r = reason.trim();
-    if r.is_empty() || r.chars().count() > 1000 || r.chars().any(char::is_control) {
-        return Err(ApiError::unprocessable(
-            "invalid_reason",
-            "reason must be 1 to 1000 characters without control characters",
-        ));
-    }
-    Ok(r)
-}
-
 /// Quarantines a device: ends its live session within a second, and from then on it may
 /// connect only to receive and acknowledge its commands (`commands_only`) or not at all
 /// (`refuse`). Quarantining again changes the mode and reason.
@@ -107,15 +96,11 @@ pub(super) async fn quarantine(
             ApiError::unprocessable("invalid_mode", "mode must be commands_only or refuse")
         })?,
     };
-    // Stored first, so the broker never holds a quarantine the database does not.
-    if !state
-        .store
-        .quarantine_device(&id, mode, &format!("quarantined: {reason}"))
+    let session_ended = state
+        .ops
+        .quarantine(&id, mode, &format!("quarantined: {reason}"))
         .await?
-    {
-        return Err(ApiError::not_found("device"));
-    }
-    let session_ended = state.control.quarantine(&id, Some(mode));
+        .ok_or_else(|| ApiError::not_found("device"))?;
     tracing::info!(device_id = %id, mode = mode.as_str(), session_ended, by = %by.key_id,
         "device quarantined");
     Ok(Json(QuarantineBody {
@@ -160,10 +145,11 @@ pub(super) async fn lift_quarantine(
         Some(r) => format!("quarantine lifted: {}", valid_reason(r)?),
         None => "quarantine lifted".to_owned(),
     };
-    if !state.store.lift_quarantine(&id, &reason).await? {
-        return Err(ApiError::conflict("the device is not quarantined"));
-    }
-    let session_ended = state.control.quarantine(&id, None);
+    let session_ended = state
+        .ops
+        .lift_quarantine(&id, &reason)
+        .await?
+        .ok_or_else(|| ApiError::conflict("the device is not quarantined"))?;
     let device = access::device(&state, &by, &id).await?;
     tracing::info!(device_id = %id, session_ended, by = %by.key_id, "quarantine lifted");
     Ok(Json(QuarantineBody {

@@ -103,7 +103,7 @@ pub(super) async fn create_signing_key(
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(key);
     let created = state
-        .store
+        .ops
         .create_signing_key(&by.org_id, &update::key_id(&key), name, &b64)
         .await?;
     Ok((StatusCode::CREATED, Json(created.into())))
@@ -160,7 +160,7 @@ pub(super) async fn revoke_signing_key(
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     access::org_wide(&by)?;
-    if state.store.revoke_signing_key(&by.org_id, &id).await? {
+    if state.ops.revoke_signing_key(&by.org_id, &id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(
@@ -339,7 +339,7 @@ pub(super) async fn create_release(
         return Err(ApiError::unprocessable("invalid_signature", why));
     };
     let release = state
-        .store
+        .ops
         .create_release(
             &manifest,
             body.signature.trim(),
@@ -579,7 +579,7 @@ async fn start_deployment(
     }
     let cohort_id = CohortId::parse(&cohort.id).map_err(|_| ApiError::internal())?;
     let d = state
-        .store
+        .ops
         .create_deployment(&NewDeployment {
             release,
             cohort_id,
@@ -589,7 +589,6 @@ async fn start_deployment(
             rollback_of: None,
         })
         .await?;
-    state.rollouts.wake();
     Ok(d)
 }
 
@@ -757,15 +756,8 @@ async fn change_state(
             "reason must be at most 1000 characters",
         ));
     }
-    match state
-        .store
-        .set_deployment_state(id, change, &reason)
-        .await?
-    {
-        Some(d) => {
-            state.rollouts.wake();
-            Ok(Json(deployment_body(state, d).await?))
-        }
+    match state.ops.set_deployment_state(id, change, &reason).await? {
+        Some(d) => Ok(Json(deployment_body(state, d).await?)),
         None => Err(ApiError::conflict(format!(
             "deployment is {}; this needs it to be {}",
             d.state.as_str(),
@@ -963,14 +955,15 @@ pub(super) async fn rollback_deployment(
     let reason = body
         .reason
         .unwrap_or_else(|| "rolled back by an operator".into());
-    let r = crate::rollout::rollback(&state.store, &d, body.release_id.as_deref(), &reason)
+    let r = state
+        .ops
+        .rollback_deployment(&d, body.release_id.as_deref(), &reason)
         .await
         .map_err(|e| match e {
             RollbackError::Store(e) => ApiError::from(e),
             RollbackError::NotLive(..) => ApiError::conflict(e.to_string()),
             other => ApiError::unprocessable("invalid_rollback", other.to_string()),
         })?;
-    state.rollouts.wake();
     Ok((StatusCode::CREATED, Json(deployment_body(&state, r).await?)))
 }
 

@@ -128,6 +128,19 @@ pub(super) fn pin_of(
     }
 }
 
+/// A reason an operator gives (quarantine, lift, revocation): 1 to 1000 characters after
+/// trimming, no control characters.
+pub(super) fn valid_reason(reason: &str) -> Result<&str, ApiError> {
+    let r = reason.trim();
+    if r.is_empty() || r.chars().count() > 1000 || r.chars().any(char::is_control) {
+        return Err(ApiError::unprocessable(
+            "invalid_reason",
+            "reason must be 1 to 1000 characters without control characters",
+        ));
+    }
+    Ok(r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,13 +24,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use broker::BrokerControl;
-use bytes::Bytes;
 use fleet_wire::update::{DeploymentState, UpdateCommand};
-use fleet_wire::Topic;
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
+use crate::ops::Ops;
 use crate::store::{
     Deployment, DeploymentKind, NewDeployment, Release, StateChange, Store, StoreError,
 };
@@ -108,14 +106,14 @@ pub async fn rollback(
 /// Runs the engine until `stopped` turns true.
 pub async fn run(
     store: Store,
-    control: BrokerControl,
+    ops: Ops,
     rollouts: Rollouts,
     tick: Duration,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut engine = Engine {
         store,
-        control,
+        ops,
         published: HashMap::new(),
         releases: HashMap::new(),
     };
@@ -138,7 +136,7 @@ pub async fn run(
 
 struct Engine {
     store: Store,
-    control: BrokerControl,
+    ops: Ops,
     /// Per cohort: the deployment and revision its retained message carries.
     published: HashMap<String, (String, u64)>,
     /// Releases are immutable: fetched once.
@@ -310,12 +308,11 @@ impl Engine {
             revision: d.revision,
             issued_at_ms: crate::store::now_ms(),
         };
-        let payload = match serde_json::to_vec(&command) {
-            Ok(p) => Bytes::from(p),
-            Err(e) => return Err(StoreError::Corrupt(format!("update command: {e}"))),
-        };
-        let topic = Topic::CohortUpdates(d.cohort_id.clone());
-        if self.control.publish(&topic, payload, true).await.is_err() {
+        if !self
+            .ops
+            .publish_cohort_update(&d.cohort_id, &command)
+            .await?
+        {
             warn!("no broker to publish cohort updates on");
             return Ok(());
         }

@@ -144,6 +144,17 @@ impl Store {
         rows.into_iter().map(ApiKeyRecord::try_from).collect()
     }
 
+    /// One key, revoked or not, of any organization; `None` when it does not exist.
+    pub async fn api_key(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let row: Option<ApiKeyRow> = with_pool!(self, |pool| {
+            sqlx::query_as(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(pool)
+                .await
+        })?;
+        row.map(ApiKeyRecord::try_from).transpose()
+    }
+
     /// Revokes a key of an organization (idempotent) and returns it as stored; `None` when the
     /// organization has no such key.
     pub async fn revoke_api_key(

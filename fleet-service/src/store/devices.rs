@@ -497,6 +497,44 @@ impl Store {
         rows.into_iter().map(DeviceRecord::try_from).collect()
     }
 
+    /// One device as the broker's registry wants it; `None` when it does not exist.
+    pub async fn device_record(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        let row: Option<DeviceRecordRow> = with_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT id, org_id, ca_id, pinned_fingerprint, product_id, cohort_id, session_epoch \
+                 FROM devices WHERE id = $1",
+            )
+            .bind(id.as_str())
+            .fetch_optional(pool)
+            .await
+        })?;
+        row.map(DeviceRecord::try_from).transpose()
+    }
+
+    /// The devices among `ids` that exist, as the broker's registry wants them, by id.
+    pub async fn device_records(&self, ids: &[DeviceId]) -> Result<Vec<DeviceRecord>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        // One bind an id, well under either backend's limit per statement.
+        for chunk in ids.chunks(1000) {
+            let rows: Vec<DeviceRecordRow> = with_pool!(self, |pool| {
+                let mut q = sqlx::QueryBuilder::new(
+                    "SELECT id, org_id, ca_id, pinned_fingerprint, product_id, cohort_id, \
+                     session_epoch FROM devices WHERE id IN (",
+                );
+                let mut list = q.separated(", ");
+                for id in chunk {
+                    list.push_bind(id.as_str());
+                }
+                q.push(") ORDER BY id");
+                q.build_query_as().fetch_all(pool).await
+            })?;
+            for row in rows {
+                out.push(DeviceRecord::try_from(row)?);
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
         let row: Option<DeviceRow> = with_pool!(self, |pool| {
             sqlx::query_as(&format!(

@@ -108,6 +108,20 @@ impl Store {
         })?)
     }
 
+    /// The fingerprints revoked for a device (kept after the device is deleted).
+    pub async fn revoked_fingerprints_of(&self, id: &DeviceId) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<(String,)> = with_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT fingerprint_sha256 FROM revoked_certificates WHERE device_id = $1 \
+                 ORDER BY fingerprint_sha256",
+            )
+            .bind(id.as_str())
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows.into_iter().map(|(f,)| f).collect())
+    }
+
     /// Every revoked certificate's fingerprint, for loading the broker's registry at start.
     pub async fn revoked_fingerprints(&self) -> Result<Vec<String>, StoreError> {
         let rows: Vec<(String,)> = with_pool!(self, |pool| {
