@@ -111,7 +111,13 @@ impl BrokerControl {
                     .publish(topic.to_string(), payload, 1, retain)
                     .await
             }
-            (None, Some(remote)) => remote.send(&topic.to_string(), &payload, 1, retain),
+            (None, Some(remote)) => remote.send(
+                &topic.to_string(),
+                &payload,
+                1,
+                retain,
+                !topic.is_durable_event(),
+            ),
             (None, None) => return Err(NotRunning),
         }
         Ok(())

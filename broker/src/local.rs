@@ -43,7 +43,10 @@ impl Local {
         from: Option<&DeviceId>,
     ) {
         if let Some(cluster) = self.cluster.get() {
-            cluster.send(topic, payload, qos, retain);
+            // A device event reaches the other nodes from the events stream, once it is
+            // durable: never a live copy the bus then refuses, none lost if NATS restarts.
+            let live = !parsed.is_some_and(Topic::is_durable_event);
+            cluster.send(topic, payload, qos, retain, live);
         }
         let to = parsed.and_then(recipients);
         if !retain && to.is_none() {

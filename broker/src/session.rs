@@ -1718,9 +1718,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 DisconnectReason::Revoked | DisconnectReason::Reassigned => {
                     Some(DisconnectReasonCode::AdministrativeAction)
                 }
-                DisconnectReason::ServerShutdown | DisconnectReason::ServerRestart => {
-                    Some(DisconnectReasonCode::ServerShuttingDown)
-                }
+                DisconnectReason::ServerShutdown
+                | DisconnectReason::ServerRestart
+                | DisconnectReason::NodeLost => Some(DisconnectReasonCode::ServerShuttingDown),
                 DisconnectReason::KeepaliveTimeout => Some(DisconnectReasonCode::KeepAliveTimeout),
                 DisconnectReason::NotAuthorized => Some(DisconnectReasonCode::NotAuthorized),
                 DisconnectReason::ProtocolError => Some(DisconnectReasonCode::ProtocolError),

@@ -16,16 +16,17 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Role};
 use crate::keys::ApiKeys;
 use crate::ops::{Applier, Ops};
 use crate::pki::DevPki;
 use crate::store::{Store, TelemetryRetention};
 
-/// A running platform.
+/// A running platform, or the part of it one process of a cluster runs (see [`Role`]).
 pub struct App {
-    mqtts_addr: SocketAddr,
-    service_addr: SocketAddr,
+    role: Role,
+    mqtts_addr: Option<SocketAddr>,
+    service_addr: Option<SocketAddr>,
     http_addr: SocketAddr,
     admin_token: String,
     pki: DevPki,
@@ -34,19 +35,21 @@ pub struct App {
     keys: ApiKeys,
     ops: Ops,
     stop: watch::Sender<bool>,
-    broker_task: JoinHandle<()>,
-    intake_task: JoinHandle<()>,
-    http_task: JoinHandle<()>,
-    pruner_task: JoinHandle<()>,
-    security_task: JoinHandle<()>,
-    rollout_task: JoinHandle<()>,
+    broker_task: Option<JoinHandle<()>>,
+    /// Tasks that end when `stop` fires (REST, rollout engine, leases, followers).
+    tasks: Vec<JoinHandle<()>>,
+    /// Tasks that are aborted after the broker stopped (intake, pruners, watches).
+    background: Vec<JoinHandle<()>>,
+    node: Option<crate::cluster::NodeHandle>,
 }
 
 impl App {
-    /// Starts everything and returns once every listener is bound and serving.
+    /// Starts everything this process runs and returns once every listener is bound and
+    /// serving.
     pub async fn start(config: Config) -> anyhow::Result<App> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
+        let role = config.role;
         let pki = DevPki::in_dir(&config.data_dir);
         let identity = pki.ensure().context("dev PKI")?;
 
@@ -57,121 +60,246 @@ impl App {
         crate::keys::ensure_bootstrap_admin(&store, &admin_token)
             .await
             .context("bootstrap admin key")?;
-        let keys = ApiKeys::load(&store).await.context("loading API keys")?;
 
-        let node_id = &config.tuning.node_id;
-        let stale = store
-            .mark_node_offline(node_id)
-            .await
-            .context("marking devices of the previous run offline")?;
-        if !stale.is_empty() {
-            info!(
-                count = stale.len(),
-                "devices still online from a previous run marked offline (server_restart)"
-            );
+        let node_id = config.tuning.node_id.clone();
+        let cluster = match &config.nats_url {
+            Some(url) => Some(
+                crate::cluster::Backbone::connect(url, &node_id, &config.tuning.cluster)
+                    .await
+                    .with_context(|| format!("connecting to NATS at {url}"))?,
+            ),
+            None => None,
+        };
+        // Changes made from now on are followed: the registry below is loaded after this
+        // point, so none made in between is missed (applying one twice changes nothing).
+        let changes_from = match &cluster {
+            Some(c) => Some(
+                c.changes_from()
+                    .await
+                    .context("the cluster's change stream")?,
+            ),
+            None => None,
+        };
+
+        if role.runs_broker() {
+            // In a cluster a node renews a lease; one of another process under the same name
+            // refuses to start here (inside `NodeHandle::start` below).
+            let stale = store
+                .mark_node_offline(&node_id)
+                .await
+                .context("marking devices of the previous run offline")?;
+            if !stale.is_empty() {
+                info!(
+                    count = stale.len(),
+                    "devices still online from a previous run marked offline (server_restart)"
+                );
+            }
+            raise_open_file_limit();
         }
 
-        raise_open_file_limit();
+        let keys = ApiKeys::load(&store).await.context("loading API keys")?;
         let metrics = Arc::new(Metrics::default());
         let writer = crate::provisioning::ProvisionWriter::start(
             store.clone(),
             config.tuning.devices.jitp_max_batch,
         );
         let registry = Arc::new(Registry::new(Arc::new(writer), metrics.clone()));
-        let control = BrokerControl::new(registry, metrics);
-        Applier::new(store.clone(), control.clone(), keys.clone())
+        let control = BrokerControl::new(registry.clone(), metrics.clone());
+        let applier = Applier::new(store.clone(), control.clone(), keys.clone());
+        applier
             .load_registry()
             .await
             .context("loading the registry (CAs, devices, cohorts, revocations, quarantines)")?;
         let rollouts = crate::rollout::Rollouts::new();
-        let ops = Ops::local(
+        // A change is announced to this process alone, or on the backbone to every process
+        // (this one included, through its follower).
+        let feed: Arc<dyn crate::ops::ChangeFeed> = match &cluster {
+            None => Arc::new(crate::ops::LocalFeed::new(applier.clone())),
+            Some(c) => Arc::new(c.change_feed()),
+        };
+        let ops = Ops::new(
             store.clone(),
             keys.clone(),
             control.clone(),
             rollouts.clone(),
+            feed,
         );
 
-        let (bus, source) = broker::bus::embedded(config.tuning.intake.bus_capacity);
-        let broker = Broker::new(
-            &config.tuning.broker,
-            identity,
-            control.clone(),
-            Arc::new(bus),
-            Arc::new(keys.clone()),
-        )?;
-
-        // The broker's retained messages live in memory: a moved device that connects after
-        // a restart must still learn where it belongs.
-        ops.republish_assignments()
-            .await
-            .context("publishing the devices' assignments")?;
-
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let mut background = Vec::new();
         let backlog = config.tuning.listen.backlog;
-        let devices = bind(config.mqtts_listen, backlog, "MQTTS device")?;
-        let services = bind(config.service_listen, backlog, "service")?;
+
+        // The event bus: embedded in one process, JetStream in a cluster.
+        let (bus, source): (Option<Arc<dyn broker::bus::EventBus>>, Option<Source>) = match &cluster
+        {
+            None => {
+                let (bus, source) = broker::bus::embedded(config.tuning.intake.bus_capacity);
+                (Some(Arc::new(bus)), Some(Source::Embedded(source)))
+            }
+            Some(c) => (
+                // A replica publishes too: the offline presence of a lost node's devices.
+                Some(
+                    c.event_bus(metrics.clone())
+                        .await
+                        .context("the events stream")?,
+                ),
+                if role.runs_api() {
+                    Some(Source::JetStream(
+                        c.event_source().await.context("the events consumer")?,
+                    ))
+                } else {
+                    None
+                },
+            ),
+        };
+
+        let mut mqtts_addr = None;
+        let mut service_addr = None;
+        let mut broker_task = None;
+        let mut node = None;
+        if role.runs_broker() {
+            let broker = Broker::new(
+                &config.tuning.broker,
+                identity,
+                control.clone(),
+                bus.clone().expect("a broker has a bus"),
+                Arc::new(keys.clone()),
+            )?;
+            match &cluster {
+                Some(c) => {
+                    let link = broker
+                        .join_cluster(c.node_config())
+                        .await
+                        .map_err(|e| anyhow::anyhow!("joining the cluster: {e}"))?;
+                    node = Some(
+                        crate::cluster::NodeHandle::start(
+                            &store,
+                            &node_id,
+                            &config.tuning.cluster,
+                            control.clone(),
+                            link,
+                            stopped.clone(),
+                        )
+                        .await?,
+                    );
+                }
+                None => {
+                    // The broker's retained messages live in memory: a moved device that
+                    // connects after a restart must still learn where it belongs. (A cluster
+                    // keeps them in its retained stream.)
+                    ops.republish_assignments()
+                        .await
+                        .context("publishing the devices' assignments")?;
+                }
+            }
+            let devices = bind(config.mqtts_listen, backlog, "MQTTS device")?;
+            let services = bind(config.service_listen, backlog, "service")?;
+            mqtts_addr = Some(devices.local_addr()?);
+            service_addr = Some(services.local_addr()?);
+            broker_task = Some(tokio::spawn(broker.serve(
+                devices,
+                services,
+                wait_stop(stopped.clone()),
+            )));
+            background.push(tokio::spawn(crate::security::watch_rejections(
+                store.clone(),
+                control.clone(),
+                config.tuning.audit.rejected_burst_threshold.max(1),
+                Duration::from_secs(config.tuning.audit.rejected_burst_window_secs.max(1)),
+                stopped.clone(),
+            )));
+        } else if let Some(c) = &cluster {
+            // A replica publishes the platform's own messages (cohort updates, assignments)
+            // straight to the broker nodes.
+            c.attach_publisher(&control)
+                .await
+                .context("the cluster's retained stream")?;
+        }
+        if let (Some(c), Some(from)) = (&cluster, changes_from) {
+            tasks.push(c.follow_changes(from, applier.clone(), stopped.clone()));
+        }
+
         let http = bind(config.http_listen, backlog, "HTTP")?;
         log_backlog(backlog);
-        let mqtts_addr = devices.local_addr()?;
-        let service_addr = services.local_addr()?;
         let http_addr = http.local_addr()?;
 
-        let (stop, stopped) = watch::channel(false);
-        let intake_task = tokio::spawn(crate::intake::run(
-            source,
-            store.clone(),
-            crate::intake::IntakeOptions {
+        if role.runs_api() {
+            let options = crate::intake::IntakeOptions {
                 max_batch: config.tuning.intake.max_batch,
                 node_id: node_id.clone(),
                 ..Default::default()
-            },
-        ));
-        let broker_task = tokio::spawn(broker.serve(devices, services, wait_stop(stopped.clone())));
-        let rollout_task = tokio::spawn(crate::rollout::run(
-            store.clone(),
-            ops.clone(),
-            rollouts,
-            Duration::from_millis(config.tuning.rollout.tick_ms),
-            stopped.clone(),
-        ));
-        let default_quarantine =
-            broker::registry::QuarantineMode::parse(&config.tuning.devices.quarantine_mode)
-                .context("[devices] quarantine_mode must be \"commands_only\" or \"refuse\"")?;
-        let mut api_state = crate::api::ApiState::with_ops(store.clone(), ops.clone());
-        api_state.settings = crate::api::ApiSettings {
-            require_ca_proof: config.tuning.ca.require_proof_of_possession,
-            verification_code_ttl_ms: (config.tuning.ca.verification_code_ttl_secs as i64)
-                .saturating_mul(1000),
-            default_quarantine,
-        };
-        let api = crate::api::router(api_state);
-        let http_stop = wait_stop(stopped.clone());
-        let http_task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(
-                http,
-                api.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-            )
-            .with_graceful_shutdown(http_stop)
-            .await
+            };
+            background.push(match source.expect("a replica has an event source") {
+                Source::Embedded(s) => tokio::spawn(crate::intake::run(s, store.clone(), options)),
+                Source::JetStream(s) => tokio::spawn(crate::intake::run(s, store.clone(), options)),
+            });
+            let singletons = crate::cluster::Singletons::new(
+                cluster.is_some(),
+                store.clone(),
+                &node_id,
+                &config.tuning.cluster,
+            );
             {
-                warn!(error = %e, "HTTP server failed");
+                let (store, ops, rollouts) = (store.clone(), ops.clone(), rollouts.clone());
+                let tick = Duration::from_millis(config.tuning.rollout.tick_ms);
+                tasks.push(
+                    singletons.run("rollout-engine", stopped.clone(), move |stop| {
+                        crate::rollout::run(
+                            store.clone(),
+                            ops.clone(),
+                            rollouts.clone(),
+                            tick,
+                            stop,
+                        )
+                    }),
+                );
             }
-        });
-        let security_task = tokio::spawn(crate::security::watch_rejections(
-            store.clone(),
-            control.clone(),
-            config.tuning.audit.rejected_burst_threshold.max(1),
-            Duration::from_secs(config.tuning.audit.rejected_burst_window_secs.max(1)),
-            stopped.clone(),
-        ));
-        let pruner_task = tokio::spawn(prune_loop(
-            store.clone(),
-            config.tuning.telemetry.clone(),
-            config.tuning.audit.retention_days,
-            stopped,
-        ));
+            {
+                let (store, telemetry, audit_days) = (
+                    store.clone(),
+                    config.tuning.telemetry.clone(),
+                    config.tuning.audit.retention_days,
+                );
+                tasks.push(singletons.run("pruner", stopped.clone(), move |stop| {
+                    prune_loop(store.clone(), telemetry.clone(), audit_days, stop)
+                }));
+            }
+            if let (Some(_), Some(bus)) = (&cluster, &bus) {
+                // The reaper holds a lease of its own (see `nodes::run_reaper`).
+                tasks.push(tokio::spawn(crate::cluster::reap_lost_nodes(
+                    store.clone(),
+                    control.clone(),
+                    bus.clone(),
+                    config.tuning.cluster.clone(),
+                    format!("{node_id}~{}", uuid::Uuid::new_v4().simple()),
+                    stopped.clone(),
+                )));
+            }
+            let default_quarantine =
+                broker::registry::QuarantineMode::parse(&config.tuning.devices.quarantine_mode)
+                    .context("[devices] quarantine_mode must be \"commands_only\" or \"refuse\"")?;
+            let mut api_state = crate::api::ApiState::with_ops(store.clone(), ops.clone());
+            api_state.settings = crate::api::ApiSettings {
+                require_ca_proof: config.tuning.ca.require_proof_of_possession,
+                verification_code_ttl_ms: (config.tuning.ca.verification_code_ttl_secs as i64)
+                    .saturating_mul(1000),
+                default_quarantine,
+            };
+            let api = crate::api::router(api_state);
+            tasks.push(serve_http(http, api, stopped.clone()));
+        } else {
+            tasks.push(serve_http(
+                http,
+                crate::cluster::node_router(control.clone()),
+                stopped.clone(),
+            ));
+        }
 
-        info!(%mqtts_addr, %service_addr, %http_addr, database = store.backend_name(), "fleet platform started");
+        info!(role = ?role, node_id = %node_id, ?mqtts_addr, ?service_addr, %http_addr,
+            database = store.backend_name(), cluster = cluster.is_some(), "fleet platform started");
         Ok(App {
+            role,
             mqtts_addr,
             service_addr,
             http_addr,
@@ -183,20 +311,21 @@ impl App {
             ops,
             stop,
             broker_task,
-            intake_task,
-            http_task,
-            pruner_task,
-            security_task,
-            rollout_task,
+            tasks,
+            background,
+            node,
         })
     }
 
+    /// The device listener; panics on a process that runs no broker.
     pub fn mqtts_addr(&self) -> SocketAddr {
-        self.mqtts_addr
+        self.mqtts_addr.expect("this process runs no broker")
     }
+    /// The backend-service listener; panics on a process that runs no broker.
     pub fn service_addr(&self) -> SocketAddr {
-        self.service_addr
+        self.service_addr.expect("this process runs no broker")
     }
+    /// The REST bridge (`api`, `serve`) or the node's health and metrics (`broker`).
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
     }
@@ -222,43 +351,93 @@ impl App {
         Applier::new(self.store.clone(), self.control.clone(), self.keys.clone())
     }
 
-    /// What `fleet-service serve` prints on start.
+    /// What `fleet-service serve` (or `broker`, `api`) prints on start: one line per listener,
+    /// then an empty line.
     pub fn banner(&self) -> String {
-        format!(
-            "fleet-service is running\n  \
-             devices (MQTT over mTLS): {}\n  \
-             backend services (MQTT, API key as password): {}\n  \
-             REST bridge: http://{}/api/v1\n  \
-             server CA (devices trust this): {}\n  \
-             admin token: {}\n",
-            self.mqtts_addr,
-            self.service_addr,
-            self.http_addr,
-            self.pki.ca_cert.display(),
-            self.admin_token
-        )
+        let mut out = format!("fleet-service is running ({})\n", self.role_name());
+        if let (Some(d), Some(s)) = (self.mqtts_addr, self.service_addr) {
+            out.push_str(&format!("  devices (MQTT over mTLS): {d}\n"));
+            out.push_str(&format!(
+                "  backend services (MQTT, API key as password): {s}\n"
+            ));
+        }
+        if self.role.runs_api() {
+            out.push_str(&format!(
+                "  REST bridge: http://{}/api/v1\n",
+                self.http_addr
+            ));
+        } else {
+            out.push_str(&format!(
+                "  health and metrics: http://{}/healthz\n",
+                self.http_addr
+            ));
+        }
+        out.push_str(&format!(
+            "  server CA (devices trust this): {}\n",
+            self.pki.ca_cert.display()
+        ));
+        if self.role.runs_api() {
+            out.push_str(&format!("  admin token: {}\n", self.admin_token));
+        }
+        out
+    }
+
+    fn role_name(&self) -> &'static str {
+        match self.role {
+            Role::All => "all in one process",
+            Role::Broker => "broker node",
+            Role::Api => "fleet-service replica",
+        }
     }
 
     /// Stops in the order that loses nothing: the broker first (every session publishes its
     /// disconnect through the still-running intake), then intake, REST and the database.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
-        let _ = self.rollout_task.await;
-        if let Err(e) = self.broker_task.await {
-            warn!(error = %e, "broker task failed");
+        if let Some(broker) = self.broker_task {
+            if let Err(e) = broker.await {
+                warn!(error = %e, "broker task failed");
+            }
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        if let Some(node) = self.node {
+            node.release().await;
         }
         // What is still queued on the bus was never acknowledged to a device; devices resend it.
-        self.intake_task.abort();
-        let _ = self.intake_task.await;
-        let _ = self.http_task.await;
-        self.pruner_task.abort();
-        let _ = self.pruner_task.await;
-        self.security_task.abort();
-        let _ = self.security_task.await;
+        for task in self.background {
+            task.abort();
+            let _ = task.await;
+        }
         self.store.close().await;
         info!("fleet platform stopped");
         Ok(())
     }
+}
+
+/// Where the intake reads events from.
+enum Source {
+    Embedded(broker::bus::EmbeddedSource),
+    JetStream(broker::bus::jetstream::JetStreamSource),
+}
+
+fn serve_http(
+    http: TcpListener,
+    router: axum::Router,
+    stopped: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(
+            http,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(wait_stop(stopped))
+        .await
+        {
+            warn!(error = %e, "HTTP server failed");
+        }
+    })
 }
 
 /// Every connection is an open file: raises the process's soft limit to the hard one (the

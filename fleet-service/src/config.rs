@@ -116,9 +116,9 @@ pub struct ClusterTuning {
     pub prefix: String,
     /// A broker node renews its lease this often.
     pub node_lease_renew_ms: u64,
-    /// A node whose lease is this old is declared lost: its devices go offline (`node_lost`).
-    pub node_lease_ttl_ms: u64,
-    /// A node that could not renew its lease for this long stops taking connections.
+    /// A node that could not renew its lease for this long stops taking connections; its
+    /// lease lives twice this long, after which another process declares its devices lost
+    /// (`node_lost`).
     pub node_fence_after_ms: u64,
     /// The rollout engine and the pruners run on one replica, which holds a lease this long.
     pub leader_lease_ttl_ms: u64,
@@ -135,7 +135,6 @@ impl Default for ClusterTuning {
         Self {
             prefix: "fleet".into(),
             node_lease_renew_ms: 2000,
-            node_lease_ttl_ms: 10_000,
             node_fence_after_ms: 5000,
             leader_lease_ttl_ms: 6000,
             events_max_bytes: 1 << 30,

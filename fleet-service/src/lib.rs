@@ -2,7 +2,10 @@
 //!
 //! # Layout
 //! - [`app`]: builds and runs the whole platform (broker, intake, REST) from a [`config::Config`]
-//!   on listeners it binds, and reports the addresses it really got.
+//!   on listeners it binds, and reports the addresses it really got; or, in a cluster, the
+//!   part its role runs.
+//! - [`cluster`]: the backbone (NATS JetStream) and the leases of a cluster of broker nodes and
+//!   replicas.
 //! - [`config`]: settings from flags and environment, with documented defaults.
 //! - [`pki`]: the development PKI generated on first run.
 //! - [`store`]: the only module that writes SQL (sqlx; SQLite or PostgreSQL).
@@ -22,6 +25,7 @@
 
 pub mod api;
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod intake;
 pub mod keys;

@@ -62,6 +62,9 @@ pub enum DisconnectReason {
     ServerShutdown,
     /// The fleet service found the device still online from a previous run of the node.
     ServerRestart,
+    /// The broker node holding the session died (its lease expired); another process of the
+    /// cluster declared the session over.
+    NodeLost,
     /// The socket closed or failed without a DISCONNECT.
     ConnectionLost,
     /// The device broke the protocol (a malformed or unexpected packet).
@@ -83,6 +86,7 @@ impl DisconnectReason {
             DisconnectReason::Revoked => "revoked",
             DisconnectReason::ServerShutdown => "server_shutdown",
             DisconnectReason::ServerRestart => "server_restart",
+            DisconnectReason::NodeLost => "node_lost",
             DisconnectReason::ConnectionLost => "connection_lost",
             DisconnectReason::ProtocolError => "protocol_error",
             DisconnectReason::NotAuthorized => "not_authorized",

@@ -3,7 +3,9 @@
 //! - One stream ([`JetStreamConfig::stream`], `FLEET_EVENTS`) takes every event on
 //!   `{subject_prefix}.{partition}` (`fleet.events.0` … `fleet.events.7`), the partition a
 //!   stable hash of the device id, so a later per-partition consumer keeps a device's events in
-//!   order. File storage, work-queue retention (an acked event is gone), a duplicate window
+//!   order. File storage, interest retention (an event is gone once the intake's durable
+//!   consumer acked it and every broker node's follower, which delivers it to the node's
+//!   subscribers, has it: `broker::cluster`), a duplicate window
 //!   keyed by [`BusMessage::id`], and `max_bytes` with discard-new: a full stream refuses new
 //!   events instead of dropping old ones.
 //! - [`JetStreamBus::publish`] resolves `Ok` only on the stream's ack (a duplicate's ack too).
@@ -44,11 +46,13 @@ use crate::metrics::Metrics;
 /// `Nats-Msg-Id`, as the standard header it is: looked up by its string, a header parsed off
 /// the wire would not be found.
 const MSG_ID: async_nats::HeaderName = async_nats::header::NATS_MESSAGE_ID;
-const TOPIC: &str = "Fleet-Topic";
+/// The event's MQTT topic.
+pub const TOPIC: &str = "Fleet-Topic";
 const EPOCH: &str = "Fleet-Epoch";
 const SEQ: &str = "Fleet-Seq";
 const RECEIVED_AT: &str = "Fleet-Received-At-Ms";
-const NODE: &str = "Fleet-Node";
+/// The broker node that accepted the event.
+pub const NODE: &str = "Fleet-Node";
 
 /// How the JetStream bus is laid out and how hard it pushes. Publishers and consumers of one
 /// platform must agree on `stream`, `subject_prefix` and the stream's limits (whoever starts
@@ -130,7 +134,7 @@ impl JetStreamConfig {
             name: self.stream.clone(),
             subjects: vec![format!("{}.>", self.subject_prefix)],
             storage: StorageType::File,
-            retention: RetentionPolicy::WorkQueue,
+            retention: RetentionPolicy::Interest,
             discard: DiscardPolicy::New,
             max_bytes: self.max_bytes,
             duplicate_window: self.duplicate_window,
@@ -244,7 +248,7 @@ async fn ensure_stream(
     let have = stream.info().await.map_err(|e| err(&e))?.config.clone();
     if have.retention != want.retention || have.storage != want.storage {
         return Err(err(&format_args!(
-            "exists with retention {:?} and storage {:?}; it must be a file-backed work queue",
+            "exists with retention {:?} and storage {:?}; it must be file-backed with interest retention",
             have.retention, have.storage
         )));
     }
@@ -306,7 +310,10 @@ impl JetStreamBus {
     ) -> Result<Self, JetStreamError> {
         let mut js = jetstream::new(client.clone());
         js.set_timeout(config.publish_timeout);
-        ensure_stream(&js, config).await?;
+        let stream = ensure_stream(&js, config).await?;
+        // With interest retention an event no consumer wants is not kept: the intake's durable
+        // consumer must exist before the first event, even if no replica ever ran yet.
+        ensure_consumer(&stream, config).await?;
         let inner = Arc::new(BusInner {
             js,
             config: config.clone(),

@@ -1,10 +1,15 @@
 //! A broker node's link to the other nodes of a cluster, over NATS.
 //!
-//! - **Live messages** (core NATS, at most once, like any MQTT bridge): every publish this node
-//!   accepts (a client's, a will, the platform's own) goes out on the subject its topic maps to
-//!   ([`subject`]); the node subscribes to what its own subscribers can match: what devices
-//!   receive (commands, assignments, cohort messages, presence, which also carries takeovers)
-//!   and each backend service's filter as it first appears. What arrives is delivered here as if
+//! - **Device events** (telemetry, state, acks, update reports, presence): every node follows
+//!   the events stream the bus appends them to (`bus::jetstream`) and delivers the other
+//!   nodes' events to its subscribers. So a backend service anywhere sees an event once it is
+//!   durable, exactly what was acknowledged to the device, and none is lost while NATS
+//!   restarts (the follower resumes after the last one it delivered).
+//! - **Other live messages** (core NATS, at most once, like any MQTT bridge): every other
+//!   publish this node accepts (a service's command, a cohort message, the platform's own) goes
+//!   out on the subject its topic maps to ([`subject`]); the node subscribes to what its own
+//!   subscribers can match: what devices receive (commands, assignments, cohort messages) and
+//!   each backend service's filter as it first appears. What arrives is delivered here as if
 //!   it had been published here, to device inboxes and to the router, but never sent on again.
 //!   A message reaches a node once even when several of its subscriptions match it: each
 //!   carries its origin (a node instance) and a sequence number, and a window of recent ones
@@ -17,9 +22,6 @@
 //! - **Takeover across nodes**: a `connected` presence from another node raises the device's
 //!   epoch here (so a later session here gets a larger one), ends the older session this node
 //!   holds (reason `takeover`) and drops the persistent session the device left here.
-//!
-//! The durable device -> cloud events do not pass here: they go through the event bus
-//! (`bus::jetstream`).
 
 pub mod subject;
 
@@ -56,6 +58,10 @@ pub struct ClusterConfig {
     pub prefix: String,
     /// Publishes waiting to go out; beyond it live copies are dropped (and counted).
     pub out_queue: usize,
+    /// The stream of device events (`bus::jetstream`) and its subjects: the node delivers the
+    /// events other nodes made durable from there.
+    pub events_stream: String,
+    pub events_subjects: String,
 }
 
 impl ClusterConfig {
@@ -65,6 +71,8 @@ impl ClusterConfig {
             node_id: node_id.into(),
             prefix: "fleet".into(),
             out_queue: 65_536,
+            events_stream: "FLEET_EVENTS".into(),
+            events_subjects: "fleet.events.>".into(),
         }
     }
 }
@@ -95,6 +103,8 @@ pub(crate) struct Outgoing {
     payload: Bytes,
     qos: u8,
     retain: bool,
+    /// Sent to the other nodes now (false: they get it from the events stream).
+    live: bool,
 }
 
 /// The sending half, held by [`Local`]: never waits.
@@ -104,12 +114,16 @@ pub(crate) struct Egress {
 }
 
 impl Egress {
-    pub(crate) fn send(&self, topic: &str, payload: &Bytes, qos: u8, retain: bool) {
+    pub(crate) fn send(&self, topic: &str, payload: &Bytes, qos: u8, retain: bool, live: bool) {
+        if !live && !retain {
+            return;
+        }
         let m = Outgoing {
             topic: topic.to_owned(),
             payload: payload.clone(),
             qos,
             retain,
+            live,
         };
         if self.tx.try_send(m).is_err() {
             self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
@@ -169,8 +183,16 @@ pub(crate) async fn join(
         instance,
         control.clone(),
         local.clone(),
-        system,
+        system.clone(),
         filters,
+        metrics.clone(),
+    ));
+    tokio::spawn(follow_events(
+        config.clone(),
+        js.clone(),
+        control.clone(),
+        local.clone(),
+        system.clone(),
         metrics.clone(),
     ));
     tokio::spawn(follow_retained(
@@ -263,6 +285,13 @@ async fn egress(
             m = rx.recv() => {
                 let Some(m) = m else { return };
                 seq += 1;
+                if !m.live {
+                    if !stale_presence(&control, &m) {
+                        newest.insert(m.topic.clone(), seq);
+                        in_flight.push(append_retained(&js, &retained_prefix, &instance, seq, m));
+                    }
+                    continue;
+                }
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert(ORIGIN, instance.as_str());
                 headers.insert(SEQ, seq.to_string().as_str());
@@ -364,18 +393,13 @@ fn stale_presence(control: &BrokerControl, m: &Outgoing) -> bool {
 }
 
 /// The subjects every node follows for its devices: what devices may subscribe to (their
-/// commands and acks, their assignment, their cohort's topics) and presence (takeovers).
+/// commands, their assignment, their cohort's topics; their acks come from the events stream).
 fn device_subjects(prefix: &str) -> Vec<String> {
     let p = format!("{prefix}.mqtt");
-    [
-        "devices/+/commands/#",
-        "devices/+/assignment",
-        "devices/+/presence",
-        "cohorts/#",
-    ]
-    .iter()
-    .flat_map(|f| subject::filter_subjects(&p, f))
-    .collect()
+    ["devices/+/commands", "devices/+/assignment", "cohorts/#"]
+        .iter()
+        .flat_map(|f| subject::filter_subjects(&p, f))
+        .collect()
 }
 
 async fn ingress(
@@ -480,6 +504,71 @@ fn remote_presence(
         None => {
             local.inboxes.forget(&p.device_id);
         }
+    }
+}
+
+/// Delivers the device events other nodes made durable (telemetry, state, acks, update
+/// reports, presence) to this node's subscribers, from the events stream: a subscriber sees an
+/// event once it is durable, and none is lost while NATS restarts (the follower goes on after
+/// the last one it delivered). Starts with the events appended after the node joined.
+async fn follow_events(
+    config: ClusterConfig,
+    js: jetstream::Context,
+    control: BrokerControl,
+    local: Arc<Local>,
+    system: SystemPublisher,
+    metrics: Arc<ClusterMetrics>,
+) {
+    let mut next: Option<u64> = None;
+    loop {
+        let result: Result<(), async_nats::Error> = async {
+            let stream = js.get_stream(&config.events_stream).await?;
+            let deliver_policy = match next {
+                None => consumer::DeliverPolicy::New,
+                Some(seq) => consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: seq,
+                },
+            };
+            let consumer = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: config.events_subjects.clone(),
+                    deliver_policy,
+                    ..Default::default()
+                })
+                .await?;
+            let mut messages = consumer.messages().await?;
+            while let Some(m) = messages.next().await {
+                let m = m?;
+                next = Some(m.info()?.stream_sequence + 1);
+                let Some(headers) = m.headers.as_ref() else {
+                    continue;
+                };
+                if headers.get(crate::bus::jetstream::NODE).map(|v| v.as_str())
+                    == Some(config.node_id.as_str())
+                {
+                    continue;
+                }
+                let Some(topic) = headers.get(crate::bus::jetstream::TOPIC) else {
+                    continue;
+                };
+                let topic = topic.as_str().to_owned();
+                let parsed = Topic::parse(&topic).ok();
+                if let Some(Topic::Presence(_)) = &parsed {
+                    remote_presence(&control, &local, &m.payload, &metrics);
+                }
+                metrics.received.fetch_add(1, Ordering::Relaxed);
+                local.deliver(&topic, parsed.as_ref(), &m.payload, 1, None, None);
+                system
+                    .forward(Bytes::from(topic), m.payload.clone(), 1, None)
+                    .await;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            warn!(error = %e, "cluster link: following the events stream failed; starting again");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

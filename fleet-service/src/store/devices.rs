@@ -27,7 +27,7 @@ impl NodeGone {
             NodeGone::Restarted => fleet_wire::payload::DisconnectReason::ServerRestart.as_str(),
             // `fleet_wire::payload::DisconnectReason` has no `NodeLost` yet: adding it needs an
             // arm in the broker's exhaustive match on reasons (`session.rs::finish`).
-            NodeGone::Lost => "node_lost",
+            NodeGone::Lost => fleet_wire::payload::DisconnectReason::NodeLost.as_str(),
         }
     }
 }

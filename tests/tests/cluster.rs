@@ -1,0 +1,400 @@
+//! The platform as a cluster of processes: three broker nodes, two fleet-service replicas, a
+//! nats-server and PostgreSQL. Devices spread over the nodes publish QoS 1 telemetry numbered
+//! per device while a backend service on another node watches; a replica, a broker node and
+//! the nats-server are killed with SIGKILL during the run. Afterwards every acknowledged
+//! message is stored exactly once and was seen by the watcher, the killed node's devices were
+//! declared lost once each and came back on other nodes, a quarantine made through one replica
+//! cut a session on another node within a second, and a node started late holds the cohort's
+//! current update.
+//!
+//! Needs `FLEET_TEST_POSTGRES_URL` and a nats-server binary; says it was skipped otherwise.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use device_client::release::SigningKey;
+use e2e::cluster::Cluster;
+use e2e::{eventually, DeviceCert};
+use parking_lot::Mutex;
+use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, QoS};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+const TUNING: &str = r#"
+[cluster]
+node_lease_renew_ms = 1000
+node_fence_after_ms = 3000
+leader_lease_ttl_ms = 3000
+ack_wait_secs = 4
+
+[rollout]
+tick_ms = 300
+"#;
+
+const DEVICES: usize = 120;
+const NODES: usize = 3;
+
+/// What the test knows about one simulated device.
+#[derive(Default)]
+struct DeviceState {
+    /// Highest sequence number acknowledged; one publish is in flight at a time, so every
+    /// number up to it was acknowledged.
+    acked: u64,
+    /// The node it is connected to now (None while it reconnects).
+    node: Option<usize>,
+    /// When its connection last ended, and what the broker said.
+    closed_at: Option<Instant>,
+}
+
+type Devices = Arc<Mutex<BTreeMap<String, DeviceState>>>;
+
+/// One device: publishes `{"seq": n}` at QoS 1, the next one only after the previous one was
+/// acknowledged; when its node goes away it moves on to the next one (its unacknowledged
+/// publish is sent again there by rumqttc).
+async fn run_device(
+    id: String,
+    options: Vec<MqttOptions>,
+    first: usize,
+    devices: Devices,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut node = first;
+    let (client, mut eventloop): (AsyncClient, EventLoop) =
+        AsyncClient::new(options[node].clone(), 10);
+    let mut next = 1u64;
+    let mut in_flight: Option<u64> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick(), if in_flight.is_none() && !stopping => {
+                let payload = json!({ "seq": next }).to_string();
+                if client.try_publish(format!("devices/{id}/telemetry"), QoS::AtLeastOnce, false, payload).is_ok() {
+                    in_flight = Some(next);
+                    next += 1;
+                }
+            }
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+            }
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    devices.lock().get_mut(&id).unwrap().node = Some(node);
+                }
+                Ok(Event::Incoming(Incoming::PubAck(_))) => {
+                    if let Some(seq) = in_flight.take() {
+                        devices.lock().get_mut(&id).unwrap().acked = seq;
+                    }
+                    if stopping {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    {
+                        let mut d = devices.lock();
+                        let d = d.get_mut(&id).unwrap();
+                        if d.node.take().is_some() {
+                            d.closed_at = Some(Instant::now());
+                        }
+                    }
+                    if stopping && in_flight.is_none() {
+                        return;
+                    }
+                    // Try the next node; a node that is back is as good as any.
+                    node = (node + 1) % options.len();
+                    eventloop.mqtt_options = options[node].clone();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_loses_nothing_when_any_process_is_killed() {
+    e2e::init_logs();
+    let Some(mut cluster) = Cluster::start(NODES, 2, TUNING).await else {
+        return;
+    };
+    let rest = cluster.rest(0);
+    let fleet = rest.jitp_fleet(json!({})).await;
+    let service_key = rest.key_as(&rest.admin, "operator", json!({})).await;
+
+    // The watcher: a backend service on the last node.
+    let watcher_node = NODES - 1;
+    let seen: Arc<Mutex<HashMap<String, HashSet<u64>>>> = Arc::default();
+    let (watcher, mut watcher_loop) = AsyncClient::new(
+        cluster.service_options(watcher_node, "watcher", &service_key),
+        100,
+    );
+    watcher
+        .subscribe("devices/+/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let watcher_task = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                match watcher_loop.poll().await {
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        let id = p.topic.split('/').nth(1).unwrap_or_default().to_owned();
+                        let v: Value = serde_json::from_slice(&p.payload).unwrap_or_default();
+                        if let Some(seq) = v["seq"].as_u64() {
+                            seen.lock().entry(id).or_default().insert(seq);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("the watcher lost its node: {e}"),
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The devices, spread over the nodes.
+    let devices: Devices = Arc::default();
+    let (stop_tx, stop) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut certs = HashMap::new();
+    for i in 0..DEVICES {
+        let id = format!("cl-{i:03}");
+        let cert: DeviceCert = fleet.ca.issue(&id);
+        let options: Vec<MqttOptions> = (0..NODES)
+            .map(|n| cluster.device_options(n, &cert, &id))
+            .collect();
+        devices.lock().insert(id.clone(), DeviceState::default());
+        certs.insert(id.clone(), cert);
+        tasks.push(tokio::spawn(run_device(
+            id,
+            options,
+            i % NODES,
+            devices.clone(),
+            stop.clone(),
+        )));
+    }
+    eventually("every device connected", || async {
+        (devices
+            .lock()
+            .values()
+            .all(|d| d.node.is_some() && d.acked > 0))
+        .then_some(())
+    })
+    .await;
+
+    // A replica dies: the other one takes its share of the events and its singletons.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.kill_replica(1);
+
+    // A broker node dies: its devices are declared lost and come back elsewhere.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lost: Vec<String> = devices
+        .lock()
+        .iter()
+        .filter(|(_, d)| d.node == Some(0))
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert!(!lost.is_empty());
+    cluster.kill_broker(0);
+    let killed_at = Instant::now();
+
+    // The backbone dies and comes back: PUBACKs wait, nothing acknowledged is lost.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    cluster.nats.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.nats.restart().expect("nats-server restarts");
+
+    eventually(
+        "the lost node's devices are back on other nodes",
+        || async {
+            let d = devices.lock();
+            lost.iter()
+                .all(|id| matches!(d[id].node, Some(n) if n != 0))
+                .then_some(())
+        },
+    )
+    .await;
+
+    // A quarantine through replica 0 cuts a session held by another node within a second.
+    let target = devices
+        .lock()
+        .iter()
+        .find(|(_, d)| d.node == Some(1))
+        .map(|(id, _)| id.clone())
+        .expect("a device on node 1");
+    let asked = Instant::now();
+    let (s, body) = rest
+        .api(
+            "POST",
+            &format!("/api/v1/devices/{target}/quarantine"),
+            Some(json!({ "reason": "cluster test" })),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    eventually("the quarantined device's session ended", || async {
+        devices.lock()[&target]
+            .closed_at
+            .filter(|at| *at > asked)
+            .map(|at| at - asked)
+    })
+    .await;
+    let cut = devices.lock()[&target].closed_at.unwrap() - asked;
+    assert!(
+        cut < Duration::from_secs(1),
+        "the session on another node ended {cut:?} after the quarantine"
+    );
+
+    // A cohort update through the replica; a node started late holds it.
+    let key = SigningKey::generate().unwrap();
+    let (s, body) = rest
+        .api(
+            "POST",
+            "/api/v1/signing-keys",
+            Some(json!({ "name": "cluster key", "public_key": key.public_key_base64() })),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+    let signed = key
+        .sign(
+            &fleet.product_id,
+            "9.9.9",
+            "https://example.invalid/fw.bin",
+            b"fw",
+        )
+        .unwrap();
+    let (s, release) = rest
+        .api(
+            "POST",
+            "/api/v1/releases",
+            Some(serde_json::to_value(&signed).unwrap()),
+        )
+        .await;
+    assert_eq!(s, 201, "{release}");
+    let (s, deployment) = rest
+        .api(
+            "POST",
+            "/api/v1/deployments",
+            Some(
+                json!({ "release_id": release["id"], "cohort_id": fleet.cohort_id, "policy": {} }),
+            ),
+        )
+        .await;
+    assert_eq!(s, 201, "{deployment}");
+
+    // Stop publishing; every publish in flight settles.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+    }
+
+    let late = cluster.start_broker();
+    let started = Instant::now();
+    let (late_client, mut late_loop) = AsyncClient::new(
+        cluster.service_options(late, "late-watcher", &service_key),
+        10,
+    );
+    late_client
+        .subscribe(
+            format!("cohorts/{}/updates", fleet.cohort_id),
+            QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    let update = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(Event::Incoming(Incoming::Publish(p))) = late_loop.poll().await {
+                return serde_json::from_slice::<Value>(&p.payload).unwrap();
+            }
+        }
+    })
+    .await
+    .expect("the late node holds the cohort's update within 5 s");
+    assert_eq!(update["release"]["version"], "9.9.9", "{update}");
+    eprintln!("late node converged in {:?}", started.elapsed());
+
+    // Every acknowledged message stored exactly once, and seen by the watcher.
+    let pool = sqlx::PgPool::connect(&cluster.database_url).await.unwrap();
+    let acked: BTreeMap<String, u64> = devices
+        .lock()
+        .iter()
+        .map(|(id, d)| (id.clone(), d.acked))
+        .collect();
+    let total: u64 = acked.values().sum();
+    eventually("every acknowledged message is stored", || async {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM telemetry")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        (n as u64 >= total).then_some(())
+    })
+    .await;
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT device_id, payload FROM telemetry")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let mut stored: HashMap<String, Vec<u64>> = HashMap::new();
+    for (id, payload) in rows {
+        let v: Value = serde_json::from_str(&payload).unwrap();
+        stored
+            .entry(id)
+            .or_default()
+            .push(v["seq"].as_u64().unwrap());
+    }
+    for (id, top) in &acked {
+        let mut got = stored.remove(id).unwrap_or_default();
+        got.sort_unstable();
+        let dupes: Vec<_> = got.windows(2).filter(|w| w[0] == w[1]).collect();
+        assert!(dupes.is_empty(), "{id}: stored twice: {dupes:?}");
+        for seq in 1..=*top {
+            assert!(
+                got.binary_search(&seq).is_ok(),
+                "{id}: acknowledged {seq} not stored"
+            );
+        }
+        // At most the publish in flight at the end (never acknowledged) beyond.
+        assert!(got.len() as u64 <= top + 1, "{id}: {got:?}");
+    }
+    eventually("the watcher saw every acknowledged message", || async {
+        let seen = seen.lock();
+        acked
+            .iter()
+            .all(|(id, top)| (1..=*top).all(|s| seen.get(id).is_some_and(|set| set.contains(&s))))
+            .then_some(())
+    })
+    .await;
+
+    // The killed node's devices were declared lost exactly once each, within 15 s.
+    for id in &lost {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM device_sessions WHERE device_id = $1 AND end_reason = 'node_lost'",
+        )
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(n, 1, "{id}: sessions ended node_lost");
+    }
+    let (lost_at,): (Option<i64>,) =
+        sqlx::query_as("SELECT max(ended_at) FROM device_sessions WHERE end_reason = 'node_lost'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let since_kill = killed_at.elapsed();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let declared_after = since_kill.as_millis() as i64 - (now_ms - lost_at.unwrap());
+    assert!(
+        declared_after < 15_000,
+        "devices of the killed node declared lost {declared_after} ms after the kill"
+    );
+    eprintln!(
+        "{} devices, {total} acknowledged; {} declared lost {declared_after} ms after the kill; quarantine cut a session on another node in {cut:?}",
+        acked.len(),
+        lost.len()
+    );
+    watcher_task.abort();
+}
