@@ -113,6 +113,9 @@ pub trait RegistryStore: Send + Sync + 'static {
         ca_id: &str,
         cert: &CertFacts,
     ) -> Result<(), StoreError>;
+    /// A device as stored, for a node that hears of a device another node just provisioned
+    /// before the change announcing it arrived.
+    async fn device_record(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
 }
 
 /// The outcome of [`RegistryStore::provision_device`].
@@ -301,6 +304,25 @@ impl Registry {
 
     pub fn device(&self, id: &DeviceId) -> Option<DeviceRecord> {
         self.devices.get(id).map(|d| d.clone())
+    }
+
+    /// Makes sure the registry knows device `id` (reading it from the store if not): another
+    /// node may have provisioned it a moment ago. Returns whether it is known now.
+    pub async fn learn_device(&self, id: &DeviceId) -> bool {
+        if self.devices.contains_key(id) {
+            return true;
+        }
+        match self.store.device_record(id).await {
+            Ok(Some(record)) => {
+                self.upsert_device(record);
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(device_id = %id, error = %e, "cannot read a device another node provisioned");
+                false
+            }
+        }
     }
 
     pub fn device_count(&self) -> usize {

@@ -1244,7 +1244,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // this node or, after a crash, another), a QoS 0 one by this session.
             let id = match info.qos {
                 0 => event_id::unacknowledged(device.id.as_str(), device.epoch, device.seq),
-                _ => event_id::publish(device.id.as_str(), info.pkid, &publish.payload),
+                _ => event_id::publish(device.id.as_str(), topic, info.pkid, &publish.payload),
             };
             BusMessage {
                 topic: topic.to_owned(),

@@ -103,6 +103,7 @@ impl App {
             store.clone(),
             config.tuning.devices.jitp_max_batch,
         );
+        let announce_devices = writer.announcer();
         let registry = Arc::new(Registry::new(Arc::new(writer), metrics.clone()));
         let control = BrokerControl::new(registry.clone(), metrics.clone());
         let applier = Applier::new(store.clone(), control.clone(), keys.clone());
@@ -115,7 +116,12 @@ impl App {
         // (this one included, through its follower).
         let feed: Arc<dyn crate::ops::ChangeFeed> = match &cluster {
             None => Arc::new(crate::ops::LocalFeed::new(applier.clone())),
-            Some(c) => Arc::new(c.change_feed()),
+            Some(c) => {
+                let feed: Arc<dyn crate::ops::ChangeFeed> = Arc::new(c.change_feed());
+                // Devices provisioned on this node's connect path reach the others too.
+                let _ = announce_devices.set(feed.clone());
+                feed
+            }
         };
         let ops = Ops::new(
             store.clone(),
@@ -172,6 +178,14 @@ impl App {
                         .join_cluster(c.node_config())
                         .await
                         .map_err(|e| anyhow::anyhow!("joining the cluster: {e}"))?;
+                    // Serve no one before the node holds the cluster's retained messages
+                    // (a subscriber now would miss them), unless the backbone is down.
+                    if tokio::time::timeout(Duration::from_secs(10), link.retained_loaded())
+                        .await
+                        .is_err()
+                    {
+                        warn!("the cluster's retained messages are not loaded after 10 s; serving anyway");
+                    }
                     node = Some(
                         crate::cluster::NodeHandle::start(
                             &store,

@@ -131,68 +131,43 @@ impl Backbone {
         }
     }
 
-    /// Applies every change from stream sequence `from` on, in order, for ever (resuming
-    /// after the last one applied if NATS goes away), until `stop`.
+    /// Applies every change from stream sequence `from` on, in order, for ever (through NATS
+    /// restarts, resuming after the last one applied), until `stop`.
     pub fn follow_changes(
         &self,
         from: u64,
         applier: crate::ops::Applier,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
-        let js = self.js.clone();
-        let subject = self.control_subject();
-        tokio::spawn(async move {
-            let mut next = from;
-            loop {
-                let result: anyhow::Result<()> = async {
-                    let stream = js
-                        .get_stream(CONTROL_STREAM)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    let consumer = stream
-                        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                            filter_subject: subject.clone(),
-                            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                                start_sequence: next,
-                            },
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    let mut messages = consumer
-                        .messages()
-                        .await
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    use futures::StreamExt;
-                    while let Some(m) = messages.next().await {
-                        let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
-                        let seq = m.info().map_err(|e| anyhow::anyhow!("{e}"))?.stream_sequence;
-                        match serde_json::from_slice::<crate::ops::Change>(&m.payload) {
-                            Ok(change) => {
-                                // A failed read is retried: the change must not be skipped.
-                                let mut delay = Duration::from_millis(100);
-                                while let Err(e) = applier.apply(&change).await {
-                                    tracing::warn!(?change, error = %e, "applying a change failed; retrying");
-                                    tokio::time::sleep(delay).await;
-                                    delay = (delay * 2).min(Duration::from_secs(5));
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(seq, error = %e, "an unreadable change skipped")
+        let follow = broker::cluster::follow::follow(
+            self.js.clone(),
+            CONTROL_STREAM.to_owned(),
+            self.control_subject(),
+            broker::cluster::follow::From::Sequence(from),
+            move |f| {
+                let applier = applier.clone();
+                async move {
+                    match serde_json::from_slice::<crate::ops::Change>(&f.message.payload) {
+                        Ok(change) => {
+                            // A failed read is retried: a change is never skipped.
+                            let mut delay = Duration::from_millis(100);
+                            while let Err(e) = applier.apply(&change).await {
+                                tracing::warn!(?change, error = %e, "applying a change failed; retrying");
+                                tokio::time::sleep(delay).await;
+                                delay = (delay * 2).min(Duration::from_secs(5));
                             }
                         }
-                        next = seq + 1;
+                        Err(e) => tracing::warn!(seq = f.stream_sequence, error = %e,
+                            "an unreadable change skipped"),
                     }
-                    Ok(())
                 }
-                .await;
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "following the change stream failed; starting again");
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
+            },
+            || {},
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = follow => {}
+                _ = stop.wait_for(|s| *s) => {}
             }
         })
     }

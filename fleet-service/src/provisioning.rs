@@ -10,9 +10,12 @@
 use broker::registry::{
     CertFacts, NewDevice, Provisioned, RegistryStore, StoreError as RegistryError,
 };
+use std::sync::{Arc, OnceLock};
+
 use fleet_wire::DeviceId;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::ops::{Change, ChangeFeed};
 use crate::store::{Store, StoreError};
 
 type Answer = oneshot::Sender<Result<Provisioned, StoreError>>;
@@ -21,7 +24,12 @@ type Answer = oneshot::Sender<Result<Provisioned, StoreError>>;
 pub struct ProvisionWriter {
     store: Store,
     queue: mpsc::Sender<(NewDevice, Answer)>,
+    announce: Announce,
 }
+
+/// Where new devices are announced once written (in a cluster: to every process, whose
+/// registries learn them; a device provisioned on one node may publish through another).
+pub type Announce = Arc<OnceLock<Arc<dyn ChangeFeed>>>;
 
 impl ProvisionWriter {
     /// Starts the writer task (it ends when the writer is dropped). `max_batch` devices at most
@@ -30,8 +38,30 @@ impl ProvisionWriter {
     pub fn start(store: Store, max_batch: usize) -> ProvisionWriter {
         let max_batch = max_batch.max(1);
         let (tx, rx) = mpsc::channel(max_batch.saturating_mul(4));
-        tokio::spawn(write_batches(store.clone(), rx, max_batch));
-        ProvisionWriter { store, queue: tx }
+        let announce = Announce::default();
+        tokio::spawn(write_batches(store.clone(), rx, max_batch, announce.clone()));
+        ProvisionWriter {
+            store,
+            queue: tx,
+            announce,
+        }
+    }
+
+    /// Set once the feed exists: every batch written from then on is announced on it.
+    pub fn announcer(&self) -> Announce {
+        self.announce.clone()
+    }
+}
+
+/// Tells every process about devices written here (off the connect path: the CONNACK does
+/// not wait for it).
+fn announce(to: &Announce, change: Change) {
+    if let Some(feed) = to.get().cloned() {
+        tokio::spawn(async move {
+            if let Err(e) = feed.publish(change).await {
+                tracing::warn!(error = %e, "new devices not announced to the other processes");
+            }
+        });
     }
 }
 
@@ -39,6 +69,7 @@ async fn write_batches(
     store: Store,
     mut rx: mpsc::Receiver<(NewDevice, Answer)>,
     max_batch: usize,
+    to: Announce,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
@@ -59,6 +90,13 @@ async fn write_batches(
                 }
             }
         }
+        // After the commit: the others re-read what it wrote.
+        announce(
+            &to,
+            Change::Devices {
+                ids: devices.iter().map(|d| d.id.to_string()).collect(),
+            },
+        );
     }
 }
 
@@ -80,6 +118,21 @@ impl RegistryStore for ProvisionWriter {
         ca_id: &str,
         cert: &CertFacts,
     ) -> Result<(), RegistryError> {
-        RegistryStore::claim_device(&self.store, id, ca_id, cert).await
+        RegistryStore::claim_device(&self.store, id, ca_id, cert).await?;
+        announce(
+            &self.announce,
+            Change::Device {
+                id: id.to_string(),
+                end_session: None,
+            },
+        );
+        Ok(())
+    }
+
+    async fn device_record(
+        &self,
+        id: &DeviceId,
+    ) -> Result<Option<broker::registry::DeviceRecord>, RegistryError> {
+        RegistryStore::device_record(&self.store, id).await
     }
 }

@@ -294,3 +294,16 @@ impl Cluster {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 }
+
+impl Drop for Cluster {
+    /// A failed test keeps the processes' logs and says where.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in self.brokers.iter_mut().chain(self.replicas.iter_mut()) {
+                drop(p.take());
+            }
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+            eprintln!("the cluster's logs are kept in {}", dir.keep().display());
+        }
+    }
+}

@@ -58,21 +58,43 @@ pub struct BusMessage {
 
 /// Deduplication ids of events, one function per kind of event.
 ///
-/// A device's QoS 1/2 publish is named by what the device itself repeats when it resends it:
-/// device, packet id and payload. So a publish resent after the device's broker node crashed,
-/// possibly to another node and under a new session epoch, has the same id, and a bus with a
-/// duplicate window stores it once. The consequence: **two publishes of one device identical
-/// in packet id and payload within the duplicate window count as one event**, even if the
-/// device meant two (a client that reuses packet id 1 for every publish and sends the same
-/// reading twice within the window). Everything else is named by the session that produced
-/// it (epoch and sequence), which only this broker node knows.
+/// A device's QoS 1/2 publish is named by what the device itself repeats when it publishes it
+/// again: a self-identifying payload (with a `seq` or `ts_ms`) by its topic and content, any
+/// other by its packet id and content. So a publish repeated after the device's broker node
+/// crashed, possibly to another node and under a new session epoch, has the same id, and a
+/// bus with a duplicate window stores it once. The consequence: **two publishes of one device
+/// identical in topic and payload (with a `seq` or `ts_ms`), or in packet id and payload,
+/// within the duplicate window count as one event**. Everything else is named by the session
+/// that produced it (epoch and sequence), which only this broker node knows.
 pub mod event_id {
     use sha2::{Digest, Sha256};
 
-    /// A device's QoS 1 or 2 publish: `p/{device}/{pkid}/{first 16 hex of sha256(payload)}`.
-    pub fn publish(device: &str, pkid: u16, payload: &[u8]) -> String {
+    /// A device's QoS 1 or 2 publish on `topic`. A payload that identifies itself (a JSON
+    /// object with a top-level `seq` or `ts_ms`, as the device agent's and the simulator's
+    /// do) is named by its content: `d/{topic}/{first 16 hex of sha256(payload)}`, so a device
+    /// that publishes it again on a new connection (its node died before the PUBACK; a new
+    /// session drops the client's unacknowledged packets, so the resend is a new packet) is
+    /// stored once. Any other payload is named by what an MQTT resend repeats:
+    /// `p/{device}/{pkid}/{first 16 hex of sha256(payload)}`.
+    pub fn publish(device: &str, topic: &str, pkid: u16, payload: &[u8]) -> String {
         let digest = Sha256::digest(payload);
-        format!("p/{device}/{pkid}/{}", hex::encode(&digest[..8]))
+        if identifies_itself(payload) {
+            format!("d/{topic}/{}", hex::encode(&digest[..8]))
+        } else {
+            format!("p/{device}/{pkid}/{}", hex::encode(&digest[..8]))
+        }
+    }
+
+    /// Whether a payload is a JSON object with a top-level `seq` or `ts_ms`.
+    fn identifies_itself(payload: &[u8]) -> bool {
+        #[derive(serde::Deserialize)]
+        struct Marks {
+            seq: Option<serde::de::IgnoredAny>,
+            ts_ms: Option<serde::de::IgnoredAny>,
+        }
+        payload.first() == Some(&b'{')
+            && serde_json::from_slice::<Marks>(payload)
+                .is_ok_and(|m| m.seq.is_some() || m.ts_ms.is_some())
     }
 
     /// A device's QoS 0 publish: `s/{device}/{epoch}/{seq}`.
@@ -182,8 +204,9 @@ mod tests {
 
     #[test]
     fn event_ids() {
+        let t = "devices/d1/telemetry";
         let cases: &[(String, &str)] = &[
-            (event_id::publish("d1", 7, b"{}"), "p/d1/7/44136fa355b3678a"),
+            (event_id::publish("d1", t, 7, b"{}"), "p/d1/7/44136fa355b3678a"),
             (event_id::unacknowledged("d1", 3, 9), "s/d1/3/9"),
             (event_id::presence("d1", 3, true), "c/d1/3/connected"),
             (event_id::presence("d1", 3, false), "c/d1/3/disconnected"),
@@ -194,17 +217,27 @@ mod tests {
         }
         // The same publish resent (another node, another epoch) has the same id; another
         // payload or packet id does not.
-        assert_eq!(
-            event_id::publish("d1", 7, b"x"),
-            event_id::publish("d1", 7, b"x")
+        assert_eq!(event_id::publish("d1", t, 7, b"x"), event_id::publish("d1", t, 7, b"x"));
+        assert_ne!(event_id::publish("d1", t, 7, b"x"), event_id::publish("d1", t, 7, b"y"));
+        assert_ne!(event_id::publish("d1", t, 7, b"x"), event_id::publish("d1", t, 8, b"x"));
+        // A self-identifying payload published again as a new packet (new connection, new
+        // packet id) is the same event; on another topic, or with another seq, it is not.
+        let p = br#"{"seq":5,"t":20.5}"#;
+        assert_eq!(event_id::publish("d1", t, 7, p), event_id::publish("d1", t, 1, p));
+        assert!(event_id::publish("d1", t, 7, p).starts_with("d/devices/d1/telemetry/"));
+        assert_ne!(
+            event_id::publish("d1", t, 7, p),
+            event_id::publish("d1", "devices/d1/state", 7, p)
         );
         assert_ne!(
-            event_id::publish("d1", 7, b"x"),
-            event_id::publish("d1", 7, b"y")
+            event_id::publish("d1", t, 7, p),
+            event_id::publish("d1", t, 7, br#"{"seq":6,"t":20.5}"#)
         );
-        assert_ne!(
-            event_id::publish("d1", 7, b"x"),
-            event_id::publish("d1", 8, b"x")
-        );
+        let ts = br#"{"ts_ms":1700000000000}"#;
+        assert_eq!(event_id::publish("d1", t, 2, ts), event_id::publish("d1", t, 3, ts));
+        // Without seq or ts_ms (or not an object), only an MQTT resend is recognised.
+        let plain = br#"{"t":20.5}"#;
+        assert_ne!(event_id::publish("d1", t, 2, plain), event_id::publish("d1", t, 3, plain));
+        assert_ne!(event_id::publish("d1", t, 2, b"[1]"), event_id::publish("d1", t, 3, b"[1]"));
     }
 }

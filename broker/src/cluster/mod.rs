@@ -23,6 +23,7 @@
 //!   epoch here (so a later session here gets a larger one), ends the older session this node
 //!   holds (reason `takeover`) and drops the persistent session the device left here.
 
+pub mod follow;
 pub mod subject;
 
 use std::collections::{HashMap, HashSet};
@@ -30,7 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use fleet_wire::payload::{DisconnectReason, Presence, PresenceEvent};
 use fleet_wire::Topic;
@@ -519,62 +520,48 @@ async fn follow_events(
     system: SystemPublisher,
     metrics: Arc<ClusterMetrics>,
 ) {
-    let mut next: Option<u64> = None;
-    loop {
-        let result: Result<(), async_nats::Error> = async {
-            let stream = js.get_stream(&config.events_stream).await?;
-            let deliver_policy = match next {
-                None => consumer::DeliverPolicy::New,
-                Some(seq) => consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: seq,
-                },
-            };
-            let consumer = stream
-                .create_consumer(consumer::pull::OrderedConfig {
-                    filter_subject: config.events_subjects.clone(),
-                    deliver_policy,
-                    ..Default::default()
-                })
-                .await?;
-            let mut messages = consumer.messages().await?;
-            while let Some(m) = messages.next().await {
-                let m = m?;
-                next = Some(m.info()?.stream_sequence + 1);
+    let node_id = config.node_id.clone();
+    follow::follow(
+        js,
+        config.events_stream.clone(),
+        config.events_subjects.clone(),
+        follow::From::New,
+        |f| {
+            let (control, local, system, metrics, node_id) = (&control, &local, &system, &metrics, &node_id);
+            async move {
+                let m = f.message;
+                debug!(subject = %m.subject, seq = f.stream_sequence, "cluster link: event");
                 let Some(headers) = m.headers.as_ref() else {
-                    continue;
+                    return;
                 };
-                if headers.get(crate::bus::jetstream::NODE).map(|v| v.as_str())
-                    == Some(config.node_id.as_str())
-                {
-                    continue;
+                if headers.get(crate::bus::jetstream::NODE).map(|v| v.as_str()) == Some(node_id.as_str()) {
+                    return;
                 }
                 let Some(topic) = headers.get(crate::bus::jetstream::TOPIC) else {
-                    continue;
+                    return;
                 };
                 let topic = topic.as_str().to_owned();
                 let parsed = Topic::parse(&topic).ok();
+                // Subscribers' rights are decided from the registry: a device another node
+                // provisioned a moment ago may not be announced here yet.
+                if let Some(id) = parsed.as_ref().and_then(Topic::device) {
+                    control.registry.learn_device(id).await;
+                }
                 if let Some(Topic::Presence(_)) = &parsed {
-                    remote_presence(&control, &local, &m.payload, &metrics);
+                    remote_presence(control, local, &m.payload, metrics);
                 }
                 metrics.received.fetch_add(1, Ordering::Relaxed);
                 local.deliver(&topic, parsed.as_ref(), &m.payload, 1, None, None);
-                system
-                    .forward(Bytes::from(topic), m.payload.clone(), 1, None)
-                    .await;
+                system.forward(Bytes::from(topic), m.payload, 1, None).await;
             }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            warn!(error = %e, "cluster link: following the events stream failed; starting again");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+        },
+        || {},
+    )
+    .await;
 }
 
 /// Applies the retained stream to this node's retained store, in the stream's order; loads
-/// every topic's last message first. Follows for ever, starting again after the last message
-/// it applied if NATS goes away.
+/// every topic's last message first, then follows.
 async fn follow_retained(
     config: ClusterConfig,
     js: jetstream::Context,
@@ -584,34 +571,17 @@ async fn follow_retained(
     loaded: watch::Sender<bool>,
 ) {
     let prefix = format!("{}.retained", config.prefix);
-    let mut next: Option<u64> = None;
-    let mut applied = 0u64;
-    loop {
-        let result: Result<(), async_nats::Error> = async {
-            let stream = js.get_stream(STREAM).await?;
-            let deliver_policy = match next {
-                None => consumer::DeliverPolicy::LastPerSubject,
-                Some(seq) => consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: seq,
-                },
-            };
-            let consumer = stream
-                .create_consumer(consumer::pull::OrderedConfig {
-                    filter_subject: format!("{prefix}.>"),
-                    deliver_policy,
-                    ..Default::default()
-                })
-                .await?;
-            if next.is_none() && stream.cached_info().state.messages == 0 {
-                finish_loading(&loaded, &metrics, 0);
-            }
-            let mut messages = consumer.messages().await?;
-            while let Some(m) = messages.next().await {
-                let m = m?;
-                let info = m.info()?;
-                next = Some(info.stream_sequence + 1);
-                let pending = info.pending;
-                if let Some(topic) = subject::subject_topic(&prefix, m.subject.as_str()) {
+    let count = AtomicU64::new(0);
+    follow::follow(
+        js,
+        STREAM.to_owned(),
+        format!("{prefix}.>"),
+        follow::From::LastPerSubject,
+        |f| {
+            let (control, local, prefix, count) = (&control, &local, &prefix, &count);
+            async move {
+                let m = f.message;
+                if let Some(topic) = subject::subject_topic(prefix, m.subject.as_str()) {
                     let qos = m
                         .headers
                         .as_ref()
@@ -619,21 +589,18 @@ async fn follow_retained(
                         .and_then(|v| v.as_str().parse::<u8>().ok())
                         .unwrap_or(1)
                         .min(1);
-                    apply_retained(&control, &local, topic, m.payload.clone(), qos);
-                    applied += 1;
-                }
-                if pending == 0 && !*loaded.borrow() {
-                    finish_loading(&loaded, &metrics, applied);
+                    apply_retained(control, local, topic, m.payload, qos);
+                    count.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            warn!(error = %e, "cluster link: following the retained stream failed; starting again");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+        },
+        || {
+            if !*loaded.borrow() {
+                finish_loading(&loaded, &metrics, count.load(Ordering::Relaxed));
+            }
+        },
+    )
+    .await;
 }
 
 fn finish_loading(loaded: &watch::Sender<bool>, metrics: &ClusterMetrics, n: u64) {

@@ -773,4 +773,10 @@ impl RegistryStore for Store {
             .await
             .map_err(|e| RegistryError::Backend(e.to_string()))
     }
+
+    async fn device_record(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, RegistryError> {
+        Store::device_record(self, id)
+            .await
+            .map_err(|e| RegistryError::Backend(e.to_string()))
+    }
 }
