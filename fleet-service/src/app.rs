@@ -151,9 +151,9 @@ impl App {
                         .context("the events stream")?,
                 ),
                 if role.runs_api() {
-                    Some(Source::JetStream(
+                    Some(Source::JetStream(Box::new(
                         c.event_source().await.context("the events consumer")?,
-                    ))
+                    )))
                 } else {
                     None
                 },
@@ -246,7 +246,9 @@ impl App {
             };
             background.push(match source.expect("a replica has an event source") {
                 Source::Embedded(s) => tokio::spawn(crate::intake::run(s, store.clone(), options)),
-                Source::JetStream(s) => tokio::spawn(crate::intake::run(s, store.clone(), options)),
+                Source::JetStream(s) => {
+                    tokio::spawn(crate::intake::run(*s, store.clone(), options))
+                }
             });
             let singletons = crate::cluster::Singletons::new(
                 cluster.is_some(),
@@ -433,7 +435,7 @@ impl App {
 /// Where the intake reads events from.
 enum Source {
     Embedded(broker::bus::EmbeddedSource),
-    JetStream(broker::bus::jetstream::JetStreamSource),
+    JetStream(Box<broker::bus::jetstream::JetStreamSource>),
 }
 
 fn serve_http(

@@ -39,7 +39,12 @@ impl ProvisionWriter {
         let max_batch = max_batch.max(1);
         let (tx, rx) = mpsc::channel(max_batch.saturating_mul(4));
         let announce = Announce::default();
-        tokio::spawn(write_batches(store.clone(), rx, max_batch, announce.clone()));
+        tokio::spawn(write_batches(
+            store.clone(),
+            rx,
+            max_batch,
+            announce.clone(),
+        ));
         ProvisionWriter {
             store,
             queue: tx,

@@ -323,7 +323,11 @@ async fn a_cluster_loses_nothing_when_any_process_is_killed() {
     // Stop publishing; every publish in flight settles.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let _ = stop_tx.send(true);
-    let settled = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(tasks.into_values())).await;
+    let settled = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures::future::join_all(tasks.into_values()),
+    )
+    .await;
     if settled.is_err() {
         let waiting: Vec<_> = devices
             .lock()
@@ -441,10 +445,13 @@ async fn a_cluster_loses_nothing_when_any_process_is_killed() {
         .unwrap();
         let last_on_killed = rows
             .iter()
-            .filter(|r| r.2.as_deref() == Some("node-1"))
-            .last()
+            .rfind(|r| r.2.as_deref() == Some("node-1"))
             .unwrap_or_else(|| panic!("{id}: no session on node-1: {rows:?}"));
-        assert_eq!(last_on_killed.1.as_deref(), Some("node_lost"), "{id}: {rows:?}");
+        assert_eq!(
+            last_on_killed.1.as_deref(),
+            Some("node_lost"),
+            "{id}: {rows:?}"
+        );
         assert!(
             rows.iter()
                 .filter(|r| r.2.as_deref() != Some("node-1"))

@@ -206,7 +206,10 @@ mod tests {
     fn event_ids() {
         let t = "devices/d1/telemetry";
         let cases: &[(String, &str)] = &[
-            (event_id::publish("d1", t, 7, b"{}"), "p/d1/7/44136fa355b3678a"),
+            (
+                event_id::publish("d1", t, 7, b"{}"),
+                "p/d1/7/44136fa355b3678a",
+            ),
             (event_id::unacknowledged("d1", 3, 9), "s/d1/3/9"),
             (event_id::presence("d1", 3, true), "c/d1/3/connected"),
             (event_id::presence("d1", 3, false), "c/d1/3/disconnected"),
@@ -217,13 +220,25 @@ mod tests {
         }
         // The same publish resent (another node, another epoch) has the same id; another
         // payload or packet id does not.
-        assert_eq!(event_id::publish("d1", t, 7, b"x"), event_id::publish("d1", t, 7, b"x"));
-        assert_ne!(event_id::publish("d1", t, 7, b"x"), event_id::publish("d1", t, 7, b"y"));
-        assert_ne!(event_id::publish("d1", t, 7, b"x"), event_id::publish("d1", t, 8, b"x"));
+        assert_eq!(
+            event_id::publish("d1", t, 7, b"x"),
+            event_id::publish("d1", t, 7, b"x")
+        );
+        assert_ne!(
+            event_id::publish("d1", t, 7, b"x"),
+            event_id::publish("d1", t, 7, b"y")
+        );
+        assert_ne!(
+            event_id::publish("d1", t, 7, b"x"),
+            event_id::publish("d1", t, 8, b"x")
+        );
         // A self-identifying payload published again as a new packet (new connection, new
         // packet id) is the same event; on another topic, or with another seq, it is not.
         let p = br#"{"seq":5,"t":20.5}"#;
-        assert_eq!(event_id::publish("d1", t, 7, p), event_id::publish("d1", t, 1, p));
+        assert_eq!(
+            event_id::publish("d1", t, 7, p),
+            event_id::publish("d1", t, 1, p)
+        );
         assert!(event_id::publish("d1", t, 7, p).starts_with("d/devices/d1/telemetry/"));
         assert_ne!(
             event_id::publish("d1", t, 7, p),
@@ -234,10 +249,19 @@ mod tests {
             event_id::publish("d1", t, 7, br#"{"seq":6,"t":20.5}"#)
         );
         let ts = br#"{"ts_ms":1700000000000}"#;
-        assert_eq!(event_id::publish("d1", t, 2, ts), event_id::publish("d1", t, 3, ts));
+        assert_eq!(
+            event_id::publish("d1", t, 2, ts),
+            event_id::publish("d1", t, 3, ts)
+        );
         // Without seq or ts_ms (or not an object), only an MQTT resend is recognised.
         let plain = br#"{"t":20.5}"#;
-        assert_ne!(event_id::publish("d1", t, 2, plain), event_id::publish("d1", t, 3, plain));
-        assert_ne!(event_id::publish("d1", t, 2, b"[1]"), event_id::publish("d1", t, 3, b"[1]"));
+        assert_ne!(
+            event_id::publish("d1", t, 2, plain),
+            event_id::publish("d1", t, 3, plain)
+        );
+        assert_ne!(
+            event_id::publish("d1", t, 2, b"[1]"),
+            event_id::publish("d1", t, 3, b"[1]")
+        );
     }
 }

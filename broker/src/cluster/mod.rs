@@ -527,14 +527,17 @@ async fn follow_events(
         config.events_subjects.clone(),
         follow::From::New,
         |f| {
-            let (control, local, system, metrics, node_id) = (&control, &local, &system, &metrics, &node_id);
+            let (control, local, system, metrics, node_id) =
+                (&control, &local, &system, &metrics, &node_id);
             async move {
                 let m = f.message;
                 debug!(subject = %m.subject, seq = f.stream_sequence, "cluster link: event");
                 let Some(headers) = m.headers.as_ref() else {
                     return;
                 };
-                if headers.get(crate::bus::jetstream::NODE).map(|v| v.as_str()) == Some(node_id.as_str()) {
+                if headers.get(crate::bus::jetstream::NODE).map(|v| v.as_str())
+                    == Some(node_id.as_str())
+                {
                     return;
                 }
                 let Some(topic) = headers.get(crate::bus::jetstream::TOPIC) else {
