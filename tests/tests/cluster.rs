@@ -4,8 +4,9 @@
 //! the nats-server are killed with SIGKILL during the run. Afterwards every acknowledged
 //! message is stored exactly once and was seen by the watcher, the killed node's devices were
 //! declared lost once each and came back on other nodes, a quarantine made through one replica
-//! cut a session on another node within a second, and a node started late holds the cohort's
-//! current update.
+//! cut a session on another node within a second, a device connecting to another node took
+//! its session over from the first (whose late disconnect changed nothing), and a node started
+//! late holds the cohort's current update.
 //!
 //! Needs `FLEET_TEST_POSTGRES_URL` and a nats-server binary; says it was skipped otherwise.
 
@@ -283,6 +284,54 @@ async fn a_cluster_loses_nothing_when_any_process_is_killed() {
     // acknowledged is still checked below).
     tasks.remove(&target).expect("its task").abort();
 
+    // A device that connects to node 3 while node 2 holds its session takes it over across
+    // nodes: node 2 ends the old session, and its late disconnect changes nothing.
+    let cert = fleet.ca.issue("tk-1");
+    let connect = |node: usize| {
+        let (client, mut el) = AsyncClient::new(cluster.device_options(node, &cert, "tk-1"), 10);
+        async move {
+            loop {
+                if let Event::Incoming(Incoming::ConnAck(_)) =
+                    el.poll().await.expect("tk-1 connects")
+                {
+                    return (client, el);
+                }
+            }
+        }
+    };
+    let (_old, mut old_loop) = connect(1).await;
+    let (_new, mut new_loop) = connect(2).await;
+    let new_task = tokio::spawn(async move { while new_loop.poll().await.is_ok() {} });
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while old_loop.poll().await.is_ok() {}
+    })
+    .await
+    .expect("node 2 ended the session node 3 took over within 2 s");
+    let pool = sqlx::PgPool::connect(&cluster.database_url).await.unwrap();
+    eventually("tk-1 is online on node 3, its session on node 2 ended by the takeover", || async {
+        let rows: Vec<(Option<String>, Option<String>, Option<i64>)> = sqlx::query_as(
+            "SELECT node_id, end_reason, ended_at FROM device_sessions WHERE device_id = 'tk-1' ORDER BY epoch",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let (online, node): (bool, Option<String>) =
+            sqlx::query_as("SELECT online, node_id FROM devices WHERE id = 'tk-1'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        (rows.len() == 2
+            && rows[0].0.as_deref() == Some("node-2")
+            && rows[0].1.as_deref() == Some("takeover")
+            && rows[1].0.as_deref() == Some("node-3")
+            && rows[1].2.is_none()
+            && online
+            && node.as_deref() == Some("node-3"))
+        .then_some(())
+    })
+    .await;
+    new_task.abort();
+
     // A cohort update through the replica; a node started late holds it.
     let key = SigningKey::generate().unwrap();
     let (s, body) = rest
@@ -364,7 +413,6 @@ async fn a_cluster_loses_nothing_when_any_process_is_killed() {
     eprintln!("late node converged in {:?}", started.elapsed());
 
     // Every acknowledged message stored exactly once, and seen by the watcher.
-    let pool = sqlx::PgPool::connect(&cluster.database_url).await.unwrap();
     let acked: BTreeMap<String, u64> = devices
         .lock()
         .iter()
