@@ -1699,10 +1699,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             node: Default::default(),
             id: event_id::presence(d.id.as_str(), d.epoch, event == PresenceEvent::Connected),
         };
+        let again = (event == PresenceEvent::Disconnected).then(|| msg.clone());
         let accepted =
             tokio::time::timeout(self.ctx.settings.bus_timeout, self.ctx.bus.publish(msg))
                 .await
                 .unwrap_or(Err(BusError::Closed));
+        if let (Err(BusError::Closed), Some(msg)) = (&accepted, again) {
+            // Nobody waits for a disconnect, but it must not be lost while the bus is away (the
+            // device would stay online): it goes on trying in the background, under the same
+            // event id, so it is stored once.
+            let publish = self.ctx.bus.publish(msg);
+            tokio::spawn(async move {
+                if let Err(e) = publish.await {
+                    warn!(error = %e, "a disconnect the bus refused");
+                }
+            });
+        }
         self.ctx.control.metrics.bus_event(accepted.is_ok());
         self.ctx.system.publish(topic, payload, 1, true).await;
         accepted
