@@ -36,7 +36,7 @@ $NATS_SERVER -js -a 127.0.0.1 -p $NATS_PORT -sd "$D/nats" > nats.log 2>&1 & NATS
 DB=bench_cluster_$$
 psql "$PG/postgres" -qc "CREATE DATABASE $DB" > /dev/null || exit 1
 export FLEET_DATABASE_URL=$PG/$DB FLEET_NATS_URL=nats://127.0.0.1:$NATS_PORT FLEET_DATA_DIR=$D/data
-export FLEET_CONFIG=$ROOT/config/cluster.toml RUST_LOG=warn
+export FLEET_CONFIG=$ROOT/config/cluster.toml RUST_LOG=${RUST_LOG:-warn}
 HTTP=47080
 $FS api --node-id api-1 --http-listen 127.0.0.1:$HTTP > api-1.log 2>&1 & API_PID=$!; PIDS+=($API_PID)
 until curl -sf http://127.0.0.1:$HTTP/api/v1/health > /dev/null; do

@@ -149,6 +149,7 @@ impl Backbone {
                 async move {
                     match serde_json::from_slice::<crate::ops::Change>(&f.message.payload) {
                         Ok(change) => {
+                            tracing::debug!(seq = f.stream_sequence, ?change, "applying a change");
                             // A failed read is retried: a change is never skipped.
                             let mut delay = Duration::from_millis(100);
                             while let Err(e) = applier.apply(&change).await {

@@ -1,9 +1,12 @@
 //! Following a JetStream stream in order, for ever, through NATS restarts.
 //!
-//! An ephemeral pull consumer (acknowledged a batch at a time) is asked for batches with a short expiry and idle
-//! heartbeats, so a dead connection or a consumer lost in a server restart shows up as an
-//! error within a second instead of a stream that silently never yields again; on any error the consumer is made again from the sequence after the last
-//! message handled. Nothing is skipped and nothing handled twice.
+//! An ephemeral pull consumer, acknowledged every 256 messages and whenever it has caught up
+//! (so a stream with interest retention keeps an event until this follower has it). A
+//! follower that hears nothing for a second checks that its consumer still exists (a restarted
+//! server forgets it, and the message stream may not say so); a gap in the consumer's delivery
+//! count means messages went where this follower never saw them. On any of these the consumer
+//! is made again from the sequence after the last message handled: nothing is skipped and
+//! nothing handled twice.
 
 use std::time::Duration;
 
@@ -11,8 +14,8 @@ use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use tracing::{info, warn};
 
-/// How long one pull waits for messages.
-const EXPIRES: Duration = Duration::from_secs(1);
+/// Silence after which the follower checks that its consumer still exists.
+const IDLE: Duration = Duration::from_secs(1);
 
 /// Where to start.
 #[derive(Debug, Clone, Copy)]
@@ -74,55 +77,64 @@ pub async fn follow<F, Fut>(
                 failing = false;
                 info!(%stream, "following the stream again");
             }
+            tracing::debug!(%stream, ?next, "following");
+            let mut messages = c
+                .stream()
+                .max_messages_per_batch(512)
+                .heartbeat(IDLE / 4)
+                .expires(IDLE * 5)
+                .messages()
+                .await?;
+            // The consumer's delivery count: a gap means messages were delivered that this
+            // follower never saw; they must not be acknowledged unseen (an acknowledgement
+            // covers everything before it), so the consumer is made again after the last one.
+            let mut delivered = 0u64;
+            let mut unacked: Option<jetstream::Message> = None;
+            let mut since_ack = 0u32;
             loop {
-                // A pull that waits (up to its expiry) and hands each message over as it
-                // arrives; `fetch` would answer at once, empty, and spin.
-                let mut batch = c
-                    .batch()
-                    .max_messages(512)
-                    .expires(EXPIRES)
-                    .heartbeat(EXPIRES / 4)
-                    .messages()
-                    .await?;
-                let mut got = 0usize;
-                let mut last = None;
-                // Past the pull's expiry a new pull is sent (a request the server no longer
-                // knows, after a restart, is never answered; an idle one may end without a
-                // word): if the consumer is gone with the server, that pull fails and the
-                // consumer is made again.
-                let mut timed_out = false;
-                while let Some(m) =
-                    match tokio::time::timeout(EXPIRES + EXPIRES / 2, batch.next()).await {
-                        Ok(m) => m,
-                        Err(_) => {
-                            timed_out = true;
-                            None
+                match tokio::time::timeout(IDLE, messages.next()).await {
+                    Ok(Some(m)) => {
+                        let m = m?;
+                        let info = m.info()?;
+                        let (stream_sequence, pending) = (info.stream_sequence, info.pending);
+                        if info.consumer_sequence != delivered + 1 {
+                            if let Some(m) = unacked.take() {
+                                let _ = m.ack().await;
+                            }
+                            return Err(format!(
+                                "delivery {} after {delivered}: messages were lost on the way",
+                                info.consumer_sequence
+                            )
+                            .into());
+                        }
+                        delivered = info.consumer_sequence;
+                        next = From::Sequence(stream_sequence + 1);
+                        handle(Followed {
+                            message: m.message.clone(),
+                            stream_sequence,
+                            pending,
+                        })
+                        .await;
+                        unacked = Some(m);
+                        since_ack += 1;
+                        if pending == 0 || since_ack >= 256 {
+                            if let Some(m) = unacked.take() {
+                                m.ack().await?;
+                            }
+                            since_ack = 0;
+                        }
+                        if pending == 0 {
+                            caught_up();
                         }
                     }
-                {
-                    got += 1;
-                    let m = m?;
-                    let info = m.info()?;
-                    let (stream_sequence, pending) = (info.stream_sequence, info.pending);
-                    next = From::Sequence(stream_sequence + 1);
-                    handle(Followed {
-                        message: m.message.clone(),
-                        stream_sequence,
-                        pending,
-                    })
-                    .await;
-                    last = Some(m);
-                }
-                if let Some(m) = last {
-                    m.ack().await?;
-                }
-                if timed_out && got == 0 {
-                    // Silent: is the consumer still there (a restarted server forgets it)?
-                    let mut c = c.clone();
-                    c.info().await?;
-                }
-                if got < 512 {
-                    caught_up();
+                    Ok(None) => return Err("the consumer's messages ended".into()),
+                    Err(_) => {
+                        // Idle: nothing more for now. Is the consumer still there (a restarted
+                        // server forgets it, and its message stream may not say so)?
+                        caught_up();
+                        let mut c = c.clone();
+                        c.info().await?;
+                    }
                 }
             }
         }
