@@ -52,15 +52,8 @@ for k in $(seq 1 "$NODES"); do
   done
   URLS+=(--url mqtts://127.0.0.1:$M)
 done
-H="Authorization: Bearer $(cat data/admin-token)"; J='content-type: application/json'; API=http://127.0.0.1:$HTTP/api/v1
-PRODUCT=$(curl -s -H "$H" -H "$J" -d '{"name":"thermostat"}' $API/products | jq -r .id)
-COHORT=$(curl -s -H "$H" -H "$J" -d '{"name":"fleet"}' $API/products/$PRODUCT/cohorts | jq -r .id)
-$DC pki ca --out-cert mfg-ca.pem --out-key mfg-ca.key --cn "Bench CA" 2> /dev/null
-CODE=$(curl -s -X POST -H "$H" $API/ca-certificates/verification-code | jq -r .code)
-$DC pki device --ca-cert mfg-ca.pem --ca-key mfg-ca.key --id "$CODE" --out-cert verify.pem --out-key verify.key --force 2> /dev/null
-jq -n --rawfile pem mfg-ca.pem --rawfile proof verify.pem --arg p "$PRODUCT" --arg c "$COHORT" \
-  '{certificate_pem: $pem, verification_certificate_pem: $proof, jitp: {product_id: $p, cohort_id: $c, tags: {}}}' \
-  | curl -s -H "$H" -H "$J" --data @- $API/ca-certificates > /dev/null
+API=http://127.0.0.1:$HTTP/api/v1
+. "$HERE/jitp-ca.sh"
 sleep 1
 
 RSS0=(); for p in "${NODE_PIDS[@]}"; do RSS0+=("$(rss_kib "$p")"); done

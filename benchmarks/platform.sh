@@ -17,14 +17,5 @@ until curl -sf http://127.0.0.1:$HTTP_PORT/api/v1/health > /dev/null; do
   kill -0 $PID 2> /dev/null || { echo "fleet-service did not start:"; cat serve.log; exit 1; }
   sleep 0.2
 done
-H="Authorization: Bearer $(cat data/admin-token)"; J='content-type: application/json'; API=http://127.0.0.1:$HTTP_PORT/api/v1
-PRODUCT=$(curl -s -H "$H" -H "$J" -d '{"name":"thermostat"}' $API/products | jq -r .id)
-COHORT=$(curl -s -H "$H" -H "$J" -d '{"name":"fleet"}' $API/products/$PRODUCT/cohorts | jq -r .id)
-$DC pki ca --out-cert mfg-ca.pem --out-key mfg-ca.key --cn "Bench CA" 2> /dev/null
-# Proof of possession: the CA signs a certificate whose CN is a fresh verification code.
-CODE=$(curl -s -X POST -H "$H" $API/ca-certificates/verification-code | jq -r .code)
-$DC pki device --ca-cert mfg-ca.pem --ca-key mfg-ca.key --id "$CODE" \
-  --out-cert verify.pem --out-key verify.key --force 2> /dev/null
-jq -n --rawfile pem mfg-ca.pem --rawfile proof verify.pem --arg p "$PRODUCT" --arg c "$COHORT" \
-  '{certificate_pem: $pem, verification_certificate_pem: $proof, jitp: {product_id: $p, cohort_id: $c, tags: {}}}' \
-  | curl -s -H "$H" -H "$J" --data @- $API/ca-certificates > /dev/null
+API=http://127.0.0.1:$HTTP_PORT/api/v1
+. "$ROOT/benchmarks/jitp-ca.sh"

@@ -52,12 +52,7 @@ impl Local {
         if !retain && to.is_none() {
             return;
         }
-        let message = Arc::new(Message {
-            topic: topic.to_owned(),
-            payload: payload.clone(),
-            qos,
-            props: props.cloned(),
-        });
+        let message = Self::message(topic, payload, qos, props);
         if retain {
             self.retained.set(message.clone());
         }
@@ -80,13 +75,22 @@ impl Local {
         let Some(to) = parsed.and_then(recipients) else {
             return;
         };
-        let message = Arc::new(Message {
+        let message = Self::message(topic, payload, qos, props);
+        Self::offer(&self.inboxes, Some(to), &message, from);
+    }
+
+    fn message(
+        topic: &str,
+        payload: &Bytes,
+        qos: u8,
+        props: Option<&PublishProperties>,
+    ) -> Arc<Message> {
+        Arc::new(Message {
             topic: topic.to_owned(),
             payload: payload.clone(),
             qos,
             props: props.cloned(),
-        });
-        Self::offer(&self.inboxes, Some(to), &message, from);
+        })
     }
 
     fn offer(

@@ -384,16 +384,8 @@ impl Ops {
         mode: QuarantineMode,
         reason: &str,
     ) -> Result<Option<bool>, OpsError> {
-        if !self.store.quarantine_device(id, mode, reason).await? {
-            return Ok(None);
-        }
-        let applied = self
-            .announce(Change::Device {
-                id: id.to_string(),
-                end_session: Some(DisconnectReason::Revoked),
-            })
-            .await?;
-        Ok(Some(applied.ended_any()))
+        let stored = self.store.quarantine_device(id, mode, reason).await?;
+        self.rights_changed(id, stored).await
     }
 
     /// Lifts a device's quarantine; its live (commands-only) session ends so it reconnects
@@ -403,7 +395,14 @@ impl Ops {
         id: &DeviceId,
         reason: &str,
     ) -> Result<Option<bool>, OpsError> {
-        if !self.store.lift_quarantine(id, reason).await? {
+        let stored = self.store.lift_quarantine(id, reason).await?;
+        self.rights_changed(id, stored).await
+    }
+
+    /// After a quarantine was stored (`stored`) or lifted: the device's session ends so it
+    /// reconnects with the rights it has now. `None` when nothing was stored.
+    async fn rights_changed(&self, id: &DeviceId, stored: bool) -> Result<Option<bool>, OpsError> {
+        if !stored {
             return Ok(None);
         }
         let applied = self
