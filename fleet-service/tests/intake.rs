@@ -6,11 +6,10 @@ use std::time::{Duration, Instant};
 
 use broker::bus::{BusError, BusMessage, EventBus};
 use bytes::Bytes;
-use common::{catalog, id, new_device};
+use common::{catalog, id, new_device, WriteLock};
 use fleet_service::intake::{Intake, IntakeOptions, IntakeStats};
 use fleet_service::store::{DeviceState, Store};
 use futures::stream::{FuturesUnordered, StreamExt};
-use sqlx::Connection;
 
 on_both_databases!(
     acks_after_commit_and_rejects_the_hopeless,
@@ -160,44 +159,6 @@ async fn acks_after_commit_and_rejects_the_hopeless(url: &str) {
     assert_eq!(stats.telemetry_duplicates, 1);
 }
 
-/// Takes the database's write lock from outside the store, so the intake must wait.
-enum Lock {
-    Sqlite(sqlx::SqliteConnection),
-    Postgres(sqlx::PgConnection),
-}
-
-impl Lock {
-    async fn take(url: &str) -> Lock {
-        if url.starts_with("sqlite:") {
-            let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
-            sqlx::query("BEGIN IMMEDIATE")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            Lock::Sqlite(c)
-        } else {
-            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-            sqlx::query("BEGIN").execute(&mut c).await.unwrap();
-            sqlx::query("LOCK TABLE devices IN EXCLUSIVE MODE")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            Lock::Postgres(c)
-        }
-    }
-
-    async fn release(self) {
-        match self {
-            Lock::Sqlite(mut c) => {
-                sqlx::query("COMMIT").execute(&mut c).await.unwrap();
-            }
-            Lock::Postgres(mut c) => {
-                sqlx::query("COMMIT").execute(&mut c).await.unwrap();
-            }
-        }
-    }
-}
-
 async fn a_held_lock_holds_the_ack_back(url: &str) {
     let store = Store::connect(url).await.unwrap();
     let cat = catalog(&store, "sensor").await;
@@ -208,7 +169,7 @@ async fn a_held_lock_holds_the_ack_back(url: &str) {
     let (bus, source) = broker::bus::embedded(16);
     let intake = tokio::spawn(Intake::new(store.clone(), options()).run(source));
 
-    let lock = Lock::take(url).await;
+    let lock = WriteLock::take(url, "devices").await;
     let mut pending = tokio::spawn(bus.publish(msg("devices/dev-1/telemetry", r#"{"t":9}"#, 1, 1)));
     assert!(
         tokio::time::timeout(Duration::from_millis(500), &mut pending)
@@ -242,8 +203,8 @@ async fn a_killed_connection_is_retried_postgres() {
     let (bus, source) = broker::bus::embedded(16);
     let intake = tokio::spawn(Intake::new(store.clone(), options()).run(source));
 
-    let lock = Lock::take(url).await;
-    let Lock::Postgres(mut locker) = lock else {
+    let lock = WriteLock::take(url, "devices").await;
+    let WriteLock::Postgres(mut locker) = lock else {
         unreachable!()
     };
     let mut pending = tokio::spawn(bus.publish(msg("devices/dev-1/telemetry", r#"{"t":9}"#, 1, 1)));

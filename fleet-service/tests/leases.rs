@@ -7,14 +7,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{catalog, id, new_device, presence, presence_batch};
+use common::{catalog, id, new_device, presence, presence_batch, WriteLock};
 use fleet_service::leader::Singleton;
 use fleet_service::nodes::{
     self, heartbeat, reap_lost_nodes, run_reaper, LostNode, NodeLeaseError,
 };
 use fleet_service::store::{DeviceState, Store};
 use fleet_wire::payload::PresenceEvent::Connected;
-use sqlx::Connection;
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
 
@@ -221,7 +220,15 @@ async fn singleton_steps_down_when_its_lease_is_taken(url: &str) {
     wait_value("leadership", &mut leading, |t| t.is_some()).await;
     let token = leading.borrow().unwrap();
     assert_eq!(store.lease("engine").await.unwrap().unwrap().token, token);
-    assert_eq!(probe.active.load(Ordering::SeqCst), 1);
+    // Leadership is announced just before the task starts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while probe.active.load(Ordering::SeqCst) != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the task did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     // Another holder takes the row (as if this replica had stalled past its term).
     common::exec_sql(
@@ -326,45 +333,6 @@ async fn singletons_hand_over_without_overlap(url: &str) {
     assert_eq!(probe.active.load(Ordering::SeqCst), 0);
 }
 
-/// A connection holding the write lock on the leases (SQLite: the whole database; PostgreSQL:
-/// the table), so renewals wait as they would on an unreachable database.
-enum WriteLock {
-    Sqlite(sqlx::SqliteConnection),
-    Postgres(sqlx::PgConnection),
-}
-
-impl WriteLock {
-    async fn take(url: &str) -> WriteLock {
-        if url.starts_with("sqlite:") {
-            let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
-            sqlx::query("BEGIN IMMEDIATE")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            WriteLock::Sqlite(c)
-        } else {
-            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
-            sqlx::query("BEGIN").execute(&mut c).await.unwrap();
-            sqlx::query("LOCK TABLE leases IN EXCLUSIVE MODE")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            WriteLock::Postgres(c)
-        }
-    }
-
-    async fn release(self) {
-        match self {
-            WriteLock::Sqlite(mut c) => {
-                sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
-            }
-            WriteLock::Postgres(mut c) => {
-                sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
-            }
-        }
-    }
-}
-
 async fn heartbeat_fences_while_it_cannot_renew(url: &str) {
     let store = Store::connect(url).await.unwrap();
     let fence_after = Duration::from_millis(500);
@@ -383,7 +351,7 @@ async fn heartbeat_fences_while_it_cannot_renew(url: &str) {
     sleep(fence_after * 2).await;
     assert!(!*fenced.borrow());
 
-    let lock = WriteLock::take(url).await;
+    let lock = WriteLock::take(url, "leases").await;
     let locked = Instant::now();
     wait_value("the fence", &mut fenced, |f| *f).await;
     let took = locked.elapsed();

@@ -281,3 +281,43 @@ pub fn presence_batch(node: &str, events: Vec<Presence>) -> EventBatch {
         ..EventBatch::default()
     }
 }
+
+/// A connection holding the database's write lock from outside the store (SQLite: the whole
+/// database; PostgreSQL: `table`), so the store's writes wait as they would on a busy or
+/// unreachable database. Released by rolling back.
+pub enum WriteLock {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl WriteLock {
+    pub async fn take(url: &str, table: &str) -> WriteLock {
+        if url.starts_with("sqlite:") {
+            let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            WriteLock::Sqlite(c)
+        } else {
+            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+            sqlx::query("BEGIN").execute(&mut c).await.unwrap();
+            sqlx::query(&format!("LOCK TABLE {table} IN EXCLUSIVE MODE"))
+                .execute(&mut c)
+                .await
+                .unwrap();
+            WriteLock::Postgres(c)
+        }
+    }
+
+    pub async fn release(self) {
+        match self {
+            WriteLock::Sqlite(mut c) => {
+                sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
+            }
+            WriteLock::Postgres(mut c) => {
+                sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
+            }
+        }
+    }
+}
