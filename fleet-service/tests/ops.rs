@@ -45,13 +45,7 @@ fn no_session(n: usize) -> Applied {
 
 /// A device certificate and its key, signed by `ca`.
 fn device_identity(ca: &TestCa, cn: &str) -> (String, String) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, cn);
-    params.use_authority_key_identifier_extension = true;
-    let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    let (cert, key) = ca.issue_with_key(cn);
     (cert.pem(), key.serialize_pem())
 }
 

@@ -182,7 +182,6 @@ pub(crate) async fn join(
     tokio::spawn(ingress(
         config.clone(),
         instance,
-        control.clone(),
         local.clone(),
         system.clone(),
         filters,
@@ -406,7 +405,6 @@ fn device_subjects(prefix: &str) -> Vec<String> {
 async fn ingress(
     config: ClusterConfig,
     instance: String,
-    control: BrokerControl,
     local: Arc<Local>,
     system: SystemPublisher,
     mut filters: mpsc::UnboundedReceiver<String>,
@@ -450,10 +448,8 @@ async fn ingress(
                     .and_then(|v| v.as_str().parse::<u8>().ok())
                     .unwrap_or(0)
                     .min(2);
+                // Presence never comes this way (device events come from the events stream).
                 let parsed = Topic::parse(&topic).ok();
-                if let Some(Topic::Presence(_)) = &parsed {
-                    remote_presence(&control, &local, &msg.payload, &metrics);
-                }
                 metrics.received.fetch_add(1, Ordering::Relaxed);
                 local.deliver(&topic, parsed.as_ref(), &msg.payload, qos, None, None);
                 system.forward(Bytes::from(topic), msg.payload, qos, None).await;

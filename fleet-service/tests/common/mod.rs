@@ -172,13 +172,19 @@ impl TestCa {
 
     /// A device certificate with `cn` as its subject CN, signed by this CA.
     pub fn issue(&self, cn: &str) -> rcgen::Certificate {
+        self.issue_with_key(cn).0
+    }
+
+    /// [`TestCa::issue`], with the device's key.
+    pub fn issue_with_key(&self, cn: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, cn);
         params.use_authority_key_identifier_extension = true;
-        params.signed_by(&key, &self.cert, &self.key).unwrap()
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert, key)
     }
 }
 
