@@ -136,7 +136,8 @@ struct UpdateArgs {
 struct SimArgs {
     /// mqtts://host:port (TLS) or mqtt://host:port (plain TCP). Nothing else is contacted.
     /// Repeat it (or give a comma list) to spread the fleet over broker nodes: device i (its
-    /// index in the whole fleet) connects to the (i mod count)-th URL.
+    /// index in the whole fleet) connects to the (i mod count)-th URL. In a soak, a failed
+    /// reconnect moves the device on to the next URL (failover from a node that is gone).
     #[arg(long = "url", required = true, value_delimiter = ',')]
     urls: Vec<BrokerUrl>,
     /// Simulate only part K of N of the fleet (K/N, e.g. 2/4): the contiguous block of

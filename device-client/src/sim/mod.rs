@@ -660,7 +660,7 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    /// A session for device `index`, not yet connected.
+    /// A session for device `index`, not yet connected, on its own broker URL.
     pub(crate) fn open(
         &self,
         index: usize,
@@ -668,9 +668,23 @@ impl Ctx {
         capacity: usize,
         max_packet: usize,
     ) -> (MqttClient, MqttLoop) {
+        self.open_after_failures(index, 0, inflight, capacity, max_packet)
+    }
+
+    /// A session for device `index` after `failures` failed attempts in a row: each failure
+    /// moves it to the next broker URL, as a device given several nodes fails over when its
+    /// node is gone.
+    pub(crate) fn open_after_failures(
+        &self,
+        index: usize,
+        failures: usize,
+        inflight: u16,
+        capacity: usize,
+        max_packet: usize,
+    ) -> (MqttClient, MqttLoop) {
         let device = &self.devices[index];
         mqtt::open_session(SessionSpec {
-            url: shard::url_for(&self.config.urls, self.first + index),
+            url: shard::url_for(&self.config.urls, self.first + index + failures),
             client_id: device.id.as_str(),
             tls: device.tls.clone(),
             credentials: self.config.credentials.as_ref(),

@@ -11,7 +11,8 @@
 //!   then queues a DISCONNECT.
 //!
 //! After a drop, or a session lost by itself, the device reconnects after the configured delay
-//! and jitter, retrying failed attempts with [`Backoff`]. Sequence numbers go on across
+//! and jitter, retrying failed attempts with [`Backoff`]; with several broker URLs each failed
+//! attempt moves to the next one, so a killed node's devices fail over. Sequence numbers go on across
 //! sessions, so the observer's loss is counted per publish over the whole soak.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -311,6 +312,8 @@ pub(crate) async fn device_life(
             cap: BACKOFF_CAP,
             reset_after: Duration::ZERO,
         });
+        // A failed attempt moves the device to the next broker URL (failover).
+        let mut failures = 0;
         session = loop {
             let wake = (Instant::now() + wait).min(ctx.deadline);
             let stopped = tokio::select! {
@@ -325,7 +328,8 @@ pub(crate) async fn device_life(
                 return SessionEnd::Offline;
             }
             c.reconnect_attempts.fetch_add(1, Ordering::Relaxed);
-            let (client, mut event_loop) = ctx.open(index, c.inflight, c.capacity, c.max_packet);
+            let (client, mut event_loop) =
+                ctx.open_after_failures(index, failures, c.inflight, c.capacity, c.max_packet);
             let t0 = Instant::now();
             match event_loop.poll().await {
                 Ok(MqttEvent::Connected { .. }) => {
@@ -344,6 +348,7 @@ pub(crate) async fn device_life(
                     live.reconnect_failures.fetch_add(1, Ordering::Relaxed);
                     live.failures.fetch_add(1, Ordering::Relaxed);
                     c.failures.lock().add(reason);
+                    failures += 1;
                     wait = c.churn.reconnect_delay + backoff.next_delay(&mut rand::thread_rng());
                 }
             }
