@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::config::{Config, Role};
+use crate::config::{Config, Role, ServerTls};
 use crate::keys::ApiKeys;
 use crate::ops::{Applier, Ops};
 use crate::pki::DevPki;
@@ -30,6 +30,7 @@ pub struct App {
     http_addr: SocketAddr,
     admin_token: String,
     pki: DevPki,
+    server_tls: ServerTls,
     store: Store,
     control: BrokerControl,
     keys: ApiKeys,
@@ -51,7 +52,11 @@ impl App {
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
         let role = config.role;
         let pki = DevPki::in_dir(&config.data_dir);
-        let identity = pki.ensure().context("dev PKI")?;
+        let identity = match &config.server_tls {
+            ServerTls::Dev { names } => pki.ensure(names).context("dev PKI")?,
+            ServerTls::Own { cert, key } => crate::pki::load_identity(cert, key)
+                .context("the server certificate (--tls-cert, --tls-key)")?,
+        };
 
         let store = Store::connect(&config.database_url)
             .await
@@ -321,6 +326,7 @@ impl App {
             http_addr,
             admin_token,
             pki,
+            server_tls: config.server_tls.clone(),
             store,
             control,
             keys,
@@ -348,9 +354,13 @@ impl App {
     pub fn admin_token(&self) -> &str {
         &self.admin_token
     }
-    /// The CA devices must trust to verify the server.
-    pub fn server_ca_path(&self) -> &Path {
-        &self.pki.ca_cert
+    /// The dev PKI's CA, which devices trust to verify the server; None when the device
+    /// listener presents a certificate of the operator's own (`--tls-cert`).
+    pub fn server_ca_path(&self) -> Option<&Path> {
+        match self.server_tls {
+            ServerTls::Dev { .. } => Some(&self.pki.ca_cert),
+            ServerTls::Own { .. } => None,
+        }
     }
     pub fn store(&self) -> &Store {
         &self.store
@@ -388,10 +398,16 @@ impl App {
                 self.http_addr
             ));
         }
-        out.push_str(&format!(
-            "  server CA (devices trust this): {}\n",
-            self.pki.ca_cert.display()
-        ));
+        match &self.server_tls {
+            ServerTls::Dev { .. } => out.push_str(&format!(
+                "  server CA (devices trust this): {}\n",
+                self.pki.ca_cert.display()
+            )),
+            ServerTls::Own { cert, .. } => out.push_str(&format!(
+                "  server certificate (your own; devices trust its issuer): {}\n",
+                cert.display()
+            )),
+        }
         if self.role.runs_api() {
             out.push_str(&format!("  admin token: {}\n", self.admin_token));
         }

@@ -89,6 +89,79 @@ pub struct ServeArgs {
     /// node holds). Overrides `node_id` in the tuning file.
     #[arg(long, env = "FLEET_NODE_ID")]
     pub node_id: Option<String>,
+    /// Server certificate chain (PEM, leaf first) the device listener presents, issued by a
+    /// CA of your own for the names devices connect to; needs --tls-key. Without it the dev
+    /// PKI's certificate (<data-dir>/pki/) is used.
+    #[arg(long, env = "FLEET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM: PKCS#8, SEC1 or PKCS#1) of --tls-cert.
+    #[arg(long, env = "FLEET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// A host name or IP address to add to the dev server certificate, which always names
+    /// localhost and 127.0.0.1: the address devices on other machines connect to. Repeat it or
+    /// give a comma list; the certificate is re-issued from the same dev CA when the names
+    /// change, so devices keep trusting server-ca.pem.
+    #[arg(
+        long = "server-name",
+        env = "FLEET_SERVER_NAMES",
+        value_delimiter = ',',
+        conflicts_with = "tls_cert"
+    )]
+    pub server_names: Vec<String>,
+}
+
+/// The certificate the device listener presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerTls {
+    /// Issued by the dev PKI for localhost, 127.0.0.1 and these further names.
+    Dev { names: Vec<String> },
+    /// The operator's own chain and key.
+    Own { cert: PathBuf, key: PathBuf },
+}
+
+impl ServerTls {
+    fn from_args(
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        names: Vec<String>,
+    ) -> anyhow::Result<Self> {
+        match (cert, key) {
+            (Some(cert), Some(key)) => Ok(ServerTls::Own { cert, key }),
+            (None, None) => {
+                let mut names: Vec<String> = names
+                    .into_iter()
+                    .map(|n| n.trim().to_ascii_lowercase())
+                    .filter(|n| !n.is_empty())
+                    .collect();
+                if let Some(bad) = names.iter().find(|n| !is_server_name(n)) {
+                    anyhow::bail!(
+                        "--server-name {bad:?} is neither an IP address nor a host name (letters, digits, '-' and '.')"
+                    );
+                }
+                names.sort();
+                names.dedup();
+                Ok(ServerTls::Dev { names })
+            }
+            _ => anyhow::bail!("--tls-cert and --tls-key go together: give both or neither"),
+        }
+    }
+}
+
+/// An IP address, or a DNS name whose labels are letters, digits and inner hyphens (a leading
+/// `*.` wildcard allowed).
+fn is_server_name(name: &str) -> bool {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    name.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
 }
 
 /// Tuning that rarely changes; the TOML file's shape.
@@ -295,6 +368,8 @@ pub struct Config {
     pub role: Role,
     /// The cluster's NATS; None: the embedded bus, one process.
     pub nats_url: Option<String>,
+    /// The device listener's certificate.
+    pub server_tls: ServerTls,
 }
 
 impl Config {
@@ -311,6 +386,7 @@ impl Config {
             tuning: Tuning::default(),
             role: Role::All,
             nats_url: None,
+            server_tls: ServerTls::Dev { names: Vec::new() },
         }
     }
 
@@ -364,7 +440,9 @@ impl Config {
                 anyhow::bail!("`fleet-service {what}` runs in a cluster, whose processes share one PostgreSQL: give a postgres:// --database-url");
             }
         }
+        let server_tls = ServerTls::from_args(args.tls_cert, args.tls_key, args.server_names)?;
         Ok(Self {
+            server_tls,
             data_dir: args.data_dir,
             database_url,
             mqtts_listen: args.mqtts_listen,
@@ -419,9 +497,52 @@ mod tests {
             config: None,
             nats_url: None,
             node_id: None,
+            tls_cert: None,
+            tls_key: None,
+            server_names: Vec::new(),
         };
         let err = Config::from_args(args).unwrap_err().to_string();
         assert_eq!(err, "--admin-token must be at least 16 characters");
+    }
+
+    #[test]
+    fn server_names_are_checked_and_tidied() {
+        let dev = |names: &[&str]| {
+            ServerTls::from_args(None, None, names.iter().map(|n| n.to_string()).collect())
+        };
+        assert_eq!(
+            dev(&["Fleet.Example.com", "192.168.1.20", "fleet.example.com", " ", "::1"]).unwrap(),
+            ServerTls::Dev {
+                names: vec!["192.168.1.20".into(), "::1".into(), "fleet.example.com".into()]
+            }
+        );
+        assert!(dev(&["*.fleet.example.com"]).is_ok());
+        for bad in ["exa mple.com", "-bad.com", "a..b", "ünï.com", "x/y"] {
+            let err = dev(&[bad]).unwrap_err().to_string();
+            assert!(err.contains("--server-name"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn own_certificate_needs_its_key() {
+        use clap::Parser;
+        let err = Cli::try_parse_from(["fleet-service", "serve", "--tls-cert", "c.pem"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--tls-key"), "{err}");
+        let err = Cli::try_parse_from([
+            "fleet-service",
+            "serve",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--server-name",
+            "fleet.example.com",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cannot be used with"), "{err}");
     }
 
     /// Every flag says what it is.

@@ -1,6 +1,7 @@
-//! The development PKI: on first run, a server CA and a server certificate for `localhost` and
-//! `127.0.0.1` are generated into `<data-dir>/pki/`. Later runs load them; a missing or
-//! soon-expiring server certificate is re-issued from the stored CA, so clients that trust
+//! The development PKI: on first run, a server CA and a server certificate for `localhost`,
+//! `127.0.0.1` and any further names given (`--server-name`) are generated into
+//! `<data-dir>/pki/`. Later runs load them; a missing or soon-expiring server certificate, or
+//! one for other names, is re-issued from the stored CA, so clients that trust
 //! `server-ca.pem` keep working.
 
 use std::path::{Path, PathBuf};
@@ -35,8 +36,12 @@ impl DevPki {
         }
     }
 
-    /// Creates whatever is missing and returns the server identity.
-    pub fn ensure(&self) -> anyhow::Result<ServerIdentity> {
+    /// Creates whatever is missing and returns the server identity, whose certificate names
+    /// localhost, 127.0.0.1 and `extra_names` (host names or IP addresses).
+    pub fn ensure(&self, extra_names: &[String]) -> anyhow::Result<ServerIdentity> {
+        let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        names.extend(extra_names.iter().cloned());
+        let names = canonical(names);
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
         if !self.ca_cert.exists() || !self.ca_key.exists() {
@@ -46,25 +51,65 @@ impl DevPki {
             let _ = std::fs::remove_file(&self.server_cert);
             tracing::info!(path = %self.ca_cert.display(), "generated the dev server CA");
         }
-        if !self.server_cert.exists() || !self.server_key.exists() || self.server_expires_soon()? {
+        if !self.server_cert.exists() || !self.server_key.exists() || self.server_stale(&names)? {
             let ca_pem = read(&self.ca_cert)?;
             let ca_key = KeyPair::from_pem(&read(&self.ca_key)?).context("server CA key")?;
-            let (cert, key) = new_server_cert(&ca_pem, &ca_key)?;
+            let (cert, key) = new_server_cert(&ca_pem, &ca_key, &names)?;
             write(&self.server_cert, &cert, false)?;
             write(&self.server_key, &key, true)?;
-            tracing::info!(path = %self.server_cert.display(), "issued the dev server certificate");
+            tracing::info!(path = %self.server_cert.display(), names = ?names,
+                "issued the dev server certificate");
         }
         load_identity(&self.server_cert, &self.server_key)
     }
 
-    fn server_expires_soon(&self) -> anyhow::Result<bool> {
+    /// The server certificate expires within 30 days, or names other hosts than `names`.
+    fn server_stale(&self, names: &[String]) -> anyhow::Result<bool> {
         let pem = read(&self.server_cert)?;
         let der = first_cert(&pem)?;
         let (_, cert) = x509_parser::parse_x509_certificate(&der)
             .map_err(|e| anyhow::anyhow!("{}: {e}", self.server_cert.display()))?;
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        Ok(cert.validity().not_after.timestamp() - now < 30 * 24 * 3600)
+        if cert.validity().not_after.timestamp() - now < 30 * 24 * 3600 {
+            return Ok(true);
+        }
+        Ok(canonical(subject_alt_names(&cert)) != names)
     }
+}
+
+/// The DNS names and IP addresses a certificate names, as text.
+fn subject_alt_names(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => Some(dns.to_string()),
+            GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(*bytes).ok()?).to_string()),
+                16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(*bytes).ok()?).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// Names lowercased, IP addresses in their canonical form, sorted, without repeats.
+fn canonical(names: Vec<String>) -> Vec<String> {
+    let mut names: Vec<String> = names
+        .into_iter()
+        .map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) => n.to_ascii_lowercase(),
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 fn new_ca(cn: &str) -> anyhow::Result<(String, String)> {
@@ -83,11 +128,14 @@ fn new_ca(cn: &str) -> anyhow::Result<(String, String)> {
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-fn new_server_cert(ca_pem: &str, ca_key: &KeyPair) -> anyhow::Result<(String, String)> {
+fn new_server_cert(
+    ca_pem: &str,
+    ca_key: &KeyPair,
+    names: &[String],
+) -> anyhow::Result<(String, String)> {
     let ca_params = CertificateParams::from_ca_cert_pem(ca_pem).context("server CA certificate")?;
     let ca = ca_params.self_signed(ca_key)?;
-    let mut params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    let mut params = CertificateParams::new(names.to_vec())?;
     params
         .distinguished_name
         .push(DnType::CommonName, "fleet-service");
@@ -145,9 +193,9 @@ mod tests {
     fn generates_once_then_reuses() {
         let dir = tempfile::tempdir().unwrap();
         let pki = DevPki::in_dir(dir.path());
-        let first = pki.ensure().unwrap();
+        let first = pki.ensure(&[]).unwrap();
         let ca_before = std::fs::read(&pki.ca_cert).unwrap();
-        let second = pki.ensure().unwrap();
+        let second = pki.ensure(&[]).unwrap();
         assert_eq!(
             first.cert_chain, second.cert_chain,
             "server cert re-issued needlessly"
@@ -176,10 +224,39 @@ mod tests {
     fn missing_server_cert_is_reissued_from_the_same_ca() {
         let dir = tempfile::tempdir().unwrap();
         let pki = DevPki::in_dir(dir.path());
-        pki.ensure().unwrap();
+        pki.ensure(&[]).unwrap();
         let ca_before = std::fs::read(&pki.ca_cert).unwrap();
         std::fs::remove_file(&pki.server_cert).unwrap();
-        pki.ensure().unwrap();
+        pki.ensure(&[]).unwrap();
         assert_eq!(ca_before, std::fs::read(&pki.ca_cert).unwrap());
+    }
+
+    #[test]
+    fn further_names_reissue_the_server_cert_from_the_same_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::in_dir(dir.path());
+        let plain = pki.ensure(&[]).unwrap();
+        let ca_before = std::fs::read(&pki.ca_cert).unwrap();
+        let wanted = ["fleet.example.com".to_string(), "192.168.1.20".to_string()];
+        let named = pki.ensure(&wanted).unwrap();
+        assert_ne!(plain.cert_chain, named.cert_chain, "not re-issued");
+        assert_eq!(ca_before, std::fs::read(&pki.ca_cert).unwrap());
+        let (_, server) = x509_parser::parse_x509_certificate(&named.cert_chain[0]).unwrap();
+        assert_eq!(
+            canonical(subject_alt_names(&server)),
+            ["127.0.0.1", "192.168.1.20", "fleet.example.com", "localhost"]
+        );
+        // The same names in another order and case: kept.
+        let again = pki
+            .ensure(&["192.168.1.20".to_string(), "Fleet.Example.COM".to_string()])
+            .unwrap();
+        assert_eq!(named.cert_chain, again.cert_chain, "re-issued needlessly");
+        // Without them again: back to localhost and 127.0.0.1 only.
+        let back = pki.ensure(&[]).unwrap();
+        let (_, server) = x509_parser::parse_x509_certificate(&back.cert_chain[0]).unwrap();
+        assert_eq!(
+            canonical(subject_alt_names(&server)),
+            ["127.0.0.1", "localhost"]
+        );
     }
 }

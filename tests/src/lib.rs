@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 pub mod cluster;
 pub mod nats;
 pub mod rest;
+pub mod walkthrough;
 
 pub use rest::Rest;
 
@@ -99,6 +100,7 @@ pub struct Platform {
     dir: tempfile::TempDir,
     database_url: String,
     tuning: fleet_service::config::Tuning,
+    server_tls: fleet_service::config::ServerTls,
     rest: Option<Rest>,
     pub db: Db,
 }
@@ -126,6 +128,23 @@ impl Platform {
 
     /// Starts the platform with non-default tuning (router limits, timeouts, ...).
     pub async fn start_tuned(db: Db, tuning: fleet_service::config::Tuning) -> Option<Platform> {
+        let dev = fleet_service::config::ServerTls::Dev { names: Vec::new() };
+        Self::start_configured(db, tuning, dev).await
+    }
+
+    /// Starts the platform with its device listener presenting `server_tls`.
+    pub async fn start_with_tls(
+        db: Db,
+        server_tls: fleet_service::config::ServerTls,
+    ) -> Option<Platform> {
+        Self::start_configured(db, Default::default(), server_tls).await
+    }
+
+    async fn start_configured(
+        db: Db,
+        tuning: fleet_service::config::Tuning,
+        server_tls: fleet_service::config::ServerTls,
+    ) -> Option<Platform> {
         init_logs();
         let dir = tempfile::tempdir().expect("temp dir");
         let database_url = match db {
@@ -143,6 +162,7 @@ impl Platform {
             dir,
             database_url,
             tuning,
+            server_tls,
             rest: None,
             db,
         };
@@ -154,9 +174,15 @@ impl Platform {
         let mut config = Config::for_tests(self.dir.path());
         config.database_url = self.database_url.clone();
         config.tuning = self.tuning.clone();
+        config.server_tls = self.server_tls.clone();
         let app = App::start(config).await.expect("platform starts");
         self.rest = Some(Rest::new(app.http_addr(), app.admin_token()));
         self.app = Some(app);
+    }
+
+    /// What the device listener presents from the next [`Platform::restart`] on.
+    pub fn set_server_tls(&mut self, server_tls: fleet_service::config::ServerTls) {
+        self.server_tls = server_tls;
     }
 
     /// Stops the platform gracefully and starts it again on the same data.
@@ -187,7 +213,8 @@ impl Platform {
     }
 
     pub fn server_ca_pem(&self) -> String {
-        std::fs::read_to_string(self.app().server_ca_path()).expect("server CA")
+        let path = self.app().server_ca_path().expect("the dev PKI serves the devices");
+        std::fs::read_to_string(path).expect("server CA")
     }
 
     pub fn device_options(&self, cert: &DeviceCert, client_id: &str) -> rumqttc::MqttOptions {
