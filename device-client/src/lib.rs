@@ -46,8 +46,8 @@ pub use agent::{
     Agent, AgentConfig, AgentEvent, AgentHandle, AgentSender, AgentStatus, CommandHandler,
     CommandOutcome,
 };
-pub use backoff::BackoffConfig;
-pub use error::{ConfigError, ConnackRefusal, ConnectError, Error};
+pub use backoff::{BackoffConfig, Takeover};
+pub use error::{ConfigError, ConnackRefusal, ConnectError, DisconnectCause, Error};
 pub use options::{ConnectOptions, Credentials};
 pub use publish::publish_once;
 pub use tls::{ClientIdentity, TlsConfig};

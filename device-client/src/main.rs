@@ -556,7 +556,9 @@ struct RunArgs {
     /// base64 or a PEM PUBLIC KEY); repeat for more. Without one, every update is rejected.
     #[arg(long = "update-key")]
     update_keys: Vec<PathBuf>,
-    /// Where installed artifacts are written, as <version>.bin (the reference installer).
+    /// Where installed artifacts are written, as <version>.bin (the reference installer), and
+    /// where installed.json records the release installed last, so that a restarted agent
+    /// runs it and does not download it again.
     #[arg(long, default_value = "./updates")]
     update_dir: PathBuf,
     /// Remembers attempted deployments across restarts.
@@ -1062,16 +1064,19 @@ fn update_keys(paths: &[PathBuf]) -> Result<Vec<[u8; 32]>> {
 }
 
 /// The reference installer of `device-client run`: keeps the verified artifact as
-/// `<dir>/<version>.bin`.
+/// `<dir>/<version>.bin` (written atomically, like the updater's record beside it).
 fn file_installer(dir: PathBuf) -> impl device_client::update::Installer {
     move |release: device_client::fleet_wire::update::ReleaseManifest, artifact: bytes::Bytes| {
-        let dir = dir.clone();
+        let path = dir.join(format!("{}.bin", release.version));
         async move {
-            let path = dir.join(format!("{}.bin", release.version));
-            tokio::fs::create_dir_all(&dir)
-                .await
-                .and(tokio::fs::write(&path, &artifact).await)
-                .map_err(|e| format!("writing {}: {e}", path.display()))
+            let write = {
+                let path = path.clone();
+                move || device_client::update::write_atomically(&path, &artifact)
+            };
+            match tokio::task::spawn_blocking(write).await {
+                Ok(written) => written.map_err(|e| format!("writing {}: {e}", path.display())),
+                Err(e) => Err(format!("writing {}: {e}", path.display())),
+            }
         }
     }
 }
@@ -1110,6 +1115,7 @@ async fn run(args: RunArgs) -> Result<()> {
             trusted_keys,
             firmware_version: args.firmware_version,
             state_file: args.update_state,
+            update_dir: Some(args.update_dir.clone()),
         },
         fetcher,
         file_installer(args.update_dir),

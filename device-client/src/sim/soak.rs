@@ -310,6 +310,7 @@ pub(crate) async fn device_life(
             base: c.churn.reconnect_jitter.max(Duration::from_millis(100)),
             cap: BACKOFF_CAP,
             reset_after: Duration::ZERO,
+            ..BackoffConfig::default()
         });
         session = loop {
             let wake = (Instant::now() + wait).min(ctx.deadline);
