@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //! - this module: settings ([`SimConfig`], [`Scenario`]), [`run`], the live progress line.
-//! - [`hist`]: the latency histogram (bounded memory, < 1 % error) and its percentiles.
+//! - [`hist`]: latency histograms (the `hdrhistogram` crate: bounded memory, < 1 % error), their
+//!   percentiles, and the serialized form shards merge from.
 //! - `identities`: device ids and certificates, minted in parallel and cached on disk.
 //! - [`shard`]: which part of the fleet this process simulates (`--shard K/N`) and which
 //!   broker URL each device connects to.
