@@ -1233,25 +1233,14 @@ fn report_written(cert: &Path, key: &Path) {
 }
 
 /// `500ms`, `5s`, `2m`, `1h`; a bare number is seconds.
+/// A duration as humantime writes it (`500ms`, `5s`, `2m`, `1h 30m`); a bare number is seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 2m or 1h"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {s:?}; use ms, s, m or h"
-            ))
-        }
-    };
-    Ok(d)
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 500ms, 5s, 2m or 1h: {e}"))
 }
 
 #[cfg(test)]
@@ -1296,8 +1285,9 @@ mod tests {
             (" 3s ", Some(Duration::from_secs(3))),
             ("", None),
             ("s", None),
-            ("1.5s", None),
-            ("5d", None),
+            ("1h 30m", Some(Duration::from_secs(5400))),
+            ("2d", Some(Duration::from_secs(2 * 86_400))),
+            ("5x", None),
             ("-1s", None),
         ];
         for (s, want) in cases {
