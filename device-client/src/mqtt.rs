@@ -3,8 +3,14 @@
 //!
 //! MQTT 5 rather than 3.1.1 because only 5 says why the broker acts: a DISCONNECT carries its
 //! reason (another connection took the session over, an administrative action, the server
-//! shutting down), and a PUBACK may refuse a publish (not authorized, bad payload, not stored)
-//! where 3.1.1 can only close the connection. rumqttc's v5 client reads both.
+//! shutting down), a CONNACK says more than "refused" (server busy, quota exceeded), and a
+//! PUBACK may refuse a publish (not authorized, bad payload, not stored) where 3.1.1 can only
+//! close the connection. rumqttc's v5 client reads negative PUBACKs and CONNACKs, and a
+//! DISCONNECT whose reason carries a property length; rumqttc 0.25 cannot read the shorter form
+//! `E0 01 <reason>` (no property length, allowed by MQTT 5 section 3.14.2.2.1, what Mosquitto
+//! and the fleet broker send), and the connection then ends as "bytes remaining on stream",
+//! mapped here to [`DisconnectCause::Unknown`]; the agent infers a takeover from the pattern
+//! (see `backoff::Takeovers`).
 
 use std::io;
 use std::sync::Arc;

@@ -159,7 +159,12 @@ mod tests {
             ("mqtts://localhost", Scheme::Mqtts, "localhost", 8883),
             ("MQTTS://localhost:1/", Scheme::Mqtts, "localhost", 1),
             ("mqtt://10.0.0.7:65535", Scheme::Mqtt, "10.0.0.7", 65535),
-            ("mqtts://broker-1.example:8883", Scheme::Mqtts, "broker-1.example", 8883),
+            (
+                "mqtts://broker-1.example:8883",
+                Scheme::Mqtts,
+                "broker-1.example",
+                8883,
+            ),
         ];
         for (s, scheme, host, port) in ok {
             let u: BrokerUrl = s.parse().unwrap_or_else(|e| panic!("{s}: {e}"));

@@ -250,10 +250,7 @@ mod tests {
             (1.0, 10_000_000.0),
         ] {
             let got = h.quantile(q).unwrap() as f64;
-            assert!(
-                got >= exact && (got - exact) / exact < 0.01,
-                "q={q}: {got}"
-            );
+            assert!(got >= exact && (got - exact) / exact < 0.01, "q={q}: {got}");
         }
         // Beyond a day counts as a day.
         h.record(u64::MAX);

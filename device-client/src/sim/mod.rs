@@ -1,5 +1,5 @@
 //! A fleet simulator and load generator: many devices in one process, each with its own MQTT
-//! 3.1.1 session (one rumqttc client and event loop per device, small buffers), against any
+//! 5 session (one rumqttc client and event loop per device, small buffers), against any
 //! broker: the fleet platform over mutual TLS with certificates minted from a manufacturing
 //! CA, or a plain MQTT broker.
 //!

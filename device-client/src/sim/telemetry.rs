@@ -807,8 +807,10 @@ mod tests {
             let mut rows = vec![row(50.0, 40, 10), row(60.0, 40, 10)];
             let acked = if *changed { 3 } else { 0 };
             super::end_rows(&mut rows, row(*end, acked, 4), every, *changed);
-            let got: Vec<(f64, u64, u64)> =
-                rows.iter().map(|r| (r.end_s, r.acked, r.connected)).collect();
+            let got: Vec<(f64, u64, u64)> = rows
+                .iter()
+                .map(|r| (r.end_s, r.acked, r.connected))
+                .collect();
             assert_eq!(got, *want, "rest until {end} s, changed {changed}");
             let last = rows.last().unwrap();
             assert_eq!(last.puback_latency.count, last.acked);
