@@ -351,13 +351,13 @@ async fn two_agents_with_one_identity_name_the_takeover_and_back_off() {
         Agent::new(config)
     };
     let first = agent();
-    let mut first_events = first.subscribe();
+    let first_events = first.subscribe();
     let first = first.start().unwrap();
     first.wait_ready(WAIT).await.unwrap();
 
     let started = tokio::time::Instant::now();
     let second = agent();
-    let mut second_events = second.subscribe();
+    let second_events = second.subscribe();
     let second = second.start().unwrap();
     let takeover = |mut events: tokio::sync::broadcast::Receiver<AgentEvent>| async move {
         loop {
