@@ -384,8 +384,8 @@ async fn two_agents_with_one_identity_name_the_takeover_and_back_off() {
         assert!(t.wait >= Duration::from_millis(500), "{t:?}");
     }
 
-    // Four seconds of the two running side by side. The first close of each gets the usual
-    // quick reconnect, then waits of 0.5, 1 and 2 s (plus up to a quarter): four or five
+    // Four seconds of the two running side by side. The first two closes of each get the
+    // usual quick reconnect, then waits of 0.5, 1 and 2 s (plus up to a quarter): five or six
     // sessions each. Reconnecting after the usual 50-200 ms would make dozens.
     tokio::time::sleep_until(started + Duration::from_secs(4)).await;
     let (a, b) = (first.status(), second.status());
@@ -398,7 +398,7 @@ async fn two_agents_with_one_identity_name_the_takeover_and_back_off() {
     // The broker agrees: few sessions, each ended by a takeover.
     let d = p.device(id).await;
     let sessions = d["sessions"].as_array().unwrap();
-    assert!(sessions.len() <= 12, "{} sessions: {d}", sessions.len());
+    assert!(sessions.len() <= 14, "{} sessions: {d}", sessions.len());
     let ended: Vec<&Value> = sessions
         .iter()
         .filter(|s| s["ended_at"].is_string())
