@@ -79,7 +79,8 @@ jq -r '.telemetry.intervals[] | [.end_s, .sent, .acked, .delivered, .drops, .rec
       c0 = ""; c1 = ""; rss = ""
       for (i = 1; i <= n; i++) { if (t[i] <= w0 + prev) c0 = c[i]; if (t[i] <= end) { c1 = c[i]; rss = r[i] } }
       cpu = (c0 == "" || c1 == "") ? "-" : sprintf("%.2f", (c1 - c0) / clk)
-      # The simulator adds a shorter last row for what came after the last full interval.
+      # After the last full interval the simulator adds what came until the stop to that row,
+      # or gives it a row of its own when it spans half an interval or more.
       label = ($1 - prev < 59) ? sprintf("last %.1f s", $1 - prev) : m
       printf "| %s | %.1f | %s | %d | %d | %d | %d | %d | %d | %.1f / %.1f | %.1f |\n", label, rss / 1024, cpu, $2, $3, $4, $5, $6, $7, $8, $9, $10
       prev = $1
@@ -87,6 +88,7 @@ jq -r '.telemetry.intervals[] | [.end_s, .sent, .acked, .delivered, .drops, .rec
 echo
 jq -r '.telemetry as $t | .churn as $c | $t.observer as $o |
   "summary: sent \($t.sent), acked \($t.acked), delivered \($o.delivered), LOST \($o.lost), duplicates \($o.duplicates), delivered unconfirmed (in flight at a drop) \($o.delivered_unconfirmed)",
+  "  foreign \($o.foreign) (messages on the filter that are not this run'"'"'s telemetry: other clients on the same topics; neither delivered nor lost)",
   "  drops \($c.drops) (abrupt \($c.drops_abrupt), clean \($c.drops_clean)), reconnects \($c.reconnects) ok / \($c.reconnect_failures) failed, offline at end \($c.offline_at_end), lost sessions \($c.lost_sessions)",
   "  PUBACK ms p50 \($t.puback_latency.p50_ms) p99 \($t.puback_latency.p99_ms) max \($t.puback_latency.max_ms); reconnect CONNACK ms p50 \($c.reconnect_latency.p50_ms) p99 \($c.reconnect_latency.p99_ms)",
   "  client: RSS \(.process.rss_peak_bytes / 1048576 | floor) MiB peak, \(.process.cpu_per_message_us // 0 | floor) µs CPU per message; truncated \(.truncated)"' soak.json

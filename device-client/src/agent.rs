@@ -32,11 +32,11 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::backoff::{Backoff, BackoffConfig};
+use crate::backoff::{Backoff, BackoffConfig, SessionEnd, Takeover, Takeovers};
 use crate::buffer::OfflineBuffer;
 use crate::dedup::{RecentCommands, Seen};
-use crate::error::{ConfigError, ConnectError, Error};
-use crate::mqtt::{self, MqttClient, MqttEvent, MqttLoop, SubmitError};
+use crate::error::{ConfigError, ConnectError, DisconnectCause, Error};
+use crate::mqtt::{self, MqttClient, MqttEvent, MqttLoop, PublishRefusal, SubmitError};
 use crate::options::ConnectOptions;
 use crate::outbox::Outbox;
 
@@ -193,6 +193,10 @@ pub enum AgentEvent {
     ConnectFailed(ConnectError),
     /// An established connection was lost; the agent reconnects after a backoff.
     ConnectionLost(ConnectError),
+    /// Follows [`AgentEvent::ConnectionLost`] when another connection with this device's
+    /// identity (most likely) took the session over; its `Display` is the line the agent
+    /// logs, naming the cause and the wait before it reconnects.
+    TakenOver(Takeover),
     CommandReceived(Command),
     /// The broker acknowledged our acknowledgement of a command.
     CommandAckDelivered(CommandAck),
@@ -208,6 +212,12 @@ pub enum AgentEvent {
     StateDelivered(ReportedState),
     /// The broker acknowledged an update progress report.
     UpdateReportDelivered(UpdateStatus),
+    /// The broker refused a publish for good (negative PUBACK: not authorized, bad payload);
+    /// the message was dropped. `topic` is where it went, `reason` the broker's answer.
+    PublishRefused {
+        topic: String,
+        reason: String,
+    },
     /// The platform moved the device to another cohort (`None`: out of every cohort); the
     /// agent now follows that cohort's topics.
     Reassigned {
@@ -234,6 +244,12 @@ pub struct AgentStatus {
     pub commands_received: u64,
     /// Command acknowledgements the broker acknowledged.
     pub acks_delivered: u64,
+    /// Sessions another connection with this device's identity (most likely) took over: a
+    /// second agent running with the same certificate. See [`AgentEvent::TakenOver`].
+    pub takeovers: u64,
+    /// Publishes the broker refused for good (not authorized, bad payload); each was dropped
+    /// and reported as [`AgentEvent::PublishRefused`].
+    pub publishes_refused: u64,
     /// The last connection error, cleared by the next CONNACK.
     pub last_error: Option<ConnectError>,
     pub stopped: bool,
@@ -351,6 +367,9 @@ impl Agent {
             acks: OfflineBuffer::new(ACK_QUEUE),
             update_reports: OfflineBuffer::new(ACK_QUEUE),
             outbox: Outbox::default(),
+            hold_until: None,
+            refusal_backoff: Backoff::new(self.config.backoff),
+            rng: StdRng::from_entropy(),
             recent: RecentCommands::new(RECENT_COMMANDS),
             state,
             state_dirty: false,
@@ -553,6 +572,8 @@ enum DriverEvent {
     Lost {
         error: ConnectError,
         was_connected: bool,
+        /// The session was (most likely) taken over; the driver backs off this long.
+        takeover: Option<Takeover>,
         resume: oneshot::Sender<()>,
     },
 }
@@ -563,6 +584,7 @@ async fn drive(
     mut stop: oneshot::Receiver<()>,
     backoff: BackoffConfig,
 ) {
+    let mut takeovers = Takeovers::new(&backoff);
     let mut backoff = Backoff::new(backoff);
     let mut rng = StdRng::from_entropy();
     let mut connected_at: Option<Instant> = None;
@@ -595,14 +617,27 @@ async fn drive(
                 }
             }
             Err(error) => {
-                let was_connected = connected_at.take();
-                if let Some(since) = was_connected {
-                    backoff.connection_lost(since.elapsed());
+                let lasted = connected_at.take().map(|since| since.elapsed());
+                if let Some(lasted) = lasted {
+                    backoff.connection_lost(lasted);
                 }
+                let takeover = lasted.and_then(|lasted| {
+                    let end = match &error {
+                        ConnectError::Disconnected(DisconnectCause::SessionTakenOver) => {
+                            SessionEnd::TakenOver
+                        }
+                        ConnectError::Disconnected(DisconnectCause::Unknown) => {
+                            SessionEnd::ClosedByBroker
+                        }
+                        _ => SessionEnd::Other,
+                    };
+                    takeovers.session_lost(end, lasted, &mut rng)
+                });
                 let (resume, resumed) = oneshot::channel();
                 let lost = DriverEvent::Lost {
                     error,
-                    was_connected: was_connected.is_some(),
+                    was_connected: lasted.is_some(),
+                    takeover,
                     resume,
                 };
                 if tx.send(lost).await.is_err() {
@@ -613,14 +648,30 @@ async fn drive(
                     _ = &mut stop => return,
                 }
                 event_loop.discard_pending();
-                let down = unreachable_since.get_or_insert_with(Instant::now).elapsed();
-                let delay = backoff.next_delay_after(&mut rng, down);
-                info!(
-                    delay_ms = delay.as_millis() as u64,
-                    unreachable_ms = down.as_millis() as u64,
-                    "reconnecting in {:.1} s",
-                    delay.as_secs_f64()
-                );
+                let delay = match takeover {
+                    // The broker is there; another agent holds the session. Connecting again
+                    // at once would take it back, and that agent would do the same.
+                    Some(t) => {
+                        info!(
+                            takeovers_in_a_row = t.in_a_row,
+                            delay_ms = t.wait.as_millis() as u64,
+                            "backing off after a takeover: reconnecting in {:.1} s",
+                            t.wait.as_secs_f64()
+                        );
+                        t.wait
+                    }
+                    None => {
+                        let down = unreachable_since.get_or_insert_with(Instant::now).elapsed();
+                        let delay = backoff.next_delay_after(&mut rng, down);
+                        info!(
+                            delay_ms = delay.as_millis() as u64,
+                            unreachable_ms = down.as_millis() as u64,
+                            "reconnecting in {:.1} s",
+                            delay.as_secs_f64()
+                        );
+                        delay
+                    }
+                };
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = &mut stop => return,
@@ -711,6 +762,11 @@ struct AgentTask {
     acks: OfflineBuffer<CommandAck>,
     update_reports: OfflineBuffer<UpdateStatus>,
     outbox: Outbox<Pending>,
+    /// No publishes are handed to the client before this (after a transient refusal).
+    hold_until: Option<Instant>,
+    /// Pauses after transient refusals; back to the first on the next positive PUBACK.
+    refusal_backoff: Backoff,
+    rng: StdRng,
     recent: RecentCommands,
     state: ReportedState,
     state_dirty: bool,
@@ -758,6 +814,9 @@ impl AgentTask {
                 _ = async { ticker.as_mut().expect("ticking").tick().await }, if ticking => {
                     self.produce_telemetry();
                 }
+                _ = tokio::time::sleep_until(self.hold_until.unwrap_or_else(Instant::now)), if self.hold_until.is_some() => {
+                    // `pump` sends again at the top of the loop.
+                }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     if self.on_deadline() {
                         break;
@@ -784,10 +843,16 @@ impl AgentTask {
             DriverEvent::Lost {
                 error,
                 was_connected,
+                takeover,
                 resume,
             } => {
                 if was_connected {
                     warn!(error = %error, "connection lost");
+                    if let Some(t) = takeover {
+                        warn!(takeovers_in_a_row = t.in_a_row, "{t}");
+                        self.status.takeovers += 1;
+                        self.emit(AgentEvent::TakenOver(t));
+                    }
                     self.status.connected = false;
                     self.status.subscribed = false;
                     self.take_back_unacknowledged();
@@ -847,6 +912,7 @@ impl AgentTask {
                 }
             }
             MqttEvent::Acked(pkid) => self.on_acked(pkid),
+            MqttEvent::Refused { pkid, why } => self.on_refused(pkid, why),
             MqttEvent::DisconnectSent => {
                 info!("disconnected");
                 self.status.connected = false;
@@ -858,6 +924,7 @@ impl AgentTask {
     }
 
     fn on_acked(&mut self, pkid: u16) {
+        self.refusal_backoff.reset();
         match self.outbox.acked(pkid) {
             Some(Pending::Telemetry(t)) => {
                 self.status.telemetry_delivered += 1;
@@ -886,6 +953,36 @@ impl AgentTask {
             }
             None => debug!(pkid, "PUBACK for an unknown packet id"),
         }
+    }
+
+    /// A negative PUBACK. A message the broker could not take now goes back to its queue and
+    /// is sent again after a pause; one it will never take is dropped and reported.
+    fn on_refused(&mut self, pkid: u16, why: PublishRefusal) {
+        let Some(message) = self.outbox.acked(pkid) else {
+            debug!(pkid, "negative PUBACK for an unknown packet id");
+            return;
+        };
+        if why.transient {
+            let pause = self.refusal_backoff.next_delay(&mut self.rng);
+            warn!(reason = %why, "the broker could not take a publish now; sending it again in {:.1} s",
+                pause.as_secs_f64());
+            self.put_back(vec![message]);
+            self.hold_until = Some(Instant::now() + pause);
+            return;
+        }
+        let topic = match &message {
+            Pending::Telemetry(_) => Topic::Telemetry(self.device_id.clone()),
+            Pending::State(_) => Topic::State(self.device_id.clone()),
+            Pending::Ack(_) => Topic::CommandAck(self.device_id.clone()),
+            Pending::Update(_) => Topic::UpdateStatus(self.device_id.clone()),
+        }
+        .to_string();
+        warn!(topic, reason = %why, "the broker refused a publish; dropped");
+        self.status.publishes_refused += 1;
+        self.emit(AgentEvent::PublishRefused {
+            topic,
+            reason: why.to_string(),
+        });
     }
 
     fn on_message(&mut self, topic: &str, payload: &[u8]) {
@@ -1056,6 +1153,10 @@ impl AgentTask {
     /// Hands queued messages to the client while the session is up and the window has room:
     /// reported state first, then update reports, then command acks, then telemetry.
     fn pump(&mut self) {
+        if self.hold_until.is_some_and(|t| t > Instant::now()) {
+            return;
+        }
+        self.hold_until = None;
         if !self.status.connected
             || matches!(
                 self.phase,

@@ -1,4 +1,4 @@
-//! The device side of the fleet platform: an MQTT 3.1.1 agent that other programs embed, the
+//! The device side of the fleet platform: an MQTT 5 agent that other programs embed, the
 //! `device-client` CLI built on it, and a small manufacturing PKI.
 //!
 //! Works against the fleet broker with mutual TLS (`mqtts://`, device id = certificate CN) and
@@ -46,8 +46,8 @@ pub use agent::{
     Agent, AgentConfig, AgentEvent, AgentHandle, AgentSender, AgentStatus, CommandHandler,
     CommandOutcome,
 };
-pub use backoff::BackoffConfig;
-pub use error::{ConfigError, ConnackRefusal, ConnectError, Error};
+pub use backoff::{BackoffConfig, Takeover};
+pub use error::{ConfigError, ConnackRefusal, ConnectError, DisconnectCause, Error};
 pub use options::{ConnectOptions, Credentials};
 pub use publish::publish_once;
 pub use tls::{ClientIdentity, TlsConfig};

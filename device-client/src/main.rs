@@ -557,7 +557,9 @@ struct RunArgs {
     /// base64 or a PEM PUBLIC KEY); repeat for more. Without one, every update is rejected.
     #[arg(long = "update-key")]
     update_keys: Vec<PathBuf>,
-    /// Where installed artifacts are written, as <version>.bin (the reference installer).
+    /// Where installed artifacts are written, as <version>.bin (the reference installer), and
+    /// where installed.json records the release installed last, so that a restarted agent
+    /// runs it and does not download it again.
     #[arg(long, default_value = "./updates")]
     update_dir: PathBuf,
     /// Remembers attempted deployments across restarts.
@@ -1063,16 +1065,19 @@ fn update_keys(paths: &[PathBuf]) -> Result<Vec<[u8; 32]>> {
 }
 
 /// The reference installer of `device-client run`: keeps the verified artifact as
-/// `<dir>/<version>.bin`.
+/// `<dir>/<version>.bin` (written atomically, like the updater's record beside it).
 fn file_installer(dir: PathBuf) -> impl device_client::update::Installer {
     move |release: device_client::fleet_wire::update::ReleaseManifest, artifact: bytes::Bytes| {
-        let dir = dir.clone();
+        let path = dir.join(format!("{}.bin", release.version));
         async move {
-            let path = dir.join(format!("{}.bin", release.version));
-            tokio::fs::create_dir_all(&dir)
-                .await
-                .and(tokio::fs::write(&path, &artifact).await)
-                .map_err(|e| format!("writing {}: {e}", path.display()))
+            let write = {
+                let path = path.clone();
+                move || device_client::update::write_atomically(&path, &artifact)
+            };
+            match tokio::task::spawn_blocking(write).await {
+                Ok(written) => written.map_err(|e| format!("writing {}: {e}", path.display())),
+                Err(e) => Err(format!("writing {}: {e}", path.display())),
+            }
         }
     }
 }
@@ -1111,6 +1116,7 @@ async fn run(args: RunArgs) -> Result<()> {
             trusted_keys,
             firmware_version: args.firmware_version,
             state_file: args.update_state,
+            update_dir: Some(args.update_dir.clone()),
         },
         fetcher,
         file_installer(args.update_dir),
@@ -1228,25 +1234,14 @@ fn report_written(cert: &Path, key: &Path) {
 }
 
 /// `500ms`, `5s`, `2m`, `1h`; a bare number is seconds.
+/// A duration as humantime writes it (`500ms`, `5s`, `2m`, `1h 30m`); a bare number is seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 2m or 1h"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {s:?}; use ms, s, m or h"
-            ))
-        }
-    };
-    Ok(d)
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 500ms, 5s, 2m or 1h: {e}"))
 }
 
 #[cfg(test)]
@@ -1291,8 +1286,9 @@ mod tests {
             (" 3s ", Some(Duration::from_secs(3))),
             ("", None),
             ("s", None),
-            ("1.5s", None),
-            ("5d", None),
+            ("1h 30m", Some(Duration::from_secs(5400))),
+            ("2d", Some(Duration::from_secs(2 * 86_400))),
+            ("5x", None),
             ("-1s", None),
         ];
         for (s, want) in cases {

@@ -24,7 +24,7 @@ impl fmt::Debug for Credentials {
     }
 }
 
-/// Everything needed to open an MQTT 3.1.1 session.
+/// Everything needed to open an MQTT 5 session.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
     pub url: BrokerUrl,

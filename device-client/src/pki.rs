@@ -345,10 +345,7 @@ impl Ca {
         let der = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes())
             .map(|(_, block)| block.contents)
             .unwrap_or_else(|_| self.issuer.der().to_vec());
-        sha2::Sha256::digest(der)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex::encode(sha2::Sha256::digest(der))
     }
 
     /// The CA certificate and key as PEM, e.g. to [`CertifiedKeyPem::write`] them.

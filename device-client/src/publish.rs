@@ -11,7 +11,8 @@ use crate::options::ConnectOptions;
 
 /// Publishes `payload` on `topic` once. The connection is not retried: a refused CONNACK, a
 /// TLS failure or a network error is returned as [`Error::Connect`]; a session that ends before
-/// the PUBACK as [`Error::NotAcknowledged`]. Payloads for the device's own topics are checked
+/// the PUBACK as [`Error::NotAcknowledged`], a negative PUBACK as [`Error::PublishRefused`].
+/// Payloads for the device's own topics are checked
 /// against the wire contract first. `timeout` bounds the whole exchange.
 pub async fn publish_once(
     opts: &ConnectOptions,
@@ -41,7 +42,10 @@ pub async fn publish_once(
         loop {
             match event_loop.poll().await? {
                 MqttEvent::Sent(p) => pkid = Some(p),
-                MqttEvent::Acked(p) if Some(p) == pkid => return Ok(()),
+                MqttEvent::Acked(p) if Some(p) == pkid => return Ok(Ok(())),
+                MqttEvent::Refused { pkid: p, why } if Some(p) == pkid => {
+                    return Ok(Err(Error::PublishRefused(why.to_string())))
+                }
                 _ => {}
             }
         }
@@ -50,7 +54,7 @@ pub async fn publish_once(
         .await
         .map_err(|_| ConnectError::Timeout("waiting for PUBACK"))
         .and_then(|r| r)
-        .map_err(Error::NotAcknowledged)?;
+        .map_err(Error::NotAcknowledged)??;
     tracing::debug!("PUBACK received; disconnecting");
 
     // The message is delivered; failing to say goodbye does not change that.

@@ -113,10 +113,7 @@ impl SigningKey {
             version: version.to_owned(),
             url: url.to_owned(),
             size: artifact.len() as u64,
-            sha256: Sha256::digest(artifact)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            sha256: hex::encode(Sha256::digest(artifact)),
         };
         let bytes = manifest
             .canonical_bytes()

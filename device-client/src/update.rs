@@ -13,6 +13,11 @@
 //! `rejected` with the reason. A device already running the version reports `succeeded` at
 //! once.
 //!
+//! With [`UpdateSettings::update_dir`] the updater records the release it installed in
+//! `installed.json` there ([`InstalledRelease`]; written to a temporary file, synced, then
+//! renamed over the old one). A restarted device runs that release, and a command naming it
+//! again (same product, version and SHA-256) is answered `succeeded` without downloading it.
+//!
 //! # Invariants
 //! - Nothing is installed unless its signature verifies against a trusted key and its bytes
 //!   match the signed size and hash; a device with no trusted key refuses every update.
@@ -20,10 +25,14 @@
 //!   offered again only by a new deployment. With [`UpdateSettings::state_file`] this
 //!   survives restarts.
 //! - The reported `firmware_version` changes only after the installer said it worked.
+//! - A release is downloaded again only if it differs from the one installed: another
+//!   version, or the same version with other bytes. A rollback target is another release, so
+//!   it is installed.
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::PathBuf;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -168,6 +177,75 @@ pub struct UpdateSettings {
     /// Where attempted deployments are remembered across restarts (JSON); none keeps them in
     /// memory only.
     pub state_file: Option<PathBuf>,
+    /// Where the release this device installed is recorded (`installed.json`), so that a
+    /// restarted device knows what it runs and does not download it again. None: the record
+    /// is kept in memory only.
+    pub update_dir: Option<PathBuf>,
+}
+
+/// The release this device installed last, as [`Updater`] records it in
+/// `<update_dir>/installed.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstalledRelease {
+    pub product_id: String,
+    pub version: String,
+    /// SHA-256 of the artifact, lowercase hex, as the signed manifest names it.
+    pub sha256: String,
+    /// The deployment that installed it.
+    pub deployment_id: String,
+    /// When the installer finished, by the device's clock (Unix ms).
+    pub installed_at_ms: i64,
+}
+
+impl InstalledRelease {
+    /// The record's file name inside the update directory.
+    pub const FILE: &'static str = "installed.json";
+
+    /// Reads the record of `dir`. `Ok(None)` when there is none yet.
+    pub fn load(dir: &Path) -> Result<Option<Self>, String> {
+        let path = dir.join(Self::FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Writes the record into `dir`, replacing the old one atomically and durably.
+    pub fn save(&self, dir: &Path) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        write_atomically(&dir.join(Self::FILE), &bytes)
+    }
+
+    /// The same release: same product, version and bytes.
+    pub fn is(&self, release: &ReleaseManifest) -> bool {
+        self.product_id == release.product_id
+            && self.version == release.version
+            && self.sha256.eq_ignore_ascii_case(&release.sha256)
+    }
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old content or the new one:
+/// a temporary file in the same directory, synced, renamed over `path`, then the directory
+/// synced so the rename itself survives a power cut.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    file.write_all(bytes)?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
+    // Directories cannot be opened for syncing everywhere (Windows); where they can, the
+    // rename is durable once this returns.
+    if let Ok(d) = std::fs::File::open(dir) {
+        d.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Why a release is refused before anything is downloaded or installed, or after download.
@@ -206,7 +284,7 @@ pub fn verify_artifact(manifest: &ReleaseManifest, artifact: &[u8]) -> Result<()
             want: manifest.size,
         });
     }
-    let got = hex(&Sha256::digest(artifact));
+    let got = hex::encode(Sha256::digest(artifact));
     if got != manifest.sha256 {
         return Err(Refusal::HashMismatch {
             got,
@@ -214,10 +292,6 @@ pub fn verify_artifact(manifest: &ReleaseManifest, artifact: &[u8]) -> Result<()
         });
     }
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How an attempted deployment ended on this device.
@@ -234,17 +308,20 @@ pub enum Attempt {
 pub enum Plan {
     /// Nothing: not admitted, not startable, or attempted already.
     Nothing(&'static str),
-    /// The device runs this version already: report `succeeded`.
+    /// The device runs this release already: report `succeeded` without downloading it.
     AlreadyInstalled,
     /// Download, verify and install.
     Install,
 }
 
-/// Decides what the device does about `cmd`.
+/// Decides what the device does about `cmd`. `installed` is the release the updater installed
+/// last; when there is one it says what the device runs (version and bytes), otherwise
+/// `running`, the version the device was started with, does.
 pub fn plan(
     cmd: &UpdateCommand,
     device: &DeviceId,
     running: Option<&str>,
+    installed: Option<&InstalledRelease>,
     attempted: &BTreeMap<String, Attempt>,
 ) -> Plan {
     if attempted.contains_key(&cmd.deployment_id) {
@@ -256,7 +333,11 @@ pub fn plan(
     if !cmd.admits(device) {
         return Plan::Nothing("not admitted to the rollout yet");
     }
-    if running == Some(cmd.release.manifest.version.as_str()) {
+    let already = match installed {
+        Some(installed) => installed.is(&cmd.release.manifest),
+        None => running == Some(cmd.release.manifest.version.as_str()),
+    };
+    if already {
         return Plan::AlreadyInstalled;
     }
     Plan::Install
@@ -279,11 +360,24 @@ impl Updater {
             .and_then(|p| std::fs::read(p).ok())
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
+        let installed = settings.update_dir.as_deref().and_then(|dir| {
+            InstalledRelease::load(dir)
+                .inspect_err(
+                    |e| warn!(error = %e, "the installed-release record is unreadable; ignored"),
+                )
+                .ok()
+                .flatten()
+        });
+        let running = installed
+            .as_ref()
+            .map(|i| i.version.clone())
+            .or_else(|| settings.firmware_version.clone());
         let run = Run {
             device: agent.device_id().clone(),
             updates: agent.watch_cohort_update(),
             agent: agent.sender(),
-            running: settings.firmware_version.clone(),
+            running,
+            installed,
             settings,
             attempted,
             fetcher: Arc::new(fetcher),
@@ -299,6 +393,7 @@ struct Run<F, I> {
     agent: AgentSender,
     settings: UpdateSettings,
     running: Option<String>,
+    installed: Option<InstalledRelease>,
     attempted: BTreeMap<String, Attempt>,
     fetcher: Arc<F>,
     installer: Arc<I>,
@@ -314,6 +409,16 @@ fn now_ms() -> i64 {
 
 impl<F: Fetcher, I: Installer> Run<F, I> {
     async fn run(mut self) {
+        if let Some(installed) = &self.installed {
+            if self.settings.firmware_version.as_ref() != Some(&installed.version) {
+                // The device runs what it installed, whatever it was started with.
+                info!(version = %installed.version, "running the release installed earlier");
+                let _ = self
+                    .agent
+                    .set_firmware_version(installed.version.clone())
+                    .await;
+            }
+        }
         let mut latest: Option<UpdateCommand> = None;
         loop {
             match self.next_command(&mut latest, None).await {
@@ -322,7 +427,14 @@ impl<F: Fetcher, I: Installer> Run<F, I> {
                 None => return,
             }
             let Some(cmd) = latest.clone() else { continue };
-            match plan(&cmd, &self.device, self.running.as_deref(), &self.attempted) {
+            let installed = self.installed.as_ref();
+            match plan(
+                &cmd,
+                &self.device,
+                self.running.as_deref(),
+                installed,
+                &self.attempted,
+            ) {
                 Plan::Nothing(why) => {
                     tracing::debug!(deployment_id = %cmd.deployment_id, why, "no update action");
                 }
@@ -443,6 +555,20 @@ impl<F: Fetcher, I: Installer> Run<F, I> {
             self.finish(cmd, UpdateStatusKind::Failed, Some(e)).await;
             return;
         }
+        let installed = InstalledRelease {
+            product_id: manifest.product_id.clone(),
+            version: manifest.version.clone(),
+            sha256: manifest.sha256.clone(),
+            deployment_id: cmd.deployment_id.clone(),
+            installed_at_ms: now_ms(),
+        };
+        if let Some(dir) = &self.settings.update_dir {
+            if let Err(e) = installed.save(dir) {
+                // Installed all the same; a restart would download it once more.
+                warn!(dir = %dir.display(), error = %e, "could not record the installed release");
+            }
+        }
+        self.installed = Some(installed);
         self.report(cmd, UpdateStatusKind::Rebooting, None).await;
         self.running = Some(manifest.version.clone());
         let _ = self
@@ -488,7 +614,7 @@ impl<F: Fetcher, I: Installer> Run<F, I> {
         if let Some(path) = &self.settings.state_file {
             let written = serde_json::to_vec_pretty(&self.attempted)
                 .map_err(|e| e.to_string())
-                .and_then(|b| std::fs::write(path, b).map_err(|e| e.to_string()));
+                .and_then(|b| write_atomically(path, &b).map_err(|e| e.to_string()));
             if let Err(e) = written {
                 warn!(path = %path.display(), error = %e, "could not save the update state");
             }
@@ -513,7 +639,7 @@ mod tests {
             version: version.into(),
             url: "http://127.0.0.1:9/a".into(),
             size: artifact.len() as u64,
-            sha256: hex(&Sha256::digest(artifact)),
+            sha256: hex::encode(Sha256::digest(artifact)),
         };
         let sig = pair.sign(&manifest.canonical_bytes().unwrap());
         (
@@ -613,7 +739,83 @@ mod tests {
             ),
         ];
         for (c, running, attempted, want) in cases {
-            assert_eq!(plan(&c, &device, running, attempted), want, "{:?}", c.state);
+            assert_eq!(
+                plan(&c, &device, running, None, attempted),
+                want,
+                "{:?}",
+                c.state
+            );
         }
+    }
+
+    /// With a record of what the updater installed, the record says what the device runs:
+    /// the same release (product, version and bytes) is not downloaded again; another
+    /// version, rebuilt bytes under the same version, and a rollback target are installed.
+    #[test]
+    fn plans_with_an_installed_release() {
+        let (release, _) = signed("2.0.0", b"x");
+        let (rebuilt, _) = signed("2.0.0", b"y");
+        let (older, _) = signed("1.0.0", b"z");
+        let device = DeviceId::parse("dev-1").unwrap();
+        let cmd = |release: &SignedRelease| UpdateCommand {
+            deployment_id: "dep-2".into(),
+            state: DeploymentState::Active,
+            release: release.clone(),
+            admit_below: ADMIT_ALL,
+            jitter_s: 0,
+            revision: 1,
+            issued_at_ms: 0,
+        };
+        let installed = InstalledRelease {
+            product_id: "p".into(),
+            version: "2.0.0".into(),
+            sha256: release.manifest.sha256.to_uppercase(),
+            deployment_id: "dep-1".into(),
+            installed_at_ms: 1,
+        };
+        let none = BTreeMap::new();
+        let cases = [
+            (&release, Some("1.0.0"), Plan::AlreadyInstalled),
+            (&release, None, Plan::AlreadyInstalled),
+            (&rebuilt, Some("2.0.0"), Plan::Install),
+            (&older, Some("2.0.0"), Plan::Install),
+            (&older, Some("1.0.0"), Plan::Install),
+        ];
+        for (r, running, want) in cases {
+            let got = plan(&cmd(r), &device, running, Some(&installed), &none);
+            assert_eq!(got, want, "{} over {running:?}", r.manifest.version);
+        }
+        let mut other_product = installed.clone();
+        other_product.product_id = "q".into();
+        assert_eq!(
+            plan(&cmd(&release), &device, None, Some(&other_product), &none),
+            Plan::Install
+        );
+    }
+
+    #[test]
+    fn installed_release_record_round_trips_and_replaces_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(InstalledRelease::load(dir.path()), Ok(None));
+        let mut record = InstalledRelease {
+            product_id: "p".into(),
+            version: "2.0.0".into(),
+            sha256: "ab".repeat(32),
+            deployment_id: "dep-1".into(),
+            installed_at_ms: 1,
+        };
+        record.save(dir.path()).unwrap();
+        assert_eq!(InstalledRelease::load(dir.path()), Ok(Some(record.clone())));
+        record.version = "3.0.0".into();
+        record.save(dir.path()).unwrap();
+        assert_eq!(InstalledRelease::load(dir.path()), Ok(Some(record)));
+        // Only the record is left: the temporary files were renamed over it.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [InstalledRelease::FILE]);
+        std::fs::write(dir.path().join(InstalledRelease::FILE), b"{not json").unwrap();
+        assert!(InstalledRelease::load(dir.path()).is_err());
     }
 }

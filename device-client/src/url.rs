@@ -93,13 +93,16 @@ fn validate_host(host: &str) -> Result<(), ConfigError> {
 impl FromStr for BrokerUrl {
     type Err = ConfigError;
 
+    /// Parsed by the `url` crate; our rules on top: scheme `mqtt` or `mqtts`, nothing but a
+    /// host and an optional port (default 1883 or 8883), and no IPv6 literal.
     fn from_str(s: &str) -> Result<Self, ConfigError> {
-        let (scheme, rest) = s.split_once("://").ok_or_else(|| {
-            ConfigError::InvalidUrl(format!(
+        let url = url::Url::parse(s).map_err(|e| match e {
+            url::ParseError::RelativeUrlWithoutBase => ConfigError::InvalidUrl(format!(
                 "{s:?} has no scheme; expected mqtt://host:port or mqtts://host:port"
-            ))
+            )),
+            e => ConfigError::InvalidUrl(format!("{s:?}: {e}")),
         })?;
-        let scheme = match scheme.to_ascii_lowercase().as_str() {
+        let scheme = match url.scheme() {
             "mqtt" => Scheme::Mqtt,
             "mqtts" => Scheme::Mqtts,
             other => {
@@ -108,27 +111,27 @@ impl FromStr for BrokerUrl {
                 )))
             }
         };
-        let authority = rest.strip_suffix('/').unwrap_or(rest);
-        if authority.contains(['/', '?', '#', '@']) {
+        if !url.username().is_empty()
+            || url.password().is_some()
+            || !matches!(url.path(), "" | "/")
+            || url.query().is_some()
+            || url.fragment().is_some()
+        {
             return Err(ConfigError::InvalidUrl(format!(
                 "{s:?}: only scheme://host[:port] is supported (no path, query or user info)"
             )));
         }
-        if authority.starts_with('[') {
-            return Err(ConfigError::InvalidUrl(
-                "IPv6 literals are not supported; use a host name".into(),
-            ));
-        }
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((host, port)) => {
-                let port = port
-                    .parse::<u16>()
-                    .map_err(|_| ConfigError::InvalidUrl(format!("invalid port {port:?}")))?;
-                (host, port)
+        let host = match url.host() {
+            Some(url::Host::Domain(name)) => name.to_owned(),
+            Some(url::Host::Ipv4(addr)) => addr.to_string(),
+            Some(url::Host::Ipv6(_)) => {
+                return Err(ConfigError::InvalidUrl(
+                    "IPv6 literals are not supported; use a host name".into(),
+                ))
             }
-            None => (authority, scheme.default_port()),
+            None => String::new(),
         };
-        BrokerUrl::new(scheme, host, port)
+        BrokerUrl::new(scheme, &host, url.port().unwrap_or(scheme.default_port()))
     }
 }
 
@@ -155,6 +158,13 @@ mod tests {
             ("mqtt://localhost", Scheme::Mqtt, "localhost", 1883),
             ("mqtts://localhost", Scheme::Mqtts, "localhost", 8883),
             ("MQTTS://localhost:1/", Scheme::Mqtts, "localhost", 1),
+            ("mqtt://10.0.0.7:65535", Scheme::Mqtt, "10.0.0.7", 65535),
+            (
+                "mqtts://broker-1.example:8883",
+                Scheme::Mqtts,
+                "broker-1.example",
+                8883,
+            ),
         ];
         for (s, scheme, host, port) in ok {
             let u: BrokerUrl = s.parse().unwrap_or_else(|e| panic!("{s}: {e}"));
@@ -176,9 +186,31 @@ mod tests {
             "mqtt://user@host",
             "mqtt://host/path",
             "mqtt://ho st",
+            "mqtt://user:pw@host",
+            "mqtt://host?x=1",
+            "mqtt://host#frag",
+            "mqtt://host:1883/path",
+            "mqtt://ho%2Fst",
+            "tcp://host:1883",
+            "",
         ];
         for s in bad {
             assert!(s.parse::<BrokerUrl>().is_err(), "{s}");
+        }
+        // The errors say what is wrong.
+        let cases = [
+            ("localhost:1883", "unsupported scheme \"localhost\""),
+            ("broker", "has no scheme"),
+            ("http://localhost", "unsupported scheme \"http\""),
+            ("mqtt://[::1]:1883", "IPv6 literals are not supported"),
+            ("mqtt://host/path", "only scheme://host[:port] is supported"),
+            ("mqtt://host:0", "port must not be 0"),
+            ("mqtt://host:65536", "invalid port number"),
+            ("mqtt://", "host is empty"),
+        ];
+        for (s, want) in cases {
+            let e = s.parse::<BrokerUrl>().unwrap_err().to_string();
+            assert!(e.contains(want), "{s}: {e}");
         }
     }
 

@@ -22,6 +22,7 @@ fn config(url: BrokerUrl, id: &device_client::fleet_wire::DeviceId) -> AgentConf
         base: Duration::from_millis(50),
         cap: Duration::from_millis(300),
         reset_after: Duration::from_secs(10),
+        ..BackoffConfig::default()
     };
     config.connect.keep_alive = Duration::from_secs(5);
     config.drain_timeout = Duration::from_secs(3);

@@ -208,6 +208,7 @@ impl Setup {
                 trusted_keys,
                 firmware_version: Some(firmware.to_owned()),
                 state_file: None,
+                update_dir: None,
             },
             self.fetcher.clone(),
             installer,
@@ -1018,6 +1019,7 @@ async fn artifacts_download_over_https_from_a_server_the_device_trusts(p: Platfo
                 trusted_keys: vec![s.key.public_key()],
                 firmware_version: Some("1.0.0".into()),
                 state_file: None,
+                update_dir: None,
             },
             fetcher,
             installs_ok(),
@@ -1251,5 +1253,110 @@ async fn canceling_ends_what_had_not_started(p: Platform) {
     let d = s.deployment(&dep).await;
     assert_eq!(d["summary"]["by_status"]["pending"], 0, "{d}");
     assert_eq!(d["summary"]["by_status"]["canceled"], 3, "{d}");
+    s.p.stop().await;
+}
+
+/// The walk-through's agent command run again: the updater recorded what it installed in its
+/// update directory, so the restarted agent runs that release and answers the cohort's
+/// (retained) update with `succeeded` without downloading it again. A different release is
+/// still downloaded and installed, and so is the rollback target after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_does_not_download_what_it_installed() {
+    use device_client::fleet_wire::update::UpdateStatusKind;
+    use device_client::update::InstalledRelease;
+    use device_client::AgentEvent;
+
+    let s = Setup::new(platform(Db::Sqlite).await.unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let id = "rerun-1";
+    // Every start is the same command: firmware 1.0.0 on the command line, same directory.
+    let start = || async {
+        let agent = s.agent(id, "1.0.0").await;
+        let events = agent.subscribe();
+        let updater = Updater::spawn(
+            &agent,
+            UpdateSettings {
+                trusted_keys: vec![s.key.public_key()],
+                firmware_version: Some("1.0.0".to_owned()),
+                state_file: None,
+                update_dir: Some(dir.path().to_owned()),
+            },
+            s.fetcher.clone(),
+            installs_ok(),
+        );
+        (agent, events, updater)
+    };
+    let downloads = || s.artifacts.downloads.load(Ordering::Relaxed);
+    let completed = |dep: String, what: &'static str| {
+        let s = &s;
+        async move {
+            let d = s
+                .wait_deployment(&dep, what, |d| d["state"] == "completed")
+                .await;
+            assert_eq!(d["summary"]["succeeded"], 1, "{d:#}");
+        }
+    };
+
+    let v2 = s.release("2.0.0", b"firmware two").await;
+    let (agent, _, updater) = start().await;
+    let dep = s.deploy(&v2, json!({})).await;
+    completed(dep.clone(), "2.0.0 installed").await;
+    assert_eq!(downloads(), 1);
+    let record = InstalledRelease::load(dir.path()).unwrap().unwrap();
+    assert_eq!(
+        (record.version.as_str(), record.deployment_id.as_str()),
+        ("2.0.0", dep.as_str())
+    );
+    agent.shutdown().await.unwrap();
+    updater.abort();
+
+    // Run again: the retained update names 2.0.0, which is installed.
+    let (agent, mut events, updater) = start().await;
+    let report = tokio::time::timeout(ROLLOUT_WAIT, async {
+        loop {
+            if let Ok(AgentEvent::UpdateReportDelivered(u)) = events.recv().await {
+                return u;
+            }
+        }
+    })
+    .await
+    .expect("the restarted agent answers the cohort's update");
+    assert_eq!(report.deployment_id, dep);
+    assert_eq!(report.status, UpdateStatusKind::Succeeded);
+    assert_eq!(report.firmware_version.as_deref(), Some("2.0.0"));
+    e2e::eventually("the restarted device reports 2.0.0", || async {
+        (s.p.device(id).await["firmware_version"] == "2.0.0").then_some(())
+    })
+    .await;
+    assert_eq!(
+        downloads(),
+        1,
+        "the installed release was not downloaded again"
+    );
+
+    // Another release is downloaded and installed; so is the rollback to 2.0.0 after it.
+    let v3 = s.release("3.0.0", b"firmware three").await;
+    let dep3 = s.deploy(&v3, json!({})).await;
+    completed(dep3.clone(), "3.0.0 installed").await;
+    assert_eq!(downloads(), 2);
+    let (st, body) =
+        s.p.api(
+            "POST",
+            &format!("/api/v1/deployments/{dep3}/rollback"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 201, "{body}");
+    assert_eq!(body["release_id"], v2.as_str(), "{body}");
+    completed(
+        body["id"].as_str().unwrap().to_owned(),
+        "rolled back to 2.0.0",
+    )
+    .await;
+    assert_eq!(downloads(), 3);
+    let record = InstalledRelease::load(dir.path()).unwrap().unwrap();
+    assert_eq!(record.version, "2.0.0");
+    agent.shutdown().await.unwrap();
+    updater.abort();
     s.p.stop().await;
 }

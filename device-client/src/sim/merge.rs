@@ -491,7 +491,7 @@ mod tests {
                 connected: devices - 1,
                 failed: 1,
                 unanswered: 0,
-                failures: BTreeMap::from([("connack 5 (not authorized)".to_owned(), 1)]),
+                failures: BTreeMap::from([("connack 0x87 (not authorized)".to_owned(), 1)]),
                 dropped: 0,
                 drops: BTreeMap::new(),
                 duration_s: k as f64,
@@ -535,7 +535,7 @@ mod tests {
             (r.devices, r.attempted, r.connected, r.failed),
             (10, 10, 8, 2)
         );
-        assert_eq!(r.failures["connack 5 (not authorized)"], 2);
+        assert_eq!(r.failures["connack 0x87 (not authorized)"], 2);
         assert_eq!((r.duration_s, r.connects_per_s, r.cpu_s), (2.0, 20.0, 1.0));
         let mut all = Histogram::new();
         for v in a.iter().chain(&b) {

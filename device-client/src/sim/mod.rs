@@ -1,11 +1,12 @@
 //! A fleet simulator and load generator: many devices in one process, each with its own MQTT
-//! 3.1.1 session (one rumqttc client and event loop per device, small buffers), against any
+//! 5 session (one rumqttc client and event loop per device, small buffers), against any
 //! broker: the fleet platform over mutual TLS with certificates minted from a manufacturing
 //! CA, or a plain MQTT broker.
 //!
 //! # Layout
 //! - this module: settings ([`SimConfig`], [`Scenario`]), [`run`], the live progress line.
-//! - [`hist`]: the latency histogram (bounded memory, < 1 % error) and its percentiles.
+//! - [`hist`]: latency histograms (the `hdrhistogram` crate: bounded memory, < 1 % error), their
+//!   percentiles, and the serialized form shards merge from.
 //! - `identities`: device ids and certificates, minted in parallel and cached on disk.
 //! - [`shard`]: which part of the fleet this process simulates (`--shard K/N`) and which
 //!   broker URL each device connects to.

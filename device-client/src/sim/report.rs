@@ -10,6 +10,15 @@ use super::hist::Percentiles;
 use super::{Qos, Scenario, Shard, SimConfig, Soak};
 
 /// Everything a run measured.
+
+/// The table's words for an observer's non-zero `foreign` count.
+const FOREIGN_OBSERVED: &str = "(foreign: messages on the filter that are not this run's \
+telemetry, e.g. from other devices or another simulator on the same topics; neither delivered \
+nor lost)";
+/// The same for the fanout receivers.
+const FOREIGN_FANOUT: &str = "(foreign: messages the devices received that this fanout did not \
+send, e.g. a retained message of an earlier run; neither delivered nor lost)";
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub scenario: String,
@@ -245,7 +254,9 @@ pub struct ObserverReport {
     /// Delivered without the device having had its PUBACK: written before a drop, and the
     /// broker took it although the device never learnt.
     pub delivered_unconfirmed: u64,
-    /// Messages on the filter not from this run's devices.
+    /// Messages on the filter that are not this run's telemetry, so neither delivered nor
+    /// lost: other devices' or clients' messages on the same topics (another simulator, real
+    /// devices), or a payload without this run's sequence number. Not an error of the broker.
     pub foreign: u64,
     pub delivered_per_s: f64,
     /// From the send time in the payload to the delivery.
@@ -455,7 +466,7 @@ impl ProbeReport {
         if self.duplicates > 0 || self.foreign > 0 {
             let _ = writeln!(
                 out,
-                "  probes: {} duplicates, {} foreign messages at the devices",
+                "  probes: {} duplicates, {} foreign messages at the devices (not the probes' own)",
                 self.duplicates, self.foreign
             );
         }
@@ -668,6 +679,9 @@ impl Report {
                     "  observer {} on {}: delivered {} ({:.1}/s)  lost {}  duplicates {}  foreign {}",
                     o.url, o.filter, o.delivered, o.delivered_per_s, o.lost, o.duplicates, o.foreign
                 );
+                if o.foreign > 0 {
+                    let _ = writeln!(out, "  {FOREIGN_OBSERVED}");
+                }
                 if o.delivered_unconfirmed > 0 {
                     let _ = writeln!(
                         out,
@@ -719,6 +733,9 @@ impl Report {
                 f.duplicates,
                 f.foreign
             );
+            if f.foreign > 0 {
+                let _ = writeln!(out, "  {FOREIGN_FANOUT}");
+            }
             for (what, l) in [
                 ("delivery latency", &f.delivery_latency),
                 ("completion (last device) latency", &f.completion_latency),

@@ -388,6 +388,8 @@ impl SessionRole for Publishing {
                     self.last_ack_us.fetch_max(us, Ordering::Relaxed);
                 }
             }
+            // Refused (MQTT 5 negative PUBACK): no longer in flight, and not delivered.
+            MqttEvent::Refused { pkid, .. } => inflight.retain(|f| f.pkid != pkid),
             MqttEvent::Message { payload, .. } => {
                 if let Some(inbox) = &self.inbox {
                     inbox.on_message(index, &payload);

@@ -311,6 +311,7 @@ pub(crate) async fn device_life(
             base: c.churn.reconnect_jitter.max(Duration::from_millis(100)),
             cap: BACKOFF_CAP,
             reset_after: Duration::ZERO,
+            ..BackoffConfig::default()
         });
         // A failed attempt moves the device to the next broker URL (failover).
         let mut failures = 0;

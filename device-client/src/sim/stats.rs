@@ -4,19 +4,30 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::error::ConnectError;
+use crate::error::{ConnectError, DisconnectCause};
 
 /// Distinct failure reasons kept before the rest are counted as `other`.
 const MAX_REASONS: usize = 24;
 
 /// A short, stable label for why a connection failed: `tls alert: UnknownCA`,
-/// `connack 5 (not authorized)`, `timeout: ...`, `i/o: ...`, `protocol: ...`.
+/// `connack 0x87 (not authorized)`, `disconnect 0x8E (session taken over)`, `timeout: ...`,
+/// `i/o: ...`, `protocol: ...`.
 pub(crate) fn failure_reason(e: &ConnectError) -> String {
     match e {
-        ConnectError::Refused(r) => {
-            let text = r.to_string();
-            let text = text.split(" (CONNACK").next().unwrap_or(&text);
-            format!("connack {} ({text})", r.code())
+        ConnectError::Refused(r) => format!("connack 0x{:02X} ({})", r.code(), r.text()),
+        ConnectError::Disconnected(DisconnectCause::Unknown) => {
+            "i/o: connection closed by the broker".to_owned()
+        }
+        ConnectError::Disconnected(cause) => {
+            let text = match cause {
+                DisconnectCause::SessionTakenOver => "session taken over",
+                DisconnectCause::AdministrativeAction => "administrative action",
+                DisconnectCause::ServerShuttingDown => "server shutting down",
+                DisconnectCause::KeepAliveTimeout => "keepalive timeout",
+                DisconnectCause::NotAuthorized => "not authorized",
+                DisconnectCause::Other(_) | DisconnectCause::Unknown => "other",
+            };
+            format!("disconnect 0x{:02X} ({text})", cause.code())
         }
         ConnectError::Tls(msg) => match msg.strip_prefix("received fatal alert: ") {
             Some(alert) => format!("tls alert: {alert}"),
@@ -229,11 +240,15 @@ mod tests {
         let cases = [
             (
                 ConnectError::Refused(ConnackRefusal::IdentifierRejected),
-                "connack 2 (client identifier rejected)",
+                "connack 0x85 (client identifier rejected)",
             ),
             (
                 ConnectError::Refused(ConnackRefusal::NotAuthorized),
-                "connack 5 (not authorized)",
+                "connack 0x87 (not authorized)",
+            ),
+            (
+                ConnectError::Disconnected(DisconnectCause::SessionTakenOver),
+                "disconnect 0x8E (session taken over)",
             ),
             (
                 ConnectError::Tls("received fatal alert: UnknownCA".into()),

@@ -320,7 +320,10 @@ fn counters(live: &Live) -> Counters {
 }
 
 /// A row every `every` from `start` until `stop`, counted from `baseline` (counters and process
-/// CPU time), and one for the rest at the stop if anything happened since the last.
+/// CPU time). What happened between the last row and the stop gets a row of its own when that
+/// span is at least half an interval; a shorter rest (the devices ending, the last deliveries)
+/// is added to the last row, which then ends at the stop, so the table does not end with a
+/// stray row of a few milliseconds.
 async fn intervals(
     ctx: Arc<Ctx>,
     publishing: Arc<Publishing>,
@@ -354,15 +357,42 @@ async fn intervals(
             rss_bytes: usage.rss,
             cpu_s: usage.cpu.saturating_sub(cpu_before).as_secs_f64(),
         };
-        if !last || now != before {
-            rows.push(row);
-        }
         if last {
+            end_rows(&mut rows, row, every, now != before);
             return rows;
         }
+        rows.push(row);
         before = now;
         cpu_before = usage.cpu;
     }
+}
+
+/// Closes the table with `rest`, what happened from the last row to the stop (`changed`: any
+/// counter moved): its own row when it spans half an interval or more, else added to the last.
+fn end_rows(rows: &mut Vec<IntervalRow>, rest: IntervalRow, every: Duration, changed: bool) {
+    match rows.last_mut() {
+        Some(row) if rest.end_s - row.end_s < every.as_secs_f64() / 2.0 => fold_into(row, rest),
+        _ if changed => rows.push(rest),
+        _ => {}
+    }
+}
+
+/// Adds `rest`, what followed `row` until the stop, to `row`.
+fn fold_into(row: &mut IntervalRow, rest: IntervalRow) {
+    row.end_s = rest.end_s;
+    row.connected = rest.connected;
+    row.sessions_lost += rest.sessions_lost;
+    row.sent += rest.sent;
+    row.acked += rest.acked;
+    row.delivered += rest.delivered;
+    row.drops += rest.drops;
+    row.reconnects += rest.reconnects;
+    row.reconnect_failures += rest.reconnect_failures;
+    if let Ok(latency) = row.puback_latency.merge(&rest.puback_latency) {
+        row.puback_latency = latency;
+    }
+    row.rss_bytes = rest.rss_bytes;
+    row.cpu_s += rest.cpu_s;
 }
 
 /// Whether every submitted publish is accounted for: acknowledged (QoS 1) or written
@@ -736,6 +766,57 @@ async fn subscribe(
 
 #[cfg(test)]
 mod tests {
+    use super::super::hist::Histogram;
+    use super::super::report::IntervalRow;
+
+    fn row(end_s: f64, acked: u64, connected: u64) -> IntervalRow {
+        let mut latency = Histogram::new();
+        for _ in 0..acked {
+            latency.record(1_000);
+        }
+        IntervalRow {
+            end_s,
+            connected,
+            sessions_lost: 0,
+            sent: acked,
+            acked,
+            delivered: acked,
+            drops: 0,
+            reconnects: 0,
+            reconnect_failures: 0,
+            puback_latency: latency.summary_ms(),
+            rss_bytes: 1,
+            cpu_s: 0.1,
+        }
+    }
+
+    /// (end of the rest in s, counters moved, rows then as (end s, acked, connected)):
+    /// rows every 10 s; a rest shorter than 5 s is added to the last row, a longer one is a
+    /// row, an empty one after a full row is dropped.
+    #[test]
+    fn the_rest_after_the_last_row_is_no_stray_row() {
+        let every = std::time::Duration::from_secs(10);
+        let cases: &[(f64, bool, &[(f64, u64, u64)])] = &[
+            (60.02, true, &[(50.0, 40, 10), (60.02, 43, 4)]),
+            (60.02, false, &[(50.0, 40, 10), (60.02, 40, 4)]),
+            (64.9, true, &[(50.0, 40, 10), (64.9, 43, 4)]),
+            (67.0, true, &[(50.0, 40, 10), (60.0, 40, 10), (67.0, 3, 4)]),
+            (67.0, false, &[(50.0, 40, 10), (60.0, 40, 10)]),
+        ];
+        for (end, changed, want) in cases {
+            let mut rows = vec![row(50.0, 40, 10), row(60.0, 40, 10)];
+            let acked = if *changed { 3 } else { 0 };
+            super::end_rows(&mut rows, row(*end, acked, 4), every, *changed);
+            let got: Vec<(f64, u64, u64)> = rows
+                .iter()
+                .map(|r| (r.end_s, r.acked, r.connected))
+                .collect();
+            assert_eq!(got, *want, "rest until {end} s, changed {changed}");
+            let last = rows.last().unwrap();
+            assert_eq!(last.puback_latency.count, last.acked);
+        }
+    }
+
     use super::*;
 
     #[test]

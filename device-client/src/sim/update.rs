@@ -421,6 +421,7 @@ pub async fn run(config: &SimConfig, load: &UpdateLoad) -> Result<UpdateRunRepor
                         trusted_keys: load.trusted_keys.clone(),
                         firmware_version: Some(load.firmware_version.clone()),
                         state_file: None,
+                        update_dir: None,
                     },
                     FaultyFetcher {
                         inner: fetcher.clone(),
