@@ -17,7 +17,7 @@ pub(crate) mod proto {
     pub use rumqttd::protocol::v5::V5;
     pub use rumqttd::protocol::{
         ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, Disconnect,
-        DisconnectReasonCode, Error as CodecError, Filter, LastWill, LastWillProperties, Login,
+        DisconnectProperties, DisconnectReasonCode, Error as CodecError, Filter, LastWill, LastWillProperties, Login,
         Packet, PingResp, Protocol, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
         PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule,
         SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,

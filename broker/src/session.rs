@@ -1034,8 +1034,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn violation(&mut self, code: DisconnectReasonCode, why: Rejection) -> Step {
         self.ctx.control.metrics.reject(why);
         if self.conn.version() == Version::V5 {
-            self.conn
-                .queue(Packet::Disconnect(Disconnect { reason_code: code }, None));
+            self.conn.queue(server_disconnect(code));
             self.disconnect_sent = true;
         }
         Step::End(DisconnectReason::ProtocolError)
@@ -1739,8 +1738,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 DisconnectReason::Client | DisconnectReason::ConnectionLost => None,
             };
             if let Some(reason_code) = code {
-                self.conn
-                    .queue(Packet::Disconnect(Disconnect { reason_code }, None));
+                self.conn.queue(server_disconnect(reason_code));
             }
         }
         let will = self.will.take();
@@ -1876,6 +1874,22 @@ fn unavailable(version: Version) -> Packet {
             code,
         },
         None,
+    )
+}
+
+/// The DISCONNECT the server sends an MQTT 5 client: its reason code, and the property list
+/// written out empty (`e0 02 rc 00`) rather than left off (`e0 01 rc`). Both are valid, but
+/// some clients (rumqttc 0.25) cannot read the short form and lose the reason, such as
+/// 0x8E "session taken over", which the device agent turns into advice.
+fn server_disconnect(reason_code: DisconnectReasonCode) -> Packet {
+    Packet::Disconnect(
+        Disconnect { reason_code },
+        Some(DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: None,
+            user_properties: Vec::new(),
+            server_reference: None,
+        }),
     )
 }
 

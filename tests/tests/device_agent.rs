@@ -329,11 +329,11 @@ async fn invalid_payload_is_refused_before_connecting() {
 }
 
 /// Two agents with one identity (the walk-through's second `device-client run` while the first
-/// still runs): each connect takes the session from the other. The agents see the broker end
-/// their sessions again and again although reconnecting works (the broker's MQTT 5 DISCONNECT
-/// says 0x8E, but in a form rumqttc cannot read), say in plain words that another connection
-/// with this identity most likely took the session over, and back off longer after every
-/// takeover in a row, so they take the device from each other a few times instead of in a loop.
+/// still runs): each connect takes the session from the other. The broker's MQTT 5 DISCONNECT
+/// says 0x8E (session taken over, with its property list written out so that rumqttc reads
+/// it); the agents say in plain words that another connection with this identity took the
+/// session over, and back off longer after every takeover in a row, so they take the device
+/// from each other a few times instead of in a loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_agents_with_one_identity_name_the_takeover_and_back_off() {
     let p = Platform::sqlite().await;
