@@ -10,7 +10,8 @@
 //! - A delivery that can never succeed (unknown topic, invalid payload, unknown device) is
 //!   rejected with a reason and does not hold up the rest of its batch.
 //! - Every write is idempotent (conditional presence, `ON CONFLICT DO NOTHING` telemetry,
-//!   newest-wins state), so a redelivered or retried event changes nothing twice.
+//!   newest-wins state, a command ack's final status kept), so a redelivered or retried event
+//!   changes nothing twice.
 //! - A presence event older than the stored `(session_epoch, presence_rank)` changes nothing,
 //!   and is acked: it was seen and deliberately ignored.
 //! - A session is recorded as held by the broker node that received the event
@@ -22,13 +23,13 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use broker::bus::{BusMessage, Delivery, EventSource};
-use fleet_wire::payload::{CommandAck, Presence, ReportedState};
+use fleet_wire::payload::{CommandAck, CommandStatus, Presence, ReportedState};
 use fleet_wire::update::UpdateStatus;
 use fleet_wire::{DeviceId, Topic};
 
 use crate::store::{
-    EventBatch, EventOutcome, LatestTelemetry, ReportedChange, Store, StoreError, TelemetryRow,
-    UpdateReport,
+    CommandAckRow, EventBatch, EventOutcome, LatestTelemetry, ReportedChange, Store, StoreError,
+    TelemetryRow, UpdateReport,
 };
 
 /// How the intake runs.
@@ -341,6 +342,8 @@ fn group(pending: &[Pending], node_id: &str) -> EventBatch {
     let mut reported: HashMap<&DeviceId, (Order, &str, Option<&str>)> = HashMap::new();
     let mut seen: HashMap<&DeviceId, i64> = HashMap::new();
     let mut update_reports = Vec::new();
+    // One ack per device and command: a final status over `accepted`, else the first.
+    let mut acks: HashMap<(&DeviceId, &str), CommandAckRow> = HashMap::new();
 
     for p in pending {
         let msg = &p.delivery.msg;
@@ -383,7 +386,27 @@ fn group(pending: &[Pending], node_id: &str) -> EventBatch {
                     *e = (order, json, firmware.as_deref());
                 }
             }
-            Event::CommandAck(_) => {}
+            Event::CommandAck(ack) => {
+                let row = CommandAckRow {
+                    device_id: p.device.clone(),
+                    command_id: ack.id.clone(),
+                    status: ack.status,
+                    message: ack.message.clone(),
+                    at_ms: at,
+                };
+                match acks.entry((&p.device, ack.id.as_str())) {
+                    Entry::Occupied(mut o) => {
+                        if o.get().status == CommandStatus::Accepted
+                            && ack.status != CommandStatus::Accepted
+                        {
+                            o.insert(row);
+                        }
+                    }
+                    Entry::Vacant(v) => {
+                        v.insert(row);
+                    }
+                }
+            }
             Event::UpdateStatus(status) => update_reports.push(UpdateReport {
                 device_id: p.device.clone(),
                 status: status.clone(),
@@ -422,6 +445,7 @@ fn group(pending: &[Pending], node_id: &str) -> EventBatch {
             .map(|(device, at)| (device.clone(), at))
             .collect(),
         update_reports,
+        command_acks: acks.into_values().collect(),
     }
 }
 
