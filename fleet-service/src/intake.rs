@@ -564,6 +564,69 @@ mod tests {
         assert_eq!(parts, want);
     }
 
+    #[tokio::test]
+    async fn a_batch_keeps_one_ack_per_command_a_final_status_first() {
+        let acks = [
+            ("d1", r#"{"id":"c1","status":"accepted"}"#),
+            ("d1", r#"{"id":"c1","status":"succeeded","message":"done"}"#),
+            ("d1", r#"{"id":"c1","status":"accepted"}"#),
+            ("d1", r#"{"id":"c1","status":"failed"}"#),
+            ("d1", r#"{"id":"c2","status":"accepted"}"#),
+            ("d2", r#"{"id":"c1","status":"rejected"}"#),
+        ];
+        let n = acks.len();
+        let (bus, mut source) = broker::bus::embedded(n);
+        for (i, (device, payload)) in acks.iter().enumerate() {
+            let m = msg(
+                &format!("devices/{device}/commands/ack"),
+                payload,
+                1,
+                i as u64,
+                1,
+            );
+            assert!(
+                futures::FutureExt::now_or_never(broker::bus::EventBus::publish(&bus, m)).is_none()
+            );
+        }
+        let mut deliveries = Vec::new();
+        while deliveries.len() < n {
+            deliveries.extend(source.recv_batch(n).await.unwrap());
+        }
+        let pending: Vec<Pending> = deliveries
+            .into_iter()
+            .map(|delivery| {
+                let (device, event) = decode(&delivery.msg).unwrap();
+                Pending {
+                    delivery,
+                    device,
+                    event,
+                }
+            })
+            .collect();
+        let batch = group(&pending, "local");
+        let mut got: Vec<(String, String, CommandStatus, Option<String>)> = batch
+            .command_acks
+            .into_iter()
+            .map(|a| (a.device_id.to_string(), a.command_id, a.status, a.message))
+            .collect();
+        got.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "d1".into(),
+                    "c1".into(),
+                    CommandStatus::Succeeded,
+                    Some("done".into())
+                ),
+                ("d1".into(), "c2".into(), CommandStatus::Accepted, None),
+                ("d2".into(), "c1".into(), CommandStatus::Rejected, None),
+            ]
+        );
+        let seen: HashSet<String> = batch.seen.iter().map(|(d, _)| d.to_string()).collect();
+        assert_eq!(seen, HashSet::from(["d1".to_owned(), "d2".to_owned()]));
+    }
+
     #[test]
     fn decode_keeps_firmware_and_whole_state() {
         let (device, event) = decode(&msg(

@@ -89,7 +89,11 @@ fn params_from_text(s: Option<String>) -> Result<Option<serde_json::Value>, Stor
     super::json_from_text(s, "command params")
 }
 
-type CommandRow = (String, String, Option<String>, i64, i64);
+/// A command as a device sees it: the cohort it was sent to (none when sent to the device),
+/// name, params, sent at, timeout.
+type TargetRow = (Option<String>, String, Option<String>, i64, i64);
+/// An ack: status, message, when.
+type AckRow = (String, Option<String>, i64);
 
 /// Follows `WITH v (device_id, command_id, status, message, at) AS (VALUES ...`: records each
 /// ack whose device has a command of that id, sent to it or to its current cohort. A stored
@@ -184,43 +188,34 @@ impl Store {
         device: &DeviceId,
         id: &str,
     ) -> Result<Option<DeviceCommand>, StoreError> {
-        let (row, ack): (
-            Option<(Option<String>, String, Option<String>, i64, i64)>,
-            _,
-        ) = with_pool!(self, |pool| {
-            let direct: Option<CommandRow> = sqlx::query_as(
-                "SELECT id, name, params, sent_at, timeout_ms FROM device_commands \
-                     WHERE device_id = $1 AND id = $2",
+        let (row, ack): (Option<TargetRow>, Option<AckRow>) = with_pool!(self, |pool| {
+            let direct: Option<TargetRow> = sqlx::query_as(
+                "SELECT CAST(NULL AS TEXT), name, params, sent_at, timeout_ms \
+                 FROM device_commands WHERE device_id = $1 AND id = $2",
             )
             .bind(device.as_str())
             .bind(id)
             .fetch_optional(pool)
             .await?;
             let row = match direct {
-                Some((_, name, params, sent_at, timeout)) => {
-                    Some((None, name, params, sent_at, timeout))
-                }
+                Some(row) => Some(row),
                 None => {
-                    let via: Option<(String, String, Option<String>, i64, i64)> = sqlx::query_as(
-                        "SELECT cc.cohort_id, cc.name, cc.params, cc.sent_at, \
-                                 cc.timeout_ms FROM cohort_commands cc \
-                                 JOIN devices d ON d.cohort_id = cc.cohort_id \
-                                 WHERE d.id = $1 AND cc.id = $2",
+                    sqlx::query_as(
+                        "SELECT cc.cohort_id, cc.name, cc.params, cc.sent_at, cc.timeout_ms \
+                         FROM cohort_commands cc JOIN devices d ON d.cohort_id = cc.cohort_id \
+                         WHERE d.id = $1 AND cc.id = $2",
                     )
                     .bind(device.as_str())
                     .bind(id)
                     .fetch_optional(pool)
-                    .await?;
-                    via.map(|(cohort, name, params, sent_at, timeout)| {
-                        (Some(cohort), name, params, sent_at, timeout)
-                    })
+                    .await?
                 }
             };
-            let ack: Option<(String, Option<String>, i64)> = match row {
+            let ack = match row {
                 Some(_) => {
                     sqlx::query_as(
                         "SELECT status, message, acked_at FROM command_acks \
-                             WHERE device_id = $1 AND command_id = $2",
+                         WHERE device_id = $1 AND command_id = $2",
                     )
                     .bind(device.as_str())
                     .bind(id)
@@ -229,8 +224,8 @@ impl Store {
                 }
                 None => None,
             };
-            Ok::<_, sqlx::Error>((row, ack))
-        })?;
+            (row, ack)
+        });
         let Some((cohort_id, name, params, sent_at_ms, timeout_ms)) = row else {
             return Ok(None);
         };
