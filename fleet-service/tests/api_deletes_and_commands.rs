@@ -1285,3 +1285,83 @@ async fn a_command_without_a_broker_is_not_kept() {
         );
     }
 }
+
+/// How long a bulk deletion of 10,000 devices takes, and how long another write waits meanwhile
+/// (each batch of 500 is its own transaction, so writes interleave). Run with
+/// `cargo test --release -p fleet-service --test api_deletes_and_commands -- --ignored --nocapture`
+/// (PostgreSQL too when `FLEET_TEST_POSTGRES_URL` is set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn bulk_deletion_figures() {
+    let sqlite = common::TestDb::sqlite();
+    let postgres = common::TestDb::postgres("bulk_deletion_figures").await;
+    for db in std::iter::once(&sqlite).chain(postgres.as_ref()) {
+        let api = start(&db.url).await;
+        let pid = api.product("measured").await;
+        let cid = api.cohort(&pid, "big").await;
+        let other = api.cohort(&pid, "small").await;
+        api.device("bystander", &pid, Some(&other), json!({})).await;
+        let rows: Vec<Value> = (0..10_000)
+            .map(|i| {
+                let mut row = json!({ "id": format!("big-{i:05}"), "cohort_id": cid,
+                    "tags": { "fleet": "sim", "n": i.to_string() } });
+                if i % 2 == 0 {
+                    row["certificate_fingerprint"] = json!(format!("{i:064x}"));
+                }
+                row
+            })
+            .collect();
+        let (s, _) = api
+            .post(
+                &format!("/products/{pid}/devices/import"),
+                ADMIN,
+                json!(rows),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
+
+        // Another writer, meanwhile: tags of a device outside the deletion.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (http, base, stop) = (api.http.clone(), api.base.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut waits = Vec::new();
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    let started = std::time::Instant::now();
+                    let resp = http
+                        .patch(format!("{base}/devices/bystander"))
+                        .bearer_auth(ADMIN)
+                        .json(&json!({ "tags": { "n": n.to_string() } }))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert!(resp.status().is_success());
+                    waits.push(started.elapsed());
+                }
+                waits
+            })
+        };
+        let started = std::time::Instant::now();
+        let (s, done) = api
+            .delete(&format!("/devices?cohort_id={cid}&limit=10000"), ADMIN)
+            .await;
+        let took = started.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut waits = writer.await.unwrap();
+        assert_eq!((s, &done["deleted"]), (StatusCode::OK, &json!(10_000)));
+        waits.sort();
+        let p = |q: f64| waits[((waits.len() - 1) as f64 * q) as usize];
+        println!(
+            "{}: deleted 10,000 devices (5,000 certificates revoked) in {took:.2?} ({:.0}/s); \
+             meanwhile {} other writes, p50 {:.1?}, p99 {:.1?}, max {:.1?}",
+            api.store().backend_name(),
+            10_000.0 / took.as_secs_f64(),
+            waits.len(),
+            p(0.5),
+            p(0.99),
+            waits.last().unwrap(),
+        );
+    }
+}
