@@ -8,14 +8,32 @@ use super::validate::parse_time;
 use super::{access, ApiError};
 use crate::store::{DeviceFilter, DeviceState};
 
+/// Reads a query of device filters and the caller's own parameters: `other` gets each
+/// parameter that is not a filter (and refuses those it does not know). Every parameter but
+/// `tag` at most once.
+pub(super) fn parse_query(
+    pairs: Vec<(String, String)>,
+    mut other: impl FnMut(&str, String) -> Result<(), ApiError>,
+) -> Result<DeviceFilter, ApiError> {
+    let mut filter = DeviceFilter::default();
+    let mut seen = std::collections::HashSet::new();
+    for (key, value) in pairs {
+        if key != "tag" && !seen.insert(key.clone()) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("{key} may be given only once"),
+            ));
+        }
+        if let Some(value) = apply(&mut filter, &key, value)? {
+            other(&key, value)?;
+        }
+    }
+    Ok(filter)
+}
+
 /// Applies the query parameter `key` to `filter` if it is one of the device filters, or gives
-/// its value back when it is not one (the caller decides what else it may be). `tag` may
-/// repeat; the caller refuses every other parameter given twice.
-pub(super) fn apply(
-    filter: &mut DeviceFilter,
-    key: &str,
-    value: String,
-) -> Result<Option<String>, ApiError> {
+/// its value back when it is not one.
+fn apply(filter: &mut DeviceFilter, key: &str, value: String) -> Result<Option<String>, ApiError> {
     let bad = |m: String| ApiError::bad_request("invalid_query", m);
     match key {
         "state" => {

@@ -159,37 +159,33 @@ fn decode_sorted_cursor(sort: DeviceSort, cursor: &str) -> Option<DeviceCursor> 
 
 fn parse_list_query(pairs: Vec<(String, String)>) -> Result<ListQuery, ApiError> {
     let bad = |m: String| ApiError::bad_request("invalid_query", m);
-    let mut q = ListQuery {
-        limit: DEFAULT_LIMIT,
-        ..ListQuery::default()
-    };
-    let mut seen = std::collections::HashSet::new();
-    let mut cursor = None;
-    for (key, value) in pairs {
-        if key != "tag" && !seen.insert(key.clone()) {
-            return Err(bad(format!("{key} may be given only once")));
-        }
-        let Some(value) = device_filter::apply(&mut q.filter, &key, value)? else {
-            continue;
-        };
-        match key.as_str() {
+    let (mut sort, mut limit, mut cursor) = (DeviceSort::default(), DEFAULT_LIMIT, None);
+    let filter = device_filter::parse_query(pairs, |key, value| {
+        match key {
             "sort" => {
-                q.sort = DeviceSort::parse(&value).ok_or_else(|| {
+                sort = DeviceSort::parse(&value).ok_or_else(|| {
                     let known: Vec<_> = DeviceSort::ALL.iter().map(|s| s.as_str()).collect();
                     bad(format!("sort must be one of {}", known.join(", ")))
                 })?;
             }
-            "limit" => q.limit = parse_limit(&value)?,
+            "limit" => limit = parse_limit(&value)?,
             "cursor" => cursor = Some(value),
             other => return Err(bad(format!("unknown query parameter {other:?}"))),
         }
-    }
-    if let Some(c) = cursor {
-        q.after = Some(decode_sorted_cursor(q.sort, &c).ok_or_else(|| {
+        Ok(())
+    })?;
+    let after = match cursor {
+        Some(c) => Some(decode_sorted_cursor(sort, &c).ok_or_else(|| {
             bad("invalid cursor (a cursor resumes only the sort it came from)".into())
-        })?);
-    }
-    Ok(q)
+        })?),
+        None => None,
+    };
+    Ok(ListQuery {
+        filter,
+        limit,
+        sort,
+        after,
+    })
 }
 
 /// One device: identity, state, presence, reported state and last telemetry, with its

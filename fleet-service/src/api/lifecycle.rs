@@ -395,17 +395,9 @@ pub(super) async fn delete_devices(
     ApiQuery(pairs): ApiQuery<Vec<(String, String)>>,
 ) -> Result<Json<BulkDeleteBody>, ApiError> {
     let bad = |m: String| ApiError::bad_request("invalid_query", m);
-    let mut filter = DeviceFilter::default();
     let (mut dry_run, mut limit) = (false, DEFAULT_BULK_DELETE);
-    let mut seen = std::collections::HashSet::new();
-    for (key, value) in pairs {
-        if key != "tag" && !seen.insert(key.clone()) {
-            return Err(bad(format!("{key} may be given only once")));
-        }
-        let Some(value) = device_filter::apply(&mut filter, &key, value)? else {
-            continue;
-        };
-        match key.as_str() {
+    let filter = device_filter::parse_query(pairs, |key, value| {
+        match key {
             "dry_run" => {
                 dry_run = match value.as_str() {
                     "true" => true,
@@ -426,7 +418,8 @@ pub(super) async fn delete_devices(
             }
             other => return Err(bad(format!("unknown query parameter {other:?}"))),
         }
-    }
+        Ok(())
+    })?;
     if filter == DeviceFilter::default() {
         return Err(bad(
             "name at least one filter (product_id=... selects every device of a product)".into(),

@@ -1,4 +1,4 @@
-//! Products and their cohorts.
+//! Products and their cohorts, and deleting them once nothing depends on them.
 
 use super::{constraint, new_id, now_ms, Deletion, Dependent, Store, StoreError};
 
