@@ -10,7 +10,8 @@
 //! - A delivery that can never succeed (unknown topic, invalid payload, unknown device) is
 //!   rejected with a reason and does not hold up the rest of its batch.
 //! - Every write is idempotent (conditional presence, `ON CONFLICT DO NOTHING` telemetry,
-//!   newest-wins state), so a redelivered or retried event changes nothing twice.
+//!   newest-wins state, a command ack's final status kept), so a redelivered or retried event
+//!   changes nothing twice.
 //! - A presence event older than the stored `(session_epoch, presence_rank)` changes nothing,
 //!   and is acked: it was seen and deliberately ignored.
 //! - A session is recorded as held by the broker node that received the event
@@ -22,13 +23,13 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use broker::bus::{BusMessage, Delivery, EventSource};
-use fleet_wire::payload::{CommandAck, Presence, ReportedState};
+use fleet_wire::payload::{CommandAck, CommandStatus, Presence, ReportedState};
 use fleet_wire::update::UpdateStatus;
 use fleet_wire::{DeviceId, Topic};
 
 use crate::store::{
-    EventBatch, EventOutcome, LatestTelemetry, ReportedChange, Store, StoreError, TelemetryRow,
-    UpdateReport,
+    CommandAckRow, EventBatch, EventOutcome, LatestTelemetry, ReportedChange, Store, StoreError,
+    TelemetryRow, UpdateReport,
 };
 
 /// How the intake runs.
@@ -341,6 +342,8 @@ fn group(pending: &[Pending], node_id: &str) -> EventBatch {
     let mut reported: HashMap<&DeviceId, (Order, &str, Option<&str>)> = HashMap::new();
     let mut seen: HashMap<&DeviceId, i64> = HashMap::new();
     let mut update_reports = Vec::new();
+    // One ack per device and command: a final status over `accepted`, else the first.
+    let mut acks: HashMap<(&DeviceId, &str), CommandAckRow> = HashMap::new();
 
     for p in pending {
         let msg = &p.delivery.msg;
@@ -383,7 +386,27 @@ fn group(pending: &[Pending], node_id: &str) -> EventBatch {
                     *e = (order, json, firmware.as_deref());
                 }
             }
-            Event::CommandAck(_) => {}
+            Event::CommandAck(ack) => {
+                let row = CommandAckRow {
+                    device_id: p.device.clone(),
+                    command_id: ack.id.clone(),
+                    status: ack.status,
+                    message: ack.message.clone(),
+                    at_ms: at,
+                };
+                match acks.entry((&p.device, ack.id.as_str())) {
+                    Entry::Occupied(mut o) => {
+                        if o.get().status == CommandStatus::Accepted
+                            && ack.status != CommandStatus::Accepted
+                        {
+                            o.insert(row);
+                        }
+                    }
+                    Entry::Vacant(v) => {
+                        v.insert(row);
+                    }
+                }
+            }
             Event::UpdateStatus(status) => update_reports.push(UpdateReport {
                 device_id: p.device.clone(),
                 status: status.clone(),
@@ -422,6 +445,7 @@ fn group(pending: &[Pending], node_id: &str) -> EventBatch {
             .map(|(device, at)| (device.clone(), at))
             .collect(),
         update_reports,
+        command_acks: acks.into_values().collect(),
     }
 }
 
@@ -538,6 +562,69 @@ mod tests {
         let want = [("node-b", 3), ("node-c", 1), ("local", 2)];
         let want: Vec<(String, usize)> = want.iter().map(|(n, c)| (n.to_string(), *c)).collect();
         assert_eq!(parts, want);
+    }
+
+    #[tokio::test]
+    async fn a_batch_keeps_one_ack_per_command_a_final_status_first() {
+        let acks = [
+            ("d1", r#"{"id":"c1","status":"accepted"}"#),
+            ("d1", r#"{"id":"c1","status":"succeeded","message":"done"}"#),
+            ("d1", r#"{"id":"c1","status":"accepted"}"#),
+            ("d1", r#"{"id":"c1","status":"failed"}"#),
+            ("d1", r#"{"id":"c2","status":"accepted"}"#),
+            ("d2", r#"{"id":"c1","status":"rejected"}"#),
+        ];
+        let n = acks.len();
+        let (bus, mut source) = broker::bus::embedded(n);
+        for (i, (device, payload)) in acks.iter().enumerate() {
+            let m = msg(
+                &format!("devices/{device}/commands/ack"),
+                payload,
+                1,
+                i as u64,
+                1,
+            );
+            assert!(
+                futures::FutureExt::now_or_never(broker::bus::EventBus::publish(&bus, m)).is_none()
+            );
+        }
+        let mut deliveries = Vec::new();
+        while deliveries.len() < n {
+            deliveries.extend(source.recv_batch(n).await.unwrap());
+        }
+        let pending: Vec<Pending> = deliveries
+            .into_iter()
+            .map(|delivery| {
+                let (device, event) = decode(&delivery.msg).unwrap();
+                Pending {
+                    delivery,
+                    device,
+                    event,
+                }
+            })
+            .collect();
+        let batch = group(&pending, "local");
+        let mut got: Vec<(String, String, CommandStatus, Option<String>)> = batch
+            .command_acks
+            .into_iter()
+            .map(|a| (a.device_id.to_string(), a.command_id, a.status, a.message))
+            .collect();
+        got.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "d1".into(),
+                    "c1".into(),
+                    CommandStatus::Succeeded,
+                    Some("done".into())
+                ),
+                ("d1".into(), "c2".into(), CommandStatus::Accepted, None),
+                ("d2".into(), "c1".into(), CommandStatus::Rejected, None),
+            ]
+        );
+        let seen: HashSet<String> = batch.seen.iter().map(|(d, _)| d.to_string()).collect();
+        assert_eq!(seen, HashSet::from(["d1".to_owned(), "d2".to_owned()]));
     }
 
     #[test]

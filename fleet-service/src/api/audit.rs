@@ -69,16 +69,23 @@ enum Target {
 #[rustfmt::skip]
 const ACTIONS: &[(&str, &str, &str, &str, Target)] = &[
     ("POST", "/api/v1/organizations", "organization.create", "organization", Target::Created),
+    ("DELETE", "/api/v1/organizations/:org_id", "organization.delete", "organization", Target::Path),
     ("POST", "/api/v1/products", "product.create", "product", Target::Created),
+    ("DELETE", "/api/v1/products/:product_id", "product.delete", "product", Target::Path),
     ("POST", "/api/v1/products/:product_id/cohorts", "cohort.create", "cohort", Target::Created),
+    ("DELETE", "/api/v1/cohorts/:cohort_id", "cohort.delete", "cohort", Target::Path),
+    ("POST", "/api/v1/cohorts/:cohort_id/commands", "cohort.command", "cohort", Target::Path),
     ("POST", "/api/v1/products/:product_id/devices/import", "device.import", "product", Target::Path),
     ("POST", "/api/v1/ca-certificates", "ca.create", "ca", Target::Created),
     ("POST", "/api/v1/ca-certificates/verification-code", "ca.verification_code", "ca", Target::None),
     ("PATCH", "/api/v1/ca-certificates/:ca_id", "ca.update", "ca", Target::Path),
+    ("DELETE", "/api/v1/ca-certificates/:ca_id", "ca.delete", "ca", Target::Path),
     ("POST", "/api/v1/devices", "device.create", "device", Target::Created),
+    ("DELETE", "/api/v1/devices", "device.bulk_delete", "device", Target::None),
     ("PATCH", "/api/v1/devices/:device_id", "device.update", "device", Target::Path),
     ("DELETE", "/api/v1/devices/:device_id", "device.delete", "device", Target::Path),
     ("POST", "/api/v1/devices/:device_id/revoke-certificate", "device.revoke_certificate", "device", Target::Path),
+    ("POST", "/api/v1/devices/:device_id/commands", "device.command", "device", Target::Path),
     ("POST", "/api/v1/devices/:device_id/quarantine", "device.quarantine", "device", Target::Path),
     ("DELETE", "/api/v1/devices/:device_id/quarantine", "device.lift_quarantine", "device", Target::Path),
     ("POST", "/api/v1/signing-keys", "signing_key.create", "signing_key", Target::Created),
@@ -179,6 +186,10 @@ pub(super) async fn record(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.to_string());
+    // A bulk deletion is chosen by its query: the entry keeps it.
+    let query = (action == "device.bulk_delete")
+        .then(|| req.uri().query().map(str::to_owned))
+        .flatten();
     let mut target_id = match target {
         Target::Path => template
             .as_deref()
@@ -240,6 +251,27 @@ pub(super) async fn record(
         });
         detail = Some(serde_json::Value::Object(counts.into_iter().collect()));
     }
+    if action == "device.bulk_delete" {
+        let mut d = serde_json::Map::new();
+        d.insert("query".into(), query.unwrap_or_default().into());
+        if status.is_success() {
+            for k in ["dry_run", "matched", "deleted", "remaining"] {
+                d.insert(
+                    k.into(),
+                    answer.and_then(|a| a.get(k)).cloned().unwrap_or_default(),
+                );
+            }
+        }
+        detail = Some(serde_json::Value::Object(d));
+    }
+    // A command's id may be the platform's choice: the entry names it.
+    if action.ends_with(".command") && status.is_success() {
+        if let (Some(serde_json::Value::Object(d)), Some(id)) =
+            (&mut detail, answer.and_then(|a| a.get("id")))
+        {
+            d.insert("command_id".into(), id.clone());
+        }
+    }
     let error_code = (!status.is_success())
         .then(|| {
             answer
@@ -292,7 +324,8 @@ pub(super) struct AuditBody {
     error_code: Option<String>,
     remote_addr: Option<String>,
     /// What else the action carries: the request body (small JSON ones, secrets redacted),
-    /// an import's counts, a burst's refusals by reason.
+    /// an import's counts, a bulk deletion's query and counts, a command's id, a burst's
+    /// refusals by reason.
     detail: Option<serde_json::Value>,
 }
 

@@ -1,4 +1,5 @@
-//! Manufacturing CA certificates. Every change is stored, then pushed to the running broker.
+//! Manufacturing CA certificates. Every change (a deletion too) is stored, then pushed to the
+//! running brokers.
 
 use std::collections::BTreeMap;
 
@@ -17,7 +18,7 @@ use super::paging::{page_request, Page};
 use super::validate::valid_tags;
 use super::{access, rfc3339, ApiError, ApiState};
 use crate::store::cas::{parse_ca_pem, verify_possession};
-use crate::store::{CaCertificate, CaUpdate, NewCa};
+use crate::store::{CaCertificate, CaUpdate, Deletion, NewCa};
 
 /// Longest description accepted.
 const MAX_DESCRIPTION: usize = 1000;
@@ -391,6 +392,51 @@ pub(super) async fn update_ca(
     tracing::info!(ca_id = %ca.id, enabled = ca.enabled, by = %by.key_id,
         "CA certificate updated");
     Ok(Json(ca.into()))
+}
+
+/// Deletes a CA certificate: every broker stops trusting it at once (a handshake with a
+/// certificate it signed fails from then on). The devices it provisioned (or whose first
+/// certificate it signed) must be deleted first: they name it as theirs, and without it they
+/// would be admitted with a certificate of any CA of the organization. To keep them while
+/// refusing new ones, disable the CA instead (`PATCH` with `enabled: false`).
+///
+/// Role: operator or admin, with a key for the whole organization.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/ca-certificates/{ca_id}",
+    tag = "ca-certificates",
+    security(("api_key" = [])),
+    params(("ca_id" = String, Path, description = "The CA's id")),
+    responses(
+        (status = 204, description = "Deleted, and no longer trusted"),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key, or a scoped one", body = ErrorBody),
+        (status = 404, description = "No such CA certificate", body = ErrorBody),
+        (status = 409, description = "`in_use`: devices of the CA remain", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
+pub(super) async fn delete_ca(
+    Writer(by): Writer,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let ca = access::ca(&state, &by, &id).await?;
+    match state.ops.delete_ca(&by.org_id, &ca.id).await? {
+        Deletion::Deleted(()) => {}
+        Deletion::NotFound => return Err(ApiError::not_found("CA certificate")),
+        Deletion::InUse(d) => {
+            return Err(ApiError::in_use(
+                "CA certificate",
+                &d,
+                &format!("ca_id={}", ca.id),
+            ))
+        }
+    }
+    tracing::info!(ca_id = %ca.id, fingerprint = %ca.fingerprint_sha256, by = %by.key_id,
+        "CA certificate deleted");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]

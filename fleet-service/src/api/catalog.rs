@@ -1,4 +1,4 @@
-//! Products and cohorts.
+//! Products and cohorts: created, listed, and deleted once nothing depends on them.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -12,7 +12,8 @@ use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::paging::{Page, PageParams};
 use super::validate::valid_name;
 use super::{access, rfc3339, ApiError, ApiState};
-use crate::store::{Cohort, Product};
+use crate::store::{Cohort, Deletion, Product};
+use fleet_wire::CohortId;
 
 /// A product or cohort to create.
 #[derive(Deserialize, ToSchema)]
@@ -248,4 +249,94 @@ pub(super) async fn get_cohort(
 ) -> Result<Json<CohortBody>, ApiError> {
     let cohort = access::cohort(&state, &by, &id).await?;
     Ok(Json(cohort.into()))
+}
+
+/// Deletes a product and its releases. Everything else of it must be gone first: its cohorts,
+/// its devices, and unrevoked API keys scoped to it (a 409 `in_use` says which remain).
+///
+/// Role: operator or admin, with a key for the whole organization.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/products/{product_id}",
+    tag = "catalog",
+    security(("api_key" = [])),
+    params(("product_id" = String, Path, description = "The product's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key, or a scoped one", body = ErrorBody),
+        (status = 404, description = "No such product", body = ErrorBody),
+        (status = 409, description = "`in_use`: cohorts, devices or API keys scoped to it remain", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
+pub(super) async fn delete_product(
+    Writer(by): Writer,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    access::org_wide(&by)?;
+    let product = access::product(&state, &by, &id).await?;
+    match state.ops.delete_product(&by.org_id, &product.id).await? {
+        Deletion::Deleted(()) => {}
+        Deletion::NotFound => return Err(ApiError::not_found("product")),
+        Deletion::InUse(d) => {
+            return Err(ApiError::in_use(
+                "product",
+                &d,
+                &format!("product_id={}", product.id),
+            ))
+        }
+    }
+    tracing::info!(product_id = %product.id, by = %by.key_id, "product deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Deletes a cohort, with its finished deployments and the commands sent to it. It must be
+/// empty: no devices (delete or move them), no CA provisioning into it, no active or paused
+/// deployment, no unrevoked API key scoped to it (a 409 `in_use` says which remain).
+///
+/// Role: operator or admin, with a key that covers the cohort's product.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/cohorts/{cohort_id}",
+    tag = "catalog",
+    security(("api_key" = [])),
+    params(("cohort_id" = String, Path, description = "The cohort's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key, or a cohort-scoped key", body = ErrorBody),
+        (status = 404, description = "No such cohort", body = ErrorBody),
+        (status = 409, description = "`in_use`: devices, provisioning CAs, a live deployment or API keys scoped to it remain", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
+pub(super) async fn delete_cohort(
+    Writer(by): Writer,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let cohort = access::cohort(&state, &by, &id).await?;
+    if !by.covers_product(&cohort.org_id, &cohort.product_id) {
+        return Err(ApiError::forbidden(
+            "a cohort-scoped key may not delete cohorts",
+        ));
+    }
+    let cohort_id = CohortId::parse(&cohort.id).map_err(|_| ApiError::not_found("cohort"))?;
+    match state.ops.delete_cohort(&cohort_id).await? {
+        Deletion::Deleted(()) => {}
+        Deletion::NotFound => return Err(ApiError::not_found("cohort")),
+        Deletion::InUse(d) => {
+            return Err(ApiError::in_use(
+                "cohort",
+                &d,
+                &format!("cohort_id={}", cohort.id),
+            ))
+        }
+    }
+    tracing::info!(cohort_id = %cohort.id, by = %by.key_id, "cohort deleted");
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -9,13 +9,14 @@ use utoipa::ToSchema;
 
 use super::auth::Caller;
 use super::bodies::DeviceBody;
+use super::device_filter;
 use super::error::ErrorBody;
 use super::extract::{ApiPath, ApiQuery};
 use super::openapi::DeviceStateName;
 use super::paging::{decode_cursor, encode_cursor, parse_limit, DEFAULT_LIMIT};
-use super::validate::{parse_time, path_device};
+use super::validate::path_device;
 use super::{access, rfc3339, rfc3339_opt, ApiError, ApiState};
-use crate::store::{Device, DeviceCursor, DeviceFilter, DeviceSort, DeviceState, TelemetryRecord};
+use crate::store::{Device, DeviceCursor, DeviceFilter, DeviceSort, TelemetryRecord};
 
 /// One session of the device.
 #[derive(Serialize, ToSchema)]
@@ -113,8 +114,8 @@ pub(super) struct TelemetryPage {
     next_cursor: Option<String>,
 }
 
-/// The device list's query: `state`, `cohort_id`, `product_id`, `online`, `limit`, `cursor`
-/// at most once each, and `tag=key:value` any number of times (all must match).
+/// The device list's query: the device filters (`device_filter`), `sort`, `limit` and `cursor`
+/// at most once each, but `tag=key:value` any number of times (all must match).
 #[derive(Debug, Default, PartialEq)]
 struct ListQuery {
     filter: DeviceFilter,
@@ -158,75 +159,33 @@ fn decode_sorted_cursor(sort: DeviceSort, cursor: &str) -> Option<DeviceCursor> 
 
 fn parse_list_query(pairs: Vec<(String, String)>) -> Result<ListQuery, ApiError> {
     let bad = |m: String| ApiError::bad_request("invalid_query", m);
-    let mut q = ListQuery {
-        limit: DEFAULT_LIMIT,
-        ..ListQuery::default()
-    };
-    let mut seen = std::collections::HashSet::new();
-    let mut cursor = None;
-    for (key, value) in pairs {
-        if key != "tag" && !seen.insert(key.clone()) {
-            return Err(bad(format!("{key} may be given only once")));
-        }
-        match key.as_str() {
+    let (mut sort, mut limit, mut cursor) = (DeviceSort::default(), DEFAULT_LIMIT, None);
+    let filter = device_filter::parse_query(pairs, |key, value| {
+        match key {
             "sort" => {
-                q.sort = DeviceSort::parse(&value).ok_or_else(|| {
+                sort = DeviceSort::parse(&value).ok_or_else(|| {
                     let known: Vec<_> = DeviceSort::ALL.iter().map(|s| s.as_str()).collect();
                     bad(format!("sort must be one of {}", known.join(", ")))
                 })?;
             }
-            "state" => {
-                q.filter.state = Some(DeviceState::parse(&value).ok_or_else(|| {
-                    let known: Vec<_> = DeviceState::ALL.iter().map(|s| s.as_str()).collect();
-                    bad(format!("state must be one of {}", known.join(", ")))
-                })?);
-            }
-            "cohort_id" => q.filter.cohort_id = Some(value),
-            "product_id" => q.filter.product_id = Some(value),
-            "online" => {
-                q.filter.online = Some(match value.as_str() {
-                    "true" => true,
-                    "false" => false,
-                    _ => return Err(bad("online must be true or false".into())),
-                });
-            }
-            "tag" => match value.split_once(':') {
-                Some((k, v)) if !k.is_empty() && !v.is_empty() => {
-                    q.filter.tags.push((k.to_owned(), v.to_owned()));
-                }
-                _ => return Err(bad(format!("tag must be key:value, got {value:?}"))),
-            },
-            "firmware_version" => q.filter.firmware_version = Some(value),
-            "last_seen_before" => q.filter.last_seen_before_ms = Some(parse_time(&key, &value)?),
-            "last_seen_after" => q.filter.last_seen_after_ms = Some(parse_time(&key, &value)?),
-            "cert_expires_before" => {
-                q.filter.cert_expires_before_ms = Some(parse_time(&key, &value)?)
-            }
-            "id_prefix" => {
-                if value.is_empty()
-                    || value.len() > 128
-                    || !value
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c))
-                {
-                    return Err(bad(
-                        "id_prefix must be 1 to 128 device-id characters (A-Z a-z 0-9 . _ : -)"
-                            .into(),
-                    ));
-                }
-                q.filter.id_prefix = Some(value);
-            }
-            "limit" => q.limit = parse_limit(&value)?,
+            "limit" => limit = parse_limit(&value)?,
             "cursor" => cursor = Some(value),
             other => return Err(bad(format!("unknown query parameter {other:?}"))),
         }
-    }
-    if let Some(c) = cursor {
-        q.after = Some(decode_sorted_cursor(q.sort, &c).ok_or_else(|| {
+        Ok(())
+    })?;
+    let after = match cursor {
+        Some(c) => Some(decode_sorted_cursor(sort, &c).ok_or_else(|| {
             bad("invalid cursor (a cursor resumes only the sort it came from)".into())
-        })?);
-    }
-    Ok(q)
+        })?),
+        None => None,
+    };
+    Ok(ListQuery {
+        filter,
+        limit,
+        sort,
+        after,
+    })
 }
 
 /// One device: identity, state, presence, reported state and last telemetry, with its
@@ -317,6 +276,7 @@ pub(super) async fn get_device(
         ("state" = Option<DeviceStateName>, Query, description = "Only devices in this state"),
         ("cohort_id" = Option<String>, Query, description = "Only devices of this cohort"),
         ("product_id" = Option<String>, Query, description = "Only devices of this product"),
+        ("ca_id" = Option<String>, Query, description = "Only devices of this CA (it provisioned them, or signed the certificate they first connected with)"),
         ("online" = Option<bool>, Query, description = "Only online (`true`) or offline (`false`) devices"),
         ("firmware_version" = Option<String>, Query, description = "Only devices reporting this firmware version"),
         ("last_seen_before" = Option<String>, Query, description = "RFC 3339: only devices last seen before this"),
@@ -342,28 +302,18 @@ pub(super) async fn list_devices(
     State(state): State<ApiState>,
     ApiQuery(pairs): ApiQuery<Vec<(String, String)>>,
 ) -> Result<Json<DevicePage>, ApiError> {
-    let mut q = parse_list_query(pairs)?;
-    q.filter.org_id = Some(by.org_id.clone());
+    let q = parse_list_query(pairs)?;
     // A scoped key's listing is its filter within the scope: a filter naming another product
     // or cohort lists nothing.
-    let (scope_product, scope_cohort) = access::scope_filter(&by);
-    for (scope, filter) in [
-        (scope_product, &mut q.filter.product_id),
-        (scope_cohort, &mut q.filter.cohort_id),
-    ] {
-        if let Some(scope) = scope {
-            if filter.as_deref().is_some_and(|f| f != scope) {
-                return Ok(Json(DevicePage {
-                    items: Vec::new(),
-                    next_cursor: None,
-                }));
-            }
-            *filter = Some(scope.to_owned());
-        }
-    }
+    let Some(filter) = device_filter::scoped(&by, q.filter) else {
+        return Ok(Json(DevicePage {
+            items: Vec::new(),
+            next_cursor: None,
+        }));
+    };
     let mut devices = state
         .store
-        .devices_sorted(&q.filter, q.sort, q.after.as_ref(), q.limit + 1)
+        .devices_sorted(&filter, q.sort, q.after.as_ref(), q.limit + 1)
         .await?;
     let next_cursor = if devices.len() > q.limit as usize {
         devices.truncate(q.limit as usize);
@@ -447,6 +397,7 @@ pub(super) async fn device_telemetry(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::DeviceState;
 
     fn q(s: &[(&str, &str)]) -> Result<ListQuery, ApiError> {
         parse_list_query(

@@ -6,7 +6,7 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::store::StoreError;
+use crate::store::{Dependent, StoreError};
 
 /// An error answer: `{"error":{"code":"...","message":"..."}}` with an HTTP status.
 #[derive(Debug, Clone)]
@@ -52,6 +52,55 @@ impl ApiError {
     /// 409: it already exists.
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    /// 409 `in_use`: the `what` cannot be deleted while `dependents` remain; the message says
+    /// what to do about each. `devices_query` selects its devices in `DELETE /devices`.
+    pub fn in_use(what: &str, dependents: &[(Dependent, u64)], devices_query: &str) -> Self {
+        let plural = |n: u64, one: &str, many: &str| {
+            if n == 1 {
+                format!("1 {one}")
+            } else {
+                format!("{n} {many}")
+            }
+        };
+        let parts: Vec<String> = dependents
+            .iter()
+            .map(|&(d, n)| match d {
+                Dependent::Products => {
+                    format!("{} (delete them first)", plural(n, "product", "products"))
+                }
+                Dependent::Cohorts => {
+                    format!("{} (delete them first)", plural(n, "cohort", "cohorts"))
+                }
+                Dependent::Devices => format!(
+                    "{} (delete them first: DELETE /api/v1/devices?{devices_query} deletes them \
+                     in bulk, with dry_run=true it only counts them)",
+                    plural(n, "device", "devices")
+                ),
+                Dependent::CaCertificates => format!(
+                    "{} (delete them first)",
+                    plural(n, "CA certificate", "CA certificates")
+                ),
+                Dependent::ProvisioningCas => format!(
+                    "{} provisioning into it (change their jitp first)",
+                    plural(n, "CA certificate", "CA certificates")
+                ),
+                Dependent::ApiKeys => format!(
+                    "{} scoped to it (revoke them first)",
+                    plural(n, "unrevoked API key", "unrevoked API keys")
+                ),
+                Dependent::LiveDeployments => {
+                    "an active or paused deployment (cancel it first)".to_owned()
+                }
+                Dependent::Other => "other records that refer to it".to_owned(),
+            })
+            .collect();
+        Self::new(
+            StatusCode::CONFLICT,
+            "in_use",
+            format!("the {what} still has {}", parts.join("; ")),
+        )
     }
 
     /// 422: well-formed, but not acceptable.
@@ -130,6 +179,11 @@ impl From<crate::ops::OpsError> for ApiError {
             crate::ops::OpsError::Key(e @ crate::keys::KeyError::BadName) => {
                 ApiError::unprocessable("invalid_name", e.to_string())
             }
+            crate::ops::OpsError::NotPublished => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "broker_unavailable",
+                "no broker runs to publish the command on; nothing was sent",
+            ),
             other => {
                 tracing::error!(error = %other, "operation failed in the REST bridge");
                 ApiError::internal()

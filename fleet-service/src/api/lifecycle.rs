@@ -1,6 +1,6 @@
 //! A device's life outside JITP: registered before manufacturing (optionally pinned to one
-//! certificate), its certificate revoked, or deleted. Revocation and deletion end a live
-//! session at once and refuse the certificate from then on.
+//! certificate), its certificate revoked, or deleted (one, or in bulk by a filter).
+//! Revocation and deletion end a live session at once and refuse the certificate from then on.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -12,12 +12,14 @@ use utoipa::ToSchema;
 
 use super::auth::Writer;
 use super::bodies::DeviceBody;
+use super::device_filter;
 use super::error::ErrorBody;
-use super::extract::{ApiJson, ApiPath, Optional};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Optional};
+use super::openapi::DeviceStateName;
 use super::validate::{path_device, pin_of, valid_tags};
 use super::{access, ApiError, ApiState};
 use crate::ops::OpsError;
-use crate::store::{NewRegisteredDevice, StoreError};
+use crate::store::{DeviceFilter, NewRegisteredDevice, StoreError};
 
 /// A device to register before it first connects.
 #[derive(Deserialize, ToSchema)]
@@ -327,4 +329,136 @@ pub(super) async fn delete_device(
     }
     tracing::info!(device_id = %id, by = %by.key_id, "device deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Most devices one bulk deletion removes; the answer's `remaining` says whether to call again.
+const MAX_BULK_DELETE: u32 = 10_000;
+/// Devices one bulk deletion removes unless `limit` says otherwise.
+const DEFAULT_BULK_DELETE: u32 = 1_000;
+
+/// What a bulk deletion did, or (a dry run) would do.
+#[derive(Serialize, ToSchema)]
+pub(super) struct BulkDeleteBody {
+    dry_run: bool,
+    /// Devices the filter matched before anything was deleted.
+    matched: u64,
+    /// Devices this request deleted (0 in a dry run).
+    deleted: u64,
+    /// Devices that still match: call again while this is not 0.
+    remaining: u64,
+    /// The first (up to 20) ids, in id order: those a dry run matched, or those deleted.
+    sample: Vec<String>,
+    /// Live sessions this request ended; none when other processes applied the change.
+    sessions_ended: Option<usize>,
+}
+
+/// Deletes the devices a filter selects (the same filters as `GET /api/v1/devices`), each as
+/// `DELETE /api/v1/devices/{id}` would: its history goes, its live session ends, its
+/// certificate is refused from then on. With `dry_run=true` nothing changes: the answer says
+/// how many match and names the first few. A call deletes at most `limit` devices, 500 to a
+/// transaction, so no call holds the database for long; call again while `remaining` is not 0.
+/// At least one filter is required.
+///
+/// Role: operator or admin; a scoped key deletes within its scope only.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/devices",
+    tag = "devices",
+    security(("api_key" = [])),
+    params(
+        ("dry_run" = Option<bool>, Query, description = "`true`: count and name what matches, delete nothing"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 10000, description = "Most devices this call deletes, 1,000 by default"),
+        ("state" = Option<DeviceStateName>, Query, description = "Only devices in this state"),
+        ("cohort_id" = Option<String>, Query, description = "Only devices of this cohort"),
+        ("product_id" = Option<String>, Query, description = "Only devices of this product"),
+        ("ca_id" = Option<String>, Query, description = "Only devices of this CA"),
+        ("online" = Option<bool>, Query, description = "Only online (`true`) or offline (`false`) devices"),
+        ("firmware_version" = Option<String>, Query, description = "Only devices reporting this firmware version"),
+        ("last_seen_before" = Option<String>, Query, description = "RFC 3339: only devices last seen before this"),
+        ("last_seen_after" = Option<String>, Query, description = "RFC 3339: only devices last seen at or after this"),
+        ("id_prefix" = Option<String>, Query, description = "Only ids starting with this"),
+        ("cert_expires_before" = Option<String>, Query, description = "RFC 3339: only devices whose certificate expires before this"),
+        ("tag" = Option<Vec<String>>, Query, style = Form, explode,
+            description = "`key:value`; may repeat, and every tag must match"),
+    ),
+    responses(
+        (status = 200, description = "What was deleted, or would be", body = BulkDeleteBody),
+        (status = 400, description = "`invalid_query`: no filter, an unknown or repeated parameter, or a bad value", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "A viewer key", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
+pub(super) async fn delete_devices(
+    Writer(by): Writer,
+    State(state): State<ApiState>,
+    ApiQuery(pairs): ApiQuery<Vec<(String, String)>>,
+) -> Result<Json<BulkDeleteBody>, ApiError> {
+    let bad = |m: String| ApiError::bad_request("invalid_query", m);
+    let (mut dry_run, mut limit) = (false, DEFAULT_BULK_DELETE);
+    let filter = device_filter::parse_query(pairs, |key, value| {
+        match key {
+            "dry_run" => {
+                dry_run = match value.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad("dry_run must be true or false".into())),
+                }
+            }
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_BULK_DELETE).contains(n))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "limit must be a whole number from 1 to {MAX_BULK_DELETE}"
+                        ))
+                    })?
+            }
+            other => return Err(bad(format!("unknown query parameter {other:?}"))),
+        }
+        Ok(())
+    })?;
+    if filter == DeviceFilter::default() {
+        return Err(bad(
+            "name at least one filter (product_id=... selects every device of a product)".into(),
+        ));
+    }
+    let Some(filter) = device_filter::scoped(&by, filter) else {
+        return Ok(Json(BulkDeleteBody {
+            dry_run,
+            matched: 0,
+            deleted: 0,
+            remaining: 0,
+            sample: Vec::new(),
+            sessions_ended: Some(0),
+        }));
+    };
+    let matched = state.store.count_devices(&filter).await?;
+    if dry_run {
+        let sample = state
+            .store
+            .device_ids(&filter, crate::ops::BULK_SAMPLE as u32)
+            .await?;
+        return Ok(Json(BulkDeleteBody {
+            dry_run,
+            matched,
+            deleted: 0,
+            remaining: matched,
+            sample: sample.iter().map(ToString::to_string).collect(),
+            sessions_ended: Some(0),
+        }));
+    }
+    let done = state.ops.delete_devices(&by.org_id, &filter, limit).await?;
+    let remaining = state.store.count_devices(&filter).await?;
+    tracing::info!(deleted = done.deleted, remaining, by = %by.key_id, "devices deleted in bulk");
+    Ok(Json(BulkDeleteBody {
+        dry_run,
+        matched,
+        deleted: done.deleted,
+        remaining,
+        sample: done.sample.iter().map(ToString::to_string).collect(),
+        sessions_ended: done.sessions_ended,
+    }))
 }

@@ -16,14 +16,17 @@
 //!   resources share; `bodies`: the device and API key bodies several resources render.
 //!   Resource modules import these, never each other's helpers.
 //! - `catalog`, `cas`, `devices`, `keys`, `orgs`, `quarantine`: one module per resource;
-//!   `access` loads what a key names, or answers 404.
+//!   `access` loads what a key names, or answers 404; `device_filter` reads the device
+//!   filters that both the device list and the bulk deletion take.
+//! - `commands`: commands sent to a device or a cohort, and their acknowledgements.
 //! - `updates`: signing keys, releases, deployments (create, pause, resume, cancel, rollback,
 //!   promote) and per-device executions.
 //! - `audit`: request ids, the middleware that records every mutating request, and the
 //!   audit log's listing.
 //! - `import`: bulk import of devices from CSV or JSON.
 //! - `summary`: the fleet summary.
-//! - `lifecycle`: devices registered before manufacturing, moved, revoked, deleted.
+//! - `lifecycle`: devices registered before manufacturing, moved, revoked, deleted (one, or in
+//!   bulk by a filter).
 //! - `openapi`: the OpenAPI document, generated from the handlers' `#[utoipa::path]`
 //!   annotations and the bodies' `ToSchema` derives; served at `/api/v1/openapi.json` and
 //!   committed as `openapi.json` at the repository root.
@@ -44,6 +47,8 @@ mod auth;
 mod bodies;
 mod cas;
 mod catalog;
+mod commands;
+mod device_filter;
 mod devices;
 mod error;
 mod extract;
@@ -143,9 +148,15 @@ fn routes() -> Vec<Route> {
         route(M::POST, "/api/v1/organizations", orgs::create_org),
         route(M::GET, "/api/v1/organizations", orgs::list_orgs),
         route(M::GET, "/api/v1/organizations/:org_id", orgs::get_org),
+        route(M::DELETE, "/api/v1/organizations/:org_id", orgs::delete_org),
         route(M::POST, "/api/v1/products", catalog::create_product),
         route(M::GET, "/api/v1/products", catalog::list_products),
         route(M::GET, "/api/v1/products/:product_id", catalog::get_product),
+        route(
+            M::DELETE,
+            "/api/v1/products/:product_id",
+            catalog::delete_product,
+        ),
         route(
             M::POST,
             "/api/v1/products/:product_id/cohorts",
@@ -157,6 +168,21 @@ fn routes() -> Vec<Route> {
             catalog::list_cohorts,
         ),
         route(M::GET, "/api/v1/cohorts/:cohort_id", catalog::get_cohort),
+        route(
+            M::DELETE,
+            "/api/v1/cohorts/:cohort_id",
+            catalog::delete_cohort,
+        ),
+        route(
+            M::POST,
+            "/api/v1/cohorts/:cohort_id/commands",
+            commands::send_cohort_command,
+        ),
+        route(
+            M::GET,
+            "/api/v1/cohorts/:cohort_id/commands/:command_id",
+            commands::get_cohort_command,
+        ),
         route(
             M::POST,
             "/api/v1/products/:product_id/devices/import",
@@ -171,7 +197,9 @@ fn routes() -> Vec<Route> {
         route(M::GET, "/api/v1/ca-certificates", cas::list_cas),
         route(M::GET, "/api/v1/ca-certificates/:ca_id", cas::get_ca),
         route(M::PATCH, "/api/v1/ca-certificates/:ca_id", cas::update_ca),
+        route(M::DELETE, "/api/v1/ca-certificates/:ca_id", cas::delete_ca),
         route(M::GET, "/api/v1/devices", devices::list_devices),
+        route(M::DELETE, "/api/v1/devices", lifecycle::delete_devices),
         route(M::GET, "/api/v1/fleet/summary", summary::fleet_summary),
         route(M::POST, "/api/v1/devices", lifecycle::create_device),
         route(M::GET, "/api/v1/devices/:device_id", devices::get_device),
@@ -194,6 +222,16 @@ fn routes() -> Vec<Route> {
             M::GET,
             "/api/v1/devices/:device_id/telemetry",
             devices::device_telemetry,
+        ),
+        route(
+            M::POST,
+            "/api/v1/devices/:device_id/commands",
+            commands::send_device_command,
+        ),
+        route(
+            M::GET,
+            "/api/v1/devices/:device_id/commands/:command_id",
+            commands::get_device_command,
         ),
         route(
             M::POST,

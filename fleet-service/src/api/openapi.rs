@@ -11,8 +11,8 @@ use utoipa::{Modify, OpenApi};
 use crate::store::{DeploymentKind, DeviceState, ExecutionStatus};
 
 use super::{
-    audit, cas, catalog, devices, error, import, keys, lifecycle, orgs, quarantine, summary,
-    updates,
+    audit, cas, catalog, commands, devices, error, import, keys, lifecycle, orgs, quarantine,
+    summary, updates,
 };
 
 /// The whole REST bridge. Every handler the router serves is listed here (a test checks it);
@@ -46,18 +46,23 @@ use super::{
         orgs::create_org,
         orgs::list_orgs,
         orgs::get_org,
+        orgs::delete_org,
         catalog::create_product,
         catalog::list_products,
         catalog::get_product,
+        catalog::delete_product,
         catalog::create_cohort,
         catalog::list_cohorts,
         catalog::get_cohort,
+        catalog::delete_cohort,
         cas::create_ca,
         cas::verification_code,
         cas::list_cas,
         cas::get_ca,
         cas::update_ca,
+        cas::delete_ca,
         devices::list_devices,
+        lifecycle::delete_devices,
         lifecycle::create_device,
         import::import_devices,
         summary::fleet_summary,
@@ -66,6 +71,10 @@ use super::{
         lifecycle::delete_device,
         lifecycle::revoke_certificate,
         devices::device_telemetry,
+        commands::send_device_command,
+        commands::get_device_command,
+        commands::send_cohort_command,
+        commands::get_cohort_command,
         quarantine::quarantine,
         quarantine::lift_quarantine,
         updates::device_executions,
@@ -98,6 +107,7 @@ use super::{
         (name = "catalog", description = "Products and their cohorts"),
         (name = "ca-certificates", description = "Manufacturing CAs and just-in-time provisioning"),
         (name = "devices", description = "Devices, their telemetry and update executions"),
+        (name = "commands", description = "Commands to a device or a cohort, and the devices' acknowledgements"),
         (name = "updates", description = "Signing keys, releases, deployments and executions"),
         (name = "api-keys", description = "API keys and their roles"),
         (name = "audit", description = "Who did what, when, and how it ended"),

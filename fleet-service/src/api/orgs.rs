@@ -1,5 +1,5 @@
 //! Organizations. The platform admin (an unscoped admin key of the `default` organization)
-//! creates them; each comes with its first admin key, whose secret is in that answer only.
+//! creates and deletes them; each comes with its first admin key, whose secret is in that answer only.
 //! Every other key sees its own organization alone.
 
 use axum::extract::State;
@@ -15,7 +15,7 @@ use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::paging::{Page, PageParams};
 use super::validate::valid_name;
 use super::{rfc3339, ApiError, ApiState};
-use crate::store::Organization;
+use crate::store::{Deletion, Organization};
 
 #[derive(Serialize, ToSchema)]
 #[schema(as = OrganizationBody)]
@@ -157,4 +157,55 @@ pub(super) async fn get_org(
         .await?
         .ok_or_else(|| ApiError::not_found("organization"))?;
     Ok(Json(org.into()))
+}
+
+/// Deletes an organization. It must hold no products and no CA certificates (delete them
+/// first); its API keys (their live MQTT sessions end), signing keys and verification codes
+/// go with it. Its audit log stays until the retention removes it. The `default`
+/// organization, which holds the platform admin, cannot be deleted.
+///
+/// Role: admin, and the platform admin: an admin key of the `default` organization without a
+/// scope.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/organizations/{org_id}",
+    tag = "organizations",
+    security(("api_key" = [])),
+    params(("org_id" = String, Path, description = "The organization's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "`invalid_path`", body = ErrorBody),
+        (status = 401, description = "No API key, or an unknown or revoked one", body = ErrorBody),
+        (status = 403, description = "Not the platform admin", body = ErrorBody),
+        (status = 404, description = "No such organization", body = ErrorBody),
+        (status = 409, description = "`in_use`: products or CA certificates remain; or the `default` organization", body = ErrorBody),
+        (status = 500, description = "`internal`: a store failure, logged", body = ErrorBody),
+    ),
+)]
+pub(super) async fn delete_org(
+    Admin(by): Admin,
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    if !by.platform_admin() {
+        return Err(ApiError::forbidden(
+            "only the platform admin (an unscoped admin key of the default organization) \
+             deletes organizations",
+        ));
+    }
+    if id == broker::auth::DEFAULT_ORG {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "in_use",
+            "the default organization holds the platform admin and cannot be deleted",
+        ));
+    }
+    match state.ops.delete_org(&id).await? {
+        Deletion::Deleted(()) => {}
+        Deletion::NotFound => return Err(ApiError::not_found("organization")),
+        // Its devices belong to its products: deleting those comes first anyway.
+        Deletion::InUse(d) => return Err(ApiError::in_use("organization", &d, "")),
+    }
+    tracing::info!(org_id = %id, by = %by.key_id, "organization deleted");
+    Ok(StatusCode::NO_CONTENT)
 }

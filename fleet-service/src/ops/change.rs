@@ -22,11 +22,13 @@ use crate::store::{Cohort, Store, StoreError};
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Change {
-    /// Re-read this CA into the registry (a CA that is gone is disabled there: the registry
-    /// keeps no removal); if it is now disabled and does not keep its devices, end its
-    /// devices' live sessions.
+    /// Re-read this CA into the registry; if it is now disabled and does not keep its
+    /// devices, end its devices' live sessions. A CA that is gone (deleted) stays in the
+    /// registry disabled and without keeping its devices (the registry keeps no removal), so
+    /// no handshake trusts it from then on.
     Ca { id: String },
-    /// Re-read this cohort into the registry (cohorts are never deleted).
+    /// Re-read this cohort into the registry. A deleted cohort stays there, named by no
+    /// device and no key (deletion requires that), so it changes no one's rights.
     Cohort { id: String },
     /// Re-read this device: its record (or remove it from the registry if deleted), its
     /// quarantine, its revoked certificate fingerprints. Then, if `end_session` is set, end its
@@ -38,6 +40,11 @@ pub enum Change {
     },
     /// Bulk form for imports: re-read these devices' records.
     Devices { ids: Vec<String> },
+    /// Bulk form of a deleted [`Change::Device`]: re-read these devices (those gone leave the
+    /// registry, with their quarantine), their revoked certificates, and end each one's live
+    /// session (`revoked`), or forget the persistent session it left. A bulk deletion
+    /// announces one per batch.
+    DevicesRemoved { ids: Vec<String> },
     /// Re-read this API key into the key cache (or drop it if revoked or deleted); a revoked
     /// key's live service sessions end.
     ApiKey { id: String },
@@ -103,6 +110,7 @@ impl Applier {
             Change::Cohort { id } => self.cohort(id).await,
             Change::Device { id, end_session } => self.device(id, *end_session).await,
             Change::Devices { ids } => self.devices(ids).await,
+            Change::DevicesRemoved { ids } => self.devices_removed(ids).await,
             Change::ApiKey { id } => self.api_key(id).await,
         }
     }
@@ -115,6 +123,12 @@ impl Applier {
                 self.control.set_ca_enabled(&ca.id, ca.enabled);
             }
             None => {
+                // Deleted: not even `keep_devices_when_disabled` may keep it a trust anchor.
+                if let Some(mut gone) = self.control.registry().ca(id) {
+                    gone.keep_devices_when_disabled = false;
+                    gone.jitp = None;
+                    self.control.registry().upsert_ca(gone);
+                }
                 self.control.set_ca_enabled(id, false);
             }
         }
@@ -200,6 +214,40 @@ impl Applier {
         })
     }
 
+    async fn devices_removed(&self, ids: &[String]) -> Result<Applied, StoreError> {
+        let ids = ids
+            .iter()
+            .map(|id| device_id(id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let registry = self.control.registry();
+        let records = self.store.device_records(&ids).await?;
+        let found: std::collections::HashMap<&DeviceId, Option<CohortId>> = records
+            .iter()
+            .map(|r| (&r.id, r.cohort_id.clone()))
+            .collect();
+        for f in self.store.revoked_fingerprints_of_many(&ids).await? {
+            registry.revoke_certificate(&f);
+        }
+        for r in &records {
+            registry.upsert_device(r.clone());
+        }
+        let mut ended = 0;
+        for id in &ids {
+            let cohort = match found.get(id) {
+                Some(cohort) => cohort.clone(),
+                None => {
+                    registry.remove_device(id);
+                    registry.set_quarantine(id, None);
+                    None
+                }
+            };
+            ended += usize::from(self.end_session(id, DisconnectReason::Revoked, cohort));
+        }
+        Ok(Applied {
+            sessions_ended: Some(ended),
+        })
+    }
+
     async fn api_key(&self, id: &str) -> Result<Applied, StoreError> {
         let key = self
             .store
@@ -280,6 +328,12 @@ mod tests {
                     ids: vec!["a".into(), "b".into()],
                 },
                 r#"{"kind":"devices","ids":["a","b"]}"#,
+            ),
+            (
+                Change::DevicesRemoved {
+                    ids: vec!["a".into()],
+                },
+                r#"{"kind":"devices_removed","ids":["a"]}"#,
             ),
             (
                 Change::ApiKey { id: "k".into() },

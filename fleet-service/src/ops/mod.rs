@@ -36,9 +36,10 @@ pub use change::{Applied, Applier, Change, ChangeFeed, LocalFeed};
 use crate::keys::{ApiKeys, CreatedKey, KeyError};
 use crate::rollout::{RollbackError, Rollouts};
 use crate::store::{
-    now_ms, ApiKeyRecord, CaCertificate, CaUpdate, Cohort, Deployment, Device, DeviceUpdate,
-    ImportOutcome, NewCa, NewDeployment, NewRegisteredDevice, Organization, Product, Release,
-    SigningKey, StateChange, Store, StoreError, VerificationCode,
+    now_ms, ApiKeyRecord, CaCertificate, CaUpdate, Cohort, CohortCommand, Deletion, Deployment,
+    Device, DeviceFilter, DeviceUpdate, ImportOutcome, NewCa, NewCommand, NewDeployment,
+    NewRegisteredDevice, Organization, Product, Release, SigningKey, StateChange, Store,
+    StoreError, VerificationCode,
 };
 
 /// Why an operation failed.
@@ -52,7 +53,27 @@ pub enum OpsError {
     /// apply it catch up on their next start.
     #[error("change committed but not announced: {0:#}")]
     Announce(anyhow::Error),
+    /// No broker runs to publish on (a process built without one); nothing was kept.
+    #[error("no broker to publish on")]
+    NotPublished,
 }
+
+/// What a bulk deletion did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BulkDeleted {
+    pub deleted: u64,
+    /// The first devices deleted, in id order (at most [`BULK_SAMPLE`]).
+    pub sample: Vec<DeviceId>,
+    /// Live sessions ended, where known (`None` when applied on other processes).
+    pub sessions_ended: Option<usize>,
+}
+
+/// Devices deleted per transaction by [`Ops::delete_devices`]: each batch is one short write,
+/// so a large deletion never holds the database (SQLite's one writer above all) for long.
+pub const DELETE_BATCH: u32 = 500;
+
+/// How many device ids a bulk deletion (or its dry run) shows.
+pub const BULK_SAMPLE: usize = 20;
 
 /// A certificate revocation: what is never admitted again, and whether a session ended.
 #[derive(Debug, Clone)]
@@ -178,6 +199,21 @@ impl Ops {
         Ok(Some((key, applied)))
     }
 
+    /// Deletes an organization that holds no products and no CAs, with its API keys (their
+    /// live MQTT sessions end), signing keys and verification codes.
+    pub async fn delete_org(&self, id: &str) -> Result<Deletion, OpsError> {
+        let keys = match self.store.delete_org(id).await? {
+            Deletion::Deleted(keys) => keys,
+            Deletion::NotFound => return Ok(Deletion::NotFound),
+            Deletion::InUse(d) => return Ok(Deletion::InUse(d)),
+        };
+        for key in keys {
+            self.announce(Change::ApiKey { id: key }).await?;
+        }
+        tracing::info!(org_id = id, "organization deleted");
+        Ok(Deletion::Deleted(()))
+    }
+
     // ---- catalog ----
 
     pub async fn create_product(&self, org_id: &str, name: &str) -> Result<Product, OpsError> {
@@ -191,6 +227,31 @@ impl Ops {
         })
         .await?;
         Ok(cohort)
+    }
+
+    /// Deletes a product of `org_id` (and its releases) that has no cohorts, no devices and
+    /// no unrevoked keys scoped to it. Nothing of a product lives in the brokers.
+    pub async fn delete_product(&self, org_id: &str, id: &str) -> Result<Deletion, OpsError> {
+        Ok(self.store.delete_product(org_id, id).await?)
+    }
+
+    /// Deletes a cohort that has no devices, no CA provisioning into it, no live deployment
+    /// and no unrevoked keys scoped to it; its finished deployments and commands go with it,
+    /// and the retained `cohorts/{id}/updates` is cleared (nobody subscribes to it any more).
+    pub async fn delete_cohort(&self, cohort: &CohortId) -> Result<Deletion, OpsError> {
+        let deleted = self.store.delete_cohort(cohort.as_str()).await?;
+        if deleted == Deletion::Deleted(()) {
+            // An empty retained payload removes the retained message (MQTT 3.1.1 3.3.1.3).
+            let topic = Topic::CohortUpdates(cohort.clone());
+            if let Err(e) = self.control.publish(&topic, Bytes::new(), true).await {
+                warn!(cohort_id = %cohort, error = %e, "the deleted cohort's retained update was not cleared");
+            }
+            self.announce(Change::Cohort {
+                id: cohort.to_string(),
+            })
+            .await?;
+        }
+        Ok(deleted)
     }
 
     // ---- CAs ----
@@ -245,6 +306,16 @@ impl Ops {
         };
         self.announce(Change::Ca { id: ca.id.clone() }).await?;
         Ok(Some(ca))
+    }
+
+    /// Deletes a CA of `org_id` that no device names as its own; every broker stops trusting
+    /// it at once.
+    pub async fn delete_ca(&self, org_id: &str, id: &str) -> Result<Deletion, OpsError> {
+        let deleted = self.store.delete_ca(org_id, id).await?;
+        if deleted == Deletion::Deleted(()) {
+            self.announce(Change::Ca { id: id.to_owned() }).await?;
+        }
+        Ok(deleted)
     }
 
     // ---- devices ----
@@ -376,6 +447,57 @@ impl Ops {
         Ok(deleted)
     }
 
+    /// Deletes up to `max` devices of `org_id` matching `filter`, [`DELETE_BATCH`] to a
+    /// transaction, each as [`Ops::delete_device`] would (history gone, certificates refused
+    /// from then on); each committed batch is announced as one [`Change::DevicesRemoved`],
+    /// which ends the batch's live sessions on whichever node holds them.
+    pub async fn delete_devices(
+        &self,
+        org_id: &str,
+        filter: &DeviceFilter,
+        max: u32,
+    ) -> Result<BulkDeleted, OpsError> {
+        let filter = DeviceFilter {
+            org_id: Some(org_id.to_owned()),
+            ..filter.clone()
+        };
+        let mut out = BulkDeleted {
+            sessions_ended: Some(0),
+            ..BulkDeleted::default()
+        };
+        while out.deleted < u64::from(max) {
+            let left = u64::from(max) - out.deleted;
+            let batch = left.min(u64::from(DELETE_BATCH)) as u32;
+            let ids = self.store.device_ids(&filter, batch).await?;
+            if ids.is_empty() {
+                break;
+            }
+            let gone = self
+                .store
+                .delete_devices(org_id, &ids, "device deleted")
+                .await?;
+            if gone.is_empty() {
+                // Deleted meanwhile by another request: the next read finds the rest.
+                continue;
+            }
+            out.deleted += gone.len() as u64;
+            let room = BULK_SAMPLE.saturating_sub(out.sample.len());
+            out.sample.extend(gone.iter().take(room).cloned());
+            let applied = self
+                .announce(Change::DevicesRemoved {
+                    ids: gone.iter().map(ToString::to_string).collect(),
+                })
+                .await?;
+            out.sessions_ended = out
+                .sessions_ended
+                .zip(applied.sessions_ended)
+                .map(|(a, b)| a + b);
+        }
+        tracing::info!(org_id, deleted = out.deleted, sessions_ended = ?out.sessions_ended,
+            "devices deleted in bulk");
+        Ok(out)
+    }
+
     /// Quarantines a device (again: changes mode and reason); its live session ends. `None`
     /// when there is no such device, else whether a session ended.
     pub async fn quarantine(
@@ -412,6 +534,73 @@ impl Ops {
             })
             .await?;
         Ok(Some(applied.ended_any()))
+    }
+
+    // ---- commands ----
+
+    /// Stores a command for a device, then publishes it on `devices/{id}/commands` (QoS 1,
+    /// through the broker's own link, or to whichever node holds the device). Stored first,
+    /// so the device's ack always finds it. An offline device with a persistent session gets
+    /// it when it comes back; one without never does, and the command times out. Returns when
+    /// it was sent (Unix ms).
+    pub async fn send_device_command(
+        &self,
+        device: &DeviceId,
+        new: &NewCommand,
+    ) -> Result<i64, OpsError> {
+        let sent_at = self.store.create_device_command(device, new).await?;
+        if self
+            .publish_command(Topic::Commands(device.clone()), new)
+            .await
+            .is_err()
+        {
+            if let Err(e) = self.store.delete_device_command(device, &new.id).await {
+                warn!(device_id = %device, command_id = %new.id, error = %e,
+                    "an unpublished command stays stored");
+            }
+            return Err(OpsError::NotPublished);
+        }
+        tracing::info!(device_id = %device, command_id = %new.id, name = %new.name,
+            "command sent");
+        Ok(sent_at)
+    }
+
+    /// Stores a command for a cohort (with how many devices may receive it), then publishes
+    /// it once on `cohorts/{id}/commands`; each device answers on its own ack topic.
+    pub async fn send_cohort_command(
+        &self,
+        cohort: &CohortId,
+        new: &NewCommand,
+    ) -> Result<CohortCommand, OpsError> {
+        let stored = self.store.create_cohort_command(cohort, new).await?;
+        if self
+            .publish_command(Topic::CohortCommands(cohort.clone()), new)
+            .await
+            .is_err()
+        {
+            if let Err(e) = self.store.delete_cohort_command(cohort, &new.id).await {
+                warn!(cohort_id = %cohort, command_id = %new.id, error = %e,
+                    "an unpublished command stays stored");
+            }
+            return Err(OpsError::NotPublished);
+        }
+        tracing::info!(cohort_id = %cohort, command_id = %new.id, name = %new.name,
+            devices = stored.devices, "cohort command sent");
+        Ok(stored)
+    }
+
+    async fn publish_command(
+        &self,
+        topic: Topic,
+        new: &NewCommand,
+    ) -> Result<(), broker::control::NotRunning> {
+        let command = fleet_wire::payload::Command {
+            id: new.id.clone(),
+            name: new.name.clone(),
+            params: new.params.clone().unwrap_or_default(),
+        };
+        let payload = serde_json::to_vec(&command).expect("a command serialises");
+        self.control.publish(&topic, payload.into(), false).await
     }
 
     // ---- updates ----

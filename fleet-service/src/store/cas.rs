@@ -6,7 +6,10 @@ use broker::registry::{CaRecord, JitpSettings};
 use fleet_wire::CohortId;
 use x509_parser::extensions::ParsedExtension;
 
-use super::{constraint, new_id, now_ms, tags_from_json, tags_to_json, Store, StoreError};
+use super::{
+    constraint, new_id, now_ms, tags_from_json, tags_to_json, Deletion, Dependent, Store,
+    StoreError,
+};
 
 /// A CA certificate that passed [`parse_ca_pem`].
 #[derive(Debug, Clone)]
@@ -401,6 +404,34 @@ impl Store {
             return Ok(None);
         }
         self.ca(id).await
+    }
+
+    /// Deletes a CA of `org_id`, unless devices name it as theirs (it provisioned them, or
+    /// they first connected with a certificate it signed): deleting it would leave them
+    /// admitted with any certificate of the organization (see `ca_id` in the registry).
+    pub async fn delete_ca(&self, org_id: &str, id: &str) -> Result<Deletion, StoreError> {
+        with_pool!(self, |pool, begin| {
+            let mut tx = pool.begin_with(begin).await?;
+            let mut in_use = Vec::new();
+            super::note_dependents!(
+                tx,
+                in_use,
+                Dependent::Devices,
+                "SELECT COUNT(*) FROM devices WHERE ca_id = $1",
+                id
+            );
+            if !in_use.is_empty() {
+                tx.rollback().await?;
+                return Ok(Deletion::InUse(in_use));
+            }
+            let deleted = sqlx::query("DELETE FROM ca_certificates WHERE id = $1 AND org_id = $2")
+                .bind(id)
+                .bind(org_id)
+                .execute(&mut *tx)
+                .await
+                .map(|d| d.rows_affected());
+            super::catalog::finish_delete(tx, deleted).await
+        })
     }
 
     /// Every CA as the broker's registry wants it, for loading at start.

@@ -1,6 +1,6 @@
-//! Products and their cohorts.
+//! Products and their cohorts, and deleting them once nothing depends on them.
 
-use super::{constraint, new_id, now_ms, Store, StoreError};
+use super::{constraint, new_id, now_ms, Deletion, Dependent, Store, StoreError};
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Product {
@@ -155,5 +155,136 @@ impl Store {
             .fetch_all(pool)
             .await
         })?)
+    }
+}
+
+impl Store {
+    /// Deletes a product of `org_id` and its releases, unless cohorts, devices or unrevoked API
+    /// keys scoped to it remain. (With no cohort left, no deployment names its releases.)
+    pub async fn delete_product(&self, org_id: &str, id: &str) -> Result<Deletion, StoreError> {
+        with_pool!(self, |pool, begin| {
+            let mut tx = pool.begin_with(begin).await?;
+            let mut in_use = Vec::new();
+            super::note_dependents!(
+                tx,
+                in_use,
+                Dependent::Cohorts,
+                "SELECT COUNT(*) FROM cohorts WHERE product_id = $1",
+                id
+            );
+            super::note_dependents!(
+                tx,
+                in_use,
+                Dependent::Devices,
+                "SELECT COUNT(*) FROM devices WHERE product_id = $1",
+                id
+            );
+            super::note_dependents!(
+                tx,
+                in_use,
+                Dependent::ApiKeys,
+                "SELECT COUNT(*) FROM api_keys WHERE scope_product_id = $1 AND revoked_at IS NULL",
+                id
+            );
+            if !in_use.is_empty() {
+                tx.rollback().await?;
+                return Ok(Deletion::InUse(in_use));
+            }
+            let deleted = async {
+                sqlx::query("DELETE FROM releases WHERE product_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DELETE FROM products WHERE id = $1 AND org_id = $2")
+                    .bind(id)
+                    .bind(org_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map(|d| d.rows_affected())
+            }
+            .await;
+            finish_delete(tx, deleted).await
+        })
+    }
+
+    /// Deletes a cohort, with its finished deployments (and their executions) and the commands
+    /// sent to it, unless devices, CAs provisioning into it, a live deployment or unrevoked API
+    /// keys scoped to it remain.
+    pub async fn delete_cohort(&self, id: &str) -> Result<Deletion, StoreError> {
+        with_pool!(self, |pool, begin| {
+            let mut tx = pool.begin_with(begin).await?;
+            let mut in_use = Vec::new();
+            super::note_dependents!(
+                tx,
+                in_use,
+                Dependent::Devices,
+                "SELECT COUNT(*) FROM devices WHERE cohort_id = $1",
+                id
+            );
+            super::note_dependents!(
+                tx,
+                in_use,
+                Dependent::ProvisioningCas,
+                "SELECT COUNT(*) FROM ca_certificates WHERE jitp_cohort_id = $1",
+                id
+            );
+            super::note_dependents!(
+                tx,
+                in_use,
+                Dependent::LiveDeployments,
+                "SELECT COUNT(*) FROM deployments WHERE cohort_id = $1 \
+                 AND state IN ('active', 'paused')",
+                id
+            );
+            super::note_dependents!(
+                tx,
+                in_use,
+                Dependent::ApiKeys,
+                "SELECT COUNT(*) FROM api_keys WHERE scope_cohort_id = $1 AND revoked_at IS NULL",
+                id
+            );
+            if !in_use.is_empty() {
+                tx.rollback().await?;
+                return Ok(Deletion::InUse(in_use));
+            }
+            let deleted = async {
+                // Executions go with their deployment (ON DELETE CASCADE); a rollback refers
+                // only to a deployment of the same cohort, deleted by the same statement.
+                sqlx::query("DELETE FROM deployments WHERE cohort_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DELETE FROM cohorts WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map(|d| d.rows_affected())
+            }
+            .await;
+            finish_delete(tx, deleted).await
+        })
+    }
+}
+
+/// Commits a delete's transaction when it removed the row; rolls back when there was none
+/// ([`Deletion::NotFound`]) or a foreign key still refers to it ([`Deletion::InUse`]).
+pub(super) async fn finish_delete<DB: sqlx::Database>(
+    tx: sqlx::Transaction<'_, DB>,
+    deleted: Result<u64, sqlx::Error>,
+) -> Result<Deletion, StoreError> {
+    match deleted {
+        Ok(0) => {
+            tx.rollback().await?;
+            Ok(Deletion::NotFound)
+        }
+        Ok(_) => {
+            tx.commit().await?;
+            Ok(Deletion::Deleted(()))
+        }
+        Err(e) if super::is_foreign_key_violation(&e) => {
+            tx.rollback().await?;
+            Ok(Deletion::InUse(vec![(Dependent::Other, 1)]))
+        }
+        Err(e) => Err(e.into()),
     }
 }

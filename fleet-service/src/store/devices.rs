@@ -134,6 +134,8 @@ pub struct DeviceFilter {
     pub id_prefix: Option<String>,
     /// Certificate `not_after` strictly before (Unix ms).
     pub cert_expires_before_ms: Option<i64>,
+    /// The CA the device belongs to (it provisioned it, or signed its first certificate).
+    pub ca_id: Option<String>,
 }
 
 /// The order of a device listing. Every order ends with the id, so it is total and a cursor
@@ -202,6 +204,62 @@ impl DeviceSort {
 pub struct DeviceCursor {
     pub key: i64,
     pub id: DeviceId,
+}
+
+/// Appends ` AND ...` for every condition of `$filter` ([`DeviceFilter`]) to `$q`, a query
+/// over `devices` whose WHERE clause is open. A macro, so it expands inside each backend's arm
+/// of `with_pool!`; the listing, the count and the bulk deletion share it, so they select the
+/// same devices.
+macro_rules! push_device_filter {
+    ($q:ident, $filter:expr) => {{
+        let filter: &DeviceFilter = $filter;
+        if let Some(org_id) = &filter.org_id {
+            $q.push(" AND org_id = ").push_bind(org_id.as_str());
+        }
+        if let Some(state) = filter.state {
+            $q.push(" AND state = ").push_bind(state.as_str());
+        }
+        if let Some(product_id) = &filter.product_id {
+            $q.push(" AND product_id = ").push_bind(product_id.as_str());
+        }
+        if let Some(cohort_id) = &filter.cohort_id {
+            $q.push(" AND cohort_id = ").push_bind(cohort_id.as_str());
+        }
+        if let Some(online) = filter.online {
+            $q.push(" AND online = ").push_bind(online);
+        }
+        if let Some(ca_id) = &filter.ca_id {
+            $q.push(" AND ca_id = ").push_bind(ca_id.as_str());
+        }
+        for (key, value) in &filter.tags {
+            $q.push(
+                " AND EXISTS (SELECT 1 FROM device_tags t \
+                 WHERE t.device_id = devices.id AND t.key = ",
+            )
+            .push_bind(key.as_str())
+            .push(" AND t.value = ")
+            .push_bind(value.as_str())
+            .push(")");
+        }
+        if let Some(v) = &filter.firmware_version {
+            $q.push(" AND firmware_version = ").push_bind(v.as_str());
+        }
+        if let Some(t) = filter.last_seen_before_ms {
+            $q.push(" AND last_seen < ").push_bind(t);
+        }
+        if let Some(t) = filter.last_seen_after_ms {
+            $q.push(" AND last_seen >= ").push_bind(t);
+        }
+        if let Some(t) = filter.cert_expires_before_ms {
+            $q.push(" AND cert_not_after < ").push_bind(t);
+        }
+        if let Some(prefix) = &filter.id_prefix {
+            // A range, so the id index serves it; `~` sorts after every character a
+            // device id may contain.
+            $q.push(" AND id >= ").push_bind(prefix.as_str());
+            $q.push(" AND id < ").push_bind(format!("{prefix}~"));
+        }
+    }};
 }
 
 #[derive(sqlx::FromRow)]
@@ -574,49 +632,7 @@ impl Store {
             let mut q = sqlx::QueryBuilder::new(format!(
                 "SELECT {DEVICE_COLUMNS} FROM devices WHERE 1 = 1"
             ));
-            if let Some(org_id) = &filter.org_id {
-                q.push(" AND org_id = ").push_bind(org_id.as_str());
-            }
-            if let Some(state) = filter.state {
-                q.push(" AND state = ").push_bind(state.as_str());
-            }
-            if let Some(product_id) = &filter.product_id {
-                q.push(" AND product_id = ").push_bind(product_id.as_str());
-            }
-            if let Some(cohort_id) = &filter.cohort_id {
-                q.push(" AND cohort_id = ").push_bind(cohort_id.as_str());
-            }
-            if let Some(online) = filter.online {
-                q.push(" AND online = ").push_bind(online);
-            }
-            for (key, value) in &filter.tags {
-                q.push(
-                    " AND EXISTS (SELECT 1 FROM device_tags t \
-                     WHERE t.device_id = devices.id AND t.key = ",
-                )
-                .push_bind(key.as_str())
-                .push(" AND t.value = ")
-                .push_bind(value.as_str())
-                .push(")");
-            }
-            if let Some(v) = &filter.firmware_version {
-                q.push(" AND firmware_version = ").push_bind(v.as_str());
-            }
-            if let Some(t) = filter.last_seen_before_ms {
-                q.push(" AND last_seen < ").push_bind(t);
-            }
-            if let Some(t) = filter.last_seen_after_ms {
-                q.push(" AND last_seen >= ").push_bind(t);
-            }
-            if let Some(t) = filter.cert_expires_before_ms {
-                q.push(" AND cert_not_after < ").push_bind(t);
-            }
-            if let Some(prefix) = &filter.id_prefix {
-                // A range, so the id index serves it; `~` sorts after every character a
-                // device id may contain.
-                q.push(" AND id >= ").push_bind(prefix.as_str());
-                q.push(" AND id < ").push_bind(format!("{prefix}~"));
-            }
+            push_device_filter!(q, filter);
             let (cmp, dir) = if sort.descending() {
                 ("<", "DESC")
             } else {
@@ -646,6 +662,31 @@ impl Store {
             q.build_query_as().fetch_all(pool).await
         })?;
         rows.into_iter().map(Device::try_from).collect()
+    }
+
+    /// How many devices match `filter`.
+    pub async fn count_devices(&self, filter: &DeviceFilter) -> Result<u64, StoreError> {
+        let (n,): (i64,) = with_pool!(self, |pool| {
+            let mut q = sqlx::QueryBuilder::new("SELECT COUNT(*) FROM devices WHERE 1 = 1");
+            push_device_filter!(q, filter);
+            q.build_query_as().fetch_one(pool).await
+        })?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// The ids of up to `limit` devices matching `filter`, in id order.
+    pub async fn device_ids(
+        &self,
+        filter: &DeviceFilter,
+        limit: u32,
+    ) -> Result<Vec<DeviceId>, StoreError> {
+        let rows: Vec<(String,)> = with_pool!(self, |pool| {
+            let mut q = sqlx::QueryBuilder::new("SELECT id FROM devices WHERE 1 = 1");
+            push_device_filter!(q, filter);
+            q.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
+            q.build_query_as().fetch_all(pool).await
+        })?;
+        rows.into_iter().map(|(id,)| device_id(&id)).collect()
     }
 
     /// Marks every device this node held online as offline, and ends the sessions of its

@@ -56,6 +56,9 @@ pub struct EventBatch {
     pub seen: Vec<(DeviceId, i64)>,
     /// Update progress reports, in the order they arrived.
     pub update_reports: Vec<super::UpdateReport>,
+    /// Command acks, at most one per device and command id; recorded only for commands sent
+    /// over REST (to the device or its cohort).
+    pub command_acks: Vec<super::CommandAckRow>,
 }
 
 impl EventBatch {
@@ -68,6 +71,7 @@ impl EventBatch {
             .chain(self.reported.iter().map(|r| &r.device_id))
             .chain(self.seen.iter().map(|(d, _)| d))
             .chain(self.update_reports.iter().map(|r| &r.device_id))
+            .chain(self.command_acks.iter().map(|a| &a.device_id))
             .collect()
     }
 }
@@ -350,6 +354,13 @@ impl Store {
                 q.build().execute(&mut *tx).await?;
             }
 
+            let acks: Vec<&super::CommandAckRow> = batch
+                .command_acks
+                .iter()
+                .filter(|a| exists(&a.device_id))
+                .collect();
+            super::commands::record_acks!(tx, &acks);
+
             for r in batch.update_reports.iter().filter(|r| exists(&r.device_id)) {
                 if super::updates::apply_report!(tx, r, now) {
                     outcome.update_reports_applied += 1;
@@ -427,10 +438,14 @@ impl Store {
         if let Some(max_age) = retention.max_age {
             let cutoff =
                 now_ms().saturating_sub(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX));
-            // The connection history ages out with the telemetry.
+            // The connection history and the commands sent over REST (with their acks) age
+            // out with the telemetry.
             for sql in [
                 "DELETE FROM telemetry WHERE received_at < $1",
                 "DELETE FROM device_sessions WHERE started_at < $1",
+                "DELETE FROM device_commands WHERE sent_at < $1",
+                "DELETE FROM cohort_commands WHERE sent_at < $1",
+                "DELETE FROM command_acks WHERE acked_at < $1",
             ] {
                 deleted += with_pool!(self, |pool| {
                     sqlx::query(sql)

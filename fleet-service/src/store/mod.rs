@@ -5,7 +5,8 @@
 //! (`migrations/sqlite` and `migrations/postgres`, embedded and applied by [`Store::connect`]).
 //!
 //! # Layout
-//! - `catalog`: products and cohorts.
+//! - `catalog`: products and cohorts, and deleting them once nothing depends on them.
+//! - `commands`: commands sent over REST to a device or a cohort, and the devices' acks.
 //! - [`cas`]: manufacturing CA certificates, and the PEM checks every CA goes through.
 //! - `devices`: device rows, just-in-time provisioning ([`broker::registry::RegistryStore`]),
 //!   the start-up loaders, listing and presence clean-up after a node restarted or was lost.
@@ -70,6 +71,7 @@ mod audit;
 mod ca_proof;
 pub mod cas;
 mod catalog;
+mod commands;
 mod devices;
 mod events;
 mod leases;
@@ -84,6 +86,9 @@ pub use audit::{ActorKind, AuditEntry, AuditFilter, NewAuditEntry};
 pub use ca_proof::VerificationCode;
 pub use cas::{CaCertificate, CaUpdate, NewCa};
 pub use catalog::{Cohort, Product};
+pub use commands::{
+    command_status_name, CohortCommand, CommandAckRecord, CommandAckRow, DeviceCommand, NewCommand,
+};
 pub use devices::{
     Device, DeviceCertificate, DeviceCursor, DeviceFilter, DeviceSort, DeviceState, NodeGone,
 };
@@ -184,6 +189,54 @@ impl StoreError {
         matches!(self, StoreError::Database(sqlx::Error::PoolClosed))
     }
 }
+
+/// What a delete found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deletion<T = ()> {
+    Deleted(T),
+    /// Nothing with that id (in that organization).
+    NotFound,
+    /// Rows that still depend on it, and how many of each; nothing was deleted.
+    InUse(Vec<(Dependent, u64)>),
+}
+
+/// What may keep a product, cohort, CA or organization from being deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependent {
+    Products,
+    Cohorts,
+    Devices,
+    /// CA certificates of an organization.
+    CaCertificates,
+    /// CAs that provision into the cohort (their `jitp`).
+    ProvisioningCas,
+    /// Unrevoked API keys scoped to the product or cohort.
+    ApiKeys,
+    /// An active or paused deployment.
+    LiveDeployments,
+    /// Rows a check did not foresee (a foreign key refused the delete).
+    Other,
+}
+
+/// Whether a statement failed because a foreign key still refers to the row it deletes.
+fn is_foreign_key_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_foreign_key_violation())
+}
+
+/// Counts `$sql` (one `COUNT(*)` with `$bind` as `$1`) in transaction `$tx`, and notes it in
+/// `$in_use` as `$dependent` when it is not zero.
+macro_rules! note_dependents {
+    ($tx:ident, $in_use:ident, $dependent:expr, $sql:expr, $bind:expr) => {{
+        let (n,): (i64,) = sqlx::query_as($sql)
+            .bind($bind)
+            .fetch_one(&mut *$tx)
+            .await?;
+        if n > 0 {
+            $in_use.push(($dependent, n as u64));
+        }
+    }};
+}
+pub(crate) use note_dependents;
 
 /// Maps a unique violation to [`StoreError::Conflict`] and a foreign key violation to
 /// [`StoreError::MissingReference`]; anything else stays a database error.
