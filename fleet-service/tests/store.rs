@@ -33,6 +33,7 @@ on_both_databases!(
     api_keys_cache,
     audit_entries_filter_page_and_age_out,
     one_live_deployment_per_cohort,
+    reachability_decides_who_a_wave_counts,
 );
 
 async fn migrations_run_twice(url: &str) {
@@ -963,18 +964,19 @@ async fn audit_entries_filter_page_and_age_out(url: &str) {
     assert_eq!(of(org("other")).await.len(), 1);
 }
 
-/// Finding 14 of issue 11: the partial unique index holds at most one active or paused
-/// deployment per cohort, and migration 0012 ends the duplicates an earlier race left (the
-/// newest stays) before creating it.
-async fn one_live_deployment_per_cohort(url: &str) {
-    use fleet_service::store::{DeploymentKind, NewDeployment, PageRequest};
-    use fleet_wire::update::{DeploymentState, ReleaseManifest};
+/// A rollout of a new release (signed by a key `key_id` registered here) to `cat`'s cohort,
+/// with the default policy.
+async fn new_deployment(
+    store: &Store,
+    cat: &common::Catalog,
+    key_id: &str,
+) -> fleet_service::store::NewDeployment {
+    use fleet_service::store::{DeploymentKind, NewDeployment};
+    use fleet_wire::update::ReleaseManifest;
     use fleet_wire::CohortId;
 
-    let store = Store::connect(url).await.unwrap();
-    let cat = catalog(&store, "live").await;
     store
-        .create_signing_key("default", "k1", "key", "AAAA")
+        .create_signing_key("default", key_id, "key", key_id)
         .await
         .unwrap();
     let manifest = ReleaseManifest {
@@ -985,10 +987,10 @@ async fn one_live_deployment_per_cohort(url: &str) {
         sha256: "00".repeat(32),
     };
     let release = store
-        .create_release(&manifest, "sig", "k1", None)
+        .create_release(&manifest, "sig", key_id, None)
         .await
         .unwrap();
-    let new = NewDeployment {
+    NewDeployment {
         release,
         cohort_id: CohortId::parse(&cat.cohort.id).unwrap(),
         kind: DeploymentKind::Rollout,
@@ -997,7 +999,19 @@ async fn one_live_deployment_per_cohort(url: &str) {
             .unwrap(),
         reason: "test".into(),
         rollback_of: None,
-    };
+    }
+}
+
+/// Finding 14 of issue 11: the partial unique index holds at most one active or paused
+/// deployment per cohort, and migration 0012 ends the duplicates an earlier race left (the
+/// newest stays) before creating it.
+async fn one_live_deployment_per_cohort(url: &str) {
+    use fleet_service::store::PageRequest;
+    use fleet_wire::update::DeploymentState;
+
+    let store = Store::connect(url).await.unwrap();
+    let cat = catalog(&store, "live").await;
+    let new = new_deployment(&store, &cat, "k1").await;
     let first = store.create_deployment(&new).await.unwrap();
     assert!(matches!(
         store.create_deployment(&new).await,
@@ -1037,4 +1051,218 @@ async fn one_live_deployment_per_cohort(url: &str) {
         store.create_deployment(&new).await,
         Err(StoreError::Conflict(_))
     ));
+}
+
+/// Issue 14: who a wave counts. An admitted device is counted (`pending`, its timeout running)
+/// only while it is reachable: online, not quarantined, and it reported a firmware version.
+/// Otherwise it is `deferred`, with why. The cutoff of a wave is set by reachable devices
+/// alone, however the others rank; reachability is followed both ways; a report from a
+/// deferred device counts at once; canceling ends deferred executions.
+async fn reachability_decides_who_a_wave_counts(url: &str) {
+    use broker::registry::QuarantineMode;
+    use fleet_service::store::{
+        DeferReason, Execution, ExecutionStatus, StateChange, UpdateReport,
+    };
+    use fleet_wire::update::{
+        rollout_rank, DeploymentState, UpdateStatus, UpdateStatusKind, ADMIT_ALL,
+    };
+    use std::collections::BTreeMap;
+
+    let store = Store::connect(url).await.unwrap();
+    let cat = catalog(&store, "reach").await;
+    let devices = ["agent", "never", "plain", "gone", "held"];
+    for d in devices {
+        store.provision(&new_device(&cat, d, &[])).await.unwrap();
+    }
+    let reported = |devs: &[&str], at: i64| EventBatch {
+        node_id: "n".into(),
+        reported: devs
+            .iter()
+            .map(|d| ReportedChange {
+                device_id: id(d),
+                reported: r#"{"firmware_version":"0.9.0"}"#.into(),
+                firmware_version: Some("0.9.0".into()),
+                at_ms: at,
+            })
+            .collect(),
+        ..EventBatch::default()
+    };
+    // `agent`, `plain` and `held` are online; `gone` was and left; `never` never came. Those
+    // with an agent reported their firmware; `held` is quarantined.
+    let connect = |d| presence(d, PresenceEvent::Connected, 1, 1_000, None);
+    store
+        .apply_events(&presence_batch(
+            "n",
+            vec![
+                connect("agent"),
+                connect("plain"),
+                connect("held"),
+                connect("gone"),
+            ],
+        ))
+        .await
+        .unwrap();
+    store
+        .apply_events(&presence_batch(
+            "n",
+            vec![presence(
+                "gone",
+                PresenceEvent::Disconnected,
+                1,
+                2_000,
+                Some(DisconnectReason::Client),
+            )],
+        ))
+        .await
+        .unwrap();
+    store
+        .apply_events(&reported(&["agent", "held", "gone"], 1_500))
+        .await
+        .unwrap();
+    store
+        .quarantine_device(&id("held"), QuarantineMode::CommandsOnly, "test")
+        .await
+        .unwrap();
+
+    let d = store
+        .create_deployment(&new_deployment(&store, &cat, "k1").await)
+        .await
+        .unwrap();
+    let rank = |dev: &str| u64::from(rollout_rank(&d.id, &id(dev)));
+    let executions = || async {
+        store
+            .executions(&d.id, None, None, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.device_id.to_string(), e))
+            .collect::<BTreeMap<String, Execution>>()
+    };
+    let why = |dev: &str| match dev {
+        "never" => DeferReason::NeverConnected,
+        "plain" => DeferReason::NoUpdateAgent,
+        "gone" => DeferReason::Offline,
+        "held" => DeferReason::Quarantined,
+        other => panic!("{other} is reachable"),
+    };
+
+    // Admitting one admits the only reachable device, whatever its rank; whoever ranks below
+    // it is admitted too, but deferred.
+    let d = store.admit(&d, 1, false).await.unwrap().unwrap();
+    assert_eq!(d.admit_below, rank("agent") + 1);
+    let ex = executions().await;
+    assert_eq!(ex["agent"].status, ExecutionStatus::Pending);
+    assert!(ex["agent"].notified_at_ms.is_some(), "its timeout runs");
+    for dev in ["never", "plain", "gone", "held"] {
+        let e = &ex[dev];
+        if rank(dev) < rank("agent") {
+            assert_eq!(e.status, ExecutionStatus::Deferred, "{dev}");
+            assert_eq!(e.deferred_reason, Some(why(dev)), "{dev}");
+            assert!(
+                e.admitted_at_ms.is_some() && e.notified_at_ms.is_none(),
+                "{dev}"
+            );
+        } else {
+            assert_eq!(e.status, ExecutionStatus::Pending, "{dev}");
+            assert!(e.admitted_at_ms.is_none(), "{dev} is in no wave yet");
+        }
+    }
+
+    // The final wave: everyone is admitted, the unreachable deferred.
+    let d = store.admit(&d, 0, true).await.unwrap().unwrap();
+    assert_eq!(d.admit_below, ADMIT_ALL);
+    let ex = executions().await;
+    for dev in ["never", "plain", "gone", "held"] {
+        assert_eq!(ex[dev].status, ExecutionStatus::Deferred, "{dev}");
+        assert_eq!(ex[dev].deferred_reason, Some(why(dev)), "{dev}");
+    }
+    let s = store.execution_summary(&d.id).await.unwrap();
+    assert_eq!(
+        (
+            s.counts.total,
+            s.counts.admitted,
+            s.counts.deferred,
+            s.counts.ready
+        ),
+        (5, 1, 4, 0)
+    );
+    assert_eq!(
+        s.deferred_by_reason,
+        BTreeMap::from([
+            ("never_connected", 1),
+            ("no_update_agent", 1),
+            ("offline", 1),
+            ("quarantined", 1),
+        ])
+    );
+    assert_eq!(s.by_status["deferred"], 4);
+
+    // `plain` turns out to run an agent (it reports its firmware): counted again, its timeout
+    // starting now. `agent` leaves before it reported: deferred, its timeout stopped.
+    store
+        .apply_events(&reported(&["plain"], 3_000))
+        .await
+        .unwrap();
+    store
+        .apply_events(&presence_batch(
+            "n",
+            vec![presence(
+                "agent",
+                PresenceEvent::Disconnected,
+                1,
+                3_000,
+                Some(DisconnectReason::ConnectionLost),
+            )],
+        ))
+        .await
+        .unwrap();
+    store.refresh_reachability(&d.id).await.unwrap();
+    let ex = executions().await;
+    assert_eq!(ex["plain"].status, ExecutionStatus::Pending);
+    assert_eq!(ex["plain"].deferred_reason, None);
+    assert!(ex["plain"].notified_at_ms.is_some());
+    assert_eq!(ex["agent"].status, ExecutionStatus::Deferred);
+    assert_eq!(ex["agent"].deferred_reason, Some(DeferReason::Offline));
+    assert_eq!(ex["agent"].notified_at_ms, None);
+    // The timeout (here: any silence at all) reaches counted devices only, never a deferred
+    // one.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let timed_out = store.time_out_executions(&d.id, 0).await.unwrap();
+    assert_eq!(timed_out, [id("plain")]);
+
+    // A deferred device that reports is counted at once, whatever the engine saw.
+    let report = EventBatch {
+        node_id: "n".into(),
+        update_reports: vec![UpdateReport {
+            device_id: id("never"),
+            status: UpdateStatus {
+                deployment_id: d.id.clone(),
+                status: UpdateStatusKind::Queued,
+                firmware_version: None,
+                error: None,
+                ts_ms: 4_000,
+            },
+            at_ms: 4_000,
+        }],
+        ..EventBatch::default()
+    };
+    store.apply_events(&report).await.unwrap();
+    let e = &executions().await["never"];
+    assert_eq!(e.status, ExecutionStatus::Queued);
+    assert_eq!(e.deferred_reason, None);
+
+    // Canceling ends what had not started, deferred executions included.
+    let change = StateChange {
+        from: &[DeploymentState::Active],
+        to: DeploymentState::Canceled,
+    };
+    store
+        .set_deployment_state(&d.id, change, "test")
+        .await
+        .unwrap()
+        .unwrap();
+    let s = store.execution_summary(&d.id).await.unwrap();
+    assert_eq!(s.counts.deferred, 0);
+    assert!(s.deferred_by_reason.is_empty());
+    assert_eq!((s.by_status["canceled"], s.by_status["timed_out"]), (4, 1));
 }

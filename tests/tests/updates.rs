@@ -2,8 +2,9 @@
 //! rollout engine publishing the cohort's retained desired release, and real device agents
 //! (`device_client::update::Updater`) over mutual TLS that download the artifact from an HTTP
 //! server on 127.0.0.1, verify signature and hash, install through a handler and report each
-//! step. Covers a canary reaching every device, an offline device converging on reconnect,
-//! waves advancing on success, the failure threshold pausing or rolling back, a tampered
+//! step. Covers a canary reaching every device, an offline device deferred and converging on
+//! reconnect, devices that never connect or run no agent deferred while the agents complete
+//! (and the README's walk-through to the letter), waves advancing on success, the failure threshold pausing or rolling back, a tampered
 //! artifact or untrusted key refused, an install failure reported with its error (in the
 //! rollback scenario), a silent device timed out, and promotion and republishing after a
 //! restart.
@@ -175,6 +176,58 @@ impl Setup {
         }
     }
 
+    /// The execution of `device` in deployment `id`.
+    async fn execution(&self, id: &str, device: &str) -> Value {
+        self.executions(id)
+            .await
+            .into_iter()
+            .find(|e| e["device_id"] == device)
+            .unwrap_or_else(|| panic!("no execution for {device}"))
+    }
+
+    /// Registers `id` in the cohort before it was ever connected (`POST /devices`).
+    async fn register(&self, id: &str) {
+        let (st, body) = self
+            .p
+            .api(
+                "POST",
+                "/api/v1/devices",
+                Some(json!({ "id": id, "product_id": self.fleet.product_id,
+                    "cohort_id": self.fleet.cohort_id })),
+            )
+            .await;
+        assert_eq!(st, 201, "{body}");
+    }
+
+    /// A device that runs no agent, like `mosquitto_pub` in the walk-through: a plain MQTT
+    /// client that connects (which provisions it) and publishes one telemetry message.
+    async fn plain_client(&self, id: &str) -> e2e::Client {
+        let cert = self.fleet.ca.issue(id);
+        let mut c = e2e::Client::connect(self.p.device_options(&cert, id))
+            .await
+            .unwrap();
+        c.client
+            .publish(
+                format!("devices/{id}/telemetry"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                r#"{"temp":21.5}"#,
+            )
+            .await
+            .unwrap();
+        c.wait_for(|p| matches!(p, rumqttc::Packet::PubAck(_)).then_some(()))
+            .await;
+        c
+    }
+
+    /// Waits until the platform shows `id` online (or offline).
+    async fn wait_online(&self, id: &str, online: bool) {
+        e2e::eventually(&format!("{id} online: {online}"), || async {
+            (self.p.device(id).await["online"] == online).then_some(())
+        })
+        .await;
+    }
+
     async fn executions(&self, id: &str) -> Vec<Value> {
         let (s, body) = self
             .p
@@ -285,6 +338,8 @@ macro_rules! on_both_databases_fast {
 
 on_both_databases_fast!(
     canceling_ends_what_had_not_started,
+    unreachable_devices_are_deferred_and_the_agents_complete,
+    the_walk_through_updates_the_agent_it_names,
     canary_deployment_reaches_every_device,
     offline_device_converges_on_reconnect,
     waves_advance_only_when_the_wave_succeeded,
@@ -358,23 +413,33 @@ async fn offline_device_converges_on_reconnect(p: Platform) {
     .await;
 
     let dep = s.deploy(&release, json!({})).await;
-    let d = s
-        .wait_deployment(&dep, "the online device done", |d| {
-            d["summary"]["succeeded"] == 1
-        })
-        .await;
-    assert_eq!(d["summary"]["total"], 2);
-    assert_eq!(
-        d["state"], "active",
-        "an admitted device that is offline keeps the rollout open: {d:#}"
-    );
-
-    // It connects later, gets the retained cohort message and converges.
-    let late = s.device("conv-late", "1.0.0", installs_ok()).await;
+    // The rollout completes for the device that is there; the offline one is deferred: shown,
+    // admitted, but not waited for.
     let d = s
         .wait_deployment(&dep, "completed", |d| d["state"] == "completed")
         .await;
-    assert_eq!(d["summary"]["succeeded"], 2, "{d:#}");
+    assert_eq!(d["summary"]["total"], 2, "{d:#}");
+    assert_eq!(d["summary"]["succeeded"], 1, "{d:#}");
+    assert_eq!(d["summary"]["deferred"], 1, "{d:#}");
+    assert_eq!(d["summary"]["deferred_by_reason"], json!({ "offline": 1 }));
+    let e = s.execution(&dep, "conv-late").await;
+    assert_eq!(e["status"], "deferred", "{e}");
+    assert_eq!(e["deferred_reason"], "offline", "{e}");
+    assert_eq!(e["admitted"], true, "{e}");
+
+    // It connects later, gets the retained cohort message and converges; its reports are
+    // recorded on the completed deployment.
+    let late = s.device("conv-late", "1.0.0", installs_ok()).await;
+    let d = s
+        .wait_deployment(&dep, "the late device succeeded", |d| {
+            d["summary"]["succeeded"] == 2
+        })
+        .await;
+    assert_eq!(d["state"], "completed", "{d:#}");
+    assert_eq!(d["summary"]["deferred"], 0, "{d:#}");
+    let e = s.execution(&dep, "conv-late").await;
+    assert_eq!(e["firmware_version"], "2.0.0", "{e}");
+    assert_eq!(e["deferred_reason"], Value::Null, "{e}");
     assert_eq!(s.p.device("conv-late").await["firmware_version"], "2.0.0");
     online.agent.shutdown().await.unwrap();
     late.agent.shutdown().await.unwrap();
@@ -1218,28 +1283,25 @@ async fn a_simulated_fleet_with_injected_failures_is_rolled_back() {
     s.p.stop().await;
 }
 
-/// Devices registered in the cohort that never connect stay `pending` while the deployment
-/// lives; canceling it ends them `canceled`, so nothing waits for ever.
+/// Devices registered in the cohort that never connect are `deferred` while the deployment
+/// lives (its one wave reached them); canceling it ends them `canceled`, so nothing waits for
+/// ever.
 async fn canceling_ends_what_had_not_started(p: Platform) {
     let s = Setup::new(p).await;
     let v2 = s.release("2.0.0", b"firmware two").await;
     for i in 0..3 {
-        let (st, body) =
-            s.p.api(
-                "POST",
-                "/api/v1/devices",
-                Some(
-                    json!({ "id": format!("never-{i}"), "product_id": s.fleet.product_id,
-                    "cohort_id": s.fleet.cohort_id }),
-                ),
-            )
-            .await;
-        assert_eq!(st, 201, "{body}");
+        s.register(&format!("never-{i}")).await;
     }
     let dep = s.deploy(&v2, json!({})).await;
-    let pending = |d: &Value| d["summary"]["by_status"]["pending"] == 3;
-    s.wait_deployment(&dep, "3 pending executions", pending)
+    let deferred = |d: &Value| d["summary"]["by_status"]["deferred"] == 3;
+    let d = s
+        .wait_deployment(&dep, "3 deferred executions", deferred)
         .await;
+    assert_eq!(d["state"], "active", "nobody finished: not complete {d:#}");
+    assert_eq!(
+        d["summary"]["deferred_by_reason"],
+        json!({ "never_connected": 3 })
+    );
     let (st, body) =
         s.p.api("POST", &format!("/api/v1/deployments/{dep}/cancel"), None)
             .await;
@@ -1251,7 +1313,7 @@ async fn canceling_ends_what_had_not_started(p: Platform) {
         assert!(e["finished_at"].is_string(), "{e}");
     }
     let d = s.deployment(&dep).await;
-    assert_eq!(d["summary"]["by_status"]["pending"], 0, "{d}");
+    assert_eq!(d["summary"]["by_status"]["deferred"], 0, "{d}");
     assert_eq!(d["summary"]["by_status"]["canceled"], 3, "{d}");
     s.p.stop().await;
 }
@@ -1358,5 +1420,198 @@ async fn a_restarted_agent_does_not_download_what_it_installed() {
     assert_eq!(record.version, "2.0.0");
     agent.shutdown().await.unwrap();
     updater.abort();
+    s.p.stop().await;
+}
+
+/// A cohort of three device agents, two registered devices that never connect, and one online
+/// device that runs no agent (a plain MQTT client publishing telemetry). A staged deployment
+/// completes for the agents; the three others are `deferred` with their reasons, admitted but
+/// neither waited for nor failed. A device that never connected converges when it comes with
+/// an agent, on the completed deployment.
+async fn unreachable_devices_are_deferred_and_the_agents_complete(p: Platform) {
+    let s = Setup::new(p).await;
+    let release = s.release("2.0.0", b"firmware for who is there").await;
+    for i in 0..2 {
+        s.register(&format!("far-never-{i}")).await;
+    }
+    let plain = s.plain_client("far-plain").await;
+    s.wait_online("far-plain", true).await;
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        agents.push(
+            s.device(&format!("far-agent-{i}"), "1.0.0", installs_ok())
+                .await,
+        );
+    }
+    let dep = s
+        .deploy(
+            &release,
+            json!({ "waves": [{ "count": 1 }, { "percent": 50 }] }),
+        )
+        .await;
+    let d = s
+        .wait_deployment(&dep, "completed", |d| d["state"] == "completed")
+        .await;
+    let summary = &d["summary"];
+    assert_eq!(summary["total"], 6, "{d:#}");
+    assert_eq!(summary["admitted"], 3, "{d:#}");
+    assert_eq!(summary["succeeded"], 3, "{d:#}");
+    assert_eq!(summary["failures"], 0, "{d:#}");
+    assert_eq!(summary["deferred"], 3, "{d:#}");
+    assert_eq!(
+        summary["deferred_by_reason"],
+        json!({ "never_connected": 2, "no_update_agent": 1 })
+    );
+    let reason = d["state_reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("3 of 3 finished devices succeeded") && reason.contains("3 deferred"),
+        "{reason}"
+    );
+    for e in s.executions(&dep).await {
+        let id = e["device_id"].as_str().unwrap();
+        let (status, why) = match id {
+            "far-plain" => ("deferred", json!("no_update_agent")),
+            _ if id.starts_with("far-never-") => ("deferred", json!("never_connected")),
+            _ => ("succeeded", Value::Null),
+        };
+        assert_eq!(e["status"], status, "{e}");
+        assert_eq!(e["deferred_reason"], why, "{e}");
+        assert_eq!(
+            e["admitted"], true,
+            "every device is in the final wave: {e}"
+        );
+    }
+    let (st, page) =
+        s.p.api(
+            "GET",
+            &format!("/api/v1/deployments/{dep}/executions?status=deferred"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{page}");
+    assert_eq!(page["items"].as_array().unwrap().len(), 3, "{page}");
+    let dev = s.p.device("far-plain").await;
+    assert_eq!(
+        dev["state"], "online",
+        "a device without an agent is not failed: {dev}"
+    );
+
+    // The plain client leaves: still deferred, now because it is offline.
+    plain.client.disconnect().await.unwrap();
+    s.wait_online("far-plain", false).await;
+    e2e::eventually("far-plain deferred as offline", || async {
+        let e = s.execution(&dep, "far-plain").await;
+        (e["deferred_reason"] == "offline").then_some(())
+    })
+    .await;
+
+    // A device that never connected comes with an agent: it hears the retained cohort message
+    // (everyone is admitted), installs, and its reports are recorded.
+    let late = s.device("far-never-0", "1.0.0", installs_ok()).await;
+    let d = s
+        .wait_deployment(&dep, "the late device succeeded", |d| {
+            d["summary"]["succeeded"] == 4
+        })
+        .await;
+    assert_eq!(d["state"], "completed", "{d:#}");
+    assert_eq!(
+        d["summary"]["deferred_by_reason"],
+        json!({ "never_connected": 1, "offline": 1 })
+    );
+    assert_eq!(s.p.device("far-never-0").await["firmware_version"], "2.0.0");
+    late.agent.shutdown().await.unwrap();
+    for a in agents {
+        a.agent.shutdown().await.unwrap();
+    }
+    s.p.stop().await;
+}
+
+/// The README's walk-through to the letter: `thermo-0001` ran the device agent once (1.0.0),
+/// `thermo-0002` published one message with `mosquitto_pub` and left, `thermo-1001` and
+/// `thermo-1002` were imported and never connected; the deployment has waves of 10 % and 50 %,
+/// 100 devices a minute, rollback on failure. The deployment is made (again, if need be) until
+/// the hash ranks `thermo-0002` first, as when the issue was found, with the agent down; then
+/// the agent runs as "Updating a cohort" says. It gets the update and the deployment completes;
+/// the three others are deferred.
+async fn the_walk_through_updates_the_agent_it_names(p: Platform) {
+    use device_client::fleet_wire::update::rollout_rank;
+    use device_client::fleet_wire::DeviceId;
+
+    let s = Setup::new(p).await;
+    let first_run = s.agent("thermo-0001", "1.0.0").await;
+    first_run.shutdown().await.unwrap();
+    let mosquitto_pub = s.plain_client("thermo-0002").await;
+    mosquitto_pub.client.disconnect().await.unwrap();
+    let (st, body) =
+        s.p.api_raw(
+            "POST",
+            &format!("/api/v1/products/{}/devices/import", s.fleet.product_id),
+            "text/csv",
+            "id,cohort,tags\nthermo-1001,canary,site=berlin;line=2\nthermo-1002,canary,site=berlin\n",
+        )
+        .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["created"], 2, "{body}");
+    s.wait_online("thermo-0001", false).await;
+    s.wait_online("thermo-0002", false).await;
+
+    let release = s.release("2.0.0", &[0x5Au8; 4096]).await;
+    let policy = json!({ "waves": [{ "percent": 10 }, { "percent": 50 }],
+        "max_per_minute": 100, "on_failure": "rollback" });
+    let ids = ["thermo-0001", "thermo-0002", "thermo-1001", "thermo-1002"];
+    let first_ranked = |dep: &str| {
+        ids.into_iter()
+            .min_by_key(|id| rollout_rank(dep, &DeviceId::parse(id).unwrap()))
+            .unwrap()
+    };
+    let mut attempts = 0;
+    let dep = loop {
+        let dep = s.deploy(&release, policy.clone()).await;
+        if first_ranked(&dep) == "thermo-0002" {
+            break dep;
+        }
+        attempts += 1;
+        assert!(attempts < 200, "the hash never ranked thermo-0002 first");
+        let (st, body) =
+            s.p.api("POST", &format!("/api/v1/deployments/{dep}/cancel"), None)
+                .await;
+        assert_eq!(st, 200, "{body}");
+    };
+    // Nobody is reachable: the first wave admits nobody (the device without an agent least of
+    // all) and waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let d = s.deployment(&dep).await;
+    assert_eq!(d["state"], "active", "{d:#}");
+    assert_eq!(d["current_wave"], 1, "{d:#}");
+    assert_eq!(d["admit_below"], 0, "{d:#}");
+    assert_eq!(d["summary"]["ready"], 0, "{d:#}");
+    assert_eq!(d["summary"]["by_status"]["pending"], 4, "{d:#}");
+
+    // The agent, run as "Updating a cohort" runs it: it follows the cohort and trusts the key.
+    let agent = s.device("thermo-0001", "1.0.0", installs_ok()).await;
+    let d = s
+        .wait_deployment(&dep, "completed", |d| d["state"] == "completed")
+        .await;
+    assert_eq!(d["current_wave"], 3, "{d:#}");
+    assert_eq!(d["summary"]["succeeded"], 1, "{d:#}");
+    assert_eq!(d["summary"]["failures"], 0, "{d:#}");
+    assert_eq!(d["summary"]["deferred"], 3, "{d:#}");
+    assert_eq!(
+        d["summary"]["deferred_by_reason"],
+        json!({ "offline": 1, "never_connected": 2 })
+    );
+    let e = s.execution(&dep, "thermo-0001").await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    assert_eq!(e["firmware_version"], "2.0.0", "{e}");
+    let e = s.execution(&dep, "thermo-0002").await;
+    assert_eq!(e["status"], "deferred", "{e}");
+    assert_eq!(e["deferred_reason"], "offline", "{e}");
+    let dev = e2e::eventually("thermo-0001 runs 2.0.0", || async {
+        let d = s.p.device("thermo-0001").await;
+        (d["firmware_version"] == "2.0.0").then_some(d)
+    })
+    .await;
+    assert_eq!(dev["state"], "online", "{dev}");
+    agent.agent.shutdown().await.unwrap();
     s.p.stop().await;
 }

@@ -230,7 +230,9 @@ pub struct UpdateCommand {
     pub state: DeploymentState,
     pub release: SignedRelease,
     /// A device is in the rollout when `rollout_rank(deployment_id, device) < admit_below`.
-    /// [`ADMIT_ALL`] admits everyone.
+    /// [`ADMIT_ALL`] admits everyone. The platform sets it from the devices it can reach (see
+    /// `topics.md`, "Which devices a wave counts"); an admitted device that was away installs
+    /// when it connects all the same.
     pub admit_below: u64,
     /// An admitted device waits a uniformly random time up to this before it downloads.
     #[serde(default)]

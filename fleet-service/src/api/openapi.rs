@@ -8,7 +8,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::RefOr;
 use utoipa::{Modify, OpenApi};
 
-use crate::store::{DeploymentKind, DeviceState, ExecutionStatus};
+use crate::store::{DeferReason, DeploymentKind, DeviceState, ExecutionStatus};
 
 use super::{
     audit, cas, catalog, commands, devices, error, import, keys, lifecycle, orgs, quarantine,
@@ -228,6 +228,11 @@ string_enum! {
 string_enum! {
     /// Where one device is with one deployment.
     ExecutionStatusName as "ExecutionStatus" = ExecutionStatus::ALL.map(ExecutionStatus::as_str)
+}
+
+string_enum! {
+    /// Why a deployment's execution is `deferred`: what kept its device from taking part.
+    DeferReasonName as "DeferReason" = DeferReason::ALL.map(DeferReason::as_str)
 }
 
 // The enums below have no `ALL`; the matches make adding a variant a compile error here.

@@ -19,7 +19,9 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::{Admin, Caller, Writer};
 use super::error::ErrorBody;
 use super::extract::{ApiJson, ApiPath, ApiQuery, Optional};
-use super::openapi::{DeploymentKindName, DeploymentStateName, ExecutionStatusName};
+use super::openapi::{
+    DeferReasonName, DeploymentKindName, DeploymentStateName, ExecutionStatusName,
+};
 use super::paging::{
     decode_cursor, encode_cursor, page_request, parse_limit, Items, Page, PageParams, DEFAULT_LIMIT,
 };
@@ -441,8 +443,17 @@ pub(super) struct CreateDeployment {
 pub(super) struct DeploymentSummary {
     /// Devices with an execution (the cohort's devices since the deployment began).
     total: u64,
-    /// Devices told to install.
+    /// Devices the waves count: admitted and not deferred (reachable when admitted: online,
+    /// not quarantined, running an update agent; or reported since).
     admitted: u64,
+    /// Devices not admitted yet that are reachable now: what the next wave chooses from.
+    ready: u64,
+    /// Devices their wave reached while they were not reachable: not counted in the waves or
+    /// the thresholds; they install and count when they become reachable.
+    deferred: u64,
+    /// The deferred devices by reason: `never_connected`, `offline`, `no_update_agent`
+    /// (online, but it never reported a firmware version), `quarantined`.
+    deferred_by_reason: BTreeMap<&'static str, u64>,
     /// Succeeded + failures.
     finished: u64,
     succeeded: u64,
@@ -469,6 +480,9 @@ impl From<ExecutionSummary> for DeploymentSummary {
         Self {
             total: c.total,
             admitted: c.admitted,
+            ready: c.ready,
+            deferred: c.deferred,
+            deferred_by_reason: s.deferred_by_reason,
             finished: c.finished(),
             succeeded: c.succeeded,
             failures: c.failures(),
@@ -1049,11 +1063,16 @@ pub(super) struct ExecutionBody {
     status: &'static str,
     /// The device's error (`failed`) or reason (`rejected`).
     error: Option<String>,
+    /// Why the execution is `deferred`: `never_connected`, `offline`, `no_update_agent`
+    /// (online, but it never reported a firmware version) or `quarantined`.
+    #[schema(value_type = Option<DeferReasonName>)]
+    deferred_reason: Option<&'static str>,
     /// The firmware version the device ran when the deployment began.
     from_version: Option<String>,
     /// The firmware version the device last reported.
     firmware_version: Option<String>,
-    /// Whether its wave has reached it.
+    /// Whether its wave has reached it (a deferred device is admitted: it installs when it
+    /// becomes reachable).
     admitted: bool,
     admitted_at: Option<String>,
     last_report_at: Option<String>,
@@ -1068,6 +1087,7 @@ impl From<Execution> for ExecutionBody {
             device_id: e.device_id.to_string(),
             status: e.status.as_str(),
             error: e.error,
+            deferred_reason: e.deferred_reason.map(|r| r.as_str()),
             from_version: e.from_version,
             firmware_version: e.firmware_version,
             admitted: e.admitted_at_ms.is_some(),

@@ -3,11 +3,21 @@
 //!
 //! Once per tick (and at once when [`Rollouts::wake`] is called) it looks at every active,
 //! paused or newest-of-its-cohort deployment: gives executions to devices that joined the
-//! cohort, starts the timeout clock of admitted devices that came online, times out silent
-//! ones, fails executions whose device runs another version than it claimed, and for an active
-//! rollout asks [`policy::decide`] what comes next (admit more devices, next wave, complete,
-//! pause or roll back). Then it publishes the cohort message if the deployment's revision
-//! changed since it last did.
+//! cohort, defers admitted devices that are not reachable and counts again (starting their
+//! timeout clock) those that became reachable, times out silent ones, fails executions whose
+//! device runs another version than it claimed, and for an active rollout asks
+//! [`policy::decide`] what comes next (admit more devices, next wave, complete, pause or roll
+//! back). Then it publishes the cohort message if the deployment's revision changed since it
+//! last did.
+//!
+//! # Reachable devices
+//! A device is reachable when it is online, not quarantined, and has reported a firmware
+//! version (an update agent does on every connect; a plain MQTT client never does). Waves
+//! count and rank reachable devices only. A device that a wave's cutoff passes while it is not
+//! reachable is admitted all the same (devices compute their admission from the cutoff), but
+//! `deferred`: it holds up no wave and trips no threshold, and when it becomes reachable the
+//! retained cohort message makes it install, and it counts again. Presence and reported state
+//! are read from the database, so this adds nothing to the broker's per-message path.
 //!
 //! # Invariants
 //! - The engine is the only publisher of `cohorts/{id}/updates` (the broker refuses every
@@ -189,7 +199,7 @@ impl Engine {
             return Ok(d);
         }
         self.store.enroll_new_devices(&d).await?;
-        self.store.notify_online(&d.id).await?;
+        self.store.refresh_reachability(&d.id).await?;
         if d.state == DeploymentState::Paused {
             return Ok(d);
         }

@@ -58,7 +58,8 @@ pub struct RolloutPolicy {
     /// ...once at least this many devices have finished.
     pub min_devices: u64,
     pub on_failure: OnFailure,
-    /// A device admitted and online that reports nothing for this long is `timed_out`.
+    /// A counted device (admitted and reachable, see [`Counts`]) that reports nothing for
+    /// this long, or a device that started and then fell silent, is `timed_out`.
     pub timeout_s: u64,
 }
 
@@ -168,12 +169,22 @@ impl RolloutPolicy {
 }
 
 /// Execution counts of one deployment, as the store counted them.
+///
+/// A device is *reachable* when it is online, not quarantined, and runs an update agent (it
+/// has reported a firmware version). Waves count reachable devices only: an admitted device
+/// that is not reachable is `deferred`, neither in `admitted` nor in any threshold, until it
+/// becomes reachable or reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Counts {
     /// Devices with an execution (the cohort's devices since the deployment began).
     pub total: u64,
+    /// Admitted and not deferred: the devices the waves so far count.
     pub admitted: u64,
-    /// Admitted and online since admission, so they have heard of the update.
+    /// Not admitted yet, and reachable now: what the next admission chooses from.
+    pub ready: u64,
+    /// Admitted, but not reachable: not counted until they are.
+    pub deferred: u64,
+    /// Admitted and reachable since admission, so they have heard of the update.
     pub notified: u64,
     pub succeeded: u64,
     pub failed: u64,
@@ -238,11 +249,14 @@ pub enum Decision {
 ///
 /// Thresholds come first: failed + rejected + timed out above `failure_threshold_percent` of
 /// the finished devices, once `min_devices` finished, stops the rollout (pause or rollback).
-/// Then admission: a wave admits its devices at `max_per_minute` (one at once, then one per
-/// `60 / rate` seconds). A wave is done when every admitted device that was online since
-/// admission has finished (an offline device converges when it connects, and does not hold up
-/// the fleet); then the next wave starts if enough of the finished devices succeeded, or the
-/// rollout pauses.
+/// Then admission: a wave covers its share of the reachable devices (those admitted and not
+/// deferred, plus those ready), lowest ranks first, at `max_per_minute` (one at once, then one
+/// per `60 / rate` seconds). A wave with no reachable device admits nobody and waits, except
+/// the final one, which opens to every device (those not reachable are deferred). A wave is
+/// done when every counted device has finished (a deferred device converges when it becomes
+/// reachable, and does not hold up the fleet); then the next wave starts if enough of the
+/// finished devices succeeded, or the rollout pauses. The final wave completes the rollout
+/// once it has a finished device and every counted one finished, deferred ones still shown.
 pub fn decide(policy: &RolloutPolicy, pos: &Position, counts: &Counts, now_ms: i64) -> Decision {
     if counts.finished() >= policy.min_devices
         && counts.failure_percent() > policy.failure_threshold_percent
@@ -260,7 +274,7 @@ pub fn decide(policy: &RolloutPolicy, pos: &Position, counts: &Counts, now_ms: i
     }
     let last = policy.waves.len().saturating_sub(1) as u32;
     let wave = pos.wave.min(last);
-    let target = policy.waves[wave as usize].target(counts.total);
+    let target = policy.waves[wave as usize].target(counts.admitted + counts.ready);
     let final_wave = wave == last;
     if counts.admitted < target {
         let mut n = target - counts.admitted;
@@ -286,14 +300,20 @@ pub fn decide(policy: &RolloutPolicy, pos: &Position, counts: &Counts, now_ms: i
         return Decision::Wait;
     }
     let success = percent(counts.succeeded, counts.finished());
-    let summary = format!(
+    let mut summary = format!(
         "{} of {} finished devices succeeded ({success:.1} %)",
         counts.succeeded,
         counts.finished()
     );
+    if counts.deferred > 0 {
+        summary += &format!(
+            "; {} deferred (offline, never connected or without an update agent)",
+            counts.deferred
+        );
+    }
     if final_wave {
         if counts.finished() < counts.admitted {
-            // Admitted devices still offline: keep tracking, the rollout is not complete.
+            // Counted devices not finished yet (admitted but not yet heard of it).
             return Decision::Wait;
         }
         return Decision::Complete(summary);
@@ -388,10 +408,12 @@ mod tests {
         assert!(serde_json::from_str::<RolloutPolicy>(r#"{"wavez":[]}"#).is_err());
     }
 
+    /// Counts of a cohort whose every device is reachable.
     fn counts(total: u64, admitted: u64, notified: u64, ok: u64, failed: u64) -> Counts {
         Counts {
             total,
             admitted,
+            ready: total - admitted,
             notified,
             succeeded: ok,
             failed,
@@ -425,10 +447,57 @@ mod tests {
                 Decision::NextWave(1),
             ),
             (
-                "an offline admitted device does not hold up the wave",
+                "a deferred device does not hold up the wave: a reachable one takes its place",
                 pos(0),
-                counts(100, 10, 9, 9, 0),
+                Counts {
+                    deferred: 1,
+                    ..counts(100, 9, 9, 9, 0)
+                },
+                Decision::Admit {
+                    n: 1,
+                    then_all: false,
+                },
+            ),
+            (
+                "the wave counts reachable devices only",
+                pos(0),
+                Counts {
+                    ready: 35,
+                    deferred: 2,
+                    ..counts(100, 5, 5, 5, 0)
+                },
                 Decision::NextWave(1),
+            ),
+            (
+                "no reachable device: a staged wave admits nobody and waits",
+                pos(0),
+                Counts {
+                    ready: 0,
+                    ..counts(4, 0, 0, 0, 0)
+                },
+                Decision::Wait,
+            ),
+            (
+                "the walk-through: one agent of four, waves of 10 % and 50 %",
+                pos(0),
+                Counts {
+                    ready: 1,
+                    ..counts(4, 0, 0, 0, 0)
+                },
+                Decision::Admit {
+                    n: 1,
+                    then_all: false,
+                },
+            ),
+            (
+                "the walk-through's second wave has nobody more to admit",
+                pos(1),
+                Counts {
+                    ready: 0,
+                    deferred: 1,
+                    ..counts(4, 1, 1, 1, 0)
+                },
+                Decision::NextWave(2),
             ),
             (
                 "nobody online yet: wait",
@@ -490,7 +559,46 @@ mod tests {
         assert_eq!(
             decide(&staged, &done, &counts(100, 100, 90, 90, 0), 0),
             Decision::Wait,
-            "admitted devices still offline keep the rollout open"
+            "counted devices that have not finished keep the rollout open"
+        );
+        let deferred = Counts {
+            deferred: 10,
+            ready: 0,
+            ..counts(100, 90, 90, 90, 0)
+        };
+        assert_eq!(
+            decide(&staged, &done, &deferred, 0),
+            Decision::Complete(
+                "90 of 90 finished devices succeeded (100.0 %); 10 deferred (offline, never \
+                 connected or without an update agent)"
+                    .into()
+            ),
+            "deferred devices do not keep the rollout open"
+        );
+        let nobody = Counts {
+            deferred: 4,
+            ready: 0,
+            ..counts(4, 0, 0, 0, 0)
+        };
+        assert_eq!(
+            decide(&staged, &done, &nobody, 0),
+            Decision::Wait,
+            "a rollout no device finished is not complete"
+        );
+        let mut last = pos(2);
+        last.admits_all = false;
+        assert_eq!(
+            decide(
+                &staged,
+                &last,
+                &Counts {
+                    ready: 0,
+                    ..counts(4, 0, 0, 0, 0)
+                },
+                0
+            ),
+            Decision::AdmitAll,
+            "the final wave opens to everyone even when nobody is reachable yet"
         );
 
         // Below the success threshold but under the failure threshold: pause, no rollback.

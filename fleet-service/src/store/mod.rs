@@ -101,8 +101,8 @@ pub use lifecycle::{DeviceUpdate, ImportOutcome, NewRegisteredDevice};
 pub use orgs::Organization;
 pub use summary::{FleetSummary, SummaryGroup, SummaryScope, FIRMWARE_VERSIONS};
 pub use updates::{
-    Deployment, DeploymentKind, Execution, ExecutionStatus, ExecutionSummary, NewDeployment,
-    Release, SigningKey, StateChange, UpdateReport,
+    DeferReason, Deployment, DeploymentKind, Execution, ExecutionStatus, ExecutionSummary,
+    NewDeployment, Release, SigningKey, StateChange, UpdateReport,
 };
 
 /// A handle on the database. Cheap to clone: it is a connection pool.

@@ -9,6 +9,10 @@
 //!   rank is below it: admission raises both in one transaction.
 //! - A finished execution (`succeeded`, `failed`, `rejected`) never changes again; a device's
 //!   late report may still replace `timed_out`, because the device is the truth.
+//! - An execution is `deferred` exactly while it is admitted, has not reported, and its device
+//!   is not reachable ([`REACHABLE`]); it then has a `deferred_reason` and no `notified_at`,
+//!   so neither the wave, the thresholds nor the timeout count it. The engine re-checks this
+//!   on every pass (`refresh_reachability!`); a report from the device ends it at once.
 
 use std::collections::BTreeMap;
 
@@ -194,11 +198,13 @@ impl TryFrom<DeploymentRow> for Deployment {
 }
 
 /// Where one device is with one deployment: `pending` until it reports, then what it
-/// reported, or `timed_out` (set by the rollout engine), or `canceled` (its deployment was
+/// reported, or `deferred` (its wave reached it while it was not reachable; it converges when
+/// it is), `timed_out` (set by the rollout engine), or `canceled` (its deployment was
 /// canceled before the device started on it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ExecutionStatus {
     Pending,
+    Deferred,
     Queued,
     Downloading,
     Verifying,
@@ -212,8 +218,9 @@ pub enum ExecutionStatus {
 }
 
 impl ExecutionStatus {
-    pub const ALL: [ExecutionStatus; 11] = [
+    pub const ALL: [ExecutionStatus; 12] = [
         ExecutionStatus::Pending,
+        ExecutionStatus::Deferred,
         ExecutionStatus::Queued,
         ExecutionStatus::Downloading,
         ExecutionStatus::Verifying,
@@ -229,6 +236,7 @@ impl ExecutionStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             ExecutionStatus::Pending => "pending",
+            ExecutionStatus::Deferred => "deferred",
             ExecutionStatus::TimedOut => "timed_out",
             ExecutionStatus::Canceled => "canceled",
             ExecutionStatus::Queued => UpdateStatusKind::Queued.as_str(),
@@ -250,6 +258,93 @@ impl ExecutionStatus {
 /// The SQL list of statuses that are final.
 const FINISHED: &str = "('succeeded', 'failed', 'rejected', 'timed_out', 'canceled')";
 
+/// Why an execution is deferred: what kept its device from taking part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeferReason {
+    /// Registered, but it never connected.
+    NeverConnected,
+    /// It connected before, and is offline now.
+    Offline,
+    /// Online, but it never reported a firmware version: no update agent runs on it (a plain
+    /// MQTT client, a simulator).
+    NoUpdateAgent,
+    /// Quarantined: it may not hear its cohort.
+    Quarantined,
+}
+
+impl DeferReason {
+    pub const ALL: [DeferReason; 4] = [
+        DeferReason::NeverConnected,
+        DeferReason::Offline,
+        DeferReason::NoUpdateAgent,
+        DeferReason::Quarantined,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeferReason::NeverConnected => "never_connected",
+            DeferReason::Offline => "offline",
+            DeferReason::NoUpdateAgent => "no_update_agent",
+            DeferReason::Quarantined => "quarantined",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// The SQL condition "device `d` is reachable": online, not quarantined, and running an update
+/// agent, which the agent shows by reporting its firmware version (`devices/{id}/state`). A
+/// plain MQTT client that only publishes telemetry never does. Presence and reported state
+/// are in the database already, so the engine reads them here and the broker does nothing
+/// more per message.
+const REACHABLE: &str =
+    "(d.online = TRUE AND d.state <> 'quarantined' AND d.firmware_version IS NOT NULL)";
+
+/// The [`DeferReason`] of device `d` when it is not [`REACHABLE`] (the arms in that order).
+const DEFER_REASON: &str = "(CASE WHEN d.state = 'quarantined' THEN 'quarantined' \
+     WHEN d.online = TRUE THEN 'no_update_agent' \
+     WHEN d.last_seen IS NULL THEN 'never_connected' ELSE 'offline' END)";
+
+/// Brings the executions of deployment `$id` that have not reported in line with their
+/// devices' reachability (inside `$tx`): an admitted `pending` or `deferred` one whose device
+/// is not reachable is `deferred` with its current reason and no `notified_at`; an admitted
+/// one whose device is reachable is `pending` and notified (its timeout runs from now).
+macro_rules! refresh_reachability {
+    ($tx:expr, $id:expr, $now:expr) => {{
+        let deployment_id: &str = $id;
+        sqlx::query(&format!(
+            "UPDATE deployment_executions SET status = 'deferred', notified_at = NULL, \
+             deferred_reason = (SELECT {DEFER_REASON} FROM devices d \
+                 WHERE d.id = deployment_executions.device_id), updated_at = $2 \
+             WHERE deployment_id = $1 AND admitted_at IS NOT NULL \
+             AND status IN ('pending', 'deferred') \
+             AND NOT EXISTS (SELECT 1 FROM devices d \
+                 WHERE d.id = deployment_executions.device_id AND {REACHABLE}) \
+             AND (status = 'pending' OR deferred_reason IS NULL OR deferred_reason <> \
+                 (SELECT {DEFER_REASON} FROM devices d \
+                 WHERE d.id = deployment_executions.device_id))"
+        ))
+        .bind(deployment_id)
+        .bind($now)
+        .execute(&mut *$tx)
+        .await?;
+        sqlx::query(&format!(
+            "UPDATE deployment_executions SET status = 'pending', deferred_reason = NULL, \
+             notified_at = $2, updated_at = $2 \
+             WHERE deployment_id = $1 AND admitted_at IS NOT NULL \
+             AND (status = 'deferred' OR (status = 'pending' AND notified_at IS NULL)) \
+             AND EXISTS (SELECT 1 FROM devices d \
+                 WHERE d.id = deployment_executions.device_id AND {REACHABLE})"
+        ))
+        .bind(deployment_id)
+        .bind($now)
+        .execute(&mut *$tx)
+        .await?;
+    }};
+}
+
 /// One device's execution of one deployment.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Execution {
@@ -258,6 +353,8 @@ pub struct Execution {
     pub rank: u32,
     pub status: ExecutionStatus,
     pub error: Option<String>,
+    /// Why it is deferred; only with [`ExecutionStatus::Deferred`].
+    pub deferred_reason: Option<DeferReason>,
     pub from_version: Option<String>,
     pub firmware_version: Option<String>,
     pub admitted_at_ms: Option<i64>,
@@ -274,6 +371,7 @@ struct ExecutionRow {
     rank: i64,
     status: String,
     error: Option<String>,
+    deferred_reason: Option<String>,
     from_version: Option<String>,
     firmware_version: Option<String>,
     admitted_at: Option<i64>,
@@ -283,8 +381,9 @@ struct ExecutionRow {
     updated_at: i64,
 }
 
-const EXECUTION_COLUMNS: &str = "deployment_id, device_id, rank, status, error, from_version, \
-    firmware_version, admitted_at, notified_at, last_report_at, finished_at, updated_at";
+const EXECUTION_COLUMNS: &str = "deployment_id, device_id, rank, status, error, \
+    deferred_reason, from_version, firmware_version, admitted_at, notified_at, last_report_at, \
+    finished_at, updated_at";
 
 impl TryFrom<ExecutionRow> for Execution {
     type Error = StoreError;
@@ -296,6 +395,13 @@ impl TryFrom<ExecutionRow> for Execution {
             status: ExecutionStatus::parse(&r.status)
                 .ok_or_else(|| StoreError::Corrupt(format!("execution status {:?}", r.status)))?,
             rank: u32::try_from(r.rank).unwrap_or_default(),
+            deferred_reason: r
+                .deferred_reason
+                .map(|s| {
+                    DeferReason::parse(&s)
+                        .ok_or_else(|| StoreError::Corrupt(format!("deferred reason {s:?}")))
+                })
+                .transpose()?,
             deployment_id: r.deployment_id,
             error: r.error,
             from_version: r.from_version,
@@ -321,11 +427,13 @@ pub struct NewDeployment {
     pub rollback_of: Option<String>,
 }
 
-/// Execution counts of one deployment: the policy's [`Counts`] and every status.
+/// Execution counts of one deployment: the policy's [`Counts`], every status, and why the
+/// deferred ones are.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExecutionSummary {
     pub counts: Counts,
     pub by_status: BTreeMap<&'static str, u64>,
+    pub deferred_by_reason: BTreeMap<&'static str, u64>,
 }
 
 /// A device's progress report, for the intake's batch.
@@ -482,10 +590,11 @@ pub(super) const ENROLL_REPORTER: &str = "INSERT INTO deployment_executions \
      ON CONFLICT (deployment_id, device_id) DO NOTHING";
 
 /// See `apply_report!`: a final execution never changes; `timed_out` may still be replaced
-/// by the device's own (late) report.
+/// by the device's own (late) report, and `deferred` by any report (the device is reachable
+/// after all).
 pub(super) const APPLY_REPORT: &str = "UPDATE deployment_executions SET status = $3, \
-     error = $4, firmware_version = COALESCE($5, firmware_version), last_report_at = $6, \
-     finished_at = $7, admitted_at = COALESCE(admitted_at, $6), \
+     error = $4, deferred_reason = NULL, firmware_version = COALESCE($5, firmware_version), \
+     last_report_at = $6, finished_at = $7, admitted_at = COALESCE(admitted_at, $6), \
      notified_at = COALESCE(notified_at, $6), updated_at = $8 \
      WHERE deployment_id = $1 AND device_id = $2 \
      AND status NOT IN ('succeeded', 'failed', 'rejected') \
@@ -836,7 +945,8 @@ impl Store {
             if change.to == DeploymentState::Active {
                 q.push(", rate_started_at = ").push_bind(now).push(
                     ", rate_base = (SELECT COUNT(*) FROM deployment_executions e \
-                     WHERE e.deployment_id = deployments.id AND e.admitted_at IS NOT NULL)",
+                     WHERE e.deployment_id = deployments.id AND e.admitted_at IS NOT NULL \
+                     AND e.status <> 'deferred')",
                 );
             }
             q.push(" WHERE id = ").push_bind(id).push(" AND state IN (");
@@ -851,13 +961,15 @@ impl Store {
                 // already downloading or installing still reports how that ended.
                 sqlx::query(
                     "UPDATE deployment_executions SET status = $2, finished_at = $3, \
-                     updated_at = $3 WHERE deployment_id = $1 AND status IN ($4, $5)",
+                     deferred_reason = NULL, updated_at = $3 \
+                     WHERE deployment_id = $1 AND status IN ($4, $5, $6)",
                 )
                 .bind(id)
                 .bind(ExecutionStatus::Canceled.as_str())
                 .bind(now)
                 .bind(ExecutionStatus::Pending.as_str())
                 .bind(ExecutionStatus::Queued.as_str())
+                .bind(ExecutionStatus::Deferred.as_str())
                 .execute(&mut *tx)
                 .await?;
             }
@@ -902,22 +1014,17 @@ impl Store {
         })
     }
 
-    /// Starts the timeout clock of admitted devices that are online now.
-    pub async fn notify_online(&self, deployment_id: &str) -> Result<u64, StoreError> {
+    /// Follows the reachability of the admitted devices that have not reported: defers those
+    /// that are not reachable (or updates why), and counts again, with their timeout clock
+    /// starting now, those that are.
+    pub async fn refresh_reachability(&self, deployment_id: &str) -> Result<(), StoreError> {
         let now = now_ms();
-        let done = with_pool!(self, |pool| {
-            sqlx::query(
-                "UPDATE deployment_executions SET notified_at = $2, updated_at = $2 \
-                 WHERE deployment_id = $1 AND admitted_at IS NOT NULL AND notified_at IS NULL \
-                 AND EXISTS (SELECT 1 FROM devices d WHERE d.id = device_id AND d.online = TRUE)",
-            )
-            .bind(deployment_id)
-            .bind(now)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected())
-        })?;
-        Ok(done)
+        with_pool!(self, |pool, begin| {
+            let mut tx = pool.begin_with(begin).await?;
+            refresh_reachability!(tx, deployment_id, now);
+            tx.commit().await?;
+        });
+        Ok(())
     }
 
     /// Marks `timed_out` every admitted, notified, unfinished execution that has been silent
@@ -1023,13 +1130,19 @@ impl Store {
         &self,
         deployment_id: &str,
     ) -> Result<ExecutionSummary, StoreError> {
-        let rows: Vec<(String, i64, i64, i64)> = with_pool!(self, |pool| {
-            sqlx::query_as(
-                "SELECT status, COUNT(*), \
-                 SUM(CASE WHEN admitted_at IS NOT NULL THEN 1 ELSE 0 END), \
-                 SUM(CASE WHEN notified_at IS NOT NULL THEN 1 ELSE 0 END) \
-                 FROM deployment_executions WHERE deployment_id = $1 GROUP BY status",
-            )
+        // `ready` looks at the device only for executions not admitted yet (CASE evaluates
+        // its arms in order).
+        let rows: Vec<(String, Option<String>, i64, i64, i64, i64)> = with_pool!(self, |pool| {
+            sqlx::query_as(&format!(
+                "SELECT e.status, e.deferred_reason, COUNT(*), \
+                 SUM(CASE WHEN e.admitted_at IS NOT NULL THEN 1 ELSE 0 END), \
+                 SUM(CASE WHEN e.notified_at IS NOT NULL THEN 1 ELSE 0 END), \
+                 SUM(CASE WHEN e.admitted_at IS NOT NULL THEN 0 \
+                     WHEN EXISTS (SELECT 1 FROM devices d \
+                     WHERE d.id = e.device_id AND {REACHABLE}) THEN 1 ELSE 0 END) \
+                 FROM deployment_executions e WHERE e.deployment_id = $1 \
+                 GROUP BY e.status, e.deferred_reason"
+            ))
             .bind(deployment_id)
             .fetch_all(pool)
             .await
@@ -1038,14 +1151,24 @@ impl Store {
         for st in ExecutionStatus::ALL {
             s.by_status.insert(st.as_str(), 0);
         }
-        for (status, n, admitted, notified) in rows {
+        for (status, reason, n, admitted, notified, ready) in rows {
             let st = ExecutionStatus::parse(&status)
                 .ok_or_else(|| StoreError::Corrupt(format!("execution status {status:?}")))?;
             let (n, admitted, notified) = (n as u64, admitted as u64, notified as u64);
-            s.by_status.insert(st.as_str(), n);
+            *s.by_status.entry(st.as_str()).or_default() += n;
             s.counts.total += n;
-            s.counts.admitted += admitted;
             s.counts.notified += notified;
+            s.counts.ready += ready as u64;
+            if st == ExecutionStatus::Deferred {
+                s.counts.deferred += n;
+                let reason = reason
+                    .as_deref()
+                    .and_then(DeferReason::parse)
+                    .ok_or_else(|| StoreError::Corrupt(format!("deferred reason {reason:?}")))?;
+                *s.deferred_by_reason.entry(reason.as_str()).or_default() += n;
+            } else {
+                s.counts.admitted += admitted;
+            }
             match st {
                 ExecutionStatus::Succeeded => s.counts.succeeded += n,
                 ExecutionStatus::Failed => s.counts.failed += n,
@@ -1057,9 +1180,12 @@ impl Store {
         Ok(s)
     }
 
-    /// Admits the `n` lowest-ranked devices not admitted yet (or, with `all`, every device
-    /// from now on) and raises `admit_below` to match, if the deployment is still active at
-    /// `revision`. Returns the deployment as it is now, or `None` if it changed meanwhile.
+    /// Admits the `n` lowest-ranked reachable devices not admitted yet (or, with `all`, every
+    /// device from now on) and raises `admit_below` to match, if the deployment is still active
+    /// at `revision`. Devices ranked below the new cutoff that are not reachable are admitted
+    /// too (a device computes its own admission from the cutoff, so it converges when it
+    /// connects), but `deferred`. Returns the deployment as it is now, or `None` if it changed
+    /// meanwhile.
     pub async fn admit(
         &self,
         d: &Deployment,
@@ -1071,10 +1197,11 @@ impl Store {
             let mut tx = pool.begin_with(begin).await?;
             let mut cutoff = d.admit_below;
             if n > 0 {
-                let ranks: Vec<(i64,)> = sqlx::query_as(
-                    "SELECT rank FROM deployment_executions WHERE deployment_id = $1 \
-                     AND admitted_at IS NULL ORDER BY rank LIMIT $2",
-                )
+                let ranks: Vec<(i64,)> = sqlx::query_as(&format!(
+                    "SELECT e.rank FROM deployment_executions e JOIN devices d \
+                     ON d.id = e.device_id WHERE e.deployment_id = $1 \
+                     AND e.admitted_at IS NULL AND {REACHABLE} ORDER BY e.rank LIMIT $2"
+                ))
                 .bind(&d.id)
                 .bind(to_i64(n))
                 .fetch_all(&mut *tx)
@@ -1105,9 +1232,7 @@ impl Store {
                 return Ok(None);
             }
             sqlx::query(
-                "UPDATE deployment_executions SET admitted_at = $3, updated_at = $3, \
-                 notified_at = CASE WHEN EXISTS (SELECT 1 FROM devices d \
-                     WHERE d.id = device_id AND d.online = TRUE) THEN $3 ELSE NULL END \
+                "UPDATE deployment_executions SET admitted_at = $3, updated_at = $3 \
                  WHERE deployment_id = $1 AND admitted_at IS NULL AND rank < $2",
             )
             .bind(&d.id)
@@ -1115,6 +1240,7 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+            refresh_reachability!(tx, &d.id, now);
             tx.commit().await?;
             row
         });
@@ -1200,5 +1326,27 @@ impl Store {
             .await
         })?;
         rows.into_iter().map(Execution::try_from).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sql_reasons_are_the_defer_reasons() {
+        let mut arms: Vec<&str> = ["THEN '", "ELSE '"]
+            .iter()
+            .flat_map(|k| DEFER_REASON.split(k).skip(1))
+            .map(|rest| rest.split('\'').next().unwrap())
+            .collect();
+        arms.sort_unstable();
+        let mut all = DeferReason::ALL.map(DeferReason::as_str);
+        all.sort_unstable();
+        assert_eq!(arms, all);
+        assert_eq!(
+            ExecutionStatus::parse("deferred"),
+            Some(ExecutionStatus::Deferred)
+        );
     }
 }
