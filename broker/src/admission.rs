@@ -15,10 +15,18 @@ use crate::metrics::Rejection;
 /// connection limit is derived from the open-file limit.
 pub const RESERVED_FILES: usize = 512;
 
+/// Accepted sockets a node holds beyond `max_connections`, so that a client over the limit is
+/// told so in its CONNACK (and backs off) rather than cut off. Beyond them a socket is closed
+/// as soon as it is accepted, before its TLS handshake: in a reconnect storm, sockets waiting
+/// for their handshake would otherwise take the files the process keeps for itself.
+pub const ACCEPT_SLACK: usize = 256;
+
 /// The node's connection and connection-rate budgets.
 #[derive(Debug)]
 pub(crate) struct Admission {
     max_connections: usize,
+    /// Sockets held at most, handshakes included: above it, accepted sockets are closed at once.
+    accept_cap: usize,
     open: Arc<AtomicUsize>,
     rate: Option<parking_lot::Mutex<TokenBucket>>,
 }
@@ -38,12 +46,14 @@ impl Admission {
     /// [`RESERVED_FILES`]); new connections at `rate_per_s` on average with bursts of `burst`
     /// (rate 0: no rate limit).
     pub fn new(max_connections: usize, rate_per_s: f64, burst: f64) -> Self {
+        let files = open_file_limit();
         let max_connections = match max_connections {
-            0 => open_file_limit().saturating_sub(RESERVED_FILES).max(1),
+            0 => files.saturating_sub(RESERVED_FILES).max(1),
             n => n,
         };
         Self {
             max_connections,
+            accept_cap: accept_cap(max_connections, files),
             open: Arc::new(AtomicUsize::new(0)),
             rate: (rate_per_s > 0.0)
                 .then(|| parking_lot::Mutex::new(TokenBucket::new(rate_per_s, burst.max(1.0)))),
@@ -54,10 +64,15 @@ impl Admission {
         self.max_connections
     }
 
-    /// Counts an accepted connection until the returned guard drops.
-    pub fn hold(&self) -> Held {
-        self.open.fetch_add(1, Ordering::Relaxed);
-        Held(self.open.clone())
+    /// Counts an accepted connection until the returned guard drops; `None` (and not counted)
+    /// when the node already holds as many sockets as it may, handshakes included: the caller
+    /// closes the socket at once.
+    pub fn try_hold(&self) -> Option<Held> {
+        if self.open.fetch_add(1, Ordering::Relaxed) >= self.accept_cap {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Held(self.open.clone()))
     }
 
     /// Whether a connection that sent its CONNECT may go on: within the connection limit (it
@@ -73,6 +88,14 @@ impl Admission {
             _ => Ok(()),
         }
     }
+}
+
+/// Sockets held at most: `max_connections` and [`ACCEPT_SLACK`] more, but never into the half
+/// of [`RESERVED_FILES`] nearest the open-file limit.
+fn accept_cap(max_connections: usize, files: usize) -> usize {
+    (max_connections + ACCEPT_SLACK)
+        .min(files.saturating_sub(RESERVED_FILES / 2))
+        .max(1)
 }
 
 /// The soft open-file limit of the process (after the binary raised it, if it did).
@@ -141,14 +164,35 @@ mod tests {
     #[test]
     fn connections_over_the_limit_are_refused_until_one_ends() {
         let a = Admission::new(2, 0.0, 0.0);
-        let first = a.hold();
-        let _second = a.hold();
+        let first = a.try_hold().unwrap();
+        let _second = a.try_hold().unwrap();
         assert_eq!(a.admit(), Ok(()));
-        let third = a.hold();
+        let third = a.try_hold().unwrap();
         assert_eq!(a.admit(), Err(Rejection::ConnectionLimit));
         drop(third);
         drop(first);
         assert_eq!(a.admit(), Ok(()));
+    }
+
+    #[test]
+    fn sockets_beyond_the_slack_are_not_held() {
+        let a = Admission::new(2, 0.0, 0.0);
+        let held: Vec<_> = (0..2 + ACCEPT_SLACK)
+            .map(|_| a.try_hold().expect("within the limit and its slack"))
+            .collect();
+        assert!(a.try_hold().is_none(), "beyond the slack");
+        assert!(a.try_hold().is_none(), "a refusal holds nothing");
+        drop(held);
+        assert!(a.try_hold().is_some());
+    }
+
+    #[test]
+    fn the_accept_cap_keeps_half_the_reserved_files() {
+        assert_eq!(accept_cap(100, 20_000), 100 + ACCEPT_SLACK);
+        let derived = 20_000 - RESERVED_FILES;
+        assert_eq!(accept_cap(derived, 20_000), 20_000 - RESERVED_FILES / 2);
+        // A limit configured above what the files allow is capped by the files.
+        assert_eq!(accept_cap(50_000, 20_000), 20_000 - RESERVED_FILES / 2);
     }
 
     #[test]

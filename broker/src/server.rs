@@ -269,7 +269,8 @@ impl Broker {
 }
 
 /// Accepts connections and serves each on its own task, counted by the node's
-/// [`Admission`] for as long as it lives.
+/// [`Admission`] for as long as it lives. A socket beyond what the node may hold is closed at
+/// once (counted as `connection_limit`), before any TLS work.
 async fn accept_loop<F, Fut>(listener: TcpListener, ctx: &Ctx, tracker: TaskTracker, serve: F)
 where
     F: Fn(TcpStream, SocketAddr) -> Fut,
@@ -278,8 +279,12 @@ where
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let Some(held) = ctx.admission.try_hold() else {
+                    ctx.control.refused(Rejection::ConnectionLimit, None, peer);
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                let held = ctx.admission.hold();
                 let served = serve(stream, peer);
                 tracker.spawn(async move {
                     served.await;
