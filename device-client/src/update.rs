@@ -103,10 +103,36 @@ where
 /// Downloads over HTTP or HTTPS. Transport security is not what makes an update safe: every
 /// artifact is checked against the signed size and SHA-256 before it is installed. Cheap to
 /// clone (one connection pool), so many devices of a simulation share one.
+///
+/// A download that fails for a reason that may pass (the server not answering yet, a timeout,
+/// HTTP 408, 429 or 5xx) is tried again after each of [`DOWNLOAD_RETRY_DELAYS`] before the
+/// update is reported failed: a failed update is final for its deployment, and an artifact
+/// server restarting for a few seconds must not fail a fleet's rollout.
 #[derive(Clone)]
 pub struct HttpFetcher {
     client: reqwest::Client,
     timeout: Duration,
+    retry_delays: Vec<Duration>,
+}
+
+/// The waits before each new try of a download that failed for a passing reason.
+pub const DOWNLOAD_RETRY_DELAYS: [Duration; 3] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+];
+
+impl FetchError {
+    /// Whether trying again later may succeed: the transport failed, the server took too
+    /// long, or it said it is busy or broken (408, 429, 5xx). A 404 or an oversized artifact
+    /// stays what it is.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FetchError::Transport(_) | FetchError::Timeout(_) => true,
+            FetchError::Status(code) => matches!(code, 408 | 429 | 500..=599),
+            FetchError::TooLarge(_) => false,
+        }
+    }
 }
 
 impl HttpFetcher {
@@ -123,7 +149,49 @@ impl HttpFetcher {
             .use_preconfigured_tls((*config).clone())
             .build()
             .map_err(|e| ConfigError::Tls(format!("HTTP client: {e}")))?;
-        Ok(Self { client, timeout })
+        Ok(Self {
+            client,
+            timeout,
+            retry_delays: DOWNLOAD_RETRY_DELAYS.to_vec(),
+        })
+    }
+
+    /// Waits before each new try of a transiently failed download (none: one try only).
+    pub fn with_retry_delays(mut self, delays: Vec<Duration>) -> Self {
+        self.retry_delays = delays;
+        self
+    }
+}
+
+impl HttpFetcher {
+    /// One try: at most `limit + 1` bytes within the timeout.
+    async fn fetch_once(&self, url: &str, limit: u64) -> Result<Bytes, FetchError> {
+        let download = async {
+            let mut resp = self
+                .client
+                .get(url)
+                .send()
+                .await
+                .map_err(|e| FetchError::Transport(e.to_string()))?;
+            if !resp.status().is_success() {
+                return Err(FetchError::Status(resp.status().as_u16()));
+            }
+            let mut body = Vec::with_capacity(limit.min(64 << 20) as usize);
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| FetchError::Transport(e.to_string()))?
+            {
+                body.extend_from_slice(&chunk);
+                if body.len() as u64 > limit {
+                    return Err(FetchError::TooLarge(limit));
+                }
+            }
+            Ok(Bytes::from(body))
+        };
+        tokio::time::timeout(self.timeout, download)
+            .await
+            .map_err(|_| FetchError::Timeout(self.timeout))?
     }
 }
 
@@ -132,36 +200,23 @@ impl Fetcher for HttpFetcher {
         &self,
         release: &ReleaseManifest,
     ) -> impl Future<Output = Result<Bytes, FetchError>> + Send {
-        let client = self.client.clone();
+        let this = self.clone();
         let url = release.url.clone();
         let limit = release.size;
-        let timeout = self.timeout;
         async move {
-            let download = async {
-                let mut resp = client
-                    .get(&url)
-                    .send()
-                    .await
-                    .map_err(|e| FetchError::Transport(e.to_string()))?;
-                if !resp.status().is_success() {
-                    return Err(FetchError::Status(resp.status().as_u16()));
+            let mut waits = this.retry_delays.iter();
+            loop {
+                match this.fetch_once(&url, limit).await {
+                    Err(e) if e.is_transient() => match waits.next() {
+                        Some(wait) => {
+                            info!(%url, error = %e, wait = ?wait, "download failed; trying again");
+                            tokio::time::sleep(*wait).await;
+                        }
+                        None => return Err(e),
+                    },
+                    done => return done,
                 }
-                let mut body = Vec::with_capacity(limit.min(64 << 20) as usize);
-                while let Some(chunk) = resp
-                    .chunk()
-                    .await
-                    .map_err(|e| FetchError::Transport(e.to_string()))?
-                {
-                    body.extend_from_slice(&chunk);
-                    if body.len() as u64 > limit {
-                        return Err(FetchError::TooLarge(limit));
-                    }
-                }
-                Ok(Bytes::from(body))
-            };
-            tokio::time::timeout(timeout, download)
-                .await
-                .map_err(|_| FetchError::Timeout(timeout))?
+            }
         }
     }
 }
@@ -817,5 +872,73 @@ mod tests {
         assert_eq!(names, [InstalledRelease::FILE]);
         std::fs::write(dir.path().join(InstalledRelease::FILE), b"{not json").unwrap();
         assert!(InstalledRelease::load(dir.path()).is_err());
+    }
+
+    /// An HTTP server on 127.0.0.1 that answers each request with the next of `statuses`
+    /// (the artifact `body` with a 200), counting the requests.
+    async fn artifact_server(
+        statuses: Vec<u16>,
+        body: &'static [u8],
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/fw.bin", listener.local_addr().unwrap());
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = served.clone();
+        tokio::spawn(async move {
+            for status in statuses {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let payload: &[u8] = if status == 200 { body } else { b"" };
+                let head = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    payload.len()
+                );
+                sock.write_all(head.as_bytes()).await.unwrap();
+                sock.write_all(payload).await.unwrap();
+            }
+        });
+        (url, served)
+    }
+
+    fn manifest_at(url: &str, body: &[u8]) -> ReleaseManifest {
+        let (mut release, _) = signed("2.0.0", body);
+        release.manifest.url = url.to_owned();
+        release.manifest
+    }
+
+    fn fetcher() -> HttpFetcher {
+        HttpFetcher::with_tls(Duration::from_secs(5), &TlsConfig::system_roots().unwrap())
+            .unwrap()
+            .with_retry_delays(vec![Duration::from_millis(10); 3])
+    }
+
+    #[tokio::test]
+    async fn a_download_is_tried_again_while_the_server_is_unavailable() {
+        let (url, served) = artifact_server(vec![503, 502, 200], b"firmware").await;
+        let got = fetcher().fetch(&manifest_at(&url, b"firmware")).await;
+        assert_eq!(got.unwrap().as_ref(), b"firmware");
+        assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_missing_artifact_is_not_tried_again() {
+        let (url, served) = artifact_server(vec![404, 200], b"firmware").await;
+        let got = fetcher().fetch(&manifest_at(&url, b"firmware")).await;
+        assert_eq!(got.unwrap_err(), FetchError::Status(404));
+        assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_fails_after_the_last_retry() {
+        // A port nobody listens on: every try is refused.
+        let url = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}/fw.bin", l.local_addr().unwrap())
+        };
+        let got = fetcher().fetch(&manifest_at(&url, b"firmware")).await;
+        assert!(matches!(got, Err(FetchError::Transport(_))), "{got:?}");
     }
 }
