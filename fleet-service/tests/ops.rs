@@ -111,7 +111,7 @@ fn tcp(addr: SocketAddr) -> TcpStream {
 
 /// A device session over mutual TLS, as the device `cn` with its certificate.
 async fn device_session(app: &App, cn: &str, (cert, key): (String, String)) -> Session {
-    let server_ca = std::fs::read(app.server_ca_path()).unwrap();
+    let server_ca = std::fs::read(app.server_ca_path().expect("the dev PKI")).unwrap();
     let addr = app.mqtts_addr();
     let cn = cn.to_owned();
     tokio::task::spawn_blocking(move || {

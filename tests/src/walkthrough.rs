@@ -290,8 +290,15 @@ impl Walkthrough {
     }
 
     fn fail(&self, why: &str) -> ! {
+        let mut logs = String::new();
+        for job in &self.jobs {
+            let text = std::fs::read_to_string(&job.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            logs.push_str(&format!("\n=== background {:?} (last 40 lines) ===\n{tail}\n", job.code.lines().next().unwrap_or_default()));
+        }
         panic!(
-            "README walk-through failed: {why}\n\n=== transcript ===\n{}",
+            "README walk-through failed: {why}\n\n=== transcript ===\n{}{logs}",
             self.transcript
         )
     }

@@ -77,7 +77,7 @@ async fn mosquitto_pub_publishes_as_a_device() {
         let payload = json!({ "via": "mosquitto", "n": n }).to_string();
         let out = tokio::task::spawn_blocking({
             let (cert_path, key_path) = (cert_path.clone(), key_path.clone());
-            let ca = p.app().server_ca_path().to_path_buf();
+            let ca = p.app().server_ca_path().expect("the dev PKI").to_path_buf();
             let port = port.clone();
             move || {
                 Command::new("mosquitto_pub")
@@ -123,7 +123,7 @@ async fn mosquitto_pub_publishes_as_a_device() {
         .args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-i", "mosq-dev"])
         .args(["-t", "devices/mosq-dev/telemetry", "-m", "{}"])
         .arg("--cafile")
-        .arg(p.app().server_ca_path())
+        .arg(p.app().server_ca_path().expect("the dev PKI"))
         .output()
         .unwrap();
     assert!(

@@ -109,7 +109,12 @@ fn the_readme_walkthrough_does_what_it_says() {
         .filter(|(s, _)| s.code.contains("devices/import"))
         .map(|(_, o)| o.clone())
         .collect();
-    let imported: Value = serde_json::from_str(&imported).unwrap_or(Value::Null);
+    // The block's first JSON document is the import's answer (the summary and audit follow).
+    let imported: Value = serde_json::Deserializer::from_str(&imported)
+        .into_iter::<Value>()
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or(Value::Null);
     assert_eq!(imported["created"], 2, "{}", say("import", &imported));
 
     // Telemetry stored, from the agent and from mosquitto_pub.
