@@ -1877,20 +1877,46 @@ fn unavailable(version: Version) -> Packet {
     )
 }
 
-/// The DISCONNECT the server sends an MQTT 5 client: its reason code, and the property list
-/// written out empty (`e0 02 rc 00`) rather than left off (`e0 01 rc`). Both are valid, but
-/// some clients (rumqttc 0.25) cannot read the short form and lose the reason, such as
-/// 0x8E "session taken over", which the device agent turns into advice.
+/// The DISCONNECT the server sends an MQTT 5 client: its reason code and a short Reason
+/// String saying it in words ([MQTT-3.14.2.2.3]; allowed in a DISCONNECT whatever the
+/// client's Request Problem Information, [MQTT-3.1.2-29]). Some clients (rumqttc 0.25) cannot
+/// read the short form `e0 01 rc` and lose the reason, such as 0x8E "session taken over",
+/// which the device agent turns into advice; and rumqttd's writer turns a reason code with an
+/// empty property list into `e0 00` (no reason at all). The Reason String keeps the property
+/// list non-empty, so the reason code is always on the wire.
 fn server_disconnect(reason_code: DisconnectReasonCode) -> Packet {
     Packet::Disconnect(
         Disconnect { reason_code },
         Some(DisconnectProperties {
             session_expiry_interval: None,
-            reason_string: None,
+            reason_string: Some(disconnect_text(reason_code).to_owned()),
             user_properties: Vec::new(),
             server_reference: None,
         }),
     )
+}
+
+/// The Reason String of a server DISCONNECT.
+fn disconnect_text(code: DisconnectReasonCode) -> &'static str {
+    use DisconnectReasonCode as C;
+    match code {
+        C::NormalDisconnection => "normal disconnection",
+        C::MalformedPacket => "malformed packet",
+        C::ProtocolError => "protocol error",
+        C::ImplementationSpecificError => "refused by the server",
+        C::NotAuthorized => "not authorized",
+        C::ServerBusy => "server busy",
+        C::ServerShuttingDown => "server shutting down",
+        C::KeepAliveTimeout => "keep alive timeout",
+        C::SessionTakenOver => "session taken over by another connection",
+        C::TopicNameInvalid => "topic name invalid",
+        C::ReceiveMaximumExceeded => "receive maximum exceeded",
+        C::TopicAliasInvalid => "topic alias invalid",
+        C::PacketTooLarge => "packet too large",
+        C::QuotaExceeded => "quota exceeded",
+        C::AdministrativeAction => "ended by an operator",
+        _ => "disconnected by the server",
+    }
 }
 
 fn disconnect_packet() -> Packet {
