@@ -301,6 +301,7 @@ impl App {
                 broker::registry::QuarantineMode::parse(&config.tuning.devices.quarantine_mode)
                     .context("[devices] quarantine_mode must be \"commands_only\" or \"refuse\"")?;
             let mut api_state = crate::api::ApiState::with_ops(store.clone(), ops.clone());
+            api_state.backbone = cluster.clone();
             api_state.settings = crate::api::ApiSettings {
                 require_ca_proof: config.tuning.ca.require_proof_of_possession,
                 verification_code_ttl_ms: (config.tuning.ca.verification_code_ttl_secs as i64)
@@ -312,7 +313,7 @@ impl App {
         } else {
             tasks.push(serve_http(
                 http,
-                crate::cluster::node_router(control.clone()),
+                crate::cluster::node_router(control.clone(), cluster.clone()),
                 stopped.clone(),
             ));
         }

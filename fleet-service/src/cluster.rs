@@ -49,6 +49,11 @@ impl Backbone {
         })
     }
 
+    /// Whether the connection to NATS is up now (it reconnects by itself when it is not).
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     /// How this process's broker joins the other nodes.
     pub fn node_config(&self) -> broker::cluster::ClusterConfig {
         let mut c = broker::cluster::ClusterConfig::new(self.client.clone(), &self.node_id);
@@ -198,11 +203,13 @@ impl crate::ops::ChangeFeed for NatsFeed {
 }
 
 /// The HTTP listener of a broker node: `/healthz` (200 while the node takes connections, 503
-/// once it fenced itself) and `/api/v1/broker/metrics` (this node's counters).
-pub fn node_router(control: BrokerControl) -> axum::Router {
+/// once it fenced itself), `/readyz` (also 503 while its connection to the bus is down) and
+/// `/api/v1/broker/metrics` (this node's counters).
+pub fn node_router(control: BrokerControl, backbone: Option<Backbone>) -> axum::Router {
     use axum::http::StatusCode;
     use axum::routing::get;
     let health = control.clone();
+    let ready = control.clone();
     axum::Router::new()
         .route(
             "/healthz",
@@ -216,6 +223,24 @@ pub fn node_router(control: BrokerControl) -> axum::Router {
                             StatusCode::SERVICE_UNAVAILABLE,
                             "fenced: this node cannot renew its lease\n",
                         )
+                    }
+                }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let why = if !ready.accepting() {
+                    Some("fenced: this node cannot renew its lease\n")
+                } else if backbone.as_ref().is_some_and(|b| !b.connected()) {
+                    Some("the bus (NATS) is unreachable\n")
+                } else {
+                    None
+                };
+                async move {
+                    match why {
+                        None => (StatusCode::OK, "ready\n"),
+                        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
                     }
                 }
             }),

@@ -83,6 +83,8 @@ pub struct ApiState {
     pub store: Store,
     pub ops: Ops,
     pub settings: ApiSettings,
+    /// The cluster's backbone, when this process is a replica of one: readiness needs it.
+    pub backbone: Option<crate::cluster::Backbone>,
 }
 
 /// Behaviour the tuning file chooses.
@@ -111,6 +113,7 @@ impl ApiState {
             store,
             ops,
             settings: ApiSettings::default(),
+            backbone: None,
         }
     }
 }
@@ -356,8 +359,9 @@ async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// Whether the service can do its work now: its database answers within 2 s. For load
-/// balancers and orchestrators (`/healthz` says only that the process answers).
+/// Whether the service can do its work now: its database answers within 2 s and, in a
+/// cluster, its connection to the bus (NATS) is up. For load balancers and orchestrators
+/// (`/healthz` says only that the process answers).
 ///
 /// No API key needed.
 #[utoipa::path(
@@ -366,22 +370,21 @@ async fn healthz() -> Json<Health> {
     tag = "service",
     responses(
         (status = 200, description = "Ready", body = Health),
-        (status = 503, description = "Not ready: the database does not answer", body = Health),
+        (status = 503, description = "Not ready: the database does not answer, or (in a cluster) the bus is unreachable", body = Health),
     ),
 )]
 async fn ready(State(state): State<ApiState>) -> (StatusCode, Json<Health>) {
-    match state.store.ping(Duration::from_secs(2)).await {
-        Ok(()) => (StatusCode::OK, Json(Health { status: "ready" })),
-        Err(e) => {
-            tracing::warn!(error = %e, "not ready: the database does not answer");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(Health {
-                    status: "database unavailable",
-                }),
-            )
-        }
+    let unavailable =
+        |status: &'static str| (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status }));
+    if let Err(e) = state.store.ping(Duration::from_secs(2)).await {
+        tracing::warn!(error = %e, "not ready: the database does not answer");
+        return unavailable("database unavailable");
     }
+    if state.backbone.as_ref().is_some_and(|b| !b.connected()) {
+        tracing::warn!("not ready: the bus (NATS) is unreachable");
+        return unavailable("bus unavailable");
+    }
+    (StatusCode::OK, Json(Health { status: "ready" }))
 }
 
 /// The broker's counters: sessions, connects, provisioning, publishes, rejections.
