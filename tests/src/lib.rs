@@ -213,7 +213,10 @@ impl Platform {
     }
 
     pub fn server_ca_pem(&self) -> String {
-        let path = self.app().server_ca_path().expect("the dev PKI serves the devices");
+        let path = self
+            .app()
+            .server_ca_path()
+            .expect("the dev PKI serves the devices");
         std::fs::read_to_string(path).expect("server CA")
     }
 

@@ -275,8 +275,9 @@ impl Walkthrough {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        self.transcript
-            .push_str(&format!("(stopped the background block running {what:?})\n"));
+        self.transcript.push_str(&format!(
+            "(stopped the background block running {what:?})\n"
+        ));
     }
 
     /// The output so far of the background block whose code contains `what`.
@@ -295,7 +296,10 @@ impl Walkthrough {
             let text = std::fs::read_to_string(&job.log).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-            logs.push_str(&format!("\n=== background {:?} (last 40 lines) ===\n{tail}\n", job.code.lines().next().unwrap_or_default()));
+            logs.push_str(&format!(
+                "\n=== background {:?} (last 40 lines) ===\n{tail}\n",
+                job.code.lines().next().unwrap_or_default()
+            ));
         }
         panic!(
             "README walk-through failed: {why}\n\n=== transcript ===\n{}{logs}",

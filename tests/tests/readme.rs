@@ -177,7 +177,9 @@ fn the_readme_walkthrough_does_what_it_says() {
     });
     assert!(first_agent.contains("reboot"), "{first_agent}");
     assert!(
-        steps.iter().any(|s| matches!(s.mode, Mode::Background { .. })),
+        steps
+            .iter()
+            .any(|s| matches!(s.mode, Mode::Background { .. })),
         "no background block"
     );
 }
