@@ -17,10 +17,11 @@ pub(crate) mod proto {
     pub use rumqttd::protocol::v5::V5;
     pub use rumqttd::protocol::{
         ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, Disconnect,
-        DisconnectProperties, DisconnectReasonCode, Error as CodecError, Filter, LastWill, LastWillProperties, Login,
-        Packet, PingResp, Protocol, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-        PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule,
-        SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+        DisconnectProperties, DisconnectReasonCode, Error as CodecError, Filter, LastWill,
+        LastWillProperties, Login, Packet, PingResp, Protocol, PubAck, PubAckReason, PubComp,
+        PubCompReason, PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS,
+        RetainForwardRule, SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck,
+        UnsubAckReason,
     };
 }
 

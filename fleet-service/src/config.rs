@@ -511,9 +511,20 @@ mod tests {
             ServerTls::from_args(None, None, names.iter().map(|n| n.to_string()).collect())
         };
         assert_eq!(
-            dev(&["Fleet.Example.com", "192.168.1.20", "fleet.example.com", " ", "::1"]).unwrap(),
+            dev(&[
+                "Fleet.Example.com",
+                "192.168.1.20",
+                "fleet.example.com",
+                " ",
+                "::1"
+            ])
+            .unwrap(),
             ServerTls::Dev {
-                names: vec!["192.168.1.20".into(), "::1".into(), "fleet.example.com".into()]
+                names: vec![
+                    "192.168.1.20".into(),
+                    "::1".into(),
+                    "fleet.example.com".into()
+                ]
             }
         );
         assert!(dev(&["*.fleet.example.com"]).is_ok());

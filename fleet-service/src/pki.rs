@@ -244,7 +244,12 @@ mod tests {
         let (_, server) = x509_parser::parse_x509_certificate(&named.cert_chain[0]).unwrap();
         assert_eq!(
             canonical(subject_alt_names(&server)),
-            ["127.0.0.1", "192.168.1.20", "fleet.example.com", "localhost"]
+            [
+                "127.0.0.1",
+                "192.168.1.20",
+                "fleet.example.com",
+                "localhost"
+            ]
         );
         // The same names in another order and case: kept.
         let again = pki

@@ -135,9 +135,7 @@ fn the_systemd_unit_runs_the_platform() {
             }
         }
     });
-    let running = rx
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_default();
+    let running = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
     assert!(
         running.starts_with("fleet-service is running"),
         "no banner: {running:?}"
