@@ -9,8 +9,6 @@ use serde_json::{json, Value};
 use super::hist::Percentiles;
 use super::{Qos, Scenario, Shard, SimConfig, Soak};
 
-/// Everything a run measured.
-
 /// The table's words for an observer's non-zero `foreign` count.
 const FOREIGN_OBSERVED: &str = "(foreign: messages on the filter that are not this run's \
 telemetry, e.g. from other devices or another simulator on the same topics; neither delivered \
@@ -19,6 +17,7 @@ nor lost)";
 const FOREIGN_FANOUT: &str = "(foreign: messages the devices received that this fanout did not \
 send, e.g. a retained message of an earlier run; neither delivered nor lost)";
 
+/// Everything a run measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub scenario: String,

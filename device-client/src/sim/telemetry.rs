@@ -795,8 +795,10 @@ mod tests {
     /// row, an empty one after a full row is dropped.
     #[test]
     fn the_rest_after_the_last_row_is_no_stray_row() {
+        /// (end s, acked, connected) of one row.
+        type Row = (f64, u64, u64);
         let every = std::time::Duration::from_secs(10);
-        let cases: &[(f64, bool, &[(f64, u64, u64)])] = &[
+        let cases: &[(f64, bool, &[Row])] = &[
             (60.02, true, &[(50.0, 40, 10), (60.02, 43, 4)]),
             (60.02, false, &[(50.0, 40, 10), (60.02, 40, 4)]),
             (64.9, true, &[(50.0, 40, 10), (64.9, 43, 4)]),
