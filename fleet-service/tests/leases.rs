@@ -317,6 +317,14 @@ async fn singletons_hand_over_without_overlap(url: &str) {
     )
     .await;
     assert_eq!(leader().await, "replica-3");
+    // Leading is announced before the task it guards has started.
+    timeout(Duration::from_secs(5), async {
+        while probe.started.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the third replica's task starts");
     assert_eq!(probe.active.load(Ordering::SeqCst), 1);
     assert_eq!(
         probe.most.load(Ordering::SeqCst),

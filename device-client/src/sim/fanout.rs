@@ -308,6 +308,19 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, f: &Fanout) -> Result<Outcome, SimError>
     while ctx.live.delivered.load(Ordering::Relaxed) < expected && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A PUBACK may come after the deliveries it led to: wait for it too before disconnecting,
+    // or the last publishes would be counted unacknowledged.
+    let want_acks = if f.qos == Qos::AtLeastOnce {
+        submitted
+    } else {
+        0
+    };
+    while stats.acked.load(Ordering::Relaxed) < want_acks
+        && !driver.is_finished()
+        && Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let _ = publisher.disconnect();
     let mut driver = driver;
     match tokio::time::timeout(Duration::from_secs(5), &mut driver).await {
