@@ -213,7 +213,10 @@ impl Platform {
     }
 
     pub fn server_ca_pem(&self) -> String {
-        let path = self.app().server_ca_path().expect("the dev PKI serves the devices");
+        let path = self
+            .app()
+            .server_ca_path()
+            .expect("the dev PKI serves the devices");
         std::fs::read_to_string(path).expect("server CA")
     }
 
@@ -245,6 +248,15 @@ impl Platform {
     pub fn service_options(&self, client_id: &str, api_key: &str) -> rumqttc::MqttOptions {
         let addr = self.app().service_addr();
         let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_credentials("service", api_key);
+        o
+    }
+
+    /// [`Platform::service_options`] for an MQTT 5 client.
+    pub fn service_options_v5(&self, client_id: &str, api_key: &str) -> rumqttc::v5::MqttOptions {
+        let addr = self.app().service_addr();
+        let mut o = rumqttc::v5::MqttOptions::new(client_id, "127.0.0.1", addr.port());
         o.set_keep_alive(Duration::from_secs(30));
         o.set_credentials("service", api_key);
         o
