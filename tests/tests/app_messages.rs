@@ -451,7 +451,7 @@ async fn mqtt5_device_is_refused_another_devices_app_subtree_and_stays_connected
         .await;
     assert_eq!(reason, PubAckReason::NotAuthorized);
     // Beyond the bounds of an application topic: Topic Name invalid.
-    let deep = format!("devices/app-a5/app/{}", vec!["l"; 9].join("/"));
+    let deep = format!("devices/app-a5/app/{}", ["l"; 9].join("/"));
     let long = format!("devices/app-a5/app/{}", "x".repeat(65));
     for topic in [deep, long, "devices/app-a5/app//x".into()] {
         let ack = publish5(&mut a, &topic, 1, binary(4)).await;

@@ -374,8 +374,8 @@ mod tests {
 
     #[test]
     fn app_topics_are_bounded() {
-        let deepest = vec!["l"; MAX_APP_LEVELS].join("/");
-        let too_deep = vec!["l"; MAX_APP_LEVELS + 1].join("/");
+        let deepest = ["l"; MAX_APP_LEVELS].join("/");
+        let too_deep = ["l"; MAX_APP_LEVELS + 1].join("/");
         let longest = "x".repeat(MAX_APP_LEVEL_LEN);
         let too_long = "x".repeat(MAX_APP_LEVEL_LEN + 1);
         let cases: &[(&str, Result<(), AppPathError>)] = &[
@@ -427,8 +427,8 @@ mod tests {
 
     #[test]
     fn app_filters_are_bounded_alike() {
-        let deepest = format!("{}/#", vec!["+"; MAX_APP_LEVELS - 1].join("/"));
-        let too_deep = format!("{}/#", vec!["+"; MAX_APP_LEVELS].join("/"));
+        let deepest = format!("{}/#", ["+"; MAX_APP_LEVELS - 1].join("/"));
+        let too_deep = format!("{}/#", ["+"; MAX_APP_LEVELS].join("/"));
         let cases: &[(&str, bool)] = &[
             ("#", true),
             ("+", true),
