@@ -161,6 +161,9 @@ async fn mqtt311_device_and_service_exchange_binary_messages_at_every_qos(p: Pla
         subscribe311(&mut svc, "devices/+/app/up/#", QoS::ExactlyOnce).await,
         SubscribeReasonCode::Success(QoS::AtLeastOnce)
     );
+    // A device's subscription is served from its inbox on the node: the router holds no
+    // filter more for it.
+    let router_filters = p.app().control().metrics().router_filters;
     let mut dev = Client::connect(p.device_options(&fleet.ca.issue("app-311"), "app-311"))
         .await
         .unwrap();
@@ -168,6 +171,7 @@ async fn mqtt311_device_and_service_exchange_binary_messages_at_every_qos(p: Pla
         subscribe311(&mut dev, "devices/app-311/app/down/#", QoS::ExactlyOnce).await,
         SubscribeReasonCode::Success(QoS::AtLeastOnce)
     );
+    assert_eq!(p.app().control().metrics().router_filters, router_filters);
     let bus_events = p.app().control().metrics().bus_events;
 
     let (up, down) = (
