@@ -1,20 +1,23 @@
 //! Topic rights. Pure functions over the wire contract's [`Topic`] and a [`Places`] lookup
 //! (where a device or cohort sits: organization, product, cohort): no I/O, table-tested.
 //!
-//! A device may publish only its own telemetry, reported state, command acks and update
-//! progress, and subscribe only to its own commands and its cohort's topics; a quarantined
-//! device only to its own commands, and it may publish only command acks. A filter is allowed
-//! only when every topic it could ever match is allowed, so a wildcard can never reach another
-//! device. Backend services read under `devices/` and `cohorts/` what their key sees (its
-//! organization, narrowed by its product or cohort scope); operators and admins may also send
-//! commands to a device or cohort their key sees. Every service filter under `devices/` and
+//! A device may publish only its own telemetry, reported state, command acks, update progress
+//! and application messages (`devices/{id}/app/...`), and subscribe only to its own commands,
+//! assignment and application subtree and its cohort's topics; a quarantined device only to
+//! its own commands, and it may publish only command acks. A filter is allowed only when every
+//! topic it could ever match is allowed, so a wildcard can never reach another device. Backend
+//! services read under `devices/` and `cohorts/` what their key sees (its organization,
+//! narrowed by its product or cohort scope); operators and admins may also send commands, and
+//! application messages, to a device or cohort their key sees. Nobody retains an application
+//! message (the platform routes them, it keeps none), and a filter reaching under `app/` is
+//! held to the same bounds as the topics there. Every service filter under `devices/` and
 //! `cohorts/` is granted, and what it delivers is narrowed message by message
 //! ([`may_receive`]): ids are not grouped by organization in the topic tree, and refusing a
 //! filter that names another organization's device would reveal that it exists. The cohort's
 //! desired release (`cohorts/{id}/updates`) is published only by the platform itself. Anything
 //! not allowed is denied.
 
-use fleet_wire::{CohortId, DeviceId, Topic};
+use fleet_wire::{AppPath, CohortId, DeviceId, Topic};
 
 use crate::auth::{Place, ServicePrincipal};
 
@@ -50,7 +53,8 @@ fn service_sees(p: &ServicePrincipal, topic: &Topic, places: &dyn Places) -> boo
         | Topic::UpdateStatus(d)
         | Topic::Presence(d)
         | Topic::Assignment(d)
-        | Topic::Commands(d) => places.device_in(d, &sees),
+        | Topic::Commands(d)
+        | Topic::App(d, _) => places.device_in(d, &sees),
         Topic::CohortUpdates(c) | Topic::CohortCommands(c) => places.cohort_in(c, &sees),
     }
 }
@@ -72,7 +76,8 @@ pub fn may_publish_topic(principal: &Principal, parsed: &Topic, places: &dyn Pla
             Topic::Telemetry(d)
             | Topic::State(d)
             | Topic::CommandAck(d)
-            | Topic::UpdateStatus(d) => d == id,
+            | Topic::UpdateStatus(d)
+            | Topic::App(d, _) => d == id,
             Topic::Presence(_)
             | Topic::Assignment(_)
             | Topic::Commands(_)
@@ -83,10 +88,20 @@ pub fn may_publish_topic(principal: &Principal, parsed: &Topic, places: &dyn Pla
         // on the broker's own link), so no service can overwrite what a cohort installs.
         Principal::Service(p) => {
             p.role.may_command()
-                && matches!(parsed, Topic::Commands(_) | Topic::CohortCommands(_))
+                && matches!(
+                    parsed,
+                    Topic::Commands(_) | Topic::CohortCommands(_) | Topic::App(..)
+                )
                 && service_sees(p, parsed, places)
         }
     }
+}
+
+/// Whether a publish on `topic` may carry the retain flag. Application messages are routed,
+/// never kept: a retained one per topic, on topics a client names freely, would let one
+/// client make the platform hold ever more.
+pub fn may_retain(topic: &Topic) -> bool {
+    !matches!(topic, Topic::App(..))
 }
 
 /// Whether `principal` may subscribe to `filter` (wildcards and `$share/{group}/` allowed).
@@ -101,7 +116,7 @@ pub fn may_subscribe(principal: &Principal, filter: &str, _places: &dyn Places) 
             quarantined,
         } => {
             // Devices get no shared subscriptions and nothing outside their own grants.
-            if filter.starts_with('$') {
+            if filter.starts_with('$') || !app_filter_bounded(filter) {
                 return false;
             }
             let own = [
@@ -113,9 +128,10 @@ pub fn may_subscribe(principal: &Principal, filter: &str, _places: &dyn Places) 
                 return true;
             }
             !quarantined
-                && cohort
-                    .as_ref()
-                    .is_some_and(|c| filter_within(filter, &format!("cohorts/{c}/#")))
+                && (filter_within(filter, &format!("devices/{id}/app/#"))
+                    || cohort
+                        .as_ref()
+                        .is_some_and(|c| filter_within(filter, &format!("cohorts/{c}/#"))))
         }
         Principal::Service(_) => {
             let inner = match filter.strip_prefix("$share/") {
@@ -128,6 +144,7 @@ pub fn may_subscribe(principal: &Principal, filter: &str, _places: &dyn Places) 
                 None => filter,
             };
             if !valid_filter(inner)
+                || !app_filter_bounded(inner)
                 || !(filter_within(inner, "devices/#") || filter_within(inner, "cohorts/#"))
             {
                 return false;
@@ -165,6 +182,12 @@ pub fn valid_filter(filter: &str) -> bool {
         }
     }
     true
+}
+
+/// A filter that reaches under a device's `app/` stays within the bounds of the topics there
+/// (depth, level length): a deeper or longer one could match nothing.
+fn app_filter_bounded(filter: &str) -> bool {
+    fleet_wire::app_filter_path(filter).is_none_or(|p| AppPath::check_filter(p).is_ok())
 }
 
 /// Whether every topic matched by `filter` is also matched by `pattern`.
@@ -304,9 +327,40 @@ mod tests {
             ("devices/dev-1/other", false),
             ("elsewhere", false),
             ("$SYS/x", false),
+            // Its application subtree, any depth within the bounds, and no one else's.
+            ("devices/dev-1/app/up", true),
+            ("devices/dev-1/app/cbor/v2/reading", true),
+            ("devices/dev-1/app/a/b/c/d/e/f/g/h", true),
+            ("devices/dev-1/app/a/b/c/d/e/f/g/h/i", false),
+            ("devices/dev-1/app", false),
+            ("devices/dev-1/app/", false),
+            ("devices/dev-1/app//x", false),
+            ("devices/dev-2/app/up", false),
+            ("devices/e1/app/up", false),
+            ("devices/+/app/up", false),
+            ("devices/dev-1/apps/up", false),
         ];
         for (topic, ok) in cases {
             assert_eq!(may_publish(&d, topic, &w), ok, "{topic}");
+        }
+        let long = format!(
+            "devices/dev-1/app/{}",
+            "x".repeat(fleet_wire::MAX_APP_LEVEL_LEN)
+        );
+        assert!(may_publish(&d, &long, &w));
+        assert!(!may_publish(&d, &format!("{long}x"), &w));
+    }
+
+    #[test]
+    fn application_messages_are_never_retained() {
+        for (topic, retain) in [
+            ("devices/d1/app/up", false),
+            ("devices/d1/app/a/b", false),
+            ("devices/d1/telemetry", true),
+            ("devices/d1/state", true),
+            ("devices/d1/commands", true),
+        ] {
+            assert_eq!(may_retain(&Topic::parse(topic).unwrap()), retain, "{topic}");
         }
     }
 
@@ -339,6 +393,22 @@ mod tests {
             ("devices/dev-1/commands/#/x", false),
             ("devices/dev-1/comm+", false),
             ("", false),
+            // Its own application subtree, wildcards within it, and nobody else's.
+            ("devices/dev-1/app/#", true),
+            ("devices/dev-1/app/down", true),
+            ("devices/dev-1/app/+/cbor", true),
+            ("devices/dev-1/app/+/+/+/+/+/+/+/#", true),
+            ("devices/dev-1/app/+/+/+/+/+/+/+/+/#", false),
+            ("devices/dev-1/app//x", false),
+            ("devices/dev-1/app/a+", false),
+            ("devices/dev-2/app/#", false),
+            ("devices/dev-2/app/down", false),
+            ("devices/+/app/#", false),
+            ("devices/+/app/down", false),
+            ("devices/dev-1/+/down", false),
+            ("devices/dev-1/+/#", false),
+            ("+/dev-1/app/#", false),
+            ("$share/g/devices/dev-1/app/#", false),
         ];
         for (filter, ok) in cases {
             assert_eq!(may_subscribe(&d, filter, &w), ok, "{filter}");
@@ -360,10 +430,12 @@ mod tests {
         assert!(!may_subscribe(&q, "cohorts/c1/updates", &w));
         assert!(!may_subscribe(&q, "cohorts/c1/#", &w));
         assert!(may_publish(&q, "devices/dev-1/commands/ack", &w));
+        assert!(!may_subscribe(&q, "devices/dev-1/app/#", &w));
         for t in [
             "devices/dev-1/telemetry",
             "devices/dev-1/state",
             "devices/dev-1/updates",
+            "devices/dev-1/app/up",
         ] {
             assert!(!may_publish(&q, t, &w), "{t}");
         }
@@ -403,6 +475,27 @@ mod tests {
         );
         assert!(may_subscribe(&viewer, "devices/+/assignment", &w));
         assert!(!may_publish(&operator, "devices/+/commands", &w));
+        // Application messages: every role reads, operators and admins write.
+        let admin = org_service(ServiceRole::Admin);
+        for filter in [
+            "devices/+/app/#",
+            "devices/d1/app/up",
+            "$share/g/devices/+/app/+/cbor",
+        ] {
+            assert!(may_subscribe(&viewer, filter, &w), "{filter}");
+        }
+        assert!(!may_subscribe(
+            &viewer,
+            "devices/+/app/+/+/+/+/+/+/+/+/#",
+            &w
+        ));
+        assert!(!may_subscribe(&viewer, "devices/+/app//x", &w));
+        assert!(!may_publish(&viewer, "devices/d1/app/down", &w));
+        assert!(may_publish(&operator, "devices/d1/app/down", &w));
+        assert!(may_publish(&admin, "devices/d1/app/a/b", &w));
+        assert!(!may_publish(&operator, "devices/+/app/down", &w));
+        assert!(!may_publish(&operator, "devices/d1/app", &w));
+        assert!(may_receive(&viewer, "devices/d1/app/up", &w));
     }
 
     /// Every key kind against every device and cohort of both organizations.
@@ -455,6 +548,21 @@ mod tests {
                     sees,
                     "{what}"
                 );
+                // Application messages follow the same rule both ways.
+                assert_eq!(
+                    may_publish(key, &format!("devices/{d}/app/down/cbor"), &w),
+                    sees,
+                    "{what}"
+                );
+                assert!(
+                    may_subscribe(key, &format!("devices/{d}/app/#"), &w),
+                    "{what}"
+                );
+                assert_eq!(
+                    may_receive(key, &format!("devices/{d}/app/up"), &w),
+                    sees,
+                    "{what}"
+                );
             }
             for c in ["c1", "c2", "c3", "k1", "unknown"] {
                 let sees = cohorts.contains(&c);
@@ -478,6 +586,9 @@ mod tests {
         let viewer = service(Viewer, p1());
         assert!(may_subscribe(&viewer, "devices/d1/telemetry", &w));
         assert!(!may_publish(&viewer, "devices/d1/commands", &w));
+        assert!(!may_publish(&viewer, "devices/d1/app/down", &w));
+        assert!(may_receive(&viewer, "devices/d1/app/up", &w));
+        assert!(!may_receive(&viewer, "devices/d3/app/up", &w));
         assert!(!may_receive(&viewer, "devices/e1/telemetry", &w));
         assert!(!may_receive(&viewer, "not/a/topic", &w));
     }

@@ -121,10 +121,11 @@ enum Recipients<'a> {
 }
 
 /// Whose subscriptions a topic can match among devices (see `acl::may_subscribe`): what lies
-/// under one device's own `devices/{id}/`, or under a cohort's `cohorts/{id}/`.
+/// under one device's own `devices/{id}/` (its commands, assignment and application subtree),
+/// or under a cohort's `cohorts/{id}/`.
 fn recipients(topic: &Topic) -> Option<Recipients<'_>> {
     match topic {
-        Topic::Commands(id) | Topic::CommandAck(id) | Topic::Assignment(id) => {
+        Topic::Commands(id) | Topic::CommandAck(id) | Topic::Assignment(id) | Topic::App(id, _) => {
             Some(Recipients::Device(id))
         }
         Topic::CohortUpdates(id) | Topic::CohortCommands(id) => Some(Recipients::Cohort(id)),

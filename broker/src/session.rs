@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fleet_wire::payload::{DisconnectReason, Presence, PresenceEvent};
-use fleet_wire::{DeviceId, Topic};
+use fleet_wire::{DeviceId, Topic, TopicError};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -254,6 +254,20 @@ fn disconnect_code(v: Violation) -> DisconnectReasonCode {
     }
 }
 
+/// Whether the will of a CONNECT, if it has one, is a publish its client may make: a topic
+/// it may publish, retained only where retaining is allowed.
+fn will_allowed(info: &ConnectInfo, principal: &Principal, places: &dyn acl::Places) -> bool {
+    let Some((will, _)) = &info.will else {
+        return true;
+    };
+    std::str::from_utf8(&will.topic)
+        .ok()
+        .and_then(|t| Topic::parse(t).ok())
+        .is_some_and(|t| {
+            acl::may_publish_topic(principal, &t, places) && (!will.retain || acl::may_retain(&t))
+        })
+}
+
 /// Serves a device on the mTLS listener. `leaf` is its verified certificate (DER).
 pub(crate) async fn serve_device<S: AsyncRead + AsyncWrite + Unpin + Send>(
     ctx: Arc<Ctx>,
@@ -288,12 +302,8 @@ pub(crate) async fn serve_device<S: AsyncRead + AsyncWrite + Unpin + Send>(
         cohort: identity.device.cohort_id.clone(),
         quarantined: registry.quarantine(&id).is_some(),
     };
-    if let Some((will, _)) = &info.will {
-        if !std::str::from_utf8(&will.topic)
-            .is_ok_and(|t| acl::may_publish(&principal, t, &*registry))
-        {
-            return refuse(&ctx, conn, Rejection::ForbiddenTopic, Some(&id), peer).await;
-        }
+    if !will_allowed(&info, &principal, &*registry) {
+        return refuse(&ctx, conn, Rejection::ForbiddenTopic, Some(&id), peer).await;
     }
 
     // One connection of a device is set up at a time (takeover, epoch, router link, presence,
@@ -382,12 +392,8 @@ pub(crate) async fn serve_service<S: AsyncRead + AsyncWrite + Unpin + Send>(
     };
     let key_id = principal.key_id.clone();
     let principal = Principal::Service(principal);
-    if let Some((will, _)) = &info.will {
-        if !std::str::from_utf8(&will.topic)
-            .is_ok_and(|t| acl::may_publish(&principal, t, &*ctx.control.registry))
-        {
-            return refuse(&ctx, conn, Rejection::ForbiddenTopic, None, peer).await;
-        }
+    if !will_allowed(&info, &principal, &*ctx.control.registry) {
+        return refuse(&ctx, conn, Rejection::ForbiddenTopic, None, peer).await;
     }
     let client_id = info.connect.client_id.clone();
     if client_id.contains(['+', '#', '/', '$', '\0']) {
@@ -1198,12 +1204,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             );
         }
         let topic = std::str::from_utf8(&publish.topic).unwrap_or("");
-        let parsed = Topic::parse(topic).ok();
+        let parsed = match Topic::parse(topic) {
+            Ok(t) => Some(t),
+            Err(e @ TopicError::BadAppPath(_)) => {
+                // Under some device's `app/`, but beyond its bounds (depth, level length).
+                self.ctx.control.metrics.reject(Rejection::ForbiddenTopic);
+                info!(topic, error = %e, "publish refused: invalid application topic");
+                return self.refuse_publish(
+                    info,
+                    PubAckReason::TopicNameInvalid,
+                    PubRecReason::TopicNameInvalid,
+                );
+            }
+            Err(_) => None,
+        };
         if !parsed.as_ref().is_some_and(|t| {
             acl::may_publish_topic(&self.principal, t, &*self.ctx.control.registry)
+                && (!publish.retain || acl::may_retain(t))
         }) {
             self.ctx.control.metrics.reject(Rejection::ForbiddenTopic);
-            info!(topic, "publish refused: topic is forbidden for this client");
+            info!(
+                topic,
+                retain = publish.retain,
+                "publish refused: topic is forbidden for this client"
+            );
             return self.refuse_publish(
                 info,
                 PubAckReason::NotAuthorized,

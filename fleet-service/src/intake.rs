@@ -280,7 +280,8 @@ fn decode(msg: &BusMessage) -> Result<(DeviceId, Event), String> {
         Topic::Commands(_)
         | Topic::Assignment(_)
         | Topic::CohortUpdates(_)
-        | Topic::CohortCommands(_) => {
+        | Topic::CohortCommands(_)
+        | Topic::App(..) => {
             return Err(format!("{} is not an event topic", msg.topic));
         }
     };

@@ -252,6 +252,15 @@ impl Platform {
         o.set_credentials("service", api_key);
         o
     }
+
+    /// [`Platform::service_options`] for an MQTT 5 client.
+    pub fn service_options_v5(&self, client_id: &str, api_key: &str) -> rumqttc::v5::MqttOptions {
+        let addr = self.app().service_addr();
+        let mut o = rumqttc::v5::MqttOptions::new(client_id, "127.0.0.1", addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_credentials("service", api_key);
+        o
+    }
 }
 
 pub struct Fleet {

@@ -4,7 +4,8 @@
 //!
 //! # Layout
 //! - [`DeviceId`]: the validated device identity (certificate CN == MQTT client id == topic segment).
-//! - [`Topic`]: every topic the platform names, parsed from and formatted to strings in one place.
+//! - [`Topic`]: every topic the platform names, parsed from and formatted to strings in one place;
+//!   [`AppPath`]: the bounded levels of a device's application subtree `devices/{id}/app/...`.
 //! - [`payload`]: the JSON payloads carried on those topics.
 //! - [`update`]: software updates: the signed release manifest, the cohort's desired release,
 //!   device progress reports, and the rollout rank that decides who is in a wave.
@@ -15,4 +16,7 @@ pub mod payload;
 mod topic;
 pub mod update;
 
-pub use topic::{CohortId, DeviceId, IdError, Topic, TopicError};
+pub use topic::{
+    app_filter_path, AppPath, AppPathError, CohortId, DeviceId, IdError, Topic, TopicError,
+    MAX_APP_LEVELS, MAX_APP_LEVEL_LEN,
+};

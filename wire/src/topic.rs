@@ -91,6 +91,91 @@ id_type!(
     CohortId
 );
 
+/// Most levels an application topic has under `devices/{id}/app/`.
+pub const MAX_APP_LEVELS: usize = 8;
+/// Longest level of an application topic, bytes.
+pub const MAX_APP_LEVEL_LEN: usize = 64;
+
+/// Why a path under `devices/{id}/app/` is not a valid application topic (or filter).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppPathError {
+    #[error("no level under app/")]
+    Empty,
+    #[error("more than {max} levels under app/")]
+    TooDeep { max: usize },
+    #[error("an empty level under app/")]
+    EmptyLevel,
+    #[error("a level under app/ is longer than {max} bytes")]
+    LevelTooLong { max: usize },
+    #[error("a wildcard (+ or #) in a topic name, or not a whole level of a filter")]
+    Wildcard,
+    #[error("a control character (U+0000 to U+001F or U+007F) in a level under app/")]
+    Control,
+}
+
+/// The levels of an application topic under `devices/{id}/app/`: 1 to [`MAX_APP_LEVELS`]
+/// levels of 1 to [`MAX_APP_LEVEL_LEN`] bytes, none containing `+`, `#` or a control
+/// character. So what a client names under `app/` is bounded, and the platform never has to
+/// hold a topic longer than about 660 bytes for it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AppPath(String);
+
+impl AppPath {
+    pub fn parse(s: &str) -> Result<Self, AppPathError> {
+        check_app_levels(s, false)?;
+        Ok(Self(s.to_owned()))
+    }
+
+    /// Checks the part of a topic filter under `devices/{id}/app/` against the same bounds:
+    /// `+` may stand for a level and `#` for the last one, each counted as a level.
+    pub fn check_filter(s: &str) -> Result<(), AppPathError> {
+        check_app_levels(s, true)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AppPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn check_app_levels(s: &str, filter: bool) -> Result<(), AppPathError> {
+    if s.is_empty() {
+        return Err(AppPathError::Empty);
+    }
+    let mut levels = 0;
+    for level in s.split('/') {
+        levels += 1;
+        if levels > MAX_APP_LEVELS {
+            return Err(AppPathError::TooDeep {
+                max: MAX_APP_LEVELS,
+            });
+        }
+        if filter && (level == "+" || level == "#") {
+            continue;
+        }
+        if level.is_empty() {
+            return Err(AppPathError::EmptyLevel);
+        }
+        if level.len() > MAX_APP_LEVEL_LEN {
+            return Err(AppPathError::LevelTooLong {
+                max: MAX_APP_LEVEL_LEN,
+            });
+        }
+        if level.contains(['+', '#']) {
+            return Err(AppPathError::Wildcard);
+        }
+        if level.chars().any(|c| c.is_ascii_control()) {
+            return Err(AppPathError::Control);
+        }
+    }
+    Ok(())
+}
+
 /// Why a topic string is not one the platform knows.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TopicError {
@@ -98,6 +183,8 @@ pub enum TopicError {
     Unknown,
     #[error("topic names an invalid identifier: {0}")]
     BadId(#[from] IdError),
+    #[error("invalid application topic: {0}")]
+    BadAppPath(#[from] AppPathError),
 }
 
 /// Every topic of the wire contract. See `topics.md`.
@@ -125,14 +212,22 @@ pub enum Topic {
     /// `cohorts/{cohort_id}/commands`: services -> every device of a cohort, QoS 1.
     /// [`crate::payload::Command`].
     CohortCommands(CohortId),
+    /// `devices/{id}/app/{path}`: the device's application subtree, both directions, QoS 0-2,
+    /// never retained, any payload bytes. The platform routes these messages; it neither
+    /// parses nor stores them.
+    App(DeviceId, AppPath),
 }
 
 pub const DEVICES: &str = "devices";
 pub const COHORTS: &str = "cohorts";
+pub const APP: &str = "app";
 
 impl Topic {
     /// Parses a concrete topic name (no wildcards).
     pub fn parse(s: &str) -> Result<Self, TopicError> {
+        if let Some((id, path)) = split_app(s) {
+            return Ok(Topic::App(DeviceId::parse(id)?, AppPath::parse(path)?));
+        }
         let parts: Vec<&str> = s.split('/').collect();
         Ok(match parts.as_slice() {
             [DEVICES, id, "telemetry"] => Topic::Telemetry(DeviceId::parse(id)?),
@@ -157,7 +252,8 @@ impl Topic {
             | Topic::Commands(d)
             | Topic::CommandAck(d)
             | Topic::UpdateStatus(d)
-            | Topic::Assignment(d) => Some(d),
+            | Topic::Assignment(d)
+            | Topic::App(d, _) => Some(d),
             Topic::CohortUpdates(_) | Topic::CohortCommands(_) => None,
         }
     }
@@ -196,8 +292,29 @@ impl fmt::Display for Topic {
             Topic::Assignment(d) => write!(f, "{DEVICES}/{d}/assignment"),
             Topic::CohortUpdates(c) => write!(f, "{COHORTS}/{c}/updates"),
             Topic::CohortCommands(c) => write!(f, "{COHORTS}/{c}/commands"),
+            Topic::App(d, p) => write!(f, "{DEVICES}/{d}/{APP}/{p}"),
         }
     }
+}
+
+/// `devices/{id}/app` or `devices/{id}/app/{rest}` as `(id, rest)`; `rest` is empty for the
+/// former (which is no topic: it fails as an empty path).
+fn split_app(s: &str) -> Option<(&str, &str)> {
+    let (id, rest) = s
+        .strip_prefix(DEVICES)?
+        .strip_prefix('/')?
+        .split_once('/')?;
+    match rest.strip_prefix(APP)? {
+        "" => Some((id, "")),
+        path => Some((id, path.strip_prefix('/')?)),
+    }
+}
+
+/// The part of a topic filter under `devices/{id or +}/app/`, if it reaches under `app/`.
+pub fn app_filter_path(filter: &str) -> Option<&str> {
+    split_app(filter)
+        .map(|(_, path)| path)
+        .filter(|p| !p.is_empty())
 }
 
 #[cfg(test)]
@@ -244,9 +361,94 @@ mod tests {
             Topic::UpdateStatus(d.clone()),
             Topic::CohortUpdates(c.clone()),
             Topic::CohortCommands(c),
+            Topic::App(d.clone(), AppPath::parse("cbor").unwrap()),
+            Topic::App(d.clone(), AppPath::parse("a/b c/ü/$x/ack").unwrap()),
         ] {
             assert_eq!(Topic::parse(&t.to_string()).unwrap(), t);
         }
+        assert_eq!(
+            Topic::App(d, AppPath::parse("up/cbor").unwrap()).to_string(),
+            "devices/dev-1/app/up/cbor"
+        );
+    }
+
+    #[test]
+    fn app_topics_are_bounded() {
+        let deepest = ["l"; MAX_APP_LEVELS].join("/");
+        let too_deep = ["l"; MAX_APP_LEVELS + 1].join("/");
+        let longest = "x".repeat(MAX_APP_LEVEL_LEN);
+        let too_long = "x".repeat(MAX_APP_LEVEL_LEN + 1);
+        let cases: &[(&str, Result<(), AppPathError>)] = &[
+            ("data", Ok(())),
+            ("data/cbor/v2", Ok(())),
+            (&deepest, Ok(())),
+            (&longest, Ok(())),
+            ("", Err(AppPathError::Empty)),
+            (
+                &too_deep,
+                Err(AppPathError::TooDeep {
+                    max: MAX_APP_LEVELS,
+                }),
+            ),
+            (
+                &too_long,
+                Err(AppPathError::LevelTooLong {
+                    max: MAX_APP_LEVEL_LEN,
+                }),
+            ),
+            ("a//b", Err(AppPathError::EmptyLevel)),
+            ("a/", Err(AppPathError::EmptyLevel)),
+            ("/a", Err(AppPathError::EmptyLevel)),
+            ("a/+", Err(AppPathError::Wildcard)),
+            ("a/#", Err(AppPathError::Wildcard)),
+            ("a+b", Err(AppPathError::Wildcard)),
+            ("a\0b", Err(AppPathError::Control)),
+            ("tab\there", Err(AppPathError::Control)),
+            ("del\u{7f}", Err(AppPathError::Control)),
+        ];
+        for (path, want) in cases {
+            assert_eq!(AppPath::parse(path).map(|_| ()), *want, "{path:?}");
+            let topic = format!("devices/dev-1/app/{path}");
+            assert_eq!(
+                Topic::parse(&topic).map(|_| ()),
+                want.clone().map_err(TopicError::from),
+                "{topic:?}"
+            );
+        }
+        assert_eq!(
+            Topic::parse("devices/dev-1/app"),
+            Err(TopicError::BadAppPath(AppPathError::Empty))
+        );
+        assert_eq!(
+            Topic::parse("devices/bad id/app/x"),
+            Err(TopicError::BadId(IdError::BadChar(' ')))
+        );
+    }
+
+    #[test]
+    fn app_filters_are_bounded_alike() {
+        let deepest = format!("{}/#", ["+"; MAX_APP_LEVELS - 1].join("/"));
+        let too_deep = format!("{}/#", ["+"; MAX_APP_LEVELS].join("/"));
+        let cases: &[(&str, bool)] = &[
+            ("#", true),
+            ("+", true),
+            ("+/cbor", true),
+            ("up/#", true),
+            (&deepest, true),
+            (&too_deep, false),
+            ("a//b", false),
+            ("a+/b", false),
+            (&"x".repeat(MAX_APP_LEVEL_LEN + 1), false),
+        ];
+        for (path, ok) in cases {
+            assert_eq!(AppPath::check_filter(path).is_ok(), *ok, "{path:?}");
+        }
+        assert_eq!(app_filter_path("devices/+/app/#"), Some("#"));
+        assert_eq!(app_filter_path("devices/d/app/a/b"), Some("a/b"));
+        assert_eq!(app_filter_path("devices/d/app"), None);
+        assert_eq!(app_filter_path("devices/d/apps/x"), None);
+        assert_eq!(app_filter_path("devices/d/commands"), None);
+        assert_eq!(app_filter_path("devices/#"), None);
     }
 
     #[test]
@@ -257,6 +459,8 @@ mod tests {
             "devices/+/telemetry",
             "devices/dev-1/telemetry/extra",
             "cohorts/x/other",
+            "devices/dev-1/apps/x",
+            "devices/dev-1/ap",
             "",
             "/devices/dev-1/telemetry",
         ] {

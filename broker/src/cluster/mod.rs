@@ -6,10 +6,11 @@
 //!   durable, exactly what was acknowledged to the device, and none is lost while NATS
 //!   restarts (the follower resumes after the last one it delivered).
 //! - **Other live messages** (core NATS, at most once, like any MQTT bridge): every other
-//!   publish this node accepts (a service's command, a cohort message, the platform's own) goes
-//!   out on the subject its topic maps to ([`subject`]); the node subscribes to what its own
-//!   subscribers can match: what devices receive (commands, assignments, cohort messages) and
-//!   each backend service's filter as it first appears. What arrives is delivered here as if
+//!   publish this node accepts (a service's command, a cohort message, an application message
+//!   of a device or a service, the platform's own) goes out on the subject its topic maps to
+//!   ([`subject`]); the node subscribes to what its own subscribers can match: what devices
+//!   receive (commands, assignments, application messages, cohort messages) and each backend
+//!   service's filter as it first appears. What arrives is delivered here as if
 //!   it had been published here, to device inboxes and to the router, but never sent on again.
 //!   A message reaches a node once even when several of its subscriptions match it: each
 //!   carries its origin (a node instance) and a sequence number, and a window of recent ones
@@ -182,6 +183,7 @@ pub(crate) async fn join(
     tokio::spawn(ingress(
         config.clone(),
         instance,
+        control.clone(),
         local.clone(),
         system.clone(),
         filters,
@@ -393,18 +395,25 @@ fn stale_presence(control: &BrokerControl, m: &Outgoing) -> bool {
 }
 
 /// The subjects every node follows for its devices: what devices may subscribe to (their
-/// commands, their assignment, their cohort's topics; their acks come from the events stream).
+/// commands, their assignment, their application subtree, their cohort's topics; their acks
+/// come from the events stream). A handful of wildcard subjects, whatever the fleet's size.
 fn device_subjects(prefix: &str) -> Vec<String> {
     let p = format!("{prefix}.mqtt");
-    ["devices/+/commands", "devices/+/assignment", "cohorts/#"]
-        .iter()
-        .flat_map(|f| subject::filter_subjects(&p, f))
-        .collect()
+    [
+        "devices/+/commands",
+        "devices/+/assignment",
+        "devices/+/app/#",
+        "cohorts/#",
+    ]
+    .iter()
+    .flat_map(|f| subject::filter_subjects(&p, f))
+    .collect()
 }
 
 async fn ingress(
     config: ClusterConfig,
     instance: String,
+    control: BrokerControl,
     local: Arc<Local>,
     system: SystemPublisher,
     mut filters: mpsc::UnboundedReceiver<String>,
@@ -450,6 +459,12 @@ async fn ingress(
                     .min(2);
                 // Presence never comes this way (device events come from the events stream).
                 let parsed = Topic::parse(&topic).ok();
+                // A service here may receive it only if the registry knows the device: one
+                // another node provisioned a moment ago may not be announced here yet (its
+                // application messages come this way, not after its presence in the stream).
+                if let Some(id) = parsed.as_ref().and_then(Topic::device) {
+                    control.registry.learn_device(id).await;
+                }
                 metrics.received.fetch_add(1, Ordering::Relaxed);
                 local.deliver(&topic, parsed.as_ref(), &msg.payload, qos, None, None);
                 system.forward(Bytes::from(topic), msg.payload, qos, None).await;
