@@ -269,6 +269,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             .map(|(info, _, _)| info)
     }
 
+    /// [`Conn::queue_publish`] unless the encoded packet is larger than `max` (the client's
+    /// Maximum Packet Size): then nothing is queued and the answer is `None`.
+    pub fn queue_publish_within(
+        &mut self,
+        packet: Packet,
+        max: Option<usize>,
+    ) -> Option<FrameInfo> {
+        let start = self.write.len();
+        let info = self.queue_publish(packet);
+        if max.is_some_and(|max| self.write.len() - start > max) {
+            self.write.truncate(start);
+            return None;
+        }
+        info
+    }
+
+    /// The size of a packet as this connection would encode it.
+    pub fn encoded_len(&self, packet: Packet) -> usize {
+        let mut buf = BytesMut::new();
+        let _ = match self.version {
+            Version::V311 => V4.write(packet, &mut buf),
+            Version::V5 => V5.write(packet, &mut buf),
+        };
+        buf.len()
+    }
+
     /// QoS and packet id of an outgoing publish (rumqttd keeps its fields private), by encoding
     /// it as MQTT 3.1.1 and reading the header: for the rare publish that is not sent.
     pub fn publish_header(packet: Packet) -> Option<FrameInfo> {
