@@ -163,9 +163,12 @@ pub fn may_subscribe(principal: &Principal, filter: &str, _places: &dyn Places) 
             // the key that it exists.
             true
         }
+        // `$` filters other than shared ones are the router's to refuse, which it does by
+        // dropping the link; refused here instead.
         Principal::Conformance(rights) => {
-            unshared(filter).is_some_and(|inner| valid_filter(inner) && !in_platform_tree(inner))
-                && !rights.lists(filter)
+            unshared(filter).is_some_and(|inner| {
+                valid_filter(inner) && !in_platform_tree(inner) && !inner.starts_with('$')
+            }) && !rights.lists(filter)
         }
     }
 }
@@ -535,7 +538,8 @@ mod tests {
         let cases = [
             ("TopicA/B", true, true, true),
             ("/TopicA", true, true, true),
-            ("$TopicA/B", true, true, true),
+            ("$TopicA/B", true, false, true),
+            ("$SYS/#", false, false, true),
             ("#", false, true, true),
             ("+/+", false, true, true),
             ("$share/g/TopicA/#", false, true, false),

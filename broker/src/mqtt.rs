@@ -336,6 +336,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
+    /// [`Conn::close`] after a DISCONNECT that says why: the peer may still be sending (the
+    /// packets that broke a rule, say), and a socket closed with unread bytes is reset, which
+    /// can make the peer lose the DISCONNECT. So what it sends is read and dropped until it
+    /// closes too, within the same bound.
+    pub async fn close_draining(mut self, within: Duration) {
+        let _ = tokio::time::timeout(within, async {
+            let _ = self.flush().await;
+            let _ = self.io.shutdown().await;
+            let mut sink = [0u8; 1024];
+            while matches!(self.io.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    }
+
     /// Sends what is queued (bounded in time) and closes the socket.
     pub async fn close(mut self, within: Duration) {
         let _ = tokio::time::timeout(within, async {

@@ -2074,6 +2074,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             own,
             router_id,
             link_kept,
+            disconnect_sent,
             ..
         } = self;
         let rights_changed = matches!(
@@ -2129,7 +2130,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             (None, Some(_)) if !router_dropped => ctx.router.forget(&router_id),
             (None, _) => {}
         }
-        conn.close(Duration::from_secs(1)).await;
+        if disconnect_sent {
+            conn.close_draining(Duration::from_secs(1)).await;
+        } else {
+            conn.close(Duration::from_secs(1)).await;
+        }
         ctx.control.metrics.session_closed();
         info!(reason = reason.as_str(), "session ended");
         if let (Some(will), false) = (will, reason == DisconnectReason::Takeover) {
@@ -2214,16 +2219,18 @@ fn unavailable(version: Version) -> Packet {
     )
 }
 
-/// The DISCONNECT the server sends an MQTT 5 client: its reason code, and the property list
-/// written out empty (`e0 02 rc 00`) rather than left off (`e0 01 rc`). Both are valid, but
-/// some clients (rumqttc 0.25) cannot read the short form and lose the reason, such as
-/// 0x8E "session taken over", which the device agent turns into advice.
+/// The DISCONNECT the server sends an MQTT 5 client: its reason code, and a reason string
+/// naming it. Never without properties: rumqttd 0.20 writes an empty property list as the
+/// two-byte `e0 00` (its length test mistakes it for the normal-disconnection short form),
+/// which loses the reason, and no property list as `e0 01 rc 00` (malformed); some clients
+/// (rumqttc 0.25) cannot read the valid short form `e0 01 rc` either. The reason matters, such
+/// as 0x8E "session taken over", which the device agent turns into advice.
 fn server_disconnect(reason_code: DisconnectReasonCode) -> Packet {
     Packet::Disconnect(
         Disconnect { reason_code },
         Some(DisconnectProperties {
             session_expiry_interval: None,
-            reason_string: None,
+            reason_string: Some(format!("{reason_code:?}")),
             user_properties: Vec::new(),
             server_reference: None,
         }),
