@@ -311,7 +311,8 @@ mod connect {
     }
 
     /// [MQTT-3.1.3-8]: a zero-byte client id with CleanSession 0 is refused with 0x02 and the
-    /// connection closed; [MQTT-3.1.3-6]/[MQTT-3.1.3-7]: with CleanSession 1 it is accepted.
+    /// connection closed; [MQTT-3.1.3-6]: with CleanSession 1 it is accepted (and assigned
+    /// an id).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn zero_length_client_id_in_3_1_1() {
         let p = Platform::with_conformance_listener().await;
@@ -349,7 +350,8 @@ mod connect {
     }
 
     /// [MQTT-3.2.2-1]: CleanSession 1 gets Session Present 0; [MQTT-3.2.2-2]: a resumed
-    /// session gets Session Present 1; [MQTT-3.1.2-6]: CleanSession 1 discards it.
+    /// session gets Session Present 1, [MQTT-3.2.2-3]: none kept gets 0; [MQTT-3.1.2-6]:
+    /// CleanSession 1 discards the kept one.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn session_present_says_whether_a_session_was_resumed() {
         let p = Platform::with_conformance_listener().await;
@@ -391,8 +393,8 @@ mod connect {
 mod publish_subscribe {
     use super::*;
 
-    /// [MQTT-3.8.4-1]/[MQTT-3.8.4-5]/[MQTT-3.9.3-1]: one SUBACK per SUBSCRIBE with its packet
-    /// id and a return code per filter, in their order, granting the QoS asked for.
+    /// [MQTT-3.8.4-1]/[MQTT-3.8.4-2]/[MQTT-3.8.4-5]/[MQTT-3.9.3-1]: one SUBACK per SUBSCRIBE
+    /// with its packet id and a return code per filter, in their order, granting the QoS asked for.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn suback_answers_every_filter_in_order() {
         let p = Platform::with_conformance_listener().await;
@@ -409,8 +411,9 @@ mod publish_subscribe {
         p.stop().await;
     }
 
-    /// Messages of each QoS reach a matching subscriber [MQTT-4.3.1-1]/[MQTT-4.3.2-2]/
-    /// [MQTT-4.3.3-2] once, with their topic and payload.
+    /// Messages of each QoS reach a matching subscriber once, with their topic and payload, at
+    /// the lower of their QoS and the subscription's [MQTT-3.8.4-6] (rumqttd alone delivers
+    /// at the subscription's).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn each_qos_is_delivered() {
         let p = Platform::with_conformance_listener().await;
@@ -423,12 +426,31 @@ mod publish_subscribe {
                 .await
                 .unwrap();
         }
-        let mut payloads = Vec::new();
+        let mut got = Vec::new();
         for _ in 0..3 {
             let p = next_publish(&mut c).await;
-            payloads.push(String::from_utf8(p.payload.to_vec()).unwrap());
+            got.push((String::from_utf8(p.payload.to_vec()).unwrap(), p.qos));
         }
-        assert_eq!(payloads, ["AtMostOnce", "AtLeastOnce", "ExactlyOnce"]);
+        assert_eq!(
+            got,
+            [
+                ("AtMostOnce".to_owned(), QoS::AtMostOnce),
+                ("AtLeastOnce".to_owned(), QoS::AtLeastOnce),
+                ("ExactlyOnce".to_owned(), QoS::ExactlyOnce),
+            ]
+        );
+        let mut low = v311(&p, "qos-low").await;
+        low.client
+            .subscribe("qos/t", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        suback(&mut low).await;
+        c.client
+            .publish("qos/t", QoS::ExactlyOnce, false, "two")
+            .await
+            .unwrap();
+        assert_eq!(next_publish(&mut low).await.qos, QoS::AtLeastOnce);
+        assert_eq!(next_publish(&mut c).await.qos, QoS::ExactlyOnce);
         let publisher = v311(&p, "qos-pub").await;
         let got = received_until_marker(&mut c, &publisher, "qos/t").await;
         assert!(got.is_empty(), "delivered more than once: {got:?}");
@@ -457,7 +479,7 @@ mod publish_subscribe {
         p.stop().await;
     }
 
-    /// [MQTT-3.10.4-1]: after UNSUBSCRIBE the filter delivers nothing new; [MQTT-3.10.4-4]/
+    /// [MQTT-3.10.4-1]/[MQTT-3.10.4-2]: after UNSUBSCRIBE the filter delivers nothing new; [MQTT-3.10.4-4]/
     /// [MQTT-3.10.4-5]: UNSUBACK with the packet id, also for a filter never subscribed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unsubscribe_stops_delivery_and_is_always_answered() {
@@ -964,8 +986,8 @@ mod mqtt5 {
         p.stop().await;
     }
 
-    /// [MQTT-3.3.4-9]: a client that has more QoS 1 and 2 publishes unacknowledged than the
-    /// server's Receive Maximum is disconnected with 0x93.
+    /// [MQTT-3.3.4-7] forbids a client more QoS 1 and 2 publishes unacknowledged than the
+    /// server's Receive Maximum; one that has them is disconnected with 0x93 (4.9).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn receive_maximum_exceeded_is_a_disconnect() {
         let p = Platform::with_conformance_listener().await;
@@ -985,6 +1007,156 @@ mod mqtt5 {
                 other => panic!("expected PUBRECs then DISCONNECT 0x93, got {other:?}"),
             }
         }
+        p.stop().await;
+    }
+
+    /// A raw MQTT 5 subscriber of `filter` (options byte `options`) whose CONNECT carried
+    /// the properties `connect_props`.
+    async fn raw_subscriber(
+        p: &Platform,
+        id: &str,
+        connect_props: Vec<u8>,
+        filter: &str,
+        options: u8,
+    ) -> Raw {
+        let mut connect = Connect::v5(id);
+        connect.props = connect_props;
+        let mut r = raw(p, &connect).await;
+        r.send(&subscribe(0x82, filter, options, true)).await;
+        r.expect(9).await;
+        r
+    }
+
+    /// A PUBLISH frame's topic, and its properties (raw bytes) and payload, MQTT 5.
+    fn parts(first: u8, body: &[u8]) -> (String, Vec<u8>, Vec<u8>) {
+        let len = u16::from_be_bytes([body[0], body[1]]) as usize;
+        let topic = String::from_utf8(body[2..2 + len].to_vec()).unwrap();
+        let at = 2 + len + if first & 0x06 != 0 { 2 } else { 0 };
+        let (plen, n) = read_varint(&body[at..]);
+        let props = body[at + n..at + n + plen].to_vec();
+        (topic, props, body[at + n + plen..].to_vec())
+    }
+
+    /// [MQTT-3.8.3-3]: with No Local, a client's own publishes are not sent back to it (others
+    /// still get them); [MQTT-3.3.1-12]/[MQTT-3.3.1-13]: Retain As Published keeps the RETAIN
+    /// flag the publisher set, without it RETAIN is 0.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_local_and_retain_as_published() {
+        let p = Platform::with_conformance_listener().await;
+        // No Local (0x04) and Retain As Published (0x08), QoS 1.
+        let mut me = raw_subscriber(&p, "opts-me", Vec::new(), "opts/#", 0x04 | 0x08 | 1).await;
+        let mut other = raw_subscriber(&p, "opts-other", Vec::new(), "opts/#", 1).await;
+        // Its own retained publish: the other subscriber gets it with RETAIN 0 (it did not ask
+        // for Retain As Published), this one not at all.
+        me.send(&publish(0x31, b"opts/mine", None, Some(&[]), b"m"))
+            .await;
+        let (first, body) = other.expect(3).await;
+        assert_eq!((parts(first, &body).0, first & 1), ("opts/mine".into(), 0));
+        // Another client's, published after it: this one's first message.
+        let publisher = v5(&p, "opts-pub").await;
+        publisher
+            .client
+            .publish("opts/theirs", Q5::AtMostOnce, true, "t")
+            .await
+            .unwrap();
+        let (first, body) = other.expect(3).await;
+        assert_eq!(
+            (parts(first, &body).0, first & 1),
+            ("opts/theirs".into(), 0)
+        );
+        let (first, body) = me.expect(3).await;
+        assert_eq!(
+            (parts(first, &body).0, first & 1),
+            ("opts/theirs".into(), 1)
+        );
+        p.stop().await;
+    }
+
+    /// [MQTT-3.1.2-24]/[MQTT-3.1.2-25]: the server sends no packet larger than the client's
+    /// Maximum Packet Size; a message too large for it is dropped as if delivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn maximum_packet_size_of_the_client() {
+        let p = Platform::with_conformance_listener().await;
+        let max = [&[0x27][..], &64u32.to_be_bytes()].concat();
+        let mut r = raw_subscriber(&p, "small", max, "small/t", 1).await;
+        let publisher = v5(&p, "small-pub").await;
+        for payload in ["a".repeat(80), "fits".to_owned()] {
+            publisher
+                .client
+                .publish("small/t", Q5::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+        let (first, body) = r.expect(3).await;
+        assert!(body.len() + 2 <= 64);
+        assert_eq!(parts(first, &body).2, b"fits");
+        p.stop().await;
+    }
+
+    /// Server topic aliases (MQTT 5, 3.3.2.3.4), within the client's Topic Alias Maximum: a
+    /// topic's name and alias first, then the alias alone with an empty topic name.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn server_topic_aliases() {
+        let p = Platform::with_conformance_listener().await;
+        let aliases = [&[0x22][..], &5u16.to_be_bytes()].concat();
+        let mut r = raw_subscriber(&p, "alias", aliases, "alias/+", 0).await;
+        let publisher = v5(&p, "alias-pub").await;
+        for topic in ["alias/a", "alias/a", "alias/b"] {
+            publisher
+                .client
+                .publish(topic, Q5::AtMostOnce, false, topic)
+                .await
+                .unwrap();
+        }
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let (first, body) = r.expect(3).await;
+            let (topic, props, payload) = parts(first, &body);
+            let alias = props
+                .windows(3)
+                .find(|w| w[0] == 0x23)
+                .map(|w| u16::from_be_bytes([w[1], w[2]]));
+            got.push((topic, alias, String::from_utf8(payload).unwrap()));
+        }
+        assert_eq!(got[0], ("alias/a".into(), got[0].1, "alias/a".into()));
+        let a = got[0].1.expect("an alias for alias/a");
+        assert_eq!(got[1], (String::new(), Some(a), "alias/a".into()));
+        assert_eq!(got[2].0, "alias/b");
+        assert_ne!(got[2].1, Some(a));
+        p.stop().await;
+    }
+
+    /// [MQTT-3.3.4-9]: the server has no more QoS 1 and 2 publishes unacknowledged at a
+    /// client than the client's Receive Maximum; the next goes out when one is acknowledged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn receive_maximum_of_the_client() {
+        let p = Platform::with_conformance_listener().await;
+        let max = [&[0x21][..], &2u16.to_be_bytes()].concat();
+        let mut r = raw_subscriber(&p, "slow", max, "slow/t", 1).await;
+        let mut publisher = v5(&p, "slow-pub").await;
+        for i in 0..3 {
+            publisher
+                .client
+                .publish("slow/t", Q5::AtLeastOnce, false, i.to_string())
+                .await
+                .unwrap();
+        }
+        for _ in 0..3 {
+            publisher
+                .wait_for(|pkt| matches!(pkt, P5::PubAck(_)).then_some(()))
+                .await;
+        }
+        let (_, one) = r.expect(3).await;
+        let (_, two) = r.expect(3).await;
+        // The third waits: what arrives before the answer to a ping is the window's.
+        r.ping().await;
+        let pkid = |b: &[u8]| b[2 + "slow/t".len()..4 + "slow/t".len()].to_vec();
+        r.send(&frame(0x40, &pkid(&one))).await;
+        let (first, three) = r.expect(3).await;
+        assert_eq!(parts(first, &three).2, b"2");
+        r.send(&frame(0x40, &pkid(&two))).await;
+        r.send(&frame(0x40, &pkid(&three))).await;
+        r.ping().await;
         p.stop().await;
     }
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use e2e::raw::{frame, props, publish, string, subscribe, varint, Connect, Got, Raw};
-use e2e::{Platform, WAIT};
+use e2e::Platform;
 use serde_json::json;
 
 fn admin(p: &Platform) -> String {
