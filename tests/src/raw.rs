@@ -55,6 +55,11 @@ impl Raw {
         let _ = self.io.flush().await;
     }
 
+    /// Closes the sending half of the connection (the server reads the end of the stream).
+    pub async fn shutdown(&mut self) {
+        let _ = self.io.shutdown().await;
+    }
+
     /// The next frame from the server, or `Closed`; panics if nothing happens within WAIT.
     pub async fn next(&mut self) -> Got {
         let deadline = tokio::time::Instant::now() + WAIT;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use e2e::raw::{frame, props, publish, string, subscribe, varint, Connect, Got, Raw};
+use e2e::raw::{frame, publish, string, subscribe, Connect, Got, Raw};
 use e2e::Platform;
 use serde_json::json;
 
@@ -723,7 +723,7 @@ async fn slow_and_truncated_connects_are_dropped() {
     // so half-close instead; the session ends and others are served.
     let mut cut = service_v311(&p, "cut").await;
     cut.send(&[0x32, 50, 0, 3, b'a']).await;
-    let _ = cut.io.shutdown().await;
+    cut.shutdown().await;
     assert_eq!(cut.next().await, Got::Closed);
     still_healthy(&p).await;
     p.stop().await;
