@@ -212,11 +212,6 @@ impl TopicAliases {
         }
     }
 
-    /// Whether the client takes aliases at all.
-    pub fn in_use(&self) -> bool {
-        self.max > 0
-    }
-
     /// The alias to send with `topic` and whether the topic may be left out.
     pub fn alias(&mut self, topic: &str) -> Option<(u16, bool)> {
         if let Some(a) = self.assigned.get(topic) {

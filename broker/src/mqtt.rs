@@ -270,29 +270,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     /// [`Conn::queue_publish`] unless the encoded packet is larger than `max` (the client's
-    /// Maximum Packet Size): then nothing is queued and the answer is `None`.
+    /// Maximum Packet Size): then nothing is queued, and the error has the QoS and packet id
+    /// it would have had.
     pub fn queue_publish_within(
         &mut self,
         packet: Packet,
         max: Option<usize>,
-    ) -> Option<FrameInfo> {
+    ) -> Result<Option<FrameInfo>, FrameInfo> {
         let start = self.write.len();
         let info = self.queue_publish(packet);
-        if max.is_some_and(|max| self.write.len() - start > max) {
-            self.write.truncate(start);
-            return None;
+        match info {
+            Some(info) if max.is_some_and(|max| self.write.len() - start > max) => {
+                self.write.truncate(start);
+                Err(info)
+            }
+            info => Ok(info),
         }
-        info
-    }
-
-    /// The size of a packet as this connection would encode it.
-    pub fn encoded_len(&self, packet: Packet) -> usize {
-        let mut buf = BytesMut::new();
-        let _ = match self.version {
-            Version::V311 => V4.write(packet, &mut buf),
-            Version::V5 => V5.write(packet, &mut buf),
-        };
-        buf.len()
     }
 
     /// QoS and packet id of an outgoing publish (rumqttd keeps its fields private), by encoding

@@ -1692,20 +1692,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Version::V5 => m.props.clone(),
             Version::V311 => None,
         };
-        if self.queue_delivery(publish, props).is_none() && pkid != 0 {
+        if self.queue_delivery(publish, props).is_err() && pkid != 0 {
             // Too large for the client: never sent, so never waited for.
             self.own.acked(pkid);
         }
     }
 
     /// Queues a delivery to the client: with a server topic alias if it allows them, and not
-    /// at all (`None`) if it is larger than the client's Maximum Packet Size
-    /// [MQTT-3.1.2-25]. Returns the QoS and packet id it was written with.
+    /// at all (`Err`) if it is larger than the client's Maximum Packet Size [MQTT-3.1.2-25].
+    /// Returns the QoS and packet id it was (or would have been) written with.
     fn queue_delivery(
         &mut self,
         mut publish: Publish,
         mut props: Option<PublishProperties>,
-    ) -> Option<FrameInfo> {
+    ) -> Result<Option<FrameInfo>, FrameInfo> {
         if self.conn.version() == Version::V5 {
             let topic = std::str::from_utf8(&publish.topic).unwrap_or_default();
             if let Some((alias, known)) = self.aliases.alias(topic) {
@@ -1730,7 +1730,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if qos > 0 {
                 self.client_inflight += 1;
             }
-            self.queue_delivery(publish, props);
+            if let Err(dropped) = self.queue_delivery(publish, props) {
+                self.dropped_at_send(dropped);
+            }
+        }
+    }
+
+    /// A router delivery filed as the client's to acknowledge turned out too large to send:
+    /// the session acknowledges it to the router instead, as if delivered [MQTT-3.1.2-25].
+    fn dropped_at_send(&mut self, dropped: FrameInfo) {
+        if dropped.qos == 0 {
+            return;
+        }
+        self.client_inflight = self.client_inflight.saturating_sub(1);
+        let pkid = dropped.pkid;
+        let rec = dropped.qos == 2 || self.forwarding.puback_is_pubrec.remove(&pkid);
+        let ack = match rec {
+            true => {
+                self.forwarding.completes.insert(pkid);
+                forward::pubrec(pkid)
+            }
+            false => Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            ),
+        };
+        if let Some(slot) = self
+            .outgoing
+            .iter_mut()
+            .find(|(id, a)| *id == pkid && a.is_none())
+        {
+            slot.1 = Some(ack);
         }
     }
 
@@ -1744,7 +1777,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if qos > 0 {
             self.client_inflight += 1;
         }
-        self.queue_delivery(publish, props);
+        if let Err(dropped) = self.queue_delivery(publish, props) {
+            self.dropped_at_send(dropped);
+        }
     }
 
     /// What the router forwards to a linked client: narrowed to what it may see, at the QoS,
@@ -1757,14 +1792,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             && visible
             && self.held.is_empty()
             && self.client_inflight < self.client_receive_max
-            && self.client_max_packet.is_none()
-            && !self.aliases.in_use()
         {
-            // What services mostly get: as the router sent it, encoded once.
-            let header = self.conn.queue_publish(Packet::Publish(publish, props));
-            if let Some(h) = header.filter(|h| h.qos > 0) {
-                self.outgoing.push_back((h.pkid, None));
-                self.client_inflight += 1;
+            // What services get: as the router sent it, encoded once.
+            match self.queue_delivery(publish, props) {
+                Ok(Some(h)) if h.qos > 0 => {
+                    self.outgoing.push_back((h.pkid, None));
+                    self.client_inflight += 1;
+                }
+                Ok(_) => {}
+                Err(too_large) => self.stand_in(too_large.qos, too_large.pkid, None),
             }
             return;
         }
@@ -1776,6 +1812,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let verdict =
             self.forwarding
                 .decide(&self.router_id, topic, header.qos, mark.as_ref(), visible);
+        // (A message too large for the client is found so when sent: `dropped_at_send`.)
         let (client_qos, publish) = match verdict {
             Verdict::Drop => (None, None),
             Verdict::Deliver { qos, retain } => {
@@ -1786,33 +1823,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 (Some(qos), Some(rebuilt.unwrap_or(publish)))
             }
         };
-        // A message too large for the client is dropped as if it did not match.
-        let too_large = match (&publish, self.client_max_packet) {
-            (Some(p), Some(max)) => {
-                self.conn
-                    .encoded_len(Packet::Publish(p.clone(), props.clone()))
-                    > max
-            }
-            _ => false,
-        };
-        let client_qos = client_qos.filter(|_| !too_large);
-        if header.qos > 0 {
-            let stand_in = StandIn::of(header.qos, client_qos);
-            match stand_in {
-                StandIn::PubRec => {
-                    self.forwarding.completes.insert(header.pkid);
-                }
-                StandIn::PubAckIsPubRec => {
-                    self.forwarding.puback_is_pubrec.insert(header.pkid);
-                }
-                StandIn::Client | StandIn::PubAck => {}
-            }
-            self.outgoing
-                .push_back((header.pkid, stand_in.now(header.pkid)));
-        }
+        self.stand_in(header.qos, header.pkid, client_qos);
         if let (Some(publish), Some(qos)) = (publish, client_qos) {
             self.send_forward(publish, props, qos);
         }
+    }
+
+    /// Files what the router is owed for its delivery `pkid` at `router_qos`, which the client
+    /// gets at `client_qos` (or not at all), in the order the router sent its deliveries.
+    fn stand_in(&mut self, router_qos: u8, pkid: u16, client_qos: Option<u8>) {
+        if router_qos == 0 {
+            return;
+        }
+        let stand_in = StandIn::of(router_qos, client_qos);
+        match stand_in {
+            StandIn::PubRec => {
+                self.forwarding.completes.insert(pkid);
+            }
+            StandIn::PubAckIsPubRec => {
+                self.forwarding.puback_is_pubrec.insert(pkid);
+            }
+            StandIn::Client | StandIn::PubAck => {}
+        }
+        self.outgoing.push_back((pkid, stand_in.now(pkid)));
     }
 
     /// Handles what the router sent, and whatever else it has ready, then writes.
