@@ -12,6 +12,9 @@
 //!   router or this session produced them ([`AckQueue`]).
 //! - Every session that sent CONNACK publishes exactly one `connected` and one `disconnected`
 //!   presence event with the same epoch; the epoch grows across sessions and restarts.
+//! - A linked session (service, conformance client) that ends finishes before the next
+//!   connection with its router client id links, so that connection finds the session kept or
+//!   expired as the first one's Session Expiry said, never half of it.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
