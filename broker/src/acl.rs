@@ -16,6 +16,13 @@
 //! filter that names another organization's device would reveal that it exists. The cohort's
 //! desired release (`cohorts/{id}/updates`) is published only by the platform itself. Anything
 //! not allowed is denied.
+//!
+//! The conformance listener's anonymous clients ([`Principal::Conformance`]) may use any topic
+//! outside the platform's `devices/` and `cohorts/` trees: a filter inside them is refused, and
+//! one that overlaps them (`#`, `+/x`) is granted but delivers nothing from them
+//! ([`may_receive`]), so the listener can never read or write the fleet.
+
+use std::sync::Arc;
 
 use fleet_wire::{AppPath, CohortId, DeviceId, Topic};
 
@@ -31,6 +38,28 @@ pub enum Principal {
         quarantined: bool,
     },
     Service(ServicePrincipal),
+    /// An anonymous client of the conformance listener (loopback only, for conformance suites).
+    Conformance(ConformanceRights),
+}
+
+/// What the conformance listener refuses besides the platform's trees.
+#[derive(Debug, Clone, Default)]
+pub struct ConformanceRights {
+    /// Filters refused with the plain failure code (0x80), so that conformance suites can
+    /// exercise a refused subscription.
+    pub refused_filters: Arc<[String]>,
+}
+
+impl ConformanceRights {
+    /// Whether `filter` is one the configuration lists as refused.
+    pub fn lists(&self, filter: &str) -> bool {
+        self.refused_filters.iter().any(|f| f == filter)
+    }
+}
+
+/// Whether a topic name or filter lies in the platform's own trees (`devices/`, `cohorts/`).
+fn in_platform_tree(topic: &str) -> bool {
+    filter_within(topic, "devices/#") || filter_within(topic, "cohorts/#")
 }
 
 /// Looks up where devices and cohorts sit; the broker's registry answers from memory,
@@ -61,7 +90,10 @@ fn service_sees(p: &ServicePrincipal, topic: &Topic, places: &dyn Places) -> boo
 
 /// Whether `principal` may publish to the concrete topic name `topic`.
 pub fn may_publish(principal: &Principal, topic: &str, places: &dyn Places) -> bool {
-    Topic::parse(topic).is_ok_and(|t| may_publish_topic(principal, &t, places))
+    match principal {
+        Principal::Conformance(_) => !topic.is_empty() && !in_platform_tree(topic),
+        _ => Topic::parse(topic).is_ok_and(|t| may_publish_topic(principal, &t, places)),
+    }
 }
 
 /// [`may_publish`] for a topic already parsed (the publish path parses once).
@@ -94,6 +126,8 @@ pub fn may_publish_topic(principal: &Principal, parsed: &Topic, places: &dyn Pla
                 )
                 && service_sees(p, parsed, places)
         }
+        // A platform topic is never the conformance listener's.
+        Principal::Conformance(_) => false,
     }
 }
 
@@ -134,19 +168,10 @@ pub fn may_subscribe(principal: &Principal, filter: &str, _places: &dyn Places) 
                         .is_some_and(|c| filter_within(filter, &format!("cohorts/{c}/#"))))
         }
         Principal::Service(_) => {
-            let inner = match filter.strip_prefix("$share/") {
-                Some(rest) => match rest.split_once('/') {
-                    Some((group, inner)) if !group.is_empty() && !group.contains(['+', '#']) => {
-                        inner
-                    }
-                    _ => return false,
-                },
-                None => filter,
+            let Some(inner) = unshared(filter) else {
+                return false;
             };
-            if !valid_filter(inner)
-                || !app_filter_bounded(inner)
-                || !(filter_within(inner, "devices/#") || filter_within(inner, "cohorts/#"))
-            {
+            if !valid_filter(inner) || !app_filter_bounded(inner) || !in_platform_tree(inner) {
                 return false;
             }
             // What the filter delivers is narrowed per message by `may_receive`, named device or
@@ -154,6 +179,25 @@ pub fn may_subscribe(principal: &Principal, filter: &str, _places: &dyn Places) 
             // the key that it exists.
             true
         }
+        // `$` filters other than shared ones are the router's to refuse, which it does by
+        // dropping the link; refused here instead.
+        Principal::Conformance(rights) => {
+            unshared(filter).is_some_and(|inner| {
+                valid_filter(inner) && !in_platform_tree(inner) && !inner.starts_with('$')
+            }) && !rights.lists(filter)
+        }
+    }
+}
+
+/// The filter a `$share/{group}/` subscription applies (the filter itself when not shared);
+/// `None` for a malformed share name.
+fn unshared(filter: &str) -> Option<&str> {
+    match filter.strip_prefix("$share/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((group, inner)) if !group.is_empty() && !group.contains(['+', '#']) => Some(inner),
+            _ => None,
+        },
+        None => Some(filter),
     }
 }
 
@@ -164,6 +208,7 @@ pub fn may_receive(principal: &Principal, topic: &str, places: &dyn Places) -> b
     match principal {
         Principal::Device { .. } => true,
         Principal::Service(p) => Topic::parse(topic).is_ok_and(|t| service_sees(p, &t, places)),
+        Principal::Conformance(_) => !in_platform_tree(topic),
     }
 }
 
@@ -591,6 +636,48 @@ mod tests {
         assert!(!may_receive(&viewer, "devices/d3/app/up", &w));
         assert!(!may_receive(&viewer, "devices/e1/telemetry", &w));
         assert!(!may_receive(&viewer, "not/a/topic", &w));
+    }
+
+    #[test]
+    fn conformance_rights() {
+        let w = world();
+        let c = Principal::Conformance(ConformanceRights {
+            refused_filters: vec!["test/nosubscribe".to_owned()].into(),
+        });
+        // (topic or filter, may publish, may subscribe, may receive)
+        let cases = [
+            ("TopicA/B", true, true, true),
+            ("/TopicA", true, true, true),
+            ("$TopicA/B", true, false, true),
+            ("$SYS/#", false, false, true),
+            ("#", false, true, true),
+            ("+/+", false, true, true),
+            ("$share/g/TopicA/#", false, true, false),
+            ("$share//TopicA", false, false, false),
+            ("test/nosubscribe", true, false, true),
+            ("devices/d1/telemetry", false, false, false),
+            ("devices/d1/commands", false, false, false),
+            ("devices", false, false, false),
+            ("devices/#", false, false, false),
+            ("devices/+/commands", false, false, false),
+            ("cohorts/c1/updates", false, false, false),
+            ("$share/g/cohorts/#", false, false, false),
+            ("devicesX/a", true, true, true),
+            ("a/devices/b", true, true, true),
+            ("a/#/b", false, false, true),
+        ];
+        for (name, publish, subscribe, receive) in cases {
+            // Wildcards are never topic names (the frame check refuses them first).
+            if !name.contains(['+', '#']) && !name.starts_with("$share/") {
+                assert_eq!(may_publish(&c, name, &w), publish, "publish {name}");
+            }
+            assert_eq!(may_subscribe(&c, name, &w), subscribe, "subscribe {name}");
+            if !name.contains(['+', '#']) && !name.starts_with("$share/") {
+                assert_eq!(may_receive(&c, name, &w), receive, "receive {name}");
+            }
+        }
+        let t = Topic::parse("devices/d1/commands").unwrap();
+        assert!(!may_publish_topic(&c, &t, &w));
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! - `router`: the only module that names rumqttd.
 //! - `local`: what the node delivers itself, beside the router: `retained` messages (a topic
 //!   trie) and `inbox`es of messages addressed to one device.
-//! - [`acl`]: topic rights for devices and backend services.
+//! - `forward`: what a linked client (service, conformance client) gets of what the router
+//!   forwards: the QoS, RETAIN and No Local rules rumqttd does not apply, topic aliases.
+//! - [`acl`]: topic rights for devices, backend services and conformance clients.
 //! - [`registry`]: the in-memory CA and device cache the connect path reads, and JITP.
 //! - [`bus`]: the seam to the fleet service (durable event intake).
 //! - [`cluster`]: a node's link to the other broker nodes over NATS (live messages, retained
@@ -28,6 +30,7 @@ pub mod auth;
 pub mod bus;
 pub mod cluster;
 pub mod control;
+mod forward;
 mod inbox;
 mod local;
 pub mod metrics;
@@ -42,5 +45,5 @@ pub mod tls;
 
 pub use control::BrokerControl;
 pub use router::{RouterLossLayer, RouterSettings};
-pub use server::{Broker, BrokerConfig, BrokerError};
+pub use server::{Broker, BrokerConfig, BrokerError, ConformanceConfig};
 pub use tls::ServerIdentity;

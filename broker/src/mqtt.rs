@@ -269,6 +269,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             .map(|(info, _, _)| info)
     }
 
+    /// [`Conn::queue_publish`] unless the encoded packet is larger than `max` (the client's
+    /// Maximum Packet Size): then nothing is queued, and the error has the QoS and packet id
+    /// it would have had.
+    pub fn queue_publish_within(
+        &mut self,
+        packet: Packet,
+        max: Option<usize>,
+    ) -> Result<Option<FrameInfo>, FrameInfo> {
+        let start = self.write.len();
+        let info = self.queue_publish(packet);
+        match info {
+            Some(info) if max.is_some_and(|max| self.write.len() - start > max) => {
+                self.write.truncate(start);
+                Err(info)
+            }
+            info => Ok(info),
+        }
+    }
+
     /// QoS and packet id of an outgoing publish (rumqttd keeps its fields private), by encoding
     /// it as MQTT 3.1.1 and reading the header: for the rare publish that is not sent.
     pub fn publish_header(packet: Packet) -> Option<FrameInfo> {
@@ -308,6 +327,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 "peer stopped reading",
             )),
         }
+    }
+
+    /// [`Conn::close`] after a DISCONNECT that says why: the peer may still be sending (the
+    /// packets that broke a rule, say), and a socket closed with unread bytes is reset, which
+    /// can make the peer lose the DISCONNECT. So what it sends is read and dropped until it
+    /// closes too, within the same bound.
+    pub async fn close_draining(mut self, within: Duration) {
+        let _ = tokio::time::timeout(within, async {
+            let _ = self.flush().await;
+            let _ = self.io.shutdown().await;
+            let mut sink = [0u8; 1024];
+            while matches!(self.io.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
     }
 
     /// Sends what is queued (bounded in time) and closes the socket.

@@ -125,7 +125,12 @@ impl RouterFilters {
 /// How a session's link is set up.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LinkOptions {
+    /// rumqttd's clean session: discard what the router keeps for the client id, and keep
+    /// nothing after the link ends.
     pub clean_session: bool,
+    /// Discard what the router keeps for the client id before linking (not clean): an MQTT 5
+    /// Clean Start whose session outlives the connection, which rumqttd has no flag for.
+    pub purge_first: bool,
     pub topic_alias_max: u16,
 }
 
@@ -199,10 +204,14 @@ impl RouterHandle {
         let lock = self.generation_lock(&client_id);
         let mut generation = lock.lock().await;
         let this = self.clone();
-        let mut link =
-            tokio::task::spawn_blocking(move || this.connect_blocking(&client_id, &opts))
-                .await
-                .map_err(|_| RouterError::Gone)??;
+        let mut link = tokio::task::spawn_blocking(move || {
+            if opts.purge_first {
+                this.purge_blocking(&client_id)?;
+            }
+            this.connect_blocking(&client_id, &opts)
+        })
+        .await
+        .map_err(|_| RouterError::Gone)??;
         *generation = self
             .next_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -217,6 +226,26 @@ impl RouterHandle {
             .remove_if(client_id, |_, l| Arc::strong_count(l) == 1);
     }
 
+    /// Discards what the router keeps for `client_id`: linking once with a clean session and
+    /// unlinking. The router takes the two in order with any link made after, so that link
+    /// finds nothing. Blocks: call it from the blocking pool.
+    fn purge_blocking(&self, client_id: &str) -> Result<(), RouterError> {
+        let opts = LinkOptions {
+            clean_session: true,
+            ..Default::default()
+        };
+        let (mut tx, _rx, _) = (self.build)(client_id, &opts)?;
+        let disconnect = Packet::Disconnect(
+            proto::Disconnect {
+                reason_code: proto::DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        );
+        futures::executor::block_on(tx.send(disconnect))
+            .map(drop)
+            .map_err(|_| RouterError::Gone)
+    }
+
     /// Ends a persistent session the router keeps for a disconnected client (rumqttd never
     /// expires them on its own): linking once with a clean session discards the saved state.
     /// Does nothing if the client linked again since `generation`; returns whether it expired.
@@ -228,21 +257,8 @@ impl RouterHandle {
         }
         let this = self.clone();
         let id = client_id.clone();
-        let opts = LinkOptions {
-            clean_session: true,
-            topic_alias_max: 0,
-        };
-        match tokio::task::spawn_blocking(move || this.connect_blocking(&id, &opts)).await {
-            Ok(Ok(mut link)) => {
-                let disconnect = Packet::Disconnect(
-                    proto::Disconnect {
-                        reason_code: proto::DisconnectReasonCode::NormalDisconnection,
-                    },
-                    None,
-                );
-                let _ = link.send(vec![disconnect]).await;
-                tracing::debug!(client_id, "expired a persistent session");
-            }
+        match tokio::task::spawn_blocking(move || this.purge_blocking(&id)).await {
+            Ok(Ok(())) => tracing::debug!(client_id, "expired a persistent session"),
             _ => tracing::warn!(client_id, "could not expire a persistent session"),
         }
         drop(current);
@@ -429,7 +445,7 @@ impl SystemPublisher {
             "~broker~",
             &LinkOptions {
                 clean_session: true,
-                topic_alias_max: 0,
+                ..Default::default()
             },
         )?;
         let Link { mut tx, mut rx, .. } = link;
@@ -480,6 +496,18 @@ impl SystemPublisher {
     /// Publishes as the platform itself: recorded by [`Local`] (retained, device inboxes), then
     /// queued for the router (QoS 2 is sent as QoS 1). Waits only if 10,000 are queued.
     pub async fn publish(&self, topic: String, payload: Bytes, qos: u8, retain: bool) {
+        self.publish_with(topic, payload, qos, retain, None).await;
+    }
+
+    /// [`SystemPublisher::publish`] with MQTT 5 properties (a will's).
+    pub async fn publish_with(
+        &self,
+        topic: String,
+        payload: Bytes,
+        qos: u8,
+        retain: bool,
+        props: Option<proto::PublishProperties>,
+    ) {
         let parsed = fleet_wire::Topic::parse(&topic).ok();
         self.local.publish(
             &topic,
@@ -487,10 +515,10 @@ impl SystemPublisher {
             &payload,
             qos.min(1),
             retain,
-            None,
+            props.as_ref(),
             None,
         );
-        self.forward(Bytes::from(topic), payload, qos, None).await;
+        self.forward(Bytes::from(topic), payload, qos, props).await;
     }
 
     /// Queues a publish [`Local`] has already seen for the router's subscribers (backend

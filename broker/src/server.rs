@@ -77,6 +77,26 @@ pub struct BrokerConfig {
     /// How long shutdown waits for sessions to publish their disconnects.
     pub shutdown_grace_ms: u64,
     pub router: RouterSettings,
+    pub conformance: ConformanceConfig,
+}
+
+/// The conformance listener (off unless the platform is given an address for it): anonymous
+/// MQTT over plain TCP on a loopback address, for running conformance suites through the
+/// broker's own session code. Its clients may use any topic outside `devices/` and `cohorts/`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConformanceConfig {
+    /// Topic filters refused with the failure return code (0x80), so that a suite can exercise
+    /// a refused subscription. The Eclipse Paho interoperability suite uses `test/nosubscribe`.
+    pub refused_filters: Vec<String>,
+}
+
+impl Default for ConformanceConfig {
+    fn default() -> Self {
+        Self {
+            refused_filters: vec!["test/nosubscribe".into()],
+        }
+    }
 }
 
 impl Default for BrokerConfig {
@@ -100,6 +120,7 @@ impl Default for BrokerConfig {
             bus_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
             router: RouterSettings::default(),
+            conformance: ConformanceConfig::default(),
         }
     }
 }
@@ -125,6 +146,8 @@ pub struct Broker {
     handshake_timeout: Duration,
     handshake_turns: Arc<tokio::sync::Semaphore>,
     grace: Duration,
+    conformance: Option<(TcpListener, crate::acl::ConformanceRights)>,
+    refused_filters: Arc<[String]>,
 }
 
 impl Broker {
@@ -188,6 +211,7 @@ impl Broker {
             service_ids: AtomicU64::new(1),
             connect_gates: dashmap::DashMap::new(),
             unreleased_qos2: dashmap::DashMap::new(),
+            linked: dashmap::DashMap::new(),
         });
         Ok(Self {
             ctx,
@@ -198,7 +222,25 @@ impl Broker {
                 config.max_concurrent_handshakes.max(1),
             )),
             grace: Duration::from_millis(config.shutdown_grace_ms),
+            conformance: None,
+            refused_filters: config.conformance.refused_filters.clone().into(),
         })
+    }
+
+    /// Also serves anonymous clients on `listener`, the conformance listener (see
+    /// [`ConformanceConfig`]). The caller makes sure it is a loopback address: anyone who can
+    /// reach it may publish and subscribe outside the platform's trees without credentials.
+    pub fn with_conformance_listener(mut self, listener: TcpListener) -> Self {
+        let rights = crate::acl::ConformanceRights {
+            refused_filters: self.refused_filters.clone(),
+        };
+        warn!(
+            addr = ?listener.local_addr().ok(),
+            "CONFORMANCE LISTENER ENABLED: anonymous MQTT without TLS on this address, for \
+             conformance testing only; never enable it in production"
+        );
+        self.conformance = Some((listener, rights));
+        self
     }
 
     pub fn control(&self) -> BrokerControl {
@@ -223,10 +265,11 @@ impl Broker {
         .await
     }
 
-    /// Serves devices (mTLS) and backend services (API key) until `shutdown` resolves, then
+    /// Serves devices (mTLS), backend services (API key) and, if configured, the conformance
+    /// listener until `shutdown` resolves, then
     /// ends every session (reason `server_shutdown`) and waits for them, up to the grace period.
     pub async fn serve(
-        self,
+        mut self,
         devices: TcpListener,
         services: TcpListener,
         shutdown: impl Future<Output = ()>,
@@ -248,9 +291,26 @@ impl Broker {
             let ctx = self.ctx.clone();
             move |stream, peer| session::serve_service(ctx.clone(), stream, peer)
         });
+        let conformance_loop = {
+            let (ctx, tracker) = (self.ctx.clone(), tracker.clone());
+            let conformance = self.conformance.take();
+            async move {
+                match conformance {
+                    Some((listener, rights)) => {
+                        let served = ctx.clone();
+                        accept_loop(listener, &ctx, tracker, move |stream, peer| {
+                            session::serve_conformance(served.clone(), stream, peer, rights.clone())
+                        })
+                        .await
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+        };
         tokio::select! {
             _ = device_loop => {}
             _ = service_loop => {}
+            _ = conformance_loop => {}
             _ = shutdown => {}
         }
         info!(

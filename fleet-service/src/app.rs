@@ -27,6 +27,7 @@ pub struct App {
     role: Role,
     mqtts_addr: Option<SocketAddr>,
     service_addr: Option<SocketAddr>,
+    conformance_addr: Option<SocketAddr>,
     http_addr: SocketAddr,
     admin_token: String,
     pki: DevPki,
@@ -48,6 +49,9 @@ impl App {
     /// Starts everything this process runs and returns once every listener is bound and
     /// serving.
     pub async fn start(config: Config) -> anyhow::Result<App> {
+        if let Some(addr) = config.conformance_listen {
+            crate::config::check_conformance_listen(addr)?;
+        }
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
         let role = config.role;
@@ -167,6 +171,7 @@ impl App {
 
         let mut mqtts_addr = None;
         let mut service_addr = None;
+        let mut conformance_addr = None;
         let mut broker_task = None;
         let mut node = None;
         if role.runs_broker() {
@@ -216,6 +221,14 @@ impl App {
             let services = bind(config.service_listen, backlog, "service")?;
             mqtts_addr = Some(devices.local_addr()?);
             service_addr = Some(services.local_addr()?);
+            let broker = match config.conformance_listen {
+                Some(addr) => {
+                    let listener = bind(addr, backlog, "conformance")?;
+                    conformance_addr = Some(listener.local_addr()?);
+                    broker.with_conformance_listener(listener)
+                }
+                None => broker,
+            };
             broker_task = Some(tokio::spawn(broker.serve(
                 devices,
                 services,
@@ -324,6 +337,7 @@ impl App {
             role,
             mqtts_addr,
             service_addr,
+            conformance_addr,
             http_addr,
             admin_token,
             pki,
@@ -347,6 +361,10 @@ impl App {
     /// The backend-service listener; panics on a process that runs no broker.
     pub fn service_addr(&self) -> SocketAddr {
         self.service_addr.expect("this process runs no broker")
+    }
+    /// The conformance listener, when one was configured on a process that runs a broker.
+    pub fn conformance_addr(&self) -> Option<SocketAddr> {
+        self.conformance_addr
     }
     /// The REST bridge (`api`, `serve`) or the node's health and metrics (`broker`).
     pub fn http_addr(&self) -> SocketAddr {
@@ -386,6 +404,11 @@ impl App {
             out.push_str(&format!("  devices (MQTT over mTLS): {d}\n"));
             out.push_str(&format!(
                 "  backend services (MQTT, API key as password): {s}\n"
+            ));
+        }
+        if let Some(c) = self.conformance_addr {
+            out.push_str(&format!(
+                "  CONFORMANCE TESTING (anonymous MQTT, no TLS; never in production): {c}\n"
             ));
         }
         if self.role.runs_api() {

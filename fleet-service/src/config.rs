@@ -75,6 +75,11 @@ pub struct ServeArgs {
     /// REST bridge.
     #[arg(long, env = "FLEET_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     pub http_listen: SocketAddr,
+    /// Conformance-testing listener: anonymous MQTT over plain TCP, any topic outside
+    /// devices/ and cohorts/ (for MQTT conformance suites only). Off unless given; a loopback
+    /// address only.
+    #[arg(long, env = "FLEET_CONFORMANCE_LISTEN")]
+    pub conformance_listen: Option<SocketAddr>,
     /// Bootstrap admin API key. Generated, stored in <data-dir>/admin-token and printed when unset.
     #[arg(long, env = "FLEET_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -363,6 +368,8 @@ pub struct Config {
     pub mqtts_listen: SocketAddr,
     pub service_listen: SocketAddr,
     pub http_listen: SocketAddr,
+    /// The conformance listener, if any (see [`check_conformance_listen`]).
+    pub conformance_listen: Option<SocketAddr>,
     pub admin_token: Option<String>,
     pub tuning: Tuning,
     pub role: Role,
@@ -382,6 +389,7 @@ impl Config {
             mqtts_listen: any,
             service_listen: any,
             http_listen: any,
+            conformance_listen: None,
             admin_token: None,
             tuning: Tuning::default(),
             role: Role::All,
@@ -448,12 +456,25 @@ impl Config {
             mqtts_listen: args.mqtts_listen,
             service_listen: args.service_listen,
             http_listen: args.http_listen,
+            conformance_listen: args.conformance_listen,
             admin_token: args.admin_token,
             tuning,
             role,
             nats_url: args.nats_url,
         })
     }
+}
+
+/// The conformance listener takes anonymous clients without TLS, so it may only listen where
+/// nothing but this machine reaches it.
+pub fn check_conformance_listen(addr: SocketAddr) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() {
+        anyhow::bail!(
+            "--conformance-listen {addr} refused: the conformance listener takes anonymous clients \
+             without TLS, so it listens only on a loopback address (127.0.0.0/8 or ::1)"
+        );
+    }
+    Ok(())
 }
 
 pub fn parse_tuning(text: &str) -> anyhow::Result<Tuning> {
@@ -493,6 +514,7 @@ mod tests {
             mqtts_listen: "127.0.0.1:0".parse().unwrap(),
             service_listen: "127.0.0.1:0".parse().unwrap(),
             http_listen: "127.0.0.1:0".parse().unwrap(),
+            conformance_listen: None,
             admin_token: Some("short".into()),
             config: None,
             nats_url: None,
@@ -571,6 +593,22 @@ mod tests {
             }
         }
         assert!(missing.is_empty(), "flags without help: {missing:?}");
+    }
+
+    #[test]
+    fn conformance_listener_is_loopback_only() {
+        for ok in ["127.0.0.1:0", "127.1.2.3:1883", "[::1]:1883"] {
+            assert!(
+                check_conformance_listen(ok.parse().unwrap()).is_ok(),
+                "{ok}"
+            );
+        }
+        for bad in ["0.0.0.0:1883", "192.168.1.20:1883", "[::]:1883"] {
+            let err = check_conformance_listen(bad.parse().unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("loopback"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -16,7 +16,9 @@ use rcgen::{
 use tokio::sync::mpsc;
 
 pub mod cluster;
+pub mod conformance;
 pub mod nats;
+pub mod raw;
 pub mod rest;
 pub mod walkthrough;
 
@@ -103,6 +105,8 @@ pub struct Platform {
     server_tls: fleet_service::config::ServerTls,
     rest: Option<Rest>,
     pub db: Db,
+    /// Runs the conformance listener (on 127.0.0.1 port 0); see [`conformance`].
+    conformance: bool,
 }
 
 /// The platform's REST calls (`p.api(...)`, `p.jitp_fleet(...)`) are [`Rest`]'s.
@@ -129,7 +133,7 @@ impl Platform {
     /// Starts the platform with non-default tuning (router limits, timeouts, ...).
     pub async fn start_tuned(db: Db, tuning: fleet_service::config::Tuning) -> Option<Platform> {
         let dev = fleet_service::config::ServerTls::Dev { names: Vec::new() };
-        Self::start_configured(db, tuning, dev).await
+        Self::start_configured(db, tuning, dev, false).await
     }
 
     /// Starts the platform with its device listener presenting `server_tls`.
@@ -137,13 +141,14 @@ impl Platform {
         db: Db,
         server_tls: fleet_service::config::ServerTls,
     ) -> Option<Platform> {
-        Self::start_configured(db, Default::default(), server_tls).await
+        Self::start_configured(db, Default::default(), server_tls, false).await
     }
 
     async fn start_configured(
         db: Db,
         tuning: fleet_service::config::Tuning,
         server_tls: fleet_service::config::ServerTls,
+        conformance: bool,
     ) -> Option<Platform> {
         init_logs();
         let dir = tempfile::tempdir().expect("temp dir");
@@ -165,6 +170,7 @@ impl Platform {
             server_tls,
             rest: None,
             db,
+            conformance,
         };
         platform.boot().await;
         Some(platform)
@@ -175,6 +181,9 @@ impl Platform {
         config.database_url = self.database_url.clone();
         config.tuning = self.tuning.clone();
         config.server_tls = self.server_tls.clone();
+        config.conformance_listen = self
+            .conformance
+            .then(|| "127.0.0.1:0".parse().expect("valid address"));
         let app = App::start(config).await.expect("platform starts");
         self.rest = Some(Rest::new(app.http_addr(), app.admin_token()));
         self.app = Some(app);
