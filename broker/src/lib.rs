@@ -21,6 +21,8 @@
 //! - [`auth`]: API keys on the service listener.
 //! - [`metrics`]: counters, rejections by reason.
 //! - [`rejections`]: the most recent refused connections, for operators.
+//! - `fuzzing` (hidden): the frame reader and the certificate reader, for the fuzz targets in
+//!   `fuzz/`.
 
 pub mod acl;
 pub mod admission;
@@ -28,6 +30,8 @@ pub mod auth;
 pub mod bus;
 pub mod cluster;
 pub mod control;
+#[doc(hidden)]
+pub mod fuzzing;
 mod inbox;
 mod local;
 pub mod metrics;
