@@ -205,8 +205,9 @@ impl<S> Conn<S> {
             .map_err(ReadError::Invalid)?;
         if self.version == Version::V5 && info.packet_type == 14 && len - header_len <= 1 {
             // MQTT 5 lets a DISCONNECT end after its reason code (or have none: 0x00);
-            // rumqttd insists on a property length.
-            let reason_code = match self.read.get(header_len) {
+            // rumqttd insists on a property length. The code is read within the frame: with
+            // none, the next byte belongs to the next packet (or has not arrived yet).
+            let reason_code = match self.read[header_len..len].first() {
                 Some(0x04) => DisconnectReasonCode::DisconnectWithWillMessage,
                 _ => DisconnectReasonCode::NormalDisconnection,
             };
@@ -359,6 +360,8 @@ pub struct StreamReading {
     /// Why the reader refused the stream (the session then ends the connection).
     pub error: Option<String>,
     /// Bytes left in the buffer when the stream ended: the start of a frame not complete.
+    /// Zero after an error, since how much had arrived behind the refused frame depends on
+    /// how the bytes were cut.
     pub pending: usize,
 }
 
@@ -404,7 +407,6 @@ pub fn read_stream<'a>(
                 Ok(None) => break,
                 Err(e) => {
                     out.error = Some(e.to_string());
-                    out.pending = conn.read.len();
                     return out;
                 }
             }
@@ -487,6 +489,44 @@ mod tests {
         assert!(small
             .error
             .is_some_and(|e| e.contains("larger than allowed")));
+    }
+
+    /// Found by the `mqtt_frames` fuzz target: a DISCONNECT without a reason code read the
+    /// byte after its frame as one, so `e0 00` followed by a packet starting with 0x04 (or a
+    /// stray 0x04) published the client's will, depending on how TCP had cut the stream.
+    #[test]
+    fn a_disconnect_without_a_reason_code_is_normal_whatever_follows() {
+        let connect = [
+            0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0, 1, b'c',
+        ];
+        for tail in [&[][..], &[0x04], &[0x04, 0x00]] {
+            let stream = [&connect[..], &[0xe0, 0x00], tail].concat();
+            for reading in [
+                read_stream([&stream[..]], 1024),
+                read_stream(stream.chunks(1), 1024),
+            ] {
+                assert_eq!(
+                    reading.frames[1].packet,
+                    Packet::Disconnect(
+                        Disconnect {
+                            reason_code: DisconnectReasonCode::NormalDisconnection
+                        },
+                        None
+                    ),
+                    "followed by {tail:?}"
+                );
+            }
+        }
+        let with_will = [&connect[..], &[0xe0, 0x01, 0x04]].concat();
+        assert_eq!(
+            read_stream([&with_will[..]], 1024).frames[1].packet,
+            Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::DisconnectWithWillMessage
+                },
+                None
+            )
+        );
     }
 
     #[test]
