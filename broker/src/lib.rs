@@ -23,6 +23,8 @@
 //! - [`auth`]: API keys on the service listener.
 //! - [`metrics`]: counters, rejections by reason.
 //! - [`rejections`]: the most recent refused connections, for operators.
+//! - `fuzzing` (hidden): the frame reader and the certificate reader, for the fuzz targets in
+//!   `fuzz/`.
 
 pub mod acl;
 pub mod admission;
@@ -31,6 +33,8 @@ pub mod bus;
 pub mod cluster;
 pub mod control;
 mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 mod inbox;
 mod local;
 pub mod metrics;

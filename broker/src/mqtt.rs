@@ -151,7 +151,10 @@ pub(crate) struct Conn<S> {
     version: Version,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+/// The reading half, which never touches the socket: what [`Conn::read_connect`] and
+/// [`Conn::fill`] buffered is framed, checked and decoded here, so the fuzz targets
+/// ([`read_stream`]) drive the very code a session does.
+impl<S> Conn<S> {
     /// A connection with the default [`Limits`]; [`Conn::set_limits`] changes them.
     pub fn new(io: S, max_packet: usize) -> Self {
         Self {
@@ -173,44 +176,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.version
     }
 
-    /// Reads the CONNECT packet and fixes the codec from its protocol level.
-    pub async fn read_connect(&mut self, within: Duration) -> Result<Packet, ReadError> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Some((_, header_len, len)) = peek(&self.read, self.max_packet)? {
-                let level = connect_level(&self.read[..len])?;
-                self.version = match level {
-                    4 => Version::V311,
-                    5 => Version::V5,
-                    other => return Err(ReadError::UnsupportedVersion(other)),
-                };
-                validate::check_connect(&self.read[..len], header_len, self.version, &self.limits)
-                    .map_err(ReadError::Invalid)?;
-                let packet = self.decode()?;
-                return match packet {
-                    p @ Packet::Connect(..) => Ok(p),
-                    _ => Err(ReadError::Malformed(CodecError::InvalidPacketType(1))),
-                };
-            }
-            match tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.read)).await {
-                Err(_) => return Err(ReadError::Timeout),
-                Ok(Ok(0)) => return Err(ReadError::Closed),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e.into()),
-            }
-        }
-    }
-
-    /// Waits for more bytes. Cancel safe.
-    pub async fn fill(&mut self) -> Result<(), ReadError> {
-        if self.read.is_empty() && self.read.capacity() > KEEP_IDLE {
-            self.read = BytesMut::with_capacity(READ_CHUNK);
-        } else if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
-            self.read.reserve(READ_CHUNK);
-        }
-        match self.io.read_buf(&mut self.read).await? {
-            0 => Err(ReadError::Closed),
-            _ => Ok(()),
+    /// The CONNECT packet, if a complete one is buffered; fixes the codec from its protocol
+    /// level.
+    fn buffered_connect(&mut self) -> Result<Option<Packet>, ReadError> {
+        let Some((_, header_len, len)) = peek(&self.read, self.max_packet)? else {
+            return Ok(None);
+        };
+        let level = connect_level(&self.read[..len])?;
+        self.version = match level {
+            4 => Version::V311,
+            5 => Version::V5,
+            other => return Err(ReadError::UnsupportedVersion(other)),
+        };
+        validate::check_connect(&self.read[..len], header_len, self.version, &self.limits)
+            .map_err(ReadError::Invalid)?;
+        match self.decode()? {
+            p @ Packet::Connect(..) => Ok(Some(p)),
+            _ => Err(ReadError::Malformed(CodecError::InvalidPacketType(1))),
         }
     }
 
@@ -223,8 +205,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             .map_err(ReadError::Invalid)?;
         if self.version == Version::V5 && info.packet_type == 14 && len - header_len <= 1 {
             // MQTT 5 lets a DISCONNECT end after its reason code (or have none: 0x00);
-            // rumqttd insists on a property length.
-            let reason_code = match self.read.get(header_len) {
+            // rumqttd insists on a property length. The code is read within the frame: with
+            // none, the next byte belongs to the next packet (or has not arrived yet).
+            let reason_code = match self.read[header_len..len].first() {
                 Some(0x04) => DisconnectReasonCode::DisconnectWithWillMessage,
                 _ => DisconnectReasonCode::NormalDisconnection,
             };
@@ -246,6 +229,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             CodecError::PayloadSizeLimitExceeded(n) => ReadError::TooLarge(n),
             e => ReadError::Malformed(e),
         })
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// Reads the CONNECT packet and fixes the codec from its protocol level.
+    pub async fn read_connect(&mut self, within: Duration) -> Result<Packet, ReadError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(packet) = self.buffered_connect()? {
+                return Ok(packet);
+            }
+            match tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.read)).await {
+                Err(_) => return Err(ReadError::Timeout),
+                Ok(Ok(0)) => return Err(ReadError::Closed),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Waits for more bytes. Cancel safe.
+    pub async fn fill(&mut self) -> Result<(), ReadError> {
+        if self.read.is_empty() && self.read.capacity() > KEEP_IDLE {
+            self.read = BytesMut::with_capacity(READ_CHUNK);
+        } else if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
+            self.read.reserve(READ_CHUNK);
+        }
+        match self.io.read_buf(&mut self.read).await? {
+            0 => Err(ReadError::Closed),
+            _ => Ok(()),
+        }
     }
 
     /// Encodes a packet into the write buffer; [`Conn::flush`] sends it.
@@ -353,6 +367,88 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
+/// One frame as [`read_stream`] took it.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct ReadFrame {
+    /// Header facts, as the session sees them ([`FrameInfo`]).
+    pub packet_type: u8,
+    pub qos: u8,
+    pub pkid: u16,
+    /// The frame's length by its fixed header, the fixed header included.
+    pub frame_len: usize,
+    /// Bytes the reader took from its buffer for the frame.
+    pub consumed: usize,
+    pub packet: Packet,
+}
+
+/// What the reader made of a byte stream ([`read_stream`]).
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct StreamReading {
+    /// 4 (MQTT 3.1.1) or 5, once a CONNECT was read.
+    pub protocol_level: Option<u8>,
+    /// Every packet read, the CONNECT first.
+    pub frames: Vec<ReadFrame>,
+    /// Why the reader refused the stream (the session then ends the connection).
+    pub error: Option<String>,
+    /// Bytes left in the buffer when the stream ended: the start of a frame not complete.
+    /// Zero after an error, since how much had arrived behind the refused frame depends on
+    /// how the bytes were cut.
+    pub pending: usize,
+}
+
+/// Reads one connection's byte stream arriving in `chunks`, as a session does: the CONNECT
+/// first ([`Conn::read_connect`]), then every packet ([`Conn::next_packet`]), each checked by
+/// [`validate`] before the codec decodes it, with the default [`Limits`]. For the fuzz
+/// targets (`fuzz/`), which have no socket to give.
+#[doc(hidden)]
+pub fn read_stream<'a>(
+    chunks: impl IntoIterator<Item = &'a [u8]>,
+    max_packet: usize,
+) -> StreamReading {
+    let mut conn = Conn::new((), max_packet);
+    let mut out = StreamReading::default();
+    for chunk in chunks {
+        conn.read.extend_from_slice(chunk);
+        loop {
+            let before = conn.read.len();
+            // What the header says, for the CONNECT (read without a FrameInfo) and for the
+            // frame length the codec must agree with.
+            let peeked = peek(&conn.read, max_packet).ok().flatten();
+            let frame_len = peeked.map_or(0, |(_, _, len)| len);
+            let read = match (out.protocol_level, peeked) {
+                (None, Some((info, _, _))) => conn.buffered_connect().map(|p| p.map(|p| (info, p))),
+                (None, None) => conn.buffered_connect().map(|_| None),
+                (Some(_), _) => conn.next_packet(),
+            };
+            match read {
+                Ok(Some((info, packet))) => {
+                    out.protocol_level.get_or_insert(match conn.version {
+                        Version::V311 => 4,
+                        Version::V5 => 5,
+                    });
+                    out.frames.push(ReadFrame {
+                        packet_type: info.packet_type,
+                        qos: info.qos,
+                        pkid: info.pkid,
+                        frame_len,
+                        consumed: before - conn.read.len(),
+                        packet,
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    out.error = Some(e.to_string());
+                    return out;
+                }
+            }
+        }
+    }
+    out.pending = conn.read.len();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,6 +486,80 @@ mod tests {
             peek(&[0x32, 3, 0, 9, b'a'], 1024),
             Err(ReadError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_stream_reads_the_same_however_it_arrives() {
+        let connect = [
+            0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 1, b'c',
+        ];
+        let publish = [0x32, 8, 0, 3, b'a', b'/', b'b', 0x12, 0x34, b'x'];
+        let ping = [0xc0, 0];
+        let stream = [&connect[..], &publish, &ping].concat();
+        let whole = read_stream([&stream[..]], 1024);
+        assert_eq!(whole.protocol_level, Some(4));
+        assert!(whole.error.is_none());
+        assert_eq!(whole.pending, 0);
+        let facts: Vec<_> = whole
+            .frames
+            .iter()
+            .map(|f| (f.packet_type, f.qos, f.pkid, f.frame_len, f.consumed))
+            .collect();
+        assert_eq!(
+            facts,
+            [(1, 0, 0, 15, 15), (3, 1, 0x1234, 10, 10), (12, 0, 0, 2, 2)]
+        );
+        let bytewise = read_stream(stream.chunks(1), 1024);
+        assert_eq!(bytewise.frames.len(), 3);
+        for (a, b) in whole.frames.iter().zip(&bytewise.frames) {
+            assert_eq!(a.packet, b.packet);
+        }
+        // A frame not complete is left pending; one over the maximum ends the reading.
+        let cut = read_stream([&stream[..stream.len() - 1]], 1024);
+        assert_eq!((cut.frames.len(), cut.pending), (2, 1));
+        let small = read_stream([&stream[..]], 12);
+        assert!(small.frames.is_empty());
+        assert!(small
+            .error
+            .is_some_and(|e| e.contains("larger than allowed")));
+    }
+
+    /// Found by the `mqtt_frames` fuzz target: a DISCONNECT without a reason code read the
+    /// byte after its frame as one, so `e0 00` followed by a packet starting with 0x04 (or a
+    /// stray 0x04) published the client's will, depending on how TCP had cut the stream.
+    #[test]
+    fn a_disconnect_without_a_reason_code_is_normal_whatever_follows() {
+        let connect = [
+            0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0, 1, b'c',
+        ];
+        for tail in [&[][..], &[0x04], &[0x04, 0x00]] {
+            let stream = [&connect[..], &[0xe0, 0x00], tail].concat();
+            for reading in [
+                read_stream([&stream[..]], 1024),
+                read_stream(stream.chunks(1), 1024),
+            ] {
+                assert_eq!(
+                    reading.frames[1].packet,
+                    Packet::Disconnect(
+                        Disconnect {
+                            reason_code: DisconnectReasonCode::NormalDisconnection
+                        },
+                        None
+                    ),
+                    "followed by {tail:?}"
+                );
+            }
+        }
+        let with_will = [&connect[..], &[0xe0, 0x01, 0x04]].concat();
+        assert_eq!(
+            read_stream([&with_will[..]], 1024).frames[1].packet,
+            Packet::Disconnect(
+                Disconnect {
+                    reason_code: DisconnectReasonCode::DisconnectWithWillMessage
+                },
+                None
+            )
+        );
     }
 
     #[test]

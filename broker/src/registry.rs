@@ -373,15 +373,7 @@ impl Registry {
         prefer: Option<&str>,
     ) -> Result<CaRecord, Rejection> {
         let issuer = cert.issuer().as_raw();
-        let aki = cert
-            .extensions()
-            .iter()
-            .find_map(|e| match e.parsed_extension() {
-                x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => {
-                    aki.key_identifier.as_ref().map(|k| k.0.to_vec())
-                }
-                _ => None,
-            });
+        let aki = authority_key_id(cert);
         let mut signers: Vec<CaRecord> = Vec::new();
         for ca in self.cas.iter() {
             if ca.subject_der != issuer {
@@ -439,14 +431,7 @@ impl Registry {
         if !ca.trusted() {
             return Err(Rejection::DisabledCa);
         }
-        let facts = CertFacts {
-            fingerprint_sha256: fingerprint(leaf_der),
-            subject: cert.subject().to_string(),
-            issuer: cert.issuer().to_string(),
-            serial: cert.raw_serial_as_string(),
-            not_before_ms: validity.not_before.timestamp() * 1000,
-            not_after_ms: validity.not_after.timestamp() * 1000,
-        };
+        let facts = cert_facts(&cert, leaf_der);
         if self.revoked.contains(&facts.fingerprint_sha256) {
             return Err(Rejection::CertificateRevoked);
         }
@@ -612,6 +597,61 @@ fn common_name_id(
     DeviceId::parse(cn).map_err(|_| Rejection::BadCommonName)
 }
 
+/// What the store records of a device certificate (`der`, parsed as `cert`).
+fn cert_facts(cert: &x509_parser::certificate::X509Certificate<'_>, der: &[u8]) -> CertFacts {
+    let validity = cert.validity();
+    CertFacts {
+        fingerprint_sha256: fingerprint(der),
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        serial: cert.raw_serial_as_string(),
+        not_before_ms: validity.not_before.timestamp() * 1000,
+        not_after_ms: validity.not_after.timestamp() * 1000,
+    }
+}
+
+/// The authority key identifier of a certificate, when it names one: it narrows the CAs that
+/// may have signed it.
+fn authority_key_id(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<Vec<u8>> {
+    cert.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
+            _ => None,
+        })
+}
+
+/// What the connect path reads from a device certificate before it asks the registry
+/// anything ([`Registry::identify`]).
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct LeafFacts {
+    pub id: DeviceId,
+    pub cert: CertFacts,
+    pub authority_key_id: Option<Vec<u8>>,
+    /// The certificate's issuer, as raw DER (what a CA's `subject_der` is compared with).
+    pub issuer_der: Vec<u8>,
+    /// Whether the public key of the certificate given as the CA verifies it.
+    pub signed_by_ca: bool,
+}
+
+/// Reads a device certificate (DER) as [`Registry::identify`] does, and checks its signature
+/// against `ca_der`'s key as the search for its CA does. For the fuzz targets (`fuzz/`).
+#[doc(hidden)]
+pub fn read_leaf(leaf_der: &[u8], ca_der: &[u8]) -> Result<LeafFacts, Rejection> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(leaf_der).map_err(|_| Rejection::BadCertificate)?;
+    Ok(LeafFacts {
+        id: common_name_id(&cert)?,
+        cert: cert_facts(&cert, leaf_der),
+        authority_key_id: authority_key_id(&cert),
+        issuer_der: cert.issuer().as_raw().to_vec(),
+        signed_by_ca: signed_by(&cert, ca_der),
+    })
+}
+
 /// Whether the public key of the CA certificate `ca_der` verifies `cert`'s signature.
 fn signed_by(cert: &x509_parser::certificate::X509Certificate<'_>, ca_der: &[u8]) -> bool {
     x509_parser::parse_x509_certificate(ca_der)
@@ -622,4 +662,48 @@ fn signed_by(cert: &x509_parser::certificate::X509Certificate<'_>, ca_der: &[u8]
 pub fn fingerprint(der: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(der))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn self_signed(common_names: &[&str]) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        for cn in common_names {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, *cn);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn a_leaf_names_one_device_and_the_facts_recorded() {
+        let der = self_signed(&["dev-1"]);
+        let leaf = read_leaf(&der, &der).unwrap();
+        assert_eq!(leaf.id.as_str(), "dev-1");
+        assert_eq!(leaf.cert.fingerprint_sha256, fingerprint(&der));
+        assert!(leaf.cert.subject.contains("dev-1"));
+        assert!(leaf.cert.not_before_ms < leaf.cert.not_after_ms);
+        assert!(leaf.signed_by_ca, "self-signed");
+        let other = self_signed(&["dev-2"]);
+        assert!(!read_leaf(&der, &other).unwrap().signed_by_ca);
+
+        // (rcgen keeps one value per attribute type, so two CNs are not made here.)
+        let cases: &[(&[&str], Rejection)] = &[
+            (&[], Rejection::BadCommonName),
+            (&["dev/1"], Rejection::BadCommonName),
+        ];
+        for (names, want) in cases {
+            let der = self_signed(names);
+            assert_eq!(read_leaf(&der, &der).err(), Some(*want), "{names:?}");
+        }
+        assert_eq!(
+            read_leaf(&der[..der.len() - 1], &der).err(),
+            Some(Rejection::BadCertificate)
+        );
+    }
 }

@@ -651,6 +651,68 @@ pub(super) async fn import_devices(
     }))
 }
 
+/// A row's fields as the import read them, and what the field checks an import runs on every
+/// row (tags, certificate pin) make of them. For the fuzz targets (`fuzz/`).
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportedFields {
+    pub id: Option<String>,
+    pub cohort: Option<String>,
+    pub tags: Option<serde_json::Map<String, serde_json::Value>>,
+    pub certificate_pem: Option<String>,
+    pub certificate_fingerprint: Option<String>,
+    /// [`valid_tags`] of the row's tags: the tags stored, or the error code.
+    pub checked_tags: Result<std::collections::BTreeMap<String, String>, &'static str>,
+    /// [`pin_of`] of the row's certificate: the fingerprint pinned, or the error code.
+    pub pin: Result<Option<String>, &'static str>,
+}
+
+/// One data row of an import ([`read_import`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportedRow {
+    pub line: Option<u64>,
+    pub id: Option<String>,
+    /// The fields, or the failing column and error code.
+    pub row: Result<ImportedFields, (Option<String>, &'static str)>,
+}
+
+/// Reads an import body as the route does (`csv`: `text/csv`, else `application/json`), up
+/// to the checks that need the store. The error is the refusal's code.
+#[doc(hidden)]
+pub fn read_import(body: &[u8], csv: bool) -> Result<Vec<ImportedRow>, &'static str> {
+    let parsed = if csv {
+        parse_csv(body)
+    } else {
+        parse_json(body)
+    };
+    let rows = parsed.map_err(|e| e.code)?;
+    Ok(rows
+        .into_iter()
+        .map(|p| ImportedRow {
+            line: p.line,
+            id: p.id,
+            row: p
+                .row
+                .map(|r| ImportedFields {
+                    checked_tags: valid_tags(r.tags.clone().unwrap_or_default())
+                        .map_err(|e| e.code),
+                    pin: pin_of(
+                        r.certificate_pem.as_deref(),
+                        r.certificate_fingerprint.as_deref(),
+                    )
+                    .map_err(|e| e.code),
+                    id: r.id,
+                    cohort: r.cohort,
+                    tags: r.tags,
+                    certificate_pem: r.certificate_pem,
+                    certificate_fingerprint: r.certificate_fingerprint,
+                })
+                .map_err(|e| (e.column, e.code)),
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,8 @@
 //!   promote) and per-device executions.
 //! - `audit`: request ids, the middleware that records every mutating request, and the
 //!   audit log's listing.
-//! - `import`: bulk import of devices from CSV or JSON.
+//! - `import`: bulk import of devices from CSV or JSON; `fuzzing` (hidden) lets the fuzz
+//!   targets in `fuzz/` reach its parser.
 //! - `summary`: the fleet summary.
 //! - `lifecycle`: devices registered before manufacturing, moved, revoked, deleted (one, or in
 //!   bulk by a filter).
@@ -73,6 +74,12 @@ use std::time::Duration;
 use utoipa::ToSchema;
 
 pub use error::ApiError;
+
+/// The bulk import's parser, for the fuzz targets in `fuzz/` (outside the workspace).
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::import::{read_import, ImportedFields, ImportedRow};
+}
 
 use crate::ops::Ops;
 use crate::store::Store;
