@@ -159,6 +159,7 @@ fn device_may_hear(
     let in_tree = |root: &str| topic == root || topic.starts_with(&format!("{root}/"));
     in_tree(&format!("devices/{id}/commands"))
         || topic == format!("devices/{id}/assignment")
+        || (!quarantined && in_tree(&format!("devices/{id}/app")))
         || (!quarantined && cohort.is_some_and(|c| in_tree(&format!("cohorts/{c}"))))
 }
 
@@ -202,6 +203,7 @@ fuzz_target!(|data: &[u8]| {
         OTHER_COHORT,
         "commands",
         "ack",
+        "app",
         "",
     ];
     levels.extend(cohort.as_ref().map(CohortId::as_str));
@@ -220,6 +222,8 @@ fuzz_target!(|data: &[u8]| {
         ] {
             topics.push(t.to_string());
         }
+        topics.push(format!("devices/{d}/app/x"));
+        topics.push(format!("devices/{d}/app/x/y"));
     }
     for c in cohort.iter().chain([&other_cohort]) {
         topics.push(Topic::CohortUpdates(c.clone()).to_string());
@@ -294,7 +298,9 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(parsed.device(), Some(&device), "{t:?} is another device's");
             let allowed = match parsed {
                 Topic::CommandAck(_) => true,
-                Topic::Telemetry(_) | Topic::State(_) | Topic::UpdateStatus(_) => !quarantined,
+                Topic::Telemetry(_) | Topic::State(_) | Topic::UpdateStatus(_) | Topic::App(..) => {
+                    !quarantined
+                }
                 _ => false,
             };
             assert!(
@@ -353,7 +359,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(sees && role.may_command(), "service key publishes to {t:?}");
             assert!(matches!(
                 Topic::parse(t),
-                Ok(Topic::Commands(_) | Topic::CohortCommands(_))
+                Ok(Topic::Commands(_) | Topic::CohortCommands(_) | Topic::App(..))
             ));
         }
     }
