@@ -17,7 +17,7 @@
 use broker::fuzzing::{read_stream, StreamReading};
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use rumqttd::protocol::{v4::V4, v5::V5, Packet, Protocol};
+use rumqttd::protocol::{v4::V4, v5::V5, DisconnectReasonCode, Packet, Protocol};
 
 /// The broker's default maximum packet size (`BrokerConfig::max_packet_size`).
 const MAX_PACKET: usize = 256 * 1024;
@@ -153,6 +153,15 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     for frame in &whole.frames {
+        if matches!(&frame.packet, Packet::Disconnect(d, None)
+            if d.reason_code != DisconnectReasonCode::NormalDisconnection)
+        {
+            // rumqttd 0.20 encodes a reason code without a property list as the malformed
+            // `e0 01 rc 00`; the broker never writes that form (its DISCONNECT always carries
+            // a Reason String, see `session::server_disconnect`), so there is no round trip
+            // of ours to check.
+            continue;
+        }
         let mut buf = encode(level, &frame.packet);
         let again = decode(level, &mut buf);
         assert_eq!(again, frame.packet, "round trip in protocol level {level}");
