@@ -20,7 +20,9 @@ use std::collections::{HashMap, HashSet};
 
 use crate::acl::filter_within;
 use crate::router::proto::{Packet, PublishProperties};
-use crate::router::proto::{PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason};
+use crate::router::proto::{
+    PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, PubRel, PubRelReason,
+};
 
 /// The user property that carries a [`Mark`]: its NUL keeps any client from sending one.
 const MARK: &str = "\0fleet-origin";
@@ -121,6 +123,16 @@ pub(crate) fn pubrec(pkid: u16) -> Packet {
         PubRec {
             pkid,
             reason: PubRecReason::Success,
+        },
+        None,
+    )
+}
+
+pub(crate) fn pubrel(pkid: u16) -> Packet {
+    Packet::PubRel(
+        PubRel {
+            pkid,
+            reason: PubRelReason::Success,
         },
         None,
     )

@@ -40,6 +40,26 @@ pub(crate) struct Delivery {
     pub dup: bool,
     /// Retained: delivered because of a SUBSCRIBE, with the retain flag set.
     pub retained: bool,
+    /// The packet identifier it was sent with, kept for a resend after the device reconnects
+    /// (the same identifier, [MQTT-4.4.0-1]: the device tells a QoS 2 resend by it).
+    pub pkid: Option<u16>,
+    /// A QoS 2 delivery the device received (PUBREC): what is resent is the PUBREL, not the
+    /// message [MQTT-4.3.3-5].
+    pub released: bool,
+}
+
+impl Delivery {
+    /// A message sent for the first time.
+    pub fn new(message: Arc<Message>, qos: u8, retained: bool) -> Self {
+        Self {
+            message,
+            qos,
+            dup: false,
+            retained,
+            pkid: None,
+            released: false,
+        }
+    }
 }
 
 /// A device's subscription kept here instead of in the router.
@@ -128,7 +148,8 @@ impl Inboxes {
         }
     }
 
-    /// Adds or replaces one of session `epoch`'s filters; returns the QoS granted.
+    /// Adds or replaces one of session `epoch`'s filters; returns the QoS granted (all three:
+    /// the session delivers QoS 2 itself, PUBREL resends included).
     pub fn subscribe(
         &self,
         id: &DeviceId,
@@ -137,7 +158,7 @@ impl Inboxes {
         qos: u8,
         no_local: bool,
     ) -> u8 {
-        let qos = qos.min(1);
+        let qos = qos.min(2);
         let Some(mut inbox) = self.boxes.get_mut(id).filter(|b| b.owner == epoch) else {
             return qos;
         };
@@ -217,12 +238,9 @@ impl Inboxes {
             return;
         }
         inbox.queued_bytes += size;
-        inbox.queue.push_back(Delivery {
-            message: message.clone(),
-            qos,
-            dup: false,
-            retained: false,
-        });
+        inbox
+            .queue
+            .push_back(Delivery::new(message.clone(), qos, false));
         self.queued.fetch_add(1, Ordering::Relaxed);
         if let Some(wake) = &inbox.wake {
             let _ = wake.try_send(());
@@ -243,8 +261,9 @@ impl Inboxes {
         }
     }
 
-    /// Session `epoch` ended. A persistent session keeps its inbox, with the QoS 1 messages
-    /// it had sent but not seen acknowledged back at the front; any other loses it.
+    /// Session `epoch` ended. A persistent session keeps its inbox, with the QoS 1 and 2
+    /// messages it had sent but not seen completed back at the front (with their packet
+    /// identifiers); any other loses it.
     pub fn detach(&self, id: &DeviceId, epoch: u64, unacknowledged: Vec<Delivery>, keep: bool) {
         if !keep {
             self.remove_where(id, |b| b.owner == epoch);
@@ -361,12 +380,14 @@ mod tests {
         let boxes = Inboxes::new(10, usize::MAX);
         let a = id("a");
         let _w = boxes.attach(&a, 1, true);
-        assert_eq!(boxes.subscribe(&a, 1, "devices/a/commands/#", 2, true), 1);
+        assert_eq!(boxes.subscribe(&a, 1, "devices/a/commands/#", 2, true), 2);
+        assert_eq!(boxes.subscribe(&a, 1, "devices/a/app/#", 1, false), 1);
         boxes.deliver(&a, &msg("devices/a/commands", 0), None);
         boxes.deliver(&a, &msg("devices/a/commands/ack", 1), Some(&a));
-        let got = boxes.take(&a, 1, 10);
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].qos, 0);
+        boxes.deliver(&a, &msg("devices/a/commands/x", 2), None);
+        boxes.deliver(&a, &msg("devices/a/app/x", 2), None);
+        let got: Vec<u8> = boxes.take(&a, 1, 10).iter().map(|d| d.qos).collect();
+        assert_eq!(got, [0, 2, 1]);
     }
 
     #[test]

@@ -745,7 +745,7 @@ const OWN_WINDOW: usize = 32;
 struct OwnDeliveries {
     /// Retained messages waiting for room in the window, in order.
     waiting: VecDeque<Delivery>,
-    /// QoS 1 deliveries sent and not acknowledged yet, in the order sent.
+    /// QoS 1 and 2 deliveries sent and not completed yet (PUBACK, PUBCOMP), in the order sent.
     inflight: Vec<(u16, Delivery)>,
     last_pkid: u16,
     window: usize,
@@ -765,19 +765,39 @@ impl OwnDeliveries {
         self.window.saturating_sub(self.inflight.len())
     }
 
-    /// Files a QoS 1 delivery as in flight; returns its packet id.
-    fn track(&mut self, delivery: Delivery) -> u16 {
-        loop {
-            self.last_pkid = match self.last_pkid {
-                p if p < OWN_PKID_FIRST || p == u16::MAX => OWN_PKID_FIRST,
-                p => p + 1,
-            };
-            if !self.inflight.iter().any(|(p, _)| *p == self.last_pkid) {
-                break;
+    /// Files a QoS 1 or 2 delivery as in flight; returns its packet id: the one it was sent
+    /// with before, if it is a resend, else the next free one.
+    fn track(&mut self, mut delivery: Delivery) -> u16 {
+        let before = delivery
+            .pkid
+            .filter(|p| *p >= OWN_PKID_FIRST && !self.inflight.iter().any(|(q, _)| q == p));
+        let pkid = match before {
+            Some(p) => p,
+            None => loop {
+                self.last_pkid = match self.last_pkid {
+                    p if p < OWN_PKID_FIRST || p == u16::MAX => OWN_PKID_FIRST,
+                    p => p + 1,
+                };
+                if !self.inflight.iter().any(|(p, _)| *p == self.last_pkid) {
+                    break self.last_pkid;
+                }
+            },
+        };
+        delivery.pkid = Some(pkid);
+        self.inflight.push((pkid, delivery));
+        pkid
+    }
+
+    /// The client received QoS 2 delivery `pkid` (PUBREC): from now on only its PUBREL is
+    /// resent. Returns whether it was one of ours.
+    fn received(&mut self, pkid: u16) -> bool {
+        match self.inflight.iter_mut().find(|(p, _)| *p == pkid) {
+            Some((_, d)) => {
+                d.released = true;
+                true
             }
+            None => false,
         }
-        self.inflight.push((self.last_pkid, delivery));
-        self.last_pkid
     }
 
     /// The client acknowledged `pkid`; returns whether it was one of ours.
@@ -791,13 +811,14 @@ impl OwnDeliveries {
         }
     }
 
-    /// The inbox messages sent and not acknowledged, in the order sent (retained ones are sent
-    /// again by the next SUBSCRIBE, not kept).
+    /// The deliveries sent and not completed, in the order sent, with their packet ids:
+    /// retained ones only if released (a retained message is sent again by the next
+    /// SUBSCRIBE, but a PUBREL the device waits for must come).
     fn unacknowledged(self) -> Vec<Delivery> {
         self.inflight
             .into_iter()
             .map(|(_, d)| d)
-            .filter(|d| !d.retained)
+            .filter(|d| !d.retained || d.released)
             .collect()
     }
 }
@@ -1241,15 +1262,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.pull_own();
                 Step::Continue
             }
-            // The session's own QoS 2 deliveries (retained messages): PUBREL, then done.
+            // The session's own QoS 2 deliveries: PUBREL, then done at PUBCOMP.
             Packet::PubRec(rec, _) if rec.pkid >= OWN_PKID_FIRST => {
-                self.conn.queue(Packet::PubRel(
-                    PubRel {
-                        pkid: rec.pkid,
-                        reason: PubRelReason::Success,
-                    },
-                    None,
-                ));
+                if !self.own.received(rec.pkid) {
+                    debug!(
+                        pkid = rec.pkid,
+                        "PUBREC for nothing in flight; released anyway"
+                    );
+                }
+                self.conn.queue(forward::pubrel(rec.pkid));
                 Step::Continue
             }
             Packet::PubComp(comp, _) if comp.pkid >= OWN_PKID_FIRST => {
@@ -1514,13 +1535,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         to_router.push(Packet::Publish(publish, props));
         if info.qos == 2 {
-            to_router.push(Packet::PubRel(
-                PubRel {
-                    pkid: info.pkid,
-                    reason: PubRelReason::Success,
-                },
-                None,
-            ));
+            to_router.push(forward::pubrel(info.pkid));
             self.acks.push_swallowed(AckKind::PubComp, info.pkid);
         }
         Step::Continue
@@ -1652,12 +1667,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     {
                         continue;
                     }
-                    retained.push(Delivery {
-                        qos: message.qos.min(granted),
-                        message,
-                        dup: false,
-                        retained: true,
-                    });
+                    let qos = message.qos.min(granted);
+                    retained.push(Delivery::new(message, qos, true));
                 }
             }
             if codes.last().is_some_and(Option::is_none) {
@@ -1716,6 +1727,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             0 => 0,
             _ => self.own.track(d.clone()),
         };
+        if d.released {
+            // Received by the device before it reconnected: only the release is repeated.
+            self.conn.queue(forward::pubrel(pkid));
+            return;
+        }
         let m = &d.message;
         let publish = publish_with_qos(&m.topic, &m.payload, d.qos, pkid, d.retained, d.dup);
         let props = match self.conn.version() {

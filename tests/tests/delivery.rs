@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use e2e::raw::{frame, subscribe, Connect, Got, Raw};
 use e2e::{eventually, Client, Client5, Platform};
 use rumqttc::{Packet, QoS};
 use serde_json::{json, Value};
@@ -322,5 +323,125 @@ async fn retained_messages_come_from_the_node_and_follow_the_filter() {
                 .await;
         }
     }
+    p.stop().await;
+}
+
+/// A raw device's persistent session (MQTT 3.1.1, clean session off), reconnected until the
+/// broker shows the session was kept.
+async fn resume(p: &Platform, cert: &e2e::DeviceCert, client_id: &str) -> Raw {
+    let persistent = Connect {
+        flags: 0,
+        ..Connect::v311(client_id)
+    };
+    eventually("reconnected with the session", || async {
+        let mut raw = Raw::device(p, cert).await;
+        raw.send(&persistent.bytes()).await;
+        match raw.next().await {
+            Got::Packet(0x20, body) if body == [1, 0] => Some(raw),
+            _ => None,
+        }
+    })
+    .await
+}
+
+/// A PUBLISH the broker sent: (QoS, DUP, packet id, topic, payload).
+fn read_publish(first: u8, body: &[u8]) -> (u8, bool, u16, String, Vec<u8>) {
+    let qos = (first >> 1) & 3;
+    let len = u16::from_be_bytes([body[0], body[1]]) as usize;
+    let topic = String::from_utf8(body[2..2 + len].to_vec()).unwrap();
+    let pkid = u16::from_be_bytes([body[2 + len], body[3 + len]]);
+    (
+        qos,
+        first & 0x08 != 0,
+        pkid,
+        topic,
+        body[4 + len..].to_vec(),
+    )
+}
+
+/// QoS 2 to a device, with the exchange cut at each of its steps: before the device's
+/// PUBREC the message is sent again, with DUP and the same packet id; after it, only the
+/// PUBREL is [MQTT-4.3.3-5, MQTT-4.4.0-1]. Nothing is delivered twice, nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_to_a_device_completes_once_across_reconnects() {
+    let p = Platform::sqlite().await;
+    let fleet = p.jitp_fleet(json!({})).await;
+    let cert = fleet.ca.issue("q2dev");
+    let mut dev = resume(&p, &cert, "q2dev").await;
+    dev.send(&subscribe(0x82, "devices/q2dev/app/down/#", 2, false))
+        .await;
+    assert_eq!(dev.expect(9).await.1, [0, 1, 2], "granted QoS 2");
+    let mut ops = Client::connect(p.service_options("ops", p.app().admin_token()))
+        .await
+        .unwrap();
+    let topic = "devices/q2dev/app/down/blob";
+    for payload in [&b"\x00one\xff"[..], b"\x00two\xff"] {
+        ops.client
+            .publish(topic, QoS::ExactlyOnce, false, payload)
+            .await
+            .unwrap();
+        ops.wait_for(|pkt| matches!(pkt, Packet::PubComp(_)).then_some(()))
+            .await;
+    }
+
+    // The first: received, and the connection drops before the device answered.
+    let (first, body) = dev.expect(3).await;
+    let (qos, dup, one, t, payload) = read_publish(first, &body);
+    assert_eq!(
+        (qos, dup, t.as_str(), &payload[..]),
+        (2, false, topic, &b"\x00one\xff"[..])
+    );
+    drop(dev);
+    let mut dev = resume(&p, &cert, "q2dev").await;
+    let (first, body) = dev.expect(3).await;
+    let (qos, dup, again, _, payload) = read_publish(first, &body);
+    assert_eq!(
+        (qos, dup, again),
+        (2, true, one),
+        "sent again with DUP and its packet id"
+    );
+    assert_eq!(payload, b"\x00one\xff");
+    // Received now (PUBREC), released (PUBREL), and the connection drops before PUBCOMP.
+    dev.send(&frame(0x50, &one.to_be_bytes())).await;
+    let rel = loop {
+        match dev.next().await {
+            Got::Packet(0x62, body) => break body,
+            Got::Packet(first, _) if first >> 4 == 3 => continue, // the second message
+            other => panic!("expected PUBREL, got {other:?}"),
+        }
+    };
+    assert_eq!(rel, one.to_be_bytes());
+    drop(dev);
+
+    // Only the release comes again for the first; the second follows, and completes.
+    let mut dev = resume(&p, &cert, "q2dev").await;
+    let mut released = false;
+    let mut second = Vec::new();
+    while !(released && second.len() == 1) {
+        match dev.next().await {
+            Got::Packet(0x62, body) => {
+                assert_eq!(body, one.to_be_bytes(), "PUBREL with the first one's id");
+                dev.send(&frame(0x70, &one.to_be_bytes())).await;
+                released = true;
+            }
+            Got::Packet(first, body) if first >> 4 == 3 => {
+                let (qos, _, pkid, _, payload) = read_publish(first, &body);
+                assert_eq!(qos, 2);
+                assert_ne!(payload, b"\x00one\xff", "the first one was delivered again");
+                second.push(payload);
+                dev.send(&frame(0x50, &pkid.to_be_bytes())).await;
+                assert_eq!(dev.expect(6).await.1, pkid.to_be_bytes());
+                dev.send(&frame(0x70, &pkid.to_be_bytes())).await;
+            }
+            other => panic!("expected PUBREL or PUBLISH, got {other:?}"),
+        }
+    }
+    assert_eq!(second, [b"\x00two\xff".to_vec()]);
+    // Completed: a fourth session gets nothing more (a resend would come before PINGRESP).
+    dev.ping().await;
+    drop(dev);
+    let mut dev = resume(&p, &cert, "q2dev").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    dev.ping().await;
     p.stop().await;
 }
