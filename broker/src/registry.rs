@@ -306,10 +306,14 @@ impl Registry {
         self.devices.get(id).map(|d| d.clone())
     }
 
+    pub fn knows(&self, id: &DeviceId) -> bool {
+        self.devices.contains_key(id)
+    }
+
     /// Makes sure the registry knows device `id` (reading it from the store if not): another
     /// node may have provisioned it a moment ago. Returns whether it is known now.
     pub async fn learn_device(&self, id: &DeviceId) -> bool {
-        if self.devices.contains_key(id) {
+        if self.knows(id) {
             return true;
         }
         match self.store.device_record(id).await {

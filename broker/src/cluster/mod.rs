@@ -24,6 +24,7 @@
 //!   epoch here (so a later session here gets a larger one), ends the older session this node
 //!   holds (reason `takeover`) and drops the persistent session the device left here.
 
+mod arrival;
 pub mod follow;
 pub mod subject;
 
@@ -41,6 +42,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use self::arrival::{Arrival, Arrivals};
 use crate::control::BrokerControl;
 use crate::local::Local;
 use crate::retained::Message;
@@ -171,6 +173,12 @@ pub(crate) async fn join(
         metrics: metrics.clone(),
     });
     let (loaded_tx, loaded) = watch::channel(false);
+    let arrivals = Arrivals::new(
+        control.clone(),
+        local.clone(),
+        system.clone(),
+        metrics.clone(),
+    );
 
     tokio::spawn(egress(
         config.clone(),
@@ -183,9 +191,7 @@ pub(crate) async fn join(
     tokio::spawn(ingress(
         config.clone(),
         instance,
-        control.clone(),
-        local.clone(),
-        system.clone(),
+        arrivals.clone(),
         filters,
         metrics.clone(),
     ));
@@ -194,7 +200,7 @@ pub(crate) async fn join(
         js.clone(),
         control.clone(),
         local.clone(),
-        system.clone(),
+        arrivals,
         metrics.clone(),
     ));
     tokio::spawn(follow_retained(
@@ -413,9 +419,7 @@ fn device_subjects(prefix: &str) -> Vec<String> {
 async fn ingress(
     config: ClusterConfig,
     instance: String,
-    control: BrokerControl,
-    local: Arc<Local>,
-    system: SystemPublisher,
+    arrivals: Arrivals,
     mut filters: mpsc::UnboundedReceiver<String>,
     metrics: Arc<ClusterMetrics>,
 ) {
@@ -458,16 +462,14 @@ async fn ingress(
                     .unwrap_or(0)
                     .min(2);
                 // Presence never comes this way (device events come from the events stream).
-                let parsed = Topic::parse(&topic).ok();
-                // A service here may receive it only if the registry knows the device: one
-                // another node provisioned a moment ago may not be announced here yet (its
-                // application messages come this way, not after its presence in the stream).
-                if let Some(id) = parsed.as_ref().and_then(Topic::device) {
-                    control.registry.learn_device(id).await;
-                }
-                metrics.received.fetch_add(1, Ordering::Relaxed);
-                local.deliver(&topic, parsed.as_ref(), &msg.payload, qos, None, None);
-                system.forward(Bytes::from(topic), msg.payload, qos, None).await;
+                arrivals
+                    .deliver(Arrival {
+                        parsed: Topic::parse(&topic).ok(),
+                        topic,
+                        payload: msg.payload,
+                        qos,
+                    })
+                    .await;
             }
         }
     }
@@ -528,7 +530,7 @@ async fn follow_events(
     js: jetstream::Context,
     control: BrokerControl,
     local: Arc<Local>,
-    system: SystemPublisher,
+    arrivals: Arrivals,
     metrics: Arc<ClusterMetrics>,
 ) {
     let node_id = config.node_id.clone();
@@ -538,8 +540,8 @@ async fn follow_events(
         config.events_subjects.clone(),
         follow::From::New,
         |f| {
-            let (control, local, system, metrics, node_id) =
-                (&control, &local, &system, &metrics, &node_id);
+            let (control, local, arrivals, metrics, node_id) =
+                (&control, &local, &arrivals, &metrics, &node_id);
             async move {
                 let m = f.message;
                 debug!(subject = %m.subject, seq = f.stream_sequence, "cluster link: event");
@@ -556,17 +558,17 @@ async fn follow_events(
                 };
                 let topic = topic.as_str().to_owned();
                 let parsed = Topic::parse(&topic).ok();
-                // Subscribers' rights are decided from the registry: a device another node
-                // provisioned a moment ago may not be announced here yet.
-                if let Some(id) = parsed.as_ref().and_then(Topic::device) {
-                    control.registry.learn_device(id).await;
-                }
                 if let Some(Topic::Presence(_)) = &parsed {
                     remote_presence(control, local, &m.payload, metrics);
                 }
-                metrics.received.fetch_add(1, Ordering::Relaxed);
-                local.deliver(&topic, parsed.as_ref(), &m.payload, 1, None, None);
-                system.forward(Bytes::from(topic), m.payload, 1, None).await;
+                arrivals
+                    .deliver(Arrival {
+                        topic,
+                        parsed,
+                        payload: m.payload,
+                        qos: 1,
+                    })
+                    .await;
             }
         },
         || {},
