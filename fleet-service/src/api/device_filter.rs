@@ -3,10 +3,44 @@
 //! same way.
 
 use broker::auth::ServicePrincipal;
+use utoipa::IntoParams;
 
+use super::openapi::DeviceStateName;
 use super::validate::parse_time;
 use super::{access, ApiError};
 use crate::store::{DeviceFilter, DeviceState};
+
+/// The device filters as the OpenAPI document lists them, for every route that takes them
+/// (`params(DeviceFilterParams, ...)`). Only documentation: [`parse_query`] reads the query
+/// itself, so that an unknown or repeated parameter is refused by name.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // read by utoipa's derive only
+pub(super) struct DeviceFilterParams {
+    /// Only devices in this state.
+    state: Option<DeviceStateName>,
+    /// Only devices of this cohort.
+    cohort_id: Option<String>,
+    /// Only devices of this product.
+    product_id: Option<String>,
+    /// Only devices of this CA (it provisioned them, or signed the certificate they first connected with).
+    ca_id: Option<String>,
+    /// Only online (`true`) or offline (`false`) devices.
+    online: Option<bool>,
+    /// Only devices reporting this firmware version.
+    firmware_version: Option<String>,
+    /// RFC 3339: only devices last seen before this.
+    last_seen_before: Option<String>,
+    /// RFC 3339: only devices last seen at or after this.
+    last_seen_after: Option<String>,
+    /// Only ids starting with this.
+    id_prefix: Option<String>,
+    /// RFC 3339: only devices whose certificate expires before this.
+    cert_expires_before: Option<String>,
+    /// `key:value`; may repeat, and every tag must match.
+    #[param(style = Form, explode)]
+    tag: Option<Vec<String>>,
+}
 
 /// Reads a query of device filters and the caller's own parameters: `other` gets each
 /// parameter that is not a filter (and refuses those it does not know). Every parameter but

@@ -9,10 +9,9 @@ use utoipa::ToSchema;
 
 use super::auth::Caller;
 use super::bodies::DeviceBody;
-use super::device_filter;
+use super::device_filter::{self, DeviceFilterParams};
 use super::error::ErrorBody;
 use super::extract::{ApiPath, ApiQuery};
-use super::openapi::DeviceStateName;
 use super::paging::{decode_cursor, encode_cursor, parse_limit, DEFAULT_LIMIT};
 use super::validate::path_device;
 use super::{access, rfc3339, rfc3339_opt, ApiError, ApiState};
@@ -273,18 +272,7 @@ pub(super) async fn get_device(
     tag = "devices",
     security(("api_key" = [])),
     params(
-        ("state" = Option<DeviceStateName>, Query, description = "Only devices in this state"),
-        ("cohort_id" = Option<String>, Query, description = "Only devices of this cohort"),
-        ("product_id" = Option<String>, Query, description = "Only devices of this product"),
-        ("ca_id" = Option<String>, Query, description = "Only devices of this CA (it provisioned them, or signed the certificate they first connected with)"),
-        ("online" = Option<bool>, Query, description = "Only online (`true`) or offline (`false`) devices"),
-        ("firmware_version" = Option<String>, Query, description = "Only devices reporting this firmware version"),
-        ("last_seen_before" = Option<String>, Query, description = "RFC 3339: only devices last seen before this"),
-        ("last_seen_after" = Option<String>, Query, description = "RFC 3339: only devices last seen at or after this"),
-        ("id_prefix" = Option<String>, Query, description = "Only ids starting with this"),
-        ("cert_expires_before" = Option<String>, Query, description = "RFC 3339: only devices whose certificate expires before this"),
-        ("tag" = Option<Vec<String>>, Query, style = Form, explode,
-            description = "`key:value`; may repeat, and every tag must match"),
+        DeviceFilterParams,
         ("sort" = Option<String>, Query, description = "`id` (default), `last_seen` (never seen first), `-last_seen` (most recently seen first), `created_at` or `-created_at`; ties in id order"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000,
             description = "Page size, 100 by default"),

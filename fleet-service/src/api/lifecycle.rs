@@ -12,10 +12,9 @@ use utoipa::ToSchema;
 
 use super::auth::Writer;
 use super::bodies::DeviceBody;
-use super::device_filter;
+use super::device_filter::{self, DeviceFilterParams};
 use super::error::ErrorBody;
 use super::extract::{ApiJson, ApiPath, ApiQuery, Optional};
-use super::openapi::DeviceStateName;
 use super::validate::{path_device, pin_of, valid_tags};
 use super::{access, ApiError, ApiState};
 use crate::ops::OpsError;
@@ -368,18 +367,7 @@ pub(super) struct BulkDeleteBody {
     params(
         ("dry_run" = Option<bool>, Query, description = "`true`: count and name what matches, delete nothing"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 10000, description = "Most devices this call deletes, 1,000 by default"),
-        ("state" = Option<DeviceStateName>, Query, description = "Only devices in this state"),
-        ("cohort_id" = Option<String>, Query, description = "Only devices of this cohort"),
-        ("product_id" = Option<String>, Query, description = "Only devices of this product"),
-        ("ca_id" = Option<String>, Query, description = "Only devices of this CA"),
-        ("online" = Option<bool>, Query, description = "Only online (`true`) or offline (`false`) devices"),
-        ("firmware_version" = Option<String>, Query, description = "Only devices reporting this firmware version"),
-        ("last_seen_before" = Option<String>, Query, description = "RFC 3339: only devices last seen before this"),
-        ("last_seen_after" = Option<String>, Query, description = "RFC 3339: only devices last seen at or after this"),
-        ("id_prefix" = Option<String>, Query, description = "Only ids starting with this"),
-        ("cert_expires_before" = Option<String>, Query, description = "RFC 3339: only devices whose certificate expires before this"),
-        ("tag" = Option<Vec<String>>, Query, style = Form, explode,
-            description = "`key:value`; may repeat, and every tag must match"),
+        DeviceFilterParams,
     ),
     responses(
         (status = 200, description = "What was deleted, or would be", body = BulkDeleteBody),
