@@ -11,10 +11,13 @@
 #   fuzz/run.sh seed          write the hand-made seeds (fuzz/seeds/make.py) into the corpora
 #
 # FUZZ_TARGETS="a b" narrows any mode to those targets; FUZZ_JOBS (default 1) runs that many
-# targets at once. Every run is bounded: -rss_limit_mb (whole process) and -malloc_limit_mb
-# (any single allocation; enforced through the address sanitizer's allocator hooks), so a
-# parser that allocates in proportion to a length it read, not to the bytes it got, is a
-# crash. A crash leaves its input in fuzz/artifacts/<target>/ and fails the script.
+# targets at once. Every run is bounded: -rss_limit_mb (whole process) and any single
+# allocation above 64 MiB (the targets' global allocator, fuzz/src/lib.rs; -malloc_limit_mb too
+# when a sanitizer gives libFuzzer its hooks), so a parser that allocates in proportion to a
+# length it read, not to the bytes it got, is a crash. A crash leaves its input in
+# fuzz/artifacts/<target>/ and fails the script. FUZZ_SANITIZER (default none: our code holds
+# no unsafe, and the address sanitizer costs two to three times the executions) picks
+# cargo fuzz's sanitizer, e.g. address.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -25,15 +28,16 @@ jobs=${FUZZ_JOBS:-1}
 # machine's memory, and the same in CI and in long runs.
 limits=(-rss_limit_mb=1024 -malloc_limit_mb=64 -max_len=8192 -timeout=10)
 toolchain=+nightly
+sanitizer=(--sanitizer "${FUZZ_SANITIZER:-none}")
 # Extra `cargo fuzz build` flags, e.g. `--codegen-units 16` for a quicker build of slower code.
 build_flags=${FUZZ_BUILD_FLAGS:-}
 
 log() { printf '\n== %s\n' "$*"; }
 
 build() {
-  log "building the fuzz targets (cargo fuzz, nightly, address sanitizer)"
+  log "building the fuzz targets (cargo fuzz, nightly, sanitizer ${FUZZ_SANITIZER:-none})"
   local start=$SECONDS
-  CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2} cargo $toolchain fuzz build $build_flags
+  CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2} cargo $toolchain fuzz build "${sanitizer[@]}" $build_flags
   echo "built in $((SECONDS - start)) s"
 }
 
@@ -52,7 +56,7 @@ run_one() {
   local log="logs/$target.log"
   mkdir -p logs
   local start=$SECONDS
-  if cargo $toolchain fuzz run "$target" "${corpus_dirs[@]}" -- \
+  if cargo $toolchain fuzz run "${sanitizer[@]}" $build_flags "$target" "${corpus_dirs[@]}" -- \
       "${limits[@]}" $how -print_final_stats=1 >"$log" 2>&1; then
     printf '%-18s %4d s  %s\n' "$target" $((SECONDS - start)) "$(stats "$log")"
   else
@@ -98,7 +102,7 @@ cmin_one() {
   local t=$1 merged
   merged=$(mktemp -d)
   mkdir -p "work/$t"
-  cargo $toolchain fuzz run "$t" "$merged" "corpus/$t" "work/$t" -- "${limits[@]}" -merge=1 \
+  cargo $toolchain fuzz run "${sanitizer[@]}" $build_flags "$t" "$merged" "corpus/$t" "work/$t" -- "${limits[@]}" -merge=1 \
     >"logs/$t.cmin.log" 2>&1
   rm -rf "corpus/$t"
   mv "$merged" "corpus/$t"

@@ -20,6 +20,8 @@ use fleet_service::api::fuzzing::read_import;
 use fleet_service::store::cas::{parse_ca_pem, verify_possession};
 use fleet_wire::DeviceId;
 use libfuzzer_sys::fuzz_target;
+
+fleet_fuzz::bounded_allocations!();
 use sha2::Digest;
 
 fn pem_of(der: &[u8]) -> String {

@@ -15,6 +15,8 @@
 use fleet_service::api::fuzzing::{read_import, ImportedFields, ImportedRow};
 use libfuzzer_sys::fuzz_target;
 
+fleet_fuzz::bounded_allocations!();
+
 fn check_rows(rows: &[ImportedRow], csv: bool) {
     let mut last_line = 0;
     for r in rows {

@@ -17,6 +17,8 @@
 use broker::fuzzing::{read_stream, StreamReading};
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
+
+fleet_fuzz::bounded_allocations!();
 use rumqttd::protocol::{v4::V4, v5::V5, DisconnectReasonCode, Packet, Protocol};
 
 /// The broker's default maximum packet size (`BrokerConfig::max_packet_size`).

@@ -25,6 +25,8 @@ use fleet_wire::update::{
 };
 use fleet_wire::DeviceId;
 use libfuzzer_sys::fuzz_target;
+
+fleet_fuzz::bounded_allocations!();
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
