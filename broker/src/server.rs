@@ -72,6 +72,11 @@ pub struct BrokerConfig {
     /// Longest a disconnected persistent session is kept, seconds (MQTT 3.1.1 sessions have
     /// no expiry of their own; an MQTT 5 Session Expiry Interval is capped by this).
     pub max_session_expiry_secs: u64,
+    /// Longest keep alive a client may ask for, seconds. One that asks for more, or for none
+    /// (0), gets this: told in CONNACK's Server Keep Alive (MQTT 5), and held to it on MQTT
+    /// 3.1.1 too (silent for 1.5 times this, it is disconnected), so a connection whose peer
+    /// vanished is found and its presence ends. 0: no bound (keepalive 0 means no timeout).
+    pub max_keep_alive_secs: u16,
     /// How long a presence event may wait for the event bus before the connect is refused.
     pub bus_timeout_ms: u64,
     /// How long shutdown waits for sessions to publish their disconnects.
@@ -117,6 +122,7 @@ impl Default for BrokerConfig {
             max_queued_bytes: 1024 * 1024,
             takeover_wait_ms: 5_000,
             max_session_expiry_secs: 7 * 24 * 3600,
+            max_keep_alive_secs: 1200,
             bus_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
             router: RouterSettings::default(),
@@ -205,6 +211,7 @@ impl Broker {
                 max_subscriptions: config.max_subscriptions,
                 takeover_wait: Duration::from_millis(config.takeover_wait_ms),
                 max_session_expiry: Duration::from_secs(config.max_session_expiry_secs),
+                max_keep_alive: config.max_keep_alive_secs,
                 bus_timeout: Duration::from_millis(config.bus_timeout_ms),
             },
             shutdown,

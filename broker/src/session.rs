@@ -63,6 +63,8 @@ pub(crate) struct SessionSettings {
     /// Longest a disconnected persistent session is kept (MQTT 3.1.1 has no expiry of its own;
     /// an MQTT 5 Session Expiry Interval is capped by it).
     pub max_session_expiry: Duration,
+    /// Longest keep alive a client may ask for, seconds (0: no bound).
+    pub max_keep_alive: u16,
     /// How long a presence event may wait for the bus.
     pub bus_timeout: Duration,
 }
@@ -729,6 +731,16 @@ impl PacketIds {
     }
 }
 
+/// The keep alive a session holds the client to, seconds: what it asked for, unless that is
+/// none (0) or more than `max` (0: no bound).
+fn held_keep_alive(requested: u16, max: u16) -> u16 {
+    match (requested, max) {
+        (_, 0) => requested,
+        (0, max) => max,
+        (r, max) => r.min(max),
+    }
+}
+
 /// Packet ids of the deliveries a session makes itself start here: the router numbers its own
 /// from 1 to 100 (rumqttd's in-flight window), so the two never collide on one connection.
 const OWN_PKID_FIRST: u16 = 1024;
@@ -961,9 +973,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             },
         };
+        let requested_keep_alive = info.connect.keep_alive;
+        let keep_alive = held_keep_alive(requested_keep_alive, ctx.settings.max_keep_alive);
         let mut session = Session {
-            keepalive: (info.connect.keep_alive > 0)
-                .then(|| Duration::from_millis(info.connect.keep_alive as u64 * 1500)),
+            keepalive: (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500)),
             ctx,
             conn,
             link,
@@ -1033,6 +1046,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             retain_available: Some(1),
             // Shared subscriptions are the router's, which devices have no link into.
             shared_subscription_available: Some(session.link.is_some() as u8),
+            // [MQTT-3.2.2-21]: the client uses the server's value from now on.
+            server_keep_alive: (keep_alive != requested_keep_alive).then_some(keep_alive),
             ..Default::default()
         });
         session.conn.queue(Packet::ConnAck(
@@ -2417,6 +2432,15 @@ mod tests {
             },
             None,
         )
+    }
+
+    #[test]
+    fn keep_alive_is_what_was_asked_within_the_bound() {
+        assert_eq!(held_keep_alive(60, 1200), 60);
+        assert_eq!(held_keep_alive(0, 1200), 1200, "none asked: the bound");
+        assert_eq!(held_keep_alive(u16::MAX, 1200), 1200);
+        assert_eq!(held_keep_alive(0, 0), 0, "no bound: none");
+        assert_eq!(held_keep_alive(u16::MAX, 0), u16::MAX);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use e2e::raw::{frame, publish, string, subscribe, Connect, Got, Raw};
-use e2e::Platform;
+use e2e::{eventually, Platform};
 use serde_json::json;
 
 fn admin(p: &Platform) -> String {
@@ -477,9 +477,60 @@ async fn short_v5_disconnects_are_normal() {
     p.stop().await;
 }
 
+// ---- Keep alive: bounded, so a vanished peer is found ----
+
+/// A client asking for no keep alive (0), or a longer one than `max_keep_alive_secs`, is held
+/// to the bound: told so in CONNACK on MQTT 5 (Server Keep Alive), disconnected after 1.5
+/// times it of silence on either version, and its presence ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_is_bounded_for_clients_that_ask_for_none_or_more() {
+    let mut tuning = fleet_service::config::Tuning::default();
+    tuning.broker.max_keep_alive_secs = 2;
+    let p = Platform::start_tuned(e2e::Db::Sqlite, tuning)
+        .await
+        .unwrap();
+    let fleet = p.jitp_fleet(json!({})).await;
+    let keep_alive = |mut connect: Vec<u8>, secs: u16| {
+        // CONNECT: fixed header (2 bytes here), protocol name (6), level, flags, keep alive.
+        connect[10..12].copy_from_slice(&secs.to_be_bytes());
+        connect
+    };
+
+    for (requested, told) in [(0, Some(2)), (60, Some(2)), (1, None)] {
+        let id = format!("ka5-{requested}");
+        let mut raw = Raw::device(&p, &fleet.ca.issue(&id)).await;
+        raw.send(&keep_alive(Connect::v5(&id).bytes(), requested))
+            .await;
+        let (_, connack) = raw.expect(2).await;
+        assert_eq!(connack[1], 0);
+        assert_eq!(
+            connack_u16(&connack, 0x13),
+            told,
+            "Server Keep Alive for a requested {requested}"
+        );
+    }
+
+    // MQTT 3.1.1 has no way to tell the client; it is held to the bound all the same.
+    let mut raw = Raw::device(&p, &fleet.ca.issue("ka311")).await;
+    raw.connect(&keep_alive(Connect::v311("ka311").bytes(), 0))
+        .await;
+    eventually("online", || async {
+        (p.device("ka311").await["online"] == true).then_some(())
+    })
+    .await;
+    // Silent: closed after 1.5 x 2 s, and the device is offline for a keepalive timeout.
+    assert_eq!(raw.next().await, Got::Closed);
+    eventually("offline", || async {
+        (p.device("ka311").await["online"] == false).then_some(())
+    })
+    .await;
+    p.stop().await;
+}
+
 // ---- Finding 5: Receive Maximum ----
 
-fn receive_maximum(connack: &[u8]) -> Option<u16> {
+/// A two-byte property of a CONNACK body (0x21 Receive Maximum, 0x13 Server Keep Alive, ...).
+fn connack_u16(connack: &[u8], want: u8) -> Option<u16> {
     let mut i = 2;
     let (len, n) = read_varint(&connack[i..]);
     i += n;
@@ -487,10 +538,12 @@ fn receive_maximum(connack: &[u8]) -> Option<u16> {
     while i < end {
         let id = connack[i];
         i += 1;
+        if id == want {
+            return Some(u16::from_be_bytes([connack[i], connack[i + 1]]));
+        }
         match id {
-            0x21 => return Some(u16::from_be_bytes([connack[i], connack[i + 1]])),
             0x24 | 0x25 | 0x28 | 0x29 | 0x2a | 0x01 | 0x17 | 0x19 => i += 1,
-            0x13 | 0x22 | 0x23 => i += 2,
+            0x13 | 0x21 | 0x22 | 0x23 => i += 2,
             0x11 | 0x27 | 0x02 | 0x18 => i += 4,
             0x12 | 0x15 | 0x1a | 0x1c | 0x1f | 0x03 | 0x08 | 0x09 | 0x16 => {
                 i += 2 + u16::from_be_bytes([connack[i], connack[i + 1]]) as usize
@@ -504,6 +557,10 @@ fn receive_maximum(connack: &[u8]) -> Option<u16> {
         }
     }
     None
+}
+
+fn receive_maximum(connack: &[u8]) -> Option<u16> {
+    connack_u16(connack, 0x21)
 }
 
 fn read_varint(b: &[u8]) -> (usize, usize) {
