@@ -126,8 +126,11 @@ fuzz_target!(|data: &[u8]| {
             let qos = (header[0] >> 1) & 0b11;
             assert_eq!(qos, frame.qos, "frame {i}: QoS");
             if qos > 0 {
-                let topic_len = u16::from_be_bytes([header[2], header[3]]) as usize;
-                let pkid = u16::from_be_bytes([header[4 + topic_len], header[5 + topic_len]]);
+                // After the first byte, the remaining length: one to four bytes.
+                let at = 1 + header[1..].iter().position(|b| b & 0x80 == 0).unwrap() + 1;
+                let topic_len = u16::from_be_bytes([header[at], header[at + 1]]) as usize;
+                let id_at = at + 2 + topic_len;
+                let pkid = u16::from_be_bytes([header[id_at], header[id_at + 1]]);
                 assert_eq!(pkid, frame.pkid, "frame {i}: packet id");
             }
         }
