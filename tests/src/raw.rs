@@ -49,6 +49,25 @@ impl Raw {
         }
     }
 
+    /// Device `client_id`'s persistent MQTT 3.1.1 session (CleanSession 0), connected again
+    /// until the CONNACK says the broker kept it (session present): the session the last
+    /// connection left may take a moment to end.
+    pub async fn resume_device(p: &Platform, cert: &crate::DeviceCert, client_id: &str) -> Raw {
+        let persistent = Connect {
+            flags: 0,
+            ..Connect::v311(client_id)
+        };
+        crate::eventually("reconnected with the session", || async {
+            let mut raw = Raw::device(p, cert).await;
+            raw.send(&persistent.bytes()).await;
+            match raw.next().await {
+                Got::Packet(0x20, body) if body == [1, 0] => Some(raw),
+                _ => None,
+            }
+        })
+        .await
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         // The server may already have closed; what it answered is what the test checks.
         let _ = self.io.write_all(bytes).await;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use e2e::raw::{frame, subscribe, Connect, Got, Raw};
+use e2e::raw::{frame, subscribe, Got, Raw};
 use e2e::{eventually, Client, Client5, Platform};
 use rumqttc::{Packet, QoS};
 use serde_json::{json, Value};
@@ -326,24 +326,6 @@ async fn retained_messages_come_from_the_node_and_follow_the_filter() {
     p.stop().await;
 }
 
-/// A raw device's persistent session (MQTT 3.1.1, clean session off), reconnected until the
-/// broker shows the session was kept.
-async fn resume(p: &Platform, cert: &e2e::DeviceCert, client_id: &str) -> Raw {
-    let persistent = Connect {
-        flags: 0,
-        ..Connect::v311(client_id)
-    };
-    eventually("reconnected with the session", || async {
-        let mut raw = Raw::device(p, cert).await;
-        raw.send(&persistent.bytes()).await;
-        match raw.next().await {
-            Got::Packet(0x20, body) if body == [1, 0] => Some(raw),
-            _ => None,
-        }
-    })
-    .await
-}
-
 /// A PUBLISH the broker sent: (QoS, DUP, packet id, topic, payload).
 fn read_publish(first: u8, body: &[u8]) -> (u8, bool, u16, String, Vec<u8>) {
     let qos = (first >> 1) & 3;
@@ -367,7 +349,7 @@ async fn qos2_to_a_device_completes_once_across_reconnects() {
     let p = Platform::sqlite().await;
     let fleet = p.jitp_fleet(json!({})).await;
     let cert = fleet.ca.issue("q2dev");
-    let mut dev = resume(&p, &cert, "q2dev").await;
+    let mut dev = Raw::resume_device(&p, &cert, "q2dev").await;
     dev.send(&subscribe(0x82, "devices/q2dev/app/down/#", 2, false))
         .await;
     assert_eq!(dev.expect(9).await.1, [0, 1, 2], "granted QoS 2");
@@ -392,7 +374,7 @@ async fn qos2_to_a_device_completes_once_across_reconnects() {
         (2, false, topic, &b"\x00one\xff"[..])
     );
     drop(dev);
-    let mut dev = resume(&p, &cert, "q2dev").await;
+    let mut dev = Raw::resume_device(&p, &cert, "q2dev").await;
     let (first, body) = dev.expect(3).await;
     let (qos, dup, again, _, payload) = read_publish(first, &body);
     assert_eq!(
@@ -414,7 +396,7 @@ async fn qos2_to_a_device_completes_once_across_reconnects() {
     drop(dev);
 
     // Only the release comes again for the first; the second follows, and completes.
-    let mut dev = resume(&p, &cert, "q2dev").await;
+    let mut dev = Raw::resume_device(&p, &cert, "q2dev").await;
     let mut released = false;
     let mut second = Vec::new();
     while !(released && second.len() == 1) {
@@ -440,7 +422,7 @@ async fn qos2_to_a_device_completes_once_across_reconnects() {
     // Completed: a fourth session gets nothing more (a resend would come before PINGRESP).
     dev.ping().await;
     drop(dev);
-    let mut dev = resume(&p, &cert, "q2dev").await;
+    let mut dev = Raw::resume_device(&p, &cert, "q2dev").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     dev.ping().await;
     p.stop().await;

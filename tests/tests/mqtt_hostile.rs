@@ -262,15 +262,7 @@ async fn resent_qos2_publish_after_reconnecting_is_stored_once() {
     raw.expect(5).await;
     // The connection drops before the client saw the PUBREC: it resends on its next one.
     drop(raw);
-    let mut raw = e2e::eventually("reconnected with the session", || async {
-        let mut raw = Raw::device(&p, &cert).await;
-        raw.send(&persistent.bytes()).await;
-        match raw.next().await {
-            Got::Packet(0x20, body) if body == [1, 0] => Some(raw),
-            _ => None,
-        }
-    })
-    .await;
+    let mut raw = Raw::resume_device(&p, &cert, "dup-q2p").await;
     raw.send(&publish(0x3c, topic, Some(5), None, br#"{"n":1}"#))
         .await;
     assert_eq!(raw.expect(5).await.1, [0, 5]);
