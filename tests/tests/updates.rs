@@ -836,6 +836,10 @@ async fn releases_and_deployments_refuse_bad_requests(p: Platform) {
         json!({"max_per_minute": 0}),
         json!({"failure_threshold_percent": 150}),
         json!({"wavez": []}),
+        // A policy is an object: serde alone would read an array into its fields by position.
+        json!([]),
+        json!([[{"percent": 10}]]),
+        json!("waves"),
     ];
     for policy in bad_policies {
         let (st, got) = s

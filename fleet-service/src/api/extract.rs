@@ -297,6 +297,32 @@ where
     <Option<T> as serde::Deserialize>::deserialize(d).map(Some)
 }
 
+/// Deserializes an optional field whose type is a struct from an object only: serde reads a
+/// struct from an array too, filling its fields by position (`"policy": []` would be the
+/// default policy), which the API's schema does not allow.
+pub(super) fn object_or_null<'de, T, D>(d: D) -> Result<Option<T>, D::Error>
+where
+    T: DeserializeOwned,
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error;
+    match <Option<Value> as serde::Deserialize>::deserialize(d)? {
+        None => Ok(None),
+        Some(v @ Value::Object(_)) => serde_json::from_value(v)
+            .map(Some)
+            .map_err(D::Error::custom),
+        Some(other) => Err(D::Error::invalid_type(
+            serde::de::Unexpected::Other(match other {
+                Value::Array(_) => "an array",
+                Value::String(_) => "a string",
+                Value::Number(_) => "a number",
+                _ => "a boolean",
+            }),
+            &"an object",
+        )),
+    }
+}
+
 /// Where a string (or an object key) of `v` holds a NUL, as a path.
 fn find_nul(v: &Value, at: &str) -> Option<String> {
     let here = || {

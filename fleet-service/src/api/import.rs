@@ -318,6 +318,18 @@ fn too_many_rows() -> ApiError {
 /// One element of the JSON array, read into a row as soon as it is parsed.
 fn json_element(item: serde_json::Value) -> Parsed {
     let id = item.get("id").and_then(|v| v.as_str()).map(str::to_owned);
+    if !item.is_object() {
+        // serde would read an array into the row's fields by position: `["d"]` as id "d".
+        return Parsed {
+            line: None,
+            id,
+            row: Err(RowError::new(
+                None,
+                "malformed_row",
+                "a row must be a JSON object",
+            )),
+        };
+    }
     let row = serde_json::from_value::<JsonRow>(item)
         .map(|r| RawRow {
             id: Some(r.id),
@@ -786,6 +798,12 @@ mod tests {
             (Some("colour"), Some("b"))
         );
         assert!(rows[2].row.is_err());
+        // Not read by position into the fields, as serde would.
+        let rows = parse_json(br#"[["d"], ["e", null, null, null, null]]"#).unwrap();
+        for r in &rows {
+            let e = r.row.as_ref().err().unwrap();
+            assert_eq!((e.code, r.id.as_deref()), ("malformed_row", None));
+        }
         assert_eq!(parse_json(b"{}").err().unwrap().code, "invalid_body");
         assert_eq!(parse_json(b"[").err().unwrap().code, "malformed_json");
     }

@@ -18,7 +18,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Admin, Caller, Writer};
 use super::error::ErrorBody;
-use super::extract::{ApiJson, ApiPath, ApiQuery, Optional};
+use super::extract::{object_or_null, ApiJson, ApiPath, ApiQuery, Optional};
 use super::openapi::{
     DeferReasonName, DeploymentKindName, DeploymentStateName, ExecutionStatusName,
 };
@@ -434,7 +434,7 @@ pub(super) struct CreateDeployment {
     release_id: String,
     cohort_id: String,
     /// By default one wave of the whole cohort; see `RolloutPolicy`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object_or_null")]
     policy: Option<RolloutPolicy>,
 }
 
@@ -988,7 +988,7 @@ pub(super) struct PromoteBody {
     /// Another cohort of the same product.
     cohort_id: String,
     /// By default one wave of the whole cohort; see `RolloutPolicy`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object_or_null")]
     policy: Option<RolloutPolicy>,
     /// Promote even though the deployment has not completed.
     #[serde(default)]
