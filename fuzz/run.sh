@@ -45,15 +45,17 @@ build() {
 stats() {
   local log=$1
   local done_line
-  done_line=$(grep -E '^Done [0-9]+ runs' "$log" | tail -n 1 || true)
+  # -a: a log holds raw bytes where libFuzzer prints an input.
+  done_line=$(grep -aE '^Done [0-9]+ runs' "$log" | tail -n 1 || true)
   local last
-  last=$(grep -E '#[0-9]+[[:space:]]+(DONE|pulse|NEW|REDUCE|INITED)' "$log" | tail -n 1 || true)
+  last=$(grep -aE '#[0-9]+[[:space:]]+(DONE|pulse|NEW|REDUCE|INITED)' "$log" | tail -n 1 || true)
   printf '%s | %s\n' "${done_line:-no Done line}" "$(sed -E 's/^#[0-9]+[[:space:]]+[A-Z]+[[:space:]]+//' <<<"$last")"
 }
 
 run_one() {
   local target=$1 how=$2 corpus_dirs=("${@:3}")
-  local log="logs/$target.log"
+  # One log per mode, so that a CI run never overwrites a long campaign's log.
+  local log="logs/$target.$mode.log"
   mkdir -p logs
   local start=$SECONDS
   if cargo $toolchain fuzz run "${sanitizer[@]}" $build_flags "$target" "${corpus_dirs[@]}" -- \
@@ -61,7 +63,7 @@ run_one() {
     printf '%-18s %4d s  %s\n' "$target" $((SECONDS - start)) "$(stats "$log")"
   else
     printf '%-18s FAILED after %d s; log: fuzz/%s\n' "$target" $((SECONDS - start)) "$log"
-    grep -E 'panicked|ERROR: libFuzzer|SUMMARY|artifact_prefix|Test unit written' "$log" | head -n 20
+    grep -aE 'panicked|ERROR: libFuzzer|SUMMARY|artifact_prefix|Test unit written' "$log" | head -n 20
     return 1
   fi
 }
