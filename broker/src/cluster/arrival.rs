@@ -64,27 +64,30 @@ impl Arrivals {
 
     /// Delivers `m` now, or once its device has been read (in order with the others about
     /// it).
-    pub async fn deliver(&self, m: Arrival) {
+    pub async fn deliver(&self, mut m: Arrival) {
         let Some(id) = m.parsed.as_ref().and_then(Topic::device).cloned() else {
             return self.deliver_now(m).await;
         };
-        let known = self.control.registry.knows(&id);
-        let offer = self
-            .parked
-            .lock()
-            .expect("parking lock")
-            .offer(&id, m, known);
-        match offer {
-            Offer::Deliver(m) => self.deliver_now(m).await,
-            Offer::Parked { first: true } => {
-                let this = self.clone();
-                tokio::spawn(async move { this.learn(id).await });
-            }
-            Offer::Parked { first: false } => {}
-            Offer::Full(m) => {
-                // Lookups are under way (each a read of one row): wait for room.
-                tokio::time::sleep(FULL_PAUSE).await;
-                Box::pin(self.deliver(m)).await;
+        loop {
+            let known = self.control.registry.knows(&id);
+            let offer = self
+                .parked
+                .lock()
+                .expect("parking lock")
+                .offer(&id, m, known);
+            match offer {
+                Offer::Deliver(m) => return self.deliver_now(m).await,
+                Offer::Parked { first: true } => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.learn(id).await });
+                    return;
+                }
+                Offer::Parked { first: false } => return,
+                Offer::Full(back) => {
+                    // Lookups are under way (each a read of one row): wait for room.
+                    m = back;
+                    tokio::time::sleep(FULL_PAUSE).await;
+                }
             }
         }
     }
